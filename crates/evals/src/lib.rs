@@ -1,0 +1,4 @@
+//! Offline evaluation of drq models: perplexity, KL divergence and top-1 agreement with the float
+//! model, at every precision, through the same runtime that serves them.
+
+pub mod perplexity;

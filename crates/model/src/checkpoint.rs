@@ -1,0 +1,378 @@
+//! The drq checkpoint: one safetensors file holding INT8 codes, one shared scale tensor per
+//! quantized weight, the tensors kept in float, and metadata. The layout is specified in
+//! `docs/CHECKPOINT.md`; this module is its only reader and writer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::Tensor;
+use half::f16;
+use kernels::double_rounding::{self as dr, ScaleLayout, TieRule};
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::config::ModelConfig;
+use crate::precision::Precision;
+use crate::weights::Weights;
+
+/// `format` metadata value identifying a drq checkpoint.
+pub const FORMAT: &str = "drq-checkpoint";
+/// The format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Suffixes of the two tensors that hold a quantized weight `NAME`.
+pub const CODES_SUFFIX: &str = ".codes";
+pub const SCALES_SUFFIX: &str = ".scales";
+/// The tokenizer JSON, stored as a U8 tensor to keep the header small.
+pub const TOKENIZER_TENSOR: &str = "drq.tokenizer_json";
+
+/// How the weights were quantized (`quantization` metadata, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationMeta {
+    /// The bit-widths the checkpoint was built for (the scale search minimised their summed error).
+    pub bits: Vec<u32>,
+    /// `channel` or `group:N`.
+    pub granularity: String,
+    /// Tie rule of the second rounding: `even` or `up`.
+    pub tie_rule: String,
+    /// How the initial scales were chosen (e.g. `search:normalized`).
+    pub scale_method: String,
+    /// Names of the quantized weights, e.g. `model.layers.0.mlp.up_proj.weight`.
+    pub quantized: Vec<String>,
+}
+
+impl QuantizationMeta {
+    pub fn tie(&self) -> Result<TieRule> {
+        self.tie_rule
+            .parse()
+            .map_err(|e| anyhow::anyhow!("checkpoint tie_rule `{}`: {e:?}", self.tie_rule))
+    }
+
+    /// The scale group size of a weight with `cols` input columns.
+    pub fn group_for(&self, cols: usize) -> Result<usize> {
+        match self.granularity.as_str() {
+            "channel" => Ok(cols),
+            g => g
+                .strip_prefix("group:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .with_context(|| format!("checkpoint granularity `{g}` is neither `channel` nor `group:N`")),
+        }
+    }
+}
+
+/// Where the checkpoint came from (`provenance` metadata, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvenanceMeta {
+    pub source: String,
+    pub source_sha256: String,
+    /// `drq-quantize <version>`.
+    pub tool: String,
+}
+
+/// A quantized weight: INT8 codes `[rows, cols]` and scales `[rows, n_groups]`.
+#[derive(Debug, Clone)]
+pub struct QuantizedTensor {
+    pub codes: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub layout: ScaleLayout,
+}
+
+/// Everything a checkpoint holds, for writing.
+pub struct CheckpointContents<'a> {
+    pub config: &'a ModelConfig,
+    pub tokenizer: &'a Tokenizer,
+    pub add_bos: bool,
+    pub chat_template: Option<&'a str>,
+    pub quantization: &'a QuantizationMeta,
+    pub provenance: &'a ProvenanceMeta,
+    pub quantized: &'a BTreeMap<String, QuantizedTensor>,
+    /// Tensors kept in float (norms, biases, unquantized weights), f32.
+    pub float: &'a BTreeMap<String, Tensor>,
+}
+
+/// Writes a checkpoint atomically: to `PATH.tmp` first, renamed into place when complete.
+pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
+    let q = contents.quantization;
+    ensure!(
+        q.quantized.iter().eq(contents.quantized.keys()),
+        "quantization metadata must list exactly the quantized tensors, in name order"
+    );
+    let tokenizer_json = contents
+        .tokenizer
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("cannot serialize the tokenizer: {e}"))?
+        .into_bytes();
+
+    // Owned byte buffers first; the safetensors views borrow them.
+    let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in contents.quantized {
+        let l = t.layout;
+        ensure!(t.codes.len() == l.n_weights(), "`{name}`: {} codes for a {}x{} layout", t.codes.len(), l.rows, l.cols);
+        ensure!(t.scales.len() == l.n_scales(), "`{name}`: {} scales, layout needs {}", t.scales.len(), l.n_scales());
+        ensure!(l.group == q.group_for(l.cols)?, "`{name}`: group {} disagrees with granularity {}", l.group, q.granularity);
+        let mut scale_bytes = Vec::with_capacity(t.scales.len() * 2);
+        for &s in &t.scales {
+            let h = f16::from_f32(s);
+            ensure!(
+                h.to_f32() == s && s.is_finite() && s > 0.0,
+                "`{name}`: scale {s} is not a positive f16 value (the quantizer must pick f16 scales)"
+            );
+            scale_bytes.extend_from_slice(&h.to_le_bytes());
+        }
+        let codes = t.codes.iter().map(|&c| c as u8).collect();
+        buffers.push((format!("{name}{CODES_SUFFIX}"), Dtype::I8, vec![l.rows, l.cols], codes));
+        buffers.push((format!("{name}{SCALES_SUFFIX}"), Dtype::F16, vec![l.rows, l.n_groups()], scale_bytes));
+    }
+    for (name, t) in contents.float {
+        let t = t.to_dtype(candle_core::DType::F32)?;
+        let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        buffers.push((name.clone(), Dtype::F32, t.dims().to_vec(), bytes));
+    }
+    let tokenizer_len = tokenizer_json.len();
+    buffers.push((TOKENIZER_TENSOR.to_string(), Dtype::U8, vec![tokenizer_len], tokenizer_json));
+
+    let mut metadata = HashMap::new();
+    metadata.insert("format".to_string(), FORMAT.to_string());
+    metadata.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+    metadata.insert("model_config".to_string(), serde_json::to_string(contents.config)?);
+    metadata.insert("quantization".to_string(), serde_json::to_string(q)?);
+    metadata.insert("provenance".to_string(), serde_json::to_string(contents.provenance)?);
+    metadata.insert("add_bos".to_string(), contents.add_bos.to_string());
+    if let Some(t) = contents.chat_template {
+        metadata.insert("chat_template".to_string(), t.to_string());
+    }
+
+    let views = buffers
+        .iter()
+        .map(|(name, dtype, shape, bytes)| Ok((name.as_str(), TensorView::new(*dtype, shape.clone(), bytes)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let tmp = tmp_path(path);
+    let result = safetensors::serialize_to_file(views, Some(metadata), &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `PATH.tmp`, in the same directory so the final rename is atomic.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Whether `path` is a safetensors file whose metadata says it is a drq checkpoint.
+/// Reads the header only.
+pub fn is_checkpoint(path: &Path) -> Result<bool> {
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    if file.read_exact(&mut len).is_err() {
+        return Ok(false);
+    }
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Ok(false);
+    }
+    let mut header = vec![0u8; len as usize];
+    if file.read_exact(&mut header).is_err() {
+        return Ok(false);
+    }
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return Ok(false);
+    };
+    Ok(json.pointer("/__metadata__/format").and_then(|f| f.as_str()) == Some(FORMAT))
+}
+
+/// A checkpoint opened for reading: memory-mapped, every field validated on open.
+pub struct Checkpoint {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    config: ModelConfig,
+    quantization: QuantizationMeta,
+    provenance: ProvenanceMeta,
+    add_bos: bool,
+    chat_template: Option<String>,
+    tie: TieRule,
+}
+
+impl Checkpoint {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open checkpoint {}", path.display()))?;
+        // SAFETY: the file is opened read-only; drq never writes a checkpoint in place (writes go
+        // to a temporary name and are renamed), so the mapping is not mutated under us.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map checkpoint {}", path.display()))?;
+        let (config, quantization, provenance, add_bos, chat_template, tie) =
+            Self::validate(&mmap).with_context(|| format!("invalid checkpoint {}", path.display()))?;
+        Ok(Self { path: path.to_path_buf(), mmap, config, quantization, provenance, add_bos, chat_template, tie })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn validate(
+        bytes: &[u8],
+    ) -> Result<(ModelConfig, QuantizationMeta, ProvenanceMeta, bool, Option<String>, TieRule)> {
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| anyhow::anyhow!("not a complete safetensors file (truncated or corrupted?): {e}"))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let meta = header.metadata().clone().context("no metadata: not a drq checkpoint")?;
+        let field = |key: &str| meta.get(key).with_context(|| format!("metadata field `{key}` is missing"));
+        ensure!(field("format")? == FORMAT, "metadata `format` is `{}`, not `{FORMAT}`", field("format")?);
+        let version: u32 = field("format_version")?
+            .parse()
+            .with_context(|| format!("metadata `format_version` `{}` is not a number", meta["format_version"]))?;
+        ensure!(
+            version == FORMAT_VERSION,
+            "checkpoint format version {version} is not supported (this drq reads version {FORMAT_VERSION})"
+        );
+        let config: ModelConfig =
+            serde_json::from_str(field("model_config")?).context("metadata `model_config` is not valid")?;
+        config.validate()?;
+        let quantization: QuantizationMeta =
+            serde_json::from_str(field("quantization")?).context("metadata `quantization` is not valid")?;
+        let provenance: ProvenanceMeta =
+            serde_json::from_str(field("provenance")?).context("metadata `provenance` is not valid")?;
+        let add_bos: bool = field("add_bos")?.parse().context("metadata `add_bos` must be true or false")?;
+        let chat_template = meta.get("chat_template").cloned();
+        let tie = quantization.tie()?;
+        ensure!(!quantization.bits.is_empty(), "metadata `quantization.bits` is empty");
+        for &b in &quantization.bits {
+            dr::check_bits(b).map_err(|e| anyhow::anyhow!("metadata `quantization.bits`: {e:?}"))?;
+        }
+
+        // Every tensor of the model must be present exactly once: quantized as codes + scales,
+        // or in float; nothing else but the tokenizer.
+        let quantized: std::collections::HashSet<&str> = quantization.quantized.iter().map(String::as_str).collect();
+        let mut expected_names = std::collections::HashSet::new();
+        for (name, shape) in Weights::expected_shapes(&config) {
+            if quantized.contains(name.as_str()) {
+                ensure!(shape.len() == 2, "`{name}` is listed as quantized but is not a matrix");
+                let (rows, cols) = (shape[0], shape[1]);
+                let layout = ScaleLayout::new(rows, cols, quantization.group_for(cols)?)
+                    .map_err(|e| anyhow::anyhow!("`{name}`: {e:?}"))?;
+                check_tensor(&st, &format!("{name}{CODES_SUFFIX}"), Dtype::I8, &[rows, cols])?;
+                check_tensor(&st, &format!("{name}{SCALES_SUFFIX}"), Dtype::F16, &[rows, layout.n_groups()])?;
+                expected_names.insert(format!("{name}{CODES_SUFFIX}"));
+                expected_names.insert(format!("{name}{SCALES_SUFFIX}"));
+            } else {
+                check_tensor(&st, &name, Dtype::F32, &shape)?;
+                expected_names.insert(name);
+            }
+        }
+        for q in &quantization.quantized {
+            ensure!(
+                expected_names.contains(&format!("{q}{CODES_SUFFIX}")),
+                "`{q}` is listed as quantized but is not a weight of this model"
+            );
+        }
+        let tok = st.tensor(TOKENIZER_TENSOR).context("the tokenizer tensor is missing")?;
+        ensure!(tok.dtype() == Dtype::U8, "`{TOKENIZER_TENSOR}` must be U8");
+        expected_names.insert(TOKENIZER_TENSOR.to_string());
+        if let Some(extra) = st.names().into_iter().find(|n| !expected_names.contains(*n)) {
+            bail!("unexpected tensor `{extra}`");
+        }
+        Ok((config, quantization, provenance, add_bos, chat_template, tie))
+    }
+
+    fn tensors(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.mmap).expect("validated on open")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn quantization(&self) -> &QuantizationMeta {
+        &self.quantization
+    }
+
+    pub fn provenance(&self) -> &ProvenanceMeta {
+        &self.provenance
+    }
+
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    pub fn tie_rule(&self) -> TieRule {
+        self.tie
+    }
+
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let st = self.tensors();
+        let view = st.tensor(TOKENIZER_TENSOR)?;
+        Tokenizer::from_bytes(view.data())
+            .map_err(|e| anyhow::anyhow!("{}: the stored tokenizer is invalid: {e}", self.path.display()))
+    }
+
+    /// The codes (borrowed from the mapping) and scales of a quantized weight.
+    pub fn quantized(&self, name: &str) -> Result<(&[i8], Vec<f32>, ScaleLayout)> {
+        let st = self.tensors();
+        let codes = st.tensor(&format!("{name}{CODES_SUFFIX}")).with_context(|| format!("`{name}` is not quantized"))?;
+        let scales = st.tensor(&format!("{name}{SCALES_SUFFIX}"))?;
+        let (rows, cols) = (codes.shape()[0], codes.shape()[1]);
+        let layout = ScaleLayout::new(rows, cols, self.quantization.group_for(cols)?)
+            .map_err(|e| anyhow::anyhow!("`{name}`: {e:?}"))?;
+        let data: &[u8] = codes.data();
+        // SAFETY: i8 and u8 have the same size and alignment, and `data` lives as long as the map.
+        let codes: &[i8] = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<i8>(), data.len()) };
+        let scales = scales
+            .data()
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        Ok((codes, scales, layout))
+    }
+
+    /// Float weights of the model decoded at `precision` (every quantized weight at its bits,
+    /// through the second rounding). `Precision::Float` is an error: a checkpoint stores no
+    /// float copy of its quantized weights.
+    pub fn weights_at(&self, precision: &Precision) -> Result<Weights> {
+        let st = self.tensors();
+        let mut weights = Weights::new();
+        for (name, shape) in Weights::expected_shapes(&self.config) {
+            if self.quantization.quantized.iter().any(|q| q == &name) {
+                let bits = precision.bits_for(&name).with_context(|| {
+                    format!("{}: precision `{precision}` is not available from a checkpoint (it stores no float copy of quantized weights)", self.path.display())
+                })?;
+                let (codes, scales, layout) = self.quantized(&name)?;
+                let mut out = vec![0f32; layout.n_weights()];
+                dr::dequantize(codes, &scales, &layout, bits, self.tie, &mut out)
+                    .map_err(|e| anyhow::anyhow!("`{name}`: {e:?}"))?;
+                weights.insert(name, Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?)?;
+            } else {
+                let view = st.tensor(&name)?;
+                let data: Vec<f32> = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                weights.insert(name, Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?)?;
+            }
+        }
+        Ok(weights)
+    }
+}
+
+fn check_tensor(st: &SafeTensors, name: &str, dtype: Dtype, shape: &[usize]) -> Result<()> {
+    let t = st.tensor(name).with_context(|| format!("tensor `{name}` is missing"))?;
+    ensure!(t.dtype() == dtype, "tensor `{name}` has dtype {:?}, expected {dtype:?}", t.dtype());
+    ensure!(t.shape() == shape, "tensor `{name}` has shape {:?}, expected {shape:?}", t.shape());
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! Model sources (hub, HF directory, GGUF), architectures, the drq checkpoint format and the
+//! runtime shared by `evals` and `serve`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod precision;
+pub mod source;
+pub mod testing;
+pub mod tokenizer;
+pub mod transformer;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
+pub use precision::Precision;
+pub use source::{FloatModel, ModelSource};
+pub use transformer::{KvCache, OpsMode, Transformer};
+pub use weights::Weights;

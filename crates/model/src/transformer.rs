@@ -1,0 +1,303 @@
+//! The one decoder definition shared by evaluation, serving and training: Llama-family and
+//! Qwen2 blocks (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP), batched, with a KV cache.
+
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::{Llama3RopeScaling, ModelConfig};
+use crate::weights::{Weights, EMBED, FINAL_NORM, LM_HEAD};
+
+/// Which implementation of the element-wise ops to use. candle's fused RMSNorm, RoPE and
+/// softmax are fast but have no backward pass; training needs the composed versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpsMode {
+    Inference,
+    Differentiable,
+}
+
+/// `y = x·Wᵀ (+ b)` over the last dimension.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let inner = *dims.last().expect("activations have at least one dimension");
+        let rows = x.elem_count() / inner;
+        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+struct Block {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// Keys and values of the tokens seen so far, per layer: `[batch, kv_heads, seq, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(config: &ModelConfig) -> Self {
+        Self { layers: vec![None; config.num_hidden_layers] }
+    }
+
+    /// The number of positions already cached.
+    pub fn len(&self) -> usize {
+        match &self.layers[0] {
+            Some((k, _)) => k.dim(2).unwrap_or(0),
+            None => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// A decoder-only transformer built from float [`Weights`].
+pub struct Transformer {
+    config: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    final_norm: Tensor,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    mode: OpsMode,
+}
+
+impl Transformer {
+    pub fn new(config: &ModelConfig, weights: &Weights, mode: OpsMode) -> Result<Self> {
+        config.validate()?;
+        let h = config.hidden_size;
+        let q_dim = config.num_attention_heads * config.head_dim;
+        let kv_dim = config.num_key_value_heads * config.head_dim;
+        let m = config.intermediate_size;
+        let linear = |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let weight = weights.get(&format!("{prefix}.weight"), &[out, inp])?;
+            let bias = if bias { Some(weights.get(&format!("{prefix}.bias"), &[out])?) } else { None };
+            Ok(Linear::new(weight, bias))
+        };
+        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let ab = config.attention_bias;
+            blocks.push(Block {
+                input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_attention_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q_proj: linear(&format!("{p}.self_attn.q_proj"), q_dim, h, ab)?,
+                k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, ab)?,
+                v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, ab)?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_dim, false)?,
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), m, h, false)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), m, h, false)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), h, m, false)?,
+            });
+        }
+        let embed = weights.get(EMBED, &[config.vocab_size, h])?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed.clone(), None)
+        } else {
+            Linear::new(weights.get(LM_HEAD, &[config.vocab_size, h])?, None)
+        };
+        let (cos, sin) = rope_tables(config)?;
+        Ok(Self {
+            config: config.clone(),
+            embed,
+            blocks,
+            final_norm: weights.get(FINAL_NORM, &[h])?,
+            lm_head,
+            cos,
+            sin,
+            mode,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Runs `tokens` (`[batch, seq]`, u32) after the positions already in `cache`, appends their
+    /// keys and values to it, and returns the logits of positions `logits_from..seq`
+    /// (`[batch, seq - logits_from, vocab]`). Skipping the lm_head on positions nobody reads
+    /// matters: on a 135M model it is a fifth of the work.
+    pub fn forward(&self, tokens: &Tensor, cache: &mut KvCache, logits_from: usize) -> Result<Tensor> {
+        let (batch, seq) = tokens.dims2()?;
+        ensure!(seq > 0, "forward needs at least one token");
+        ensure!(logits_from < seq, "logits_from ({logits_from}) must be below the sequence length ({seq})");
+        let start = cache.len();
+        let max = self.config.max_position_embeddings;
+        if start + seq > max {
+            bail!("sequence of {} tokens exceeds the model's context of {max}", start + seq);
+        }
+        let ids = tokens.flatten_all()?;
+        let max_id = ids.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
+        ensure!(
+            (max_id as usize) < self.config.vocab_size,
+            "token id {max_id} is outside the vocabulary of {}",
+            self.config.vocab_size
+        );
+        let mut x = self.embed.index_select(&ids, 0)?.reshape((batch, seq, self.config.hidden_size))?;
+        let cos = self.cos.narrow(0, start, seq)?;
+        let sin = self.sin.narrow(0, start, seq)?;
+        let mask = causal_mask(seq, start, x.device())?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let residual = &x;
+            let h = self.rms_norm(&x, &block.input_norm)?;
+            let h = self.attention(block, i, &h, &cos, &sin, mask.as_ref(), cache)?;
+            let x1 = (residual + h)?;
+            let h = self.rms_norm(&x1, &block.post_attention_norm)?;
+            let gate = block.gate_proj.forward(&h)?;
+            let up = block.up_proj.forward(&h)?;
+            let h = block.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            x = (x1 + h)?;
+        }
+        let x = x.narrow(1, logits_from, seq - logits_from)?;
+        let x = self.rms_norm(&x, &self.final_norm)?;
+        self.lm_head.forward(&x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let c = &self.config;
+        let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(block.q_proj.forward(x)?, hq)?;
+        let k = heads(block.k_proj.forward(x)?, hkv)?;
+        let v = heads(block.v_proj.forward(x)?, hkv)?;
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?;
+        let (k, v) = cache.append(layer, k, v)?;
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying K/V: query head h uses KV head h / rep, so
+        // fold the rep query heads of each KV head into the sequence dimension.
+        let rep = hq / hkv;
+        let q = q.reshape((b, hkv, rep * t, d))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores.reshape((b, hkv, rep, t, s))?.broadcast_add(m)?.reshape((b, hkv, rep * t, s))?,
+            None => scores,
+        };
+        let probs = match self.mode {
+            OpsMode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
+            OpsMode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        };
+        let out = probs.matmul(&v)?; // [b, hkv, rep*t, d]
+        let out = out.reshape((b, hq, t, d))?.transpose(1, 2)?.reshape((b, t, hq * d))?;
+        block.o_proj.forward(&out)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps as f32;
+        Ok(match self.mode {
+            OpsMode::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)?,
+            OpsMode::Differentiable => candle_nn::ops::rms_norm_slow(x, weight, eps)?,
+        })
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self.mode {
+            OpsMode::Inference => candle_nn::rotary_emb::rope(x, cos, sin)?,
+            OpsMode::Differentiable => candle_nn::rotary_emb::rope_slow(x, cos, sin)?,
+        })
+    }
+}
+
+/// `[seq, start + seq]` additive mask hiding future positions; `None` when nothing is hidden.
+fn causal_mask(seq: usize, start: usize, device: &Device) -> Result<Option<Tensor>> {
+    if seq == 1 {
+        return Ok(None);
+    }
+    let total = start + seq;
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (seq, total), device)?))
+}
+
+/// Cosine and sine tables `[max_positions, head_dim / 2]` in the Hugging Face (rotate-half)
+/// convention, with Llama 3 frequency scaling when configured.
+fn rope_tables(config: &ModelConfig) -> Result<(Tensor, Tensor)> {
+    let d = config.head_dim;
+    let mut inv_freq: Vec<f64> =
+        (0..d / 2).map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
+    if let Some(scaling) = &config.rope_scaling {
+        inv_freq = inv_freq.into_iter().map(|f| llama3_scale(f, scaling)).collect();
+    }
+    let n = config.max_position_embeddings;
+    let mut cos = Vec::with_capacity(n * d / 2);
+    let mut sin = Vec::with_capacity(n * d / 2);
+    for p in 0..n {
+        for f in &inv_freq {
+            let angle = p as f64 * f;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, d / 2), &Device::Cpu)?,
+        Tensor::from_vec(sin, (n, d / 2), &Device::Cpu)?,
+    ))
+}
+
+/// Llama 3.1's rule: keep high frequencies, divide low ones by `factor`, blend in between.
+fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
+    let wavelen = 2.0 * std::f64::consts::PI / freq;
+    let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
+    let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor
+    } else {
+        let smooth = (s.original_max_position_embeddings as f64 / wavelen - s.low_freq_factor)
+            / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / s.factor + smooth * freq
+    }
+}
