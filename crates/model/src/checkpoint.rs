@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use half::f16;
-use kernels::double_rounding::{self as dr, ScaleLayout, TieRule};
+use kernels::double_rounding::{self as dr, Granularity, QuantizedWeight, ScaleLayout, TieRule};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
@@ -48,19 +48,14 @@ impl QuantizationMeta {
     pub fn tie(&self) -> Result<TieRule> {
         self.tie_rule
             .parse()
-            .map_err(|e| anyhow::anyhow!("checkpoint tie_rule `{}`: {e:?}", self.tie_rule))
+            .map_err(|e| anyhow::anyhow!("checkpoint tie_rule: {e}"))
     }
 
-    /// The scale group size of a weight with `cols` input columns.
-    pub fn group_for(&self, cols: usize) -> Result<usize> {
-        match self.granularity.as_str() {
-            "channel" => Ok(cols),
-            g => g
-                .strip_prefix("group:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .filter(|&n| n > 0)
-                .with_context(|| format!("checkpoint granularity `{g}` is neither `channel` nor `group:N`")),
-        }
+    /// The scale layout of a quantized `[rows, cols]` weight.
+    pub fn layout(&self, rows: usize, cols: usize) -> Result<ScaleLayout> {
+        let granularity: Granularity =
+            self.granularity.parse().map_err(|e| anyhow::anyhow!("checkpoint granularity: {e}"))?;
+        granularity.layout(rows, cols).map_err(|e| anyhow::anyhow!("{rows}x{cols} weight: {e}"))
     }
 }
 
@@ -73,14 +68,6 @@ pub struct ProvenanceMeta {
     pub tool: String,
 }
 
-/// A quantized weight: INT8 codes `[rows, cols]` and scales `[rows, n_groups]`.
-#[derive(Debug, Clone)]
-pub struct QuantizedTensor {
-    pub codes: Vec<i8>,
-    pub scales: Vec<f32>,
-    pub layout: ScaleLayout,
-}
-
 /// Everything a checkpoint holds, for writing.
 pub struct CheckpointContents<'a> {
     pub config: &'a ModelConfig,
@@ -89,7 +76,7 @@ pub struct CheckpointContents<'a> {
     pub chat_template: Option<&'a str>,
     pub quantization: &'a QuantizationMeta,
     pub provenance: &'a ProvenanceMeta,
-    pub quantized: &'a BTreeMap<String, QuantizedTensor>,
+    pub quantized: &'a BTreeMap<String, QuantizedWeight>,
     /// Tensors kept in float (norms, biases, unquantized weights), f32.
     pub float: &'a BTreeMap<String, Tensor>,
 }
@@ -113,7 +100,7 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         let l = t.layout;
         ensure!(t.codes.len() == l.n_weights(), "`{name}`: {} codes for a {}x{} layout", t.codes.len(), l.rows, l.cols);
         ensure!(t.scales.len() == l.n_scales(), "`{name}`: {} scales, layout needs {}", t.scales.len(), l.n_scales());
-        ensure!(l.group == q.group_for(l.cols)?, "`{name}`: group {} disagrees with granularity {}", l.group, q.granularity);
+        ensure!(l == q.layout(l.rows, l.cols)?, "`{name}`: group {} disagrees with granularity {}", l.group, q.granularity);
         let mut scale_bytes = Vec::with_capacity(t.scales.len() * 2);
         for &s in &t.scales {
             let h = f16::from_f32(s);
@@ -245,7 +232,7 @@ impl Checkpoint {
         let tie = quantization.tie()?;
         ensure!(!quantization.bits.is_empty(), "metadata `quantization.bits` is empty");
         for &b in &quantization.bits {
-            dr::check_bits(b).map_err(|e| anyhow::anyhow!("metadata `quantization.bits`: {e:?}"))?;
+            dr::check_bits(b).map_err(|e| anyhow::anyhow!("metadata `quantization.bits`: {e}"))?;
         }
 
         // Every tensor of the model must be present exactly once: quantized as codes + scales,
@@ -256,8 +243,7 @@ impl Checkpoint {
             if quantized.contains(name.as_str()) {
                 ensure!(shape.len() == 2, "`{name}` is listed as quantized but is not a matrix");
                 let (rows, cols) = (shape[0], shape[1]);
-                let layout = ScaleLayout::new(rows, cols, quantization.group_for(cols)?)
-                    .map_err(|e| anyhow::anyhow!("`{name}`: {e:?}"))?;
+                let layout = quantization.layout(rows, cols)?;
                 check_tensor(&st, &format!("{name}{CODES_SUFFIX}"), Dtype::I8, &[rows, cols])?;
                 check_tensor(&st, &format!("{name}{SCALES_SUFFIX}"), Dtype::F16, &[rows, layout.n_groups()])?;
                 expected_names.insert(format!("{name}{CODES_SUFFIX}"));
@@ -327,8 +313,7 @@ impl Checkpoint {
         let codes = st.tensor(&format!("{name}{CODES_SUFFIX}")).with_context(|| format!("`{name}` is not quantized"))?;
         let scales = st.tensor(&format!("{name}{SCALES_SUFFIX}"))?;
         let (rows, cols) = (codes.shape()[0], codes.shape()[1]);
-        let layout = ScaleLayout::new(rows, cols, self.quantization.group_for(cols)?)
-            .map_err(|e| anyhow::anyhow!("`{name}`: {e:?}"))?;
+        let layout = self.quantization.layout(rows, cols)?;
         let data: &[u8] = codes.data();
         // SAFETY: i8 and u8 have the same size and alignment, and `data` lives as long as the map.
         let codes: &[i8] = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<i8>(), data.len()) };
@@ -354,7 +339,7 @@ impl Checkpoint {
                 let (codes, scales, layout) = self.quantized(&name)?;
                 let mut out = vec![0f32; layout.n_weights()];
                 dr::dequantize(codes, &scales, &layout, bits, self.tie, &mut out)
-                    .map_err(|e| anyhow::anyhow!("`{name}`: {e:?}"))?;
+                    .map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
                 weights.insert(name, Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?)?;
             } else {
                 let view = st.tensor(&name)?;

@@ -1,0 +1,531 @@
+//! Scale search against brute-force references, edge cases, and (ignored) the timing and error
+//! measurements: `cargo test --release -p quantize --test ptq -- --ignored --nocapture`.
+
+use kernels::{first_round, second_round, Granularity, QuantizedWeight, ScaleLayout, TieRule};
+use quantize::{quantize_weight, reconstruction_error, PtqError, QuantSpec, SearchObjective};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// N(0, 1) samples (Box–Muller; rand_distr is not a dependency).
+fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let u: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+            let v: f64 = rng.random();
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        })
+        .collect()
+}
+
+/// Student-t-like heavy tails: Gaussian divided by a random scale, as LLM weights with outliers.
+fn heavy_tailed(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    gaussian(n, seed)
+        .into_iter()
+        .map(|x| x / rng.random_range(0.2f32..1.0))
+        .collect()
+}
+
+fn spec(
+    bits: &[u32],
+    granularity: Granularity,
+    tie: TieRule,
+    objective: SearchObjective,
+) -> QuantSpec {
+    QuantSpec {
+        bits: bits.to_vec(),
+        granularity,
+        tie,
+        objective,
+    }
+}
+
+/// Reference per-bit sums of squared errors of a group at scale `s`, in f64 through the scalar
+/// second rounding.
+fn ref_errors(w: &[f32], s: f32, bits: &[u32], tie: TieRule) -> Vec<f64> {
+    let inv = 1.0 / s;
+    bits.iter()
+        .map(|&b| {
+            let step = f64::from(1u32 << (8 - b));
+            w.iter()
+                .map(|&x| {
+                    let q = second_round(first_round(x * inv), b, tie);
+                    (f64::from(q) * step * f64::from(s) - f64::from(x)).powi(2)
+                })
+                .sum()
+        })
+        .collect()
+}
+
+/// Scales are stored as f16, so the search only considers f16 values.
+fn f16_scale(s: f32) -> f32 {
+    half::f16::from_f32(s).to_f32()
+}
+
+fn objective(errors: &[f64], best: &[f64], objective: SearchObjective) -> f64 {
+    match objective {
+        SearchObjective::Sum => errors.iter().sum(),
+        SearchObjective::Normalized => errors.iter().zip(best).map(|(e, m)| e / m).sum(),
+    }
+}
+
+/// Every group of `q`: (weights, scale).
+fn groups<'a>(w: &'a [f32], q: &'a QuantizedWeight) -> impl Iterator<Item = (&'a [f32], f32)> + 'a {
+    let l = q.layout;
+    (0..l.rows).flat_map(move |r| {
+        (0..l.n_groups()).map(move |g| {
+            let cols = l.group_cols(g);
+            (
+                &w[r * l.cols + cols.start..r * l.cols + cols.end],
+                q.scales[r * l.n_groups() + g],
+            )
+        })
+    })
+}
+
+#[test]
+fn chosen_scale_beats_absmax_and_a_dense_grid() {
+    let objectives = [SearchObjective::Sum, SearchObjective::Normalized];
+    let cases = [
+        (Granularity::Channel, 96),
+        (Granularity::Group(32), 96),
+        (Granularity::Group(40), 100),
+    ];
+    let mut worst_gap = 0f64;
+    for (case, &(granularity, cols)) in cases.iter().enumerate() {
+        for (seed, data) in [
+            (1, gaussian(6 * cols, case as u64)),
+            (2, heavy_tailed(6 * cols, case as u64)),
+        ] {
+            for objective_kind in objectives {
+                for tie in [TieRule::HalfEven, TieRule::HalfUp] {
+                    let bits = [8, 4, 2];
+                    let q = quantize_weight(
+                        &data,
+                        6,
+                        cols,
+                        &spec(&bits, granularity, tie, objective_kind),
+                    )
+                    .unwrap();
+                    for (w, s) in groups(&data, &q) {
+                        let absmax = w.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                        let grid: Vec<Vec<f64>> = (1..=1000)
+                            .map(|k| ref_errors(w, f16_scale(absmax * k as f32 / 1000.0), &bits, tie))
+                            .collect();
+                        let chosen = ref_errors(w, s, &bits, tie);
+                        let best: Vec<f64> = (0..bits.len())
+                            .map(|b| grid.iter().map(|e| e[b]).fold(chosen[b], f64::min))
+                            .collect();
+                        let ours = objective(&chosen, &best, objective_kind);
+                        let at_absmax = objective(&grid[999], &best, objective_kind);
+                        let grid_best = grid
+                            .iter()
+                            .map(|e| objective(e, &best, objective_kind))
+                            .fold(f64::INFINITY, f64::min);
+                        let ctx = format!("{granularity} seed {seed} {objective_kind} {tie}");
+                        assert!(
+                            ours <= at_absmax * (1.0 + 1e-3),
+                            "{ctx}: {ours} vs absmax {at_absmax}"
+                        );
+                        assert!(
+                            ours <= grid_best * 1.05,
+                            "{ctx}: {ours} vs dense grid {grid_best}"
+                        );
+                        worst_gap = worst_gap.max(ours / grid_best - 1.0);
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "worst gap to the 1000-point grid: {:.3}%",
+        worst_gap * 100.0
+    );
+}
+
+#[test]
+fn codes_are_the_first_rounding_of_the_chosen_scale() {
+    let (rows, cols) = (5, 576);
+    let w = heavy_tailed(rows * cols, 7);
+    for granularity in [
+        Granularity::Channel,
+        Granularity::Group(128),
+        Granularity::Group(32),
+    ] {
+        let q = quantize_weight(
+            &w,
+            rows,
+            cols,
+            &spec(
+                &[8, 4, 2],
+                granularity,
+                TieRule::HalfEven,
+                SearchObjective::Normalized,
+            ),
+        )
+        .unwrap();
+        let expected_layout = granularity.layout(rows, cols).unwrap();
+        assert_eq!(q.layout, expected_layout);
+        assert_eq!(q.codes.len(), rows * cols);
+        assert_eq!(q.scales.len(), rows * expected_layout.n_groups());
+        if granularity == Granularity::Group(128) {
+            assert_eq!(q.layout.n_groups(), 5); // 4 × 128 + 64
+        }
+        let mut i = 0;
+        for (group, s) in groups(&w, &q) {
+            assert!(s.is_finite() && s > 0.0);
+            let absmax = group.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(s <= f16_scale(absmax / 127.0), "scale above absmax/127 (as f16)");
+            for &x in group {
+                assert_eq!(q.codes[i], first_round(x * (1.0 / s)));
+                i += 1;
+            }
+        }
+        // Row-major order of groups: the walk above visited every code once.
+        assert_eq!(i, rows * cols);
+    }
+}
+
+#[test]
+fn sum_favours_two_bits_and_normalized_eight_bits() {
+    let (rows, cols) = (96, 576);
+    let w = gaussian(rows * cols, 11);
+    for granularity in [Granularity::Channel, Granularity::Group(128)] {
+        let err = |objective| {
+            let q = quantize_weight(
+                &w,
+                rows,
+                cols,
+                &spec(&[8, 4, 2], granularity, TieRule::HalfEven, objective),
+            )
+            .unwrap();
+            [8, 4, 2].map(|b| reconstruction_error(&w, &q, b, TieRule::HalfEven).unwrap())
+        };
+        let (sum, norm) = (err(SearchObjective::Sum), err(SearchObjective::Normalized));
+        assert!(
+            sum[2] < norm[2],
+            "{granularity}: 2-bit sum {} normalized {}",
+            sum[2],
+            norm[2]
+        );
+        assert!(
+            norm[0] < sum[0],
+            "{granularity}: 8-bit sum {} normalized {}",
+            sum[0],
+            norm[0]
+        );
+    }
+}
+
+#[test]
+fn errors_decrease_with_bits() {
+    let (rows, cols) = (32, 256);
+    let w = heavy_tailed(rows * cols, 3);
+    let all = [8, 7, 6, 5, 4, 3, 2];
+    for objective in [SearchObjective::Sum, SearchObjective::Normalized] {
+        for tie in [TieRule::HalfEven, TieRule::HalfUp] {
+            let q = quantize_weight(
+                &w,
+                rows,
+                cols,
+                &spec(&all, Granularity::Group(64), tie, objective),
+            )
+            .unwrap();
+            let errs: Vec<f64> = all
+                .iter()
+                .map(|&b| reconstruction_error(&w, &q, b, tie).unwrap())
+                .collect();
+            for pair in errs.windows(2) {
+                assert!(pair[0] < pair[1], "{objective} {tie}: {errs:?}");
+            }
+            assert!(errs[6] < 1.0, "{objective} {tie}: {errs:?}");
+            // Sum clips hard for the sake of 2 bits; Normalized keeps 8 bits near-lossless.
+            if objective == SearchObjective::Normalized {
+                assert!(errs[0] < 1e-4, "{tie}: {errs:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn threaded_result_equals_row_by_row() {
+    // Large enough to be split across threads, with rows that do not divide evenly.
+    let (rows, cols) = (157, 576);
+    let w = heavy_tailed(rows * cols, 5);
+    let s = spec(
+        &[8, 4, 2],
+        Granularity::Group(128),
+        TieRule::HalfUp,
+        SearchObjective::Normalized,
+    );
+    let whole = quantize_weight(&w, rows, cols, &s).unwrap();
+    for r in 0..rows {
+        let row = quantize_weight(&w[r * cols..(r + 1) * cols], 1, cols, &s).unwrap();
+        assert_eq!(row.codes[..], whole.codes[r * cols..(r + 1) * cols]);
+        assert_eq!(row.scales[..], whole.scales[r * 5..(r + 1) * 5]);
+    }
+}
+
+#[test]
+fn zero_and_constant_groups() {
+    let (rows, cols) = (3, 64);
+    let mut w = gaussian(rows * cols, 9);
+    w[..cols].fill(0.0); // row 0 all zero
+    w[cols..cols + 32].fill(0.25); // first group of row 1 constant
+    for objective in [SearchObjective::Sum, SearchObjective::Normalized] {
+        let q = quantize_weight(
+            &w,
+            rows,
+            cols,
+            &spec(
+                &[8, 4, 2],
+                Granularity::Group(32),
+                TieRule::HalfEven,
+                objective,
+            ),
+        )
+        .unwrap();
+        assert_eq!(&q.scales[..2], &[1.0, 1.0]);
+        assert!(q.codes[..cols].iter().all(|&c| c == 0));
+        assert!(q.scales.iter().all(|s| s.is_finite() && *s > 0.0));
+        for bits in [8, 4, 2] {
+            let e = reconstruction_error(&w, &q, bits, TieRule::HalfEven).unwrap();
+            assert!(e.is_finite(), "{objective} bits {bits}: {e}");
+        }
+        // The constant group is exact at 8 bits up to the f16 rounding of its scale.
+        let w8 = q.dequantize(8, TieRule::HalfEven).unwrap();
+        assert!(
+            w8[cols..cols + 32].iter().all(|&x| (x - 0.25).abs() < 0.25 * 1e-3),
+            "{objective}"
+        );
+    }
+    let zeros = vec![0f32; 4 * 8];
+    let q = quantize_weight(&zeros, 4, 8, &QuantSpec::default()).unwrap();
+    assert_eq!(
+        reconstruction_error(&zeros, &q, 2, TieRule::HalfEven).unwrap(),
+        0.0
+    );
+    assert!(q.scales.iter().all(|&s| s == 1.0) && q.codes.iter().all(|&c| c == 0));
+}
+
+#[test]
+fn empty_tensors() {
+    for (rows, cols) in [(0, 16), (4, 0), (0, 0)] {
+        let q = quantize_weight(&[], rows, cols, &QuantSpec::default()).unwrap();
+        assert!(q.codes.is_empty() && q.scales.is_empty());
+        assert_eq!(
+            reconstruction_error(&[], &q, 4, TieRule::HalfUp).unwrap(),
+            0.0
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let w = gaussian(4 * 8, 1);
+    let ok = QuantSpec::default();
+    assert_eq!(
+        quantize_weight(&w, 4, 7, &ok),
+        Err(PtqError::Shape {
+            rows: 4,
+            cols: 7,
+            len: 32
+        })
+    );
+    for (i, bad) in [(3, f32::NAN), (17, f32::INFINITY), (31, f32::NEG_INFINITY)] {
+        let mut v = w.clone();
+        v[i] = bad;
+        match quantize_weight(&v, 4, 8, &ok) {
+            Err(PtqError::NonFinite { index, .. }) => assert_eq!(index, i),
+            other => panic!("expected NonFinite, got {other:?}"),
+        }
+    }
+    for bits in [vec![], vec![8, 1], vec![9, 4], vec![8, 4, 4]] {
+        let s = QuantSpec {
+            bits: bits.clone(),
+            ..QuantSpec::default()
+        };
+        assert!(quantize_weight(&w, 4, 8, &s).is_err(), "bits {bits:?}");
+    }
+    let s = QuantSpec {
+        granularity: Granularity::Group(0),
+        ..QuantSpec::default()
+    };
+    assert!(quantize_weight(&w, 4, 8, &s).is_err());
+
+    let q = quantize_weight(&w, 4, 8, &ok).unwrap();
+    assert!(matches!(
+        reconstruction_error(&w[..31], &q, 4, TieRule::HalfEven),
+        Err(PtqError::Shape { .. })
+    ));
+    assert!(matches!(
+        reconstruction_error(&w, &q, 1, TieRule::HalfEven),
+        Err(PtqError::Kernel(_))
+    ));
+    let broken = QuantizedWeight {
+        scales: vec![1.0; 3],
+        ..q
+    };
+    assert!(reconstruction_error(&w, &broken, 4, TieRule::HalfEven).is_err());
+    let message = quantize_weight(&w, 4, 7, &ok).unwrap_err().to_string();
+    assert_eq!(message, "weight has 32 elements, expected 4x7");
+}
+
+#[test]
+fn reconstruction_error_is_relative_mse() {
+    let w = [1.0f32, -2.0, 0.5, 0.0];
+    let q = QuantizedWeight {
+        codes: vec![64, -128, 32, 0],
+        scales: vec![1.0 / 64.0],
+        layout: ScaleLayout::new(1, 4, 4).unwrap(),
+    };
+    // 8 bits: [1, -2, 0.5, 0] exactly; 2 bits (Δ = 6, step 1): [1, -2, 0 (tie → even), 0].
+    assert_eq!(
+        reconstruction_error(&w, &q, 8, TieRule::HalfEven).unwrap(),
+        0.0
+    );
+    let e = reconstruction_error(&w, &q, 2, TieRule::HalfEven).unwrap();
+    assert!((e - 0.25 / 5.25).abs() < 1e-12, "{e}");
+    // Half up rounds the tie to 1: error 0.25 as well.
+    let e = reconstruction_error(&w, &q, 2, TieRule::HalfUp).unwrap();
+    assert!((e - 0.25 / 5.25).abs() < 1e-12, "{e}");
+}
+
+#[test]
+fn names_round_trip() {
+    for g in [
+        Granularity::Channel,
+        Granularity::Group(32),
+        Granularity::Group(128),
+        Granularity::Group(7),
+    ] {
+        assert_eq!(g.to_string().parse::<Granularity>(), Ok(g));
+    }
+    assert_eq!("group:64".parse(), Ok(Granularity::Group(64)));
+    for bad in [
+        "group:0",
+        "group:",
+        "group:-1",
+        "grp:32",
+        "Channel",
+        "group: 32",
+    ] {
+        assert!(bad.parse::<Granularity>().is_err(), "{bad}");
+    }
+    for o in [SearchObjective::Sum, SearchObjective::Normalized] {
+        assert_eq!(o.to_string().parse::<SearchObjective>(), Ok(o));
+    }
+    assert_eq!("sum".parse(), Ok(SearchObjective::Sum));
+    assert!("mean".parse::<SearchObjective>().is_err());
+}
+
+/// Quantizes a SmolLM2-135M-shaped set of N(0, 1) weights and prints the time; prints relative
+/// errors of Sum vs Normalized on a 1536×576 Gaussian weight.
+#[test]
+#[ignore = "measurement; run in release with --nocapture"]
+fn measure_time_and_errors() {
+    let t = std::time::Instant::now();
+    let spec_of = |g, o, tie| spec(&[8, 4, 2], g, tie, o);
+    println!("relative error, N(0,1) 1536x576, bits [8, 4, 2]");
+    let w = gaussian(1536 * 576, 42);
+    for granularity in [
+        Granularity::Channel,
+        Granularity::Group(128),
+        Granularity::Group(32),
+    ] {
+        for tie in [TieRule::HalfEven, TieRule::HalfUp] {
+            for objective in [SearchObjective::Sum, SearchObjective::Normalized] {
+                let q =
+                    quantize_weight(&w, 1536, 576, &spec_of(granularity, objective, tie)).unwrap();
+                let e = [8, 4, 2].map(|b| reconstruction_error(&w, &q, b, tie).unwrap());
+                println!(
+                    "{granularity:>10} {tie:>4} {objective:>10}: 8b {:.3e}  4b {:.3e}  2b {:.3e}",
+                    e[0], e[1], e[2]
+                );
+            }
+        }
+    }
+    println!("(errors took {:.1?})", t.elapsed());
+
+    // Context: each bit-width's own optimum (a one-bit set), and the tie rules over every width,
+    // with the mean signed error (bias) relative to rms(W).
+    for granularity in [Granularity::Channel, Granularity::Group(128)] {
+        let own: Vec<String> = [8, 4, 2]
+            .iter()
+            .map(|&b| {
+                let q = quantize_weight(
+                    &w,
+                    1536,
+                    576,
+                    &spec(&[b], granularity, TieRule::HalfEven, SearchObjective::Sum),
+                )
+                .unwrap();
+                format!(
+                    "{b}b {:.3e}",
+                    reconstruction_error(&w, &q, b, TieRule::HalfEven).unwrap()
+                )
+            })
+            .collect();
+        println!("{granularity:>10} own optimum per bit: {}", own.join("  "));
+    }
+    let all = [8, 7, 6, 5, 4, 3, 2];
+    let rms = (w.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+    for tie in [TieRule::HalfEven, TieRule::HalfUp] {
+        let q = quantize_weight(
+            &w,
+            1536,
+            576,
+            &spec(&all, Granularity::Channel, tie, SearchObjective::Normalized),
+        )
+        .unwrap();
+        let cells: Vec<String> = all
+            .iter()
+            .map(|&b| {
+                let mean = q
+                    .dequantize(b, tie)
+                    .unwrap()
+                    .iter()
+                    .zip(&w)
+                    .map(|(&y, &x)| f64::from(y - x))
+                    .sum::<f64>()
+                    / w.len() as f64;
+                let e = reconstruction_error(&w, &q, b, tie).unwrap();
+                format!("{b}b {e:.2e}/{:+.1e}", mean / rms)
+            })
+            .collect();
+        println!(
+            "channel normalized [8..2] {tie:>4} rel.err/bias: {}",
+            cells.join(" ")
+        );
+    }
+
+    // 30 layers × (q, o: 576×576; k, v: 192×576; gate, up: 1536×576; down: 576×1536) + embedding.
+    let layer = [
+        (576, 576),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let mut shapes: Vec<(usize, usize)> = (0..30).flat_map(|_| layer).collect();
+    shapes.push((49152, 576));
+    let total: usize = shapes.iter().map(|(r, c)| r * c).sum();
+    let biggest = shapes.iter().map(|(r, c)| r * c).max().unwrap();
+    let pool = heavy_tailed(biggest, 1);
+    for granularity in [Granularity::Channel, Granularity::Group(128)] {
+        for objective in [SearchObjective::Sum, SearchObjective::Normalized] {
+            let s = spec_of(granularity, objective, TieRule::HalfEven);
+            let t = std::time::Instant::now();
+            for &(r, c) in &shapes {
+                quantize_weight(&pool[..r * c], r, c, &s).unwrap();
+            }
+            println!(
+                "{total} weights, {granularity} {objective}: {:.2?}",
+                t.elapsed()
+            );
+        }
+    }
+}
