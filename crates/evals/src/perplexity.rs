@@ -4,7 +4,7 @@
 
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, D};
-use model::{KvCache, Precision, Transformer};
+use model::{KvCache, Transformer};
 use serde::Serialize;
 
 /// How a token stream is cut into windows and which predictions are scored.
@@ -91,7 +91,7 @@ struct Sums {
 /// The result for one precision.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrecisionReport {
-    pub precision: String,
+    pub label: String,
     pub perplexity: f64,
     /// Standard error of the perplexity (delta method on the mean NLL, as llama.cpp reports).
     pub perplexity_stderr: f64,
@@ -104,14 +104,14 @@ pub struct PrecisionReport {
 }
 
 impl Sums {
-    fn report(&self, precision: &Precision, with_reference: bool) -> PrecisionReport {
+    fn report(&self, label: &str, with_reference: bool) -> PrecisionReport {
         let n = self.tokens as f64;
         let mean = self.nll / n;
         let var = (self.nll_sq / n - mean * mean).max(0.0);
         let stderr_nll = if self.tokens > 1 { (var / (n - 1.0)).sqrt() } else { 0.0 };
         let ppl = mean.exp();
         PrecisionReport {
-            precision: precision.to_string(),
+            label: label.to_string(),
             perplexity: ppl,
             perplexity_stderr: ppl * stderr_nll,
             mean_nll: mean,
@@ -124,7 +124,8 @@ impl Sums {
 
 /// A model under evaluation at one precision.
 pub struct Candidate<'a> {
-    pub precision: Precision,
+    /// How the results name it, e.g. `fp`, `4`, `4 group:128`.
+    pub label: String,
     pub model: &'a Transformer,
 }
 
@@ -165,7 +166,7 @@ pub fn evaluate(
             let s = &mut sums[ci];
             for v in &nll {
                 if !v.is_finite() {
-                    bail!("precision {}: non-finite log-likelihood in window {wi}", c.precision);
+                    bail!("{}: non-finite log-likelihood in window {wi}", c.label);
                 }
                 s.tokens += 1;
                 s.nll += *v as f64;
@@ -184,7 +185,7 @@ pub fn evaluate(
     Ok(candidates
         .iter()
         .zip(&sums)
-        .map(|(c, s)| s.report(&c.precision, reference.is_some()))
+        .map(|(c, s)| s.report(&c.label, reference.is_some()))
         .collect())
 }
 

@@ -2,7 +2,9 @@
 //! runtime shared by `evals` and `serve`.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
+pub mod export;
 pub mod precision;
 pub mod source;
 pub mod testing;

@@ -26,3 +26,76 @@ pub fn smollm2_reference() -> serde_json::Value {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("reference.json is valid JSON")
 }
+
+/// A tiny byte-level BPE tokenizer: the 256 byte tokens (GPT-2 byte alphabet), a few merges, and
+/// `<|endoftext|>` as special token 0; ids stay below 300.
+pub fn tiny_tokenizer() -> tokenizers::Tokenizer {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, Tokenizer};
+    let alphabet: Vec<String> = {
+        let mut chars: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        chars.sort();
+        chars.into_iter().map(String::from).collect()
+    };
+    let mut vocab = tokenizers::models::bpe::Vocab::new();
+    vocab.insert("<|endoftext|>".into(), 0);
+    for (i, c) in alphabet.iter().enumerate() {
+        vocab.insert(c.clone(), i as u32 + 1);
+    }
+    let merges = vec![("t".to_string(), "h".to_string()), ("th".to_string(), "e".to_string())];
+    let next = vocab.len() as u32;
+    vocab.insert("th".into(), next);
+    vocab.insert("the".into(), next + 1);
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().expect("valid tiny BPE");
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_decoder(Some(ByteLevel::default()));
+    tokenizer.add_special_tokens([AddedToken::from("<|endoftext|>", true)]).expect("adds one token");
+    tokenizer
+}
+
+/// A tiny random model of the given architecture: 2 layers, hidden 64, 4 query / 2 KV heads,
+/// vocabulary 300 (covers [`tiny_tokenizer`]), weights ~N(0, 0.02²) from `seed`.
+pub fn tiny_model(architecture: crate::Architecture, tie_word_embeddings: bool, seed: u64) -> crate::FloatModel {
+    use candle_core::{Device, Tensor};
+    let config = crate::ModelConfig {
+        architecture,
+        vocab_size: 300,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        max_position_embeddings: 256,
+        tie_word_embeddings,
+        attention_bias: architecture == crate::Architecture::Qwen2,
+        bos_token_id: Some(0),
+        eos_token_ids: vec![0],
+    };
+    // A small deterministic generator keeps the fixture independent of `rand`'s versions.
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut normal = move || {
+        let mut uniform = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let (u, v) = (uniform(), uniform());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    };
+    let mut weights = crate::Weights::new();
+    for (name, shape) in crate::Weights::expected_shapes(&config) {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("norm.weight") {
+            (0..n).map(|_| 1.0 + 0.1 * normal()).collect()
+        } else {
+            (0..n).map(|_| 0.02 * normal()).collect()
+        };
+        weights.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap();
+    }
+    crate::FloatModel { config, tokenizer: tiny_tokenizer(), add_bos: false, chat_template: None, weights }
+}

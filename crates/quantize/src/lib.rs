@@ -1,4 +1,8 @@
-//! Double Rounding post-training quantization.
+//! Double Rounding quantization: the scale search ([`ptq`]) and whole-model PTQ into one INT8
+//! checkpoint ([`model_ptq`]).
+
+pub mod model_ptq;
 pub mod ptq;
 
+pub use model_ptq::{quantize_model, write_checkpoint, LayerReport, QuantizedModel};
 pub use ptq::{quantize_weight, reconstruction_error, PtqError, QuantSpec, SearchObjective};

@@ -71,6 +71,20 @@ impl Default for QuantSpec {
     }
 }
 
+impl fmt::Display for QuantSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let bits: Vec<String> = self.bits.iter().map(u32::to_string).collect();
+        write!(
+            f,
+            "bits {} {} tie {} objective {}",
+            bits.join(","),
+            self.granularity,
+            self.tie,
+            self.objective
+        )
+    }
+}
+
 impl QuantSpec {
     /// Checks the bit set (non-empty, each in 2..=8, no duplicates) and the granularity.
     pub fn validate(&self) -> Result<(), PtqError> {

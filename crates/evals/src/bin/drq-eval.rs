@@ -1,0 +1,230 @@
+//! `drq-eval`: offline evaluation of a model at several precisions through the serving runtime.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use evals::perplexity::{evaluate, windows, Candidate, PrecisionReport, Protocol};
+use kernels::{Granularity, TieRule};
+use model::checkpoint::Checkpoint;
+use model::source::{self, FloatModel, ModelSource};
+use model::{precision, OpsMode, Precision, Transformer};
+use quantize::{QuantSpec, SearchObjective};
+
+#[derive(Parser)]
+#[command(name = "drq-eval", version, about = "Evaluate a model at several precisions")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Perplexity, KL divergence and top-1 agreement with the float model, per precision.
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    /// llama.cpp's: non-overlapping windows, BOS first when the model uses one, second half scored.
+    Llama,
+    /// Windows every --stride tokens; every token after the first scored once.
+    Strided,
+}
+
+#[derive(clap::Args)]
+struct PerplexityArgs {
+    /// Model: a drq checkpoint, or a float source (hub repo id, Hugging Face directory, GGUF file,
+    /// `default`), which is then quantized in memory for the integer precisions. Repeat to
+    /// evaluate several checkpoints of one model in one pass.
+    #[arg(short, long, default_values = ["default"])]
+    model: Vec<String>,
+    /// Float model for `fp` and as the baseline of KL and top-1 agreement when --model is a
+    /// checkpoint.
+    #[arg(long)]
+    reference: Option<String>,
+    /// Precisions to evaluate: `fp` and/or bit-widths 2..8, comma-separated.
+    #[arg(short, long, default_value = "fp,8,4,2")]
+    precision: String,
+    /// Text file to score (UTF-8), e.g. WikiText-2's wiki.test.raw.
+    #[arg(short, long)]
+    file: PathBuf,
+    /// Context length (tokens per window).
+    #[arg(short, long, default_value_t = 512)]
+    ctx: usize,
+    #[arg(long, value_enum, default_value = "llama")]
+    protocol: ProtocolArg,
+    /// Window step for `--protocol strided` (default: half the context).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Only use the first N tokens of the text.
+    #[arg(long)]
+    limit_tokens: Option<usize>,
+    /// Only evaluate the first N windows.
+    #[arg(long)]
+    max_windows: Option<usize>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// In-memory quantization of a float --model: bit set of the scale search.
+    #[arg(long, default_value = "8,4,2", value_delimiter = ',')]
+    bits: Vec<u32>,
+    /// In-memory quantization of a float --model: `channel` or `group:N`.
+    #[arg(long, default_value = "channel")]
+    granularity: Granularity,
+    /// In-memory quantization of a float --model: tie rule (`even` or `up`).
+    #[arg(long, default_value = "even")]
+    tie: TieRule,
+    /// In-memory quantization of a float --model: scale search objective.
+    #[arg(long, default_value = "normalized")]
+    objective: SearchObjective,
+}
+
+fn main() {
+    model::cli::init_logging();
+    let Cli { command } = Cli::parse();
+    let result = match command {
+        Command::Perplexity(args) => perplexity(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn perplexity(args: PerplexityArgs) -> Result<()> {
+    let precisions = precision::parse_list(&args.precision)?;
+    let text = std::fs::read(&args.file).with_context(|| format!("cannot read text file {}", args.file.display()))?;
+    let text = String::from_utf8(text).with_context(|| format!("{} is not UTF-8 text", args.file.display()))?;
+    let protocol = match args.protocol {
+        ProtocolArg::Llama => Protocol::LlamaCpp,
+        ProtocolArg::Strided => Protocol::Strided { stride: args.stride.unwrap_or(args.ctx / 2).max(1) },
+    };
+    let wants_float = precisions.contains(&Precision::Float);
+    let int_precisions: Vec<Precision> = precisions.iter().copied().filter(|p| *p != Precision::Float).collect();
+
+    // At most one float model (for `fp` and as the KL baseline) and any number of checkpoints,
+    // all evaluated in lockstep so the float logits are computed once per window.
+    let mut float: Option<FloatModel> = None;
+    let mut checkpoints: Vec<Checkpoint> = Vec::new();
+    let mut _temporary = None;
+    for spec in args.model.iter().chain(&args.reference) {
+        match spec.parse::<ModelSource>()? {
+            ModelSource::Checkpoint(path) => checkpoints.push(Checkpoint::open(&path)?),
+            source if float.is_none() => {
+                let (model, provenance) = source::load_float(&source)?;
+                if checkpoints.is_empty() && !int_precisions.is_empty() && args.model.len() == 1 {
+                    // A float model alone: quantize it, through a real checkpoint file so that
+                    // what is measured is exactly what is served.
+                    let spec = QuantSpec { bits: args.bits.clone(), granularity: args.granularity, tie: args.tie, objective: args.objective };
+                    tracing::info!("quantizing in memory ({spec})");
+                    let q = quantize::quantize_model(&model, &spec, &[], |_| {})?;
+                    let tmp = tempfile::Builder::new().prefix("drq-eval-").suffix(".safetensors").tempfile()?;
+                    quantize::write_checkpoint(tmp.path(), &model, &provenance, &q)?;
+                    checkpoints.push(Checkpoint::open(tmp.path())?);
+                    _temporary = Some(tmp);
+                }
+                float = Some(model);
+            }
+            source => bail!("{source}: only one float model can be evaluated at a time"),
+        }
+    }
+    if wants_float && float.is_none() {
+        bail!("`fp` needs a float model: a checkpoint stores no float weights (add --reference SRC)");
+    }
+    if !int_precisions.is_empty() && checkpoints.is_empty() {
+        bail!("integer precisions need a checkpoint or a float model to quantize");
+    }
+    let config = match (&float, checkpoints.first()) {
+        (_, Some(c)) => c.config().clone(),
+        (Some(f), None) => f.config.clone(),
+        (None, None) => bail!("no model given"),
+    };
+    for c in &checkpoints {
+        if *c.config() != config || float.as_ref().is_some_and(|f| f.config != config) {
+            bail!("{}: not the same model as the others (configs differ)", c.path().display());
+        }
+    }
+    let (tokenizer, add_bos) = match (&float, checkpoints.first()) {
+        (Some(f), _) => (f.tokenizer.clone(), f.add_bos),
+        (None, Some(c)) => (c.tokenizer()?, c.add_bos()),
+        (None, None) => unreachable!("checked above"),
+    };
+
+    let mut models: Vec<(String, Transformer)> = Vec::new();
+    if let (Some(f), true) = (&float, wants_float) {
+        models.push(("fp".to_string(), Transformer::new(&f.config, &f.weights, OpsMode::Inference)?));
+    }
+    let mut checkpoint_info = Vec::new();
+    for c in &checkpoints {
+        for p in &int_precisions {
+            let label = if checkpoints.len() > 1 { format!("{p} {}", c.quantization().granularity) } else { p.to_string() };
+            models.push((label, Transformer::new(&config, &c.weights_at(p)?, OpsMode::Inference)?));
+        }
+        checkpoint_info.push(serde_json::json!({ "path": c.path(), "quantization": c.quantization() }));
+    }
+    let candidates: Vec<Candidate> = models.iter().map(|(label, m)| Candidate { label: label.clone(), model: m }).collect();
+    let reference = (float.is_some() && wants_float).then_some(0);
+
+    let encoding = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    let mut tokens = encoding.get_ids().to_vec();
+    if let Some(limit) = args.limit_tokens {
+        tokens.truncate(limit);
+    }
+    let bos = if add_bos { config.bos_token_id } else { None };
+    let mut wins = windows(&tokens, args.ctx, protocol, bos)?;
+    if let Some(max) = args.max_windows {
+        wins.truncate(max);
+    }
+    tracing::info!(
+        "{} tokens, {} windows of up to {} tokens, precisions {}",
+        tokens.len(),
+        wins.len(),
+        args.ctx,
+        args.precision
+    );
+    let started = Instant::now();
+    let bar = model::cli::progress_bar(wins.len() as u64, "perplexity");
+    let reports = evaluate(&candidates, reference, &wins, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+
+    print_table(&reports);
+    let forward_tokens = wins.iter().map(|w| w.tokens.len() - 1).sum::<usize>() * candidates.len();
+    println!(
+        "{} windows, {} tokens scored per model, {seconds:.1}s ({:.0} tokens/s through the model)",
+        wins.len(),
+        reports[0].tokens_scored,
+        forward_tokens as f64 / seconds
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "model": args.model,
+            "reference": args.reference,
+            "file": args.file,
+            "ctx": args.ctx,
+            "protocol": match protocol { Protocol::LlamaCpp => "llama".to_string(), Protocol::Strided { stride } => format!("strided:{stride}") },
+            "windows": wins.len(),
+            "checkpoints": checkpoint_info,
+            "seconds": seconds,
+            "results": reports,
+        });
+        let tmp = model::checkpoint::tmp_path(path);
+        std::fs::write(&tmp, serde_json::to_string_pretty(&json)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn print_table(reports: &[PrecisionReport]) {
+    println!("{:>16} {:>12} {:>9} {:>10} {:>10} {:>8}", "precision", "perplexity", "± s.e.", "tokens", "KL(fp‖·)", "top-1");
+    for r in reports {
+        let kl = r.mean_kl.map_or("-".to_string(), |k| format!("{k:.5}"));
+        let top1 = r.top1_agreement.map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
+        println!(
+            "{:>16} {:>12.4} {:>9.4} {:>10} {:>10} {:>8}",
+            r.label, r.perplexity, r.perplexity_stderr, r.tokens_scored, kl, top1
+        );
+    }
+}

@@ -1,0 +1,22 @@
+//! What every drq binary shares: logging and progress bars, so the tools look and behave alike.
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Logs to stderr through `tracing`; `RUST_LOG` overrides the default `info` level.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// A progress bar in the style of all drq tools (hidden when stderr is not a terminal).
+pub fn progress_bar(len: u64, message: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({elapsed} elapsed, ETA {eta}) {prefix}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}

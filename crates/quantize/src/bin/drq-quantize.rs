@@ -1,0 +1,112 @@
+//! `drq-quantize`: Double Rounding PTQ of a model into one INT8 checkpoint that serves every
+//! precision of its bit set.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use kernels::{Granularity, TieRule};
+use model::source::{self, ModelSource};
+use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
+
+#[derive(Parser)]
+#[command(name = "drq-quantize", version, about = "Quantize a model into one INT8 Double Rounding checkpoint")]
+struct Args {
+    /// Model: hub repo id (owner/name[@rev]), Hugging Face directory, GGUF file, or `default`
+    /// (SmolLM2-135M-Instruct).
+    #[arg(short, long, default_value = "default")]
+    model: String,
+    /// Bit-widths the scales are searched for (comma-separated, 2..8; 8 is always stored).
+    #[arg(long, default_value = "8,4,2", value_delimiter = ',')]
+    bits: Vec<u32>,
+    /// Scale granularity: `channel` (one scale per output row) or `group:N` (per N input columns).
+    #[arg(long, default_value = "channel")]
+    granularity: Granularity,
+    /// Tie rule of the second rounding: `even` (round half to even) or `up` (add-and-shift).
+    #[arg(long, default_value = "even")]
+    tie: TieRule,
+    /// Scale search objective: `normalized` (each precision relative to its own best error)
+    /// or `sum` (plain summed squared error, dominated by the lowest bit-width).
+    #[arg(long, default_value = "normalized")]
+    objective: SearchObjective,
+    /// Keep weights whose name contains one of these in float (e.g. `embed_tokens,lm_head`).
+    #[arg(long, value_delimiter = ',')]
+    keep_float: Vec<String>,
+    /// Output checkpoint (`.safetensors`).
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Also write the per-layer reconstruction errors as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Overwrite `--out` if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() {
+    model::cli::init_logging();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        bail!("--out must end in .safetensors (got {})", args.out.display());
+    }
+    if args.out.exists() && !args.force {
+        bail!("{} exists; pass --force to overwrite it", args.out.display());
+    }
+    let spec = QuantSpec { bits: args.bits.clone(), granularity: args.granularity, tie: args.tie, objective: args.objective };
+    spec.validate()?;
+    let source: ModelSource = args.model.parse()?;
+    let started = Instant::now();
+    tracing::info!("loading {source}");
+    let (float, provenance) = source::load_float(&source)?;
+    let n_targets = quantize::model_ptq::quantizable(&float.config, &args.keep_float).len();
+    let bar = model::cli::progress_bar(n_targets as u64, "quantizing");
+    let quantized = quantize_model(&float, &spec, &args.keep_float, |name| {
+        bar.set_prefix(name.to_string());
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    write_checkpoint(&args.out, &float, &provenance, &quantized)?;
+
+    print_report(&quantized.report, &spec.bits);
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&quantized.report)?;
+        let tmp = model::checkpoint::tmp_path(path);
+        std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let size = std::fs::metadata(&args.out)?.len();
+    tracing::info!(
+        "wrote {} ({:.1} MB, {} quantized weights, {spec}) in {:.1}s",
+        args.out.display(),
+        size as f64 / 1e6,
+        quantized.quantized.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// One line per quantized weight, then the parameter-weighted mean.
+fn print_report(report: &[quantize::LayerReport], bits: &[u32]) {
+    let header: String = bits.iter().map(|b| format!("{:>12}", format!("W{b} rel.err"))).collect();
+    println!("{:<48} {:>12}{header}", "weight", "shape");
+    let mut weighted = vec![0f64; bits.len()];
+    let mut total = 0f64;
+    for layer in report {
+        let errs: String = layer.relative_error.iter().map(|(_, e)| format!("{e:>12.3e}")).collect();
+        println!("{:<48} {:>12}{errs}", layer.name, format!("{}x{}", layer.rows, layer.cols));
+        let n = (layer.rows * layer.cols) as f64;
+        total += n;
+        for (acc, (_, e)) in weighted.iter_mut().zip(&layer.relative_error) {
+            *acc += e * n;
+        }
+    }
+    let means: String = weighted.iter().map(|w| format!("{:>12.3e}", w / total.max(1.0))).collect();
+    println!("{:<48} {:>12}{means}", "mean (weighted by size)", "");
+}

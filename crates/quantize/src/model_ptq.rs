@@ -1,0 +1,104 @@
+//! Post-training quantization of a whole model into one drq checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use kernels::QuantizedWeight;
+use model::checkpoint::{self, CheckpointContents, ProvenanceMeta, QuantizationMeta};
+use model::source::{FloatModel, Provenance};
+use model::Weights;
+use serde::Serialize;
+
+use crate::ptq::{quantize_weight, reconstruction_error, QuantSpec};
+
+/// Reconstruction error of one quantized weight at each bit-width of the spec.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    /// `(bits, ‖Ŵ_b − W‖² / ‖W‖²)` for every bit-width of the spec.
+    pub relative_error: Vec<(u32, f64)>,
+}
+
+/// A model quantized in memory: what a checkpoint stores.
+pub struct QuantizedModel {
+    pub quantization: QuantizationMeta,
+    pub quantized: BTreeMap<String, QuantizedWeight>,
+    pub float: BTreeMap<String, Tensor>,
+    pub report: Vec<LayerReport>,
+}
+
+/// Which weights are quantized: every matrix, except those whose name contains one of
+/// `keep_float` (e.g. `embed_tokens`, `lm_head`).
+pub fn quantizable(config: &model::ModelConfig, keep_float: &[String]) -> Vec<(String, usize, usize)> {
+    Weights::expected_shapes(config)
+        .into_iter()
+        .filter(|(name, shape)| shape.len() == 2 && !keep_float.iter().any(|k| name.contains(k.as_str())))
+        .map(|(name, shape)| (name, shape[0], shape[1]))
+        .collect()
+}
+
+/// Quantizes every quantizable weight of `float` with `spec`. `on_weight` is called after each
+/// (progress reporting).
+pub fn quantize_model(
+    float: &FloatModel,
+    spec: &QuantSpec,
+    keep_float: &[String],
+    mut on_weight: impl FnMut(&str),
+) -> Result<QuantizedModel> {
+    spec.validate()?;
+    let targets = quantizable(&float.config, keep_float);
+    let mut quantized = BTreeMap::new();
+    let mut report = Vec::with_capacity(targets.len());
+    for (name, rows, cols) in &targets {
+        let w: Vec<f32> = float.weights.get(name, &[*rows, *cols])?.flatten_all()?.to_vec1()?;
+        let q = quantize_weight(&w, *rows, *cols, spec).with_context(|| format!("quantizing `{name}`"))?;
+        let relative_error = spec
+            .bits
+            .iter()
+            .map(|&b| Ok((b, reconstruction_error(&w, &q, b, spec.tie)?)))
+            .collect::<Result<Vec<_>, crate::PtqError>>()?;
+        report.push(LayerReport { name: name.clone(), rows: *rows, cols: *cols, relative_error });
+        quantized.insert(name.clone(), q);
+        on_weight(name);
+    }
+    let float_tensors = float
+        .weights
+        .iter()
+        .filter(|(name, _)| !quantized.contains_key(*name))
+        .map(|(name, t)| (name.clone(), t.clone()))
+        .collect();
+    let quantization = QuantizationMeta {
+        bits: spec.bits.clone(),
+        granularity: spec.granularity.to_string(),
+        tie_rule: spec.tie.to_string(),
+        scale_method: format!("search:{}", spec.objective),
+        quantized: quantized.keys().cloned().collect(),
+    };
+    Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
+}
+
+/// Writes `q` as a checkpoint at `path` (atomically).
+pub fn write_checkpoint(path: &Path, float: &FloatModel, provenance: &Provenance, q: &QuantizedModel) -> Result<()> {
+    let provenance = ProvenanceMeta {
+        source: provenance.source.clone(),
+        source_sha256: provenance.sha256.clone(),
+        tool: format!("drq-quantize {}", env!("CARGO_PKG_VERSION")),
+    };
+    checkpoint::write(
+        path,
+        &CheckpointContents {
+            config: &float.config,
+            tokenizer: &float.tokenizer,
+            add_bos: float.add_bos,
+            chat_template: float.chat_template.as_deref(),
+            quantization: &q.quantization,
+            provenance: &provenance,
+            quantized: &q.quantized,
+            float: &q.float,
+        },
+    )
+}
