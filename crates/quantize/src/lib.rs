@@ -3,6 +3,7 @@
 
 pub mod model_ptq;
 pub mod ptq;
+pub mod recipe;
 
 pub use model_ptq::{quantize_model, write_checkpoint, LayerReport, QuantizedModel};
 pub use ptq::{quantize_weight, reconstruction_error, PtqError, QuantSpec, SearchObjective};

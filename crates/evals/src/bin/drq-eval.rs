@@ -186,7 +186,14 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     );
     let started = Instant::now();
     let bar = model::cli::progress_bar(wins.len() as u64, "perplexity");
-    let reports = evaluate(&candidates, reference, &wins, |done| bar.set_position(done as u64))?;
+    // The bar is hidden when stderr is not a terminal; log progress then, for long batch runs.
+    let log_every = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { usize::MAX } else { (wins.len() / 20).max(1) };
+    let reports = evaluate(&candidates, reference, &wins, |done| {
+        bar.set_position(done as u64);
+        if done % log_every == 0 {
+            tracing::info!("{done}/{} windows, {:.0}s", wins.len(), started.elapsed().as_secs_f64());
+        }
+    })?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
 

@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kernels::{Granularity, TieRule};
 use model::source::{self, ModelSource};
-use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
+use quantize::recipe::PtqRecipe;
+use quantize::{quantize_model, write_checkpoint, SearchObjective};
 
 #[derive(Parser)]
 #[command(name = "drq-quantize", version, about = "Quantize a model into one INT8 Double Rounding checkpoint")]
@@ -17,22 +18,28 @@ struct Args {
     /// (SmolLM2-135M-Instruct).
     #[arg(short, long, default_value = "default")]
     model: String,
-    /// Bit-widths the scales are searched for (comma-separated, 2..8; 8 is always stored).
-    #[arg(long, default_value = "8,4,2", value_delimiter = ',')]
-    bits: Vec<u32>,
-    /// Scale granularity: `channel` (one scale per output row) or `group:N` (per N input columns).
-    #[arg(long, default_value = "channel")]
-    granularity: Granularity,
-    /// Tie rule of the second rounding: `even` (round half to even) or `up` (add-and-shift).
-    #[arg(long, default_value = "even")]
-    tie: TieRule,
+    /// PTQ recipe (TOML, see configs/ptq/); the flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Bit-widths the scales are searched for (comma-separated, 2..8; 8 is always stored)
+    /// [default: 8,4,2].
+    #[arg(long, value_delimiter = ',')]
+    bits: Option<Vec<u32>>,
+    /// Scale granularity: `channel` (one scale per output row) or `group:N` (per N input columns)
+    /// [default: channel].
+    #[arg(long)]
+    granularity: Option<Granularity>,
+    /// Tie rule of the second rounding: `even` (round half to even) or `up` (add-and-shift)
+    /// [default: even].
+    #[arg(long)]
+    tie: Option<TieRule>,
     /// Scale search objective: `normalized` (each precision relative to its own best error)
-    /// or `sum` (plain summed squared error, dominated by the lowest bit-width).
-    #[arg(long, default_value = "normalized")]
-    objective: SearchObjective,
+    /// or `sum` (plain summed squared error, dominated by the lowest bit-width) [default: normalized].
+    #[arg(long)]
+    objective: Option<SearchObjective>,
     /// Keep weights whose name contains one of these in float (e.g. `embed_tokens,lm_head`).
     #[arg(long, value_delimiter = ',')]
-    keep_float: Vec<String>,
+    keep_float: Option<Vec<String>>,
     /// Output checkpoint (`.safetensors`).
     #[arg(short, long)]
     out: PathBuf,
@@ -59,15 +66,28 @@ fn run(args: Args) -> Result<()> {
     if args.out.exists() && !args.force {
         bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
-    let spec = QuantSpec { bits: args.bits.clone(), granularity: args.granularity, tie: args.tie, objective: args.objective };
+    let recipe = match &args.config {
+        Some(path) => PtqRecipe::load(path)?,
+        None => PtqRecipe::default(),
+    };
+    let (mut spec, mut keep_float) = recipe.resolve()?;
+    if let Some(bits) = args.bits {
+        spec.bits = bits;
+    }
+    spec.granularity = args.granularity.unwrap_or(spec.granularity);
+    spec.tie = args.tie.unwrap_or(spec.tie);
+    spec.objective = args.objective.unwrap_or(spec.objective);
+    if let Some(k) = args.keep_float {
+        keep_float = k;
+    }
     spec.validate()?;
     let source: ModelSource = args.model.parse()?;
     let started = Instant::now();
     tracing::info!("loading {source}");
     let (float, provenance) = source::load_float(&source)?;
-    let n_targets = quantize::model_ptq::quantizable(&float.config, &args.keep_float).len();
+    let n_targets = quantize::model_ptq::quantizable(&float.config, &keep_float).len();
     let bar = model::cli::progress_bar(n_targets as u64, "quantizing");
-    let quantized = quantize_model(&float, &spec, &args.keep_float, |name| {
+    let quantized = quantize_model(&float, &spec, &keep_float, |name| {
         bar.set_prefix(name.to_string());
         bar.inc(1);
     })?;
