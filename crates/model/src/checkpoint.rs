@@ -246,6 +246,17 @@ impl Checkpoint {
                 let layout = quantization.layout(rows, cols)?;
                 check_tensor(&st, &format!("{name}{CODES_SUFFIX}"), Dtype::I8, &[rows, cols])?;
                 check_tensor(&st, &format!("{name}{SCALES_SUFFIX}"), Dtype::F16, &[rows, layout.n_groups()])?;
+                // Scales are 1/cols of the codes at most: checking them all is cheap, and a zero
+                // or NaN scale would otherwise surface only as garbage outputs.
+                let scales = st.tensor(&format!("{name}{SCALES_SUFFIX}"))?;
+                if let Some(bad) = scales
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                    .find(|s| !(s.is_finite() && s.to_f32() > 0.0))
+                {
+                    bail!("`{name}{SCALES_SUFFIX}` holds the scale {bad}; scales must be positive and finite");
+                }
                 expected_names.insert(format!("{name}{CODES_SUFFIX}"));
                 expected_names.insert(format!("{name}{SCALES_SUFFIX}"));
             } else {
@@ -253,6 +264,10 @@ impl Checkpoint {
                 expected_names.insert(name);
             }
         }
+        ensure!(
+            quantization.quantized.windows(2).all(|w| w[0] < w[1]),
+            "metadata `quantization.quantized` must be sorted without duplicates"
+        );
         for q in &quantization.quantized {
             ensure!(
                 expected_names.contains(&format!("{q}{CODES_SUFFIX}")),

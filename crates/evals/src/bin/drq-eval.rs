@@ -95,11 +95,14 @@ fn main() {
 
 fn perplexity(args: PerplexityArgs) -> Result<()> {
     let precisions = precision::parse_list(&args.precision)?;
+    if args.max_windows == Some(0) {
+        bail!("--max-windows must be at least 1 (0 windows would score nothing)");
+    }
     let text = std::fs::read(&args.file).with_context(|| format!("cannot read text file {}", args.file.display()))?;
     let text = String::from_utf8(text).with_context(|| format!("{} is not UTF-8 text", args.file.display()))?;
     let protocol = match args.protocol {
         ProtocolArg::Llama => Protocol::LlamaCpp,
-        ProtocolArg::Strided => Protocol::Strided { stride: args.stride.unwrap_or(args.ctx / 2).max(1) },
+        ProtocolArg::Strided => Protocol::Strided { stride: args.stride.unwrap_or((args.ctx / 2).max(1)) },
     };
     let wants_float = precisions.contains(&Precision::Float);
     let int_precisions: Vec<Precision> = precisions.iter().copied().filter(|p| *p != Precision::Float).collect();

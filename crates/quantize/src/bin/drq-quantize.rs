@@ -66,6 +66,17 @@ fn run(args: Args) -> Result<()> {
     if args.out.exists() && !args.force {
         bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
+    // Check where the outputs go before spending minutes quantizing.
+    if args.out.is_dir() {
+        bail!("--out {} is a directory", args.out.display());
+    }
+    for (flag, path) in [("--out", Some(&args.out)), ("--report", args.report.as_ref())] {
+        let Some(path) = path else { continue };
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            bail!("{flag} {}: directory {} does not exist", path.display(), dir.display());
+        }
+    }
     let recipe = match &args.config {
         Some(path) => PtqRecipe::load(path)?,
         None => PtqRecipe::default(),

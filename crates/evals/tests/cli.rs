@@ -1,0 +1,254 @@
+//! `drq-eval perplexity` as a user runs it: bad input of every kind is refused with a non-zero
+//! exit and a message naming the problem; a checkpoint evaluated against its float reference
+//! gives sane numbers.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_drq-eval");
+
+fn drq_eval<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(BIN)
+        .arg("perplexity")
+        .args(args)
+        // Never reach the network from a test.
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("runs drq-eval")
+}
+
+fn gguf() -> PathBuf {
+    model::testing::smollm2_gguf()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 temp path")
+}
+
+/// The first (at most) 5000 bytes of WikiText-2's test split, cut at a character boundary,
+/// written to `dir/wiki.txt`.
+fn small_text(dir: &Path) -> PathBuf {
+    let path = model::testing::shared_dir().join("data/wikitext-2-raw/wiki.test.raw");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut end = 5000.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let out = dir.join("wiki.txt");
+    std::fs::write(&out, &text[..end]).unwrap();
+    out
+}
+
+/// A run that must fail cleanly: non-zero exit (not a panic), every needle on stderr.
+#[track_caller]
+fn assert_refused(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let code = output.status.code();
+    assert!(code.is_some_and(|c| c != 0 && c != 101), "exit {code:?} (expected a clean failure); stderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "panicked:\n{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "stderr does not mention {needle:?}:\n{stderr}");
+    }
+}
+
+#[test]
+fn rejects_bad_precisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = small_text(dir.path());
+    let json = dir.path().join("out.json");
+    for (precision, needle) in [
+        ("9", "precision `9` is invalid"),
+        ("1", "precision `1` is invalid"),
+        ("fp,8,9", "precision `9` is invalid"),
+        ("0", "precision `0` is invalid"),
+        ("four", "precision `four` is invalid"),
+        ("8,,4", "precision `` is invalid"),
+    ] {
+        let output =
+            drq_eval(["--model", s(&gguf()), "--file", s(&text), "--precision", precision, "--json", s(&json)]);
+        assert_refused(&output, &[needle, "use `fp` or a bit-width from 2 to 8"]);
+        assert!(!json.exists());
+    }
+}
+
+#[test]
+fn rejects_unreadable_text_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-text.txt");
+    let output = drq_eval(["--model", s(&gguf()), "--file", s(&missing), "--precision", "fp"]);
+    assert_refused(&output, &["cannot read text file", s(&missing)]);
+
+    let a_dir = dir.path().join("texts");
+    std::fs::create_dir(&a_dir).unwrap();
+    let output = drq_eval(["--model", s(&gguf()), "--file", s(&a_dir), "--precision", "fp"]);
+    assert_refused(&output, &["cannot read text file", s(&a_dir)]);
+
+    // Latin-1 text (é as one byte 0xE9) is not UTF-8.
+    let latin1 = dir.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9 au lait, cr\xe8me br\xfbl\xe9e").unwrap();
+    let output = drq_eval(["--model", s(&gguf()), "--file", s(&latin1), "--precision", "fp"]);
+    assert_refused(&output, &["is not UTF-8 text", s(&latin1)]);
+}
+
+/// The text or the window options do not give one window to score. Most cases load the real
+/// float model first (a second or two each).
+#[test]
+fn rejects_bad_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = small_text(dir.path());
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "The quick brown fox jumps over the lazy dog.").unwrap();
+    let output = drq_eval(["--model", s(&gguf()), "--file", s(&short), "--precision", "fp", "--ctx", "512"]);
+    assert_refused(&output, &["fewer than one window of 512"]);
+
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let output = drq_eval(["--model", s(&gguf()), "--file", s(&empty), "--precision", "fp", "--ctx", "64"]);
+    assert_refused(&output, &["fewer than one window of 64"]);
+
+    let output = drq_eval(["--model", s(&gguf()), "--file", s(&text), "--precision", "fp", "--limit-tokens", "0"]);
+    assert_refused(&output, &["the text has 0 tokens"]);
+
+    for ctx in ["0", "1"] {
+        let output = drq_eval(["--model", s(&gguf()), "--file", s(&text), "--precision", "fp", "--ctx", ctx]);
+        assert_refused(&output, &["context length must be at least 2 tokens"]);
+    }
+
+    // Zero windows would "succeed" with a NaN perplexity.
+    let json = dir.path().join("out.json");
+    let output = drq_eval([
+        "--model",
+        s(&gguf()),
+        "--file",
+        s(&text),
+        "--precision",
+        "fp",
+        "--max-windows",
+        "0",
+        "--json",
+        s(&json),
+    ]);
+    assert_refused(&output, &["--max-windows must be at least 1"]);
+    assert!(!json.exists());
+
+    // An explicit stride of 0 is refused, not silently replaced.
+    for (stride, ctx) in [("0", "64"), ("65", "64")] {
+        let output = drq_eval([
+            "--model",
+            s(&gguf()),
+            "--file",
+            s(&text),
+            "--precision",
+            "fp",
+            "--protocol",
+            "strided",
+            "--stride",
+            stride,
+            "--ctx",
+            ctx,
+        ]);
+        assert_refused(&output, &["stride must be between 1 and the context length"]);
+    }
+
+    // A window longer than the model's context (8192 for SmolLM2).
+    let wiki = model::testing::shared_dir().join("data/wikitext-2-raw/wiki.test.raw");
+    let output = drq_eval([
+        "--model",
+        s(&gguf()),
+        "--file",
+        s(&wiki),
+        "--precision",
+        "fp",
+        "--ctx",
+        "9000",
+        "--limit-tokens",
+        "9500",
+        "--max-windows",
+        "1",
+    ]);
+    assert_refused(&output, &["exceeds the model's context of 8192"]);
+}
+
+/// One checkpoint of the real model (quantized in this process, as drq-quantize does), then:
+/// `fp` without a float model, a damaged checkpoint, and a successful evaluation.
+#[test]
+fn evaluates_a_checkpoint_against_its_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = small_text(dir.path());
+    let ckpt = dir.path().join("smollm2-channel.safetensors");
+    {
+        let (float, provenance) = model::source::load_float(&model::ModelSource::Gguf(gguf())).unwrap();
+        let q = quantize::quantize_model(&float, &quantize::QuantSpec::default(), &[], |_| {}).unwrap();
+        quantize::write_checkpoint(&ckpt, &float, &provenance, &q).unwrap();
+    }
+
+    // `fp` needs a float model; a checkpoint has none.
+    let output = drq_eval(["--model", s(&ckpt), "--file", s(&text), "--precision", "fp,8", "--ctx", "64"]);
+    assert_refused(&output, &["`fp` needs a float model", "--reference"]);
+
+    // A checkpoint cut short is refused on open, naming the file.
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    drop(bytes);
+    let output = drq_eval(["--model", s(&cut), "--file", s(&text), "--precision", "8", "--ctx", "64"]);
+    assert_refused(&output, &["invalid checkpoint", s(&cut), "not a complete safetensors file"]);
+
+    // The real thing: fp and 8 bits over two windows of 64 tokens.
+    let json = dir.path().join("out.json");
+    let output = drq_eval([
+        "--model",
+        s(&ckpt),
+        "--reference",
+        s(&gguf()),
+        "--file",
+        s(&text),
+        "--precision",
+        "fp,8",
+        "--ctx",
+        "64",
+        "--max-windows",
+        "2",
+        "--json",
+        s(&json),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(!dir.path().join("out.json.tmp").exists());
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["windows"], 2);
+    assert_eq!(report["ctx"], 64);
+    assert_eq!(report["protocol"], "llama");
+    let results = report["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{report:#}");
+    let labels: Vec<&str> = results.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["fp", "8"]);
+    for r in results {
+        let label = r["label"].as_str().unwrap();
+        let ppl = r["perplexity"].as_f64().expect("a number");
+        assert!(ppl.is_finite() && ppl > 1.0, "{label}: perplexity {ppl}");
+        // llama.cpp protocol: the second half of each 64-token window, less the last position.
+        assert_eq!(r["tokens_scored"], 2 * (64 - 1 - 32), "{label}");
+        let kl = r["mean_kl"].as_f64().expect("KL against the reference");
+        let top1 = r["top1_agreement"].as_f64().expect("top-1 agreement against the reference");
+        assert!(kl.is_finite() && kl >= 0.0, "{label}: KL {kl}");
+        assert!((0.0..=1.0).contains(&top1), "{label}: top-1 {top1}");
+    }
+    // The reference against itself: no divergence, full agreement.
+    assert_eq!(results[0]["mean_kl"].as_f64().unwrap(), 0.0);
+    assert_eq!(results[0]["top1_agreement"].as_f64().unwrap(), 1.0);
+    // 8 bits is close to the float model, but not the float model.
+    let (ppl_fp, ppl_8) = (results[0]["perplexity"].as_f64().unwrap(), results[1]["perplexity"].as_f64().unwrap());
+    assert!((ppl_8 / ppl_fp - 1.0).abs() < 0.05, "fp {ppl_fp} vs W8 {ppl_8}");
+    assert!(results[1]["mean_kl"].as_f64().unwrap() < 0.05, "{report:#}");
+    assert!(results[1]["top1_agreement"].as_f64().unwrap() > 0.8, "{report:#}");
+    let checkpoints = report["checkpoints"].as_array().unwrap();
+    assert_eq!(checkpoints.len(), 1);
+    assert_eq!(checkpoints[0]["quantization"]["granularity"], "channel");
+}
