@@ -20,3 +20,13 @@ pub fn progress_bar(len: u64, message: &str) -> ProgressBar {
     bar.set_message(message.to_string());
     bar
 }
+
+/// The body of every drq binary's `main`: logging, then `run`; an error is printed with its
+/// causes (`error: … : …`) and exits with status 1.
+pub fn run_main(run: impl FnOnce() -> anyhow::Result<()>) {
+    init_logging();
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -99,3 +99,22 @@ pub fn tiny_model(architecture: crate::Architecture, tie_word_embeddings: bool, 
     }
     crate::FloatModel { config, tokenizer: tiny_tokenizer(), add_bos: false, chat_template: None, weights }
 }
+
+/// The largest absolute element difference of two tensors of the same shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "tensors of different shapes");
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_dtype(candle_core::DType::F32))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("f32 tensors on the CPU")
+}
+
+/// Logits `[1, ids.len(), vocab]` of the float model on one sequence, from an empty cache.
+pub fn float_logits(model: &crate::FloatModel, ids: &[u32]) -> candle_core::Tensor {
+    let t = crate::Transformer::new(&model.config, &model.weights, crate::OpsMode::Inference).expect("valid model");
+    let tokens = candle_core::Tensor::new(ids, &candle_core::Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+    t.forward(&tokens, &mut crate::KvCache::new(&model.config), 0).expect("forward")
+}

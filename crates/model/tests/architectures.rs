@@ -3,6 +3,7 @@
 //! forward, KV-cache and batch consistency, inference vs differentiable ops, gradients against
 //! finite differences, RoPE scaling, and errors for bad inputs and bad weights.
 
+use model::testing::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var};
 use model::config::Llama3RopeScaling;
 use model::testing::tiny_model;
@@ -39,20 +40,6 @@ fn all_logits(t: &Transformer, ids: &[u32]) -> Tensor {
     t.forward(&tokens(&[ids]), &mut cache, 0)
         .unwrap()
         .squeeze(0)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

@@ -1,36 +1,17 @@
 //! `model::export::write_hf_dir` and reading the result back as a Hugging Face directory: the real
 //! SmolLM2 GGUF (from `../shared`) and tiny untied/Qwen2 models must come back identical.
 
+use model::testing::max_abs_diff;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use model::source::{hf_dir, load_float};
 use model::testing::{smollm2_gguf, tiny_model};
-use model::{Architecture, FloatModel, KvCache, ModelSource, OpsMode, Transformer};
+use model::{Architecture, FloatModel, ModelSource};
 
 fn logits(model: &FloatModel, ids: &[u32]) -> Tensor {
-    let t = Transformer::new(&model.config, &model.weights, OpsMode::Inference).unwrap();
-    let tokens = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    t.forward(&tokens, &mut KvCache::new(&model.config), 0)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    model::testing::float_logits(model, ids)
 }
 
 /// The tensor names of a safetensors file, from its header alone.

@@ -3,6 +3,7 @@
 //! hyper-parameters, a `gpt2` tokenizer padded to the embedding rows with `[PADn]` tokens, and no
 //! `output.weight` for tied embeddings. Loading must give back the original model's logits.
 
+use model::testing::max_abs_diff;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
@@ -10,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use model::source::gguf::{load, permute_rows};
 use model::testing::{tiny_model, tiny_tokenizer};
-use model::{Architecture, FloatModel, KvCache, ModelConfig, ModelSource, OpsMode, Transformer};
+use model::{Architecture, FloatModel, ModelConfig, ModelSource};
 
 /// llama.cpp's token types.
 const NORMAL: i32 = 1;
@@ -231,24 +232,7 @@ const PROMPT: [u32; 20] = [
 ];
 
 fn logits(model: &FloatModel) -> Tensor {
-    let t = Transformer::new(&model.config, &model.weights, OpsMode::Inference).unwrap();
-    let ids = Tensor::new(&[PROMPT], &Device::Cpu).unwrap();
-    t.forward(&ids, &mut KvCache::new(&model.config), 0)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    model::testing::float_logits(model, &PROMPT)
 }
 
 /// Everything but the f32-rounded epsilon must come back exactly.

@@ -8,6 +8,7 @@ mod support {
     pub mod server;
 }
 
+use model::testing::max_abs_diff;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -15,7 +16,7 @@ use candle_core::{Device, Tensor};
 use model::source::hf_dir::{self, HfFiles};
 use model::source::hub::{fetch_hub_model_with, HubFiles, HubSettings};
 use model::testing::tiny_model;
-use model::{Architecture, FloatModel, KvCache, OpsMode, Transformer};
+use model::{Architecture, FloatModel};
 use support::fake_hub::{self, FakeFile, FakeRepo};
 
 fn settings(endpoint: &str, home: &Path, offline: bool) -> HubSettings {
@@ -43,24 +44,7 @@ const IDS: [u32; 24] = [
 ];
 
 fn logits(model: &FloatModel) -> Tensor {
-    let t = Transformer::new(&model.config, &model.weights, OpsMode::Inference).unwrap();
-    let tokens = Tensor::new(&[IDS], &Device::Cpu).unwrap();
-    t.forward(&tokens, &mut KvCache::new(&model.config), 0)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    model::testing::float_logits(model, &IDS)
 }
 
 /// The files of `model` exported as a Hugging Face directory, ready to serve.

@@ -82,15 +82,9 @@ struct PerplexityArgs {
 }
 
 fn main() {
-    model::cli::init_logging();
-    let Cli { command } = Cli::parse();
-    let result = match command {
+    model::cli::run_main(|| match Cli::parse().command {
         Command::Perplexity(args) => perplexity(args),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    });
 }
 
 fn perplexity(args: PerplexityArgs) -> Result<()> {

@@ -19,11 +19,7 @@ struct Args {
 }
 
 fn main() {
-    model::cli::init_logging();
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    model::cli::run_main(|| run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<()> {
