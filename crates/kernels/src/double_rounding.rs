@@ -73,6 +73,10 @@ pub enum KernelError {
     UnknownTieRule(String),
     /// A granularity name other than "channel" / "group:N" (N ≥ 1).
     UnknownGranularity(String),
+    /// A kernel batch outside `1..=MAX_BATCH` activation rows.
+    InvalidBatch(usize),
+    /// A kernel backend this CPU cannot run (by name).
+    BackendUnavailable(&'static str),
 }
 
 impl fmt::Display for KernelError {
@@ -97,6 +101,12 @@ impl fmt::Display for KernelError {
             }
             KernelError::UnknownGranularity(s) => {
                 write!(f, "unknown granularity {s:?} (expected \"channel\" or \"group:N\")")
+            }
+            KernelError::InvalidBatch(n) => {
+                write!(f, "batch of {n} activation rows is outside 1..=64")
+            }
+            KernelError::BackendUnavailable(b) => {
+                write!(f, "kernel backend {b} is not supported by this CPU")
             }
         }
     }

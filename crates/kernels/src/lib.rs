@@ -1,7 +1,11 @@
 //! Double Rounding integer math and weight kernels. Depends on no other drq crate.
 pub mod double_rounding;
+pub mod planar;
 
 pub use double_rounding::{
     carry, check_bits, code_index, dequantize, first_round, floor_bits, level_table, second_round,
     Granularity, KernelError, QuantizedWeight, ScaleLayout, TieRule, MIN_BITS, STORED_BITS,
+};
+pub use planar::{
+    decode_code, encode_code, ActPath, Backend, KernelConfig, PlanarWeight, MAX_BATCH, WORD_BITS,
 };

@@ -1,0 +1,771 @@
+//! Bit-plane resident layout: one copy of the weights, built once at load from the INT8 codes,
+//! the scales and the tie rule, that serves every precision `l ∈ 2..=8` (and so any per-layer
+//! mix), reading only `l + 1` bits per weight, and `y = Ŵ_l · x` kernels over it.
+//!
+//! # The identity
+//!
+//! Round-half-UP of the second rounding only looks at the top `l + 1` bits of a code `r`:
+//!
+//! ```text
+//! HalfUp(r, l) = sat((r >> Δ) + bit_{Δ−1}(r))        Δ = 8 − l,  sat = clip to [−2^(l−1), 2^(l−1) − 1]
+//! ```
+//!
+//! Round-half-EVEN differs from it only on exact ties (`r mod 2^Δ == 2^(Δ−1)`) whose floor is
+//! even: those round down. A nonzero code is a tie at exactly ONE level (its lowest set bit is
+//! bit `Δ − 1`), and `r − 1` rounds half-up like `r` at every level where `r` is not a tie. So for
+//! HalfEven the layout stores `r = q − 1` for codes that are a tie rounding down at their level
+//! `l ∈ 2..=7`, else `r = q`, and `HalfUp(r, l) == HalfEven(q, l)` for every `l ∈ 2..=7`, clipping
+//! included (`q = −128` is never a tie for `l ≥ 2`, so `r` never underflows). The exact code is
+//! `q = r + d` with a 9th plane `d ∈ {0, 1}`, all zero (and not stored) for HalfUp.
+//! [`encode_code`] / [`decode_code`] are the per-weight form; a test proves them for all 256 codes,
+//! every precision and both tie rules.
+//!
+//! # The layout
+//!
+//! ```text
+//!  q (int8) ──tie adjust──► r = q − d ──offset binary──► u = r + 128 ∈ 0..=255 (sign bit flipped)
+//!
+//!  rows × cols weights, cols padded to a multiple of 64; bit j of word w of a row = weight 64·w + j
+//!
+//!               row 0           row 1                 row R−1
+//!  plane 7  [ w0 w1 … wW−1 | w0 w1 … wW−1 | … | w0 w1 … wW−1 ]   ← MSB of u: one contiguous stream
+//!  plane 6  [ …                                              ]
+//!    ⋮
+//!  plane 0  [ …                                              ]   ← LSB of u
+//!  plane d  [ …                                              ]   ← HalfEven only (q = r + d)
+//!
+//!  precision l (Δ = 8 − l) reads planes 7 … Δ   (the top l bits of u)
+//!                               + plane  Δ − 1  (the rounding bit)      = l + 1 streams
+//!  precision 8 reads planes 7 … 0 + plane d (if stored)                 = 9 (8) streams
+//!
+//!  decoding one word (64 weights) of a row at precision l < 8, no per-weight branch:
+//!    top_k  = plane[7 − k][row][w]                k = 0 … l−1
+//!    carry  = plane[Δ − 1][row][w] & !(top_0 & … & top_{l−1})    ← saturation, in the mask domain
+//!    u_l[j] = Σ_k bit_j(top_k) · 2^(l−1−k) + bit_j(carry)        ∈ 0 … 2^l − 1
+//!    q_l[j] = u_l[j] − 2^(l−1)                                   (= second_round(q, l, tie))
+//!  at l = 8: u_8[j] = u[j] + bit_j(d) ≤ 255 and q_8 = u_8 − 128 = q.
+//! ```
+//!
+//! `u_l = min((u >> Δ) + bit_{Δ−1}(u), 2^l − 1)` is the offset-binary form of the identity
+//! (`(r >> Δ) + 2^(l−1) = u >> Δ`); the clip only bites when the top `l` bits are all ones and the
+//! rounding bit is set, which is what the `carry` mask removes.
+//!
+//! Words are `u64` in memory; on a little-endian host the buffer is also an array of 32-bit words
+//! (word `2w + h` holds weights `64w + 32h ..`), the unit a CUDA kernel would load.
+//!
+//! Padding columns (`cols .. cols_padded`) are encoded as `q = 0` (`u = 128`), which decodes to
+//! `q_l = 0` at every precision, and the kernels also pad every activation row with zeros, so
+//! padding contributes exactly 0 on both numeric paths.
+//!
+//! Resident size: `n_planes · rows · cols_padded / 8` bytes of planes (`n_planes` = 9 for
+//! HalfEven, 8 for HalfUp, i.e. 9/8 or 8/8 of the int8 codes) plus the scales as f32.
+//!
+//! # Kernels
+//!
+//! [`PlanarWeight::matvec`] and [`PlanarWeight::matmul`] compute `y = Ŵ_l · x` for 1 ..= 64
+//! activation rows, on one of two numeric paths ([`ActPath`]) and one of three implementations
+//! ([`Backend`]), with rows split across threads ([`KernelConfig`]):
+//!
+//! - [`ActPath::F32`]: each weight row is decoded to `q_l`, dequantized to f32 exactly as
+//!   [`crate::dequantize`] does (`(q_l · 2^Δ) · s`, bit-identical), and dotted with the f32
+//!   activations: the result equals `dequantize` + a naive f32 mat-vec up to summation order.
+//! - [`ActPath::Int8`]: each activation row is quantized on the fly with one absmax scale per
+//!   *weight scale group* (per row for per-channel weights; per group for group-scaled ones, at no
+//!   extra cost because the kernel reduces once per weight group anyway), to `x_q ∈ [−127, 127]`
+//!   (round half to even). Per group `g` the exact integer `T_g = Σ_j q_l[j] · x_q[j]` is
+//!   computed — AVX-512 as `Σ u_l·x_q − 2^(l−1)·Σ x_q` with `vpdpbusd` (u8 × i8 → i32), the group
+//!   sums `Σ x_q` computed once per activation row and shared by every weight row; AVX2 as `Σ q_l·x_q`
+//!   with `vpmaddubsw` on `|q_l|` and `sign(x_q, q_l)` (no saturation since `|x_q| ≤ 127`) — and
+//!   `y = 2^Δ · Σ_g T_g · (s_g · a_g)` in f32 in a fixed order. All backends therefore return
+//!   bit-identical results on this path.
+//!
+//! A weight row is decoded once per call into a small scratch row (bytes, L1-resident) and then
+//! dotted with every activation row, four at a time. Each output depends only on its weight row
+//! and its activation row: not on the batch size, the row's position in the batch or the thread
+//! count (bit for bit, on both paths), so batched decoding is reproducible.
+//!
+//! Threads: [`KernelConfig::threads`] splits the weight rows into contiguous shares; the calling
+//! thread runs one and a small persistent pool (std only, started lazily, workers sleep on a
+//! condition variable) the others, because spawning threads per call costs about as much as a
+//! whole 576×576 mat-vec.
+//!
+//! Known cost: the int8 path reduces its i32 lanes horizontally once per scale group and
+//! activation row, which dominates with small groups (at group 32 a 1536×576 mat-vec was ~3× slower
+//! than per-channel). A segmented lane reduction (lanes never straddle groups when the group size
+//! is a multiple of 4) is the planned fix; results would not change (the sums are exact integers).
+
+mod pool;
+mod scalar;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::double_rounding::{check_bits, KernelError, QuantizedWeight, ScaleLayout, TieRule};
+use std::fmt;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Weights per plane word.
+pub const WORD_BITS: usize = 64;
+/// Largest number of activation rows one [`PlanarWeight::matmul`] call accepts.
+pub const MAX_BATCH: usize = 64;
+/// Extra bytes after every scratch / activation row so SIMD tails may load a full vector.
+const SLACK: usize = 64;
+/// Columns per exact-i32 chunk of an integer dot product: `255 · 127 · 32768 < 2^31`.
+const INT_CHUNK: usize = 32768;
+
+/// Layout encoding of one code: `(u, d)` with `u = r + 128` (offset binary of the tie-adjusted
+/// code `r`) and `d = q − r ∈ {0, 1}`; see the module docs. `d` is always 0 for HalfUp.
+#[inline]
+pub fn encode_code(q: i8, tie: TieRule) -> (u8, u8) {
+    let d = match tie {
+        TieRule::HalfUp => 0,
+        TieRule::HalfEven => {
+            // q ≠ 0 is a tie exactly at Δ = (index of its lowest set bit) + 1; served levels
+            // l = 8 − Δ ∈ 2..=7 ⇔ Δ ∈ 1..=6. It rounds down under HalfEven iff q >> Δ is even.
+            let delta = (q as u8).trailing_zeros() + 1; // 9 for q = 0
+            u8::from((1..=6).contains(&delta) && (q >> delta) & 1 == 0)
+        }
+    };
+    ((q as u8 ^ 0x80).wrapping_sub(d), d)
+}
+
+/// `q_l` from a layout encoding `(u, d)` (see [`encode_code`]):
+/// `min((u >> Δ) + bit_{Δ−1}(u), 2^l − 1) − 2^(l−1)` for `bits < 8`, `u + d − 128` for 8.
+///
+/// # Panics
+/// If `bits` is outside `2..=8` (like [`crate::second_round`]).
+#[inline]
+pub fn decode_code(u: u8, d: u8, bits: u32) -> i8 {
+    assert!((2..=8).contains(&bits), "bit-width {bits} outside 2..=8");
+    let ul = if bits == 8 {
+        u16::from(u) + u16::from(d)
+    } else {
+        let delta = 8 - bits;
+        ((u16::from(u) >> delta) + u16::from((u >> (delta - 1)) & 1)).min((1 << bits) - 1)
+    };
+    (ul as i16 - (1i16 << (bits - 1))) as i8
+}
+
+/// Implementation of the kernels. Every backend gives the same results on [`ActPath::Int8`]
+/// (bit for bit) and the same up to f32 summation order on [`ActPath::F32`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// Portable Rust (SWAR decoding); the reference.
+    Scalar,
+    /// x86_64 AVX2 + FMA.
+    Avx2,
+    /// x86_64 AVX-512 F + BW + VNNI.
+    Avx512,
+}
+
+impl Backend {
+    /// Every backend, slowest first.
+    pub const ALL: [Backend; 3] = [Backend::Scalar, Backend::Avx2, Backend::Avx512];
+
+    /// Whether this CPU can run the backend (run-time detection).
+    pub fn is_available(self) -> bool {
+        match self {
+            Backend::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The backends this CPU can run, slowest first.
+    pub fn available() -> Vec<Backend> {
+        Self::ALL.into_iter().filter(|b| b.is_available()).collect()
+    }
+
+    /// The fastest available backend (detected once, then cached).
+    pub fn best() -> Backend {
+        static BEST: OnceLock<Backend> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            *Self::available()
+                .last()
+                .expect("the scalar backend is always available")
+        })
+    }
+
+    /// "scalar", "avx2" or "avx512".
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Scalar => "scalar",
+            Backend::Avx2 => "avx2",
+            Backend::Avx512 => "avx512",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Numeric path of the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ActPath {
+    /// f32 activations: decode, dequantize exactly, f32 FMA.
+    #[default]
+    F32,
+    /// int8 activations (absmax per weight scale group, quantized on the fly), exact integer dot
+    /// products per scale group, f32 only to combine groups.
+    Int8,
+}
+
+/// How a kernel call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelConfig {
+    pub backend: Backend,
+    pub path: ActPath,
+    /// Threads the weight rows are split across in contiguous equal shares: the calling thread
+    /// does one, the crate's persistent worker pool (started lazily, sleeping when idle) the
+    /// others. 0 counts as 1; at most one share per row.
+    pub threads: usize,
+}
+
+impl Default for KernelConfig {
+    /// [`Backend::best`], [`ActPath::F32`], 1 thread.
+    fn default() -> Self {
+        KernelConfig {
+            backend: Backend::best(),
+            path: ActPath::F32,
+            threads: 1,
+        }
+    }
+}
+
+impl KernelConfig {
+    pub fn new(backend: Backend, path: ActPath, threads: usize) -> Self {
+        KernelConfig {
+            backend,
+            path,
+            threads,
+        }
+    }
+}
+
+/// Decoding parameters of one precision.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prec {
+    pub bits: u32,
+    /// 2^(l−1): the offset of the unsigned `u_l`.
+    pub half: u8,
+    /// 2^Δ as f32.
+    pub step: f32,
+}
+
+impl Prec {
+    fn new(bits: u32) -> Result<Self, KernelError> {
+        check_bits(bits)?;
+        Ok(Prec {
+            bits,
+            half: 1 << (bits - 1),
+            step: (1u32 << (8 - bits)) as f32,
+        })
+    }
+}
+
+/// The plane words one row needs at one precision.
+pub(crate) struct RowPlanes<'a> {
+    /// Top planes, most significant first: `top[k]` is plane `7 − k`, `k < n_top`.
+    pub top: [&'a [u64]; 8],
+    pub n_top: usize,
+    /// Rounding plane (`bits < 8`) or d plane (`bits == 8`, HalfEven).
+    pub extra: Option<&'a [u64]>,
+    /// Whether `extra` is a rounding plane (carry = extra & !all-ones-top) or the d plane.
+    pub extra_is_round: bool,
+}
+
+impl RowPlanes<'_> {
+    /// The `N = n_top` top plane words (most significant first) and the carry word of word `w`:
+    /// the rounding bit where the top bits are not all ones (`bits < 8`), or the d bit (8).
+    #[inline(always)]
+    pub fn word<const N: usize>(&self, w: usize) -> ([u64; N], u64) {
+        debug_assert_eq!(N, self.n_top);
+        let mut tops = [0u64; N];
+        let mut all = !0u64;
+        for (t, plane) in tops.iter_mut().zip(&self.top) {
+            *t = plane[w];
+            all &= *t;
+        }
+        let carry = match self.extra {
+            Some(e) if self.extra_is_round => e[w] & !all,
+            Some(d) => d[w],
+            None => 0,
+        };
+        (tops, carry)
+    }
+}
+
+/// Calls `$f::<N>($args)` with `N = $bits` (validated, 2..=8) as a constant, so the per-word
+/// plane loops unroll.
+macro_rules! by_bits {
+    ($bits:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $bits {
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            _ => $f::<8>($($arg),*),
+        }
+    };
+}
+pub(crate) use by_bits;
+
+/// A weight in the bit-plane layout (module docs), serving every precision 2..=8.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanarWeight {
+    layout: ScaleLayout,
+    tie: TieRule,
+    /// Words per row, `cols_padded / 64`.
+    wpr: usize,
+    /// `[n_planes][rows][wpr]`: planes 0..8 of `u`, then d when `has_d`.
+    planes: Vec<u64>,
+    has_d: bool,
+    scales: Vec<f32>,
+}
+
+fn mismatch(what: &'static str, expected: usize, got: usize) -> KernelError {
+    KernelError::LengthMismatch {
+        what,
+        expected,
+        got,
+    }
+}
+
+impl PlanarWeight {
+    /// Builds the layout from int8 codes, scales and the tie rule of the checkpoint.
+    pub fn from_quantized(w: &QuantizedWeight, tie: TieRule) -> Result<Self, KernelError> {
+        let layout = w.layout;
+        layout.validate()?;
+        if w.codes.len() != layout.n_weights() {
+            return Err(mismatch("codes", layout.n_weights(), w.codes.len()));
+        }
+        if w.scales.len() != layout.n_scales() {
+            return Err(mismatch("scales", layout.n_scales(), w.scales.len()));
+        }
+        let (rows, cols) = (layout.rows, layout.cols);
+        let wpr = cols.div_ceil(WORD_BITS);
+        let too_large = KernelError::TooLarge { rows, cols };
+        let words = wpr
+            .checked_mul(WORD_BITS)
+            .and_then(|_| rows.checked_mul(wpr))
+            .ok_or(too_large.clone())?;
+        let mut table = [(0u8, 0u8); 256];
+        for (i, e) in table.iter_mut().enumerate() {
+            *e = encode_code((i as u8 ^ 0x80) as i8, tie);
+        }
+        let enc = |q: i8| table[usize::from(q as u8 ^ 0x80)];
+        let has_d = w.codes.iter().any(|&q| enc(q).1 != 0);
+        let n_planes = 8 + usize::from(has_d);
+        let mut planes = vec![0u64; words.checked_mul(n_planes).ok_or(too_large)?];
+        for r in 0..rows {
+            let row = &w.codes[r * cols..(r + 1) * cols];
+            for wi in 0..wpr {
+                let mut pw = [0u64; 9];
+                for j in 0..WORD_BITS {
+                    // Padding encodes q = 0: u = 128, d = 0.
+                    let (u, d) = row.get(wi * WORD_BITS + j).map_or((128, 0), |&q| enc(q));
+                    for (p, word) in pw.iter_mut().enumerate().take(8) {
+                        *word |= u64::from((u >> p) & 1) << j;
+                    }
+                    pw[8] |= u64::from(d) << j;
+                }
+                for (p, &word) in pw.iter().enumerate().take(n_planes) {
+                    planes[(p * rows + r) * wpr + wi] = word;
+                }
+            }
+        }
+        Ok(PlanarWeight {
+            layout,
+            tie,
+            wpr,
+            planes,
+            has_d,
+            scales: w.scales.clone(),
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.layout.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.layout.cols
+    }
+
+    /// Columns rounded up to a multiple of 64 (the plane word).
+    pub fn cols_padded(&self) -> usize {
+        self.wpr * WORD_BITS
+    }
+
+    pub fn layout(&self) -> &ScaleLayout {
+        &self.layout
+    }
+
+    pub fn tie(&self) -> TieRule {
+        self.tie
+    }
+
+    /// Scales, row-major `[rows, n_groups]` as in [`QuantizedWeight`].
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+
+    /// Whether the d plane is stored (HalfEven with at least one adjusted code).
+    pub fn has_d_plane(&self) -> bool {
+        self.has_d
+    }
+
+    /// Number of stored planes: 8, or 9 with the d plane.
+    pub fn n_planes(&self) -> usize {
+        8 + usize::from(self.has_d)
+    }
+
+    /// Plane `p` (0..8 = bit p of `u`, 8 = d), `[rows][cols_padded / 64]` words; `None` if absent.
+    pub fn plane(&self, p: usize) -> Option<&[u64]> {
+        let n = self.rows() * self.wpr;
+        (p < self.n_planes()).then(|| &self.planes[p * n..(p + 1) * n])
+    }
+
+    /// Bytes held: planes plus f32 scales.
+    pub fn resident_bytes(&self) -> usize {
+        self.planes.len() * 8 + self.scales.len() * 4
+    }
+
+    /// Planes read at `bits`: `bits + 1` below 8; at 8 the 8 planes of `u` plus d if stored.
+    pub fn planes_read(&self, bits: u32) -> Result<usize, KernelError> {
+        check_bits(bits)?;
+        Ok(if bits == 8 {
+            self.n_planes()
+        } else {
+            bits as usize + 1
+        })
+    }
+
+    /// Plane bytes one pass over the weight at `bits` reads: `planes_read(bits) · rows ·
+    /// cols_padded / 8`, i.e. `(bits + 1)/8` of the (padded) int8 codes.
+    pub fn plane_bytes_read(&self, bits: u32) -> Result<usize, KernelError> {
+        Ok(self.planes_read(bits)? * self.rows() * self.wpr * 8)
+    }
+
+    /// All bytes one pass at `bits` reads: [`Self::plane_bytes_read`] plus the f32 scales.
+    pub fn bytes_read(&self, bits: u32) -> Result<usize, KernelError> {
+        Ok(self.plane_bytes_read(bits)? + self.scales.len() * 4)
+    }
+
+    /// Plane `p`, row `r`.
+    #[inline]
+    fn plane_row(&self, p: usize, r: usize) -> &[u64] {
+        let start = (p * self.rows() + r) * self.wpr;
+        &self.planes[start..start + self.wpr]
+    }
+
+    /// The planes row `r` needs at precision `bits` (validated).
+    #[inline]
+    pub(crate) fn row_planes(&self, r: usize, bits: u32) -> RowPlanes<'_> {
+        let n_top = bits as usize;
+        let mut top = [&[][..]; 8];
+        for (k, t) in top.iter_mut().enumerate().take(n_top) {
+            *t = self.plane_row(7 - k, r);
+        }
+        let (extra, extra_is_round) = if bits < 8 {
+            (Some(self.plane_row(7 - n_top, r)), true)
+        } else if self.has_d {
+            (Some(self.plane_row(8, r)), false)
+        } else {
+            (None, false)
+        };
+        RowPlanes {
+            top,
+            n_top,
+            extra,
+            extra_is_round,
+        }
+    }
+
+    /// `(u, d)` of weight `(r, c)`, `c < cols_padded`, by gathering single bits (slow, simple).
+    fn encoded_at(&self, r: usize, c: usize) -> (u8, u8) {
+        let (w, j) = (c / WORD_BITS, c % WORD_BITS);
+        let bit = |p: usize| ((self.plane_row(p, r)[w] >> j) & 1) as u8;
+        let u = (0..8).fold(0u8, |u, p| u | (bit(p) << p));
+        let d = if self.has_d { bit(8) } else { 0 };
+        (u, d)
+    }
+
+    /// The exact int8 codes (row-major `[rows, cols]`).
+    pub fn to_codes(&self) -> Vec<i8> {
+        self.collect_codes(|u, d| (u.wrapping_add(d) ^ 0x80) as i8)
+    }
+
+    /// The codes served at `bits`, `second_round(q, bits, tie)` for every weight, decoded from the
+    /// planes one weight at a time with [`decode_code`] (a reference for tests, not a kernel).
+    pub fn codes_at(&self, bits: u32) -> Result<Vec<i8>, KernelError> {
+        check_bits(bits)?;
+        Ok(self.collect_codes(|u, d| decode_code(u, d, bits)))
+    }
+
+    fn collect_codes(&self, f: impl Fn(u8, u8) -> i8) -> Vec<i8> {
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut out = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                let (u, d) = self.encoded_at(r, c);
+                out.push(f(u, d));
+            }
+        }
+        out
+    }
+
+    /// `y = Ŵ_bits · x` for one activation row: `x` has `cols` values, `y` has `rows`.
+    pub fn matvec(
+        &self,
+        bits: u32,
+        x: &[f32],
+        y: &mut [f32],
+        cfg: &KernelConfig,
+    ) -> Result<(), KernelError> {
+        self.matmul(bits, x, 1, y, cfg)
+    }
+
+    /// `Y = X · Ŵ_bitsᵀ` for `n ∈ 1..=64` activation rows: `x` is row-major `[n, cols]`, `y` is
+    /// row-major `[n, rows]` (`y[b·rows + r] = Σ_c Ŵ[r, c] · x[b·cols + c]`).
+    pub fn matmul(
+        &self,
+        bits: u32,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        cfg: &KernelConfig,
+    ) -> Result<(), KernelError> {
+        let prec = Prec::new(bits)?;
+        if !(1..=MAX_BATCH).contains(&n) {
+            return Err(KernelError::InvalidBatch(n));
+        }
+        if !cfg.backend.is_available() {
+            return Err(KernelError::BackendUnavailable(cfg.backend.name()));
+        }
+        let (rows, cols) = (self.rows(), self.cols());
+        if x.len() != n * cols {
+            return Err(mismatch("x", n * cols, x.len()));
+        }
+        if y.len() != n * rows {
+            return Err(mismatch("y", n * rows, y.len()));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let acts = match cfg.path {
+            ActPath::F32 => Acts::f32(x, n, cols, self.cols_padded()),
+            ActPath::Int8 => Acts::int8(x, n, &self.layout, self.cols_padded()),
+        };
+        let threads = cfg.threads.clamp(1, rows);
+        let bounds: Vec<Range<usize>> = (0..threads)
+            .map(|t| t * rows / threads..(t + 1) * rows / threads)
+            .collect();
+        let mut outs: Vec<Vec<&mut [f32]>> = (0..threads).map(|_| Vec::with_capacity(n)).collect();
+        for yb in y.chunks_exact_mut(rows) {
+            let mut rest = yb;
+            for (out, range) in outs.iter_mut().zip(&bounds) {
+                let (head, tail) = rest.split_at_mut(range.len());
+                out.push(head);
+                rest = tail;
+            }
+        }
+        let job = Job {
+            w: self,
+            prec,
+            acts: &acts,
+            backend: cfg.backend,
+        };
+        if threads == 1 {
+            job.run(bounds[0].clone(), &mut outs[0]);
+        } else {
+            let shares: Vec<std::sync::Mutex<Vec<&mut [f32]>>> =
+                outs.into_iter().map(std::sync::Mutex::new).collect();
+            pool::run(threads, |t| {
+                let mut out = shares[t].lock().unwrap_or_else(|e| e.into_inner());
+                job.run(bounds[t].clone(), &mut out);
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Activations prepared once per call, shared by all threads. Rows are `stride` apart, zero
+/// padded from `cols` to `stride = cols_padded + SLACK`.
+pub(crate) enum Acts {
+    F32 {
+        x: Vec<f32>,
+        stride: usize,
+    },
+    Int8 {
+        /// Quantized activations in `[−127, 127]`.
+        xq: Vec<i8>,
+        stride: usize,
+        /// Activation scale per row per weight scale group, `[n, n_groups]`.
+        scale: Vec<f32>,
+        /// `Σ x_q` per row per group, `[n, n_groups]`.
+        sum: Vec<i64>,
+    },
+}
+
+impl Acts {
+    fn f32(x: &[f32], n: usize, cols: usize, cols_padded: usize) -> Self {
+        let stride = cols_padded + SLACK;
+        let mut buf = vec![0f32; n * stride];
+        for (dst, src) in buf
+            .chunks_exact_mut(stride)
+            .zip(x.chunks_exact(cols.max(1)))
+        {
+            dst[..cols].copy_from_slice(&src[..cols]);
+        }
+        Acts::F32 { x: buf, stride }
+    }
+
+    /// Absmax int8 quantization per row per weight scale group. A group with a non-finite value
+    /// gets scale NaN (so the outputs it touches are NaN); an all-zero group gets scale 0.
+    fn int8(x: &[f32], n: usize, layout: &ScaleLayout, cols_padded: usize) -> Self {
+        let (cols, ng) = (layout.cols, layout.n_groups());
+        let stride = cols_padded + SLACK;
+        let mut xq = vec![0i8; n * stride];
+        let mut scale = vec![0f32; n * ng];
+        let mut sum = vec![0i64; n * ng];
+        if cols > 0 {
+            for (b, src) in x.chunks_exact(cols).enumerate() {
+                for g in 0..ng {
+                    let range = layout.group_cols(g);
+                    let xs = &src[range.clone()];
+                    let dst = &mut xq[b * stride..][range];
+                    if !xs.iter().all(|v| v.is_finite()) {
+                        scale[b * ng + g] = f32::NAN;
+                        continue;
+                    }
+                    let absmax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    if absmax == 0.0 {
+                        continue;
+                    }
+                    let inv = 127.0 / absmax;
+                    let mut s = 0i64;
+                    for (o, &v) in dst.iter_mut().zip(xs) {
+                        let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                        *o = q;
+                        s += i64::from(q);
+                    }
+                    scale[b * ng + g] = absmax / 127.0;
+                    sum[b * ng + g] = s;
+                }
+            }
+        }
+        Acts::Int8 {
+            xq,
+            stride,
+            scale,
+            sum,
+        }
+    }
+}
+
+/// One call's work, shared by its threads.
+#[derive(Clone, Copy)]
+pub(crate) struct Job<'a> {
+    pub w: &'a PlanarWeight,
+    pub prec: Prec,
+    pub acts: &'a Acts,
+    pub backend: Backend,
+}
+
+impl Job<'_> {
+    /// Computes rows `range` for every activation row: `out[b][i]` = row `range.start + i`.
+    fn run(&self, range: Range<usize>, out: &mut [&mut [f32]]) {
+        if range.is_empty() {
+            return;
+        }
+        match self.backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => {
+                // SAFETY: `matmul` checked `Backend::Avx512.is_available()`.
+                unsafe { x86::run_avx512(self, range, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => {
+                // SAFETY: `matmul` checked `Backend::Avx2.is_available()`.
+                unsafe { x86::run_avx2(self, range, out) }
+            }
+            _ => scalar::run(self, range, out),
+        }
+    }
+
+    /// Scale of row `r`, group `g`.
+    #[inline(always)]
+    pub fn scale(&self, r: usize, g: usize) -> f32 {
+        self.w.scales[r * self.w.layout.n_groups() + g]
+    }
+}
+
+/// Writes the dequantized row `(q_l · 2^Δ) · s` (the expression of [`crate::dequantize`]) into
+/// `wrow[..cols]` from the decoded signed codes `q` (bytes holding `q_l` as i8); `wrow[cols..]`
+/// must already be zero.
+#[inline(always)]
+pub(crate) fn dequant_row(job: &Job<'_>, r: usize, q: &[u8], wrow: &mut [f32]) {
+    let layout = &job.w.layout;
+    let step = job.prec.step;
+    for g in 0..layout.n_groups() {
+        let s = job.scale(r, g);
+        let range = layout.group_cols(g);
+        for (o, &v) in wrow[range.clone()].iter_mut().zip(&q[range]) {
+            *o = f32::from(v as i8) * step * s;
+        }
+    }
+}
+
+/// The int8-path output of row `r` for activation row `b`, from the exact group dot products
+/// `t(g) = Σ_{j ∈ g} q_l[j] · x_q[j]`. Shared by every backend so the f32 operations (and their
+/// order) are identical.
+#[inline(always)]
+pub(crate) fn combine_int(
+    job: &Job<'_>,
+    r: usize,
+    ascale: &[f32],
+    mut t: impl FnMut(usize) -> i64,
+) -> f32 {
+    let mut acc = 0f32;
+    for (g, &a) in ascale.iter().enumerate() {
+        acc += t(g) as f32 * (job.scale(r, g) * a);
+    }
+    acc * job.prec.step
+}
+
+/// Zero-initialised scratch of one thread: a decoded row (bytes), a dequantized row (f32) and the
+/// exact group dot products of one weight row with every activation row (`[n, n_groups]`).
+pub(crate) struct Scratch {
+    pub bytes: Vec<u8>,
+    pub wrow: Vec<f32>,
+    pub tsum: Vec<i64>,
+}
+
+impl Scratch {
+    pub fn new(cols_padded: usize, n_tsum: usize) -> Self {
+        Scratch {
+            bytes: vec![0; cols_padded + SLACK],
+            wrow: vec![0.0; cols_padded],
+            tsum: vec![0; n_tsum],
+        }
+    }
+}

@@ -1,0 +1,580 @@
+use super::*;
+use crate::double_rounding::{second_round, Granularity};
+
+const TIES: [TieRule; 2] = [TieRule::HalfEven, TieRule::HalfUp];
+
+/// splitmix64: a tiny deterministic generator (the crate has no dependencies).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [−1, 1).
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// Codes: mostly uniform, with extra weight on the edges and on tie codes.
+    fn code(&mut self) -> i8 {
+        let v = self.next();
+        match v % 8 {
+            0 => [-128i8, 127, -127, 126, 0, 1, -1, -64, 64, 96, -96, 32, -32]
+                [(v >> 8) as usize % 13],
+            _ => (v >> 16) as u8 as i8,
+        }
+    }
+}
+
+fn random_weight(rng: &mut Rng, rows: usize, cols: usize, gran: Granularity) -> QuantizedWeight {
+    let layout = gran.layout(rows, cols).unwrap();
+    let codes = (0..layout.n_weights()).map(|_| rng.code()).collect();
+    let scales = (0..layout.n_scales())
+        .map(|_| 1e-3 + 2e-2 * (rng.f32() + 1.0))
+        .collect();
+    QuantizedWeight {
+        codes,
+        scales,
+        layout,
+    }
+}
+
+/// Activations in [−1, 1) with an occasional outlier of ±20.
+fn random_x(rng: &mut Rng, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            let v = rng.f32();
+            if rng.next().is_multiple_of(97) {
+                20.0 * v.signum()
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// Naive `y[b][r] = Σ_c w[r][c] · x[b][c]` in f64, and `Σ_c |w[r][c] · x[b][c]|`.
+fn naive(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut y = vec![0f64; n * rows];
+    let mut mag = vec![0f64; n * rows];
+    for b in 0..n {
+        for r in 0..rows {
+            for c in 0..cols {
+                let p = f64::from(w[r * cols + c]) * f64::from(x[b * cols + c]);
+                y[b * rows + r] += p;
+                mag[b * rows + r] += p.abs();
+            }
+        }
+    }
+    (y, mag)
+}
+
+/// f32 path tolerance: two f32 sums of the same `cols` exact-up-to-rounding products, in
+/// different orders, differ by at most `γ_cols · Σ|w·x|` each; we allow `cols · ε · Σ|w·x|`.
+fn f32_tol(cols: usize, mag: f64) -> f64 {
+    (cols.max(1) as f64) * f64::from(f32::EPSILON) * mag + 1e-30
+}
+
+#[test]
+fn tie_identity_is_exhaustive() {
+    for tie in TIES {
+        for q in i8::MIN..=i8::MAX {
+            let (u, d) = encode_code(q, tie);
+            assert!(d <= 1);
+            if tie == TieRule::HalfUp {
+                assert_eq!(d, 0);
+            }
+            // r = q − d never underflows and u is its offset binary.
+            let r = i16::from(q) - i16::from(d);
+            assert!(r >= -128, "q={q}");
+            assert_eq!(i16::from(u), r + 128, "q={q} {tie}");
+            // A nonzero code is a tie at exactly one level, and d = 1 only at such a level.
+            let tie_levels: Vec<u32> = (2..=7)
+                .filter(|&l| {
+                    let delta = 8 - l;
+                    q != 0 && i32::from(q).rem_euclid(1 << delta) == 1 << (delta - 1)
+                })
+                .collect();
+            assert!(tie_levels.len() <= 1, "q={q}: ties at {tie_levels:?}");
+            if d == 1 {
+                assert_eq!(tie_levels.len(), 1);
+            }
+            for bits in 2..=8 {
+                assert_eq!(
+                    decode_code(u, d, bits),
+                    second_round(q, bits, tie),
+                    "q={q} bits={bits} {tie}"
+                );
+                if bits < 8 {
+                    // The brief's signed form: sat((r >> Δ) + bit_{Δ−1}(r)) on r.
+                    let delta = 8 - bits;
+                    let hi = (1i16 << (bits - 1)) - 1;
+                    let v = ((r >> delta) + ((r >> (delta - 1)) & 1)).min(hi);
+                    assert_eq!(
+                        v,
+                        i16::from(second_round(q, bits, tie)),
+                        "q={q} bits={bits}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+const GRANS: [Granularity; 5] = [
+    Granularity::Channel,
+    Granularity::Group(32),
+    Granularity::Group(64),
+    Granularity::Group(128),
+    Granularity::Group(40),
+];
+
+#[test]
+fn codes_at_matches_second_round() {
+    let mut rng = Rng(1);
+    for (rows, cols) in [(3, 65), (5, 1), (2, 200)] {
+        for tie in TIES {
+            let qw = random_weight(&mut rng, rows, cols, Granularity::Group(40));
+            let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+            assert_eq!(pw.to_codes(), qw.codes);
+            for bits in 2..=8 {
+                let expected: Vec<i8> = qw
+                    .codes
+                    .iter()
+                    .map(|&q| second_round(q, bits, tie))
+                    .collect();
+                assert_eq!(pw.codes_at(bits).unwrap(), expected, "bits={bits} {tie}");
+            }
+            // Every precision decoded by the SWAR row decoder matches too (padding decodes to 0).
+            for bits in 2..=8 {
+                let prec = Prec::new(bits).unwrap();
+                let mut buf = vec![0u8; pw.cols_padded()];
+                for r in 0..rows {
+                    scalar::decode_row(&pw, r, prec, true, &mut buf);
+                    for (c, &b) in buf.iter().enumerate() {
+                        let want = if c < cols {
+                            second_round(qw.codes[r * cols + c], bits, tie)
+                        } else {
+                            0
+                        };
+                        assert_eq!(b as i8, want, "r={r} c={c} bits={bits} {tie}");
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        PlanarWeight::from_quantized(
+            &random_weight(&mut rng, 1, 1, Granularity::Channel),
+            TieRule::HalfUp
+        )
+        .unwrap()
+        .codes_at(9),
+        Err(KernelError::InvalidBits(9))
+    );
+}
+
+#[test]
+fn simd_decoders_match_scalar() {
+    let mut rng = Rng(2);
+    let qw = random_weight(&mut rng, 4, 1000, Granularity::Channel);
+    for tie in TIES {
+        let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+        for bits in 2..=8 {
+            let prec = Prec::new(bits).unwrap();
+            for signed in [false, true] {
+                for r in 0..4 {
+                    let mut want = vec![0u8; pw.cols_padded()];
+                    scalar::decode_row(&pw, r, prec, signed, &mut want);
+                    #[cfg(target_arch = "x86_64")]
+                    for backend in Backend::available() {
+                        let mut got = vec![0u8; pw.cols_padded()];
+                        // SAFETY: the backend is available.
+                        unsafe {
+                            match backend {
+                                Backend::Avx512 => {
+                                    x86::test_decode_avx512(&pw, r, prec, signed, &mut got)
+                                }
+                                Backend::Avx2 => {
+                                    x86::test_decode_avx2(&pw, r, prec, signed, &mut got)
+                                }
+                                Backend::Scalar => continue,
+                            }
+                        }
+                        assert_eq!(got, want, "{backend} bits={bits} signed={signed}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs every available backend on both paths and checks: the scalar f32 path against
+/// `dequantize` + a naive mat-vec; every f32 path against the scalar one; every int8 path against
+/// the scalar one bit for bit; the int8 path against the f32 path within the activation
+/// quantization error bound.
+fn check_shape(
+    rng: &mut Rng,
+    rows: usize,
+    cols: usize,
+    gran: Granularity,
+    tie: TieRule,
+    batches: &[usize],
+) {
+    let qw = random_weight(rng, rows, cols, gran);
+    let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+    let backends = Backend::available();
+    for bits in 2..=8u32 {
+        let n = batches[bits as usize % batches.len()];
+        let x = random_x(rng, n * cols);
+        let what = format!("{rows}x{cols} {gran} {tie} bits={bits} n={n}");
+        let wd = qw.dequantize(bits, tie).unwrap();
+        let (exact, mag) = naive(&wd, rows, cols, &x, n);
+
+        let run = |backend, path, threads| {
+            let mut y = vec![f32::NAN; n * rows];
+            pw.matmul(
+                bits,
+                &x,
+                n,
+                &mut y,
+                &KernelConfig::new(backend, path, threads),
+            )
+            .unwrap();
+            y
+        };
+        let f32_ref = run(Backend::Scalar, ActPath::F32, 1);
+        for i in 0..n * rows {
+            let err = (f64::from(f32_ref[i]) - exact[i]).abs();
+            assert!(
+                err <= f32_tol(cols, mag[i]),
+                "{what} scalar f32 vs naive at {i}: {err}"
+            );
+        }
+        let int_ref = run(Backend::Scalar, ActPath::Int8, 1);
+        // Activation quantization moves each x by at most half a step a_g/2, so
+        // |y_int − y| ≤ Σ_c |Ŵ[r,c]| · a_g(c)/2 (+ f32 rounding of both).
+        let layout = &qw.layout;
+        for b in 0..n {
+            for r in 0..rows {
+                let mut bound = 0f64;
+                for g in 0..layout.n_groups() {
+                    let range = layout.group_cols(g);
+                    let xs = &x[b * cols..][range.clone()];
+                    let a = f64::from(xs.iter().fold(0f32, |m, v| m.max(v.abs()))) / 127.0;
+                    let wsum: f64 = wd[r * cols..][range]
+                        .iter()
+                        .map(|v| f64::from(v.abs()))
+                        .sum();
+                    bound += wsum * a / 2.0;
+                }
+                let i = b * rows + r;
+                let err = (f64::from(int_ref[i]) - exact[i]).abs();
+                let tol =
+                    bound * 1.001 + 2.0 * f32_tol(cols, mag[i] + bound) + 1e-6 * exact[i].abs();
+                assert!(err <= tol, "{what} int8 vs exact at {i}: {err} > {tol}");
+            }
+        }
+        for &backend in &backends {
+            for threads in [1, 3] {
+                let y = run(backend, ActPath::Int8, threads);
+                assert!(
+                    y.iter()
+                        .zip(&int_ref)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what} {backend} t={threads}: int8 path differs from scalar"
+                );
+                let y = run(backend, ActPath::F32, threads);
+                for i in 0..n * rows {
+                    let err = (f64::from(y[i]) - f64::from(f32_ref[i])).abs();
+                    assert!(
+                        err <= f32_tol(cols, mag[i]),
+                        "{what} {backend} f32 at {i}: {err}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kernels_agree_small_shapes() {
+    let mut rng = Rng(3);
+    for rows in [1, 3] {
+        for cols in [1, 63, 65, 576, 1000] {
+            for gran in GRANS {
+                for tie in TIES {
+                    check_shape(&mut rng, rows, cols, gran, tie, &[1, 2, 7, 64]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kernels_agree_192_rows() {
+    let mut rng = Rng(4);
+    for cols in [1, 63, 65, 576, 1000] {
+        for (i, gran) in GRANS.into_iter().enumerate() {
+            let tie = TIES[i % 2];
+            let batches: &[usize] = if cols >= 576 {
+                &[1, 2, 7]
+            } else {
+                &[1, 2, 7, 64]
+            };
+            check_shape(&mut rng, 192, cols, gran, tie, batches);
+        }
+    }
+}
+
+#[test]
+fn int8_path_handles_zero_and_non_finite_activations() {
+    let mut rng = Rng(5);
+    let qw = random_weight(&mut rng, 3, 100, Granularity::Group(32));
+    let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+    for backend in Backend::available() {
+        let cfg = KernelConfig::new(backend, ActPath::Int8, 1);
+        let mut y = vec![1f32; 3];
+        pw.matvec(4, &[0f32; 100], &mut y, &cfg).unwrap();
+        assert_eq!(y, [0.0; 3]);
+        let mut x = vec![0.5f32; 100];
+        x[40] = f32::INFINITY;
+        pw.matvec(4, &x, &mut y, &cfg).unwrap();
+        assert!(y.iter().all(|v| v.is_nan()), "{backend}: {y:?}");
+    }
+}
+
+#[test]
+fn sizes_and_bytes_read() {
+    let mut rng = Rng(6);
+    for (gran, tie) in [
+        (Granularity::Channel, TieRule::HalfEven),
+        (Granularity::Group(32), TieRule::HalfEven),
+        (Granularity::Group(128), TieRule::HalfUp),
+    ] {
+        let (rows, cols) = (96, 576);
+        let qw = random_weight(&mut rng, rows, cols, gran);
+        let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+        let codes = rows * cols;
+        let scales = qw.scales.len();
+        // Against the checkpoint (f16 scales) and against int8 codes + f32 scales in memory.
+        assert!(pw.resident_bytes() as f64 <= 1.3 * (codes + 2 * scales) as f64);
+        assert!(pw.resident_bytes() as f64 <= 1.3 * (codes + 4 * scales) as f64);
+        assert_eq!(pw.has_d_plane(), tie == TieRule::HalfEven);
+        assert_eq!(pw.resident_bytes(), pw.n_planes() * codes / 8 + 4 * scales);
+        for bits in 2..=8u32 {
+            let planes = if bits == 8 {
+                pw.n_planes()
+            } else {
+                bits as usize + 1
+            };
+            assert_eq!(pw.plane_bytes_read(bits).unwrap() * 8, planes * codes);
+            assert_eq!(
+                pw.bytes_read(bits).unwrap(),
+                planes * codes / 8 + 4 * scales
+            );
+            if bits < 8 {
+                assert_eq!(
+                    pw.plane_bytes_read(bits).unwrap() * 8,
+                    (bits as usize + 1) * codes
+                );
+            }
+        }
+        assert_eq!(pw.plane(8).is_some(), pw.has_d_plane());
+        assert_eq!(pw.plane(7).unwrap().len(), rows * cols / 64);
+    }
+    assert_eq!(
+        PlanarWeight::from_quantized(
+            &random_weight(&mut rng, 2, 64, Granularity::Channel),
+            TieRule::HalfUp
+        )
+        .unwrap()
+        .bytes_read(1),
+        Err(KernelError::InvalidBits(1))
+    );
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let mut rng = Rng(7);
+    let qw = random_weight(&mut rng, 4, 10, Granularity::Group(4));
+    let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+    let cfg = KernelConfig::new(Backend::Scalar, ActPath::F32, 1);
+    let x = vec![0.1f32; 20];
+    let mut y = vec![0f32; 8];
+    assert!(pw.matmul(4, &x, 2, &mut y, &cfg).is_ok());
+    assert_eq!(
+        pw.matvec(4, &x[..9], &mut y[..4], &cfg),
+        Err(KernelError::LengthMismatch {
+            what: "x",
+            expected: 10,
+            got: 9
+        })
+    );
+    assert_eq!(
+        pw.matvec(4, &x[..10], &mut y[..3], &cfg),
+        Err(KernelError::LengthMismatch {
+            what: "y",
+            expected: 4,
+            got: 3
+        })
+    );
+    for bits in [0, 1, 9] {
+        assert_eq!(
+            pw.matvec(bits, &x[..10], &mut y[..4], &cfg),
+            Err(KernelError::InvalidBits(bits))
+        );
+    }
+    assert_eq!(
+        pw.matmul(4, &[], 0, &mut [], &cfg),
+        Err(KernelError::InvalidBatch(0))
+    );
+    let big = vec![0f32; 65 * 10];
+    let mut ybig = vec![0f32; 65 * 4];
+    assert_eq!(
+        pw.matmul(4, &big, 65, &mut ybig, &cfg),
+        Err(KernelError::InvalidBatch(65))
+    );
+    assert!(pw
+        .matmul(4, &big[..640], 64, &mut ybig[..256], &cfg)
+        .is_ok());
+    for backend in Backend::ALL {
+        let r = pw.matvec(
+            4,
+            &x[..10],
+            &mut y[..4],
+            &KernelConfig::new(backend, ActPath::Int8, 0),
+        );
+        if backend.is_available() {
+            assert!(r.is_ok());
+        } else {
+            assert_eq!(r, Err(KernelError::BackendUnavailable(backend.name())));
+        }
+    }
+    // Layout errors at build time.
+    let mut bad = qw.clone();
+    bad.codes.pop();
+    assert!(matches!(
+        PlanarWeight::from_quantized(&bad, TieRule::HalfUp),
+        Err(KernelError::LengthMismatch { what: "codes", .. })
+    ));
+    let mut bad = qw.clone();
+    bad.scales.push(1.0);
+    assert!(matches!(
+        PlanarWeight::from_quantized(&bad, TieRule::HalfUp),
+        Err(KernelError::LengthMismatch { what: "scales", .. })
+    ));
+    let mut bad = qw;
+    bad.layout.group = 0;
+    assert_eq!(
+        PlanarWeight::from_quantized(&bad, TieRule::HalfUp),
+        Err(KernelError::ZeroGroup)
+    );
+}
+
+#[test]
+fn empty_shapes() {
+    for (rows, cols) in [(0, 5), (3, 0), (0, 0)] {
+        let layout = ScaleLayout::per_channel(rows, cols).unwrap();
+        let qw = QuantizedWeight {
+            codes: vec![0; rows * cols],
+            scales: vec![1.0; layout.n_scales()],
+            layout,
+        };
+        let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+        for backend in Backend::available() {
+            for path in [ActPath::F32, ActPath::Int8] {
+                let mut y = vec![1f32; rows];
+                pw.matvec(
+                    3,
+                    &vec![1.0; cols],
+                    &mut y,
+                    &KernelConfig::new(backend, path, 4),
+                )
+                .unwrap();
+                assert!(y.iter().all(|&v| v == 0.0));
+            }
+        }
+    }
+}
+
+#[test]
+fn backend_best_is_available() {
+    assert!(Backend::best().is_available());
+    assert!(Backend::Scalar.is_available());
+    assert_eq!(Backend::available().last(), Some(&Backend::best()));
+    assert_eq!(KernelConfig::default().backend, Backend::best());
+}
+
+/// A batch row's result does not depend on the batch size, its position or the thread count
+/// (bit for bit, on both paths): batched decoding is reproducible.
+#[test]
+fn results_do_not_depend_on_batch_or_threads() {
+    let mut rng = Rng(8);
+    let (rows, cols) = (37, 300);
+    let qw = random_weight(&mut rng, rows, cols, Granularity::Group(40));
+    let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+    let n = 11;
+    let x = random_x(&mut rng, n * cols);
+    for backend in Backend::available() {
+        for path in [ActPath::F32, ActPath::Int8] {
+            for bits in [2, 5, 8] {
+                let mut y = vec![0f32; n * rows];
+                pw.matmul(bits, &x, n, &mut y, &KernelConfig::new(backend, path, 4))
+                    .unwrap();
+                for b in 0..n {
+                    let mut yb = vec![0f32; rows];
+                    let cfg = KernelConfig::new(backend, path, 1);
+                    pw.matvec(bits, &x[b * cols..(b + 1) * cols], &mut yb, &cfg)
+                        .unwrap();
+                    let same = yb
+                        .iter()
+                        .zip(&y[b * rows..])
+                        .all(|(a, c)| a.to_bits() == c.to_bits());
+                    assert!(same, "{backend} {path:?} bits={bits} row {b}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn concurrent_callers_share_the_pool() {
+    let mut rng = Rng(9);
+    let (rows, cols) = (64, 200);
+    let qw = random_weight(&mut rng, rows, cols, Granularity::Channel);
+    let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfUp).unwrap();
+    let x = random_x(&mut rng, 3 * cols);
+    let cfg = KernelConfig::new(Backend::best(), ActPath::Int8, 3);
+    let mut want = vec![0f32; 3 * rows];
+    pw.matmul(3, &x, 3, &mut want, &cfg).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..20 {
+                    let mut y = vec![0f32; 3 * rows];
+                    pw.matmul(3, &x, 3, &mut y, &cfg).unwrap();
+                    assert_eq!(y, want);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn pool_propagates_panics_and_survives() {
+    let r = std::panic::catch_unwind(|| pool::run(3, |i| assert_ne!(i, 2, "share 2 fails")));
+    assert!(r.is_err());
+    let r = std::panic::catch_unwind(|| pool::run(3, |i| assert_ne!(i, 0, "share 0 fails")));
+    assert!(r.is_err());
+    let hits = std::sync::atomic::AtomicUsize::new(0);
+    pool::run(5, |i| {
+        hits.fetch_add(1 << (4 * i), std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(hits.into_inner(), 0x11111);
+}
