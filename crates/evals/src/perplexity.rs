@@ -2,6 +2,8 @@
 //! one model in lockstep (each window runs through every precision, so KL to the float model
 //! needs no stored logits).
 
+use std::time::Instant;
+
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, D};
 use model::{KvCache, Transformer};
@@ -86,6 +88,7 @@ struct Sums {
     kl: f64,
     kl_tokens: u64,
     top1_agree: u64,
+    seconds: f64,
 }
 
 /// The result for one precision.
@@ -101,6 +104,8 @@ pub struct PrecisionReport {
     pub mean_kl: Option<f64>,
     /// Fraction of scored positions whose top-1 token equals the reference's.
     pub top1_agreement: Option<f64>,
+    /// Wall-clock seconds spent in this candidate's forward passes (and log-softmax).
+    pub seconds: f64,
 }
 
 impl Sums {
@@ -118,6 +123,7 @@ impl Sums {
             tokens_scored: self.tokens,
             mean_kl: with_reference.then(|| self.kl / self.kl_tokens.max(1) as f64),
             top1_agreement: with_reference.then(|| self.top1_agree as f64 / self.kl_tokens.max(1) as f64),
+            seconds: self.seconds,
         }
     }
 }
@@ -147,20 +153,23 @@ pub fn evaluate(
         let input = Tensor::new(window.tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
         let targets: Vec<u32> = window.tokens[window.score_from + 1..].to_vec();
         let targets_t = Tensor::new(targets.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
-        let log_probs = |c: &Candidate| -> Result<Tensor> {
+        let log_probs = |c: &Candidate, seconds: &mut f64| -> Result<Tensor> {
+            let started = Instant::now();
             let mut cache = KvCache::new(c.model.config());
             // Logits of positions score_from..n-1 (the last position predicts nothing).
             let logits = c.model.forward(&input.narrow(1, 0, n - 1)?, &mut cache, window.score_from)?;
-            Ok(candle_nn::ops::log_softmax(&logits.squeeze(0)?.to_dtype(DType::F32)?, D::Minus1)?)
+            let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?.to_dtype(DType::F32)?, D::Minus1)?;
+            *seconds += started.elapsed().as_secs_f64();
+            Ok(lp)
         };
         let reference_lp = match reference {
-            Some(r) => Some(log_probs(&candidates[r])?),
+            Some(r) => Some(log_probs(&candidates[r], &mut sums[r].seconds)?),
             None => None,
         };
         for (ci, c) in candidates.iter().enumerate() {
             let lp = match (reference, &reference_lp) {
                 (Some(r), Some(ref_lp)) if r == ci => ref_lp.clone(),
-                _ => log_probs(c)?,
+                _ => log_probs(c, &mut sums[ci].seconds)?,
             };
             let nll: Vec<f32> = lp.gather(&targets_t, 1)?.squeeze(1)?.neg()?.to_vec1()?;
             let s = &mut sums[ci];

@@ -58,6 +58,22 @@ fn assert_refused(output: &Output, needles: &[&str]) {
 }
 
 #[test]
+fn rejects_bad_runtime_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = small_text(dir.path());
+    for (args, needle) in [
+        (&["--runtime", "reference", "--activations", "int8"][..], "--activations int8 needs --runtime kernels"),
+        (&["--runtime", "reference", "--threads", "2"][..], "--threads applies to --runtime kernels only"),
+        (&["--threads", "0"][..], "--threads must be at least 1"),
+        (&["--runtime", "gpu"][..], "invalid value 'gpu'"),
+        (&["--activations", "int4"][..], "invalid value 'int4'"),
+    ] {
+        let output = drq_eval(["--model", s(&gguf()), "--file", s(&text), "--precision", "8"].iter().copied().chain(args.iter().copied()));
+        assert_refused(&output, &[needle]);
+    }
+}
+
+#[test]
 fn rejects_bad_precisions() {
     let dir = tempfile::tempdir().unwrap();
     let text = small_text(dir.path());
@@ -251,4 +267,29 @@ fn evaluates_a_checkpoint_against_its_reference() {
     let checkpoints = report["checkpoints"].as_array().unwrap();
     assert_eq!(checkpoints.len(), 1);
     assert_eq!(checkpoints[0]["quantization"]["granularity"], "channel");
+    // Checkpoint precisions ran through the kernels, with a timed thread count.
+    let runtime = &report["runtime"];
+    assert_eq!(runtime["runtime"], "kernels", "{report:#}");
+    assert_eq!(runtime["activations"], "f32");
+    assert!(matches!(runtime["threads"].as_u64(), Some(1 | 2)), "{report:#}");
+    assert!(runtime["threads_timing_seconds"].is_object() || runtime["threads"] == 1, "{report:#}");
+    assert!(results.iter().all(|r| r["seconds"].as_f64().is_some_and(|t| t > 0.0)), "{report:#}");
+
+    // The reference path gives the same 8-bit perplexity; int8 activations a close one.
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let json = dir.path().join("run.json");
+        let args = ["--model", s(&ckpt), "--file", s(&text), "--precision", "8", "--ctx", "64", "--max-windows", "2", "--json", s(&json)];
+        let output = drq_eval(args.iter().chain(extra));
+        assert_eq!(output.status.code(), Some(0), "stderr:\n{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let reference = run(&["--runtime", "reference"]);
+    assert_eq!(reference["runtime"]["runtime"], "reference");
+    let ppl_ref = reference["results"][0]["perplexity"].as_f64().unwrap();
+    assert!((ppl_8 / ppl_ref - 1.0).abs() < 1e-4, "kernels {ppl_8} vs reference {ppl_ref}");
+    let int8 = run(&["--activations", "int8", "--threads", "1"]);
+    assert_eq!(int8["runtime"]["activations"], "int8");
+    assert_eq!(int8["runtime"]["threads"], 1);
+    let ppl_int8 = int8["results"][0]["perplexity"].as_f64().unwrap();
+    assert!((ppl_int8 / ppl_ref - 1.0).abs() < 0.1, "int8 activations {ppl_int8} vs reference {ppl_ref}");
 }

@@ -77,6 +77,8 @@ pub enum KernelError {
     InvalidBatch(usize),
     /// A kernel backend this CPU cannot run (by name).
     BackendUnavailable(&'static str),
+    /// A row index at or past the number of rows.
+    RowOutOfRange { row: usize, rows: usize },
 }
 
 impl fmt::Display for KernelError {
@@ -107,6 +109,9 @@ impl fmt::Display for KernelError {
             }
             KernelError::BackendUnavailable(b) => {
                 write!(f, "kernel backend {b} is not supported by this CPU")
+            }
+            KernelError::RowOutOfRange { row, rows } => {
+                write!(f, "row {row} is out of range for a weight of {rows} rows")
             }
         }
     }

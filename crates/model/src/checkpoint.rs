@@ -340,14 +340,28 @@ impl Checkpoint {
         Ok((codes, scales, layout))
     }
 
+    /// Whether `name` is stored quantized (codes + scales) rather than in float.
+    pub fn is_quantized(&self, name: &str) -> bool {
+        self.quantization.quantized.binary_search_by(|q| q.as_str().cmp(name)).is_ok()
+    }
+
+    /// A tensor kept in float (norm, bias, unquantized weight), copied out of the mapping as f32.
+    pub fn float_tensor(&self, name: &str) -> Result<Tensor> {
+        let st = self.tensors();
+        let view = st.tensor(name).with_context(|| format!("`{name}` is not a float tensor of this checkpoint"))?;
+        ensure!(view.dtype() == Dtype::F32, "`{name}` is not a float tensor of this checkpoint");
+        let data: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok(Tensor::from_vec(data, view.shape(), &candle_core::Device::Cpu)?)
+    }
+
     /// Float weights of the model decoded at `precision` (every quantized weight at its bits,
     /// through the second rounding). `Precision::Float` is an error: a checkpoint stores no
     /// float copy of its quantized weights.
     pub fn weights_at(&self, precision: &Precision) -> Result<Weights> {
-        let st = self.tensors();
         let mut weights = Weights::new();
         for (name, shape) in Weights::expected_shapes(&self.config) {
-            if self.quantization.quantized.iter().any(|q| q == &name) {
+            if self.is_quantized(&name) {
                 let bits = precision.bits_for(&name).with_context(|| {
                     format!("{}: precision `{precision}` is not available from a checkpoint (it stores no float copy of quantized weights)", self.path.display())
                 })?;
@@ -357,13 +371,8 @@ impl Checkpoint {
                     .map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
                 weights.insert(name, Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?)?;
             } else {
-                let view = st.tensor(&name)?;
-                let data: Vec<f32> = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                weights.insert(name, Tensor::from_vec(data, shape, &candle_core::Device::Cpu)?)?;
+                let tensor = self.float_tensor(&name)?;
+                weights.insert(name, tensor)?;
             }
         }
         Ok(weights)

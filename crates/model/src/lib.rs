@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod export;
 pub mod precision;
+pub mod resident;
 pub mod source;
 pub mod testing;
 pub mod tokenizer;
@@ -14,6 +15,7 @@ pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
 pub use precision::Precision;
+pub use resident::ResidentModel;
 pub use source::{FloatModel, ModelSource};
-pub use transformer::{KvCache, OpsMode, Transformer};
+pub use transformer::{KvCache, Linear, OpsMode, Transformer};
 pub use weights::Weights;

@@ -1,10 +1,21 @@
 //! The one decoder definition shared by evaluation, serving and training: Llama-family and
 //! Qwen2 blocks (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP), batched, with a KV cache.
+//!
+//! Two ways to hold the weights, one forward: [`Transformer::new`] takes float [`Weights`] (the
+//! training path, and the reference path of a checkpoint decoded with
+//! [`crate::checkpoint::Checkpoint::weights_at`]); [`Transformer::from_resident`] serves the
+//! quantized weights of a [`ResidentModel`] through the bit-plane kernels at any precision,
+//! sharing the resident copy. Only [`Linear`] and the embedding lookup differ between the two.
 
-use anyhow::{bail, ensure, Result};
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
+use kernels::{KernelConfig, PlanarWeight, MAX_BATCH};
 
 use crate::config::{Llama3RopeScaling, ModelConfig};
+use crate::precision::Precision;
+use crate::resident::ResidentModel;
 use crate::weights::{Weights, EMBED, FINAL_NORM, LM_HEAD};
 
 /// Which implementation of the element-wise ops to use. candle's fused RMSNorm, RoPE and
@@ -17,28 +28,168 @@ pub enum OpsMode {
 
 /// `y = x·Wᵀ (+ b)` over the last dimension.
 #[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+pub enum Linear {
+    /// A float weight `[out, in]`, multiplied by candle (differentiable; the reference path).
+    Dense { weight: Tensor, bias: Option<Tensor> },
+    /// A resident bit-plane weight served at `bits` by the kernels (inference only).
+    Planar { weight: Arc<PlanarWeight>, bits: u32, kernel: KernelConfig, bias: Option<Tensor> },
 }
 
 impl Linear {
+    /// A dense (float) linear layer.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Linear::Dense { weight, bias }
+    }
+
+    /// A linear layer served by the kernels from a resident weight at `bits`.
+    pub fn planar(weight: Arc<PlanarWeight>, bits: u32, kernel: KernelConfig, bias: Option<Tensor>) -> Result<Self> {
+        kernels::check_bits(bits)?;
+        ensure!(kernel.backend.is_available(), "kernel backend {} is not supported by this CPU", kernel.backend);
+        if let Some(b) = &bias {
+            ensure!(b.dims() == [weight.rows()], "bias of shape {:?} for a weight of {} rows", b.dims(), weight.rows());
+        }
+        Ok(Linear::Planar { weight, bits, kernel, bias })
+    }
+
+    /// Output features (rows of the weight).
+    pub fn out_features(&self) -> usize {
+        match self {
+            Linear::Dense { weight, .. } => weight.dims()[0],
+            Linear::Planar { weight, .. } => weight.rows(),
+        }
+    }
+
+    /// The resident weight and its bit-width, for the kernel path.
+    pub fn planar_weight(&self) -> Option<(&Arc<PlanarWeight>, u32)> {
+        match self {
+            Linear::Dense { .. } => None,
+            Linear::Planar { weight, bits, .. } => Some((weight, *bits)),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let inner = *dims.last().expect("activations have at least one dimension");
-        let rows = x.elem_count() / inner;
-        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
+        let rows = x.elem_count() / inner.max(1);
+        // The kernels take at most MAX_BATCH activation rows per call: longer inputs go in chunks.
+        let (y, bias) = match self {
+            Linear::Dense { weight, bias } => (x.reshape((rows, inner))?.matmul(&weight.t()?)?, bias),
+            Linear::Planar { weight, bits, kernel, bias } => {
+                ensure!(inner == weight.cols(), "activations of width {inner} for a weight of {} columns", weight.cols());
+                let x: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                let out = weight.rows();
+                let mut y = vec![0f32; rows * out];
+                for (xc, yc) in x.chunks(MAX_BATCH * inner.max(1)).zip(y.chunks_mut(MAX_BATCH * out.max(1))) {
+                    let n = yc.len() / out.max(1);
+                    if n == 1 {
+                        weight.matvec(*bits, xc, yc, kernel)?;
+                    } else {
+                        weight.matmul(*bits, xc, n, yc, kernel)?;
+                    }
+                }
+                (Tensor::from_vec(y, (rows, out), &Device::Cpu)?, bias)
+            }
+        };
+        let y = match bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        *out_dims.last_mut().unwrap() = self.out_features();
         Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// The token embedding: a float table, or a resident weight whose rows are decoded on lookup.
+#[derive(Debug, Clone)]
+enum Embedding {
+    Dense(Tensor),
+    Planar { weight: Arc<PlanarWeight>, bits: u32 },
+}
+
+impl Embedding {
+    /// Rows `ids` (u32, flat) of the table, `[ids.len(), hidden]`.
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(table) => Ok(table.index_select(ids, 0)?),
+            Embedding::Planar { weight, bits } => {
+                let rows: Vec<usize> = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|i| i as usize).collect();
+                let mut out = vec![0f32; rows.len() * weight.cols()];
+                weight.dequantize_rows(*bits, &rows, &mut out)?;
+                Ok(Tensor::from_vec(out, (rows.len(), weight.cols()), &Device::Cpu)?)
+            }
+        }
+    }
+}
+
+/// A weight as a source hands it to the builder.
+enum Param {
+    Float(Tensor),
+    Planar(Arc<PlanarWeight>, u32),
+}
+
+/// Where [`Transformer::build`] takes its weights from.
+trait ParamSource {
+    /// The weight `name`, checked against `shape`.
+    fn param(&self, name: &str, shape: &[usize]) -> Result<Param>;
+    /// The kernel configuration of planar weights.
+    fn kernel(&self) -> KernelConfig;
+
+    /// A tensor that must be float (norm, bias).
+    fn float(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        match self.param(name, shape)? {
+            Param::Float(t) => Ok(t),
+            Param::Planar(..) => bail!("`{name}` must be a float tensor, but it is quantized"),
+        }
+    }
+
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let bias = if bias { Some(self.float(&format!("{prefix}.bias"), &[out])?) } else { None };
+        match self.param(&format!("{prefix}.weight"), &[out, inp])? {
+            Param::Float(weight) => Ok(Linear::new(weight, bias)),
+            Param::Planar(weight, bits) => Linear::planar(weight, bits, self.kernel(), bias),
+        }
+    }
+}
+
+impl ParamSource for Weights {
+    fn param(&self, name: &str, shape: &[usize]) -> Result<Param> {
+        Ok(Param::Float(self.get(name, shape)?))
+    }
+
+    fn kernel(&self) -> KernelConfig {
+        KernelConfig::default()
+    }
+}
+
+/// A resident model with a bit-width per quantized weight.
+struct ResidentSource<'a, F> {
+    model: &'a ResidentModel,
+    bits: F,
+    kernel: KernelConfig,
+}
+
+impl<F: Fn(&str) -> Option<u32>> ParamSource for ResidentSource<'_, F> {
+    fn param(&self, name: &str, shape: &[usize]) -> Result<Param> {
+        if let Some(w) = self.model.planar(name) {
+            ensure!(
+                [w.rows(), w.cols()] == shape,
+                "resident weight `{name}` is {}x{}, expected {shape:?}",
+                w.rows(),
+                w.cols()
+            );
+            let bits = (self.bits)(name).with_context(|| {
+                format!("no bit-width for the quantized weight `{name}` (a checkpoint stores no float copy of its quantized weights)")
+            })?;
+            return Ok(Param::Planar(w.clone(), bits));
+        }
+        let t = self.model.float(name).with_context(|| format!("missing tensor `{name}`"))?;
+        ensure!(t.dims() == shape, "tensor `{name}` has shape {:?}, expected {shape:?}", t.dims());
+        Ok(Param::Float(t.clone()))
+    }
+
+    fn kernel(&self) -> KernelConfig {
+        self.kernel
     }
 }
 
@@ -87,10 +238,10 @@ impl KvCache {
     }
 }
 
-/// A decoder-only transformer built from float [`Weights`].
+/// A decoder-only transformer over float [`Weights`] or a [`ResidentModel`].
 pub struct Transformer {
     config: ModelConfig,
-    embed: Tensor,
+    embed: Embedding,
     blocks: Vec<Block>,
     final_norm: Tensor,
     lm_head: Linear,
@@ -100,45 +251,78 @@ pub struct Transformer {
 }
 
 impl Transformer {
+    /// A transformer over float weights, multiplied by candle: the training path (with
+    /// [`OpsMode::Differentiable`]) and the reference path of a checkpoint.
     pub fn new(config: &ModelConfig, weights: &Weights, mode: OpsMode) -> Result<Self> {
+        Self::build(config, weights, mode)
+    }
+
+    /// A transformer serving `resident` at `precision` through the kernels: every quantized weight
+    /// at `precision.bits_for(name)` bits, sharing the resident copy (nothing is decoded or
+    /// copied here). Inference only.
+    pub fn from_resident(resident: &ResidentModel, precision: &Precision, kernel: &KernelConfig) -> Result<Self> {
+        Self::from_resident_with(resident, |name| precision.bits_for(name), kernel)
+            .with_context(|| format!("precision `{precision}`"))
+    }
+
+    /// [`Self::from_resident`] with a bit-width per quantized weight name (per-layer profiles);
+    /// `None` for a quantized weight is an error.
+    pub fn from_resident_with(
+        resident: &ResidentModel,
+        bits: impl Fn(&str) -> Option<u32>,
+        kernel: &KernelConfig,
+    ) -> Result<Self> {
+        let source = ResidentSource { model: resident, bits, kernel: *kernel };
+        Self::build(resident.config(), &source, OpsMode::Inference)
+    }
+
+    fn build(config: &ModelConfig, src: &impl ParamSource, mode: OpsMode) -> Result<Self> {
         config.validate()?;
         let h = config.hidden_size;
         let q_dim = config.num_attention_heads * config.head_dim;
         let kv_dim = config.num_key_value_heads * config.head_dim;
         let m = config.intermediate_size;
-        let linear = |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let weight = weights.get(&format!("{prefix}.weight"), &[out, inp])?;
-            let bias = if bias { Some(weights.get(&format!("{prefix}.bias"), &[out])?) } else { None };
-            Ok(Linear::new(weight, bias))
-        };
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let ab = config.attention_bias;
             blocks.push(Block {
-                input_norm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_attention_norm: weights.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q_proj: linear(&format!("{p}.self_attn.q_proj"), q_dim, h, ab)?,
-                k_proj: linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, ab)?,
-                v_proj: linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, ab)?,
-                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, q_dim, false)?,
-                gate_proj: linear(&format!("{p}.mlp.gate_proj"), m, h, false)?,
-                up_proj: linear(&format!("{p}.mlp.up_proj"), m, h, false)?,
-                down_proj: linear(&format!("{p}.mlp.down_proj"), h, m, false)?,
+                input_norm: src.float(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_attention_norm: src.float(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q_proj: src.linear(&format!("{p}.self_attn.q_proj"), q_dim, h, ab)?,
+                k_proj: src.linear(&format!("{p}.self_attn.k_proj"), kv_dim, h, ab)?,
+                v_proj: src.linear(&format!("{p}.self_attn.v_proj"), kv_dim, h, ab)?,
+                o_proj: src.linear(&format!("{p}.self_attn.o_proj"), h, q_dim, false)?,
+                gate_proj: src.linear(&format!("{p}.mlp.gate_proj"), m, h, false)?,
+                up_proj: src.linear(&format!("{p}.mlp.up_proj"), m, h, false)?,
+                down_proj: src.linear(&format!("{p}.mlp.down_proj"), h, m, false)?,
             });
         }
-        let embed = weights.get(EMBED, &[config.vocab_size, h])?;
-        let lm_head = if config.tie_word_embeddings {
-            Linear::new(embed.clone(), None)
-        } else {
-            Linear::new(weights.get(LM_HEAD, &[config.vocab_size, h])?, None)
+        let (embed, lm_head) = match src.param(EMBED, &[config.vocab_size, h])? {
+            Param::Float(table) => {
+                let head = if config.tie_word_embeddings {
+                    Linear::new(table.clone(), None)
+                } else {
+                    src.linear(lm_head_prefix(), config.vocab_size, h, false)?
+                };
+                (Embedding::Dense(table), head)
+            }
+            Param::Planar(weight, bits) => {
+                let head = if config.tie_word_embeddings {
+                    // The tied head is the resident embedding itself, at the embedding's bits.
+                    Linear::planar(weight.clone(), bits, src.kernel(), None)?
+                } else {
+                    src.linear(lm_head_prefix(), config.vocab_size, h, false)?
+                };
+                (Embedding::Planar { weight, bits }, head)
+            }
         };
         let (cos, sin) = rope_tables(config)?;
         Ok(Self {
             config: config.clone(),
             embed,
             blocks,
-            final_norm: weights.get(FINAL_NORM, &[h])?,
+            final_norm: src.float(FINAL_NORM, &[h])?,
             lm_head,
             cos,
             sin,
@@ -148,6 +332,23 @@ impl Transformer {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Every resident weight this transformer serves through the kernels, with its bit-width, in
+    /// a fixed order (embedding, each block's q, k, v, o, gate, up, down, then the lm_head, which
+    /// is the embedding again when tied); empty on the float path.
+    pub fn planar_weights(&self) -> Vec<(&Arc<PlanarWeight>, u32)> {
+        let mut out = Vec::new();
+        if let Embedding::Planar { weight, bits } = &self.embed {
+            out.push((weight, *bits));
+        }
+        for b in &self.blocks {
+            for l in [&b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj] {
+                out.extend(l.planar_weight());
+            }
+        }
+        out.extend(self.lm_head.planar_weight());
+        out
     }
 
     /// Runs `tokens` (`[batch, seq]`, u32) after the positions already in `cache`, appends their
@@ -170,7 +371,7 @@ impl Transformer {
             "token id {max_id} is outside the vocabulary of {}",
             self.config.vocab_size
         );
-        let mut x = self.embed.index_select(&ids, 0)?.reshape((batch, seq, self.config.hidden_size))?;
+        let mut x = self.embed.lookup(&ids)?.reshape((batch, seq, self.config.hidden_size))?;
         let cos = self.cos.narrow(0, start, seq)?;
         let sin = self.sin.narrow(0, start, seq)?;
         let mask = causal_mask(seq, start, x.device())?;
@@ -247,6 +448,11 @@ impl Transformer {
             OpsMode::Differentiable => candle_nn::rotary_emb::rope_slow(x, cos, sin)?,
         })
     }
+}
+
+/// [`LM_HEAD`] without `.weight`.
+fn lm_head_prefix() -> &'static str {
+    LM_HEAD.strip_suffix(".weight").expect("weight names end in .weight")
 }
 
 /// `[seq, start + seq]` additive mask hiding future positions; `None` when nothing is hidden.

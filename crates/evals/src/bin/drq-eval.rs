@@ -3,13 +3,13 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use evals::perplexity::{evaluate, windows, Candidate, PrecisionReport, Protocol};
-use kernels::{Granularity, TieRule};
+use evals::perplexity::{evaluate, windows, Candidate, PrecisionReport, Protocol, Window};
+use kernels::{ActPath, Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::{self, FloatModel, ModelSource};
-use model::{precision, OpsMode, Precision, Transformer};
+use model::{precision, KvCache, OpsMode, Precision, ResidentModel, Transformer};
 use quantize::{QuantSpec, SearchObjective};
 
 #[derive(Parser)]
@@ -31,6 +31,22 @@ enum ProtocolArg {
     Llama,
     /// Windows every --stride tokens; every token after the first scored once.
     Strided,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RuntimeArg {
+    /// The bit-plane kernels over one resident copy of the checkpoint (what is served).
+    Kernels,
+    /// Every precision decoded to f32 weights and multiplied by candle (the reference path).
+    Reference,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ActivationsArg {
+    /// f32 activations: exactly the dequantized weights' products, up to summation order.
+    F32,
+    /// int8 activations (absmax per weight scale group), exact integer dot products.
+    Int8,
 }
 
 #[derive(clap::Args)]
@@ -79,6 +95,16 @@ struct PerplexityArgs {
     /// In-memory quantization of a float --model: scale search objective.
     #[arg(long, default_value = "normalized")]
     objective: SearchObjective,
+    /// How checkpoint precisions run (`fp` always runs on candle).
+    #[arg(long, value_enum, default_value = "kernels")]
+    runtime: RuntimeArg,
+    /// Activations of the kernels (--runtime kernels).
+    #[arg(long, value_enum, default_value = "f32")]
+    activations: ActivationsArg,
+    /// Kernel threads (--runtime kernels). Default: 1 and 2 are timed on a few windows and the
+    /// faster is used (logged, and recorded in --json).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn main() {
@@ -92,6 +118,11 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     if args.max_windows == Some(0) {
         bail!("--max-windows must be at least 1 (0 windows would score nothing)");
     }
+    if args.runtime == RuntimeArg::Reference {
+        ensure!(args.threads.is_none(), "--threads applies to --runtime kernels only");
+        ensure!(args.activations == ActivationsArg::F32, "--activations int8 needs --runtime kernels");
+    }
+    ensure!(args.threads != Some(0), "--threads must be at least 1");
     let text = std::fs::read(&args.file).with_context(|| format!("cannot read text file {}", args.file.display()))?;
     let text = String::from_utf8(text).with_context(|| format!("{} is not UTF-8 text", args.file.display()))?;
     let protocol = match args.protocol {
@@ -149,21 +180,6 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         (None, None) => unreachable!("checked above"),
     };
 
-    let mut models: Vec<(String, Transformer)> = Vec::new();
-    if let (Some(f), true) = (&float, wants_float) {
-        models.push(("fp".to_string(), Transformer::new(&f.config, &f.weights, OpsMode::Inference)?));
-    }
-    let mut checkpoint_info = Vec::new();
-    for c in &checkpoints {
-        for p in &int_precisions {
-            let label = if checkpoints.len() > 1 { format!("{p} {}", c.quantization().granularity) } else { p.to_string() };
-            models.push((label, Transformer::new(&config, &c.weights_at(p)?, OpsMode::Inference)?));
-        }
-        checkpoint_info.push(serde_json::json!({ "path": c.path(), "quantization": c.quantization() }));
-    }
-    let candidates: Vec<Candidate> = models.iter().map(|(label, m)| Candidate { label: label.clone(), model: m }).collect();
-    let reference = (float.is_some() && wants_float).then_some(0);
-
     let encoding = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
     let mut tokens = encoding.get_ids().to_vec();
     if let Some(limit) = args.limit_tokens {
@@ -174,6 +190,79 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     if let Some(max) = args.max_windows {
         wins.truncate(max);
     }
+
+    let mut models: Vec<(String, Transformer)> = Vec::new();
+    if let (Some(f), true) = (&float, wants_float) {
+        models.push(("fp".to_string(), Transformer::new(&f.config, &f.weights, OpsMode::Inference)?));
+    }
+    let label = |c: &Checkpoint, p: &Precision| {
+        if checkpoints.len() > 1 { format!("{p} {}", c.quantization().granularity) } else { p.to_string() }
+    };
+    let mut checkpoint_info = Vec::new();
+    let runtime_info = match args.runtime {
+        RuntimeArg::Reference => {
+            for c in &checkpoints {
+                for p in &int_precisions {
+                    models.push((label(c, p), Transformer::new(&config, &c.weights_at(p)?, OpsMode::Inference)?));
+                }
+            }
+            serde_json::json!({ "runtime": "reference" })
+        }
+        RuntimeArg::Kernels => {
+            let path = match args.activations {
+                ActivationsArg::F32 => ActPath::F32,
+                ActivationsArg::Int8 => ActPath::Int8,
+            };
+            let mut kernel = KernelConfig { path, ..KernelConfig::default() };
+            // One resident copy per checkpoint serves all its precisions.
+            let started = Instant::now();
+            let residents = if int_precisions.is_empty() {
+                Vec::new()
+            } else {
+                checkpoints.iter().map(ResidentModel::from_checkpoint).collect::<Result<Vec<_>>>()?
+            };
+            let bytes: usize = residents.iter().map(ResidentModel::resident_bytes).sum();
+            tracing::info!(
+                "resident weights built in {:.1}s ({:.1} MiB)",
+                started.elapsed().as_secs_f64(),
+                bytes as f64 / (1 << 20) as f64
+            );
+            let (threads, timing) = match (args.threads, residents.first(), int_precisions.first()) {
+                (Some(t), _, _) => (t, None),
+                (None, Some(r), Some(p)) => {
+                    let (t, timing) = pick_threads(r, p, kernel, &wins)?;
+                    (t, Some(timing))
+                }
+                (None, _, _) => (1, None),
+            };
+            kernel.threads = threads;
+            tracing::info!(
+                "kernels: backend {}, {} activations, {threads} thread(s){}",
+                kernel.backend,
+                args.activations.name(),
+                if args.threads.is_some() { "" } else { " (timed)" }
+            );
+            for (c, r) in checkpoints.iter().zip(&residents) {
+                for p in &int_precisions {
+                    models.push((label(c, p), Transformer::from_resident(r, p, &kernel)?));
+                }
+            }
+            serde_json::json!({
+                "runtime": "kernels",
+                "backend": kernel.backend.name(),
+                "activations": args.activations.name(),
+                "threads": threads,
+                "threads_timing_seconds": timing,
+                "resident_bytes": bytes,
+            })
+        }
+    };
+    for c in &checkpoints {
+        checkpoint_info.push(serde_json::json!({ "path": c.path(), "quantization": c.quantization() }));
+    }
+    let candidates: Vec<Candidate> = models.iter().map(|(label, m)| Candidate { label: label.clone(), model: m }).collect();
+    let reference = (float.is_some() && wants_float).then_some(0);
+
     tracing::info!(
         "{} tokens, {} windows of up to {} tokens, precisions {}",
         tokens.len(),
@@ -194,7 +283,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
 
-    print_table(&reports);
+    print_table(&reports, wins.len());
     let forward_tokens = wins.iter().map(|w| w.tokens.len() - 1).sum::<usize>() * candidates.len();
     println!(
         "{} windows, {} tokens scored per model, {seconds:.1}s ({:.0} tokens/s through the model)",
@@ -211,6 +300,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
             "protocol": match protocol { Protocol::LlamaCpp => "llama".to_string(), Protocol::Strided { stride } => format!("strided:{stride}") },
             "windows": wins.len(),
             "checkpoints": checkpoint_info,
+            "runtime": runtime_info,
             "seconds": seconds,
             "results": reports,
         });
@@ -221,14 +311,60 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_table(reports: &[PrecisionReport]) {
-    println!("{:>16} {:>12} {:>9} {:>10} {:>10} {:>8}", "precision", "perplexity", "± s.e.", "tokens", "KL(fp‖·)", "top-1");
+/// Kernel threads for this machine: 1 and 2 timed on the first (up to) three windows, cut to
+/// 128 tokens (two 64-row kernel calls per weight), in the order 1, 2, 2, 1, 1, 2 so that a drift
+/// in machine load hits both alike. Returns the faster count and the seconds of each.
+fn pick_threads(resident: &ResidentModel, precision: &Precision, kernel: KernelConfig, wins: &[Window]) -> Result<(usize, serde_json::Value)> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        return Ok((1, serde_json::json!({ "cores": cores })));
+    }
+    let models: Vec<Transformer> = [1, 2]
+        .iter()
+        .map(|&threads| Transformer::from_resident(resident, precision, &KernelConfig { threads, ..kernel }))
+        .collect::<Result<_>>()?;
+    let mut seconds = [0f64; 2];
+    for (i, w) in wins.iter().take(3).enumerate() {
+        let n = w.tokens.len().min(128);
+        let input = candle_core::Tensor::new(&w.tokens[..n], &candle_core::Device::Cpu)?.unsqueeze(0)?;
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for m in order {
+            let started = Instant::now();
+            models[m].forward(&input, &mut KvCache::new(models[m].config()), n / 2)?;
+            seconds[m] += started.elapsed().as_secs_f64();
+        }
+    }
+    let threads = if seconds[1] < seconds[0] { 2 } else { 1 };
+    tracing::info!("kernel threads timed: 1 thread {:.2}s, 2 threads {:.2}s → {threads}", seconds[0], seconds[1]);
+    Ok((threads, serde_json::json!({ "1": seconds[0], "2": seconds[1] })))
+}
+
+impl ActivationsArg {
+    fn name(self) -> &'static str {
+        match self {
+            ActivationsArg::F32 => "f32",
+            ActivationsArg::Int8 => "int8",
+        }
+    }
+}
+
+fn print_table(reports: &[PrecisionReport], windows: usize) {
+    println!(
+        "{:>16} {:>12} {:>9} {:>10} {:>10} {:>8} {:>9}",
+        "precision", "perplexity", "± s.e.", "tokens", "KL(fp‖·)", "top-1", "s/window"
+    );
     for r in reports {
         let kl = r.mean_kl.map_or("-".to_string(), |k| format!("{k:.5}"));
         let top1 = r.top1_agreement.map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
         println!(
-            "{:>16} {:>12.4} {:>9.4} {:>10} {:>10} {:>8}",
-            r.label, r.perplexity, r.perplexity_stderr, r.tokens_scored, kl, top1
+            "{:>16} {:>12.4} {:>9.4} {:>10} {:>10} {:>8} {:>9.3}",
+            r.label,
+            r.perplexity,
+            r.perplexity_stderr,
+            r.tokens_scored,
+            kl,
+            top1,
+            r.seconds / windows.max(1) as f64
         );
     }
 }

@@ -533,6 +533,43 @@ impl PlanarWeight {
         out
     }
 
+    /// Rows `rows` of the weight served at `bits`, dequantized: `out[i·cols..(i+1)·cols]` is row
+    /// `rows[i]` of `Ŵ_bits = (q_l · 2^Δ) · s`, bit for bit what [`crate::dequantize`] gives for
+    /// those rows (scale included). An embedding lookup: only the rows asked for are decoded.
+    pub fn dequantize_rows(
+        &self,
+        bits: u32,
+        rows: &[usize],
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let prec = Prec::new(bits)?;
+        let cols = self.cols();
+        if out.len() != rows.len() * cols {
+            return Err(mismatch("out", rows.len() * cols, out.len()));
+        }
+        if let Some(&row) = rows.iter().find(|&&r| r >= self.rows()) {
+            return Err(KernelError::RowOutOfRange {
+                row,
+                rows: self.rows(),
+            });
+        }
+        if cols == 0 {
+            return Ok(());
+        }
+        let mut q = vec![0u8; self.cols_padded() + SLACK];
+        for (&r, dst) in rows.iter().zip(out.chunks_exact_mut(cols)) {
+            scalar::decode_row(self, r, prec, true, &mut q);
+            for g in 0..self.layout.n_groups() {
+                let s = self.scales[r * self.layout.n_groups() + g];
+                let range = self.layout.group_cols(g);
+                for (o, &v) in dst[range.clone()].iter_mut().zip(&q[range]) {
+                    *o = f32::from(v as i8) * prec.step * s;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `y = Ŵ_bits · x` for one activation row: `x` has `cols` values, `y` has `rows`.
     pub fn matvec(
         &self,

@@ -578,3 +578,56 @@ fn pool_propagates_panics_and_survives() {
     });
     assert_eq!(hits.into_inner(), 0x11111);
 }
+
+#[test]
+fn dequantize_rows_matches_dequantize() {
+    let mut rng = Rng(11);
+    for (rows, cols) in [(7, 200), (3, 64), (5, 1)] {
+        for gran in GRANS {
+            for tie in TIES {
+                let qw = random_weight(&mut rng, rows, cols, gran);
+                let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+                // Any order, repeats allowed, as an embedding lookup asks.
+                let pick: Vec<usize> = (0..2 * rows).map(|_| rng.next() as usize % rows).collect();
+                for bits in 2..=8 {
+                    let full = qw.dequantize(bits, tie).unwrap();
+                    let mut got = vec![f32::NAN; pick.len() * cols];
+                    pw.dequantize_rows(bits, &pick, &mut got).unwrap();
+                    for (i, &r) in pick.iter().enumerate() {
+                        let want = &full[r * cols..(r + 1) * cols];
+                        let have = &got[i * cols..(i + 1) * cols];
+                        assert!(
+                            want.iter()
+                                .zip(have)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{rows}x{cols} {gran} {tie} bits={bits} row {r}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let pw = PlanarWeight::from_quantized(
+        &random_weight(&mut rng, 4, 10, Granularity::Channel),
+        TieRule::HalfEven,
+    )
+    .unwrap();
+    let mut out = vec![0f32; 20];
+    pw.dequantize_rows(4, &[], &mut []).unwrap();
+    assert_eq!(
+        pw.dequantize_rows(4, &[0, 4], &mut out),
+        Err(KernelError::RowOutOfRange { row: 4, rows: 4 })
+    );
+    assert_eq!(
+        pw.dequantize_rows(4, &[0], &mut out),
+        Err(KernelError::LengthMismatch {
+            what: "out",
+            expected: 10,
+            got: 20
+        })
+    );
+    assert_eq!(
+        pw.dequantize_rows(1, &[0, 1], &mut out),
+        Err(KernelError::InvalidBits(1))
+    );
+}

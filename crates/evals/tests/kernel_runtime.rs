@@ -1,0 +1,291 @@
+//! The kernel runtime (`Transformer::from_resident`: every quantized weight served from one
+//! resident bit-plane copy) against the reference path (`Transformer::new` over
+//! `Checkpoint::weights_at`, candle matmuls on dequantized f32 weights):
+//! - tiny models, every precision 2..=8, channel and group:32, tied and untied, Llama and Qwen2
+//!   (biases): f32-activation logits equal the reference within 1e-4 relative, int8-activation
+//!   logits close with mostly the same argmax; per-layer mixes too;
+//! - the resident copy is shared: transformers at different precisions hold the same `Arc`s;
+//! - the real SmolLM2 at channel and group:128: perplexity over the first two 128-token windows of
+//!   the reference sample agrees to 1e-3 relative at 8, 4 and 2 bits (kernels, f32 activations),
+//!   and within a few percent with int8 activations at 8 and 4 bits (printed with --nocapture).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, D};
+use evals::perplexity::{evaluate, windows, Candidate, Protocol};
+use kernels::{ActPath, Granularity, KernelConfig, TieRule};
+use model::checkpoint::Checkpoint;
+use model::source::Provenance;
+use model::testing::tiny_model;
+use model::{Architecture, KvCache, OpsMode, Precision, ResidentModel, Transformer, Weights};
+use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
+
+fn spec(granularity: Granularity) -> QuantSpec {
+    QuantSpec { bits: vec![8, 4, 2], granularity, tie: TieRule::HalfEven, objective: SearchObjective::Normalized }
+}
+
+fn provenance() -> Provenance {
+    Provenance { source: "test".to_string(), sha256: "0".repeat(64) }
+}
+
+/// A tiny model quantized with `quantize_model` and written to `dir`, opened.
+fn tiny_checkpoint(dir: &Path, arch: Architecture, tied: bool, granularity: Granularity) -> Checkpoint {
+    let float = tiny_model(arch, tied, 3);
+    let q = quantize_model(&float, &spec(granularity), &[], |_| {}).unwrap();
+    let path = dir.join(format!("{arch:?}-{tied}-{}.safetensors", granularity.to_string().replace(':', "")));
+    write_checkpoint(&path, &float, &provenance(), &q).unwrap();
+    Checkpoint::open(&path).unwrap()
+}
+
+fn kernel(path: ActPath) -> KernelConfig {
+    KernelConfig { path, ..KernelConfig::default() }
+}
+
+/// Tokens `[batch, len]` below 300 (the tiny vocabulary), deterministic.
+fn tokens(batch: usize, len: usize, seed: u32) -> Tensor {
+    let ids: Vec<u32> = (0..(batch * len) as u32).map(|i| (i.wrapping_mul(2_654_435_761) ^ seed) % 300).collect();
+    Tensor::from_vec(ids, (batch, len), &Device::Cpu).unwrap()
+}
+
+/// Logits of a prefill of `[2, 70]` tokens (140 activation rows: kernel chunks of 64, 64, 12), a
+/// batched decode step `[2, 1]`, and a single-sequence prefill `[1, 5]` + decode step `[1, 1]`
+/// (the mat-vec path), flattened to `[positions, vocab]`.
+fn run(model: &Transformer) -> Tensor {
+    let config = model.config();
+    let mut out = Vec::new();
+    let mut cache = KvCache::new(config);
+    out.push(model.forward(&tokens(2, 70, 1), &mut cache, 0).unwrap());
+    out.push(model.forward(&tokens(2, 1, 2), &mut cache, 0).unwrap());
+    let mut cache = KvCache::new(config);
+    out.push(model.forward(&tokens(1, 5, 3), &mut cache, 0).unwrap());
+    out.push(model.forward(&tokens(1, 1, 4), &mut cache, 0).unwrap());
+    let flat: Vec<Tensor> = out.iter().map(|t| t.flatten_to(1).unwrap()).collect();
+    Tensor::cat(&flat, 0).unwrap()
+}
+
+/// `max |a − b| / max |b|`.
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    model::testing::max_abs_diff(a, b) / scale
+}
+
+/// Fraction of positions whose argmax agrees.
+fn argmax_agreement(a: &Tensor, b: &Tensor) -> f64 {
+    let eq: Vec<u8> = a.argmax(D::Minus1).unwrap().eq(&b.argmax(D::Minus1).unwrap()).unwrap().to_vec1().unwrap();
+    eq.iter().map(|&v| f64::from(v)).sum::<f64>() / eq.len() as f64
+}
+
+#[test]
+fn tiny_models_match_the_reference_at_every_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut worst_f32 = 0f32;
+    let (mut worst_int8, mut worst_agree) = (0f32, 1f64);
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        for tied in [false, true] {
+            for granularity in [Granularity::Channel, Granularity::Group(32)] {
+                let ckpt = tiny_checkpoint(dir.path(), arch, tied, granularity);
+                // Everything is quantized, the embedding (and untied lm_head) included.
+                assert!(ckpt.is_quantized("model.embed_tokens.weight"));
+                assert_eq!(ckpt.is_quantized("lm_head.weight"), !tied);
+                let resident = ResidentModel::from_checkpoint(&ckpt).unwrap();
+                for bits in 2..=8 {
+                    let p = Precision::Bits(bits);
+                    let case = format!("{arch:?} tied={tied} {granularity} {bits} bits");
+                    let reference = Transformer::new(ckpt.config(), &ckpt.weights_at(&p).unwrap(), OpsMode::Inference).unwrap();
+                    let want = run(&reference);
+                    let f32_model = Transformer::from_resident(&resident, &p, &kernel(ActPath::F32)).unwrap();
+                    let got = run(&f32_model);
+                    let d = rel_diff(&got, &want);
+                    assert!(d < 1e-4, "{case}: f32 kernels differ from the reference by {d:e} (relative)");
+                    worst_f32 = worst_f32.max(d);
+
+                    let int8_model = Transformer::from_resident(&resident, &p, &kernel(ActPath::Int8)).unwrap();
+                    let got = run(&int8_model);
+                    let d = rel_diff(&got, &want);
+                    let agree = argmax_agreement(&got, &want);
+                    assert!(d < 0.05, "{case}: int8 kernels differ from the reference by {d:e} (relative)");
+                    assert!(agree >= 0.9, "{case}: int8 argmax agrees on only {:.1}% of positions", agree * 100.0);
+                    worst_int8 = worst_int8.max(d);
+                    worst_agree = worst_agree.min(agree);
+                }
+            }
+        }
+    }
+    eprintln!(
+        "worst relative logit difference: f32 {worst_f32:e}, int8 {worst_int8:e}; worst int8 argmax agreement {:.1}%",
+        worst_agree * 100.0
+    );
+}
+
+/// A per-layer mix (layer 0 at 3 bits, layer 1 at 6, embedding 8, lm_head 4) through
+/// `from_resident_with` equals the reference built from each weight decoded at its own bits.
+#[test]
+fn per_layer_mix_matches_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let ckpt = tiny_checkpoint(dir.path(), arch, false, Granularity::Group(32));
+        let bits_for = |name: &str| -> Option<u32> {
+            Some(if name.starts_with("model.layers.0.") {
+                3
+            } else if name.starts_with("model.layers.1.") {
+                6
+            } else if name.starts_with("model.embed_tokens") {
+                8
+            } else {
+                4
+            })
+        };
+        let mut weights = Weights::new();
+        let decoded: Vec<(u32, Weights)> = (2..=8).map(|b| (b, ckpt.weights_at(&Precision::Bits(b)).unwrap())).collect();
+        for (name, shape) in Weights::expected_shapes(ckpt.config()) {
+            let bits = if ckpt.is_quantized(&name) { bits_for(&name).unwrap() } else { 8 };
+            let w = &decoded.iter().find(|(b, _)| *b == bits).unwrap().1;
+            weights.insert(name.clone(), w.get(&name, &shape).unwrap()).unwrap();
+        }
+        let want = run(&Transformer::new(ckpt.config(), &weights, OpsMode::Inference).unwrap());
+        let resident = ResidentModel::from_checkpoint(&ckpt).unwrap();
+        let mixed = Transformer::from_resident_with(&resident, bits_for, &kernel(ActPath::F32)).unwrap();
+        let served: Vec<u32> = mixed.planar_weights().iter().map(|(_, b)| *b).collect();
+        assert_eq!(served.first(), Some(&8));
+        assert_eq!(served.last(), Some(&4));
+        assert!(served.contains(&3) && served.contains(&6));
+        let d = rel_diff(&run(&mixed), &want);
+        assert!(d < 1e-4, "{arch:?}: per-layer mix differs by {d:e}");
+    }
+}
+
+/// One resident copy serves every precision: transformers at 8 and 3 bits (and int8 activations)
+/// hold the very same `Arc`s as the resident model, the tied lm_head is the embedding itself, and
+/// nothing else holds a copy.
+#[test]
+fn transformers_share_the_resident_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    for tied in [true, false] {
+        let ckpt = tiny_checkpoint(dir.path(), Architecture::Llama, tied, Granularity::Channel);
+        let resident = ResidentModel::from_checkpoint(&ckpt).unwrap();
+        drop(ckpt);
+        let n_quantized = resident.planar_weights().count();
+        // Embedding + 7 linears per layer (+ lm_head when untied).
+        assert_eq!(n_quantized, 1 + 7 * 2 + usize::from(!tied));
+        let a = Transformer::from_resident(&resident, &Precision::Bits(8), &kernel(ActPath::F32)).unwrap();
+        let b = Transformer::from_resident(&resident, &Precision::Bits(3), &kernel(ActPath::Int8)).unwrap();
+        let (wa, wb) = (a.planar_weights(), b.planar_weights());
+        // Embedding, 14 linears, lm_head (the embedding again when tied).
+        assert_eq!(wa.len(), 16);
+        assert_eq!(wb.len(), 16);
+        for ((x, bx), (y, by)) in wa.iter().zip(&wb) {
+            assert!(Arc::ptr_eq(x, y), "a weight was copied between precisions");
+            assert_eq!((*bx, *by), (8, 3));
+            assert!(resident.planar_weights().any(|(_, r)| Arc::ptr_eq(r, x)), "a weight is not the resident one");
+        }
+        assert_eq!(Arc::ptr_eq(wa[0].0, wa[15].0), tied, "tied lm_head must be the resident embedding");
+        for (name, w) in resident.planar_weights() {
+            // The resident model's reference plus one per use in each of the two transformers.
+            let uses = if tied && name == "model.embed_tokens.weight" { 2 } else { 1 };
+            assert_eq!(Arc::strong_count(w), 1 + 2 * uses, "{name}");
+        }
+        drop((a, b));
+        assert!(resident.planar_weights().all(|(_, w)| Arc::strong_count(w) == 1));
+        // The float precision cannot be served from a checkpoint.
+        let err = Transformer::from_resident(&resident, &Precision::Float, &KernelConfig::default()).err().unwrap();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("no bit-width") && msg.contains("precision `fp`"), "{msg}");
+    }
+}
+
+// ----- the real model -------------------------------------------------------------------------
+
+/// Every matrix quantized round-to-nearest with absmax scales (f16-rounded, as checkpoints store
+/// them): a valid checkpoint without `quantize_model`'s scale search, which costs ~15 s per
+/// granularity on SmolLM2 in the dev profile. What is tested here is that the kernels serve the
+/// checkpoint exactly as the reference path does, whatever its scales.
+fn round_to_nearest(float: &model::FloatModel, granularity: Granularity) -> quantize::QuantizedModel {
+    let mut quantized = std::collections::BTreeMap::new();
+    for (name, rows, cols) in quantize::model_ptq::quantizable(&float.config, &[]) {
+        let w: Vec<f32> = float.weights.get(&name, &[rows, cols]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let layout = granularity.layout(rows, cols).unwrap();
+        let mut codes = vec![0i8; rows * cols];
+        let mut scales = Vec::with_capacity(layout.n_scales());
+        for r in 0..rows {
+            for g in 0..layout.n_groups() {
+                let range = layout.group_cols(g);
+                let absmax = w[r * cols..][range.clone()].iter().fold(0f32, |m, x| m.max(x.abs()));
+                let s = half::f16::from_f32(absmax / 127.0).to_f32().max(half::f16::MIN_POSITIVE.to_f32());
+                for c in range {
+                    codes[r * cols + c] = kernels::first_round(w[r * cols + c] / s);
+                }
+                scales.push(s);
+            }
+        }
+        quantized.insert(name, kernels::QuantizedWeight { codes, scales, layout });
+    }
+    let float_tensors =
+        float.weights.iter().filter(|(n, _)| !quantized.contains_key(*n)).map(|(n, t)| (n.clone(), t.clone())).collect();
+    let quantization = model::checkpoint::QuantizationMeta {
+        bits: vec![8, 4, 2],
+        granularity: granularity.to_string(),
+        tie_rule: TieRule::HalfEven.to_string(),
+        scale_method: "absmax".to_string(),
+        quantized: quantized.keys().cloned().collect(),
+    };
+    quantize::QuantizedModel { quantization, quantized, float: float_tensors, report: Vec::new() }
+}
+
+/// Perplexity over the first two 128-token windows (llama.cpp protocol) of the reference sample:
+/// reference path vs kernels with f32 and int8 activations, at 8, 4 and 2 bits.
+fn real_model_agrees(granularity: Granularity) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("smollm2.safetensors");
+    {
+        let (float, provenance) = model::source::load_float(&model::ModelSource::Gguf(model::testing::smollm2_gguf())).unwrap();
+        write_checkpoint(&path, &float, &provenance, &round_to_nearest(&float, granularity)).unwrap();
+    }
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let resident = ResidentModel::from_checkpoint(&ckpt).unwrap();
+    let text_path = model::testing::shared_dir().join("reference/smollm2-135m-instruct/sample.txt");
+    let text = std::fs::read_to_string(&text_path).unwrap();
+    let ids = ckpt.tokenizer().unwrap().encode(text.as_str(), false).unwrap().get_ids().to_vec();
+    let bos = if ckpt.add_bos() { ckpt.config().bos_token_id } else { None };
+    let mut wins = windows(&ids, 128, Protocol::LlamaCpp, bos).unwrap();
+    wins.truncate(2);
+    assert_eq!(wins.len(), 2);
+    let ppl = |m: &Transformer| evaluate(&[Candidate { label: String::new(), model: m }], None, &wins, |_| {}).unwrap()[0].perplexity;
+    for bits in [8, 4, 2] {
+        let p = Precision::Bits(bits);
+        let reference = ppl(&Transformer::new(ckpt.config(), &ckpt.weights_at(&p).unwrap(), OpsMode::Inference).unwrap());
+        let f32_ppl = ppl(&Transformer::from_resident(&resident, &p, &kernel(ActPath::F32)).unwrap());
+        let rel = (f32_ppl / reference - 1.0).abs();
+        // 2 bits is scored too (the PTQ model is destroyed there, perplexity ~1e7, but the kernels
+        // must still compute exactly what the reference computes); int8 activations only where the
+        // perplexity means something.
+        let int8_ppl = (bits >= 4).then(|| ppl(&Transformer::from_resident(&resident, &p, &kernel(ActPath::Int8)).unwrap()));
+        eprintln!(
+            "{granularity} {bits} bits: reference {reference:.4}, kernels f32 {f32_ppl:.4} (rel {rel:.1e}), kernels int8 {}",
+            int8_ppl.map_or("-".to_string(), |v| format!("{v:.4} ({:+.2}%)", (v / reference - 1.0) * 100.0))
+        );
+        assert!(rel < 1e-3, "{granularity} {bits} bits: kernels f32 {f32_ppl} vs reference {reference}");
+        if let Some(v) = int8_ppl {
+            // int8 activations are quantized with one absmax per weight scale group: per
+            // channel that is one scale per whole 576- or 1536-wide row, which SmolLM2's outlier
+            // channels make coarse. Measured on this round-to-nearest checkpoint: +7.6% / +11.8%
+            // at 8 / 4 bits per channel, +4.8% / −0.9% with groups of 128 (the int8 path is
+            // bit-exact across backends, so these are reproducible).
+            let tol = match (granularity, bits) {
+                (Granularity::Channel, 4) => 0.25,
+                _ => 0.10,
+            };
+            assert!((v / reference - 1.0).abs() < tol, "{granularity} {bits} bits: kernels int8 {v} vs reference {reference}");
+        }
+    }
+}
+
+#[test]
+fn real_model_channel_perplexity_matches_the_reference() {
+    real_model_agrees(Granularity::Channel);
+}
+
+#[test]
+fn real_model_group128_perplexity_matches_the_reference() {
+    real_model_agrees(Granularity::Group(128));
+}
