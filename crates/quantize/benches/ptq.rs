@@ -3,44 +3,11 @@
 //! docs/BENCHMARKS.md).
 
 use kernels::{Granularity, TieRule};
-use quantize::{quantize_weight, reconstruction_error, QuantSpec, SearchObjective};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use quantize::{quantize_weight, reconstruction_error, SearchObjective};
 
-/// N(0, 1) samples (Box–Muller; rand_distr is not a dependency).
-fn gaussian(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let u: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
-            let v: f64 = rng.random();
-            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-        })
-        .collect()
-}
-
-/// Student-t-like heavy tails: Gaussian divided by a random scale, as LLM weights with outliers.
-fn heavy_tailed(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    gaussian(n, seed)
-        .into_iter()
-        .map(|x| x / rng.random_range(0.2f32..1.0))
-        .collect()
-}
-
-fn spec(
-    bits: &[u32],
-    granularity: Granularity,
-    tie: TieRule,
-    objective: SearchObjective,
-) -> QuantSpec {
-    QuantSpec {
-        bits: bits.to_vec(),
-        granularity,
-        tie,
-        objective,
-    }
-}
+#[path = "../tests/support/random.rs"]
+mod random;
+use random::{gaussian, heavy_tailed, spec};
 
 fn main() {
     let t = std::time::Instant::now();
