@@ -18,7 +18,7 @@ use kernels::{ActPath, Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::Provenance;
 use model::testing::tiny_model;
-use model::{Architecture, KvCache, OpsMode, Precision, ResidentModel, Transformer, Weights};
+use model::{Architecture, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer, Weights};
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
 
 fn spec(granularity: Granularity) -> QuantSpec {
@@ -288,4 +288,62 @@ fn real_model_channel_perplexity_matches_the_reference() {
 #[test]
 fn real_model_group128_perplexity_matches_the_reference() {
     real_model_agrees(Granularity::Group(128));
+}
+
+/// Continuous batching's step: sequences of different lengths, cache positions and phases
+/// (prefill chunks and single-token decodes) in one `forward_batch` give each sequence the logits
+/// it gets alone. On the kernel path they are bit-identical: a row's result does not depend on
+/// the other rows of the call, so a served answer does not depend on who else is being served.
+#[test]
+fn forward_batch_equals_each_sequence_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, tied, granularity) in [
+        (Architecture::Llama, true, Granularity::Channel),
+        (Architecture::Qwen2, false, Granularity::Group(32)),
+    ] {
+        let checkpoint = tiny_checkpoint(dir.path(), arch, tied, granularity);
+        let resident = ResidentModel::from_checkpoint(&checkpoint).unwrap();
+        let float = Transformer::new(checkpoint.config(), &checkpoint.weights_at(&Precision::Bits(4)).unwrap(), OpsMode::Inference).unwrap();
+        let planar = Transformer::from_resident(&resident, &Precision::Bits(4), &KernelConfig::default()).unwrap();
+        for (label, t, exact) in [("reference", &float, false), ("kernels", &planar, true)] {
+            let ids = |n: usize, seed: u32| -> Vec<u32> { tokens(1, n, seed).flatten_all().unwrap().to_vec1().unwrap() };
+            // Three sequences: a, b already have 9 and 3 cached positions; c starts empty.
+            let (a0, b0) = (ids(9, 11), ids(3, 12));
+            let (a1, b1, c1) = (ids(1, 13), ids(4, 14), ids(70, 15));
+            let alone = |prefix: &[u32], new: &[u32]| -> Tensor {
+                let mut cache = KvCache::new(t.config());
+                if !prefix.is_empty() {
+                    t.forward(&Tensor::new(prefix, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache, 0).unwrap();
+                }
+                let logits = t.forward(&Tensor::new(new, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache, new.len() - 1).unwrap();
+                logits.flatten_to(1).unwrap().squeeze(0).unwrap()
+            };
+            let expected = Tensor::stack(&[alone(&a0, &a1), alone(&b0, &b1), alone(&[], &c1)], 0).unwrap();
+
+            let (mut ca, mut cb, mut cc) = (KvCache::new(t.config()), KvCache::new(t.config()), KvCache::new(t.config()));
+            t.forward_batch(&mut [SequenceStep { tokens: &a0, cache: &mut ca }, SequenceStep { tokens: &b0, cache: &mut cb }]).unwrap();
+            let batched = t
+                .forward_batch(&mut [
+                    SequenceStep { tokens: &a1, cache: &mut ca },
+                    SequenceStep { tokens: &b1, cache: &mut cb },
+                    SequenceStep { tokens: &c1, cache: &mut cc },
+                ])
+                .unwrap();
+            assert_eq!(batched.dims(), expected.dims());
+            assert_eq!((ca.len(), cb.len(), cc.len()), (10, 7, 70));
+            let diff = rel_diff(&batched, &expected);
+            if exact {
+                assert_eq!(diff, 0.0, "{arch:?} {label}: batched logits differ from each sequence alone");
+            } else {
+                assert!(diff < 1e-5, "{arch:?} {label}: batched logits differ by {diff} (relative)");
+            }
+
+            // Errors name the sequence and change nothing.
+            let err = t.forward_batch(&mut [SequenceStep { tokens: &[], cache: &mut ca }]).unwrap_err();
+            assert!(err.to_string().contains("no new tokens"), "{err}");
+            let err = t.forward_batch(&mut [SequenceStep { tokens: &a1, cache: &mut ca }, SequenceStep { tokens: &[300], cache: &mut cb }]).unwrap_err();
+            assert!(format!("{err:#}").contains("sequence 1") && format!("{err:#}").contains("vocabulary"), "{err:#}");
+            assert_eq!((ca.len(), cb.len()), (10, 7));
+        }
+    }
 }

@@ -206,36 +206,78 @@ struct Block {
 }
 
 /// Keys and values of the tokens seen so far, per layer: `[batch, kv_heads, seq, head_dim]`.
-#[derive(Debug, Clone)]
+///
+/// Decoding appends one position per step; copying the whole cache each time (a `cat`) would
+/// make a sequence of n tokens cost O(n²) bytes moved. So the cache keeps a buffer with spare
+/// capacity along the sequence and writes new positions in place, doubling when full. The first
+/// append stores its tensors as they are (no copy, and gradients flow through them in training).
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+#[derive(Debug)]
+struct LayerCache {
+    /// `[batch, kv_heads, capacity, head_dim]`, valid up to `len`.
+    k: Tensor,
+    v: Tensor,
+    len: usize,
 }
 
 impl KvCache {
     pub fn new(config: &ModelConfig) -> Self {
-        Self { layers: vec![None; config.num_hidden_layers] }
+        Self { layers: (0..config.num_hidden_layers).map(|_| None).collect() }
     }
 
     /// The number of positions already cached.
     pub fn len(&self) -> usize {
-        match &self.layers[0] {
-            Some((k, _)) => k.dim(2).unwrap_or(0),
-            None => 0,
-        }
+        self.layers[0].as_ref().map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+    /// The batch size of the cached sequences (`None` while empty).
+    fn batch(&self) -> Option<usize> {
+        self.layers[0].as_ref().map(|l| l.k.dims()[0])
     }
+
+    /// Appends `k`, `v` (`[batch, kv_heads, t, head_dim]`) to `layer` and returns every cached
+    /// position of it.
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let slot = &mut self.layers[layer];
+        let Some(cache) = slot else {
+            *slot = Some(LayerCache { k: k.clone(), v: v.clone(), len: t });
+            return Ok((k, v));
+        };
+        let needed = cache.len + t;
+        if needed > cache.k.dim(2)? {
+            let capacity = needed.max(2 * cache.k.dim(2)?).max(64);
+            let grow = |old: &Tensor| -> Result<Tensor> {
+                let mut dims = old.dims().to_vec();
+                dims[2] = capacity;
+                let buffer = Tensor::zeros(dims, old.dtype(), old.device())?;
+                buffer.slice_set(&old.narrow(2, 0, cache.len)?.contiguous()?, 2, 0)?;
+                Ok(buffer)
+            };
+            cache.k = grow(&cache.k)?;
+            cache.v = grow(&cache.v)?;
+        }
+        cache.k.slice_set(&k.contiguous()?, 2, cache.len)?;
+        cache.v.slice_set(&v.contiguous()?, 2, cache.len)?;
+        cache.len = needed;
+        Ok((cache.k.narrow(2, 0, needed)?, cache.v.narrow(2, 0, needed)?))
+    }
+}
+
+/// One sequence's share of a [`Transformer::forward_batch`] step.
+pub struct SequenceStep<'a> {
+    /// The sequence's new tokens (at least one), following the positions in `cache`.
+    pub tokens: &'a [u32],
+    /// The sequence's own cache (batch 1).
+    pub cache: &'a mut KvCache,
 }
 
 /// A decoder-only transformer over float [`Weights`] or a [`ResidentModel`].
@@ -360,60 +402,119 @@ impl Transformer {
         ensure!(seq > 0, "forward needs at least one token");
         ensure!(logits_from < seq, "logits_from ({logits_from}) must be below the sequence length ({seq})");
         let start = cache.len();
-        let max = self.config.max_position_embeddings;
-        if start + seq > max {
-            bail!("sequence of {} tokens exceeds the model's context of {max}", start + seq);
-        }
+        self.check_positions(start, seq)?;
         let ids = tokens.flatten_all()?;
-        let max_id = ids.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
-        ensure!(
-            (max_id as usize) < self.config.vocab_size,
-            "token id {max_id} is outside the vocabulary of {}",
-            self.config.vocab_size
-        );
+        self.check_ids(&ids.to_vec1::<u32>()?)?;
+        if let Some(cached) = cache.batch() {
+            ensure!(cached == batch, "a cache of batch {cached} cannot take a batch of {batch}");
+        }
         let mut x = self.embed.lookup(&ids)?.reshape((batch, seq, self.config.hidden_size))?;
         let cos = self.cos.narrow(0, start, seq)?;
         let sin = self.sin.narrow(0, start, seq)?;
         let mask = causal_mask(seq, start, x.device())?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let residual = &x;
             let h = self.rms_norm(&x, &block.input_norm)?;
-            let h = self.attention(block, i, &h, &cos, &sin, mask.as_ref(), cache)?;
-            let x1 = (residual + h)?;
-            let h = self.rms_norm(&x1, &block.post_attention_norm)?;
-            let gate = block.gate_proj.forward(&h)?;
-            let up = block.up_proj.forward(&h)?;
-            let h = block.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
-            x = (x1 + h)?;
+            let (q, k, v) = (block.q_proj.forward(&h)?, block.k_proj.forward(&h)?, block.v_proj.forward(&h)?);
+            let attn = self.self_attention(i, &q, &k, &v, &cos, &sin, mask.as_ref(), cache)?;
+            x = self.block_tail(block, &x, &attn)?;
         }
         let x = x.narrow(1, logits_from, seq - logits_from)?;
         let x = self.rms_norm(&x, &self.final_norm)?;
         self.lm_head.forward(&x)
     }
 
+    /// One step over several independent sequences, each after the positions of its own cache:
+    /// every linear layer multiplies the new rows of all sequences at once (the weights are read
+    /// once per step, whatever the number of sequences), attention runs per sequence. Returns the
+    /// logits of each sequence's last new position, `[steps.len(), vocab]`. Continuous batching
+    /// is built on this: sequences of any length and progress share a step.
+    pub fn forward_batch(&self, steps: &mut [SequenceStep<'_>]) -> Result<Tensor> {
+        ensure!(!steps.is_empty(), "forward_batch needs at least one sequence");
+        let mut ids = Vec::new();
+        let mut spans = Vec::with_capacity(steps.len());
+        for (n, step) in steps.iter().enumerate() {
+            ensure!(!step.tokens.is_empty(), "sequence {n} of the batch has no new tokens");
+            if let Some(cached) = step.cache.batch() {
+                ensure!(cached == 1, "sequence {n}: forward_batch needs caches of batch 1, not {cached}");
+            }
+            self.check_positions(step.cache.len(), step.tokens.len()).with_context(|| format!("sequence {n}"))?;
+            self.check_ids(step.tokens).with_context(|| format!("sequence {n}"))?;
+            spans.push((ids.len(), step.tokens.len(), step.cache.len()));
+            ids.extend_from_slice(step.tokens);
+        }
+        let total = ids.len();
+        let device = Device::Cpu;
+        let mut x = self.embed.lookup(&Tensor::from_vec(ids, total, &device)?)?.reshape((1, total, self.config.hidden_size))?;
+        let ropes = spans
+            .iter()
+            .map(|&(_, t, start)| {
+                Ok((self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?, causal_mask(t, start, &device)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let h = self.rms_norm(&x, &block.input_norm)?;
+            let (q, k, v) = (block.q_proj.forward(&h)?, block.k_proj.forward(&h)?, block.v_proj.forward(&h)?);
+            let mut parts = Vec::with_capacity(steps.len());
+            for ((step, &(offset, t, _)), (cos, sin, mask)) in steps.iter_mut().zip(&spans).zip(&ropes) {
+                let rows = |y: &Tensor| y.narrow(1, offset, t);
+                parts.push(self.self_attention(i, &rows(&q)?, &rows(&k)?, &rows(&v)?, cos, sin, mask.as_ref(), step.cache)?);
+            }
+            let attn = if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(&parts, 1)? };
+            x = self.block_tail(block, &x, &attn)?;
+        }
+        let last: Vec<u32> = spans.iter().map(|&(offset, t, _)| (offset + t - 1) as u32).collect();
+        let n = last.len();
+        let x = x.squeeze(0)?.index_select(&Tensor::from_vec(last, n, &device)?, 0)?;
+        let x = self.rms_norm(&x, &self.final_norm)?;
+        self.lm_head.forward(&x)
+    }
+
+    fn check_positions(&self, start: usize, seq: usize) -> Result<()> {
+        let max = self.config.max_position_embeddings;
+        ensure!(start + seq <= max, "sequence of {} tokens exceeds the model's context of {max}", start + seq);
+        Ok(())
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size);
+        }
+        Ok(())
+    }
+
+    /// The rest of a block after attention: output projection, residual, MLP, residual.
+    fn block_tail(&self, block: &Block, x: &Tensor, attn: &Tensor) -> Result<Tensor> {
+        let x1 = (x + block.o_proj.forward(attn)?)?;
+        let h = self.rms_norm(&x1, &block.post_attention_norm)?;
+        let gate = block.gate_proj.forward(&h)?;
+        let up = block.up_proj.forward(&h)?;
+        let h = block.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+        Ok((x1 + h)?)
+    }
+
+    /// Attention of projected `q`, `k`, `v` (`[b, t, heads·head_dim]`) over the cached positions
+    /// and themselves; appends `k`, `v` to the cache. Returns `[b, t, heads·head_dim]`.
     #[allow(clippy::too_many_arguments)]
-    fn attention(
+    fn self_attention(
         &self,
-        block: &Block,
         layer: usize,
-        x: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let (b, t, _) = q.dims3()?;
         let c = &self.config;
         let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(block.q_proj.forward(x)?, hq)?;
-        let k = heads(block.k_proj.forward(x)?, hkv)?;
-        let v = heads(block.v_proj.forward(x)?, hkv)?;
-        let q = self.rope(&q, cos, sin)?;
-        let k = self.rope(&k, cos, sin)?;
-        let (k, v) = cache.append(layer, k, v)?;
+        let q = self.rope(&heads(q, hq)?, cos, sin)?;
+        let k = self.rope(&heads(k, hkv)?, cos, sin)?;
+        let (k, v) = cache.append(layer, k, heads(v, hkv)?)?;
         let s = k.dim(2)?;
         // Grouped-query attention without copying K/V: query head h uses KV head h / rep, so
         // fold the rep query heads of each KV head into the sequence dimension.
@@ -430,8 +531,7 @@ impl Transformer {
             OpsMode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
         };
         let out = probs.matmul(&v)?; // [b, hkv, rep*t, d]
-        let out = out.reshape((b, hq, t, d))?.transpose(1, 2)?.reshape((b, t, hq * d))?;
-        block.o_proj.forward(&out)
+        Ok(out.reshape((b, hq, t, d))?.transpose(1, 2)?.reshape((b, t, hq * d))?)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
