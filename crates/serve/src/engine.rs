@@ -1,0 +1,556 @@
+//! The generation engine: one resident copy of a checkpoint, one scheduler thread, continuous
+//! batching across precisions.
+//!
+//! Requests wait in a bounded queue; between two steps the scheduler admits waiting requests
+//! into the running batch (each of a request's `n` choices is one sequence) and drops those whose
+//! client went away. One step runs every running sequence: for each precision present, one
+//! [`Transformer::forward_batch`] over its sequences (a prefill chunk or one decode token each),
+//! so every weight is read once per step and precision, whatever the number of sequences. The
+//! transformers of all precisions share the resident weights: serving 8, 4 and 2 bits at once
+//! costs no more memory than serving one.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use kernels::KernelConfig;
+use model::checkpoint::Checkpoint;
+use model::{KvCache, ModelConfig, Precision, ResidentModel, SequenceStep, Transformer};
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::metrics::{precision_label, FinishLabel, Metrics};
+use crate::sampling::{log_softmax, top_logprobs, Sampler, SamplingParams};
+use crate::text::IncrementalText;
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Requests waiting for a slot beyond which new ones are refused.
+    pub max_queue: usize,
+    /// Positions per sequence (prompt + generated), at most the model's.
+    pub max_context: usize,
+    /// Prompt tokens prefilled per step, over all sequences: bounds the pause a long prompt
+    /// imposes on the sequences already decoding.
+    pub prefill_chunk: usize,
+    /// Precision of requests that name none.
+    pub default_precision: String,
+    pub kernel: KernelConfig,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 16,
+            max_queue: 64,
+            max_context: 4096,
+            prefill_chunk: 256,
+            default_precision: "8".to_string(),
+            kernel: KernelConfig::default(),
+        }
+    }
+}
+
+/// A validated generation request (token ids, not text).
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    /// A key of [`Engine::precisions`].
+    pub precision: String,
+    /// Independent choices; choice `i` samples with seed `sampling.seed + i`.
+    pub n: usize,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Report each generated token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+    /// When the request arrived (time to first token counts from here).
+    pub arrived: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// A generated token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// What a request's receiver gets, per choice.
+#[derive(Debug)]
+pub enum Event {
+    /// One generated token and the text it releases (possibly empty: incomplete characters and
+    /// possible starts of a stop string are held back).
+    Token { choice: usize, text: String, logprob: Option<TokenLogprob> },
+    /// The choice ended; `text` is what was still held back.
+    Finished { choice: usize, reason: FinishReason, text: String, completion_tokens: usize },
+    /// The choice failed (an internal error); nothing more comes for it.
+    Failed { choice: usize, message: String },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The request cannot be served as it is (the message says why).
+    Invalid(String),
+    /// The queue is full: retry later.
+    QueueFull,
+    /// The engine stopped.
+    Stopped,
+}
+
+/// What the engine serves, for `GET /v1/models` and request validation.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Every precision a request may name, e.g. `2`..`8`.
+    pub precisions: Vec<String>,
+    /// The bit set the checkpoint's scales were searched for.
+    pub calibrated_bits: Vec<u32>,
+    pub default_precision: String,
+    pub max_context: usize,
+    pub vocab_size: usize,
+}
+
+/// Handle to the engine; the scheduler thread stops when it is dropped (after the running
+/// sequences finish).
+pub struct Engine {
+    info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    chat: Option<ChatTemplate>,
+    bos: Option<u32>,
+    submit: Mutex<Option<Sender<Queued>>>,
+    waiting: Arc<AtomicUsize>,
+    max_queue: usize,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Builds the resident layout of `checkpoint` and starts the scheduler.
+    pub fn start(checkpoint: &Checkpoint, options: EngineOptions, metrics: Arc<Metrics>) -> Result<Self> {
+        ensure!(options.max_batch >= 1, "max batch must be at least 1");
+        ensure!(options.prefill_chunk >= 1, "prefill chunk must be at least 1");
+        let config = checkpoint.config().clone();
+        ensure!(
+            (2..=config.max_position_embeddings).contains(&options.max_context),
+            "context {} is outside 2..={} (the model's)",
+            options.max_context,
+            config.max_position_embeddings
+        );
+        let resident = ResidentModel::from_checkpoint(checkpoint)?;
+        let mut transformers = BTreeMap::new();
+        for bits in 2..=8u32 {
+            let t = Transformer::from_resident(&resident, &Precision::Bits(bits), &options.kernel)?;
+            transformers.insert(bits.to_string(), t);
+        }
+        ensure!(
+            transformers.contains_key(&options.default_precision),
+            "default precision `{}` is not one of {}",
+            options.default_precision,
+            transformers.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+        let tokenizer = Arc::new(checkpoint.tokenizer()?);
+        let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+        let chat = checkpoint
+            .chat_template()
+            .map(|source| ChatTemplate::new(source, &token_text(config.bos_token_id), &token_text(config.eos_token_ids.first().copied())))
+            .transpose()?;
+        let info = ModelInfo {
+            precisions: transformers.keys().cloned().collect(),
+            calibrated_bits: checkpoint.quantization().bits.clone(),
+            default_precision: options.default_precision.clone(),
+            max_context: options.max_context,
+            vocab_size: config.vocab_size,
+        };
+        let (tx, rx) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let scheduler = Scheduler {
+            transformers,
+            config: config.clone(),
+            tokenizer: tokenizer.clone(),
+            options: options.clone(),
+            rx,
+            waiting_count: waiting.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            metrics: metrics.clone(),
+        };
+        let thread = std::thread::Builder::new().name("drq-scheduler".into()).spawn(move || scheduler.run())?;
+        Ok(Self {
+            info,
+            tokenizer,
+            chat,
+            bos: if checkpoint.add_bos() { config.bos_token_id } else { None },
+            submit: Mutex::new(Some(tx)),
+            waiting,
+            max_queue: options.max_queue,
+            max_batch: options.max_batch,
+            metrics,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Token ids of a completion prompt (BOS first when the model uses one).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenization failed: {e}"))?;
+        Ok(self.bos.into_iter().chain(encoding.get_ids().iter().copied()).collect())
+    }
+
+    /// Token ids of a chat, through the model's chat template.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let Some(chat) = &self.chat else { bail!("this model has no chat template; use /v1/completions") };
+        let text = chat.render(messages)?;
+        // Templates write BOS themselves where the model wants it.
+        let encoding = self.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenization failed: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Queues `request`; its events arrive on the returned receiver. Dropping the receiver
+    /// cancels the request.
+    pub fn submit(&self, request: GenerationRequest) -> Result<UnboundedReceiver<Event>, SubmitError> {
+        self.check(&request).map_err(SubmitError::Invalid)?;
+        let guard = self.submit.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = guard.as_ref() else { return Err(SubmitError::Stopped) };
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.rejected.inc();
+            return Err(SubmitError::QueueFull);
+        }
+        let (events, receiver) = unbounded_channel();
+        self.metrics.requests.get_or_create(&precision_label(&request.precision)).inc();
+        self.metrics.queue_depth.inc();
+        if tx.send(Queued { request: Arc::new(request), events }).is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.queue_depth.dec();
+            return Err(SubmitError::Stopped);
+        }
+        Ok(receiver)
+    }
+}
+
+impl Engine {
+    fn check(&self, r: &GenerationRequest) -> Result<(), String> {
+        let info = &self.info;
+        if !info.precisions.contains(&r.precision) {
+            return Err(format!("precision `{}` is not served; use one of {}", r.precision, info.precisions.join(", ")));
+        }
+        if r.prompt.is_empty() {
+            return Err("the prompt is empty".into());
+        }
+        if r.prompt.len() >= info.max_context {
+            return Err(format!(
+                "the prompt has {} tokens; this server's context is {} tokens, including at least one generated",
+                r.prompt.len(),
+                info.max_context
+            ));
+        }
+        if r.prompt.len() + r.max_tokens > info.max_context {
+            return Err(format!(
+                "the prompt ({} tokens) plus max_tokens ({}) exceed this server's context of {} tokens",
+                r.prompt.len(),
+                r.max_tokens,
+                info.max_context
+            ));
+        }
+        if let Some(&bad) = r.prompt.iter().find(|&&id| id as usize >= info.vocab_size) {
+            return Err(format!("token id {bad} is outside the vocabulary of {}", info.vocab_size));
+        }
+        if r.max_tokens == 0 {
+            return Err("max_tokens must be at least 1".into());
+        }
+        if r.n == 0 || r.n > self.max_batch {
+            return Err(format!("n must be between 1 and {} (this server's batch)", self.max_batch));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.submit.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Queued {
+    request: Arc<GenerationRequest>,
+    events: UnboundedSender<Event>,
+}
+
+/// One choice of a request in the running batch.
+struct Sequence {
+    request: Arc<GenerationRequest>,
+    events: UnboundedSender<Event>,
+    choice: usize,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    cache: KvCache,
+    /// The last sampled token (the next step's input once the prompt is in).
+    last: u32,
+    generated: usize,
+    text: IncrementalText,
+    sampler: Sampler,
+    last_token_at: Option<Instant>,
+}
+
+struct Scheduler {
+    transformers: BTreeMap<String, Transformer>,
+    config: ModelConfig,
+    tokenizer: Arc<Tokenizer>,
+    options: EngineOptions,
+    rx: Receiver<Queued>,
+    waiting_count: Arc<AtomicUsize>,
+    waiting: VecDeque<Queued>,
+    running: Vec<Sequence>,
+    metrics: Arc<Metrics>,
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok(q) => self.waiting.push_back(q),
+                    Err(_) => return, // the engine was dropped and nothing is left to do
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(q) => self.waiting.push_back(q),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|q| !q.events.is_closed());
+        let gone = before - self.waiting.len();
+        if gone > 0 {
+            self.waiting_count.fetch_sub(gone, Ordering::SeqCst);
+            self.metrics.queue_depth.dec_by(gone as i64);
+        }
+        let metrics = &self.metrics;
+        self.running.retain(|s| {
+            let open = !s.events.is_closed();
+            if !open {
+                finished(metrics, &s.request.precision, "cancelled");
+            }
+            open
+        });
+        self.metrics.running.set(self.running.len() as i64);
+    }
+
+    /// Moves waiting requests into the batch while their choices fit (first come, first served).
+    fn admit(&mut self) {
+        while let Some(q) = self.waiting.front() {
+            let n = q.request.n;
+            if self.running.len() + n > self.options.max_batch && !self.running.is_empty() {
+                break;
+            }
+            let q = self.waiting.pop_front().expect("front exists");
+            self.waiting_count.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.queue_depth.dec();
+            let r = &q.request;
+            self.metrics.prompt_tokens.get_or_create(&precision_label(&r.precision)).inc_by(r.prompt.len() as u64);
+            for choice in 0..n {
+                let sampling = SamplingParams { seed: r.sampling.seed.wrapping_add(choice as u64), ..r.sampling.clone() };
+                self.running.push(Sequence {
+                    request: r.clone(),
+                    events: q.events.clone(),
+                    choice,
+                    prefilled: 0,
+                    cache: KvCache::new(&self.config),
+                    last: 0,
+                    generated: 0,
+                    text: IncrementalText::new(self.tokenizer.clone(), r.stop.clone()),
+                    sampler: Sampler::new(sampling),
+                    last_token_at: None,
+                });
+            }
+        }
+        self.metrics.running.set(self.running.len() as i64);
+    }
+
+    /// One forward pass per precision over the running sequences, then sampling.
+    fn step(&mut self) {
+        // Each sequence's input this step: a prompt chunk within the shared budget, or its last
+        // token. A sequence left out (budget spent) waits for the next step.
+        let mut budget = self.options.prefill_chunk;
+        let inputs: Vec<Option<Vec<u32>>> = self
+            .running
+            .iter()
+            .map(|s| {
+                let prompt = &s.request.prompt;
+                if s.prefilled < prompt.len() {
+                    let take = (prompt.len() - s.prefilled).min(budget);
+                    budget -= take;
+                    (take > 0).then(|| prompt[s.prefilled..s.prefilled + take].to_vec())
+                } else {
+                    Some(vec![s.last])
+                }
+            })
+            .collect();
+        let mut logits: Vec<Option<Result<Vec<f32>, String>>> = (0..self.running.len()).map(|_| None).collect();
+        for (precision, transformer) in &self.transformers {
+            let mut steps = Vec::new();
+            let mut members = Vec::new();
+            for (i, (seq, input)) in self.running.iter_mut().zip(&inputs).enumerate() {
+                if let (Some(tokens), true) = (input, &seq.request.precision == precision) {
+                    steps.push(SequenceStep { tokens, cache: &mut seq.cache });
+                    members.push(i);
+                }
+            }
+            if steps.is_empty() {
+                continue;
+            }
+            let result = transformer
+                .forward_batch(&mut steps)
+                .and_then(|t| Ok(t.to_vec2::<f32>()?))
+                .with_context(|| format!("forward pass at precision {precision}"));
+            match result {
+                Ok(rows) => {
+                    for (i, row) in members.into_iter().zip(rows) {
+                        logits[i] = Some(Ok(row));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    for i in members {
+                        logits[i] = Some(Err(format!("{e:#}")));
+                    }
+                }
+            }
+        }
+        let mut done = vec![false; self.running.len()];
+        for (i, (row, input)) in logits.into_iter().zip(&inputs).enumerate() {
+            let (Some(row), Some(input)) = (row, input) else { continue };
+            done[i] = match row {
+                Ok(row) => self.advance(i, input.len(), row),
+                Err(message) => {
+                    let seq = &self.running[i];
+                    let _ = seq.events.send(Event::Failed { choice: seq.choice, message });
+                    finished(&self.metrics, &seq.request.precision, "error");
+                    true
+                }
+            };
+        }
+        let mut i = 0;
+        self.running.retain(|_| {
+            i += 1;
+            !done[i - 1]
+        });
+        self.metrics.running.set(self.running.len() as i64);
+    }
+
+    /// Books a forward pass of `consumed` tokens of sequence `i`; samples when its prompt is
+    /// in. Returns whether the sequence is done.
+    fn advance(&mut self, i: usize, consumed: usize, mut row: Vec<f32>) -> bool {
+        let eos = &self.config.eos_token_ids;
+        let max_context = self.options.max_context;
+        let tokenizer = &self.tokenizer;
+        let metrics = &self.metrics;
+        let seq = &mut self.running[i];
+        let r = seq.request.clone();
+        if seq.prefilled < r.prompt.len() {
+            seq.prefilled += consumed;
+            if seq.prefilled < r.prompt.len() {
+                return false;
+            }
+        }
+        let logprob_of = r.logprobs.map(|k| (log_softmax(&row), k));
+        let token = seq.sampler.sample(&mut row);
+        let now = Instant::now();
+        let label = precision_label(&r.precision);
+        match seq.last_token_at {
+            None => metrics.time_to_first_token.get_or_create(&label).observe((now - r.arrived).as_secs_f64()),
+            Some(t) => metrics.inter_token_latency.get_or_create(&label).observe((now - t).as_secs_f64()),
+        }
+        seq.last_token_at = Some(now);
+        seq.generated += 1;
+        seq.last = token;
+        metrics.generated_tokens.get_or_create(&label).inc();
+        let finish = |seq: &mut Sequence, reason: FinishReason, text: String| -> bool {
+            let _ = seq.events.send(Event::Finished { choice: seq.choice, reason, text, completion_tokens: seq.generated });
+            finished(metrics, &seq.request.precision, reason.as_str());
+            true
+        };
+        if eos.contains(&token) {
+            let rest = seq.text.finish();
+            return finish(seq, FinishReason::Stop, rest);
+        }
+        let delta = match seq.text.push(token) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = seq.events.send(Event::Failed { choice: seq.choice, message: format!("{e:#}") });
+                finished(metrics, &r.precision, "error");
+                return true;
+            }
+        };
+        let logprob = logprob_of.map(|(lp, k)| {
+            let piece = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+            TokenLogprob {
+                token: piece(token),
+                logprob: lp[token as usize],
+                top: top_logprobs(&lp, k).into_iter().map(|(id, l)| (piece(id), l)).collect(),
+            }
+        });
+        if seq.events.send(Event::Token { choice: seq.choice, text: delta.text, logprob }).is_err() {
+            finished(metrics, &r.precision, "cancelled");
+            return true;
+        }
+        if delta.stopped {
+            return finish(seq, FinishReason::Stop, String::new());
+        }
+        // The next step would write position `cache.len()`.
+        if seq.generated >= r.max_tokens || seq.cache.len() + 1 > max_context {
+            let rest = seq.text.finish();
+            return finish(seq, FinishReason::Length, rest);
+        }
+        false
+    }
+}
+
+fn finished(metrics: &Metrics, precision: &str, reason: &str) {
+    metrics.finished.get_or_create(&FinishLabel { precision: precision.to_string(), reason: reason.to_string() }).inc();
+}

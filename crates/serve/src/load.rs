@@ -1,0 +1,65 @@
+//! What `--model` names, made into a checkpoint: a drq checkpoint is opened as it is; any other
+//! model source (hub id, Hugging Face directory, GGUF, `default`) is quantized with a PTQ recipe
+//! first and the result cached, keyed by the source's sha256 and the recipe, so the next start
+//! is immediate.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use model::checkpoint::Checkpoint;
+use model::source::{self, ModelSource};
+use quantize::{quantize_model, write_checkpoint, QuantSpec};
+use sha2::{Digest, Sha256};
+
+/// Where quantized models are cached: `$DRQ_CACHE`, else `$XDG_CACHE_HOME/drq`, else
+/// `~/.cache/drq`.
+pub fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("DRQ_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("drq"));
+    }
+    let home = std::env::var_os("HOME").context("cannot find a cache directory: set DRQ_CACHE or HOME")?;
+    Ok(PathBuf::from(home).join(".cache/drq"))
+}
+
+/// Opens `model` as a checkpoint, quantizing (and caching under `cache`) when it is a float
+/// source.
+pub fn open_or_quantize(model: &str, spec: &QuantSpec, keep_float: &[String], cache: &Path) -> Result<Checkpoint> {
+    let source: ModelSource = model.parse()?;
+    if let ModelSource::Checkpoint(path) = &source {
+        return Checkpoint::open(path);
+    }
+    tracing::info!("loading {source}");
+    let (float, provenance) = source::load_float(&source)?;
+    let key = {
+        let mut h = Sha256::new();
+        h.update(provenance.sha256.as_bytes());
+        h.update(format!("{spec}|keep_float={}", keep_float.join(",")).as_bytes());
+        let digest = h.finalize();
+        digest.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let path = cache.join(format!("{key}.drq.safetensors"));
+    if path.is_file() {
+        match Checkpoint::open(&path) {
+            Ok(c) => {
+                tracing::info!("using the cached quantization {}", path.display());
+                return Ok(c);
+            }
+            Err(e) => tracing::warn!("re-quantizing: the cached {} is unusable: {e:#}", path.display()),
+        }
+    }
+    std::fs::create_dir_all(cache).with_context(|| format!("cannot create the cache directory {}", cache.display()))?;
+    let n = quantize::model_ptq::quantizable(&float.config, keep_float).len();
+    let bar = model::cli::progress_bar(n as u64, "quantizing");
+    let quantized = quantize_model(&float, spec, keep_float, |name| {
+        bar.set_prefix(name.to_string());
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    // Written to a temporary name and renamed: a crash never leaves a half-written cache entry.
+    write_checkpoint(&path, &float, &provenance, &quantized)?;
+    tracing::info!("quantized {source} ({spec}) into {}", path.display());
+    Checkpoint::open(&path)
+}
