@@ -275,12 +275,12 @@ impl ModelConfig {
             ensure!(value > 0, "model config: {name} must be positive");
         }
         ensure!(
-            self.num_attention_heads % self.num_key_value_heads == 0,
+            self.num_attention_heads.is_multiple_of(self.num_key_value_heads),
             "model config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
             self.num_attention_heads,
             self.num_key_value_heads
         );
-        ensure!(self.head_dim % 2 == 0, "model config: head_dim ({}) must be even for RoPE", self.head_dim);
+        ensure!(self.head_dim.is_multiple_of(2), "model config: head_dim ({}) must be even for RoPE", self.head_dim);
         ensure!(
             self.rms_norm_eps > 0.0 && self.rope_theta > 0.0,
             "model config: rms_norm_eps and rope_theta must be positive"

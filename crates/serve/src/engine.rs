@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -348,11 +348,8 @@ impl Scheduler {
                     Err(_) => return, // the engine was dropped and nothing is left to do
                 }
             }
-            loop {
-                match self.rx.try_recv() {
-                    Ok(q) => self.waiting.push_back(q),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
+            while let Ok(q) = self.rx.try_recv() {
+                self.waiting.push_back(q);
             }
             self.drop_cancelled();
             self.admit();

@@ -106,7 +106,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 }
 
 fn json_rejection(rejection: JsonRejection) -> ApiError {
-    let status = rejection.status();
+    // axum answers 422 for well-formed JSON of the wrong shape; OpenAI answers 400.
+    let status = match rejection.status() {
+        StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+        s => s,
+    };
     let message = match status {
         StatusCode::PAYLOAD_TOO_LARGE => "the request body is too large".to_string(),
         _ => rejection.body_text(),

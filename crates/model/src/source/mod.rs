@@ -134,7 +134,7 @@ pub fn load_float(source: &ModelSource) -> Result<(FloatModel, Provenance)> {
         }
         ModelSource::Gguf(path) => {
             let model = gguf::load(path)?;
-            let provenance = Provenance { source: path.display().to_string(), sha256: sha256_files(&[path.clone()])? };
+            let provenance = Provenance { source: path.display().to_string(), sha256: sha256_files(std::slice::from_ref(path))? };
             Ok((model, provenance))
         }
         ModelSource::Checkpoint(path) => bail!(

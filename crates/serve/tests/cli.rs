@@ -1,0 +1,104 @@
+//! The `drq-serve` binary: help, bad flags, and a graceful SIGTERM (stop accepting, finish the
+//! streams in flight, exit 0).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_drq-serve");
+
+#[test]
+fn help_lists_the_flags() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in ["--model", "--host", "--port", "--default-precision", "--max-batch", "--max-queue", "--api-key"] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = support::tiny_checkpoint(dir.path());
+    for (args, needle) in [
+        (vec!["--default-precision", "9"], "default precision `9`"),
+        (vec!["--ctx", "100000"], "context 100000"),
+        (vec!["--max-batch", "0"], "max batch"),
+        (vec!["--host", "not a host"], "invalid --host"),
+    ] {
+        let out = Command::new(BIN).arg("--model").arg(&checkpoint).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let out = Command::new(BIN).args(["--model", "/nonexistent/model.gguf"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.gguf"));
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_finishes_in_flight_streams_then_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = support::tiny_checkpoint(dir.path());
+    let mut child = Command::new(BIN)
+        .arg("--model")
+        .arg(&checkpoint)
+        .args(["--port", "0"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The log line "serving `...` on http://127.0.0.1:PORT (...)" gives the port.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "drq-serve exited before listening");
+        if let Some(rest) = line.split("on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let url = format!("http://{addr}/v1/completions");
+    // 16 choices x 200 tokens with 20 alternatives each: megabytes of events, more than the
+    // socket buffers hold while this client does not read, so the stream is surely in flight
+    // when the signal arrives.
+    let body = json!({"prompt": "a", "n": 16, "max_tokens": 200, "logprobs": 20, "stream": true, "stop": "\u{1}never"});
+    let response = ureq::post(&url).send_json(body).unwrap();
+    let mut reader = BufReader::new(response.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+
+    std::thread::sleep(Duration::from_millis(300));
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    // The stream in flight still runs to its end.
+    let rest: Vec<String> = reader.lines().map(|l| l.unwrap()).filter(|l| l.starts_with("data: ")).collect();
+    assert_eq!(rest.last().map(String::as_str), Some("data: [DONE]"));
+    let finished = rest.iter().filter(|l| l.contains("\"finish_reason\":\"")).count();
+    assert_eq!(finished, 16, "every choice ends with its finish_reason");
+    // New connections are refused once it stopped accepting, and it exits 0.
+    let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+    assert!(status.success(), "exit status {status}");
+    assert!(ureq::get(&format!("http://{addr}/health")).call().is_err());
+}
+
+fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("drq-serve did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,137 @@
+//! A server on 127.0.0.1 over a tiny random checkpoint, and a small HTTP client for the tests.
+#![allow(dead_code)] // each test file uses part of this
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kernels::{Granularity, TieRule};
+use model::checkpoint::Checkpoint;
+use model::source::Provenance;
+use model::testing::tiny_model;
+use model::Architecture;
+use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
+use serde_json::Value;
+use serve::engine::{Engine, EngineOptions};
+use serve::http::{router, AppState};
+use serve::metrics::Metrics;
+
+/// ChatML, as SmolLM2-Instruct's.
+pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// A tiny Llama (vocabulary 300, context 256) quantized per channel, with a chat template.
+pub fn tiny_checkpoint(dir: &Path) -> PathBuf {
+    let mut float = tiny_model(Architecture::Llama, true, 21);
+    float.chat_template = Some(CHATML.to_string());
+    let spec = QuantSpec { bits: vec![8, 4, 2], granularity: Granularity::Channel, tie: TieRule::HalfEven, objective: SearchObjective::Normalized };
+    let q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
+    let path = dir.join("tiny.safetensors");
+    write_checkpoint(&path, &float, &Provenance { source: "test".into(), sha256: "0".repeat(64) }, &q).unwrap();
+    path
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl TestServer {
+    pub fn start(checkpoint: &Path, options: EngineOptions, api_key: Option<&str>, body_limit: usize) -> Self {
+        let checkpoint = Checkpoint::open(checkpoint).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let engine = Engine::start(&checkpoint, options, metrics.clone()).unwrap();
+        let state = Arc::new(AppState { engine, metrics, model_id: "tiny".into(), api_key: api_key.map(String::from), created: 1 });
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = router(state.clone(), body_limit);
+        runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { addr, state, runtime: Some(runtime) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `(status, body as JSON, Retry-After)`.
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value, Option<String>) {
+        self.post_raw(path, &body.to_string(), &[])
+    }
+
+    pub fn post_raw(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value, Option<String>) {
+        let mut req = ureq::post(&self.url(path)).set("Content-Type", "application/json");
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        response(req.send_string(body))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        match ureq::get(&self.url(path)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    }
+
+    /// The `data:` payloads of a streaming request, `[DONE]` included.
+    pub fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let r = ureq::post(&self.url(path)).send_json(body.clone()).unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        assert_eq!(r.header("Content-Type"), Some("text/event-stream"));
+        BufReader::new(r.into_reader())
+            .lines()
+            .map(|l| l.unwrap())
+            .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+            .collect()
+    }
+
+    /// The value of a metric line starting with `prefix` (labels included), 0 if absent.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+pub fn response(result: Result<ureq::Response, ureq::Error>) -> (u16, Value, Option<String>) {
+    let r = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let status = r.status();
+    let retry = r.header("Retry-After").map(String::from);
+    let text = r.into_string().unwrap();
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, json, retry)
+}
+
+/// The concatenated text of a completions or chat stream, and its chunks parsed.
+pub fn stream_text(chunks: &[String]) -> (String, Vec<Value>) {
+    assert_eq!(chunks.last().map(String::as_str), Some("[DONE]"), "a stream ends with [DONE]");
+    let parsed: Vec<Value> = chunks[..chunks.len() - 1].iter().map(|c| serde_json::from_str(c).unwrap()).collect();
+    let mut text = String::new();
+    for c in &parsed {
+        for choice in c["choices"].as_array().unwrap() {
+            if let Some(t) = choice["text"].as_str() {
+                text.push_str(t);
+            }
+            if let Some(t) = choice["delta"]["content"].as_str() {
+                text.push_str(t);
+            }
+        }
+    }
+    (text, parsed)
+}
