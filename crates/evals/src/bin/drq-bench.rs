@@ -1,0 +1,188 @@
+//! `drq-bench`: greedy decoding speed of a checkpoint at several precisions through the serving
+//! runtime (`Transformer::forward_batch`, what `drq-serve` runs), from one resident copy, with
+//! the process's peak resident memory. Optionally the float model on candle as a baseline in the
+//! same run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Parser, ValueEnum};
+use kernels::{ActPath, KernelConfig};
+use model::checkpoint::Checkpoint;
+use model::source::{self, ModelSource};
+use model::{precision, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(name = "drq-bench", version, about = "Greedy decoding tokens/s per precision from one resident checkpoint, and peak memory")]
+struct Args {
+    /// A drq checkpoint.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Float model (any source) for an `fp` baseline row on candle.
+    #[arg(long)]
+    reference: Option<String>,
+    /// Precisions: bit-widths 2..8 (and `fp` with --reference), comma-separated.
+    #[arg(short, long, default_value = "8,4,2")]
+    precision: String,
+    /// Prompt tokens per sequence (prefilled in one step).
+    #[arg(long, default_value_t = 32)]
+    prompt_tokens: usize,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Sequences decoded together (batched decoding, as the server does).
+    #[arg(short, long, default_value_t = 1)]
+    batch: usize,
+    /// Kernel threads.
+    #[arg(short, long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    activations: Activations,
+    /// Runs per precision; the median is reported.
+    #[arg(short, long, default_value_t = 3)]
+    repeat: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Activations {
+    F32,
+    Int8,
+}
+
+#[derive(Serialize)]
+struct Row {
+    precision: String,
+    batch: usize,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    ms_per_step: f64,
+}
+
+/// Text the prompts are cut from (different offsets per sequence).
+const TEXT: &str = "The lighthouse stood at the edge of the world, where the grey sea met a sky that never \
+quite decided whether to rain. Every evening the keeper climbed the one hundred and twelve steps, \
+trimmed the wick, polished the great lens and watched the beam sweep across the water. Ships passed \
+rarely now; most of them carried their own lights and their own maps, and had no need of an old man \
+and his lamp. Still he climbed, because a light that is kept is a promise, and promises are not \
+broken just because nobody seems to be listening.";
+
+fn main() {
+    model::cli::run_main(|| run(Args::parse()));
+}
+
+fn run(args: Args) -> Result<()> {
+    ensure!(args.batch >= 1 && args.prompt_tokens >= 1 && args.gen_tokens >= 1 && args.repeat >= 1, "batch, token counts and repeat must be at least 1");
+    ensure!(args.threads >= 1, "--threads must be at least 1");
+    let precisions = precision::parse_list(&args.precision)?;
+    let checkpoint = Checkpoint::open(&args.model)?;
+    let config = checkpoint.config().clone();
+    ensure!(
+        args.prompt_tokens + args.gen_tokens <= config.max_position_embeddings,
+        "prompt + generated tokens exceed the model's context of {}",
+        config.max_position_embeddings
+    );
+    let tokenizer = checkpoint.tokenizer()?;
+    let text_ids = tokenizer.encode(TEXT, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
+    ensure!(text_ids.len() >= args.prompt_tokens + args.batch, "--prompt-tokens is larger than the built-in text ({} tokens)", text_ids.len());
+    let prompts: Vec<Vec<u32>> = (0..args.batch).map(|b| text_ids[b..b + args.prompt_tokens].to_vec()).collect();
+
+    let started = Instant::now();
+    let resident = ResidentModel::from_checkpoint(&checkpoint)?;
+    drop(checkpoint);
+    tracing::info!("resident weights: {:.1} MiB, built in {:.1}s", resident.resident_bytes() as f64 / (1 << 20) as f64, started.elapsed().as_secs_f64());
+    let path = match args.activations {
+        Activations::F32 => ActPath::F32,
+        Activations::Int8 => ActPath::Int8,
+    };
+    let kernel = KernelConfig { path, threads: args.threads, ..KernelConfig::default() };
+    let float = match &args.reference {
+        Some(src) => Some(source::load_float(&src.parse::<ModelSource>()?)?.0),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    for p in &precisions {
+        let transformer = match (p, &float) {
+            (Precision::Float, Some(f)) => Transformer::new(&f.config, &f.weights, OpsMode::Inference)?,
+            (Precision::Float, None) => bail!("`fp` needs --reference"),
+            (p, _) => Transformer::from_resident(&resident, p, &kernel)?,
+        };
+        let mut runs: Vec<(f64, f64)> = (0..args.repeat).map(|_| decode(&transformer, &prompts, args.gen_tokens)).collect::<Result<_>>()?;
+        runs.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let (prefill, decode_s) = runs[runs.len() / 2];
+        let steps = (args.gen_tokens - 1) as f64;
+        rows.push(Row {
+            precision: p.to_string(),
+            batch: args.batch,
+            prefill_tokens_per_s: (args.batch * args.prompt_tokens) as f64 / prefill,
+            decode_tokens_per_s: steps * args.batch as f64 / decode_s,
+            ms_per_step: decode_s / steps * 1e3,
+        });
+    }
+    let peak = peak_rss_bytes();
+    println!(
+        "{} | {} prompt + {} generated tokens, batch {}, {} thread(s), {} activations, backend {}, median of {}",
+        args.model.display(),
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.batch,
+        args.threads,
+        match args.activations {
+            Activations::F32 => "f32",
+            Activations::Int8 => "int8",
+        },
+        kernel.backend,
+        args.repeat
+    );
+    println!("{:>9} {:>14} {:>14} {:>11}", "precision", "prefill tok/s", "decode tok/s", "ms/step");
+    for r in &rows {
+        println!("{:>9} {:>14.1} {:>14.1} {:>11.2}", r.precision, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.ms_per_step);
+    }
+    if let Some(peak) = peak {
+        println!("peak resident memory: {:.1} MiB (one resident copy serves every precision above)", peak as f64 / (1 << 20) as f64);
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "model": args.model, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "batch": args.batch,
+            "threads": args.threads, "backend": kernel.backend.name(), "repeat": args.repeat, "rows": rows, "peak_rss_bytes": peak,
+        });
+        let tmp = model::checkpoint::tmp_path(path);
+        std::fs::write(&tmp, serde_json::to_string_pretty(&json)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Prefills every prompt in one step, then decodes greedily `gen - 1` more steps. Returns the
+/// seconds of the prefill (which yields the first token) and of the decode steps.
+fn decode(t: &Transformer, prompts: &[Vec<u32>], gen: usize) -> Result<(f64, f64)> {
+    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(t.config())).collect();
+    let started = Instant::now();
+    let mut steps: Vec<SequenceStep> = prompts.iter().zip(caches.iter_mut()).map(|(p, cache)| SequenceStep { tokens: p, cache }).collect();
+    let mut next = argmax_rows(&t.forward_batch(&mut steps)?)?;
+    drop(steps);
+    let prefill = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for _ in 1..gen {
+        let inputs: Vec<[u32; 1]> = next.iter().map(|&id| [id]).collect();
+        let mut steps: Vec<SequenceStep> = inputs.iter().zip(caches.iter_mut()).map(|(i, cache)| SequenceStep { tokens: i, cache }).collect();
+        next = argmax_rows(&t.forward_batch(&mut steps)?)?;
+    }
+    Ok((prefill, started.elapsed().as_secs_f64()))
+}
+
+fn argmax_rows(logits: &candle_core::Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+}
+
+/// The process's peak resident set (VmHWM), where the OS reports it.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
