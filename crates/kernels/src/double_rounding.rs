@@ -102,7 +102,10 @@ impl fmt::Display for KernelError {
                 write!(f, "unknown tie rule {s:?} (expected \"even\" or \"up\")")
             }
             KernelError::UnknownGranularity(s) => {
-                write!(f, "unknown granularity {s:?} (expected \"channel\" or \"group:N\")")
+                write!(
+                    f,
+                    "unknown granularity {s:?} (expected \"channel\" or \"group:N\")"
+                )
             }
             KernelError::InvalidBatch(n) => {
                 write!(f, "batch of {n} activation rows is outside 1..=64")

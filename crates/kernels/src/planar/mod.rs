@@ -591,6 +591,20 @@ impl PlanarWeight {
         y: &mut [f32],
         cfg: &KernelConfig,
     ) -> Result<(), KernelError> {
+        self.matmul_impl(bits, x, n, y, cfg, true)
+    }
+
+    /// [`Self::matmul`]; `fast_decode: false` keeps the AVX-512 backend on its AVX-512 F + BW
+    /// decoder even where VBMI and GFNI are available (tests cover both).
+    pub(crate) fn matmul_impl(
+        &self,
+        bits: u32,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+        cfg: &KernelConfig,
+        fast_decode: bool,
+    ) -> Result<(), KernelError> {
         let prec = Prec::new(bits)?;
         if !(1..=MAX_BATCH).contains(&n) {
             return Err(KernelError::InvalidBatch(n));
@@ -630,6 +644,7 @@ impl PlanarWeight {
             prec,
             acts: &acts,
             backend: cfg.backend,
+            fast_decode: fast_decode && cfg.backend == Backend::Avx512 && vbmi_gfni(),
         };
         if threads == 1 {
             job.run(bounds[0].clone(), &mut outs[0]);
@@ -642,6 +657,18 @@ impl PlanarWeight {
             });
         }
         Ok(())
+    }
+}
+
+/// Whether the CPU has AVX-512 VBMI and GFNI (the AVX-512 backend's fast decoder).
+fn vbmi_gfni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::has_vbmi_gfni()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -726,6 +753,8 @@ pub(crate) struct Job<'a> {
     pub prec: Prec,
     pub acts: &'a Acts,
     pub backend: Backend,
+    /// AVX-512 only: decode with VBMI + GFNI (checked available).
+    pub fast_decode: bool,
 }
 
 impl Job<'_> {

@@ -214,10 +214,60 @@ fn simd_decoders_match_scalar() {
     }
 }
 
+/// The VBMI + GFNI decoder of flat word ranges (which span rows, and end in partial 8-word
+/// blocks) matches the scalar row decoder, at every precision, signed and unsigned, both ties.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vbmi_decoder_matches_scalar() {
+    if !(Backend::Avx512.is_available() && x86::has_vbmi_gfni()) {
+        return;
+    }
+    let mut rng = Rng(12);
+    for (rows, cols) in [(5, 1000), (13, 64), (7, 130), (3, 576)] {
+        let qw = random_weight(&mut rng, rows, cols, Granularity::Channel);
+        for tie in TIES {
+            let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+            let (cp, wpr) = (pw.cols_padded(), pw.cols_padded() / 64);
+            for bits in 2..=8 {
+                let prec = Prec::new(bits).unwrap();
+                for signed in [false, true] {
+                    let mut want = vec![0u8; rows * cp];
+                    for r in 0..rows {
+                        scalar::decode_row(&pw, r, prec, signed, &mut want[r * cp..]);
+                    }
+                    let total = rows * wpr;
+                    for (f0, nw) in [(0, total), (1, total - 1), (0, 1), (total - 3, 3), (2, 9)] {
+                        if f0 + nw > total {
+                            continue;
+                        }
+                        let mut got = vec![0xAAu8; 64 * nw];
+                        // SAFETY: checked above.
+                        unsafe { x86::test_decode_words_vbmi(&pw, f0, nw, prec, signed, &mut got) };
+                        assert_eq!(
+                            got,
+                            want[64 * f0..64 * (f0 + nw)],
+                            "{rows}x{cols} {tie} bits={bits} signed={signed} words {f0}+{nw}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Runs every available backend on both paths and checks: the scalar f32 path against
 /// `dequantize` + a naive mat-vec; every f32 path against the scalar one; every int8 path against
 /// the scalar one bit for bit; the int8 path against the f32 path within the activation
 /// quantization error bound.
+/// A backend and whether its fast decoder was allowed, for messages.
+struct BackendVariant(Backend, bool);
+
+impl fmt::Display for BackendVariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.0, if self.1 { "" } else { " (no vbmi)" })
+    }
+}
+
 fn check_shape(
     rng: &mut Rng,
     rows: usize,
@@ -280,16 +330,28 @@ fn check_shape(
                 assert!(err <= tol, "{what} int8 vs exact at {i}: {err} > {tol}");
             }
         }
-        for &backend in &backends {
+        // (backend, fast decoder allowed): the AVX-512 backend also without VBMI + GFNI.
+        let variants = backends.iter().flat_map(|&b| {
+            let slow = (b == Backend::Avx512).then_some((b, false));
+            std::iter::once((b, true)).chain(slow)
+        });
+        for (backend, fast) in variants {
+            let run = |backend, path, threads| {
+                let mut y = vec![f32::NAN; n * rows];
+                let cfg = KernelConfig::new(backend, path, threads);
+                pw.matmul_impl(bits, &x, n, &mut y, &cfg, fast).unwrap();
+                y
+            };
+            let backend = BackendVariant(backend, fast);
             for threads in [1, 3] {
-                let y = run(backend, ActPath::Int8, threads);
+                let y = run(backend.0, ActPath::Int8, threads);
                 assert!(
                     y.iter()
                         .zip(&int_ref)
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{what} {backend} t={threads}: int8 path differs from scalar"
                 );
-                let y = run(backend, ActPath::F32, threads);
+                let y = run(backend.0, ActPath::F32, threads);
                 for i in 0..n * rows {
                     let err = (f64::from(y[i]) - f64::from(f32_ref[i])).abs();
                     assert!(
