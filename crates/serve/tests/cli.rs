@@ -102,3 +102,29 @@ fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> std:
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn loadgen_reports_every_precision_without_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = serve::engine::EngineOptions { max_context: 256, ..Default::default() };
+    let server = support::TestServer::start(&support::tiny_checkpoint(dir.path()), options, None, serve::http::DEFAULT_BODY_LIMIT);
+    let json = dir.path().join("load.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_drq-loadgen"))
+        .args(["--url", &server.url(""), "--clients", "3", "--duration", "1", "--precisions", "8,4,2", "--max-tokens", "8", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["all"]["errors"], 0);
+    for p in ["8", "4", "2"] {
+        let row = &report["by_precision"][p];
+        assert!(row["requests"].as_u64().unwrap() >= 1, "{report:#}");
+        assert!(row["tokens_per_second"].as_f64().unwrap() > 0.0);
+        assert!(row["ttft_p50_ms"].as_f64().unwrap() > 0.0);
+    }
+    // Against nothing: a clear error, not a hang or a panic.
+    let out = Command::new(env!("CARGO_BIN_EXE_drq-loadgen")).args(["--url", "http://127.0.0.1:9", "--duration", "1"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("does not answer"), "{stderr}");
+}

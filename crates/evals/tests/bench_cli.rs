@@ -1,0 +1,54 @@
+//! `drq-bench` runs end to end on a tiny checkpoint (speed itself is measured by running it, not
+//! in tests): a row per precision with positive rates, the peak memory, the JSON report; bad
+//! input is refused cleanly.
+
+use std::process::Command;
+
+use kernels::{Granularity, TieRule};
+use model::source::Provenance;
+use model::testing::tiny_model;
+use model::Architecture;
+use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
+
+const BIN: &str = env!("CARGO_BIN_EXE_drq-bench");
+
+#[test]
+fn reports_every_precision_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let float = tiny_model(Architecture::Llama, true, 5);
+    let spec = QuantSpec { bits: vec![8, 4, 2], granularity: Granularity::Group(32), tie: TieRule::HalfEven, objective: SearchObjective::Normalized };
+    let q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
+    let ckpt = dir.path().join("tiny.safetensors");
+    write_checkpoint(&ckpt, &float, &Provenance { source: "test".into(), sha256: "0".repeat(64) }, &q).unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(BIN)
+        .arg("--model")
+        .arg(&ckpt)
+        .args(["--precision", "8,3,2", "--prompt-tokens", "8", "--gen-tokens", "6", "--batch", "3", "--repeat", "1", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("peak resident memory"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|r| r["precision"].as_str().unwrap()).collect::<Vec<_>>(), ["8", "3", "2"]);
+    for r in rows {
+        assert_eq!(r["batch"], 3);
+        assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0 && r["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    assert!(report["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+
+    for (args, needle) in [
+        (vec!["--precision", "9"], "9"),
+        (vec!["--precision", "fp"], "--reference"),
+        (vec!["--batch", "0"], "at least 1"),
+        (vec!["--prompt-tokens", "250", "--gen-tokens", "10"], "context"),
+    ] {
+        let out = Command::new(BIN).arg("--model").arg(&ckpt).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.code().is_some_and(|c| c != 0 && c != 101), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
