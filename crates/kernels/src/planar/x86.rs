@@ -571,6 +571,74 @@ unsafe fn int8_rows4(
     }
 }
 
+/// The f32-path outputs of rows `r0 .. r0 + nr` (decoded as signed `q_l` in `bytes`, `cols_padded`
+/// apart; output index `i0` for row `r0`), 4 weight rows at a time for every activation row:
+/// each 16 codes are widened, converted and scaled in registers, `(q · 2^Δ) · s` computed as
+/// `q · (2^Δ · s)` (the same single rounding of the same product), and summed exactly as
+/// [`dot_f32_avx512`] sums a dequantized row. Needs a scale uniform per 16 columns.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn f32_rows4(
+    job: &Job<'_>,
+    bytes: &[u8],
+    (r0, nr, i0): (usize, usize, usize),
+    out: &mut [&mut [f32]],
+) {
+    let Acts::F32 { x, stride } = job.acts else {
+        return;
+    };
+    let stride = *stride;
+    let w = job.w;
+    let (cp, ng, n, group) = (
+        w.cols_padded(),
+        w.layout.n_groups(),
+        out.len(),
+        w.layout.group,
+    );
+    assert!(bytes.len() >= nr * cp && x.len() >= n * stride && stride >= cp);
+    assert!(ng >= 1 && w.scales.len() >= (r0 + nr) * ng);
+    let step = job.prec.step;
+    let mut k = 0;
+    while k < nr {
+        let nrow = (nr - k).min(4);
+        let rows: [usize; 4] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
+        let u: [*const i8; 4] = rows.map(|j| bytes[j * cp..].as_ptr().cast());
+        // Scale of row j, 16-column chunk c (columns past `cols` take the last group's: their
+        // codes and activations are 0).
+        let ss = |j: usize, c: usize| {
+            let g = if ng == 1 {
+                0
+            } else {
+                (16 * c / group).min(ng - 1)
+            };
+            _mm512_set1_ps(step * w.scales[(r0 + rows[j]) * ng + g])
+        };
+        let ss_row: [__m512; 4] = std::array::from_fn(|j| ss(j, 0));
+        for b in 0..n {
+            let xp = x[b * stride..].as_ptr();
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            let mut c = 0;
+            while c < cp / 16 {
+                for kk in 0..4 {
+                    // SAFETY: column 16(c + kk) + 16 ≤ cp for every row and activation row.
+                    let xv = unsafe { _mm512_loadu_ps(xp.add(16 * (c + kk))) };
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let q = unsafe { _mm_loadu_si128(u[j].add(16 * (c + kk)).cast()) };
+                        let s = if ng == 1 { ss_row[j] } else { ss(j, c + kk) };
+                        let wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s);
+                        a[kk] = _mm512_fmadd_ps(wv, xv, a[kk]);
+                    }
+                }
+                c += 4;
+            }
+            for (j, a) in acc.iter().enumerate().take(nrow) {
+                let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+                out[b][i0 + k + j] = _mm512_reduce_add_ps(s);
+            }
+        }
+        k += 4;
+    }
+}
+
 /// Calls `add(g, b0 + b, sums)` for every group g in order (and activation row b), with the
 /// exact sums `Σ_{j ∈ g} u_r[j] · x_b[j]` of the 4 rows r as i32 lanes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -650,6 +718,9 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
         .next_multiple_of(4)
         .min(range.len());
     let segs = Segments::of(w);
+    // Few activation rows: dequantize on the fly in registers (scale uniform per 16 columns);
+    // more: dequantize each row once into `wrow` and reuse it.
+    let f32_fused = n < 4 && (ng == 1 || (ng > 1 && w.layout.group.is_multiple_of(16)));
     let mut sc = Scratch::new(cp, n * ng);
     sc.bytes.resize(block_rows * cp + SLACK, 0);
     let mut r0 = range.start;
@@ -669,6 +740,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
             let (r, i) = (r0 + k, r0 + k - range.start);
             let row = &sc.bytes[k * cp..];
             match job.acts {
+                Acts::F32 { .. } if f32_fused => {}
                 Acts::F32 { x, stride } => {
                     let xrow = |b: usize| &x[b * stride..b * stride + cp];
                     dequant_row(job, r, row, &mut sc.wrow);
@@ -727,6 +799,10 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
                     }
                 }
             }
+        }
+        if f32_fused && matches!(job.acts, Acts::F32 { .. }) {
+            // SAFETY: AVX-512 F and BW are available (this function's contract).
+            unsafe { f32_rows4(job, &sc.bytes, (r0, nr, r0 - range.start), out) };
         }
         if let (Some(segs), Acts::Int8 { .. }) = (&segs, job.acts) {
             // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract).
