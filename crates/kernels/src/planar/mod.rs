@@ -728,7 +728,7 @@ impl Acts {
                     let inv = 127.0 / absmax;
                     let mut s = 0i64;
                     for (o, &v) in dst.iter_mut().zip(xs) {
-                        let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                        let q = round_ties_even_small(v * inv).clamp(-127.0, 127.0) as i8;
                         *o = q;
                         s += i64::from(q);
                     }
@@ -744,6 +744,16 @@ impl Acts {
             sum,
         }
     }
+}
+
+/// `y.round_ties_even()` for `|y| ≤ 2^22` (here `|y| ≤ 127 · (1 + ε)`), without a libm call
+/// (`rintf` on the baseline x86_64 target): adding and removing `1.5 · 2^23` rounds to the
+/// nearest integer, ties to even, in the default rounding mode. (It may give +0 for −0.x where
+/// `round_ties_even` gives −0; both convert to the same `0i8`.)
+#[inline(always)]
+fn round_ties_even_small(y: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (y + MAGIC) - MAGIC
 }
 
 /// One call's work, shared by its threads.

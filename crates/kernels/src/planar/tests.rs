@@ -81,6 +81,25 @@ fn f32_tol(cols: usize, mag: f64) -> f64 {
 }
 
 #[test]
+fn fast_rounding_matches_round_ties_even() {
+    let mut ys: Vec<f32> = (-2600..=2600).map(|i| i as f32 * 0.05).collect();
+    ys.extend((-255..=255).map(|i| i as f32 * 0.5)); // every tie in range
+    ys.extend([
+        127.00001,
+        -127.00001,
+        1e-30,
+        -1e-30,
+        0.5 - f32::EPSILON / 4.0,
+    ]);
+    let mut rng = Rng(13);
+    ys.extend((0..100_000).map(|_| rng.f32() * 128.0));
+    for y in ys {
+        let (a, b) = (round_ties_even_small(y), y.round_ties_even());
+        assert!(a == b, "{y}: {a} vs {b}");
+    }
+}
+
+#[test]
 fn tie_identity_is_exhaustive() {
     for tie in TIES {
         for q in i8::MIN..=i8::MAX {
