@@ -54,8 +54,6 @@ struct Tables {
     fin8: [[u8; 64]; 8],
     /// Stage 2 from the two pairs when at most 4 planes are read (bytes b < 4 masked to 0).
     fin4: [[u8; 64]; 8],
-    /// d plane spread, word w: byte `8k + 7` = byte k of word w (others masked to 0).
-    dspread: [[u8; 64]; 8],
 }
 
 const fn perm_tables() -> Tables {
@@ -64,7 +62,6 @@ const fn perm_tables() -> Tables {
         quad: [[0; 64]; 4],
         fin8: [[0; 64]; 8],
         fin4: [[0; 64]; 8],
-        dspread: [[0; 64]; 8],
     };
     let mut o = 0;
     while o < 64 {
@@ -91,7 +88,6 @@ const fn perm_tables() -> Tables {
             } else {
                 0
             };
-            t.dspread[w][o] = if b == 7 { (8 * w + kk) as u8 } else { 0 };
             w += 1;
         }
         o += 1;
@@ -159,7 +155,7 @@ fn transpose8(p: &[__m512i; 8], m: usize) -> [__m512i; 8] {
 /// bytes, or `q_l` as i8 bytes when `signed`. Loads 8 words of every plane read at once,
 /// transposes them with byte permutes ([`transpose8`]) and turns each qword into 8 codes with one
 /// `vgf2p8affineqb`; below 8 bits `u_l = min((v + 1) >> 1, 2^l − 1)` on the top `l + 1` bits `v`
-/// (`vpavgb`, `vpminub`), at 8 bits the d plane is spread the same way and added.
+/// (`vpavgb`, `vpminub`), at 8 bits the d word is added as a byte mask.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
 #[inline]
 unsafe fn decode_words_vbmi_n<const L: usize>(
@@ -181,6 +177,7 @@ unsafe fn decode_words_vbmi_n<const L: usize>(
     let x = _mm512_set1_epi64(0x8040_2010_0804_0201u64 as i64);
     let z = _mm512_setzero_si512();
     let lim = _mm512_set1_epi8(((1u32 << L) - 1) as u8 as i8);
+    let one = _mm512_set1_epi8(1);
     let off = _mm512_set1_epi8(if signed {
         (1u32 << (L - 1)) as u8 as i8
     } else {
@@ -195,11 +192,6 @@ unsafe fn decode_words_vbmi_n<const L: usize>(
         for (i, v) in p.iter_mut().enumerate().take(m) {
             *v = unsafe { _mm512_maskz_loadu_epi64(km, plane(lo + i).add(f).cast()) };
         }
-        let dreg = if has_d {
-            unsafe { _mm512_maskz_loadu_epi64(km, plane(8).add(f).cast()) }
-        } else {
-            z
-        };
         // The hardware prefetchers do not run far enough ahead on these l + 1 (or 9) streams,
         // and nothing is read while a block's rows are dotted: fetch PREFETCH_WORDS ahead.
         for i in 0..m {
@@ -214,12 +206,9 @@ unsafe fn decode_words_vbmi_n<const L: usize>(
             if L < 8 {
                 v = _mm512_min_epu8(_mm512_avg_epu8(v, z), lim);
             } else if has_d {
-                let dd = _mm512_maskz_permutexvar_epi8(
-                    0x8080_8080_8080_8080,
-                    tbl(&TABLES.dspread[wv]),
-                    dreg,
-                );
-                v = _mm512_add_epi8(v, _mm512_gf2p8affine_epi64_epi8::<0>(x, dd));
+                // SAFETY: f + wv < nwords: the d word of this plane word.
+                let d: __mmask64 = unsafe { plane(8).add(f + wv).read_unaligned() };
+                v = _mm512_mask_add_epi8(v, d, v, one);
             }
             v = _mm512_sub_epi8(v, off);
             // SAFETY: f + wv < nwords and out holds 64 · nwords bytes.
@@ -560,10 +549,19 @@ unsafe fn int8_rows4(
                 }
             }
             for (j, &f) in facc.iter().enumerate().take(nb) {
-                let mut y = [0f32; 4];
-                // SAFETY: 16 bytes.
-                unsafe { _mm_storeu_ps(y.as_mut_ptr(), _mm_mul_ps(f, step)) };
-                out[b + j][i0 + k..i0 + k + nrow].copy_from_slice(&y[..nrow]);
+                let y = _mm_mul_ps(f, step);
+                let o = &mut out[b + j][i0 + k..i0 + k + nrow];
+                if nrow == 4 {
+                    // SAFETY: `o` holds 4 f32.
+                    unsafe { _mm_storeu_ps(o.as_mut_ptr(), y) };
+                } else {
+                    let mut t = [0f32; 4];
+                    // SAFETY: 16 bytes.
+                    unsafe { _mm_storeu_ps(t.as_mut_ptr(), y) };
+                    for (d, v) in o.iter_mut().zip(t) {
+                        *d = v;
+                    }
+                }
             }
             b += nb;
         }
@@ -736,11 +734,15 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
                 unsafe { decode_row_avx512(w, r0 + k, job.prec, signed, &mut sc.bytes[k * cp..]) };
             }
         }
-        for k in 0..nr {
+        // Rows the 4-row kernels below do not take, one at a time.
+        let per_row = match job.acts {
+            Acts::F32 { .. } => !f32_fused,
+            Acts::Int8 { .. } => segs.is_none(),
+        };
+        for k in (0..nr).filter(|_| per_row) {
             let (r, i) = (r0 + k, r0 + k - range.start);
             let row = &sc.bytes[k * cp..];
             match job.acts {
-                Acts::F32 { .. } if f32_fused => {}
                 Acts::F32 { x, stride } => {
                     let xrow = |b: usize| &x[b * stride..b * stride + cp];
                     dequant_row(job, r, row, &mut sc.wrow);
@@ -760,7 +762,6 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
                         }
                     }
                 }
-                Acts::Int8 { .. } if segs.is_some() => {}
                 Acts::Int8 {
                     xq,
                     stride,
