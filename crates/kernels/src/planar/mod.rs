@@ -79,20 +79,26 @@
 //!   `y = 2^Δ · Σ_g T_g · (s_g · a_g)` in f32 in a fixed order. All backends therefore return
 //!   bit-identical results on this path.
 //!
-//! A weight row is decoded once per call into a small scratch row (bytes, L1-resident) and then
-//! dotted with every activation row, four at a time. Each output depends only on its weight row
-//! and its activation row: not on the batch size, the row's position in the batch or the thread
-//! count (bit for bit, on both paths), so batched decoding is reproducible.
+//! Weight rows are decoded once per call into small L1-resident scratch (the AVX-512 backend a
+//! block of ~4 KiB of rows at once, the plane words of consecutive rows being contiguous) and then
+//! dotted with every activation row (AVX-512: 4 weight rows × up to 4 activation rows per pass,
+//! one transposing reduction of the 4 rows' `vpdpbusd` lanes per scale group; groups of 16 and 32
+//! are lane-aligned sub-word segments; other group sizes take a generic per-group loop). Each
+//! output depends only on its weight row and its activation row: not on the batch size, the row's
+//! position in the batch or the thread count (bit for bit, on both paths), so batched decoding is
+//! reproducible.
 //!
-//! Threads: [`KernelConfig::threads`] splits the weight rows into contiguous shares; the calling
-//! thread runs one and a small persistent pool (std only, started lazily, workers sleep on a
-//! condition variable) the others, because spawning threads per call costs about as much as a
-//! whole 576×576 mat-vec.
+//! Threads: [`KernelConfig::threads`] splits the weight rows into contiguous shares, at most one
+//! per [`MIN_SHARE_BYTES`] of work; the calling thread runs one and a small persistent pool (std
+//! only, started lazily, workers sleep on a condition variable) the others, because spawning
+//! threads per call costs about as much as a whole 576×576 mat-vec.
 //!
-//! Known cost: the int8 path reduces its i32 lanes horizontally once per scale group and
-//! activation row, which dominates with small groups (at group 32 a 1536×576 mat-vec was ~3× slower
-//! than per-channel). A segmented lane reduction (lanes never straddle groups when the group size
-//! is a multiple of 4) is the planned fix; results would not change (the sums are exact integers).
+//! Cost model (AVX-512 with VBMI + GFNI, per 64 weights of one row at `l` bits): `l + 1` (9 at 8
+//! bits with the d plane) plane words loaded 8 at a time, 1.25 (`l ≤ 3`) … 3 (`l ≥ 7`) byte
+//! permutes for the transpose, 1 `vgf2p8affineqb`, 2 ops for rounding (`l < 8`) or 1 masked add
+//! for d (8 bits), a store and a reload, 1 `vpdpbusd`: ~8–11 vector ops, i.e. compute-bound near
+//! 15–25 GB/s of plane bytes on one Zen 5 core at 2–4 bits, close to the DRAM read bandwidth of
+//! one core (~34 GB/s) at 8 bits.
 
 mod pool;
 mod scalar;
@@ -233,7 +239,9 @@ pub struct KernelConfig {
     pub path: ActPath,
     /// Threads the weight rows are split across in contiguous equal shares: the calling thread
     /// does one, the crate's persistent worker pool (started lazily, sleeping when idle) the
-    /// others. 0 counts as 1; at most one share per row.
+    /// others. 0 counts as 1; at most one share per row, and at most one per [`MIN_SHARE_BYTES`]
+    /// of work (plane bytes read × activation rows): waking a worker costs more than it saves on
+    /// small mat-vecs. Results do not depend on the number of shares.
     pub threads: usize,
 }
 
@@ -591,11 +599,12 @@ impl PlanarWeight {
         y: &mut [f32],
         cfg: &KernelConfig,
     ) -> Result<(), KernelError> {
-        self.matmul_impl(bits, x, n, y, cfg, true)
+        self.matmul_impl(bits, x, n, y, cfg, (true, MIN_SHARE_BYTES))
     }
 
-    /// [`Self::matmul`]; `fast_decode: false` keeps the AVX-512 backend on its AVX-512 F + BW
-    /// decoder even where VBMI and GFNI are available (tests cover both).
+    /// [`Self::matmul`] with `(fast_decode, min_share)`: `fast_decode: false` keeps the AVX-512
+    /// backend on its AVX-512 F + BW decoder even where VBMI and GFNI are available, and
+    /// `min_share` is the least work per thread (0: split as asked), so tests cover every path.
     pub(crate) fn matmul_impl(
         &self,
         bits: u32,
@@ -603,7 +612,7 @@ impl PlanarWeight {
         n: usize,
         y: &mut [f32],
         cfg: &KernelConfig,
-        fast_decode: bool,
+        (fast_decode, min_share): (bool, usize),
     ) -> Result<(), KernelError> {
         let prec = Prec::new(bits)?;
         if !(1..=MAX_BATCH).contains(&n) {
@@ -626,7 +635,8 @@ impl PlanarWeight {
             ActPath::F32 => Acts::f32(x, n, cols, self.cols_padded()),
             ActPath::Int8 => Acts::int8(x, n, &self.layout, self.cols_padded()),
         };
-        let threads = cfg.threads.clamp(1, rows);
+        let work = self.plane_bytes_read(bits)?.saturating_mul(n);
+        let threads = share_count(cfg.threads, rows, work, min_share);
         let bounds: Vec<Range<usize>> = (0..threads)
             .map(|t| t * rows / threads..(t + 1) * rows / threads)
             .collect();
@@ -658,6 +668,19 @@ impl PlanarWeight {
         }
         Ok(())
     }
+}
+
+/// Least work (plane bytes read × activation rows) per thread of a kernel call. Measured on a
+/// 2-vCPU Zen 5 (AVX-512 backend, DRAM-resident weights): 2 threads were 1.6× slower than 1 on
+/// 1536×576 (1 MB at 8 bits, ~36 µs) and 2–4× slower on 576×576, as waking a pool worker
+/// and joining costs tens of µs there; 4096×4096 (19 MB) ran the same with 1 or 2.
+pub const MIN_SHARE_BYTES: usize = 2 << 20;
+
+/// Threads for a call: `threads` (0 counts as 1), at most one per row and, if `min_share > 0`,
+/// one per `min_share` bytes of `work`.
+fn share_count(threads: usize, rows: usize, work: usize, min_share: usize) -> usize {
+    let by_work = work.checked_div(min_share).unwrap_or(usize::MAX).max(1);
+    threads.clamp(1, rows.max(1)).min(by_work)
 }
 
 /// Whether the CPU has AVX-512 VBMI and GFNI (the AVX-512 backend's fast decoder).

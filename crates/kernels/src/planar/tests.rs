@@ -358,7 +358,8 @@ fn check_shape(
             let run = |backend, path, threads| {
                 let mut y = vec![f32::NAN; n * rows];
                 let cfg = KernelConfig::new(backend, path, threads);
-                pw.matmul_impl(bits, &x, n, &mut y, &cfg, fast).unwrap();
+                pw.matmul_impl(bits, &x, n, &mut y, &cfg, (fast, 0))
+                    .unwrap();
                 y
             };
             let backend = BackendVariant(backend, fast);
@@ -606,7 +607,8 @@ fn results_do_not_depend_on_batch_or_threads() {
         for path in [ActPath::F32, ActPath::Int8] {
             for bits in [2, 5, 8] {
                 let mut y = vec![0f32; n * rows];
-                pw.matmul(bits, &x, n, &mut y, &KernelConfig::new(backend, path, 4))
+                let cfg = KernelConfig::new(backend, path, 4);
+                pw.matmul_impl(bits, &x, n, &mut y, &cfg, (true, 0))
                     .unwrap();
                 for b in 0..n {
                     let mut yb = vec![0f32; rows];
@@ -633,18 +635,36 @@ fn concurrent_callers_share_the_pool() {
     let x = random_x(&mut rng, 3 * cols);
     let cfg = KernelConfig::new(Backend::best(), ActPath::Int8, 3);
     let mut want = vec![0f32; 3 * rows];
-    pw.matmul(3, &x, 3, &mut want, &cfg).unwrap();
+    pw.matmul_impl(3, &x, 3, &mut want, &cfg, (true, 0))
+        .unwrap();
     std::thread::scope(|s| {
         for _ in 0..4 {
             s.spawn(|| {
                 for _ in 0..20 {
                     let mut y = vec![0f32; 3 * rows];
-                    pw.matmul(3, &x, 3, &mut y, &cfg).unwrap();
+                    pw.matmul_impl(3, &x, 3, &mut y, &cfg, (true, 0)).unwrap();
                     assert_eq!(y, want);
                 }
             });
         }
     });
+}
+
+#[test]
+fn threads_are_capped_by_rows_and_work() {
+    assert_eq!(share_count(0, 10, 1 << 30, MIN_SHARE_BYTES), 1);
+    assert_eq!(share_count(4, 3, 1 << 30, MIN_SHARE_BYTES), 3);
+    assert_eq!(share_count(4, 1000, 1 << 20, MIN_SHARE_BYTES), 1);
+    assert_eq!(
+        share_count(4, 1000, 5 * MIN_SHARE_BYTES, MIN_SHARE_BYTES),
+        4
+    );
+    assert_eq!(
+        share_count(4, 1000, 2 * MIN_SHARE_BYTES, MIN_SHARE_BYTES),
+        2
+    );
+    assert_eq!(share_count(4, 1000, 0, 0), 4);
+    assert_eq!(share_count(4, 0, 0, MIN_SHARE_BYTES), 1);
 }
 
 #[test]
