@@ -228,6 +228,7 @@ fn round_to_nearest(float: &model::FloatModel, granularity: Granularity) -> quan
         tie_rule: TieRule::HalfEven.to_string(),
         scale_method: "absmax".to_string(),
         quantized: quantized.keys().cloned().collect(),
+        profiles: Default::default(),
     };
     quantize::QuantizedModel { quantization, quantized, float: float_tensors, report: Vec::new() }
 }

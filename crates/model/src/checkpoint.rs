@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::config::ModelConfig;
-use crate::precision::Precision;
+use crate::precision::{is_profile_name, Precision, Profiles};
 use crate::weights::Weights;
 
 /// `format` metadata value identifying a drq checkpoint.
@@ -42,6 +42,9 @@ pub struct QuantizationMeta {
     pub scale_method: String,
     /// Names of the quantized weights, e.g. `model.layers.0.mlp.up_proj.weight`.
     pub quantized: Vec<String>,
+    /// Named per-layer profiles: a bit-width (2..8) for every quantized weight.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub profiles: Profiles,
 }
 
 impl QuantizationMeta {
@@ -88,6 +91,13 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         q.quantized.iter().eq(contents.quantized.keys()),
         "quantization metadata must list exactly the quantized tensors, in name order"
     );
+    for (name, bits) in &q.profiles {
+        ensure!(is_profile_name(name), "profile name `{name}` is invalid (a letter, then letters, digits, `-`, `_`, `.`)");
+        ensure!(bits.keys().eq(q.quantized.iter()), "profile `{name}` must give a bit-width to exactly the quantized weights");
+        for (w, &b) in bits {
+            dr::check_bits(b).map_err(|e| anyhow::anyhow!("profile `{name}`, `{w}`: {e}"))?;
+        }
+    }
     let tokenizer_json = contents
         .tokenizer
         .to_string(false)
@@ -274,6 +284,16 @@ impl Checkpoint {
                 "`{q}` is listed as quantized but is not a weight of this model"
             );
         }
+        for (name, bits) in &quantization.profiles {
+            ensure!(is_profile_name(name), "profile name `{name}` is invalid (a letter, then letters, digits, `-`, `_`, `.`)");
+            ensure!(
+                bits.keys().eq(quantization.quantized.iter()),
+                "profile `{name}` must give a bit-width to exactly the quantized weights"
+            );
+            if let Some((w, b)) = bits.iter().find(|(_, &b)| dr::check_bits(b).is_err()) {
+                bail!("profile `{name}`: {b} bits for `{w}` is outside 2..=8");
+            }
+        }
         let tok = st.tensor(TOKENIZER_TENSOR).context("the tokenizer tensor is missing")?;
         ensure!(tok.dtype() == Dtype::U8, "`{TOKENIZER_TENSOR}` must be U8");
         expected_names.insert(TOKENIZER_TENSOR.to_string());
@@ -362,7 +382,7 @@ impl Checkpoint {
         let mut weights = Weights::new();
         for (name, shape) in Weights::expected_shapes(&self.config) {
             if self.is_quantized(&name) {
-                let bits = precision.bits_for(&name).with_context(|| {
+                let bits = precision.bits_for(&name, &self.quantization.profiles)?.with_context(|| {
                     format!("{}: precision `{precision}` is not available from a checkpoint (it stores no float copy of quantized weights)", self.path.display())
                 })?;
                 let (codes, scales, layout) = self.quantized(&name)?;

@@ -13,6 +13,7 @@ use kernels::{PlanarWeight, QuantizedWeight, TieRule};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
+use crate::precision::Profiles;
 use crate::weights::Weights;
 
 /// One resident copy of a checkpoint's weights.
@@ -21,6 +22,7 @@ pub struct ResidentModel {
     tie: TieRule,
     planar: BTreeMap<String, Arc<PlanarWeight>>,
     float: BTreeMap<String, Tensor>,
+    profiles: Profiles,
 }
 
 impl ResidentModel {
@@ -70,11 +72,16 @@ impl ResidentModel {
         for (name, result) in converted.into_iter().flatten() {
             planar.insert(name, result.with_context(|| format!("{}: building the resident weights", checkpoint.path().display()))?);
         }
-        Ok(Self { config, tie, planar, float })
+        Ok(Self { config, tie, planar, float, profiles: checkpoint.quantization().profiles.clone() })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The checkpoint's named per-layer profiles.
+    pub fn profiles(&self) -> &Profiles {
+        &self.profiles
     }
 
     /// The tie rule of the second rounding, baked into the planes.

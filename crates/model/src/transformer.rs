@@ -300,10 +300,14 @@ impl Transformer {
     }
 
     /// A transformer serving `resident` at `precision` through the kernels: every quantized weight
-    /// at `precision.bits_for(name)` bits, sharing the resident copy (nothing is decoded or
+    /// at `precision.bits_for(name, profiles)` bits, sharing the resident copy (nothing is decoded or
     /// copied here). Inference only.
     pub fn from_resident(resident: &ResidentModel, precision: &Precision, kernel: &KernelConfig) -> Result<Self> {
-        Self::from_resident_with(resident, |name| precision.bits_for(name), kernel)
+        // Resolve every weight first so an unknown profile is reported as such.
+        for (name, _) in resident.planar_weights() {
+            precision.bits_for(name, resident.profiles()).with_context(|| format!("precision `{precision}`"))?;
+        }
+        Self::from_resident_with(resident, |name| precision.bits_for(name, resident.profiles()).ok().flatten(), kernel)
             .with_context(|| format!("precision `{precision}`"))
     }
 

@@ -1,7 +1,9 @@
 //! Double Rounding quantization: the scale search ([`ptq`]) and whole-model PTQ into one INT8
-//! checkpoint ([`model_ptq`]).
+//! checkpoint ([`model_ptq`]); PTQ recipes ([`recipe`]) and per-layer precision profiles
+//! ([`profile`]) from `configs/`.
 
 pub mod model_ptq;
+pub mod profile;
 pub mod ptq;
 pub mod recipe;
 

@@ -77,6 +77,7 @@ pub fn quantize_model(
         tie_rule: spec.tie.to_string(),
         scale_method: format!("search:{}", spec.objective),
         quantized: quantized.keys().cloned().collect(),
+        profiles: Default::default(),
     };
     Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
 }

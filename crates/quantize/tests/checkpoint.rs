@@ -125,6 +125,9 @@ impl Raw {
     }
 }
 
+/// A named corruption of a valid checkpoint and the words its error must contain.
+type RewriteCase = (&'static str, Box<dyn FnOnce(&mut Raw)>, Vec<String>);
+
 /// Rewrites the valid checkpoint `src` through `edit` into `dir/name`, and checks that the
 /// result is a well-formed safetensors file (so the reader's own checks are what reject it).
 fn rewritten(src: &Path, dir: &Path, name: &str, edit: impl FnOnce(&mut Raw)) -> PathBuf {
@@ -268,10 +271,10 @@ fn round_trip_reproduces_the_quantized_model_exactly() {
         }
 
         // The float model is not stored, and 1 or 9 bits are not servable: errors, not panics.
-        let err = format!("{:#}", ckpt.weights_at(&Precision::Float).err().expect("fp must fail"));
+        let err = format!("{:#}", ckpt.weights_at(&Precision::Float).expect_err("fp must fail"));
         assert!(err.contains("precision `fp` is not available from a checkpoint"), "{err}");
         for b in [0, 1, 9, 16] {
-            let err = format!("{:#}", ckpt.weights_at(&Precision::Bits(b)).err().expect("bad bits must fail"));
+            let err = format!("{:#}", ckpt.weights_at(&Precision::Bits(b)).expect_err("bad bits must fail"));
             assert!(err.contains(&format!("bit-width {b}")), "{err}");
         }
     }
@@ -363,7 +366,7 @@ fn model_source_recognises_checkpoints_only() {
     let plain = dir.path().join("plain.safetensors");
     safetensors::serialize_to_file([("w", TensorView::new(Dtype::F32, vec![2, 2], &data).unwrap())], None, &plain)
         .unwrap();
-    let err = format!("{:#}", plain.to_str().unwrap().parse::<ModelSource>().err().expect("not a checkpoint"));
+    let err = format!("{:#}", plain.to_str().unwrap().parse::<ModelSource>().expect_err("not a checkpoint"));
     assert!(err.contains("is a safetensors file but not a drq checkpoint"), "{err}");
     expect_invalid(&plain, &["no metadata", "not a drq checkpoint"]);
 
@@ -375,19 +378,19 @@ fn model_source_recognises_checkpoints_only() {
         &other,
     )
     .unwrap();
-    let err = format!("{:#}", other.to_str().unwrap().parse::<ModelSource>().err().expect("not a checkpoint"));
+    let err = format!("{:#}", other.to_str().unwrap().parse::<ModelSource>().expect_err("not a checkpoint"));
     assert!(err.contains("not a drq checkpoint"), "{err}");
     expect_invalid(&other, &["metadata `format` is `pt`, not `drq-checkpoint`"]);
 
     // A corrupted `.safetensors` file is not taken for a checkpoint either.
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"definitely not safetensors").unwrap();
-    let err = format!("{:#}", junk.to_str().unwrap().parse::<ModelSource>().err().expect("junk"));
+    let err = format!("{:#}", junk.to_str().unwrap().parse::<ModelSource>().expect_err("junk"));
     assert!(err.contains("not a drq checkpoint"), "{err}");
     // An empty file of any name is neither GGUF nor a checkpoint.
     let empty = dir.path().join("empty.bin");
     std::fs::write(&empty, b"").unwrap();
-    let err = format!("{:#}", empty.to_str().unwrap().parse::<ModelSource>().err().expect("empty"));
+    let err = format!("{:#}", empty.to_str().unwrap().parse::<ModelSource>().expect_err("empty"));
     assert!(err.contains("neither a GGUF file nor a drq checkpoint"), "{err}");
 }
 
@@ -492,7 +495,7 @@ fn inconsistent_metadata_is_rejected() {
     }
 
     let w = "model.layers.0.mlp.down_proj.weight"; // [64, 96], group:32 → scales [64, 3]
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Raw)>, Vec<String>)> = vec![
+    let cases: Vec<RewriteCase> = vec![
         // Identity and version.
         (
             "format-gguf",
@@ -517,6 +520,34 @@ fn inconsistent_metadata_is_rejected() {
             "version-text",
             Box::new(|r| r.set_meta("format_version", "one")),
             needles!["`format_version` `one` is not a number"],
+        ),
+        // Per-layer profiles: a bit-width for exactly the quantized weights, each in 2..=8.
+        (
+            "profile-missing-weight",
+            Box::new(|r| r.edit_json("quantization", |q| q["profiles"] = serde_json::json!({"mix": {"model.embed_tokens.weight": 4}}))),
+            needles!["profile `mix` must give a bit-width to exactly the quantized weights"],
+        ),
+        (
+            "profile-bad-bits",
+            Box::new(|r| {
+                r.edit_json("quantization", |q| {
+                    let all: serde_json::Map<String, serde_json::Value> =
+                        q["quantized"].as_array().unwrap().iter().map(|n| (n.as_str().unwrap().to_string(), serde_json::json!(9))).collect();
+                    q["profiles"] = serde_json::json!({ "mix": all });
+                })
+            }),
+            needles!["profile `mix`", "9 bits", "outside 2..=8"],
+        ),
+        (
+            "profile-bad-name",
+            Box::new(|r| {
+                r.edit_json("quantization", |q| {
+                    let all: serde_json::Map<String, serde_json::Value> =
+                        q["quantized"].as_array().unwrap().iter().map(|n| (n.as_str().unwrap().to_string(), serde_json::json!(4))).collect();
+                    q["profiles"] = serde_json::json!({ "4": all });
+                })
+            }),
+            needles!["profile name `4` is invalid"],
         ),
         (
             "version-missing",
@@ -843,7 +874,7 @@ fn invalid_stored_tokenizer_is_a_clear_error() {
         t.2 = vec![t.3.len()];
     });
     let ckpt = Checkpoint::open(&path).unwrap();
-    let err = format!("{:#}", ckpt.tokenizer().err().expect("invalid tokenizer"));
+    let err = format!("{:#}", ckpt.tokenizer().expect_err("invalid tokenizer"));
     assert!(err.contains("the stored tokenizer is invalid"), "{err}");
     // The weights are still readable.
     ckpt.weights_at(&Precision::Bits(8)).unwrap();
@@ -859,7 +890,7 @@ fn writes_are_atomic() {
 
     // Into a directory that does not exist: an error naming the path, nothing created.
     let missing = dir.path().join("missing").join("x.safetensors");
-    let err = format!("{:#}", write_checkpoint(&missing, &float, &provenance(), &q).err().expect("no such directory"));
+    let err = format!("{:#}", write_checkpoint(&missing, &float, &provenance(), &q).expect_err("no such directory"));
     assert!(err.contains("cannot write") && err.contains("x.safetensors.tmp"), "{err}");
     assert!(!dir.path().join("missing").exists());
     assert!(tmp_files(dir.path()).is_empty());
@@ -868,7 +899,7 @@ fn writes_are_atomic() {
     let as_dir = dir.path().join("d.safetensors");
     std::fs::create_dir(&as_dir).unwrap();
     std::fs::write(as_dir.join("inside"), b"keep").unwrap();
-    let err = format!("{:#}", write_checkpoint(&as_dir, &float, &provenance(), &q).err().expect("a directory"));
+    let err = format!("{:#}", write_checkpoint(&as_dir, &float, &provenance(), &q).expect_err("a directory"));
     assert!(err.contains("d.safetensors"), "{err}");
     assert!(as_dir.is_dir());
     assert_eq!(std::fs::read(as_dir.join("inside")).unwrap(), b"keep");
@@ -988,4 +1019,34 @@ fn writer_rejects_inconsistent_contents() {
 
     assert!(!path.exists());
     assert!(tmp_files(dir.path()).is_empty());
+}
+
+#[test]
+fn profiles_round_trip_and_decode_per_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (float, mut q) = quantized(Architecture::Llama, false, &spec(&[8, 4, 2], Granularity::Channel, TieRule::HalfEven), &[]);
+    let rules: quantize::profile::ProfileRules =
+        toml::from_str("name = \"mix\"\ndefault = 3\n[[rule]]\nmatch = \"mlp\"\nbits = 6\n").unwrap();
+    let bits = rules.resolve(&q.quantization.quantized).unwrap();
+    q.quantization.profiles.insert("mix".into(), bits.clone());
+    let path = dir.path().join("profiles.safetensors");
+    write_checkpoint(&path, &float, &provenance(), &q).unwrap();
+    let ckpt = Checkpoint::open(&path).unwrap();
+    assert_eq!(ckpt.quantization().profiles["mix"], bits);
+    // Decoding the profile = each weight at its own bits.
+    let mix = ckpt.weights_at(&Precision::Profile("mix".into())).unwrap();
+    let (w3, w6) = (ckpt.weights_at(&Precision::Bits(3)).unwrap(), ckpt.weights_at(&Precision::Bits(6)).unwrap());
+    for (name, t) in mix.iter() {
+        let expected = match bits.get(name) {
+            Some(6) => w6.get(name, t.dims()).unwrap(),
+            _ => w3.get(name, t.dims()).unwrap(),
+        };
+        assert!(bits_eq(&flat(t), &flat(&expected)), "{name}");
+    }
+    let err = format!("{:#}", ckpt.weights_at(&Precision::Profile("other".into())).err().unwrap());
+    assert!(err.contains("profile `other` is not in this checkpoint") && err.contains("mix"), "{err}");
+    // The writer refuses a profile that misses a weight.
+    q.quantization.profiles.get_mut("mix").unwrap().pop_first();
+    let err = write_checkpoint(&dir.path().join("bad.safetensors"), &float, &provenance(), &q).unwrap_err().to_string();
+    assert!(err.contains("exactly the quantized weights"), "{err}");
 }

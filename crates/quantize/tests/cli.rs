@@ -29,6 +29,10 @@ fn gguf() -> PathBuf {
     model::testing::smollm2_gguf()
 }
 
+fn profile(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../configs/profiles/{name}.toml"))
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temp path")
 }
@@ -74,6 +78,10 @@ fn quantizes_the_real_model_with_a_report() {
         s(&out),
         "--report",
         s(&report),
+        "--profile",
+        s(&profile("w4-embed8")),
+        "--profile",
+        s(&profile("w3-attn4")),
     ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -98,6 +106,12 @@ fn quantizes_the_real_model_with_a_report() {
     assert_eq!(p.tool, format!("drq-quantize {}", env!("CARGO_PKG_VERSION")));
     let tokenizer = ckpt.tokenizer().unwrap();
     assert_eq!(tokenizer.get_vocab_size(true), config.vocab_size);
+    // The shipped profiles, resolved per weight.
+    let w4e8 = &q.profiles["w4-embed8"];
+    assert_eq!(w4e8["model.embed_tokens.weight"], 8);
+    assert_eq!(w4e8["model.layers.3.mlp.up_proj.weight"], 4);
+    assert_eq!(q.profiles["w3-attn4"]["model.layers.3.self_attn.k_proj.weight"], 4);
+    assert!(stderr.contains("rule `lm_head` matches no quantized weight"), "the tied model has no lm_head: {stderr}");
     // The 2-bit decode works and has the model's shapes.
     ckpt.weights_at(&model::Precision::Bits(2)).unwrap().validate(config).unwrap();
 
@@ -127,6 +141,18 @@ fn quantizes_the_real_model_with_a_report() {
     names.sort();
     assert_eq!(names, q.quantized, "the report covers exactly the quantized weights");
     assert!(stdout.contains("mean (weighted by size)"), "{stdout}");
+}
+
+#[test]
+fn rejects_bad_profiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"x\"\ndefault = 12\n").unwrap();
+    let output = drq_quantize(["--model", s(&gguf()), "--profile", s(&bad), "--out", s(&out)]);
+    assert_refused(&output, &["invalid profile", "bad.toml", "12"], dir.path(), &out);
+    let output = drq_quantize(["--model", s(&gguf()), "--profile", "/nonexistent.toml", "--out", s(&out)]);
+    assert_refused(&output, &["cannot read profile /nonexistent.toml"], dir.path(), &out);
 }
 
 #[test]

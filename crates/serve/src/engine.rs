@@ -122,11 +122,20 @@ pub enum SubmitError {
     Stopped,
 }
 
+/// A named per-layer profile the checkpoint carries.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProfileInfo {
+    pub name: String,
+    /// Code bits per quantized weight, averaged over the weights (scales not included).
+    pub mean_bits: f64,
+}
+
 /// What the engine serves, for `GET /v1/models` and request validation.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// Every precision a request may name, e.g. `2`..`8`.
+    /// Every precision a request may name: `2`..`8`, then the profiles' names.
     pub precisions: Vec<String>,
+    pub profiles: Vec<ProfileInfo>,
     /// The bit set the checkpoint's scales were searched for.
     pub calibrated_bits: Vec<u32>,
     pub default_precision: String,
@@ -167,6 +176,19 @@ impl Engine {
             let t = Transformer::from_resident(&resident, &Precision::Bits(bits), &options.kernel)?;
             transformers.insert(bits.to_string(), t);
         }
+        // Named per-layer profiles of the checkpoint, served from the same resident copy.
+        let mut profiles = Vec::new();
+        for (name, bits) in resident.profiles() {
+            let t = Transformer::from_resident(&resident, &Precision::Profile(name.clone()), &options.kernel)?;
+            transformers.insert(name.clone(), t);
+            let (mut weights, mut weighted) = (0usize, 0usize);
+            for (w, planar) in resident.planar_weights() {
+                let n = planar.rows() * planar.cols();
+                weights += n;
+                weighted += n * bits[w] as usize;
+            }
+            profiles.push(ProfileInfo { name: name.clone(), mean_bits: weighted as f64 / weights.max(1) as f64 });
+        }
         ensure!(
             transformers.contains_key(&options.default_precision),
             "default precision `{}` is not one of {}",
@@ -180,7 +202,8 @@ impl Engine {
             .map(|source| ChatTemplate::new(source, &token_text(config.bos_token_id), &token_text(config.eos_token_ids.first().copied())))
             .transpose()?;
         let info = ModelInfo {
-            precisions: transformers.keys().cloned().collect(),
+            precisions: (2..=8u32).map(|b| b.to_string()).chain(profiles.iter().map(|p| p.name.clone())).collect(),
+            profiles,
             calibrated_bits: checkpoint.quantization().bits.clone(),
             default_precision: options.default_precision.clone(),
             max_context: options.max_context,

@@ -160,6 +160,7 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
             "created": state.created,
             "owned_by": "drq",
             "precisions": info.precisions,
+            "profiles": info.profiles,
             "calibrated_bits": info.calibrated_bits,
             "default_precision": info.default_precision,
             "context_length": info.max_context,

@@ -324,6 +324,7 @@ mod tests {
     fn info() -> ModelInfo {
         ModelInfo {
             precisions: (2..=8).map(|b: u32| b.to_string()).collect(),
+            profiles: Vec::new(),
             calibrated_bits: vec![8, 4, 2],
             default_precision: "8".into(),
             max_context: 100,

@@ -38,7 +38,10 @@ fn endpoints_have_openai_shapes() {
     assert_eq!(models["object"], "list");
     let m = &models["data"][0];
     assert_eq!((m["id"].as_str(), m["object"].as_str()), (Some("tiny"), Some("model")));
-    assert_eq!(m["precisions"], json!(["2", "3", "4", "5", "6", "7", "8"]));
+    assert_eq!(m["precisions"], json!(["2", "3", "4", "5", "6", "7", "8", "mix"]));
+    assert_eq!(m["profiles"][0]["name"], "mix");
+    let mean = m["profiles"][0]["mean_bits"].as_f64().unwrap();
+    assert!(mean > 3.0 && mean < 6.0, "{mean}");
     assert_eq!((m["default_precision"].as_str(), m["context_length"].as_u64()), (Some("8"), Some(256)));
 
     let (status, c, _) = s.post("/v1/completions", &json!({"model": "tiny", "prompt": "the cat", "max_tokens": 5, "temperature": 0, "precision": 4}));
@@ -77,10 +80,10 @@ fn endpoints_have_openai_shapes() {
         "drq_generated_tokens_total{precision=\"4\"}",
         "drq_prompt_tokens_total{precision=\"8\"}",
         "drq_queue_depth 0",
-        "drq_running_sequences 0",
     ] {
         assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
     }
+    s.wait_for_metric("drq_running_sequences", 0.0);
 }
 
 #[test]
@@ -263,7 +266,7 @@ fn concurrent_requests_at_mixed_precisions_match_their_solo_answers() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(together, solo, "a request's answer must not depend on what else is in the batch");
-    assert_eq!(s.metric("drq_running_sequences"), 0.0);
+    s.wait_for_metric("drq_running_sequences", 0.0);
 }
 
 #[test]
@@ -309,7 +312,31 @@ fn a_client_that_disconnects_stops_its_generation() {
         assert!(Instant::now() < deadline, "the generation was not cancelled:\n{}", s.get("/metrics").1);
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(s.metric("drq_running_sequences"), 0.0);
+    s.wait_for_metric("drq_running_sequences", 0.0);
     let generated = s.metric("drq_generated_tokens_total{precision=\"8\"}");
     assert!(generated < 250.0, "{generated} tokens generated for a client that left");
+}
+
+#[test]
+fn a_profile_is_served_by_name_with_each_weight_at_its_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_checkpoint(dir.path());
+    let s = TestServer::start(&path, options(), None, DEFAULT_BODY_LIMIT);
+    let checkpoint = model::checkpoint::Checkpoint::open(&path).unwrap();
+    let resident = model::ResidentModel::from_checkpoint(&checkpoint).unwrap();
+    let tokenizer = checkpoint.tokenizer().unwrap();
+    let prompt = tokenizer.encode("the cat", false).unwrap().get_ids().to_vec();
+    let eos = checkpoint.config().eos_token_ids.clone();
+    let mut texts = Vec::new();
+    for precision in ["mix", "3", "6"] {
+        let t = model::Transformer::from_resident(&resident, &precision.parse().unwrap(), &kernels::KernelConfig::default()).unwrap();
+        let expected = tokenizer.decode(&support::runtime_greedy(&t, &prompt, 30, &eos), true).unwrap();
+        let (status, c, _) = s.post("/v1/completions", &json!({"prompt": "the cat", "max_tokens": 30, "temperature": 0, "precision": precision}));
+        assert_eq!(status, 200, "{c}");
+        assert_eq!(c["precision"], precision);
+        assert_eq!(text_of(&c), expected, "{precision}");
+        texts.push(expected);
+    }
+    assert!(texts[0] != texts[1] || texts[0] != texts[2], "the profile should differ from a uniform precision: {texts:?}");
+    assert!(s.get("/metrics").1.contains("drq_requests_total{precision=\"mix\"} 1"));
 }

@@ -7,31 +7,12 @@ mod support;
 use kernels::{Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::{self, ModelSource};
-use model::{KvCache, Precision, ResidentModel, Transformer};
+use model::{Precision, ResidentModel, Transformer};
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
 use serde_json::json;
 use serve::engine::EngineOptions;
 use serve::http::DEFAULT_BODY_LIMIT;
-use support::TestServer;
-
-/// Greedy decoding through `Transformer::forward`, independent of the engine's batching.
-fn runtime_greedy(t: &Transformer, prompt: &[u32], max_tokens: usize, eos: &[u32]) -> Vec<u32> {
-    let mut cache = KvCache::new(t.config());
-    let mut input = prompt.to_vec();
-    let mut out = Vec::new();
-    while out.len() < max_tokens {
-        let ids = candle_core::Tensor::new(input.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let logits = t.forward(&ids, &mut cache, input.len() - 1).unwrap();
-        let row: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-        let next = serve::sampling::argmax(&row);
-        if eos.contains(&next) {
-            break;
-        }
-        out.push(next);
-        input = vec![next];
-    }
-    out
-}
+use support::{runtime_greedy, TestServer};
 
 #[test]
 fn served_greedy_text_equals_the_runtime_at_every_precision() {

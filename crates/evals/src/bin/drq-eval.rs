@@ -130,7 +130,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         ProtocolArg::Strided => Protocol::Strided { stride: args.stride.unwrap_or((args.ctx / 2).max(1)) },
     };
     let wants_float = precisions.contains(&Precision::Float);
-    let int_precisions: Vec<Precision> = precisions.iter().copied().filter(|p| *p != Precision::Float).collect();
+    let int_precisions: Vec<Precision> = precisions.iter().filter(|p| **p != Precision::Float).cloned().collect();
 
     // At most one float model (for `fp` and as the KL baseline) and any number of checkpoints,
     // all evaluated in lockstep so the float logits are computed once per window.

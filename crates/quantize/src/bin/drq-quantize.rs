@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kernels::{Granularity, TieRule};
 use model::source::{self, ModelSource};
+use quantize::profile::ProfileRules;
 use quantize::recipe::PtqRecipe;
 use quantize::{quantize_model, write_checkpoint, SearchObjective};
 
@@ -40,6 +41,10 @@ struct Args {
     /// Keep weights whose name contains one of these in float (e.g. `embed_tokens,lm_head`).
     #[arg(long, value_delimiter = ',')]
     keep_float: Option<Vec<String>>,
+    /// Per-layer precision profiles to store (TOML, see configs/profiles/); repeatable. Served
+    /// and evaluated by name.
+    #[arg(long)]
+    profile: Vec<PathBuf>,
     /// Output checkpoint (`.safetensors`).
     #[arg(short, long)]
     out: PathBuf,
@@ -88,17 +93,24 @@ fn run(args: Args) -> Result<()> {
         keep_float = k;
     }
     spec.validate()?;
+    let profiles = args.profile.iter().map(|p| ProfileRules::load(p)).collect::<Result<Vec<_>>>()?;
     let source: ModelSource = args.model.parse()?;
     let started = Instant::now();
     tracing::info!("loading {source}");
     let (float, provenance) = source::load_float(&source)?;
     let n_targets = quantize::model_ptq::quantizable(&float.config, &keep_float).len();
     let bar = model::cli::progress_bar(n_targets as u64, "quantizing");
-    let quantized = quantize_model(&float, &spec, &keep_float, |name| {
+    let mut quantized = quantize_model(&float, &spec, &keep_float, |name| {
         bar.set_prefix(name.to_string());
         bar.inc(1);
     })?;
     bar.finish_and_clear();
+    for p in &profiles {
+        let bits = p.resolve(&quantized.quantization.quantized)?;
+        if quantized.quantization.profiles.insert(p.name.clone(), bits).is_some() {
+            bail!("two profiles are named `{}`", p.name);
+        }
+    }
     write_checkpoint(&args.out, &float, &provenance, &quantized)?;
 
     print_report(&quantized.report, &spec.bits);

@@ -20,12 +20,15 @@ use serve::metrics::Metrics;
 /// ChatML, as SmolLM2-Instruct's.
 pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// A tiny Llama (vocabulary 300, context 256) quantized per channel, with a chat template.
+/// A tiny Llama (vocabulary 300, context 256) quantized per channel, with a chat template and a
+/// per-layer profile `mix` (MLPs at 6 bits, the rest at 3).
 pub fn tiny_checkpoint(dir: &Path) -> PathBuf {
     let mut float = tiny_model(Architecture::Llama, true, 21);
     float.chat_template = Some(CHATML.to_string());
     let spec = QuantSpec { bits: vec![8, 4, 2], granularity: Granularity::Channel, tie: TieRule::HalfEven, objective: SearchObjective::Normalized };
-    let q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
+    let mut q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
+    let mix = q.quantization.quantized.iter().map(|w| (w.clone(), if w.contains("mlp") { 6 } else { 3 })).collect();
+    q.quantization.profiles.insert("mix".into(), mix);
     let path = dir.join("tiny.safetensors");
     write_checkpoint(&path, &float, &Provenance { source: "test".into(), sha256: "0".repeat(64) }, &q).unwrap();
     path
@@ -97,6 +100,18 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// Waits (up to 10 s) until the metric reaches `value`: the scheduler updates its gauges
+    /// just after the responses go out.
+    pub fn wait_for_metric(&self, prefix: &str, value: f64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.metric(prefix) != value {
+            assert!(std::time::Instant::now() < deadline, "{prefix} never reached {value}:\n{}", self.get("/metrics").1);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         if let Some(rt) = self.runtime.take() {
@@ -134,4 +149,24 @@ pub fn stream_text(chunks: &[String]) -> (String, Vec<Value>) {
         }
     }
     (text, parsed)
+}
+
+/// Greedy decoding through `Transformer::forward` token by token, independent of the engine's
+/// batching; stops before an end-of-sequence token.
+pub fn runtime_greedy(t: &model::Transformer, prompt: &[u32], max_tokens: usize, eos: &[u32]) -> Vec<u32> {
+    let mut cache = model::KvCache::new(t.config());
+    let mut input = prompt.to_vec();
+    let mut out = Vec::new();
+    while out.len() < max_tokens {
+        let ids = candle_core::Tensor::new(input.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = t.forward(&ids, &mut cache, input.len() - 1).unwrap();
+        let row: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+        let next = serve::sampling::argmax(&row);
+        if eos.contains(&next) {
+            break;
+        }
+        out.push(next);
+        input = vec![next];
+    }
+    out
 }
