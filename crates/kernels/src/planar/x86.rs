@@ -54,6 +54,8 @@ struct Tables {
     fin8: [[u8; 64]; 8],
     /// Stage 2 from the two pairs when at most 4 planes are read (bytes b < 4 masked to 0).
     fin4: [[u8; 64]; 8],
+    /// Stage 2 from pair (0, 1) and plane 2 itself when 3 planes are read (bytes b < 5 masked).
+    fin3: [[u8; 64]; 8],
 }
 
 const fn perm_tables() -> Tables {
@@ -62,6 +64,7 @@ const fn perm_tables() -> Tables {
         quad: [[0; 64]; 4],
         fin8: [[0; 64]; 8],
         fin4: [[0; 64]; 8],
+        fin3: [[0; 64]; 8],
     };
     let mut o = 0;
     while o < 64 {
@@ -83,6 +86,11 @@ const fn perm_tables() -> Tables {
             let (kk, b) = (o / 8, o % 8);
             let i = 7 - b;
             t.fin8[w][o] = (((i / 4) << 6) | (32 * (w % 2) + 8 * (i % 4) + kk)) as u8;
+            t.fin3[w][o] = match i {
+                0 | 1 => (16 * (w % 4) + 8 * (i % 2) + kk) as u8,
+                2 => ((1 << 6) | (8 * w + kk)) as u8,
+                _ => 0,
+            };
             t.fin4[w][o] = if i < 4 {
                 (((i / 2) << 6) | (16 * (w % 4) + 8 * (i % 2) + kk)) as u8
             } else {
@@ -113,7 +121,12 @@ fn transpose8(p: &[__m512i; 8], m: usize) -> [__m512i; 8] {
     let t = &TABLES;
     let z = _mm512_setzero_si512();
     let perm = |a, idx: &[u8; 64], b| _mm512_permutex2var_epi8(a, tbl(idx), b);
-    if m <= 4 {
+    if m == 3 {
+        let q0 = [perm(p[0], &t.pair[0], p[1]), perm(p[0], &t.pair[1], p[1])];
+        std::array::from_fn(|w| {
+            _mm512_maskz_permutex2var_epi8(0xE0E0_E0E0_E0E0_E0E0, q0[w / 4], tbl(&t.fin3[w]), p[2])
+        })
+    } else if m <= 4 {
         let q0 = [perm(p[0], &t.pair[0], p[1]), perm(p[0], &t.pair[1], p[1])];
         let q1 = if m > 2 {
             [perm(p[2], &t.pair[0], p[3]), perm(p[2], &t.pair[1], p[3])]
@@ -158,11 +171,10 @@ fn transpose8(p: &[__m512i; 8], m: usize) -> [__m512i; 8] {
 /// (`vpavgb`, `vpminub`), at 8 bits the d word is added as a byte mask.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
 #[inline]
-unsafe fn decode_words_vbmi_n<const L: usize>(
+unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool>(
     w: &PlanarWeight,
     f0: usize,
     nwords: usize,
-    signed: bool,
     out: &mut [u8],
 ) {
     let per_plane = w.rows() * w.wpr;
@@ -178,7 +190,7 @@ unsafe fn decode_words_vbmi_n<const L: usize>(
     let z = _mm512_setzero_si512();
     let lim = _mm512_set1_epi8(((1u32 << L) - 1) as u8 as i8);
     let one = _mm512_set1_epi8(1);
-    let off = _mm512_set1_epi8(if signed {
+    let off = _mm512_set1_epi8(if SIGNED {
         (1u32 << (L - 1)) as u8 as i8
     } else {
         0
@@ -210,7 +222,9 @@ unsafe fn decode_words_vbmi_n<const L: usize>(
                 let d: __mmask64 = unsafe { plane(8).add(f + wv).read_unaligned() };
                 v = _mm512_mask_add_epi8(v, d, v, one);
             }
-            v = _mm512_sub_epi8(v, off);
+            if SIGNED {
+                v = _mm512_sub_epi8(v, off);
+            }
             // SAFETY: f + wv < nwords and out holds 64 · nwords bytes.
             unsafe { _mm512_storeu_si512(po.add(64 * (f + wv)).cast(), v) };
         };
@@ -242,14 +256,21 @@ unsafe fn decode_words_vbmi(
     out: &mut [u8],
 ) {
     unsafe {
-        match prec.bits {
-            2 => decode_words_vbmi_n::<2>(w, f0, nwords, signed, out),
-            3 => decode_words_vbmi_n::<3>(w, f0, nwords, signed, out),
-            4 => decode_words_vbmi_n::<4>(w, f0, nwords, signed, out),
-            5 => decode_words_vbmi_n::<5>(w, f0, nwords, signed, out),
-            6 => decode_words_vbmi_n::<6>(w, f0, nwords, signed, out),
-            7 => decode_words_vbmi_n::<7>(w, f0, nwords, signed, out),
-            _ => decode_words_vbmi_n::<8>(w, f0, nwords, signed, out),
+        match (prec.bits, signed) {
+            (2, false) => decode_words_vbmi_n::<2, false>(w, f0, nwords, out),
+            (3, false) => decode_words_vbmi_n::<3, false>(w, f0, nwords, out),
+            (4, false) => decode_words_vbmi_n::<4, false>(w, f0, nwords, out),
+            (5, false) => decode_words_vbmi_n::<5, false>(w, f0, nwords, out),
+            (6, false) => decode_words_vbmi_n::<6, false>(w, f0, nwords, out),
+            (7, false) => decode_words_vbmi_n::<7, false>(w, f0, nwords, out),
+            (_, false) => decode_words_vbmi_n::<8, false>(w, f0, nwords, out),
+            (2, true) => decode_words_vbmi_n::<2, true>(w, f0, nwords, out),
+            (3, true) => decode_words_vbmi_n::<3, true>(w, f0, nwords, out),
+            (4, true) => decode_words_vbmi_n::<4, true>(w, f0, nwords, out),
+            (5, true) => decode_words_vbmi_n::<5, true>(w, f0, nwords, out),
+            (6, true) => decode_words_vbmi_n::<6, true>(w, f0, nwords, out),
+            (7, true) => decode_words_vbmi_n::<7, true>(w, f0, nwords, out),
+            (_, true) => decode_words_vbmi_n::<8, true>(w, f0, nwords, out),
         }
     }
 }
@@ -637,6 +658,93 @@ unsafe fn f32_rows4(
     }
 }
 
+/// [`int8_rows4`] for one activation row and whole-word groups (per-channel, groups a multiple of
+/// 64), 8 weight rows at a time: 8 independent `vpdpbusd` chains, two transposing reductions
+/// folded into one vector of 8 sums per group, and the f32 combination in 8 lanes (the same
+/// operations in the same order as [`super::combine_int`], so the same outputs bit for bit).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn int8_rows8_matvec(
+    job: &Job<'_>,
+    words: usize,
+    bytes: &[u8],
+    (r0, nr, i0): (usize, usize, usize),
+    out: &mut [&mut [f32]],
+) {
+    let Acts::Int8 { xq, scale, sum, .. } = job.acts else {
+        return;
+    };
+    let w = job.w;
+    let (cp, wpr, ng) = (w.cols_padded(), w.wpr, w.layout.n_groups());
+    assert!(bytes.len() >= nr * cp && xq.len() >= cp && out.len() == 1);
+    assert!(w.scales.len() >= (r0 + nr) * ng && scale.len() >= ng && sum.len() >= ng);
+    let half = job.prec.half as i32;
+    let step = _mm256_set1_ps(job.prec.step);
+    let px = xq.as_ptr();
+    let out = &mut *out[0];
+    let mut k = 0;
+    while k < nr {
+        let nrow = (nr - k).min(8);
+        // Missing rows of the last octet repeat row k (computed, not stored).
+        let rows: [usize; 8] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
+        let u: [*const u8; 8] = rows.map(|j| bytes[j * cp..].as_ptr());
+        let mut facc = _mm256_setzero_ps();
+        for g in 0..ng {
+            let (w0, w1) = (g * words, ((g + 1) * words).min(wpr));
+            let z = _mm512_setzero_si512();
+            let mut acc = [z; 8];
+            for wi in w0..w1 {
+                // SAFETY: wi < wpr: every row pointer has 64 · wpr bytes, x has stride ≥ cp.
+                unsafe {
+                    let xv = _mm512_loadu_si512(px.add(64 * wi).cast());
+                    for (a, &p) in acc.iter_mut().zip(&u) {
+                        *a = _mm512_dpbusd_epi32(*a, _mm512_loadu_si512(p.add(64 * wi).cast()), xv);
+                    }
+                }
+            }
+            let l0 = lane_sums4([acc[0], acc[1], acc[2], acc[3]]);
+            let l1 = lane_sums4([acc[4], acc[5], acc[6], acc[7]]);
+            // 128-bit lanes [l0.0 + l0.1, l0.2 + l0.3, l1.0 + l1.1, l1.2 + l1.3] …
+            let t = _mm512_add_epi32(
+                _mm512_shuffle_i64x2::<0b10_00_10_00>(l0, l1),
+                _mm512_shuffle_i64x2::<0b11_01_11_01>(l0, l1),
+            );
+            // … then [rows 0..4, rows 4..8] in the low 256 bits.
+            let t = _mm512_add_epi32(t, _mm512_shuffle_i64x2::<0b11_11_11_01>(t, t));
+            let t = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 0, 1, 4, 5), t);
+            let t = _mm256_sub_epi32(
+                _mm512_castsi512_si256(t),
+                _mm256_set1_epi32(half * sum[g] as i32),
+            );
+            let s = _mm256_setr_ps(
+                w.scales[(r0 + rows[0]) * ng + g],
+                w.scales[(r0 + rows[1]) * ng + g],
+                w.scales[(r0 + rows[2]) * ng + g],
+                w.scales[(r0 + rows[3]) * ng + g],
+                w.scales[(r0 + rows[4]) * ng + g],
+                w.scales[(r0 + rows[5]) * ng + g],
+                w.scales[(r0 + rows[6]) * ng + g],
+                w.scales[(r0 + rows[7]) * ng + g],
+            );
+            let sa = _mm256_mul_ps(s, _mm256_set1_ps(scale[g]));
+            facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(t), sa));
+        }
+        let y = _mm256_mul_ps(facc, step);
+        let o = &mut out[i0 + k..i0 + k + nrow];
+        if nrow == 8 {
+            // SAFETY: `o` holds 8 f32.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), y) };
+        } else {
+            let mut t = [0f32; 8];
+            // SAFETY: 32 bytes.
+            unsafe { _mm256_storeu_ps(t.as_mut_ptr(), y) };
+            for (d, v) in o.iter_mut().zip(t) {
+                *d = v;
+            }
+        }
+        k += 8;
+    }
+}
+
 /// Calls `add(g, b0 + b, sums)` for every group g in order (and activation row b), with the
 /// exact sums `Σ_{j ∈ g} u_r[j] · x_b[j]` of the 4 rows r as i32 lanes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -806,8 +914,14 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
             unsafe { f32_rows4(job, &sc.bytes, (r0, nr, r0 - range.start), out) };
         }
         if let (Some(segs), Acts::Int8 { .. }) = (&segs, job.acts) {
+            let rows = (r0, nr, r0 - range.start);
             // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract).
-            unsafe { int8_rows4(job, segs, &sc.bytes, (r0, nr, r0 - range.start), out) };
+            match *segs {
+                Segments::Words { words } if n == 1 => unsafe {
+                    int8_rows8_matvec(job, words, &sc.bytes, rows, out)
+                },
+                _ => unsafe { int8_rows4(job, segs, &sc.bytes, rows, out) },
+            }
         }
         r0 += nr;
     }
