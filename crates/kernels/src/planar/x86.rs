@@ -803,9 +803,9 @@ unsafe fn seg_sums<const B: usize>(
     }
 }
 
-/// Bytes of decoded weight rows (at least 4 rows) decoded at once by the AVX-512 backend: small
-/// blocks keep the plane streams flowing between the decode and the dot phases (measured: 4 KiB
-/// beat 16 KiB on 1536×576).
+/// Bytes of decoded weight rows decoded at once by the AVX-512 backend (at least 8 rows, the unit
+/// of the int8 mat-vec kernel): small blocks keep the plane streams flowing between the decode and
+/// the dot phases (measured: 4 KiB beat 16 KiB on 1536×576).
 const BLOCK_BYTES: usize = 4 << 10;
 
 /// # Safety
@@ -821,7 +821,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
     // into L1-resident scratch, then dotted with every activation row.
     let block_rows = (BLOCK_BYTES / cp.max(1))
         .max(1)
-        .next_multiple_of(4)
+        .next_multiple_of(8)
         .min(range.len());
     let segs = Segments::of(w);
     // Few activation rows: dequantize on the fly in registers (scale uniform per 16 columns);
