@@ -116,6 +116,8 @@ use std::sync::OnceLock;
 pub const WORD_BITS: usize = 64;
 /// Largest number of activation rows one [`PlanarWeight::matmul`] call accepts.
 pub const MAX_BATCH: usize = 64;
+/// Bytes of every plane read that a kernel call prefetches before preparing its activations.
+const START_PREFETCH_BYTES: usize = 1024;
 /// Extra bytes after every scratch / activation row so SIMD tails may load a full vector.
 const SLACK: usize = 64;
 /// Columns per exact-i32 chunk of an integer dot product: `255 · 127 · 32768 < 2^31`.
@@ -478,6 +480,32 @@ impl PlanarWeight {
         Ok(self.plane_bytes_read(bits)? + self.scales.len() * 4)
     }
 
+    /// Starts fetching the first [`START_PREFETCH_BYTES`] of every plane read at `bits`, so that
+    /// the DRAM latency of a call's first plane words overlaps the activation preparation.
+    #[inline]
+    fn prefetch_start(&self, bits: u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let per_plane = self.rows() * self.wpr;
+            let lines = (per_plane * 8).min(START_PREFETCH_BYTES).div_ceil(64);
+            let lo = if bits < 8 { 7 - bits as usize } else { 0 };
+            let hi = if bits == 8 { self.n_planes() } else { 8 };
+            for p in lo..hi {
+                let base = self.planes[p * per_plane..].as_ptr().cast::<u8>();
+                for l in 0..lines {
+                    // SAFETY: prefetching never faults; the addresses stay inside plane p anyway
+                    // (l · 64 < per_plane · 8 rounded up to a line).
+                    unsafe {
+                        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                        _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(64 * l).cast());
+                    }
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = bits;
+    }
+
     /// Plane `p`, row `r`.
     #[inline]
     fn plane_row(&self, p: usize, r: usize) -> &[u64] {
@@ -631,6 +659,7 @@ impl PlanarWeight {
         if rows == 0 {
             return Ok(());
         }
+        self.prefetch_start(bits);
         let acts = match cfg.path {
             ActPath::F32 => Acts::f32(x, n, cols, self.cols_padded()),
             ActPath::Int8 => Acts::int8(x, n, &self.layout, self.cols_padded()),
