@@ -414,6 +414,32 @@ fn kernels_agree_192_rows() {
     }
 }
 
+/// Planes of at least `PLANE_GAP_MIN_BYTES` are spaced by a gap; accessors, codes and every
+/// kernel path see the same weight.
+#[test]
+fn large_planes_have_a_gap_and_kernels_agree() {
+    let mut rng = Rng(14);
+    // 520 · 16 words · 8 bytes = 66 560 bytes per plane.
+    let (rows, cols) = (520, 1000);
+    for (gran, tie) in [
+        (Granularity::Channel, TieRule::HalfEven),
+        (Granularity::Group(128), TieRule::HalfUp),
+        (Granularity::Group(32), TieRule::HalfEven),
+    ] {
+        let qw = random_weight(&mut rng, rows, cols, gran);
+        let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+        let words = rows * pw.cols_padded() / 64;
+        assert!(words * 8 >= PLANE_GAP_MIN_BYTES);
+        assert_eq!(
+            pw.resident_bytes(),
+            pw.n_planes() * (words + PLANE_GAP_WORDS) * 8 + 4 * qw.scales.len()
+        );
+        assert_eq!(pw.plane(pw.n_planes() - 1).unwrap().len(), words);
+        assert_eq!(pw.to_codes(), qw.codes);
+        check_shape(&mut rng, rows, cols, gran, tie, &[1, 2, 5]);
+    }
+}
+
 #[test]
 fn int8_path_handles_zero_and_non_finite_activations() {
     let mut rng = Rng(5);

@@ -178,14 +178,16 @@ unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool>(
     out: &mut [u8],
 ) {
     let per_plane = w.rows() * w.wpr;
+    let stride = super::plane_stride(per_plane);
     assert!(f0 + nwords <= per_plane && out.len() >= 64 * nwords);
+    assert!(w.planes.len() >= w.n_planes() * stride);
     let m = if L < 8 { L + 1 } else { 8 };
     let lo = if L < 8 { 7 - L } else { 0 };
     let has_d = L == 8 && w.has_d;
     let base = w.planes.as_ptr();
-    // SAFETY (all pointer arithmetic below): plane p spans words p·per_plane .. (p+1)·per_plane
+    // SAFETY (all pointer arithmetic below): plane p spans words p·stride .. p·stride + per_plane
     // and every load is masked to f0 + f + (< nb) < f0 + nwords ≤ per_plane.
-    let plane = |p: usize| unsafe { base.add(p * per_plane + f0) };
+    let plane = |p: usize| unsafe { base.add(p * stride + f0) };
     let x = _mm512_set1_epi64(0x8040_2010_0804_0201u64 as i64);
     let z = _mm512_setzero_si512();
     let lim = _mm512_set1_epi8(((1u32 << L) - 1) as u8 as i8);
