@@ -1,11 +1,12 @@
 //! Double Rounding quantization: the scale search ([`ptq`]) and whole-model PTQ into one INT8
 //! checkpoint ([`model_ptq`]); PTQ recipes ([`recipe`]) and per-layer precision profiles
-//! ([`profile`]) from `configs/`.
+//! ([`profile`]) from `configs/`; joint W8/W4/W2 fine-tuning with ALRS ([`train`]).
 
 pub mod model_ptq;
 pub mod profile;
 pub mod ptq;
 pub mod recipe;
+pub mod train;
 
 pub use model_ptq::{quantize_model, write_checkpoint, LayerReport, QuantizedModel};
 pub use ptq::{quantize_weight, reconstruction_error, PtqError, QuantSpec, SearchObjective};
