@@ -84,10 +84,15 @@ pub fn quantize_model(
 
 /// Writes `q` as a checkpoint at `path` (atomically).
 pub fn write_checkpoint(path: &Path, float: &FloatModel, provenance: &Provenance, q: &QuantizedModel) -> Result<()> {
+    write_checkpoint_as(path, float, provenance, q, "drq-quantize")
+}
+
+/// [`write_checkpoint`] recording `tool` (e.g. `drq-train`) and this version in the provenance.
+pub fn write_checkpoint_as(path: &Path, float: &FloatModel, provenance: &Provenance, q: &QuantizedModel, tool: &str) -> Result<()> {
     let provenance = ProvenanceMeta {
         source: provenance.source.clone(),
         source_sha256: provenance.sha256.clone(),
-        tool: format!("drq-quantize {}", env!("CARGO_PKG_VERSION")),
+        tool: format!("{tool} {}", env!("CARGO_PKG_VERSION")),
     };
     checkpoint::write(
         path,
