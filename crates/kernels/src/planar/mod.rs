@@ -85,25 +85,30 @@
 //!   bit-identical results on this path.
 //!
 //! Weight rows are decoded once per call into small L1-resident scratch (the AVX-512 backend a
-//! block of ~4 KiB of rows at once, the plane words of consecutive rows being contiguous) and then
-//! dotted with every activation row (AVX-512: 4 weight rows × up to 4 activation rows per pass,
-//! one transposing reduction of the 4 rows' `vpdpbusd` lanes per scale group; groups of 16 and 32
-//! are lane-aligned sub-word segments; other group sizes take a generic per-group loop). Each
-//! output depends only on its weight row and its activation row: not on the batch size, the row's
-//! position in the batch or the thread count (bit for bit, on both paths), so batched decoding is
-//! reproducible.
+//! block of ~4 KiB, at least 8 rows, at once: the plane words of consecutive rows are contiguous,
+//! and software prefetch keeps the `l + 1` streams ahead) and then dotted with every activation
+//! row. AVX-512 int8: one activation row with per-channel or 64·k-column groups takes 8 weight
+//! rows per pass (8 `vpdpbusd` chains, one folded transposing reduction per group, the f32
+//! combination in 8 lanes); otherwise 4 weight rows × up to 4 activation rows per pass (groups of
+//! 16 and 32 are lane-aligned sub-word segments; other group sizes take a generic per-group loop).
+//! AVX-512 f32 with 1–3 activation rows widens, converts and scales the codes in registers, 4
+//! weight rows at a time. Each output depends only on its weight row and its activation row: not
+//! on the batch size, the row's position in the batch or the thread count (bit for bit, on both
+//! paths), so batched decoding is reproducible.
 //!
 //! Threads: [`KernelConfig::threads`] splits the weight rows into contiguous shares, at most one
 //! per [`MIN_SHARE_BYTES`] of work; the calling thread runs one and a small persistent pool (std
 //! only, started lazily, workers sleep on a condition variable) the others, because spawning
 //! threads per call costs about as much as a whole 576×576 mat-vec.
 //!
-//! Cost model (AVX-512 with VBMI + GFNI, per 64 weights of one row at `l` bits): `l + 1` (9 at 8
-//! bits with the d plane) plane words loaded 8 at a time, 1.25 (`l ≤ 3`) … 3 (`l ≥ 7`) byte
+//! Cost model (AVX-512 with VBMI + GFNI, int8, per 64 weights of one row at `l` bits): `l + 1`
+//! plane words loaded 8 at a time (plus the d word at 8 bits), 1.25 (`l = 2`) … 3 (`l ≥ 7`) byte
 //! permutes for the transpose, 1 `vgf2p8affineqb`, 2 ops for rounding (`l < 8`) or 1 masked add
-//! for d (8 bits), a store and a reload, 1 `vpdpbusd`: ~8–11 vector ops, i.e. compute-bound near
-//! 15–25 GB/s of plane bytes on one Zen 5 core at 2–4 bits, close to the DRAM read bandwidth of
-//! one core (~34 GB/s) at 8 bits.
+//! for d (8 bits), a store and a reload, 1 `vpdpbusd`, and per 8 rows a reduction and the f32
+//! combination: ~6–9 vector ops. Measured on one Zen 5 core with the weight in L1/L2: 1536×576
+//! (13 824 plane words) in ~21 µs at 8 bits and ~16 µs at 2 bits, i.e. the 8-bit mat-vec is
+//! bound by the DRAM read of its 9 plane streams (~1 MB at ~30 GB/s) and the 2–4-bit ones by
+//! the per-word work that does not shrink with `l` (transpose, `vpdpbusd`, reductions).
 
 mod pool;
 mod scalar;
