@@ -7,6 +7,7 @@ pub mod alrs;
 pub mod config;
 pub mod data;
 pub mod fakequant;
+pub mod log;
 pub mod optim;
 pub mod trainer;
 

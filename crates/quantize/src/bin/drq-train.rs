@@ -1,0 +1,355 @@
+//! `drq-train`: joint W8/W4/W2 fine-tuning with ALRS (METHOD.md §2) of a float model into one
+//! INT8 Double Rounding checkpoint. A run directory holds the training state (saved every
+//! `save_every` steps, at the end, and on Ctrl-C), the resolved recipe, `log.jsonl` and
+//! `plot.svg`; `--resume` continues a run exactly as if it had not stopped.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
+use model::source::{self, ModelSource};
+use quantize::model_ptq::write_checkpoint_as;
+use quantize::train::log::{self as runlog, Record};
+use quantize::train::{data, AlrsPolicy, LoopMode, ScaleMoments, Teacher, TokenBlocks, TrainConfig, Trainable, Trainer};
+
+#[derive(Parser)]
+#[command(
+    name = "drq-train",
+    version,
+    about = "Joint W8/W4/W2 fine-tuning with ALRS into one INT8 Double Rounding checkpoint",
+    after_help = "Recipe fields (configs/train/*.toml) are overridden by the flags of the same name.\n\
+                  Ctrl-C saves the training state and exits (status 130); --resume continues it.\n\
+                  Example:\n  drq-train --model default --config configs/train/w842-eta.toml \\\n    \
+                  --data ../shared/data/austen --run-dir runs/eta --out eta.safetensors"
+)]
+struct Args {
+    /// Model: hub repo id (owner/name[@rev]), Hugging Face directory, GGUF file, or `default`.
+    #[arg(short, long, default_value = "default")]
+    model: String,
+    /// Training recipe (TOML, see configs/train/); the flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Training text: files, or directories whose *.txt files are read (never WikiText-2).
+    #[arg(long, required = true, value_delimiter = ',')]
+    data: Vec<PathBuf>,
+    /// Run directory: training state, recipe, log.jsonl, plot.svg.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Output checkpoint (`.safetensors`), written when the run completes.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Continue the run in --run-dir from its saved state (its recipe; no recipe flags).
+    #[arg(long)]
+    resume: bool,
+    /// Save the state and stop after this many steps (continue later with --resume).
+    #[arg(long)]
+    stop_at_step: Option<u64>,
+    /// Start over in a run directory that already holds a state, and overwrite --out.
+    #[arg(long)]
+    force: bool,
+
+    /// Bit-widths trained jointly [recipe default: 8,4,2].
+    #[arg(long, value_delimiter = ',', help_heading = "Recipe")]
+    bits: Option<Vec<u32>>,
+    /// `channel` or `group:N`.
+    #[arg(long, help_heading = "Recipe")]
+    granularity: Option<String>,
+    /// Second-rounding tie rule: `even` or `up`.
+    #[arg(long, help_heading = "Recipe")]
+    tie: Option<String>,
+    /// Initial scale search objective: `normalized` or `sum`.
+    #[arg(long, help_heading = "Recipe")]
+    objective: Option<String>,
+    /// Keep weights whose name contains one of these in float (frozen).
+    #[arg(long, value_delimiter = ',', help_heading = "Recipe")]
+    keep_float: Option<Vec<String>>,
+    /// What trains: `scales`, `scales+norms` or `all`.
+    #[arg(long, help_heading = "Recipe")]
+    train: Option<Trainable>,
+    #[arg(long, help_heading = "Recipe")]
+    steps: Option<u64>,
+    /// Sequences per mini-batch.
+    #[arg(long, help_heading = "Recipe")]
+    batch: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long, help_heading = "Recipe")]
+    seq_len: Option<usize>,
+    /// Peak learning rate of weights, norms and biases.
+    #[arg(long, help_heading = "Recipe")]
+    lr: Option<f64>,
+    /// Peak base learning rate of the scales (scaled per bit-width by ALRS).
+    #[arg(long, help_heading = "Recipe")]
+    scale_lr: Option<f64>,
+    #[arg(long, help_heading = "Recipe")]
+    warmup_steps: Option<u64>,
+    #[arg(long, help_heading = "Recipe")]
+    min_lr_ratio: Option<f64>,
+    /// Weight decay of the latent weights (never scales or norms).
+    #[arg(long, help_heading = "Recipe")]
+    weight_decay: Option<f64>,
+    /// Gradient clipping (L2 norm per group); 0 disables.
+    #[arg(long, help_heading = "Recipe")]
+    clip_grad: Option<f64>,
+    /// ALRS policy: `none`, `eta`, `relative` or `literal`.
+    #[arg(long, help_heading = "Recipe")]
+    alrs: Option<AlrsPolicy>,
+    /// `per-precision` (a step per bit-width, the paper's loop) or `summed` (one step).
+    #[arg(long = "loop", help_heading = "Recipe")]
+    loop_mode: Option<LoopMode>,
+    /// Adam moments of the scales: `shared` or `per-precision`.
+    #[arg(long, help_heading = "Recipe")]
+    scale_moments: Option<ScaleMoments>,
+    /// Distillation weight (0: none, 1: KL only).
+    #[arg(long, help_heading = "Recipe")]
+    kd_weight: Option<f64>,
+    #[arg(long, help_heading = "Recipe")]
+    kd_temperature: Option<f64>,
+    /// Distillation teacher: `float` or `w8`.
+    #[arg(long, help_heading = "Recipe")]
+    kd_teacher: Option<Teacher>,
+    /// Seed of the data shuffle.
+    #[arg(long, help_heading = "Recipe")]
+    seed: Option<u64>,
+    /// Evaluate the held-out slice every N steps (0: at the start and end only).
+    #[arg(long, help_heading = "Recipe")]
+    eval_every: Option<u64>,
+    /// Blocks at the end of the text held out for evaluation.
+    #[arg(long, help_heading = "Recipe")]
+    heldout_blocks: Option<usize>,
+    /// Save the training state every N steps (0: at the end and on Ctrl-C only).
+    #[arg(long, help_heading = "Recipe")]
+    save_every: Option<u64>,
+}
+
+impl Args {
+    /// Applies the recipe flags to `cfg`; returns whether any was given.
+    fn apply(&self, cfg: &mut TrainConfig) -> bool {
+        let mut any = false;
+        macro_rules! set {
+            ($($field:ident => $target:expr),* $(,)?) => {$(
+                if let Some(v) = &self.$field {
+                    $target = v.clone();
+                    any = true;
+                }
+            )*};
+        }
+        set!(
+            bits => cfg.bits, granularity => cfg.granularity, tie => cfg.tie, objective => cfg.objective,
+            keep_float => cfg.keep_float, train => cfg.train, steps => cfg.steps, batch => cfg.batch,
+            seq_len => cfg.seq_len, lr => cfg.lr, scale_lr => cfg.scale_lr, warmup_steps => cfg.warmup_steps,
+            min_lr_ratio => cfg.min_lr_ratio, weight_decay => cfg.weight_decay, clip_grad => cfg.clip_grad,
+            alrs => cfg.alrs, loop_mode => cfg.loop_mode, scale_moments => cfg.scale_moments,
+            kd_weight => cfg.kd.weight, kd_temperature => cfg.kd.temperature, kd_teacher => cfg.kd.teacher,
+            seed => cfg.seed, eval_every => cfg.eval_every, heldout_blocks => cfg.heldout_blocks,
+            save_every => cfg.save_every,
+        );
+        any
+    }
+}
+
+fn main() {
+    model::cli::run_main(|| run(Args::parse()));
+}
+
+const STATE: &str = "state.safetensors";
+const LOG: &str = "log.jsonl";
+const PLOT: &str = "plot.svg";
+const RECIPE: &str = "recipe.toml";
+
+/// Exit status after Ctrl-C (128 + SIGINT), once the state is saved.
+const INTERRUPTED: i32 = 130;
+
+fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        bail!("--out must end in .safetensors (got {})", args.out.display());
+    }
+    if args.out.exists() && !args.force {
+        bail!("{} exists; pass --force to overwrite it", args.out.display());
+    }
+    let out_dir = args.out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    ensure!(out_dir.is_dir(), "--out {}: directory {} does not exist", args.out.display(), out_dir.display());
+    let state_path = args.run_dir.join(STATE);
+    let log_path = args.run_dir.join(LOG);
+
+    let cfg = if args.resume {
+        ensure!(state_path.is_file(), "--resume: {} has no training state ({STATE})", args.run_dir.display());
+        let mut probe = TrainConfig::default();
+        if args.config.is_some() || args.apply(&mut probe) {
+            bail!("--resume continues the saved recipe ({}); recipe flags and --config cannot change it", args.run_dir.join(RECIPE).display());
+        }
+        Trainer::state_config(&state_path)?
+    } else {
+        if state_path.exists() && !args.force {
+            bail!("{} already holds a training state: continue it with --resume, or start over with --force", args.run_dir.display());
+        }
+        let mut cfg = match &args.config {
+            Some(p) => TrainConfig::load(p)?,
+            None => TrainConfig::default(),
+        };
+        args.apply(&mut cfg);
+        cfg.validate()?;
+        cfg
+    };
+    if let Some(stop) = args.stop_at_step {
+        ensure!(stop >= 1 && stop < cfg.steps, "--stop-at-step must be between 1 and steps − 1 ({})", cfg.steps - 1);
+    }
+    let files = data::collect_files(&args.data)?;
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                // A second Ctrl-C: stop now (the last saved state is intact: saves are atomic).
+                eprintln!("interrupted again: exiting without saving");
+                std::process::exit(INTERRUPTED);
+            }
+            eprintln!("interrupt: saving the training state after this step (Ctrl-C again to quit now)");
+        })
+        .context("cannot install the Ctrl-C handler")?;
+    }
+
+    let source: ModelSource = args.model.parse()?;
+    if matches!(source, ModelSource::Checkpoint(_)) {
+        bail!("--model {}: training starts from a float model, not a checkpoint", args.model);
+    }
+    tracing::info!("loading {source}");
+    let (float, provenance) = source::load_float(&source)?;
+    let eos = float.config.eos_token_ids.first().copied();
+    tracing::info!("tokenizing {} file(s)", files.len());
+    let blocks = TokenBlocks::from_files(&float.tokenizer, &files, eos, cfg.seq_len, cfg.heldout_blocks)?;
+    tracing::info!(
+        "{} training blocks and {} held-out blocks of {} tokens",
+        blocks.train.len(),
+        blocks.heldout.len(),
+        cfg.seq_len + 1
+    );
+
+    std::fs::create_dir_all(&args.run_dir).with_context(|| format!("cannot create {}", args.run_dir.display()))?;
+    let mut trainer = if args.resume {
+        let t = Trainer::resume(float, &state_path, &blocks, &provenance.sha256)?;
+        runlog::truncate(&log_path, t.step_count())?;
+        tracing::info!("resuming at step {} of {}", t.step_count(), cfg.steps);
+        t
+    } else {
+        tracing::info!("initial scales: PTQ search ({})", cfg.quant_spec()?);
+        let t = Trainer::new(float, cfg.clone())?;
+        runlog::write_atomic(&log_path, b"")?;
+        runlog::write_atomic(&args.run_dir.join(RECIPE), toml::to_string(&cfg)?.as_bytes())?;
+        t
+    };
+    ensure!(trainer.step_count() < cfg.steps, "the run is complete ({} steps); its checkpoint was written at the end", cfg.steps);
+    let title = format!("drq-train {} — {} / alrs {} / train {}", args.model, cfg.granularity, cfg.alrs, cfg.train);
+    let save = |t: &Trainer| -> Result<()> { t.save_state(&state_path, &blocks, &provenance.sha256) };
+    let plot = || -> Result<()> { runlog::write_atomic(&args.run_dir.join(PLOT), runlog::plot_svg(&runlog::read(&log_path)?, &title).as_bytes()) };
+
+    let float_ppl = trainer.evaluate_float(&blocks)?.exp();
+    if trainer.step_count() == 0 {
+        evaluate(&trainer, &blocks, &log_path, Some(float_ppl))?;
+        plot()?;
+    }
+    let bar = model::cli::progress_bar(cfg.steps, "training");
+    bar.set_position(trainer.step_count());
+    bar.reset_eta();
+    let run_start = Instant::now();
+    while trainer.step_count() < cfg.steps {
+        let t0 = Instant::now();
+        let r = trainer.step(&blocks)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let tokens_per_s = r.tokens as f64 / secs;
+        let losses: Vec<String> = r.loss.iter().rev().map(|(b, l)| format!("W{b} {l:.3}")).collect();
+        bar.set_prefix(format!("{} | {tokens_per_s:.0} tok/s", losses.join(" ")));
+        bar.set_position(r.step);
+        if !console_is_tty() {
+            tracing::info!("step {}/{}: loss {} | {tokens_per_s:.0} tok/s", r.step, cfg.steps, losses.join(" "));
+        }
+        let step = r.step;
+        runlog::append(
+            &log_path,
+            &Record::Step {
+                step,
+                lr: r.lr,
+                scale_lr: r.scale_lr,
+                loss: r.loss,
+                ce: r.ce,
+                alrs_g: r.alrs_g,
+                scale_grad_norm: r.scale_grad_norm,
+                weight_grad_norm: r.weight_grad_norm,
+                tokens: r.tokens,
+                tokens_per_s,
+                elapsed_s: run_start.elapsed().as_secs_f64(),
+            },
+        )?;
+        let last = step == cfg.steps;
+        if last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+            bar.suspend(|| evaluate(&trainer, &blocks, &log_path, Some(float_ppl)))?;
+            plot()?;
+        }
+        let stop = args.stop_at_step == Some(step);
+        let interrupt = interrupted.load(Ordering::SeqCst);
+        if last || stop || interrupt || (cfg.save_every > 0 && step % cfg.save_every == 0) {
+            save(&trainer)?;
+        }
+        if (stop || interrupt) && !last {
+            bar.abandon();
+            plot()?;
+            eprintln!(
+                "{} at step {step}/{}: state saved in {}; continue with --resume --run-dir {}",
+                if interrupt { "interrupted" } else { "stopped" },
+                cfg.steps,
+                state_path.display(),
+                args.run_dir.display()
+            );
+            if interrupt {
+                std::process::exit(INTERRUPTED);
+            }
+            return Ok(());
+        }
+    }
+    bar.finish_and_clear();
+    let q = trainer.quantized_model()?;
+    write_checkpoint_as(&args.out, trainer.float_model(), &provenance, &q, "drq-train")?;
+    plot()?;
+    let peak = peak_rss_mib();
+    tracing::info!(
+        "wrote {} after {} steps in {:.1}s (log {}, plot {}){}",
+        args.out.display(),
+        cfg.steps,
+        started.elapsed().as_secs_f64(),
+        log_path.display(),
+        args.run_dir.join(PLOT).display(),
+        peak.map(|m| format!("; peak RSS {m:.0} MiB")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Held-out cross-entropy and perplexity per precision, logged and printed.
+fn evaluate(trainer: &Trainer, blocks: &TokenBlocks, log_path: &Path, float_ppl: Option<f64>) -> Result<()> {
+    let ce = trainer.evaluate(blocks)?;
+    let ppl = ce.iter().map(|(&b, &c)| (b, c.exp())).collect::<std::collections::BTreeMap<_, _>>();
+    let shown: Vec<String> = ppl.iter().rev().map(|(b, p)| format!("W{b} {p:.3}")).collect();
+    tracing::info!(
+        "step {}: held-out perplexity {}{}",
+        trainer.step_count(),
+        shown.join(", "),
+        float_ppl.map(|p| format!(" (float {p:.3})")).unwrap_or_default()
+    );
+    runlog::append(log_path, &Record::Eval { step: trainer.step_count(), ce, ppl, float_ppl })
+}
+
+fn console_is_tty() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+/// VmHWM (peak resident set) of this process, in MiB (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
