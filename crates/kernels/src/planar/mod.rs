@@ -762,7 +762,9 @@ fn vbmi_gfni() -> bool {
 /// padded from `cols` to `stride = cols_padded + SLACK`.
 pub(crate) enum Acts {
     F32 {
-        x: Vec<f32>,
+        /// 64-byte aligned (and `stride` is a multiple of 16): every 16-column chunk is one
+        /// aligned vector.
+        x: AlignedF32,
         stride: usize,
     },
     Int8 {
@@ -779,7 +781,7 @@ pub(crate) enum Acts {
 impl Acts {
     fn f32(x: &[f32], n: usize, cols: usize, cols_padded: usize) -> Self {
         let stride = cols_padded + SLACK;
-        let mut buf = vec![0f32; n * stride];
+        let mut buf = AlignedF32::zeroed(n * stride);
         for (dst, src) in buf
             .chunks_exact_mut(stride)
             .zip(x.chunks_exact(cols.max(1)))
@@ -829,6 +831,41 @@ impl Acts {
             scale,
             sum,
         }
+    }
+}
+
+/// A zeroed f32 buffer whose first element is 64-byte aligned (a cache line, an AVX-512 vector).
+pub(crate) struct AlignedF32 {
+    buf: Vec<Line>,
+    len: usize,
+}
+
+/// One cache line of f32.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+impl AlignedF32 {
+    pub fn zeroed(len: usize) -> Self {
+        AlignedF32 {
+            buf: vec![Line([0.0; 16]); len.div_ceil(16)],
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for AlignedF32 {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `buf` holds `16 · buf.len() ≥ len` initialized f32 (`Line` is `repr(C)`).
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedF32 {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast(), self.len) }
     }
 }
 

@@ -16,8 +16,8 @@
 //! scale group together (one transposing reduction instead of 4 horizontal sums).
 
 use super::{
-    by_bits, combine_int, dequant_row, Acts, Job, PlanarWeight, Prec, Scratch, INT_CHUNK, SLACK,
-    WORD_BITS,
+    by_bits, combine_int, dequant_row, Acts, AlignedF32, Job, PlanarWeight, Prec, Scratch,
+    INT_CHUNK, SLACK, WORD_BITS,
 };
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -365,41 +365,6 @@ unsafe fn dot_u8i8_avx512<const B: usize>(
     total
 }
 
-/// `Σ_j w[j] · x_b[j]` for `B` activation rows at once (w loaded once), over equal lengths that
-/// are a multiple of 64. Each row's summation order does not depend on `B`.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn dot_f32_avx512<const B: usize>(w: &[f32], xs: [&[f32]; B]) -> [f32; B] {
-    assert!(w.len().is_multiple_of(64) && xs.iter().all(|x| x.len() == w.len()));
-    let pw = w.as_ptr();
-    let px = xs.map(|x| x.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); 4]; B];
-    // Plain index loops (same order as iterator loops): the dev profile (opt-level 1) keeps
-    // `iter_mut().zip()` accumulators in memory, ~4x slower; release compiles both alike.
-    let mut j = 0;
-    while j < w.len() {
-        let mut k = 0;
-        while k < 4 {
-            // SAFETY: j + 16k + 16 ≤ len for all four loads of a 64-float chunk.
-            unsafe {
-                let vw = _mm512_loadu_ps(pw.add(j + 16 * k));
-                let mut b = 0;
-                while b < B {
-                    acc[b][k] =
-                        _mm512_fmadd_ps(vw, _mm512_loadu_ps(px[b].add(j + 16 * k)), acc[b][k]);
-                    b += 1;
-                }
-            }
-            k += 1;
-        }
-        j += 64;
-    }
-    acc.map(|a| {
-        let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-        _mm512_reduce_add_ps(s)
-    })
-}
-
 /// How the int8 path of the AVX-512 backend splits a row into exact partial sums: whole words
 /// per scale group (per-channel, or groups a multiple of 64 wide; the zero activation padding
 /// makes partial last words exact), or 2 / 4 groups per word (groups of 32 / 16, lane-aligned
@@ -592,22 +557,251 @@ unsafe fn int8_rows4(
     }
 }
 
-/// The f32-path outputs of rows `r0 .. r0 + nr` (decoded as signed `q_l` in `bytes`, `cols_padded`
-/// apart; output index `i0` for row `r0`), 4 weight rows at a time for every activation row:
-/// each 16 codes are widened, converted and scaled in registers, `(q · 2^Δ) · s` computed as
-/// `q · (2^Δ · s)` (the same single rounding of the same product), and summed exactly as
-/// [`dot_f32_avx512`] sums a dequantized row. Needs a scale uniform per 16 columns.
+/// Where [`f32_acc`] takes its weights from: the f32 tile, or the decoded codes (`q_l` as i8)
+/// widened, converted and scaled in registers (`q · (2^Δ · s)`: the same single rounding of the
+/// same product as `(q · 2^Δ) · s` in [`super::dequant_row`]), optionally also stored to the tile.
+const SRC_TILE: u8 = 0;
+const SRC_CODES: u8 = 1;
+const SRC_CODES_STORE: u8 = 2;
+
+/// Geometry of the f32 path: 16-column chunks per row and per scale group.
+#[derive(Clone, Copy)]
+struct F32Geo {
+    /// `cols_padded / 16`.
+    chunks: usize,
+    /// Chunks per scale group (`group / 16`; `chunks` for per-channel scales). The last group
+    /// runs to the end of the row (padding codes are 0).
+    group_chunks: usize,
+    /// Scale groups per row.
+    ng: usize,
+    /// 2^Δ.
+    step: f32,
+}
+
+/// The f32 microkernel: per weight row j and activation row b one 16-lane accumulator, lane i
+/// summing `w_j[c] · x_b[c]` over the columns `c ≡ i (mod 16)` in increasing order with FMAs.
+/// This order (and [`reduce8`] / [`reduce4`] after it) is the same for every `R`, `B` and `SRC`,
+/// so an output depends only on its weight row and activation row, never on the batch.
+///
+/// # Safety
+/// Every pointer must have `16 · geo.chunks` f32 / i8 behind it (`q` for `SRC ≠ SRC_TILE`, `t`
+/// for `SRC ≠ SRC_CODES`), `s[j]` `geo.ng` scales (for `SRC ≠ SRC_TILE`), and `x[b]` must be
+/// 64-byte aligned.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn f32_rows4(
+#[inline]
+unsafe fn f32_acc<const R: usize, const B: usize, const SRC: u8>(
+    q: [*const i8; R],
+    t: [*mut f32; R],
+    s: [*const f32; R],
+    x: [*const f32; B],
+    geo: F32Geo,
+) -> [[__m512; R]; B] {
+    let mut acc = [[_mm512_setzero_ps(); R]; B];
+    let mut c = 0;
+    let mut g = 0;
+    while c < geo.chunks {
+        let ce = if g + 1 >= geo.ng {
+            geo.chunks
+        } else {
+            (c + geo.group_chunks).min(geo.chunks)
+        };
+        let mut sv = [_mm512_setzero_ps(); R];
+        if SRC != SRC_TILE {
+            let mut j = 0;
+            while j < R {
+                // SAFETY: g < ng scales behind s[j].
+                sv[j] = _mm512_set1_ps(geo.step * unsafe { *s[j].add(g) });
+                j += 1;
+            }
+        }
+        while c < ce {
+            // SAFETY (every access): c < chunks, the caller's contract.
+            unsafe {
+                let mut xv = [_mm512_setzero_ps(); B];
+                let mut b = 0;
+                while b < B {
+                    xv[b] = _mm512_load_ps(x[b].add(16 * c));
+                    b += 1;
+                }
+                let mut j = 0;
+                while j < R {
+                    let wv = if SRC == SRC_TILE {
+                        _mm512_loadu_ps(t[j].add(16 * c))
+                    } else {
+                        let qv = _mm_loadu_si128(q[j].add(16 * c).cast());
+                        let wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(qv)), sv[j]);
+                        if SRC == SRC_CODES_STORE {
+                            _mm512_storeu_ps(t[j].add(16 * c), wv);
+                        }
+                        wv
+                    };
+                    let mut b = 0;
+                    while b < B {
+                        acc[b][j] = _mm512_fmadd_ps(wv, xv[b], acc[b][j]);
+                        b += 1;
+                    }
+                    j += 1;
+                }
+            }
+            c += 1;
+        }
+        g += 1;
+    }
+    acc
+}
+
+/// For 4 vectors: 128-bit lane L of the result holds in element e the sum of lanes
+/// `4L .. 4L + 4` of `a[e]` as `(v₀ + v₂) + (v₁ + v₃)`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn lane_sums4_ps(a: [__m512; 4]) -> __m512 {
+    let t0 = _mm512_add_ps(
+        _mm512_unpacklo_ps(a[0], a[1]),
+        _mm512_unpackhi_ps(a[0], a[1]),
+    );
+    let t1 = _mm512_add_ps(
+        _mm512_unpacklo_ps(a[2], a[3]),
+        _mm512_unpackhi_ps(a[2], a[3]),
+    );
+    let (t0, t1) = (_mm512_castps_pd(t0), _mm512_castps_pd(t1));
+    _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t1)),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t1)),
+    )
+}
+
+/// The lane sums of 8 vectors (element e of the result = the sum of `a[e]`), each summed as
+/// `(L₀ + L₁) + (L₂ + L₃)` over its 128-bit lanes `L` summed as in [`lane_sums4_ps`]: the order
+/// of [`tree16`], as in [`reduce4`].
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn reduce8(a: [__m512; 8]) -> __m256 {
+    let s0 = lane_sums4_ps([a[0], a[1], a[2], a[3]]);
+    let s1 = lane_sums4_ps([a[4], a[5], a[6], a[7]]);
+    // [s0.L0 + s0.L1, s0.L2 + s0.L3, s1.L0 + s1.L1, s1.L2 + s1.L3]
+    let u = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(s0, s1),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(s0, s1),
+    );
+    // [u.L0 + u.L1, u.L2 + u.L3, …]
+    let v = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b00_00_10_00>(u, u),
+        _mm512_shuffle_f32x4::<0b00_00_11_01>(u, u),
+    );
+    _mm512_castps512_ps256(v)
+}
+
+/// [`reduce8`] for 4 vectors (the same order).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn reduce4(a: [__m512; 4]) -> __m128 {
+    let s = lane_sums4_ps(a);
+    // [s.L0 + s.L1, s.L2 + s.L3, …]
+    let u = _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b00_00_10_00>(s, s),
+        _mm512_shuffle_f32x4::<0b00_00_11_01>(s, s),
+    );
+    _mm_add_ps(_mm512_castps512_ps128(u), _mm512_extractf32x4_ps::<1>(u))
+}
+
+/// The sum of 16 lanes in the order of [`reduce8`] and [`reduce4`].
+#[cfg(test)]
+pub(super) fn tree16(v: &[f32; 16]) -> f32 {
+    let l = |k: usize| (v[4 * k] + v[4 * k + 2]) + (v[4 * k + 1] + v[4 * k + 3]);
+    (l(0) + l(1)) + (l(2) + l(3))
+}
+
+/// [`reduce8`] / [`reduce4`] of `a`, as in the kernels, for tests.
+#[cfg(test)]
+pub(super) fn test_reduce(a: &[[f32; 16]]) -> Vec<f32> {
+    assert!(a.len() == 4 || a.len() == 8);
+    // SAFETY: only reached when AVX-512 F is available (the caller checks).
+    unsafe {
+        let v: Vec<__m512> = a.iter().map(|x| _mm512_loadu_ps(x.as_ptr())).collect();
+        let mut out = vec![0f32; a.len()];
+        if a.len() == 8 {
+            _mm256_storeu_ps(out.as_mut_ptr(), reduce8(std::array::from_fn(|i| v[i])));
+        } else {
+            _mm_storeu_ps(out.as_mut_ptr(), reduce4(std::array::from_fn(|i| v[i])));
+        }
+        out
+    }
+}
+
+/// Most activation rows per pass of 4 weight rows (24 accumulators).
+const F32_TILE_B: usize = 6;
+
+/// Writes `R` outputs (fewer if `nrow < R`) of activation row `b` from its accumulators.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn store_outs<const R: usize>(acc: [__m512; R], o: &mut [f32], nrow: usize) {
+    assert!(nrow <= R && nrow <= o.len());
+    let v = if R == 8 {
+        _mm512_castps256_ps512(reduce8(std::array::from_fn(|i| acc[i])))
+    } else {
+        _mm512_castps128_ps512(reduce4(std::array::from_fn(|i| acc[i])))
+    };
+    // SAFETY: the mask covers the `nrow` f32 that `o` holds (asserted).
+    unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), ((1u32 << nrow) - 1) as u16, v) };
+}
+
+/// One pass of [`f32_acc`] over weight rows `rows` (indices into the block: codes
+/// `bytes[row · cp ..]`, tile `tile[row · cp ..]`) and activation rows `b0 .. b0 + B`, storing
+/// the outputs of the first `nrow` rows at `out[b][i0 ..]`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn f32_pass<const R: usize, const B: usize, const SRC: u8>(
     job: &Job<'_>,
+    geo: F32Geo,
     bytes: &[u8],
-    (r0, nr, i0): (usize, usize, usize),
+    tile: &mut [f32],
+    (r0, rows, nrow, i0): (usize, [usize; R], usize, usize),
+    b0: usize,
     out: &mut [&mut [f32]],
 ) {
     let Acts::F32 { x, stride } = job.acts else {
         return;
     };
     let stride = *stride;
+    let (cp, ng) = (16 * geo.chunks, geo.ng);
+    assert!(rows
+        .iter()
+        .all(|&j| (j + 1) * cp <= bytes.len() && (j + 1) * cp <= tile.len()));
+    assert!((b0 + B) * stride <= x.len() && stride >= cp && x.as_ptr().align_offset(64) == 0);
+    assert!(
+        stride.is_multiple_of(16)
+            && rows
+                .iter()
+                .all(|&j| (r0 + j + 1) * ng <= job.w.scales.len())
+    );
+    let q = rows.map(|j| bytes[j * cp..].as_ptr().cast::<i8>());
+    let tp = tile.as_mut_ptr();
+    // SAFETY: in bounds (asserted).
+    let t = rows.map(|j| unsafe { tp.add(j * cp) });
+    let s = rows.map(|j| job.w.scales[(r0 + j) * ng..].as_ptr());
+    let xp: [*const f32; B] = std::array::from_fn(|b| x[(b0 + b) * stride..].as_ptr());
+    // SAFETY: the bounds and the alignment of x (rows `stride`, a multiple of 16, apart) are
+    // asserted above.
+    let acc = unsafe { f32_acc::<R, B, SRC>(q, t, s, xp, geo) };
+    for (b, a) in acc.into_iter().enumerate() {
+        store_outs::<R>(a, &mut out[b0 + b][i0..], nrow);
+    }
+}
+
+/// The f32-path outputs of rows `r0 .. r0 + nr` (decoded as signed `q_l` in `bytes`, `cols_padded`
+/// apart; output index `i0` for row `r0`) for every activation row. With a scale uniform per 16
+/// columns the codes are converted in registers for the first (up to) 3 activation rows, 8
+/// weight rows at a time, and stored to the f32 `tile` when more activation rows follow, which
+/// then take 4 weight rows × 6 activation rows per pass; otherwise the rows are dequantized into
+/// the tile first ([`super::dequant_row`]). Every pass sums in the order of [`f32_acc`].
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn f32_block(
+    job: &Job<'_>,
+    bytes: &[u8],
+    tile: &mut [f32],
+    (r0, nr, i0): (usize, usize, usize),
+    out: &mut [&mut [f32]],
+) {
     let w = job.w;
     let (cp, ng, n, group) = (
         w.cols_padded(),
@@ -615,48 +809,82 @@ unsafe fn f32_rows4(
         out.len(),
         w.layout.group,
     );
-    assert!(bytes.len() >= nr * cp && x.len() >= n * stride && stride >= cp);
-    assert!(ng >= 1 && w.scales.len() >= (r0 + nr) * ng);
-    let step = job.prec.step;
-    let mut k = 0;
-    while k < nr {
-        let nrow = (nr - k).min(4);
-        let rows: [usize; 4] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
-        let u: [*const i8; 4] = rows.map(|j| bytes[j * cp..].as_ptr().cast());
-        // Scale of row j, 16-column chunk c (columns past `cols` take the last group's: their
-        // codes and activations are 0).
-        let ss = |j: usize, c: usize| {
-            let g = if ng == 1 {
-                0
-            } else {
-                (16 * c / group).min(ng - 1)
-            };
-            _mm512_set1_ps(step * w.scales[(r0 + rows[j]) * ng + g])
-        };
-        let ss_row: [__m512; 4] = std::array::from_fn(|j| ss(j, 0));
-        for b in 0..n {
-            let xp = x[b * stride..].as_ptr();
-            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-            let mut c = 0;
-            while c < cp / 16 {
-                for kk in 0..4 {
-                    // SAFETY: column 16(c + kk) + 16 ≤ cp for every row and activation row.
-                    let xv = unsafe { _mm512_loadu_ps(xp.add(16 * (c + kk))) };
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        let q = unsafe { _mm_loadu_si128(u[j].add(16 * (c + kk)).cast()) };
-                        let s = if ng == 1 { ss_row[j] } else { ss(j, c + kk) };
-                        let wv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), s);
-                        a[kk] = _mm512_fmadd_ps(wv, xv, a[kk]);
-                    }
-                }
-                c += 4;
-            }
-            for (j, a) in acc.iter().enumerate().take(nrow) {
-                let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-                out[b][i0 + k + j] = _mm512_reduce_add_ps(s);
-            }
+    let geo = F32Geo {
+        chunks: cp / 16,
+        group_chunks: if ng <= 1 { cp / 16 } else { group / 16 },
+        ng: ng.max(1),
+        step: job.prec.step,
+    };
+    if cp == 0 {
+        for o in out.iter_mut() {
+            o[i0..i0 + nr].fill(0.0);
         }
-        k += 4;
+        return;
+    }
+    let in_regs = ng <= 1 || group.is_multiple_of(16);
+    if !in_regs {
+        for k in 0..nr {
+            dequant_row(
+                job,
+                r0 + k,
+                &bytes[k * cp..],
+                &mut tile[k * cp..(k + 1) * cp],
+            );
+        }
+    }
+    if in_regs && n <= 3 {
+        // Straight from the codes, 8 weight rows at a time (8 FMA chains even for one row).
+        let mut k = 0;
+        while k < nr {
+            let nrow = (nr - k).min(8);
+            let rows: [usize; 8] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
+            let rr = (r0, rows, nrow, i0 + k);
+            // SAFETY: this function's contract.
+            unsafe {
+                match n {
+                    1 => f32_pass::<8, 1, SRC_CODES>(job, geo, bytes, tile, rr, 0, out),
+                    2 => f32_pass::<8, 2, SRC_CODES>(job, geo, bytes, tile, rr, 0, out),
+                    _ => f32_pass::<8, 3, SRC_CODES>(job, geo, bytes, tile, rr, 0, out),
+                }
+            }
+            k += 8;
+        }
+        return;
+    }
+    // 4 weight rows × up to 6 activation rows per pass, the activation rows split into passes
+    // as even as possible; the first pass converts the codes (and stores them to the tile when
+    // more passes follow), the others read the tile.
+    let passes = n.div_ceil(F32_TILE_B);
+    let mut b = 0;
+    for p in 0..passes {
+        let nb = n / passes + usize::from(p < n % passes);
+        let src = match (in_regs, p, passes) {
+            (false, _, _) | (true, 1.., _) => SRC_TILE,
+            (true, 0, 1) => SRC_CODES,
+            (true, 0, _) => SRC_CODES_STORE,
+        };
+        let mut k = 0;
+        while k < nr {
+            let nrow = (nr - k).min(4);
+            let rows: [usize; 4] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
+            let rr = (r0, rows, nrow, i0 + k);
+            macro_rules! go {
+                ($($nb:literal)*) => {
+                    match (nb, src) {
+                        $(
+                            ($nb, SRC_TILE) => f32_pass::<4, $nb, SRC_TILE>(job, geo, bytes, tile, rr, b, out),
+                            ($nb, SRC_CODES) => f32_pass::<4, $nb, SRC_CODES>(job, geo, bytes, tile, rr, b, out),
+                            ($nb, _) => f32_pass::<4, $nb, SRC_CODES_STORE>(job, geo, bytes, tile, rr, b, out),
+                        )*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            // SAFETY: this function's contract.
+            unsafe { go!(1 2 3 4 5 6) };
+            k += 4;
+        }
+        b += nb;
     }
 }
 
@@ -826,11 +1054,15 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
         .next_multiple_of(8)
         .min(range.len());
     let segs = Segments::of(w);
-    // Few activation rows: dequantize on the fly in registers (scale uniform per 16 columns);
-    // more: dequantize each row once into `wrow` and reuse it.
-    let f32_fused = n < 4 && (ng == 1 || (ng > 1 && w.layout.group.is_multiple_of(16)));
     let mut sc = Scratch::new(cp, n * ng);
     sc.bytes.resize(block_rows * cp + SLACK, 0);
+    // f32 path: the block's dequantized rows (when more than 3 activation rows, or when the scale
+    // is not uniform per 16 columns), 64-byte aligned.
+    let mut tile = if signed {
+        AlignedF32::zeroed(block_rows * cp)
+    } else {
+        AlignedF32::zeroed(0)
+    };
     let mut r0 = range.start;
     while r0 < range.end {
         let nr = block_rows.min(range.end - r0);
@@ -844,79 +1076,56 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
                 unsafe { decode_row_avx512(w, r0 + k, job.prec, signed, &mut sc.bytes[k * cp..]) };
             }
         }
-        // Rows the 4-row kernels below do not take, one at a time.
-        let per_row = match job.acts {
-            Acts::F32 { .. } => !f32_fused,
-            Acts::Int8 { .. } => segs.is_none(),
-        };
-        for k in (0..nr).filter(|_| per_row) {
+        let rows = (r0, nr, r0 - range.start);
+        if signed {
+            // SAFETY: AVX-512 F and BW are available (this function's contract).
+            unsafe { f32_block(job, &sc.bytes, &mut tile, rows, out) };
+            r0 += nr;
+            continue;
+        }
+        // Rows the int8 kernels below do not take, one at a time.
+        for k in (0..nr).filter(|_| segs.is_none()) {
             let (r, i) = (r0 + k, r0 + k - range.start);
             let row = &sc.bytes[k * cp..];
-            match job.acts {
-                Acts::F32 { x, stride } => {
-                    let xrow = |b: usize| &x[b * stride..b * stride + cp];
-                    dequant_row(job, r, row, &mut sc.wrow);
+            if let Acts::Int8 {
+                xq,
+                stride,
+                scale,
+                sum,
+            } = job.acts
+            {
+                let xrow = |b: usize| &xq[b * stride..(b + 1) * stride];
+                let half = i64::from(job.prec.half);
+                for g in 0..ng {
+                    let cols = w.layout.group_cols(g);
                     let mut b = 0;
                     while b < n {
-                        if n - b >= 4 {
-                            let y = unsafe {
-                                dot_f32_avx512::<4>(&sc.wrow, std::array::from_fn(|k| xrow(b + k)))
-                            };
-                            for (k, v) in y.into_iter().enumerate() {
-                                out[b + k][i] = v;
+                        let nb = if n - b >= 4 { 4 } else { 1 };
+                        let t = if nb == 4 {
+                            unsafe {
+                                dot_u8i8_avx512::<4>(
+                                    row,
+                                    std::array::from_fn(|k| xrow(b + k)),
+                                    cols.clone(),
+                                )
                             }
-                            b += 4;
                         } else {
-                            out[b][i] = unsafe { dot_f32_avx512::<1>(&sc.wrow, [xrow(b)]) }[0];
-                            b += 1;
+                            let [t] = unsafe { dot_u8i8_avx512::<1>(row, [xrow(b)], cols.clone()) };
+                            [t, 0, 0, 0]
+                        };
+                        for k in 0..nb {
+                            sc.tsum[(b + k) * ng + g] = t[k] - half * sum[(b + k) * ng + g];
                         }
+                        b += nb;
                     }
                 }
-                Acts::Int8 {
-                    xq,
-                    stride,
-                    scale,
-                    sum,
-                } => {
-                    let xrow = |b: usize| &xq[b * stride..(b + 1) * stride];
-                    let half = i64::from(job.prec.half);
-                    for g in 0..ng {
-                        let cols = w.layout.group_cols(g);
-                        let mut b = 0;
-                        while b < n {
-                            let nb = if n - b >= 4 { 4 } else { 1 };
-                            let t = if nb == 4 {
-                                unsafe {
-                                    dot_u8i8_avx512::<4>(
-                                        row,
-                                        std::array::from_fn(|k| xrow(b + k)),
-                                        cols.clone(),
-                                    )
-                                }
-                            } else {
-                                let [t] =
-                                    unsafe { dot_u8i8_avx512::<1>(row, [xrow(b)], cols.clone()) };
-                                [t, 0, 0, 0]
-                            };
-                            for k in 0..nb {
-                                sc.tsum[(b + k) * ng + g] = t[k] - half * sum[(b + k) * ng + g];
-                            }
-                            b += nb;
-                        }
-                    }
-                    for (b, o) in out.iter_mut().enumerate() {
-                        let ts = &sc.tsum[b * ng..(b + 1) * ng];
-                        o[i] = combine_int(job, r, &scale[b * ng..(b + 1) * ng], |g| ts[g]);
-                    }
+                for (b, o) in out.iter_mut().enumerate() {
+                    let ts = &sc.tsum[b * ng..(b + 1) * ng];
+                    o[i] = combine_int(job, r, &scale[b * ng..(b + 1) * ng], |g| ts[g]);
                 }
             }
         }
-        if f32_fused && matches!(job.acts, Acts::F32 { .. }) {
-            // SAFETY: AVX-512 F and BW are available (this function's contract).
-            unsafe { f32_rows4(job, &sc.bytes, (r0, nr, r0 - range.start), out) };
-        }
         if let (Some(segs), Acts::Int8 { .. }) = (&segs, job.acts) {
-            let rows = (r0, nr, r0 - range.start);
             // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract).
             match *segs {
                 Segments::Words { words } if n == 1 => unsafe {
