@@ -175,6 +175,29 @@ pub fn plot_svg(records: &[Record], title: &str) -> String {
     svg
 }
 
+/// 1, 2 or 5 times a power of ten, at least `raw`.
+fn nice_step(raw: f64) -> f64 {
+    if raw.is_nan() || raw <= 0.0 || raw.is_infinite() {
+        return 1.0;
+    }
+    let mag = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * mag).find(|&v| v >= raw).unwrap_or(10.0 * mag)
+}
+
+/// A short axis label: three significant digits, scientific notation when large or small.
+fn tick_label(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && !(1e-2..1e4).contains(&a) {
+        format!("{v:.2e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -208,7 +231,7 @@ fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), title: &str, 
     for i in 0..=5 {
         let t = lo + (hi - lo) * f64::from(i) / 5.0;
         let y = y0 + ph - (t - lo) / (hi - lo) * ph;
-        let label = if log { format!("{:.3}", 10f64.powf(t)) } else { format!("{t:.3}") };
+        let label = tick_label(if log { 10f64.powf(t) } else { t });
         let _ = writeln!(
             svg,
             r##"<line x1="{x0}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"##,
@@ -216,7 +239,10 @@ fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), title: &str, 
             x0 - 4.0,
             y + 4.0
         );
-        let s = s_lo + (s_hi - s_lo) * f64::from(i) / 5.0;
+    }
+    let step_tick = nice_step((s_hi - s_lo) / 5.0).max(1.0);
+    let mut s = (s_lo / step_tick).ceil() * step_tick;
+    while s <= s_hi + 1e-9 {
         let x = px(s);
         let _ = writeln!(
             svg,
@@ -226,6 +252,7 @@ fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), title: &str, 
             y0 + ph + 17.0,
             s.round()
         );
+        s += step_tick;
     }
     let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">step</text>"#, x0 + pw / 2.0, y0 + ph + 32.0);
     if let Some(r) = reference.filter(|r| r.is_finite()) {
