@@ -731,69 +731,73 @@ pub(super) fn test_reduce(a: &[[f32; 16]]) -> Vec<f32> {
 /// Most activation rows per pass of 4 weight rows (24 accumulators).
 const F32_TILE_B: usize = 6;
 
-/// Writes `R` outputs (fewer if `nrow < R`) of activation row `b` from its accumulators.
+/// Writes the `nrow ≤ R` first outputs of `R` weight rows for one activation row, reduced from
+/// their accumulators, to `o`.
+///
+/// # Safety
+/// `o` must have room for `nrow` f32.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn store_outs<const R: usize>(acc: [__m512; R], o: &mut [f32], nrow: usize) {
-    assert!(nrow <= R && nrow <= o.len());
+unsafe fn store_outs<const R: usize>(acc: [__m512; R], o: *mut f32, nrow: usize) {
+    debug_assert!(nrow <= R);
     let v = if R == 8 {
         _mm512_castps256_ps512(reduce8(std::array::from_fn(|i| acc[i])))
     } else {
         _mm512_castps128_ps512(reduce4(std::array::from_fn(|i| acc[i])))
     };
-    // SAFETY: the mask covers the `nrow` f32 that `o` holds (asserted).
-    unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), ((1u32 << nrow) - 1) as u16, v) };
+    // SAFETY: the mask covers the `nrow` f32 behind `o` (the caller's contract).
+    unsafe { _mm512_mask_storeu_ps(o, ((1u32 << nrow) - 1) as u16, v) };
 }
 
-/// One pass of [`f32_acc`] over weight rows `rows` (indices into the block: codes
-/// `bytes[row · cp ..]`, tile `tile[row · cp ..]`) and activation rows `b0 .. b0 + B`, storing
-/// the outputs of the first `nrow` rows at `out[b][i0 ..]`.
+/// Base pointers of one block on the f32 path (bounds checked once per block by [`f32_block`]).
+#[derive(Clone, Copy)]
+struct F32Block {
+    /// Decoded codes of the block's rows, `cp` apart.
+    q: *const i8,
+    /// The f32 tile, rows `cp` apart.
+    t: *mut f32,
+    /// Scales of the block's first row, rows `ng` apart.
+    s: *const f32,
+    /// Activation rows, `stride` apart, 64-byte aligned.
+    x: *const f32,
+    stride: usize,
+}
+
+/// One pass of [`f32_acc`] over the block's weight rows `rows` and activation rows
+/// `b0 .. b0 + B`, storing the outputs of the first `nrow` rows at `out[b][i ..]`.
+///
+/// # Safety
+/// The bounds [`f32_block`] checks.
 #[target_feature(enable = "avx512f,avx512bw")]
-#[allow(clippy::too_many_arguments)]
+#[inline]
 unsafe fn f32_pass<const R: usize, const B: usize, const SRC: u8>(
-    job: &Job<'_>,
+    blk: &F32Block,
     geo: F32Geo,
-    bytes: &[u8],
-    tile: &mut [f32],
-    (r0, rows, nrow, i0): (usize, [usize; R], usize, usize),
+    (rows, nrow, i): ([usize; R], usize, usize),
     b0: usize,
     out: &mut [&mut [f32]],
 ) {
-    let Acts::F32 { x, stride } = job.acts else {
-        return;
-    };
-    let stride = *stride;
-    let (cp, ng) = (16 * geo.chunks, geo.ng);
-    assert!(rows
-        .iter()
-        .all(|&j| (j + 1) * cp <= bytes.len() && (j + 1) * cp <= tile.len()));
-    assert!((b0 + B) * stride <= x.len() && stride >= cp && x.as_ptr().align_offset(64) == 0);
-    assert!(
-        stride.is_multiple_of(16)
-            && rows
-                .iter()
-                .all(|&j| (r0 + j + 1) * ng <= job.w.scales.len())
-    );
-    let q = rows.map(|j| bytes[j * cp..].as_ptr().cast::<i8>());
-    let tp = tile.as_mut_ptr();
-    // SAFETY: in bounds (asserted).
-    let t = rows.map(|j| unsafe { tp.add(j * cp) });
-    let s = rows.map(|j| job.w.scales[(r0 + j) * ng..].as_ptr());
-    let xp: [*const f32; B] = std::array::from_fn(|b| x[(b0 + b) * stride..].as_ptr());
-    // SAFETY: the bounds and the alignment of x (rows `stride`, a multiple of 16, apart) are
-    // asserted above.
-    let acc = unsafe { f32_acc::<R, B, SRC>(q, t, s, xp, geo) };
-    for (b, a) in acc.into_iter().enumerate() {
-        store_outs::<R>(a, &mut out[b0 + b][i0..], nrow);
+    let cp = 16 * geo.chunks;
+    // SAFETY (all offsets): rows < nr, b0 + B ≤ n, checked by the caller for the block.
+    unsafe {
+        let q = rows.map(|j| blk.q.add(j * cp));
+        let t = rows.map(|j| blk.t.add(j * cp));
+        let s = rows.map(|j| blk.s.add(j * geo.ng));
+        let x: [*const f32; B] = std::array::from_fn(|b| blk.x.add((b0 + b) * blk.stride));
+        let acc = f32_acc::<R, B, SRC>(q, t, s, x, geo);
+        for (b, a) in acc.into_iter().enumerate() {
+            store_outs::<R>(a, out.get_unchecked_mut(b0 + b).as_mut_ptr().add(i), nrow);
+        }
     }
 }
 
 /// The f32-path outputs of rows `r0 .. r0 + nr` (decoded as signed `q_l` in `bytes`, `cols_padded`
 /// apart; output index `i0` for row `r0`) for every activation row. With a scale uniform per 16
-/// columns the codes are converted in registers for the first (up to) 3 activation rows, 8
-/// weight rows at a time, and stored to the f32 `tile` when more activation rows follow, which
-/// then take 4 weight rows × 6 activation rows per pass; otherwise the rows are dequantized into
-/// the tile first ([`super::dequant_row`]). Every pass sums in the order of [`f32_acc`].
+/// columns the codes are converted in registers: for up to 3 activation rows 8 weight rows at a
+/// time; else 4 weight rows × up to 6 activation rows per pass, the first pass storing the
+/// converted rows to the f32 `tile` that the next passes read. Otherwise the rows are
+/// dequantized into the tile first ([`super::dequant_row`]). Every pass sums in the order of
+/// [`f32_acc`].
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn f32_block(
     job: &Job<'_>,
@@ -802,6 +806,9 @@ unsafe fn f32_block(
     (r0, nr, i0): (usize, usize, usize),
     out: &mut [&mut [f32]],
 ) {
+    let Acts::F32 { x, stride } = job.acts else {
+        return;
+    };
     let w = job.w;
     let (cp, ng, n, group) = (
         w.cols_padded(),
@@ -815,12 +822,25 @@ unsafe fn f32_block(
         ng: ng.max(1),
         step: job.prec.step,
     };
+    assert!(out.iter().all(|o| o.len() >= i0 + nr));
     if cp == 0 {
         for o in out.iter_mut() {
             o[i0..i0 + nr].fill(0.0);
         }
         return;
     }
+    // Every pointer the passes derive stays inside these.
+    assert!(bytes.len() >= nr * cp && tile.len() >= nr * cp);
+    assert!(w.scales.len() >= (r0 + nr) * geo.ng && ng == geo.ng);
+    assert!(x.len() >= n * stride && *stride >= cp && stride.is_multiple_of(16));
+    assert!(x.as_ptr().align_offset(64) == 0);
+    let blk = F32Block {
+        q: bytes.as_ptr().cast(),
+        t: tile.as_mut_ptr(),
+        s: w.scales[r0 * ng..].as_ptr(),
+        x: x.as_ptr(),
+        stride: *stride,
+    };
     let in_regs = ng <= 1 || group.is_multiple_of(16);
     if !in_regs {
         for k in 0..nr {
@@ -838,13 +858,13 @@ unsafe fn f32_block(
         while k < nr {
             let nrow = (nr - k).min(8);
             let rows: [usize; 8] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
-            let rr = (r0, rows, nrow, i0 + k);
-            // SAFETY: this function's contract.
+            let rr = (rows, nrow, i0 + k);
+            // SAFETY: bounds checked above.
             unsafe {
                 match n {
-                    1 => f32_pass::<8, 1, SRC_CODES>(job, geo, bytes, tile, rr, 0, out),
-                    2 => f32_pass::<8, 2, SRC_CODES>(job, geo, bytes, tile, rr, 0, out),
-                    _ => f32_pass::<8, 3, SRC_CODES>(job, geo, bytes, tile, rr, 0, out),
+                    1 => f32_pass::<8, 1, SRC_CODES>(&blk, geo, rr, 0, out),
+                    2 => f32_pass::<8, 2, SRC_CODES>(&blk, geo, rr, 0, out),
+                    _ => f32_pass::<8, 3, SRC_CODES>(&blk, geo, rr, 0, out),
                 }
             }
             k += 8;
@@ -852,12 +872,13 @@ unsafe fn f32_block(
         return;
     }
     // 4 weight rows × up to 6 activation rows per pass, the activation rows split into passes
-    // as even as possible; the first pass converts the codes (and stores them to the tile when
+    // as evenly as possible; the first pass converts the codes (and stores them to the tile when
     // more passes follow), the others read the tile.
     let passes = n.div_ceil(F32_TILE_B);
     let mut b = 0;
     for p in 0..passes {
-        let nb = n / passes + usize::from(p < n % passes);
+        // The larger passes last: the first one also converts the codes (fewer registers free).
+        let nb = n / passes + usize::from(p >= passes - n % passes);
         let src = match (in_regs, p, passes) {
             (false, _, _) | (true, 1.., _) => SRC_TILE,
             (true, 0, 1) => SRC_CODES,
@@ -867,20 +888,20 @@ unsafe fn f32_block(
         while k < nr {
             let nrow = (nr - k).min(4);
             let rows: [usize; 4] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
-            let rr = (r0, rows, nrow, i0 + k);
+            let rr = (rows, nrow, i0 + k);
             macro_rules! go {
                 ($($nb:literal)*) => {
                     match (nb, src) {
                         $(
-                            ($nb, SRC_TILE) => f32_pass::<4, $nb, SRC_TILE>(job, geo, bytes, tile, rr, b, out),
-                            ($nb, SRC_CODES) => f32_pass::<4, $nb, SRC_CODES>(job, geo, bytes, tile, rr, b, out),
-                            ($nb, _) => f32_pass::<4, $nb, SRC_CODES_STORE>(job, geo, bytes, tile, rr, b, out),
+                            ($nb, SRC_TILE) => f32_pass::<4, $nb, SRC_TILE>(&blk, geo, rr, b, out),
+                            ($nb, SRC_CODES) => f32_pass::<4, $nb, SRC_CODES>(&blk, geo, rr, b, out),
+                            ($nb, _) => f32_pass::<4, $nb, SRC_CODES_STORE>(&blk, geo, rr, b, out),
                         )*
                         _ => unreachable!(),
                     }
                 };
             }
-            // SAFETY: this function's contract.
+            // SAFETY: bounds checked above.
             unsafe { go!(1 2 3 4 5 6) };
             k += 4;
         }
