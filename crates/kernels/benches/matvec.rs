@@ -3,7 +3,7 @@
 //! bandwidth and candle's f32 and quantized (Q8_0, Q4_K) matmuls of the same shapes.
 //!
 //! ```text
-//! cargo bench -p kernels                                  # everything: 224 benchmarks, ~1.5 s each
+//! cargo bench -p kernels                                  # everything: 231 benchmarks, ~1.5 s each
 //! cargo bench -p kernels -- 1536x576 --quick              # one shape, criterion's quick mode
 //! DRQ_BENCH_BITS=8,4,2 cargo bench -p kernels -- matvec   # only these precisions
 //! ```
@@ -25,7 +25,8 @@
 //!
 //! Names: `matvec/{rows}x{cols}/{channel|g128|g32}/{f32|int8}/b{bits}/t{threads}` (one activation
 //! row, [`ActPath::F32`] or [`ActPath::Int8`]), `matmul16/1536x576/channel/{f32|int8}/b{bits}/t1`
-//! (16 rows, the weight read once for all), `baseline/read_bandwidth/t{1,2}`,
+//! (16 rows, the weight read once for all), `matmul64/1536x576/channel/f32/b{bits}/t1` (64 rows,
+//! a prefill chunk), `baseline/read_bandwidth/t{1,2}`,
 //! `baseline/candle_{f32,q8_0,q4_k}/{rows}x{cols}` (Q4_K needs `cols % 256 == 0`: only 576x1536
 //! and 4096x4096). Kernels use [`Backend::best`]; 2 threads only for 8/4/2 bits, per-channel, on
 //! 1536x576 and 4096x4096.
@@ -65,6 +66,8 @@ const THREADED_SHAPES: [(usize, usize); 2] = [(1536, 576), (4096, 4096)];
 const THREADED_BITS: [u32; 3] = [8, 4, 2];
 /// Activation rows of the batched matmul.
 const BATCH: usize = 16;
+/// Activation rows of the large batched matmul (a prefill chunk; f32 path only).
+const BATCH_LARGE: usize = 64;
 /// Bytes of weight copies each benchmark rotates over: 8× the L3, 2.7× even at 2 bits (3 of 9
 /// planes read).
 const RESIDENT_BYTES: usize = 256 << 20;
@@ -172,7 +175,7 @@ fn planar_weight(rows: usize, cols: usize, granularity: Granularity, seed: u64) 
 }
 
 /// One weight's kernel benchmarks: the prototype, its copies (built on first use), activations
-/// and outputs of up to [`BATCH`] rows.
+/// and outputs of up to [`BATCH_LARGE`] rows.
 struct Bench<'a> {
     proto: PlanarWeight,
     /// Built on first use, so benchmarks a filter skips cost no memory.
@@ -220,8 +223,8 @@ fn kernels_on(c: &mut Criterion, shape: (usize, usize), bits: &[u32]) {
     if shape == DETAIL_SHAPE {
         granularities.push(Granularity::Group(32));
     }
-    let x = Rng(7).vec(BATCH * cols, 1.0);
-    let mut y = vec![0f32; BATCH * rows];
+    let x = Rng(7).vec(BATCH_LARGE * cols, 1.0);
+    let mut y = vec![0f32; BATCH_LARGE * rows];
     for granularity in granularities {
         let gname = granularity_name(granularity);
         let mut bench = Bench {
@@ -254,6 +257,13 @@ fn kernels_on(c: &mut Criterion, shape: (usize, usize), bits: &[u32]) {
                     let cfg = KernelConfig::new(Backend::best(), path, 1);
                     bench.run(&mut group, id, BATCH, b, cfg);
                 }
+            }
+            group.finish();
+            let mut group = c.benchmark_group(format!("matmul{BATCH_LARGE}/{name}"));
+            for &b in bits {
+                let id = format!("{gname}/f32/b{b}/t1");
+                let cfg = KernelConfig::new(Backend::best(), ActPath::F32, 1);
+                bench.run(&mut group, id, BATCH_LARGE, b, cfg);
             }
             group.finish();
         }

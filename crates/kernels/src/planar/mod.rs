@@ -91,10 +91,15 @@
 //! rows per pass (8 `vpdpbusd` chains, one folded transposing reduction per group, the f32
 //! combination in 8 lanes); otherwise 4 weight rows × up to 4 activation rows per pass (groups of
 //! 16 and 32 are lane-aligned sub-word segments; other group sizes take a generic per-group loop).
-//! AVX-512 f32 with 1–3 activation rows widens, converts and scales the codes in registers, 4
-//! weight rows at a time. Each output depends only on its weight row and its activation row: not
-//! on the batch size, the row's position in the batch or the thread count (bit for bit, on both
-//! paths), so batched decoding is reproducible.
+//! AVX-512 f32 is one register-blocked FMA microkernel for every batch size: the codes are
+//! widened, converted and scaled in registers (8 weight rows × 1–3 activation rows), or, for 4–64
+//! activation rows, once per block into a 64-byte aligned f32 tile (during the first pass) that
+//! passes of 4 weight rows × up to 6 activation rows (24 accumulators) then read, so the decode
+//! and the conversion are shared by all activation rows and the FMA units are the limit. Every
+//! output is one 16-lane FMA chain over its row (lane i sums the columns ≡ i mod 16 in order)
+//! reduced by one fixed tree, whatever the pass shape. Each output depends only on its weight row
+//! and its activation row: not on the batch size, the row's position in the batch or the thread
+//! count (bit for bit, on both paths), so batched decoding is reproducible.
 //!
 //! Threads: [`KernelConfig::threads`] splits the weight rows into contiguous shares, at most one
 //! per [`MIN_SHARE_BYTES`] of work; the calling thread runs one and a small persistent pool (std

@@ -13,7 +13,10 @@
 //! The AVX-512 backend decodes a small block of rows (the plane words of consecutive rows are
 //! contiguous; software prefetch keeps the `l + 1` streams ahead), then its int8 path dots 4 weight
 //! rows × up to 4 activation rows at a time with `vpdpbusd`, and reduces the 4 rows' lanes of a
-//! scale group together (one transposing reduction instead of 4 horizontal sums).
+//! scale group together (one transposing reduction instead of 4 horizontal sums); its f32 path
+//! converts the codes to scaled f32 (in registers, and into an f32 tile when more than 3
+//! activation rows share them) and runs a register-blocked FMA microkernel ([`f32_acc`]) over all
+//! activation rows, in one summation order for every batch size.
 
 use super::{
     by_bits, combine_int, dequant_row, Acts, AlignedF32, Job, PlanarWeight, Prec, Scratch,
@@ -528,12 +531,11 @@ unsafe fn int8_rows4(
             };
             // SAFETY: every row pointer has cp = 64 · wpr bytes, every x row `stride ≥ cp`.
             unsafe {
-                if nb == 4 {
-                    seg_sums::<4>(segs, u, std::array::from_fn(xp), w.wpr, ng, 0, &mut add);
-                } else {
-                    for j in 0..nb {
-                        seg_sums::<1>(segs, u, [xp(j)], w.wpr, ng, j, &mut add);
-                    }
+                match nb {
+                    4 => seg_sums::<4>(segs, u, std::array::from_fn(xp), w.wpr, ng, 0, &mut add),
+                    3 => seg_sums::<3>(segs, u, std::array::from_fn(xp), w.wpr, ng, 0, &mut add),
+                    2 => seg_sums::<2>(segs, u, std::array::from_fn(xp), w.wpr, ng, 0, &mut add),
+                    _ => seg_sums::<1>(segs, u, [xp(0)], w.wpr, ng, 0, &mut add),
                 }
             }
             for (j, &f) in facc.iter().enumerate().take(nb) {
