@@ -167,7 +167,8 @@ pub struct TrainConfig {
     pub seq_len: usize,
     /// Peak learning rate λ of the latent weights, norms and biases.
     pub lr: f64,
-    /// Peak base learning rate λ_s of the scales (ALRS scales it per bit-width).
+    /// Peak base learning rate λ_s of the scales (ALRS scales it per bit-width). In absolute
+    /// units (Adam steps are ~lr), so it must be small against the scales (~5e-3 for SmolLM2).
     pub scale_lr: f64,
     pub warmup_steps: u64,
     /// The cosine schedule ends at `min_lr_ratio`·peak.
@@ -208,7 +209,7 @@ impl Default for TrainConfig {
             batch: 4,
             seq_len: 256,
             lr: 5e-5,
-            scale_lr: 5e-4,
+            scale_lr: 1e-5,
             warmup_steps: 50,
             min_lr_ratio: 0.1,
             weight_decay: 0.0,
