@@ -544,6 +544,67 @@ fn large_planes_have_a_gap_and_kernels_agree() {
     }
 }
 
+/// The activation quantization of the int8 path against a plain per-value reference: absmax per
+/// row and group, `round_ties_even(x · 127 / absmax)` clamped to ±127, the sums, NaN scales for
+/// groups with a non-finite value.
+#[test]
+fn int8_activation_quantization_matches_reference() {
+    let mut rng = Rng(18);
+    for (cols, gran) in [
+        (1000, Granularity::Group(128)),
+        (100, Granularity::Group(40)),
+        (577, Granularity::Channel),
+        (5, Granularity::Group(2)),
+    ] {
+        let layout = gran.layout(1, cols).unwrap();
+        let n = 3;
+        let mut x = random_x(&mut rng, n * cols);
+        x[cols + 7] = f32::NAN;
+        x[2 * cols + cols / 2] = f32::NEG_INFINITY;
+        for v in &mut x[2 * cols..2 * cols + cols.min(40)] {
+            *v = 0.0;
+        }
+        let cp = cols.div_ceil(64) * 64;
+        let Acts::Int8 {
+            xq,
+            stride,
+            scale,
+            sum,
+        } = Acts::int8(&x, n, &layout, cp)
+        else {
+            unreachable!()
+        };
+        let ng = layout.n_groups();
+        for b in 0..n {
+            for g in 0..ng {
+                let xs = &x[b * cols..][layout.group_cols(g)];
+                let (sc, sm) = (scale[b * ng + g], sum[b * ng + g]);
+                if xs.iter().any(|v| !v.is_finite()) {
+                    assert!(sc.is_nan());
+                    continue;
+                }
+                let absmax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let want: Vec<i8> = if absmax == 0.0 {
+                    vec![0; xs.len()]
+                } else {
+                    xs.iter()
+                        .map(|&v| {
+                            (v * (127.0 / absmax))
+                                .round_ties_even()
+                                .clamp(-127.0, 127.0) as i8
+                        })
+                        .collect()
+                };
+                let got = &xq[b * stride..][layout.group_cols(g)];
+                assert_eq!(got, &want[..], "cols={cols} b={b} g={g}");
+                let want_scale = if absmax == 0.0 { 0.0 } else { absmax / 127.0 };
+                assert_eq!(sc.to_bits(), want_scale.to_bits());
+                assert_eq!(sm, want.iter().map(|&q| i64::from(q)).sum::<i64>());
+            }
+        }
+    }
+}
+
 #[test]
 fn int8_path_handles_zero_and_non_finite_activations() {
     let mut rng = Rng(5);
