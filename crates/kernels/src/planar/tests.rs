@@ -432,6 +432,10 @@ fn kernels_agree_many_activation_rows() {
         (11, 65, Granularity::Group(40)),
         (70, 64, Granularity::Group(64)),
         (6, 200, Granularity::Group(16)),
+        // Rows split into column chunks on the AVX-512 f32 path (> 768 columns).
+        (9, 1600, Granularity::Channel),
+        (7, 2100, Granularity::Group(32)),
+        (5, 1300, Granularity::Group(40)),
     ] {
         for tie in TIES {
             check_shape(&mut rng, rows, cols, gran, tie, &[4, 16, 64, 13, 6, 33, 7]);
@@ -478,6 +482,8 @@ fn every_batch_size_gives_the_same_rows() {
         (13, 1000, Granularity::Group(128)),
         (21, 130, Granularity::Group(40)),
         (9, 64, Granularity::Group(16)),
+        (11, 1600, Granularity::Channel),
+        (6, 2100, Granularity::Group(32)),
     ] {
         let qw = random_weight(&mut rng, rows, cols, gran);
         let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();

@@ -581,7 +581,8 @@ struct F32Geo {
 }
 
 /// The f32 microkernel: per weight row j and activation row b one 16-lane accumulator, lane i
-/// summing `w_j[c] · x_b[c]` over the columns `c ≡ i (mod 16)` in increasing order with FMAs.
+/// summing `w_j[c] · x_b[c]` over the columns `c ≡ i (mod 16)` in increasing order with FMAs,
+/// here over the 16-column chunks `c0 .. c1`, continuing from `acc`.
 /// This order (and [`reduce8`] / [`reduce4`] after it) is the same for every `R`, `B` and `SRC`,
 /// so an output depends only on its weight row and activation row, never on the batch.
 ///
@@ -597,15 +598,20 @@ unsafe fn f32_acc<const R: usize, const B: usize, const SRC: u8>(
     s: [*const f32; R],
     x: [*const f32; B],
     geo: F32Geo,
+    mut acc: [[__m512; R]; B],
+    (c0, c1): (usize, usize),
 ) -> [[__m512; R]; B] {
-    let mut acc = [[_mm512_setzero_ps(); R]; B];
-    let mut c = 0;
-    let mut g = 0;
-    while c < geo.chunks {
+    let mut c = c0;
+    let mut g = if geo.ng <= 1 {
+        0
+    } else {
+        (c0 / geo.group_chunks).min(geo.ng - 1)
+    };
+    while c < c1 {
         let ce = if g + 1 >= geo.ng {
-            geo.chunks
+            c1
         } else {
-            (c + geo.group_chunks).min(geo.chunks)
+            ((g + 1) * geo.group_chunks).min(c1)
         };
         let mut sv = [_mm512_setzero_ps(); R];
         if SRC != SRC_TILE {
@@ -763,10 +769,17 @@ struct F32Block {
     /// Activation rows, `stride` apart, 64-byte aligned.
     x: *const f32,
     stride: usize,
+    /// Saved accumulators between column chunks: 16 f32 per (activation row, block row),
+    /// `a_rows` block rows per activation row, 64-byte aligned.
+    a: *mut f32,
+    a_rows: usize,
 }
 
 /// One pass of [`f32_acc`] over the block's weight rows `rows` and activation rows
-/// `b0 .. b0 + B`, storing the outputs of the first `nrow` rows at `out[b][i ..]`.
+/// `b0 .. b0 + B`, over the column chunks `kc`: starting from zero or from the accumulators
+/// saved in `blk.a` by the previous chunk, and ending with the outputs of the first `nrow` rows
+/// at `out[b][i ..]` (last chunk) or by saving the accumulators (exactly: the order is that of
+/// one pass over the whole row).
 ///
 /// # Safety
 /// The bounds [`f32_block`] checks.
@@ -777,21 +790,51 @@ unsafe fn f32_pass<const R: usize, const B: usize, const SRC: u8>(
     geo: F32Geo,
     (rows, nrow, i): ([usize; R], usize, usize),
     b0: usize,
+    kc: KChunk,
     out: &mut [&mut [f32]],
 ) {
     let cp = 16 * geo.chunks;
-    // SAFETY (all offsets): rows < nr, b0 + B ≤ n, checked by the caller for the block.
+    // SAFETY (all offsets): rows < nr ≤ block rows, b0 + B ≤ n, checked by the caller.
     unsafe {
         let q = rows.map(|j| blk.q.add(j * cp));
         let t = rows.map(|j| blk.t.add(j * cp));
         let s = rows.map(|j| blk.s.add(j * geo.ng));
         let x: [*const f32; B] = std::array::from_fn(|b| blk.x.add((b0 + b) * blk.stride));
-        let acc = f32_acc::<R, B, SRC>(q, t, s, x, geo);
+        let slot = |b: usize, j: usize| blk.a.add(16 * ((b0 + b) * blk.a_rows + rows[j]));
+        let mut acc = [[_mm512_setzero_ps(); R]; B];
+        if kc.c0 > 0 {
+            for (b, ab) in acc.iter_mut().enumerate() {
+                for (j, a) in ab.iter_mut().enumerate() {
+                    *a = _mm512_load_ps(slot(b, j));
+                }
+            }
+        }
+        let acc = f32_acc::<R, B, SRC>(q, t, s, x, geo, acc, (kc.c0, kc.c1));
         for (b, a) in acc.into_iter().enumerate() {
-            store_outs::<R>(a, out.get_unchecked_mut(b0 + b).as_mut_ptr().add(i), nrow);
+            if kc.c1 == geo.chunks {
+                store_outs::<R>(a, out.get_unchecked_mut(b0 + b).as_mut_ptr().add(i), nrow);
+            } else {
+                for (j, &v) in a.iter().enumerate() {
+                    _mm512_store_ps(slot(b, j), v);
+                }
+            }
         }
     }
 }
+
+/// A range of 16-column chunks of the rows, `c0 .. c1`.
+#[derive(Clone, Copy)]
+struct KChunk {
+    c0: usize,
+    c1: usize,
+}
+
+/// Most 16-column chunks (512 columns) the f32 tile passes take at once when a row is longer
+/// than [`F32_K_SPLIT`] chunks: the block's tile columns and the activation rows of a pass stay
+/// in L1 (a 1536-column row is 6 KiB of f32).
+const F32_K_CHUNK: usize = 32;
+/// Rows of up to this many 16-column chunks (768 columns) are not split.
+const F32_K_SPLIT: usize = 48;
 
 /// The f32-path outputs of rows `r0 .. r0 + nr` (decoded as signed `q_l` in `bytes`, `cols_padded`
 /// apart; output index `i0` for row `r0`) for every activation row. With a scale uniform per 16
@@ -804,7 +847,7 @@ unsafe fn f32_pass<const R: usize, const B: usize, const SRC: u8>(
 unsafe fn f32_block(
     job: &Job<'_>,
     bytes: &[u8],
-    tile: &mut [f32],
+    (tile, accs): (&mut [f32], &mut [f32]),
     (r0, nr, i0): (usize, usize, usize),
     out: &mut [&mut [f32]],
 ) {
@@ -836,12 +879,26 @@ unsafe fn f32_block(
     assert!(w.scales.len() >= (r0 + nr) * geo.ng && ng == geo.ng);
     assert!(x.len() >= n * stride && *stride >= cp && stride.is_multiple_of(16));
     assert!(x.as_ptr().align_offset(64) == 0);
+    let kchunk = if geo.chunks <= F32_K_SPLIT {
+        geo.chunks
+    } else {
+        geo.chunks.div_ceil(geo.chunks.div_ceil(F32_K_CHUNK))
+    };
+    assert!(
+        kchunk == geo.chunks || (accs.len() >= 16 * n * nr && accs.as_ptr().align_offset(64) == 0)
+    );
     let blk = F32Block {
         q: bytes.as_ptr().cast(),
         t: tile.as_mut_ptr(),
         s: w.scales[r0 * ng..].as_ptr(),
         x: x.as_ptr(),
         stride: *stride,
+        a: accs.as_mut_ptr(),
+        a_rows: nr,
+    };
+    let whole = KChunk {
+        c0: 0,
+        c1: geo.chunks,
     };
     let in_regs = ng <= 1 || group.is_multiple_of(16);
     if !in_regs {
@@ -864,9 +921,9 @@ unsafe fn f32_block(
             // SAFETY: bounds checked above.
             unsafe {
                 match n {
-                    1 => f32_pass::<8, 1, SRC_CODES>(&blk, geo, rr, 0, out),
-                    2 => f32_pass::<8, 2, SRC_CODES>(&blk, geo, rr, 0, out),
-                    _ => f32_pass::<8, 3, SRC_CODES>(&blk, geo, rr, 0, out),
+                    1 => f32_pass::<8, 1, SRC_CODES>(&blk, geo, rr, 0, whole, out),
+                    2 => f32_pass::<8, 2, SRC_CODES>(&blk, geo, rr, 0, whole, out),
+                    _ => f32_pass::<8, 3, SRC_CODES>(&blk, geo, rr, 0, whole, out),
                 }
             }
             k += 8;
@@ -877,37 +934,45 @@ unsafe fn f32_block(
     // as evenly as possible; the first pass converts the codes (and stores them to the tile when
     // more passes follow), the others read the tile.
     let passes = n.div_ceil(F32_TILE_B);
-    let mut b = 0;
-    for p in 0..passes {
-        // The larger passes last: the first one also converts the codes (fewer registers free).
-        let nb = n / passes + usize::from(p >= passes - n % passes);
-        let src = match (in_regs, p, passes) {
-            (false, _, _) | (true, 1.., _) => SRC_TILE,
-            (true, 0, 1) => SRC_CODES,
-            (true, 0, _) => SRC_CODES_STORE,
+    let mut c0 = 0;
+    while c0 < geo.chunks {
+        let kc = KChunk {
+            c0,
+            c1: (c0 + kchunk).min(geo.chunks),
         };
-        let mut k = 0;
-        while k < nr {
-            let nrow = (nr - k).min(4);
-            let rows: [usize; 4] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
-            let rr = (rows, nrow, i0 + k);
-            macro_rules! go {
-                ($($nb:literal)*) => {
-                    match (nb, src) {
-                        $(
-                            ($nb, SRC_TILE) => f32_pass::<4, $nb, SRC_TILE>(&blk, geo, rr, b, out),
-                            ($nb, SRC_CODES) => f32_pass::<4, $nb, SRC_CODES>(&blk, geo, rr, b, out),
-                            ($nb, _) => f32_pass::<4, $nb, SRC_CODES_STORE>(&blk, geo, rr, b, out),
-                        )*
-                        _ => unreachable!(),
-                    }
-                };
+        let mut b = 0;
+        for p in 0..passes {
+            // The larger passes last: the first one also converts the codes (fewer registers free).
+            let nb = n / passes + usize::from(p >= passes - n % passes);
+            let src = match (in_regs, p, passes) {
+                (false, _, _) | (true, 1.., _) => SRC_TILE,
+                (true, 0, 1) => SRC_CODES,
+                (true, 0, _) => SRC_CODES_STORE,
+            };
+            let mut k = 0;
+            while k < nr {
+                let nrow = (nr - k).min(4);
+                let rows: [usize; 4] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
+                let rr = (rows, nrow, i0 + k);
+                macro_rules! go {
+                    ($($nb:literal)*) => {
+                        match (nb, src) {
+                            $(
+                                ($nb, SRC_TILE) => f32_pass::<4, $nb, SRC_TILE>(&blk, geo, rr, b, kc, out),
+                                ($nb, SRC_CODES) => f32_pass::<4, $nb, SRC_CODES>(&blk, geo, rr, b, kc, out),
+                                ($nb, _) => f32_pass::<4, $nb, SRC_CODES_STORE>(&blk, geo, rr, b, kc, out),
+                            )*
+                            _ => unreachable!(),
+                        }
+                    };
+                }
+                // SAFETY: bounds checked above.
+                unsafe { go!(1 2 3 4 5 6) };
+                k += 4;
             }
-            // SAFETY: bounds checked above.
-            unsafe { go!(1 2 3 4 5 6) };
-            k += 4;
+            b += nb;
         }
-        b += nb;
+        c0 = kc.c1;
     }
 }
 
@@ -1086,6 +1151,12 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
     } else {
         AlignedF32::zeroed(0)
     };
+    // f32 path with rows split into column chunks: the accumulators saved between chunks.
+    let mut accs = if signed && cp / 16 > F32_K_SPLIT {
+        AlignedF32::zeroed(16 * n * block_rows)
+    } else {
+        AlignedF32::zeroed(0)
+    };
     let mut r0 = range.start;
     while r0 < range.end {
         let nr = block_rows.min(range.end - r0);
@@ -1102,7 +1173,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
         let rows = (r0, nr, r0 - range.start);
         if signed {
             // SAFETY: AVX-512 F and BW are available (this function's contract).
-            unsafe { f32_block(job, &sc.bytes, &mut tile, rows, out) };
+            unsafe { f32_block(job, &sc.bytes, (&mut tile, &mut accs), rows, out) };
             r0 += nr;
             continue;
         }
