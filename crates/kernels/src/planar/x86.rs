@@ -875,7 +875,8 @@ unsafe fn f32_block(
         return;
     }
     // Every pointer the passes derive stays inside these.
-    assert!(bytes.len() >= nr * cp && tile.len() >= nr * cp);
+    let in_regs = ng <= 1 || group.is_multiple_of(16);
+    assert!(bytes.len() >= nr * cp && (tile.len() >= nr * cp || (in_regs && n <= 3)));
     assert!(w.scales.len() >= (r0 + nr) * geo.ng && ng == geo.ng);
     assert!(x.len() >= n * stride && *stride >= cp && stride.is_multiple_of(16));
     assert!(x.as_ptr().align_offset(64) == 0);
@@ -885,7 +886,9 @@ unsafe fn f32_block(
         geo.chunks.div_ceil(geo.chunks.div_ceil(F32_K_CHUNK))
     };
     assert!(
-        kchunk == geo.chunks || (accs.len() >= 16 * n * nr && accs.as_ptr().align_offset(64) == 0)
+        kchunk == geo.chunks
+            || (in_regs && n <= 3)
+            || (accs.len() >= 16 * n * nr && accs.as_ptr().align_offset(64) == 0)
     );
     let blk = F32Block {
         q: bytes.as_ptr().cast(),
@@ -900,7 +903,6 @@ unsafe fn f32_block(
         c0: 0,
         c1: geo.chunks,
     };
-    let in_regs = ng <= 1 || group.is_multiple_of(16);
     if !in_regs {
         for k in 0..nr {
             dequant_row(
@@ -1146,13 +1148,15 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
     sc.bytes.resize(block_rows * cp + SLACK, 0);
     // f32 path: the block's dequantized rows (when more than 3 activation rows, or when the scale
     // is not uniform per 16 columns), 64-byte aligned.
-    let mut tile = if signed {
+    // Not needed (nor zeroed) when the codes are converted in registers for up to 3 rows.
+    let tile_needed = n > 3 || (ng > 1 && !w.layout.group.is_multiple_of(16));
+    let mut tile = if signed && tile_needed {
         AlignedF32::zeroed(block_rows * cp)
     } else {
         AlignedF32::zeroed(0)
     };
     // f32 path with rows split into column chunks: the accumulators saved between chunks.
-    let mut accs = if signed && cp / 16 > F32_K_SPLIT {
+    let mut accs = if signed && tile_needed && cp / 16 > F32_K_SPLIT {
         AlignedF32::zeroed(16 * n * block_rows)
     } else {
         AlignedF32::zeroed(0)
