@@ -78,17 +78,19 @@ fn rejects_bad_precisions() {
     let dir = tempfile::tempdir().unwrap();
     let text = small_text(dir.path());
     let json = dir.path().join("out.json");
-    for (precision, needle) in [
-        ("9", "precision `9` is invalid"),
-        ("1", "precision `1` is invalid"),
-        ("fp,8,9", "precision `9` is invalid"),
-        ("0", "precision `0` is invalid"),
-        ("four", "precision `four` is invalid"),
-        ("8,,4", "precision `` is invalid"),
+    let usage = "use `fp`, a bit-width from 2 to 8, or a profile name";
+    for (precision, needles) in [
+        ("9", ["precision `9` is invalid", usage]),
+        ("1", ["precision `1` is invalid", usage]),
+        ("fp,8,9", ["precision `9` is invalid", usage]),
+        ("0", ["precision `0` is invalid", usage]),
+        ("8,,4", ["precision `` is invalid", usage]),
+        // A name reads as a per-layer profile, which this model does not have.
+        ("four", ["profile `four` is not in this checkpoint", "it has: none"]),
     ] {
         let output =
             drq_eval(["--model", s(&gguf()), "--file", s(&text), "--precision", precision, "--json", s(&json)]);
-        assert_refused(&output, &[needle, "use `fp` or a bit-width from 2 to 8"]);
+        assert_refused(&output, &needles);
         assert!(!json.exists());
     }
 }
