@@ -151,6 +151,7 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
     let tmp = tmp_path(path);
     let result = safetensors::serialize_to_file(views, Some(metadata), &tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|()| readable_by_all(&tmp))
         .and_then(|()| {
             std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
         });
@@ -158,6 +159,20 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// safetensors writes through a private (0600) temporary file; a checkpoint is a model file others
+/// serve and evaluate, so it gets the usual 0644.
+fn readable_by_all(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }
 
 /// `PATH.tmp`, in the same directory so the final rename is atomic.

@@ -341,6 +341,16 @@ fn file_layout_matches_the_spec() {
     assert_eq!(config["architecture"], "qwen2");
     assert_eq!(config["hidden_size"], 64);
 
+    // Readable by others (safetensors' own temporary file is 0600).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.path().join("no-template.safetensors");
+        let (float, q) = quantized(Architecture::Llama, true, &spec(&[8], Granularity::Channel, TieRule::HalfEven), &[]);
+        write_checkpoint(&path, &float, &provenance(), &q).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+    }
+
     // Without a chat template the key is absent.
     let (float, q) = quantized(Architecture::Llama, true, &spec(&[8], Granularity::Channel, TieRule::HalfEven), &[]);
     let path = dir.path().join("no-template.safetensors");
