@@ -128,3 +128,33 @@ fn loadgen_reports_every_precision_without_errors() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("does not answer"), "{stderr}");
 }
+
+#[test]
+fn a_float_source_is_quantized_with_group_128_by_default_and_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    model::export::write_hf_dir(&model::testing::tiny_model(model::Architecture::Llama, true, 8), &hf).unwrap();
+    let cache = dir.path().join("cache");
+    let mut child = Command::new(BIN)
+        .arg("--model")
+        .arg(&hf)
+        .args(["--port", "0"])
+        .env("DRQ_CACHE", &cache)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("serving `") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "drq-serve exited before listening");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let checkpoint = model::checkpoint::Checkpoint::open(&cached[0]).unwrap();
+    assert_eq!(checkpoint.quantization().granularity, "group:128");
+    assert_eq!(checkpoint.quantization().bits, [8, 4, 2]);
+}

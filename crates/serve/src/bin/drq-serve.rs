@@ -21,7 +21,9 @@ struct Args {
     /// `default` = SmolLM2-135M-Instruct), which is then quantized first and cached.
     #[arg(short, long, default_value = "default")]
     model: String,
-    /// PTQ recipe (TOML, see configs/ptq/) when --model is not a checkpoint [default: per-channel 8,4,2].
+    /// PTQ recipe (TOML, see configs/ptq/) when --model is not a checkpoint [default: group:128,
+    /// bits 8,4,2: on SmolLM2 W8 +0.44% and W4 43.7 perplexity vs +0.92% and 75.0 per channel, at
+    /// the same kernel speed].
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to listen on.
@@ -76,7 +78,7 @@ fn main() {
 fn run(args: Args) -> Result<()> {
     let recipe = match &args.config {
         Some(path) => PtqRecipe::load(path)?,
-        None => PtqRecipe::default(),
+        None => PtqRecipe { granularity: Some("group:128".to_string()), ..PtqRecipe::default() },
     };
     let (spec, keep_float) = recipe.resolve()?;
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
