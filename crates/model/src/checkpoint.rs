@@ -175,6 +175,19 @@ fn readable_by_all(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` to `path` through `PATH.tmp` and a rename: readers never see a half-written
+/// file (reports, logs, plots of every tool).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    let result = std::fs::write(&tmp, bytes)
+        .with_context(|| format!("cannot write {}", tmp.display()))
+        .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display())));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// `PATH.tmp`, in the same directory so the final rename is atomic.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();

@@ -42,3 +42,29 @@ fn pin_candle_threads() {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
 }
+
+/// `--activations` of every tool that runs the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Activations {
+    /// f32 activations: exactly the dequantized weights' products, up to summation order.
+    F32,
+    /// int8 activations (absmax per weight scale group), exact integer dot products: faster,
+    /// and less accurate (docs/RESULTS.md).
+    Int8,
+}
+
+impl Activations {
+    pub fn path(self) -> kernels::ActPath {
+        match self {
+            Activations::F32 => kernels::ActPath::F32,
+            Activations::Int8 => kernels::ActPath::Int8,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Int8 => "int8",
+        }
+    }
+}

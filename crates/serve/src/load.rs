@@ -3,26 +3,13 @@
 //! first and the result cached, keyed by the source's sha256 and the recipe, so the next start
 //! is immediate.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use model::checkpoint::Checkpoint;
 use model::source::{self, ModelSource};
 use quantize::{quantize_model, write_checkpoint, QuantSpec};
 use sha2::{Digest, Sha256};
-
-/// Where quantized models are cached: `$DRQ_CACHE`, else `$XDG_CACHE_HOME/drq`, else
-/// `~/.cache/drq`.
-pub fn cache_dir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("DRQ_CACHE") {
-        return Ok(PathBuf::from(dir));
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return Ok(PathBuf::from(dir).join("drq"));
-    }
-    let home = std::env::var_os("HOME").context("cannot find a cache directory: set DRQ_CACHE or HOME")?;
-    Ok(PathBuf::from(home).join(".cache/drq"))
-}
 
 /// Opens `model` as a checkpoint, quantizing (and caching under `cache`) when it is a float
 /// source.

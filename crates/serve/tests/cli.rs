@@ -47,24 +47,7 @@ fn bad_flags_are_clear_errors() {
 fn sigterm_finishes_in_flight_streams_then_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = support::tiny_checkpoint(dir.path());
-    let mut child = Command::new(BIN)
-        .arg("--model")
-        .arg(&checkpoint)
-        .args(["--port", "0"])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The log line "serving `...` on http://127.0.0.1:PORT (...)" gives the port.
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "drq-serve exited before listening");
-        if let Some(rest) = line.split("on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
+    let (mut child, addr) = spawn_listening(&checkpoint, &[]);
     let url = format!("http://{addr}/v1/completions");
     // 16 choices x 200 tokens with 20 alternatives each: megabytes of events, more than the
     // socket buffers hold while this client does not read, so the stream is surely in flight
@@ -87,6 +70,36 @@ fn sigterm_finishes_in_flight_streams_then_exits_zero() {
     let status = wait_with_timeout(&mut child, Duration::from_secs(20));
     assert!(status.success(), "exit status {status}");
     assert!(ureq::get(&format!("http://{addr}/health")).call().is_err());
+}
+
+/// Starts `drq-serve --model MODEL --port 0` and waits for its "serving `…` on http://ADDR" log
+/// line; returns the process and ADDR.
+#[allow(clippy::zombie_processes)] // returned to the caller, which waits for it
+fn spawn_listening(model: &std::path::Path, env: &[(&str, &std::ffi::OsStr)]) -> (std::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .arg("--model")
+        .arg(model)
+        .args(["--port", "0"])
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            let status = child.wait().unwrap();
+            panic!("drq-serve exited ({status}) before listening");
+        }
+        if let Some(rest) = line.split("on http://").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().to_string();
+            // Keep draining stderr so a chatty server never blocks on a full pipe.
+            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+            return (child, addr);
+        }
+    }
 }
 
 fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
@@ -135,21 +148,7 @@ fn a_float_source_is_quantized_with_group_128_by_default_and_cached() {
     let hf = dir.path().join("hf");
     model::export::write_hf_dir(&model::testing::tiny_model(model::Architecture::Llama, true, 8), &hf).unwrap();
     let cache = dir.path().join("cache");
-    let mut child = Command::new(BIN)
-        .arg("--model")
-        .arg(&hf)
-        .args(["--port", "0"])
-        .env("DRQ_CACHE", &cache)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("serving `") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "drq-serve exited before listening");
-    }
+    let (mut child, _) = spawn_listening(&hf, &[("DRQ_CACHE", cache.as_os_str())]);
     child.kill().unwrap();
     child.wait().unwrap();
     let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();

@@ -6,9 +6,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
-use clap::{Parser, ValueEnum};
-use kernels::{ActPath, KernelConfig};
+use anyhow::{bail, ensure, Result};
+use clap::Parser;
+use kernels::KernelConfig;
+use model::cli::Activations;
 use model::checkpoint::Checkpoint;
 use model::source::{self, ModelSource};
 use model::{precision, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer};
@@ -46,12 +47,6 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Activations {
-    F32,
-    Int8,
 }
 
 #[derive(Serialize)]
@@ -95,11 +90,7 @@ fn run(args: Args) -> Result<()> {
     let resident = ResidentModel::from_checkpoint(&checkpoint)?;
     drop(checkpoint);
     tracing::info!("resident weights: {:.1} MiB, built in {:.1}s", resident.resident_bytes() as f64 / (1 << 20) as f64, started.elapsed().as_secs_f64());
-    let path = match args.activations {
-        Activations::F32 => ActPath::F32,
-        Activations::Int8 => ActPath::Int8,
-    };
-    let kernel = KernelConfig { path, threads: args.threads, ..KernelConfig::default() };
+    let kernel = KernelConfig { path: args.activations.path(), threads: args.threads, ..KernelConfig::default() };
     let float = match &args.reference {
         Some(src) => Some(source::load_float(&src.parse::<ModelSource>()?)?.0),
         None => None,
@@ -131,10 +122,7 @@ fn run(args: Args) -> Result<()> {
         args.gen_tokens,
         args.batch,
         args.threads,
-        match args.activations {
-            Activations::F32 => "f32",
-            Activations::Int8 => "int8",
-        },
+        args.activations.name(),
         kernel.backend,
         args.repeat
     );
@@ -150,9 +138,7 @@ fn run(args: Args) -> Result<()> {
             "model": args.model, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "batch": args.batch,
             "threads": args.threads, "backend": kernel.backend.name(), "repeat": args.repeat, "rows": rows, "peak_rss_bytes": peak,
         });
-        let tmp = model::checkpoint::tmp_path(path);
-        std::fs::write(&tmp, serde_json::to_string_pretty(&json)?).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        model::checkpoint::write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
     Ok(())
 }

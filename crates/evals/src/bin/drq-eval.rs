@@ -6,9 +6,10 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use evals::perplexity::{evaluate, windows, Candidate, PrecisionReport, Protocol, Window};
-use kernels::{ActPath, Granularity, KernelConfig, TieRule};
+use kernels::{Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::{self, FloatModel, ModelSource};
+use model::cli::Activations;
 use model::{precision, KvCache, OpsMode, Precision, ResidentModel, Transformer};
 use quantize::{QuantSpec, SearchObjective};
 
@@ -39,14 +40,6 @@ enum RuntimeArg {
     Kernels,
     /// Every precision decoded to f32 weights and multiplied by candle (the reference path).
     Reference,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum ActivationsArg {
-    /// f32 activations: exactly the dequantized weights' products, up to summation order.
-    F32,
-    /// int8 activations (absmax per weight scale group), exact integer dot products.
-    Int8,
 }
 
 #[derive(clap::Args)]
@@ -100,7 +93,7 @@ struct PerplexityArgs {
     runtime: RuntimeArg,
     /// Activations of the kernels (--runtime kernels).
     #[arg(long, value_enum, default_value = "f32")]
-    activations: ActivationsArg,
+    activations: Activations,
     /// Kernel threads (--runtime kernels). Default: 1 and 2 are timed on a few windows and the
     /// faster is used (logged, and recorded in --json).
     #[arg(long)]
@@ -120,7 +113,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     }
     if args.runtime == RuntimeArg::Reference {
         ensure!(args.threads.is_none(), "--threads applies to --runtime kernels only");
-        ensure!(args.activations == ActivationsArg::F32, "--activations int8 needs --runtime kernels");
+        ensure!(args.activations == Activations::F32, "--activations int8 needs --runtime kernels");
     }
     ensure!(args.threads != Some(0), "--threads must be at least 1");
     let text = std::fs::read(&args.file).with_context(|| format!("cannot read text file {}", args.file.display()))?;
@@ -209,11 +202,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
             serde_json::json!({ "runtime": "reference" })
         }
         RuntimeArg::Kernels => {
-            let path = match args.activations {
-                ActivationsArg::F32 => ActPath::F32,
-                ActivationsArg::Int8 => ActPath::Int8,
-            };
-            let mut kernel = KernelConfig { path, ..KernelConfig::default() };
+            let mut kernel = KernelConfig { path: args.activations.path(), ..KernelConfig::default() };
             // One resident copy per checkpoint serves all its precisions.
             let started = Instant::now();
             let residents = if int_precisions.is_empty() {
@@ -304,9 +293,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
             "seconds": seconds,
             "results": reports,
         });
-        let tmp = model::checkpoint::tmp_path(path);
-        std::fs::write(&tmp, serde_json::to_string_pretty(&json)?).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        model::checkpoint::write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
     Ok(())
 }
@@ -337,15 +324,6 @@ fn pick_threads(resident: &ResidentModel, precision: &Precision, kernel: KernelC
     let threads = if seconds[1] < seconds[0] { 2 } else { 1 };
     tracing::info!("kernel threads timed: 1 thread {:.2}s, 2 threads {:.2}s → {threads}", seconds[0], seconds[1]);
     Ok((threads, serde_json::json!({ "1": seconds[0], "2": seconds[1] })))
-}
-
-impl ActivationsArg {
-    fn name(self) -> &'static str {
-        match self {
-            ActivationsArg::F32 => "f32",
-            ActivationsArg::Int8 => "int8",
-        }
-    }
 }
 
 fn print_table(reports: &[PrecisionReport], windows: usize) {

@@ -62,12 +62,7 @@ impl PypiSettings {
     /// Settings from an environment given as a lookup function; empty values count as unset.
     pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let var = |name: &str| var(name).filter(|value| !value.is_empty());
-        let cache_dir = match (var("DRQ_CACHE"), var("XDG_CACHE_HOME"), var("HOME")) {
-            (Some(cache), _, _) => PathBuf::from(cache),
-            (None, Some(xdg), _) => Path::new(&xdg).join("drq"),
-            (None, None, Some(home)) => Path::new(&home).join(".cache").join("drq"),
-            (None, None, None) => bail!("cannot locate drq's cache: set DRQ_CACHE or HOME"),
-        };
+        let cache_dir = drq_cache_dir_from(&var)?;
         let index_url = var("DRQ_PYPI_INDEX").unwrap_or_else(|| DEFAULT_INDEX.to_string());
         Ok(Self {
             index_url: index_url.trim_end_matches('/').to_string(),
@@ -75,6 +70,21 @@ impl PypiSettings {
             progress: true,
         })
     }
+}
+
+/// drq's cache directory: `DRQ_CACHE`, else `$XDG_CACHE_HOME/drq`, else `~/.cache/drq` (PyPI
+/// downloads, drq-serve's quantized models).
+pub fn drq_cache_dir() -> Result<PathBuf> {
+    drq_cache_dir_from(&|name: &str| std::env::var(name).ok().filter(|value| !value.is_empty()))
+}
+
+fn drq_cache_dir_from(var: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf> {
+    Ok(match (var("DRQ_CACHE"), var("XDG_CACHE_HOME"), var("HOME")) {
+        (Some(cache), _, _) => PathBuf::from(cache),
+        (None, Some(xdg), _) => Path::new(&xdg).join("drq"),
+        (None, None, Some(home)) => Path::new(&home).join(".cache").join("drq"),
+        (None, None, None) => bail!("cannot locate drq's cache: set DRQ_CACHE or HOME"),
+    })
 }
 
 impl PypiModel {

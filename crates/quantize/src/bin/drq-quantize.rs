@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use kernels::{Granularity, TieRule};
 use model::source::{self, ModelSource};
@@ -115,10 +115,7 @@ fn run(args: Args) -> Result<()> {
 
     print_report(&quantized.report, &spec.bits);
     if let Some(path) = &args.report {
-        let json = serde_json::to_string_pretty(&quantized.report)?;
-        let tmp = model::checkpoint::tmp_path(path);
-        std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        model::checkpoint::write_atomically(path, serde_json::to_string_pretty(&quantized.report)?.as_bytes())?;
     }
     let size = std::fs::metadata(&args.out)?.len();
     tracing::info!(

@@ -109,11 +109,7 @@ pub fn append(path: &Path, record: &Record) -> Result<()> {
     writeln!(f, "{}", serde_json::to_string(record)?).with_context(|| format!("cannot write {}", path.display()))
 }
 
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = model::checkpoint::tmp_path(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
-}
+pub use model::checkpoint::write_atomically as write_atomic;
 
 /// A line of (step, value) points with a label.
 struct Series {

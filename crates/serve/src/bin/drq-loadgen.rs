@@ -126,9 +126,7 @@ fn run(args: Args) -> Result<()> {
             "url": args.url, "clients": args.clients, "duration_s": args.duration, "elapsed_s": elapsed,
             "max_tokens": args.max_tokens, "precisions": args.precisions, "by_precision": rows, "all": total,
         });
-        let tmp = model::checkpoint::tmp_path(path);
-        std::fs::write(&tmp, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        model::checkpoint::write_atomically(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     if total.errors > 0 {
         bail!("{} of {} requests failed", total.errors, total.requests);

@@ -8,7 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use kernels::{ActPath, KernelConfig};
+use kernels::KernelConfig;
+use model::cli::Activations;
 use quantize::recipe::PtqRecipe;
 use serve::engine::{Engine, EngineOptions};
 use serve::http::{router, AppState, DEFAULT_BODY_LIMIT};
@@ -65,12 +66,6 @@ struct Args {
     body_limit: usize,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Activations {
-    F32,
-    Int8,
-}
-
 fn main() {
     model::cli::run_main(|| run(Args::parse()));
 }
@@ -84,7 +79,7 @@ fn run(args: Args) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("invalid --host/--port {}:{}", args.host, args.port))?;
-    let checkpoint = serve::load::open_or_quantize(&args.model, &spec, &keep_float, &serve::load::cache_dir()?)?;
+    let checkpoint = serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
     let model_ctx = checkpoint.config().max_position_embeddings;
     let options = EngineOptions {
         max_batch: args.max_batch,
@@ -94,10 +89,7 @@ fn run(args: Args) -> Result<()> {
         default_precision: args.default_precision.clone(),
         kernel: KernelConfig {
             threads: args.threads,
-            path: match args.activations {
-                Activations::F32 => ActPath::F32,
-                Activations::Int8 => ActPath::Int8,
-            },
+            path: args.activations.path(),
             ..KernelConfig::default()
         },
     };
