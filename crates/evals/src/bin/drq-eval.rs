@@ -189,7 +189,12 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         models.push(("fp".to_string(), Transformer::new(&f.config, &f.weights, OpsMode::Inference)?));
     }
     let label = |c: &Checkpoint, p: &Precision| {
-        if checkpoints.len() > 1 { format!("{p} {}", c.quantization().granularity) } else { p.to_string() }
+        // Several checkpoints: name each row by its file, which tells apart checkpoints of one
+        // granularity (e.g. differently trained ones).
+        match c.path().file_stem() {
+            Some(stem) if checkpoints.len() > 1 => format!("{p} {}", stem.to_string_lossy()),
+            _ => p.to_string(),
+        }
     };
     let mut checkpoint_info = Vec::new();
     let runtime_info = match args.runtime {
