@@ -26,8 +26,9 @@ BIN=target/release
 COMMON=(--model "$MODEL" --config configs/train/w842-eta.toml --data ../shared/data/austen
     --steps "$STEPS" --batch "$BATCH" --seq-len "$SEQ" --warmup-steps 5 --min-lr-ratio 0.1
     --scale-lr 2e-5 --eval-every 20 --heldout-blocks 8 --save-every 0 --seed 0)
-# Each run: what it ablates (flags may appear once, so the learning rate and KD are per run).
-BASE="--lr 5e-4 --kd-weight 1 --kd-temperature 1"
+# Each run: what it ablates (a flag may appear once, so the learning rate and KD are per run).
+KD="--kd-weight 1 --kd-temperature 1"
+BASE="--lr 5e-4 $KD"
 
 declare -A RUNS=(
     [g128-eta]="--granularity group:128 --alrs eta $BASE"
@@ -39,7 +40,7 @@ declare -A RUNS=(
     [g128-only2]="--granularity group:128 --alrs none --bits 2 $BASE"
     [g128-eta-nokd]="--granularity group:128 --alrs eta --lr 5e-4 --kd-weight 0"
     [channel-eta]="--granularity channel --alrs eta $BASE"
-    [g128-eta-all]="--granularity group:128 --alrs eta --train all --lr 1e-4 --kd-weight 1 --kd-temperature 1"
+    [g128-eta-all]="--granularity group:128 --alrs eta --train all --lr 1e-4 $KD"
 )
 ORDER=(g128-eta g128-none g128-relative g128-literal g128-only8 g128-only4 g128-only2 g128-eta-nokd channel-eta g128-eta-all)
 [ $# -gt 0 ] && ORDER=("$@")

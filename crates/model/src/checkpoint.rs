@@ -148,17 +148,10 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         .iter()
         .map(|(name, dtype, shape, bytes)| Ok((name.as_str(), TensorView::new(*dtype, shape.clone(), bytes)?)))
         .collect::<Result<Vec<_>>>()?;
-    let tmp = tmp_path(path);
-    let result = safetensors::serialize_to_file(views, Some(metadata), &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))
-        .and_then(|()| readable_by_all(&tmp))
-        .and_then(|()| {
-            std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    write_through_tmp(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(metadata), tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        readable_by_all(tmp)
+    })
 }
 
 /// safetensors writes through a private (0600) temporary file; a checkpoint is a model file others
@@ -178,9 +171,14 @@ fn readable_by_all(path: &Path) -> Result<()> {
 /// Writes `bytes` to `path` through `PATH.tmp` and a rename: readers never see a half-written
 /// file (reports, logs, plots of every tool).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_through_tmp(path, |tmp| std::fs::write(tmp, bytes).with_context(|| format!("cannot write {}", tmp.display())))
+}
+
+/// Runs `write` on `PATH.tmp`, then renames it to `path`; on any error the temporary file is
+/// removed and `path` is left as it was (checkpoints, training states, reports).
+pub fn write_through_tmp(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = tmp_path(path);
-    let result = std::fs::write(&tmp, bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))
+    let result = write(&tmp)
         .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display())));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -189,7 +187,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// `PATH.tmp`, in the same directory so the final rename is atomic.
-pub fn tmp_path(path: &Path) -> PathBuf {
+fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     path.with_file_name(name)

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
+use model::checkpoint::write_atomically;
 use model::source::{self, ModelSource};
 use quantize::model_ptq::write_checkpoint_as;
 use quantize::train::log::{self as runlog, Record};
@@ -238,14 +239,14 @@ fn run(args: Args) -> Result<()> {
     } else {
         tracing::info!("initial scales: PTQ search ({})", cfg.quant_spec()?);
         let t = Trainer::new(float, cfg.clone())?;
-        runlog::write_atomic(&log_path, b"")?;
-        runlog::write_atomic(&args.run_dir.join(RECIPE), toml::to_string(&cfg)?.as_bytes())?;
+        write_atomically(&log_path, b"")?;
+        write_atomically(&args.run_dir.join(RECIPE), toml::to_string(&cfg)?.as_bytes())?;
         t
     };
     ensure!(trainer.step_count() < cfg.steps, "the run is complete ({} steps); its checkpoint was written at the end", cfg.steps);
     let title = format!("drq-train {} — {} / alrs {} / train {}", args.model, cfg.granularity, cfg.alrs, cfg.train);
     let save = |t: &Trainer| -> Result<()> { t.save_state(&state_path, &blocks, &provenance.sha256) };
-    let plot = || -> Result<()> { runlog::write_atomic(&args.run_dir.join(PLOT), runlog::plot_svg(&runlog::read(&log_path)?, &title).as_bytes()) };
+    let plot = || -> Result<()> { write_atomically(&args.run_dir.join(PLOT), runlog::plot_svg(&runlog::read(&log_path)?, &title).as_bytes()) };
 
     let float_ppl = trainer.evaluate_float(&blocks)?.exp();
     if trainer.step_count() == 0 {

@@ -100,7 +100,7 @@ pub fn truncate(path: &Path, step: u64) -> Result<()> {
             kept.push('\n');
         }
     }
-    write_atomic(path, kept.as_bytes())
+    model::checkpoint::write_atomically(path, kept.as_bytes())
 }
 
 /// Appends one record.
@@ -108,8 +108,6 @@ pub fn append(path: &Path, record: &Record) -> Result<()> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
     writeln!(f, "{}", serde_json::to_string(record)?).with_context(|| format!("cannot write {}", path.display()))
 }
-
-pub use model::checkpoint::write_atomically as write_atomic;
 
 /// A line of (step, value) points with a label.
 struct Series {

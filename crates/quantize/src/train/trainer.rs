@@ -508,14 +508,9 @@ impl Trainer {
         let json = serde_json::to_vec(&meta)?;
         let n = json.len();
         tensors.insert(STATE_META.to_string(), Tensor::from_vec(json, n, &Device::Cpu)?);
-        let tmp = model::checkpoint::tmp_path(path);
-        let result = candle_core::safetensors::save(&tensors, &tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))
-            .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display())));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        model::checkpoint::write_through_tmp(path, |tmp| {
+            candle_core::safetensors::save(&tensors, tmp).with_context(|| format!("cannot write {}", tmp.display()))
+        })
     }
 
     /// The recipe stored in a training state.
