@@ -8,7 +8,8 @@
 # on 10 windows after 60 steps, KL to fp 0.002 → 0.09) while the held-out Austen perplexity fell.
 #
 # Usage: scripts/alrs-ablation.sh [RUN...]   (default: every run, in the order below)
-# Env: OUT (default target/alrs-ablation), STEPS (40), BATCH (2), SEQ (256), WINDOWS (20).
+# Env: OUT (default target/alrs-ablation), STEPS (40), BATCH (2), SEQ (256), WINDOWS (20),
+# EVAL (1; 0 trains only, e.g. when several invocations train side by side).
 # Runs already finished (their checkpoint exists) are skipped, so the script can be re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ STEPS=${STEPS:-40}
 BATCH=${BATCH:-2}
 SEQ=${SEQ:-256}
 WINDOWS=${WINDOWS:-20}
+EVAL=${EVAL:-1}
 MODEL=${MODEL:-default}
 mkdir -p "$OUT"
 cargo build --release --bin drq-train --bin drq-quantize --bin drq-eval
@@ -41,8 +43,11 @@ declare -A RUNS=(
     [g128-eta-nokd]="--granularity group:128 --alrs eta --lr 5e-4 --kd-weight 0"
     [channel-eta]="--granularity channel --alrs eta $BASE"
     [g128-eta-all]="--granularity group:128 --alrs eta --train all --lr 1e-4 $KD"
+    [g128-none-all]="--granularity group:128 --alrs none --train all --lr 1e-4 $KD"
+    # The GPU run's recipe (scripts/gpu-train.sh) at this machine's budget.
+    [g128-none-all-2e-5]="--granularity group:128 --alrs none --train all --lr 2e-5 $KD"
 )
-ORDER=(g128-eta g128-none g128-relative g128-literal g128-only8 g128-only4 g128-only2 g128-eta-nokd channel-eta g128-eta-all)
+ORDER=(g128-eta g128-none g128-relative g128-literal g128-only8 g128-only4 g128-only2 g128-eta-nokd channel-eta g128-eta-all g128-none-all g128-none-all-2e-5)
 [ $# -gt 0 ] && ORDER=("$@")
 
 for run in "${ORDER[@]}"; do
@@ -56,6 +61,8 @@ for run in "${ORDER[@]}"; do
     /usr/bin/time -v "$BIN/drq-train" "${COMMON[@]}" ${RUNS[$run]} --run-dir "$OUT/$run" --out "$OUT/$run.safetensors" \
         --force 2> >(tee "$OUT/$run.log" | grep -v "^\s*$" | grep -E "held-out|wrote|error|Maximum resident|Elapsed" >&2)
 done
+
+[ "$EVAL" = 1 ] || exit 0
 
 # PTQ baselines with the same initial scales as the runs (the trainer's scale search).
 for g in channel group:128; do

@@ -156,8 +156,10 @@ pub fn evaluate(
         let log_probs = |c: &Candidate, seconds: &mut f64| -> Result<Tensor> {
             let started = Instant::now();
             let mut cache = KvCache::new(c.model.config());
-            // Logits of positions score_from..n-1 (the last position predicts nothing).
-            let logits = c.model.forward(&input.narrow(1, 0, n - 1)?, &mut cache, window.score_from)?;
+            // Logits of positions score_from..n-1 (the last position predicts nothing), on the
+            // model's device (a GPU with the reference runtime); only per-token sums leave it.
+            let tokens = input.narrow(1, 0, n - 1)?.to_device(c.model.device())?;
+            let logits = c.model.forward(&tokens, &mut cache, window.score_from)?;
             let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?.to_dtype(DType::F32)?, D::Minus1)?;
             *seconds += started.elapsed().as_secs_f64();
             Ok(lp)
@@ -171,7 +173,7 @@ pub fn evaluate(
                 (Some(r), Some(ref_lp)) if r == ci => ref_lp.clone(),
                 _ => log_probs(c, &mut sums[ci].seconds)?,
             };
-            let nll: Vec<f32> = lp.gather(&targets_t, 1)?.squeeze(1)?.neg()?.to_vec1()?;
+            let nll: Vec<f32> = lp.gather(&targets_t.to_device(lp.device())?, 1)?.squeeze(1)?.neg()?.to_vec1()?;
             let s = &mut sums[ci];
             for v in &nll {
                 if !v.is_finite() {

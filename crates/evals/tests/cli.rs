@@ -67,6 +67,9 @@ fn rejects_bad_runtime_options() {
         (&["--threads", "0"][..], "--threads must be at least 1"),
         (&["--runtime", "gpu"][..], "invalid value 'gpu'"),
         (&["--activations", "int4"][..], "invalid value 'int4'"),
+        (&["--device", "tpu"][..], "expected `cpu`, `cuda` or `cuda:N`"),
+        // No GPU where the tests run, whether or not the binary was built with `cuda`.
+        (&["--runtime", "reference", "--device", "cuda"][..], "--device cuda: "),
     ] {
         let output = drq_eval(["--model", s(&gguf()), "--file", s(&text), "--precision", "8"].iter().copied().chain(args.iter().copied()));
         assert_refused(&output, &[needle]);

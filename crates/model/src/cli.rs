@@ -9,6 +9,25 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
+/// The device a `--device` flag names: `cpu`, `cuda` (the first GPU) or `cuda:N`. A CUDA device
+/// needs a binary built with the `cuda` feature and a GPU; without either this is an error.
+pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
+    let ordinal = match name {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => 0,
+        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => anyhow::bail!("--device {name}: expected `cpu`, `cuda` or `cuda:N`"),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        anyhow::bail!("--device {name}: this binary was built without CUDA (build with `--features cuda`)");
+    }
+    // candle appends a backtrace to CUDA errors: the first line says what went wrong.
+    candle_core::Device::new_cuda(ordinal)
+        .map_err(|e| anyhow::anyhow!("--device {name}: no usable GPU: {}", e.to_string().lines().next().unwrap_or_default()))
+}
+
 /// A progress bar in the style of all drq tools (hidden when stderr is not a terminal).
 pub fn progress_bar(len: u64, message: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);

@@ -363,7 +363,12 @@ impl Transformer {
                 (Embedding::Planar { weight, bits }, head)
             }
         };
-        let (cos, sin) = rope_tables(config)?;
+        // The tables live where the activations will: a float model may sit on a GPU (training).
+        let device = match &embed {
+            Embedding::Dense(table) => table.device().clone(),
+            Embedding::Planar { .. } => Device::Cpu,
+        };
+        let (cos, sin) = rope_tables(config, &device)?;
         Ok(Self {
             config: config.clone(),
             embed,
@@ -378,6 +383,11 @@ impl Transformer {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Where the activations live: the float weights' device (the kernels run on the CPU).
+    pub fn device(&self) -> &Device {
+        self.cos.device()
     }
 
     /// Every resident weight this transformer serves through the kernels, with its bit-width, in
@@ -573,7 +583,7 @@ fn causal_mask(seq: usize, start: usize, device: &Device) -> Result<Option<Tenso
 
 /// Cosine and sine tables `[max_positions, head_dim / 2]` in the Hugging Face (rotate-half)
 /// convention, with Llama 3 frequency scaling when configured.
-fn rope_tables(config: &ModelConfig) -> Result<(Tensor, Tensor)> {
+fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let d = config.head_dim;
     let mut inv_freq: Vec<f64> =
         (0..d / 2).map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
@@ -591,8 +601,8 @@ fn rope_tables(config: &ModelConfig) -> Result<(Tensor, Tensor)> {
         }
     }
     Ok((
-        Tensor::from_vec(cos, (n, d / 2), &Device::Cpu)?,
-        Tensor::from_vec(sin, (n, d / 2), &Device::Cpu)?,
+        Tensor::from_vec(cos, (n, d / 2), device)?,
+        Tensor::from_vec(sin, (n, d / 2), device)?,
     ))
 }
 

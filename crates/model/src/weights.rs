@@ -33,15 +33,22 @@ impl Weights {
         Self::default()
     }
 
-    /// Inserts a tensor as f32 on the CPU (the one dtype the runtime computes in).
+    /// Inserts a tensor as f32 (the one dtype the runtime computes in), on the device it is on.
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) -> Result<()> {
         let name = name.into();
-        let tensor = tensor
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)
-            .with_context(|| format!("tensor `{name}`: cannot convert to f32"))?;
+        let tensor = tensor.to_dtype(DType::F32).with_context(|| format!("tensor `{name}`: cannot convert to f32"))?;
         self.tensors.insert(name, tensor);
         Ok(())
+    }
+
+    /// A copy of every tensor on `device` (training on a GPU; the sources load to the CPU).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), t.to_device(device).with_context(|| format!("tensor `{name}`: cannot move to {device:?}"))?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { tensors })
     }
 
     /// The tensor called `name`, checked against the expected shape.

@@ -177,6 +177,9 @@ fn bad_input_is_refused() {
         (vec!["--data", s(&data), "--resume"], "no training state"),
         (vec!["--data", s(&data), "--bits", "9"], "9"),
         (vec!["--data", s(&data), "--seq-len", "100000"], "blocks"),
+        (vec!["--data", s(&data), "--device", "tpu"], "expected `cpu`, `cuda` or `cuda:N`"),
+        // No GPU where the tests run, whether or not the binary was built with `cuda`.
+        (vec!["--data", s(&data), "--device", "cuda"], "--device cuda: "),
     ] {
         let mut args = vec!["--model", s(&model_dir), "--run-dir", s(&run), "--out", s(&out)];
         args.extend(extra.iter().copied());
@@ -188,7 +191,7 @@ fn bad_input_is_refused() {
     }
     let help = drq_train(&["--help"]);
     let text = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--resume", "--alrs", "--kd-weight", "--train", "--stop-at-step", "--loop"] {
+    for flag in ["--resume", "--alrs", "--kd-weight", "--train", "--stop-at-step", "--loop", "--device"] {
         assert!(text.contains(flag), "--help lacks {flag}");
     }
 }

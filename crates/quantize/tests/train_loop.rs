@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use candle_core::Device;
 use model::checkpoint::Checkpoint;
 use model::source::Provenance;
 use model::testing::tiny_model;
@@ -48,7 +49,7 @@ fn tiny_config() -> TrainConfig {
 
 fn run(cfg: &TrainConfig, steps: u64) -> (Trainer, Vec<quantize::train::StepReport>) {
     let data = overfit_data(cfg.seq_len);
-    let mut t = Trainer::new(model(), cfg.clone()).unwrap();
+    let mut t = Trainer::new(model(), cfg.clone(), &Device::Cpu).unwrap();
     let reports = (0..steps).map(|_| t.step(&data).unwrap()).collect();
     (t, reports)
 }
@@ -65,7 +66,7 @@ fn loss_decreases_at_every_precision_on_a_tiny_overfit_task() {
     ] {
         let cfg = TrainConfig { train, alrs, loop_mode, ..tiny_config() };
         let data = overfit_data(cfg.seq_len);
-        let mut t = Trainer::new(model(), cfg.clone()).unwrap();
+        let mut t = Trainer::new(model(), cfg.clone(), &Device::Cpu).unwrap();
         let before = t.evaluate(&data).unwrap();
         let reports: Vec<_> = (0..cfg.steps).map(|_| t.step(&data).unwrap()).collect();
         let after = t.evaluate(&data).unwrap();
@@ -86,7 +87,7 @@ fn loss_decreases_at_every_precision_on_a_tiny_overfit_task() {
 
 #[test]
 fn what_trains_is_selectable() {
-    let base = Trainer::new(model(), tiny_config()).unwrap();
+    let base = Trainer::new(model(), tiny_config(), &Device::Cpu).unwrap();
     let layer_scales = |t: &Trainer| t.scales(Q_PROJ).unwrap();
     for train in [Trainable::Scales, Trainable::ScalesNorms, Trainable::All] {
         let (t, _) = run(&TrainConfig { train, ..tiny_config() }, 3);
@@ -192,11 +193,11 @@ fn a_saved_and_resumed_run_equals_an_uninterrupted_one() {
 
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state.safetensors");
-        let mut first = Trainer::new(model(), cfg.clone()).unwrap();
+        let mut first = Trainer::new(model(), cfg.clone(), &Device::Cpu).unwrap();
         let mut reports: Vec<_> = (0..2).map(|_| first.step(&data).unwrap()).collect();
         first.save_state(&state, &data, "sha").unwrap();
         drop(first);
-        let mut resumed = Trainer::resume(model(), &state, &data, "sha").unwrap();
+        let mut resumed = Trainer::resume(model(), &state, &data, "sha", &Device::Cpu).unwrap();
         assert_eq!(resumed.step_count(), 2);
         reports.extend((0..3).map(|_| resumed.step(&data).unwrap()));
 
@@ -214,7 +215,7 @@ fn a_saved_and_resumed_run_equals_an_uninterrupted_one() {
 
         // Another model or other data are refused.
         let other = overfit_data(cfg.seq_len + 1);
-        assert!(Trainer::resume(model(), &state, &other, "sha").err().unwrap().to_string().contains("data"));
-        assert!(Trainer::resume(model(), &state, &data, "other").err().unwrap().to_string().contains("sha256"));
+        assert!(Trainer::resume(model(), &state, &other, "sha", &Device::Cpu).err().unwrap().to_string().contains("data"));
+        assert!(Trainer::resume(model(), &state, &data, "other", &Device::Cpu).err().unwrap().to_string().contains("sha256"));
     }
 }

@@ -91,6 +91,10 @@ struct PerplexityArgs {
     /// How checkpoint precisions run (`fp` always runs on candle).
     #[arg(long, value_enum, default_value = "kernels")]
     runtime: RuntimeArg,
+    /// Where the reference runtime and `fp` run: `cpu`, `cuda` or `cuda:N` (a GPU needs a build
+    /// with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Activations of the kernels (--runtime kernels).
     #[arg(long, value_enum, default_value = "f32")]
     activations: Activations,
@@ -116,6 +120,12 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         ensure!(args.activations == Activations::F32, "--activations int8 needs --runtime kernels");
     }
     ensure!(args.threads != Some(0), "--threads must be at least 1");
+    let device = model::cli::parse_device(&args.device)?;
+    ensure!(
+        device.is_cpu() || args.runtime == RuntimeArg::Reference,
+        "--device {}: the kernels run on the CPU; use --runtime reference on a GPU",
+        args.device
+    );
     let text = std::fs::read(&args.file).with_context(|| format!("cannot read text file {}", args.file.display()))?;
     let text = String::from_utf8(text).with_context(|| format!("{} is not UTF-8 text", args.file.display()))?;
     let protocol = match args.protocol {
@@ -186,7 +196,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
 
     let mut models: Vec<(String, Transformer)> = Vec::new();
     if let (Some(f), true) = (&float, wants_float) {
-        models.push(("fp".to_string(), Transformer::new(&f.config, &f.weights, OpsMode::Inference)?));
+        models.push(("fp".to_string(), Transformer::new(&f.config, &f.weights.to_device(&device)?, OpsMode::Inference)?));
     }
     let label = |c: &Checkpoint, p: &Precision| {
         // Several checkpoints: name each row by its file, which tells apart checkpoints of one
@@ -201,10 +211,10 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         RuntimeArg::Reference => {
             for c in &checkpoints {
                 for p in &int_precisions {
-                    models.push((label(c, p), Transformer::new(&config, &c.weights_at(p)?, OpsMode::Inference)?));
+                    models.push((label(c, p), Transformer::new(&config, &c.weights_at(p)?.to_device(&device)?, OpsMode::Inference)?));
                 }
             }
-            serde_json::json!({ "runtime": "reference" })
+            serde_json::json!({ "runtime": "reference", "device": args.device })
         }
         RuntimeArg::Kernels => {
             let mut kernel = KernelConfig { path: args.activations.path(), ..KernelConfig::default() };

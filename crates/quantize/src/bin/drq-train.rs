@@ -48,6 +48,10 @@ struct Args {
     /// Save the state and stop after this many steps (continue later with --resume).
     #[arg(long)]
     stop_at_step: Option<u64>,
+    /// Where the model trains: `cpu`, `cuda` or `cuda:N` (a GPU needs a build with `--features
+    /// cuda`; the optimizer and the checkpoint stay on the host).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Start over in a run directory that already holds a state, and overwrite --out.
     #[arg(long)]
     force: bool,
@@ -199,6 +203,7 @@ fn run(args: Args) -> Result<()> {
         ensure!(stop >= 1 && stop < cfg.steps, "--stop-at-step must be between 1 and steps − 1 ({})", cfg.steps - 1);
     }
     let files = data::collect_files(&args.data)?;
+    let device = model::cli::parse_device(&args.device)?;
 
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -232,13 +237,13 @@ fn run(args: Args) -> Result<()> {
 
     std::fs::create_dir_all(&args.run_dir).with_context(|| format!("cannot create {}", args.run_dir.display()))?;
     let mut trainer = if args.resume {
-        let t = Trainer::resume(float, &state_path, &blocks, &provenance.sha256)?;
+        let t = Trainer::resume(float, &state_path, &blocks, &provenance.sha256, &device)?;
         runlog::truncate(&log_path, t.step_count())?;
         tracing::info!("resuming at step {} of {}", t.step_count(), cfg.steps);
         t
     } else {
         tracing::info!("initial scales: PTQ search ({})", cfg.quant_spec()?);
-        let t = Trainer::new(float, cfg.clone())?;
+        let t = Trainer::new(float, cfg.clone(), &device)?;
         write_atomically(&log_path, b"")?;
         write_atomically(&args.run_dir.join(RECIPE), toml::to_string(&cfg)?.as_bytes())?;
         t

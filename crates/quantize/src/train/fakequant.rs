@@ -21,7 +21,7 @@
 //!
 //! summed over the weights that share a scale.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use kernels::{code_index, first_round, level_table, QuantizedWeight, ScaleLayout, TieRule};
 
 /// The scale a checkpoint stores for the latent scale `s`: the nearest f16, never below the
@@ -68,7 +68,38 @@ impl FakeQuant {
             l.cols,
             l.n_groups()
         );
-        Ok(w.contiguous()?.apply_op2(&scales.contiguous()?, self.clone())?)
+        if w.device().is_cpu() {
+            Ok(w.contiguous()?.apply_op2(&scales.contiguous()?, self.clone())?)
+        } else {
+            self.apply_composed(w, scales)
+        }
+    }
+
+    /// The same forward and gradients from candle's primitive ops, for devices without the fused
+    /// CPU op (a GPU): every value is computed by the same f32 operations (the reciprocal of the
+    /// f16 scale, round-half-even by the 1.5·2^23 trick, the level table), so `Ŵ_b` is bit for bit
+    /// the fused op's; the STE/LSQ gradients come from terms that are zero in value:
+    /// `Ŵ_b + mask·(W − sg(W)) + (level − mask·v)·(s − sg(s))` (sg: stop-gradient, `mask`:
+    /// `lo ≤ v ≤ hi_b`). Tests check it against the fused op on the CPU.
+    pub fn apply_composed(&self, w: &Tensor, scales: &Tensor) -> anyhow::Result<Tensor> {
+        const MAGIC: f64 = 12_582_912.0; // 1.5 · 2^23, as kernels::first_round
+        let l = self.layout;
+        let device = w.device();
+        let group_of_col: Vec<u32> = (0..l.n_groups()).flat_map(|g| l.group_cols(g).map(move |_| g as u32)).collect();
+        let group_of_col = Tensor::from_vec(group_of_col, l.cols, device)?;
+        let s = scales.index_select(&group_of_col, 1)?; // [rows, cols], differentiable
+        let min = f64::from(half::f16::MIN_POSITIVE.to_f32());
+        let s16 = s.detach().to_dtype(DType::F16)?.to_dtype(DType::F32)?.maximum(min)?;
+        let v = (w.detach() * s16.recip()?)?;
+        let code = ((v.clamp(CLIP_LOW, 127f32)? + MAGIC)? - MAGIC)?;
+        let index = (code + 128.0)?.to_dtype(DType::U32)?.flatten_all()?;
+        let table = Tensor::from_slice(&self.table, 256, device)?;
+        let level = table.index_select(&index, 0)?.reshape((l.rows, l.cols))?;
+        let value = (&level * &s16)?;
+        let mask = (v.ge(CLIP_LOW)?.to_dtype(DType::F32)? * v.le(clip_high(self.bits))?.to_dtype(DType::F32)?)?;
+        let weight_path = (&mask * (w - w.detach())?)?;
+        let scale_path = ((level - (&mask * &v)?)? * (&s - s.detach())?)?;
+        Ok(((value + weight_path)? + scale_path)?)
     }
 
     /// The forward on plain slices: `out = Ŵ_b`.

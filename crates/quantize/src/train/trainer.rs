@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
+use rayon::prelude::*;
 use kernels::{ScaleLayout, TieRule};
 use model::checkpoint::QuantizationMeta;
 use model::{FloatModel, KvCache, OpsMode, Transformer, Weights};
@@ -37,8 +38,8 @@ impl Param {
     }
 
     fn set(&mut self, values: Vec<f32>) -> Result<()> {
-        let shape = self.tensor.shape().clone();
-        self.tensor = if self.trainable { Var::from_vec(values, shape, &Device::Cpu)?.into_inner() } else { Tensor::from_vec(values, shape, &Device::Cpu)? };
+        let (shape, device) = (self.tensor.shape().clone(), self.tensor.device().clone());
+        self.tensor = if self.trainable { Var::from_vec(values, shape, &device)?.into_inner() } else { Tensor::from_vec(values, shape, &device)? };
         Ok(())
     }
 }
@@ -92,6 +93,8 @@ pub struct Trainer {
     adam_scales: Vec<BTreeMap<String, AdamState>>,
     step: u64,
     teacher: Option<Transformer>,
+    /// Where the model's tensors and the mini-batches live (the optimizer runs on the host).
+    device: Device,
 }
 
 /// The tensor of the training state file that holds its metadata (JSON bytes).
@@ -109,8 +112,8 @@ struct StateMeta {
 }
 
 impl Trainer {
-    /// A run starting from `float`: initial scales by the PTQ search of the recipe.
-    pub fn new(float: FloatModel, cfg: TrainConfig) -> Result<Self> {
+    /// A run starting from `float`, on `device`: initial scales by the PTQ search of the recipe.
+    pub fn new(float: FloatModel, cfg: TrainConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let spec = cfg.quant_spec()?;
         let mut scales = BTreeMap::new();
@@ -119,20 +122,30 @@ impl Trainer {
             let q = quantize_weight(&w, rows, cols, &spec).with_context(|| format!("initial scales of `{name}`"))?;
             scales.insert(name, Tensor::from_vec(q.scales, (rows, q.layout.n_groups()), &Device::Cpu)?);
         }
-        Self::build(float, cfg, scales, BTreeMap::new(), 0)
+        Self::build(float, cfg, scales, BTreeMap::new(), 0, device)
     }
 
-    fn build(float: FloatModel, cfg: TrainConfig, mut scales: BTreeMap<String, Tensor>, mut trained: BTreeMap<String, Tensor>, step: u64) -> Result<Self> {
+    fn build(
+        mut float: FloatModel,
+        cfg: TrainConfig,
+        mut scales: BTreeMap<String, Tensor>,
+        mut trained: BTreeMap<String, Tensor>,
+        step: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let spec = cfg.quant_spec()?;
+        if !device.is_cpu() {
+            float.weights = float.weights.to_device(device)?;
+        }
         let targets = quantizable(&float.config, &cfg.keep_float);
         let mut layers = Vec::with_capacity(targets.len());
         for (name, rows, cols) in &targets {
             let layout = spec.granularity.layout(*rows, *cols).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
             let w = match trained.remove(name) {
-                Some(t) => t,
+                Some(t) => t.to_device(device)?,
                 None => float.weights.get(name, &[*rows, *cols])?,
             };
-            let s = scales.remove(name).with_context(|| format!("no scales for `{name}`"))?;
+            let s = scales.remove(name).with_context(|| format!("no scales for `{name}`"))?.to_device(device)?;
             ensure!(s.dims() == [*rows, layout.n_groups()], "scales of `{name}` have shape {:?}", s.dims());
             layers.push(QLayer { name: name.clone(), layout, w: Param::new(w, cfg.train.weights())?, s: Param::new(s, true)? });
         }
@@ -143,7 +156,10 @@ impl Trainer {
                 continue;
             }
             let is_norm_or_bias = t.rank() == 1;
-            let t = trained.remove(name).unwrap_or_else(|| t.clone());
+            let t = match trained.remove(name) {
+                Some(t) => t.to_device(device)?,
+                None => t.clone(),
+            };
             floats.insert(name.clone(), Param::new(t, is_norm_or_bias && cfg.train.norms())?);
         }
         ensure!(trained.is_empty(), "the training state holds unknown tensors: {:?}", trained.keys().collect::<Vec<_>>());
@@ -168,7 +184,7 @@ impl Trainer {
         } else {
             None
         };
-        Ok(Self { tie: spec.tie, cfg, float, layers, floats, adam, adam_scales, step, teacher })
+        Ok(Self { tie: spec.tie, cfg, float, layers, floats, adam, adam_scales, step, teacher, device: device.clone() })
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -214,13 +230,7 @@ impl Trainer {
         let mut weights = Weights::new();
         for l in &self.layers {
             let fq = FakeQuant::new(bits, self.tie, l.layout)?;
-            let t = if graph {
-                fq.apply(&l.w.tensor, &l.s.tensor)?
-            } else {
-                let mut out = vec![0f32; l.layout.n_weights()];
-                fq.forward_slice(&l.w.values()?, &l.s.values()?, &mut out);
-                Tensor::from_vec(out, (l.layout.rows, l.layout.cols), &Device::Cpu)?
-            };
+            let t = if graph { fq.apply(&l.w.tensor, &l.s.tensor)? } else { fq.apply(&l.w.tensor.detach(), &l.s.tensor.detach())? };
             weights.insert(l.name.clone(), t)?;
         }
         for (name, p) in &self.floats {
@@ -270,11 +280,11 @@ impl Trainer {
     }
 
     /// Inputs `[batch, seq]` and flat targets of a list of blocks.
-    fn batch_tensors(blocks: &[&[u32]]) -> Result<(Tensor, Tensor)> {
+    fn batch_tensors(&self, blocks: &[&[u32]]) -> Result<(Tensor, Tensor)> {
         let seq = blocks[0].len() - 1;
         let inputs: Vec<u32> = blocks.iter().flat_map(|b| b[..seq].iter().copied()).collect();
         let targets: Vec<u32> = blocks.iter().flat_map(|b| b[1..].iter().copied()).collect();
-        Ok((Tensor::from_vec(inputs, (blocks.len(), seq), &Device::Cpu)?, Tensor::from_vec(targets, blocks.len() * seq, &Device::Cpu)?))
+        Ok((Tensor::from_vec(inputs, (blocks.len(), seq), &self.device)?, Tensor::from_vec(targets, blocks.len() * seq, &self.device)?))
     }
 
     /// Learning-rate multiplier of the current step.
@@ -286,7 +296,7 @@ impl Trainer {
     pub fn step(&mut self, data: &TokenBlocks) -> Result<StepReport> {
         ensure!(data.seq_len == self.cfg.seq_len, "data blocks of {} tokens for a recipe of seq_len {}", data.seq_len, self.cfg.seq_len);
         let blocks = data.batch(self.cfg.seed, self.step, self.cfg.batch);
-        let (inputs, targets) = Self::batch_tensors(&blocks)?;
+        let (inputs, targets) = self.batch_tensors(&blocks)?;
         let teacher = self.teacher_logits(&inputs)?;
         let mult = self.lr_multiplier();
         let lr = self.cfg.lr * mult;
@@ -366,36 +376,43 @@ impl Trainer {
     }
 
     /// One AdamW step: weights/norms/biases at `lr` (decay on latent weights only), scales at
-    /// `scale_lr` with moment set `set` and no decay; each group clipped to `clip_grad`.
+    /// `scale_lr` with moment set `set` and no decay; each group clipped to `clip_grad`. The
+    /// tensors come to the host one by one (from a GPU), are updated there in parallel, and go
+    /// back; the result does not depend on the number of threads.
     fn apply(&mut self, grads: &Grads, lr: f64, scale_lr: f64, set: usize) -> Result<()> {
         let h = self.cfg.adam();
         let (fw, _) = clip_factor(grads.params.values().map(Vec::as_slice), self.cfg.clip_grad);
         let (fs, _) = clip_factor(grads.scales.iter().map(Vec::as_slice), self.cfg.clip_grad);
-        for l in &mut self.layers {
+        let mut moments: BTreeMap<&String, &mut AdamState> = self.adam.iter_mut().collect();
+        let mut scale_moments: BTreeMap<&String, &mut AdamState> = self.adam_scales[set].iter_mut().collect();
+        let mut updates = Vec::new();
+        for (l, gs) in self.layers.iter_mut().zip(&grads.scales) {
             if l.w.trainable {
-                let mut w = l.w.values()?;
-                self.adam.get_mut(&l.name).expect("state per trainable").step(&mut w, &grads.params[&l.name], fw, lr, self.cfg.weight_decay, &h);
-                l.w.set(w)?;
+                let moments = moments.remove(&l.name).expect("state per trainable");
+                updates.push(Update { param: &mut l.w, moments, grad: &grads.params[&l.name], clip: fw, lr, decay: self.cfg.weight_decay, scale: false });
             }
+            let moments = scale_moments.remove(&l.name).expect("state per layer");
+            updates.push(Update { param: &mut l.s, moments, grad: gs, clip: fs, lr: scale_lr, decay: 0.0, scale: true });
         }
-        for (name, p) in &mut self.floats {
-            if p.trainable {
-                let mut v = p.values()?;
-                self.adam.get_mut(name).expect("state per trainable").step(&mut v, &grads.params[name], fw, lr, 0.0, &h);
-                p.set(v)?;
-            }
+        for (name, p) in self.floats.iter_mut().filter(|(_, p)| p.trainable) {
+            let moments = moments.remove(name).expect("state per trainable");
+            updates.push(Update { param: p, moments, grad: &grads.params[name], clip: fw, lr, decay: 0.0, scale: false });
         }
+        let mut values = updates.iter().map(|u| u.param.values()).collect::<Result<Vec<_>>>()?;
         let min = half::f16::MIN_POSITIVE.to_f32();
-        for (l, g) in self.layers.iter_mut().zip(&grads.scales) {
-            let mut s = l.s.values()?;
-            self.adam_scales[set].get_mut(&l.name).expect("state per layer").step(&mut s, g, fs, scale_lr, 0.0, &h);
-            for x in &mut s {
-                // Scales stay positive (a checkpoint stores positive f16 scales).
-                if x.is_nan() || *x < min {
-                    *x = min;
+        values.par_iter_mut().zip(updates.par_iter_mut()).for_each(|(v, u)| {
+            u.moments.step(v, u.grad, u.clip, u.lr, u.decay, &h);
+            if u.scale {
+                for x in v.iter_mut() {
+                    // Scales stay positive (a checkpoint stores positive f16 scales).
+                    if x.is_nan() || *x < min {
+                        *x = min;
+                    }
                 }
             }
-            l.s.set(s)?;
+        });
+        for (u, v) in updates.into_iter().zip(values) {
+            u.param.set(v)?;
         }
         Ok(())
     }
@@ -419,7 +436,7 @@ impl Trainer {
         let (mut sum, mut n) = (0f64, 0usize);
         let blocks: Vec<&[u32]> = data.heldout.iter().map(Vec::as_slice).collect();
         for chunk in blocks.chunks(self.cfg.batch) {
-            let (inputs, targets) = Self::batch_tensors(chunk)?;
+            let (inputs, targets) = self.batch_tensors(chunk)?;
             let (b, s) = inputs.dims2()?;
             let logits = t.forward(&inputs, &mut KvCache::new(&self.float.config), 0)?.reshape((b * s, self.float.config.vocab_size))?;
             let ce = candle_nn::loss::cross_entropy(&logits, &targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -446,7 +463,7 @@ impl Trainer {
             report.push(LayerReport { name: l.name.clone(), rows: l.layout.rows, cols: l.layout.cols, relative_error });
             quantized.insert(l.name.clone(), q);
         }
-        let float = self.floats.iter().map(|(n, p)| (n.clone(), p.tensor.detach())).collect();
+        let float = self.floats.iter().map(|(n, p)| Ok((n.clone(), p.tensor.detach().to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
         let c = &self.cfg;
         let quantization = QuantizationMeta {
             bits: c.bits.clone(),
@@ -481,10 +498,11 @@ impl Trainer {
             adam_t.insert(key, st.t);
             Ok(())
         };
+        let host = |t: &Tensor| t.detach().to_device(&Device::Cpu);
         for l in &self.layers {
-            tensors.insert(format!("s.{}", l.name), l.s.tensor.detach());
+            tensors.insert(format!("s.{}", l.name), host(&l.s.tensor)?);
             if l.w.trainable {
-                tensors.insert(format!("w.{}", l.name), l.w.tensor.detach());
+                tensors.insert(format!("w.{}", l.name), host(&l.w.tensor)?);
                 put_adam(format!("w.{}", l.name), &self.adam[&l.name], l.w.tensor.dims(), &mut tensors)?;
             }
             for (i, set) in self.adam_scales.iter().enumerate() {
@@ -493,7 +511,7 @@ impl Trainer {
         }
         for (name, p) in &self.floats {
             if p.trainable {
-                tensors.insert(format!("f.{name}"), p.tensor.detach());
+                tensors.insert(format!("f.{name}"), host(&p.tensor)?);
                 put_adam(format!("f.{name}"), &self.adam[name], p.tensor.dims(), &mut tensors)?;
             }
         }
@@ -520,7 +538,7 @@ impl Trainer {
 
     /// Continues a run from a state written by [`Self::save_state`], checking that the float
     /// model and the data are the ones it was trained on.
-    pub fn resume(float: FloatModel, path: &Path, data: &TokenBlocks, source_sha256: &str) -> Result<Self> {
+    pub fn resume(float: FloatModel, path: &Path, data: &TokenBlocks, source_sha256: &str, device: &Device) -> Result<Self> {
         let mut tensors = load_state_tensors(path)?;
         let meta = read_meta(&tensors)?;
         ensure!(
@@ -545,7 +563,7 @@ impl Trainer {
         trained.extend(take("f."));
         let m = take("adam.m.");
         let v = take("adam.v.");
-        let mut me = Self::build(float, meta.config, scales, trained, meta.step)?;
+        let mut me = Self::build(float, meta.config, scales, trained, meta.step, device)?;
         let restore = |key: &str, st: &mut AdamState| -> Result<()> {
             let get = |map: &BTreeMap<String, Tensor>| -> Result<Vec<f32>> {
                 Ok(map.get(key).with_context(|| format!("the state has no moments for `{key}`"))?.flatten_all()?.to_vec1()?)
@@ -582,6 +600,19 @@ fn read_meta(tensors: &HashMap<String, Tensor>) -> Result<StateMeta> {
         bail!("training state version {} is not supported (this drq reads version {STATE_VERSION})", meta.version);
     }
     Ok(meta)
+}
+
+/// One tensor's part of an optimizer step.
+struct Update<'a> {
+    param: &'a mut Param,
+    moments: &'a mut AdamState,
+    grad: &'a [f32],
+    /// Gradient clipping factor of its group.
+    clip: f32,
+    lr: f64,
+    decay: f64,
+    /// Scales are kept positive after the step.
+    scale: bool,
 }
 
 /// Gradients of one backward pass.
