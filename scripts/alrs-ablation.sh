@@ -44,10 +44,12 @@ declare -A RUNS=(
     [channel-eta]="--granularity channel --alrs eta $BASE"
     [g128-eta-all]="--granularity group:128 --alrs eta --train all --lr 1e-4 $KD"
     [g128-none-all]="--granularity group:128 --alrs none --train all --lr 1e-4 $KD"
+    # Does the W2 step cost W8/W4 when weights train? g128-eta-all without 2 bits.
+    [g128-eta-all-84]="--granularity group:128 --alrs eta --train all --lr 1e-4 --bits 8,4 $KD"
     # The GPU run's recipe (scripts/gpu-train.sh) at this machine's budget.
     [g128-none-all-2e-5]="--granularity group:128 --alrs none --train all --lr 2e-5 $KD"
 )
-ORDER=(g128-eta g128-none g128-relative g128-literal g128-only8 g128-only4 g128-only2 g128-eta-nokd channel-eta g128-eta-all g128-none-all g128-none-all-2e-5)
+ORDER=(g128-eta g128-none g128-relative g128-literal g128-only8 g128-only4 g128-only2 g128-eta-nokd channel-eta g128-eta-all g128-none-all g128-eta-all-84 g128-none-all-2e-5)
 [ $# -gt 0 ] && ORDER=("$@")
 
 for run in "${ORDER[@]}"; do
