@@ -134,9 +134,7 @@ impl Trainer {
         device: &Device,
     ) -> Result<Self> {
         let spec = cfg.quant_spec()?;
-        if !device.is_cpu() {
-            float.weights = float.weights.to_device(device)?;
-        }
+        float.weights = float.weights.to_device(device)?;
         let targets = quantizable(&float.config, &cfg.keep_float);
         let mut layers = Vec::with_capacity(targets.len());
         for (name, rows, cols) in &targets {
