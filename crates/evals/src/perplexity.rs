@@ -137,7 +137,8 @@ pub struct Candidate<'a> {
 
 /// Evaluates every candidate on every window. The candidate at index `reference` (normally the
 /// float model) is the baseline for KL and top-1 agreement. `on_window` is called after each
-/// window (progress reporting).
+/// window (progress reporting). All candidates run on one device (the CPU, or a GPU with the
+/// reference runtime); only per-token sums leave it.
 pub fn evaluate(
     candidates: &[Candidate],
     reference: Option<usize>,
@@ -147,19 +148,19 @@ pub fn evaluate(
     if let Some(r) = reference {
         ensure!(r < candidates.len(), "reference index out of range");
     }
+    let device = candidates.first().map_or(Device::Cpu, |c| c.model.device().clone());
+    ensure!(candidates.iter().all(|c| c.model.device().same_device(&device)), "the models to compare are on different devices");
     let mut sums = vec![Sums::default(); candidates.len()];
     for (wi, window) in windows.iter().enumerate() {
         let n = window.tokens.len();
-        let input = Tensor::new(window.tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let input = Tensor::new(window.tokens.as_slice(), &device)?.unsqueeze(0)?;
         let targets: Vec<u32> = window.tokens[window.score_from + 1..].to_vec();
-        let targets_t = Tensor::new(targets.as_slice(), &Device::Cpu)?.unsqueeze(1)?;
+        let targets_t = Tensor::new(targets.as_slice(), &device)?.unsqueeze(1)?;
         let log_probs = |c: &Candidate, seconds: &mut f64| -> Result<Tensor> {
             let started = Instant::now();
             let mut cache = KvCache::new(c.model.config());
-            // Logits of positions score_from..n-1 (the last position predicts nothing), on the
-            // model's device (a GPU with the reference runtime); only per-token sums leave it.
-            let tokens = input.narrow(1, 0, n - 1)?.to_device(c.model.device())?;
-            let logits = c.model.forward(&tokens, &mut cache, window.score_from)?;
+            // Logits of positions score_from..n-1 (the last position predicts nothing).
+            let logits = c.model.forward(&input.narrow(1, 0, n - 1)?, &mut cache, window.score_from)?;
             let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?.to_dtype(DType::F32)?, D::Minus1)?;
             *seconds += started.elapsed().as_secs_f64();
             Ok(lp)
@@ -173,7 +174,7 @@ pub fn evaluate(
                 (Some(r), Some(ref_lp)) if r == ci => ref_lp.clone(),
                 _ => log_probs(c, &mut sums[ci].seconds)?,
             };
-            let nll: Vec<f32> = lp.gather(&targets_t.to_device(lp.device())?, 1)?.squeeze(1)?.neg()?.to_vec1()?;
+            let nll: Vec<f32> = lp.gather(&targets_t, 1)?.squeeze(1)?.neg()?.to_vec1()?;
             let s = &mut sums[ci];
             for v in &nll {
                 if !v.is_finite() {

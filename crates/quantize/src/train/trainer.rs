@@ -7,10 +7,10 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
-use rayon::prelude::*;
 use kernels::{ScaleLayout, TieRule};
 use model::checkpoint::QuantizationMeta;
 use model::{FloatModel, KvCache, OpsMode, Transformer, Weights};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::model_ptq::{quantizable, LayerReport, QuantizedModel};
@@ -128,22 +128,27 @@ impl Trainer {
     fn build(
         mut float: FloatModel,
         cfg: TrainConfig,
-        mut scales: BTreeMap<String, Tensor>,
-        mut trained: BTreeMap<String, Tensor>,
+        scales: BTreeMap<String, Tensor>,
+        trained: BTreeMap<String, Tensor>,
         step: u64,
         device: &Device,
     ) -> Result<Self> {
         let spec = cfg.quant_spec()?;
+        // Everything the model reads goes to `device` once, here.
         float.weights = float.weights.to_device(device)?;
+        let on_device = |map: BTreeMap<String, Tensor>| -> Result<BTreeMap<String, Tensor>> {
+            map.into_iter().map(|(name, t)| Ok((name, t.to_device(device)?))).collect()
+        };
+        let (mut scales, mut trained) = (on_device(scales)?, on_device(trained)?);
         let targets = quantizable(&float.config, &cfg.keep_float);
         let mut layers = Vec::with_capacity(targets.len());
         for (name, rows, cols) in &targets {
             let layout = spec.granularity.layout(*rows, *cols).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
             let w = match trained.remove(name) {
-                Some(t) => t.to_device(device)?,
+                Some(t) => t,
                 None => float.weights.get(name, &[*rows, *cols])?,
             };
-            let s = scales.remove(name).with_context(|| format!("no scales for `{name}`"))?.to_device(device)?;
+            let s = scales.remove(name).with_context(|| format!("no scales for `{name}`"))?;
             ensure!(s.dims() == [*rows, layout.n_groups()], "scales of `{name}` have shape {:?}", s.dims());
             layers.push(QLayer { name: name.clone(), layout, w: Param::new(w, cfg.train.weights())?, s: Param::new(s, true)? });
         }
@@ -154,10 +159,7 @@ impl Trainer {
                 continue;
             }
             let is_norm_or_bias = t.rank() == 1;
-            let t = match trained.remove(name) {
-                Some(t) => t.to_device(device)?,
-                None => t.clone(),
-            };
+            let t = trained.remove(name).unwrap_or_else(|| t.clone());
             floats.insert(name.clone(), Param::new(t, is_norm_or_bias && cfg.train.norms())?);
         }
         ensure!(trained.is_empty(), "the training state holds unknown tensors: {:?}", trained.keys().collect::<Vec<_>>());
