@@ -48,8 +48,11 @@ declare -A RUNS=(
     [g128-eta-all-84]="--granularity group:128 --alrs eta --train all --lr 1e-4 --bits 8,4 $KD"
     # The GPU run's recipe (scripts/gpu-train.sh) at this machine's budget.
     [g128-none-all-2e-5]="--granularity group:128 --alrs none --train all --lr 2e-5 $KD"
+    # What 4-bit QAT alone reaches at this machine's budget (the latent weights free to serve
+    # 4 bits only): the reference the joint W4 is held to.
+    [g128-only4-all]="--granularity group:128 --alrs none --bits 4 --train all --lr 5e-5 $KD"
 )
-ORDER=(g128-eta g128-none g128-relative g128-literal g128-only8 g128-only4 g128-only2 g128-eta-nokd channel-eta g128-eta-all g128-none-all g128-eta-all-84 g128-none-all-2e-5)
+ORDER=(g128-eta g128-none g128-relative g128-literal g128-only8 g128-only4 g128-only2 g128-eta-nokd channel-eta g128-eta-all g128-none-all g128-eta-all-84 g128-none-all-2e-5 g128-only4-all)
 [ $# -gt 0 ] && ORDER=("$@")
 
 for run in "${ORDER[@]}"; do

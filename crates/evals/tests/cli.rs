@@ -281,18 +281,29 @@ fn evaluates_a_checkpoint_against_its_reference() {
     assert!(results.iter().all(|r| r["seconds"].as_f64().is_some_and(|t| t > 0.0)), "{report:#}");
 
     // The reference path gives the same 8-bit perplexity; int8 activations a close one.
-    let run = |extra: &[&str]| -> serde_json::Value {
+    let run = |precision: &str, extra: &[&str]| -> serde_json::Value {
         let json = dir.path().join("run.json");
-        let args = ["--model", s(&ckpt), "--file", s(&text), "--precision", "8", "--ctx", "64", "--max-windows", "2", "--json", s(&json)];
+        let args = ["--model", s(&ckpt), "--file", s(&text), "--precision", precision, "--ctx", "64", "--max-windows", "2", "--json", s(&json)];
         let output = drq_eval(args.iter().chain(extra));
         assert_eq!(output.status.code(), Some(0), "stderr:\n{}", String::from_utf8_lossy(&output.stderr));
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
     };
-    let reference = run(&["--runtime", "reference"]);
+    let reference = run("8", &["--runtime", "reference"]);
     assert_eq!(reference["runtime"]["runtime"], "reference");
     let ppl_ref = reference["results"][0]["perplexity"].as_f64().unwrap();
     assert!((ppl_8 / ppl_ref - 1.0).abs() < 1e-4, "kernels {ppl_8} vs reference {ppl_ref}");
-    let int8 = run(&["--activations", "int8", "--threads", "1"]);
+    // A profile given on the command line is evaluated by its name: 8 bits everywhere is W8.
+    let all8 = dir.path().join("all8.toml");
+    std::fs::write(&all8, "name = \"all8\"\ndefault = 8\n").unwrap();
+    let profiled = run("all8,8", &["--profile", s(&all8)]);
+    let labels: Vec<&str> = profiled["results"].as_array().unwrap().iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["all8", "8"]);
+    assert_eq!(profiled["results"][0]["perplexity"], profiled["results"][1]["perplexity"], "{profiled:#}");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"w9\"\ndefault = 9\n").unwrap();
+    let output = drq_eval(["--model", s(&ckpt), "--file", s(&text), "--precision", "w9", "--profile", s(&bad)]);
+    assert_refused(&output, &["invalid profile", s(&bad)]);
+    let int8 = run("8", &["--activations", "int8", "--threads", "1"]);
     assert_eq!(int8["runtime"]["activations"], "int8");
     assert_eq!(int8["runtime"]["threads"], 1);
     let ppl_int8 = int8["results"][0]["perplexity"].as_f64().unwrap();

@@ -60,6 +60,28 @@ impl QuantizationMeta {
             self.granularity.parse().map_err(|e| anyhow::anyhow!("checkpoint granularity: {e}"))?;
         granularity.layout(rows, cols).map_err(|e| anyhow::anyhow!("{rows}x{cols} weight: {e}"))
     }
+
+    /// Adds a named per-layer profile, refusing an invalid name, a name already taken, or bits
+    /// that are not a valid bit-width for exactly the quantized weights.
+    pub fn add_profile(&mut self, name: &str, bits: BTreeMap<String, u32>) -> Result<()> {
+        ensure!(!self.profiles.contains_key(name), "a profile named `{name}` exists already");
+        self.check_profile(name, &bits)?;
+        self.profiles.insert(name.to_string(), bits);
+        Ok(())
+    }
+
+    fn check_profile(&self, name: &str, bits: &BTreeMap<String, u32>) -> Result<()> {
+        ensure!(is_profile_name(name), "profile name `{name}` is invalid (a letter, then letters, digits, `-`, `_`, `.`)");
+        ensure!(bits.keys().eq(self.quantized.iter()), "profile `{name}` must give a bit-width to exactly the quantized weights");
+        if let Some((w, b)) = bits.iter().find(|(_, &b)| dr::check_bits(b).is_err()) {
+            bail!("profile `{name}`: {b} bits for `{w}` is outside 2..=8");
+        }
+        Ok(())
+    }
+
+    fn check_profiles(&self) -> Result<()> {
+        self.profiles.iter().try_for_each(|(name, bits)| self.check_profile(name, bits))
+    }
 }
 
 /// Where the checkpoint came from (`provenance` metadata, JSON).
@@ -91,13 +113,7 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         q.quantized.iter().eq(contents.quantized.keys()),
         "quantization metadata must list exactly the quantized tensors, in name order"
     );
-    for (name, bits) in &q.profiles {
-        ensure!(is_profile_name(name), "profile name `{name}` is invalid (a letter, then letters, digits, `-`, `_`, `.`)");
-        ensure!(bits.keys().eq(q.quantized.iter()), "profile `{name}` must give a bit-width to exactly the quantized weights");
-        for (w, &b) in bits {
-            dr::check_bits(b).map_err(|e| anyhow::anyhow!("profile `{name}`, `{w}`: {e}"))?;
-        }
-    }
+    q.check_profiles()?;
     let tokenizer_json = contents
         .tokenizer
         .to_string(false)
@@ -310,16 +326,7 @@ impl Checkpoint {
                 "`{q}` is listed as quantized but is not a weight of this model"
             );
         }
-        for (name, bits) in &quantization.profiles {
-            ensure!(is_profile_name(name), "profile name `{name}` is invalid (a letter, then letters, digits, `-`, `_`, `.`)");
-            ensure!(
-                bits.keys().eq(quantization.quantized.iter()),
-                "profile `{name}` must give a bit-width to exactly the quantized weights"
-            );
-            if let Some((w, b)) = bits.iter().find(|(_, &b)| dr::check_bits(b).is_err()) {
-                bail!("profile `{name}`: {b} bits for `{w}` is outside 2..=8");
-            }
-        }
+        quantization.check_profiles()?;
         let tok = st.tensor(TOKENIZER_TENSOR).context("the tokenizer tensor is missing")?;
         ensure!(tok.dtype() == Dtype::U8, "`{TOKENIZER_TENSOR}` must be U8");
         expected_names.insert(TOKENIZER_TENSOR.to_string());
@@ -343,6 +350,11 @@ impl Checkpoint {
 
     pub fn quantization(&self) -> &QuantizationMeta {
         &self.quantization
+    }
+
+    /// Adds a named per-layer profile in memory (the file is not changed), checked as on open.
+    pub fn add_profile(&mut self, name: &str, bits: BTreeMap<String, u32>) -> Result<()> {
+        self.quantization.add_profile(name, bits).with_context(|| format!("{}", self.path.display()))
     }
 
     pub fn provenance(&self) -> &ProvenanceMeta {

@@ -1055,6 +1055,19 @@ fn profiles_round_trip_and_decode_per_weight() {
     }
     let err = format!("{:#}", ckpt.weights_at(&Precision::Profile("other".into())).err().unwrap());
     assert!(err.contains("profile `other` is not in this checkpoint") && err.contains("mix"), "{err}");
+    // A profile added to an open checkpoint (in memory) decodes like a stored one; a taken
+    // name or a profile that misses a weight is refused.
+    let mut ckpt = ckpt;
+    let mut low = bits.clone();
+    low.values_mut().for_each(|b| *b = 3);
+    let err = format!("{:#}", ckpt.add_profile("mix", low.clone()).unwrap_err());
+    assert!(err.contains("a profile named `mix` exists already"), "{err}");
+    ckpt.add_profile("all3", low.clone()).unwrap();
+    let all3 = ckpt.weights_at(&Precision::Profile("all3".into())).unwrap();
+    assert!(all3.iter().all(|(name, t)| bits_eq(&flat(t), &flat(&w3.get(name, t.dims()).unwrap()))));
+    low.pop_first();
+    let err = format!("{:#}", ckpt.add_profile("short", low).unwrap_err());
+    assert!(err.contains("profile `short` must give a bit-width to exactly the quantized weights"), "{err}");
     // The writer refuses a profile that misses a weight.
     q.quantization.profiles.get_mut("mix").unwrap().pop_first();
     let err = write_checkpoint(&dir.path().join("bad.safetensors"), &float, &provenance(), &q).unwrap_err().to_string();

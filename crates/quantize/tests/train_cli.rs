@@ -82,7 +82,10 @@ fn a_stopped_and_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(
     let dir = tempfile::tempdir().unwrap();
     let (model_dir, data) = fixture(dir.path());
     let (run_a, out_a) = (dir.path().join("a"), dir.path().join("a.safetensors"));
-    let mut args = vec!["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_a), "--out", s(&out_a), "--alrs", "relative"];
+    // A per-layer profile stored in the output (given again on resume: it is not part of the recipe).
+    let profile = dir.path().join("mix.toml");
+    std::fs::write(&profile, "name = \"mix\"\ndefault = 2\n[[rule]]\nmatch = \"embed_tokens\"\nbits = 8\n").unwrap();
+    let mut args = vec!["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_a), "--out", s(&out_a), "--alrs", "relative", "--profile", s(&profile)];
     args.extend(RECIPE);
     assert_ok(&drq_train(&args));
 
@@ -98,7 +101,7 @@ fn a_stopped_and_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(
     // Recipe flags cannot change a resumed run.
     let o = drq_train(&["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_b), "--out", s(&out_b), "--resume", "--lr", "1"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--resume continues the saved recipe"));
-    let o = drq_train(&["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_b), "--out", s(&out_b), "--resume"]);
+    let o = drq_train(&["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_b), "--out", s(&out_b), "--resume", "--profile", s(&profile)]);
     assert_ok(&o);
 
     assert_same_checkpoint(&out_a, &out_b);
@@ -120,6 +123,11 @@ fn a_stopped_and_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(
     for b in [8, 4, 2] {
         ckpt.weights_at(&Precision::Bits(b)).unwrap();
     }
+    let mix = &ckpt.quantization().profiles["mix"];
+    assert_eq!(mix.len(), ckpt.quantization().quantized.len());
+    assert_eq!(mix["model.embed_tokens.weight"], 8);
+    assert_eq!(mix.values().filter(|&&b| b == 2).count(), mix.len() - 1);
+    ckpt.weights_at(&Precision::Profile("mix".into())).unwrap();
     // A finished run cannot be resumed; a run directory with a state is not silently reused.
     let o = drq_train(&["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_a), "--out", s(&dir.path().join("c.safetensors")), "--resume"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("complete"));
@@ -170,7 +178,10 @@ fn bad_input_is_refused() {
     std::fs::create_dir(&wiki).unwrap();
     std::fs::write(wiki.join("wiki.train.txt"), "text").unwrap();
     let out = dir.path().join("o.safetensors");
+    let bad_profile = dir.path().join("bad.toml");
+    std::fs::write(&bad_profile, "name = \"w9\"\ndefault = 9\n").unwrap();
     for (extra, needle) in [
+        (vec!["--data", s(&data), "--profile", s(&bad_profile)], "invalid profile"),
         (vec!["--data", s(&wiki)], "WikiText"),
         (vec!["--data", s(&data), "--alrs", "paper"], "paper"),
         (vec!["--data", s(&data), "--loop", "summed"], "alrs"),
@@ -191,7 +202,7 @@ fn bad_input_is_refused() {
     }
     let help = drq_train(&["--help"]);
     let text = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--resume", "--alrs", "--kd-weight", "--train", "--stop-at-step", "--loop", "--device"] {
+    for flag in ["--resume", "--alrs", "--kd-weight", "--train", "--stop-at-step", "--loop", "--device", "--profile"] {
         assert!(text.contains(flag), "--help lacks {flag}");
     }
 }

@@ -37,6 +37,11 @@ fn bad_flags_are_clear_errors() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"w9\"\ndefault = 9\n").unwrap();
+    let out = Command::new(BIN).arg("--model").arg(&checkpoint).arg("--profile").arg(&bad).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("invalid profile") && !err.contains("panicked"), "{err}");
     let out = Command::new(BIN).args(["--model", "/nonexistent/model.gguf"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.gguf"));
@@ -47,7 +52,7 @@ fn bad_flags_are_clear_errors() {
 fn sigterm_finishes_in_flight_streams_then_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = support::tiny_checkpoint(dir.path());
-    let (mut child, addr) = spawn_listening(&checkpoint, &[]);
+    let (mut child, addr) = spawn_listening(&checkpoint, &[], &[]);
     let url = format!("http://{addr}/v1/completions");
     // 16 choices x 200 tokens with 20 alternatives each: megabytes of events, more than the
     // socket buffers hold while this client does not read, so the stream is surely in flight
@@ -72,14 +77,41 @@ fn sigterm_finishes_in_flight_streams_then_exits_zero() {
     assert!(ureq::get(&format!("http://{addr}/health")).call().is_err());
 }
 
-/// Starts `drq-serve --model MODEL --port 0` and waits for its "serving `…` on http://ADDR" log
-/// line; returns the process and ADDR.
+/// A profile given with --profile is listed and served by its name like a stored one.
+#[test]
+fn a_profile_flag_is_served_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = support::tiny_checkpoint(dir.path());
+    // The checkpoint stores a profile `mix` already: the name cannot be taken twice.
+    let clash = dir.path().join("mix.toml");
+    std::fs::write(&clash, "name = \"mix\"\ndefault = 4\n").unwrap();
+    let out = Command::new(BIN).arg("--model").arg(&checkpoint).arg("--profile").arg(&clash).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("a profile named `mix` exists already"), "{err}");
+
+    let profile = dir.path().join("attn8.toml");
+    std::fs::write(&profile, "name = \"attn8\"\ndefault = 3\n[[rule]]\nmatch = \"self_attn\"\nbits = 8\n").unwrap();
+    let (mut child, addr) = spawn_listening(&checkpoint, &["--profile".as_ref(), profile.as_os_str()], &[]);
+    let models: serde_json::Value = ureq::get(&format!("http://{addr}/v1/models")).call().unwrap().into_json().unwrap();
+    let entry = &models["data"][0];
+    assert!(entry["precisions"].as_array().unwrap().iter().any(|p| p == "attn8"), "{models:#}");
+    assert!(entry["profiles"].as_array().unwrap().iter().any(|p| p["name"] == "attn8"), "{models:#}");
+    let body = json!({"prompt": "the cat", "max_tokens": 3, "temperature": 0, "precision": "attn8"});
+    let reply: serde_json::Value = ureq::post(&format!("http://{addr}/v1/completions")).send_json(body).unwrap().into_json().unwrap();
+    assert_eq!(reply["precision"], "attn8", "{reply:#}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Starts `drq-serve --model MODEL --port 0 ARGS` and waits for its "serving `…` on
+/// http://ADDR" log line; returns the process and ADDR.
 #[allow(clippy::zombie_processes)] // returned to the caller, which waits for it
-fn spawn_listening(model: &std::path::Path, env: &[(&str, &std::ffi::OsStr)]) -> (std::process::Child, String) {
+fn spawn_listening(model: &std::path::Path, args: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]) -> (std::process::Child, String) {
     let mut child = Command::new(BIN)
         .arg("--model")
         .arg(model)
         .args(["--port", "0"])
+        .args(args)
         .env("RUST_LOG", "info")
         .envs(env.iter().copied())
         .stderr(Stdio::piped())
@@ -148,7 +180,7 @@ fn a_float_source_is_quantized_with_group_128_by_default_and_cached() {
     let hf = dir.path().join("hf");
     model::export::write_hf_dir(&model::testing::tiny_model(model::Architecture::Llama, true, 8), &hf).unwrap();
     let cache = dir.path().join("cache");
-    let (mut child, _) = spawn_listening(&hf, &[("DRQ_CACHE", cache.as_os_str())]);
+    let (mut child, _) = spawn_listening(&hf, &[], &[("DRQ_CACHE", cache.as_os_str())]);
     child.kill().unwrap();
     child.wait().unwrap();
     let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();

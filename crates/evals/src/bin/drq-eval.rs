@@ -11,6 +11,7 @@ use model::checkpoint::Checkpoint;
 use model::source::{self, FloatModel, ModelSource};
 use model::cli::Activations;
 use model::{precision, KvCache, OpsMode, Precision, ResidentModel, Transformer};
+use quantize::profile::ProfileRules;
 use quantize::{QuantSpec, SearchObjective};
 
 #[derive(Parser)]
@@ -53,9 +54,14 @@ struct PerplexityArgs {
     /// checkpoint.
     #[arg(long)]
     reference: Option<String>,
-    /// Precisions to evaluate: `fp` and/or bit-widths 2..8, comma-separated.
+    /// Precisions to evaluate, comma-separated: `fp`, bit-widths 2..8, and names of per-layer
+    /// profiles (stored in the checkpoint or given with --profile).
     #[arg(short, long, default_value = "fp,8,4,2")]
     precision: String,
+    /// Per-layer profile (TOML, see configs/profiles/) to evaluate by its name, added in memory
+    /// to every checkpoint evaluated (the files are not changed); repeatable.
+    #[arg(long)]
+    profile: Vec<PathBuf>,
     /// Text file to score (UTF-8), e.g. WikiText-2's wiki.test.raw.
     #[arg(short, long)]
     file: PathBuf,
@@ -132,6 +138,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         ProtocolArg::Llama => Protocol::LlamaCpp,
         ProtocolArg::Strided => Protocol::Strided { stride: args.stride.unwrap_or((args.ctx / 2).max(1)) },
     };
+    let profiles = args.profile.iter().map(|p| ProfileRules::load(p)).collect::<Result<Vec<_>>>()?;
     let wants_float = precisions.contains(&Precision::Float);
     let int_precisions: Vec<Precision> = precisions.iter().filter(|p| **p != Precision::Float).cloned().collect();
 
@@ -166,6 +173,12 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     }
     if !int_precisions.is_empty() && checkpoints.is_empty() {
         bail!("integer precisions need a checkpoint or a float model to quantize");
+    }
+    for c in &mut checkpoints {
+        for p in &profiles {
+            let bits = p.resolve(&c.quantization().quantized)?;
+            c.add_profile(&p.name, bits)?;
+        }
     }
     let config = match (&float, checkpoints.first()) {
         (_, Some(c)) => c.config().clone(),

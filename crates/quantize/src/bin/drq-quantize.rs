@@ -107,9 +107,7 @@ fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
     for p in &profiles {
         let bits = p.resolve(&quantized.quantization.quantized)?;
-        if quantized.quantization.profiles.insert(p.name.clone(), bits).is_some() {
-            bail!("two profiles are named `{}`", p.name);
-        }
+        quantized.quantization.add_profile(&p.name, bits)?;
     }
     write_checkpoint(&args.out, &float, &provenance, &quantized)?;
 

@@ -13,6 +13,7 @@ use clap::Parser;
 use model::checkpoint::write_atomically;
 use model::source::{self, ModelSource};
 use quantize::model_ptq::write_checkpoint_as;
+use quantize::profile::ProfileRules;
 use quantize::train::log::{self as runlog, Record};
 use quantize::train::{data, AlrsPolicy, LoopMode, ScaleMoments, Teacher, TokenBlocks, TrainConfig, Trainable, Trainer};
 
@@ -55,6 +56,10 @@ struct Args {
     /// Start over in a run directory that already holds a state, and overwrite --out.
     #[arg(long)]
     force: bool,
+    /// Per-layer precision profiles to store in --out (TOML, see configs/profiles/); repeatable.
+    /// Served and evaluated by name.
+    #[arg(long)]
+    profile: Vec<PathBuf>,
 
     /// Bit-widths trained jointly [recipe default: 8,4,2].
     #[arg(long, value_delimiter = ',', help_heading = "Recipe")]
@@ -177,6 +182,8 @@ fn run(args: Args) -> Result<()> {
     }
     let out_dir = args.out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     ensure!(out_dir.is_dir(), "--out {}: directory {} does not exist", args.out.display(), out_dir.display());
+    // Read before training, so that a bad profile fails now rather than after the run.
+    let profiles = args.profile.iter().map(|p| ProfileRules::load(p)).collect::<Result<Vec<_>>>()?;
     let state_path = args.run_dir.join(STATE);
     let log_path = args.run_dir.join(LOG);
 
@@ -317,7 +324,11 @@ fn run(args: Args) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    let q = trainer.quantized_model()?;
+    let mut q = trainer.quantized_model()?;
+    for p in &profiles {
+        let bits = p.resolve(&q.quantization.quantized)?;
+        q.quantization.add_profile(&p.name, bits)?;
+    }
     write_checkpoint_as(&args.out, trainer.float_model(), &provenance, &q, "drq-train")?;
     plot()?;
     let peak = peak_rss_mib();

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use kernels::KernelConfig;
 use model::cli::Activations;
+use quantize::profile::ProfileRules;
 use quantize::recipe::PtqRecipe;
 use serve::engine::{Engine, EngineOptions};
 use serve::http::{router, AppState, DEFAULT_BODY_LIMIT};
@@ -27,6 +28,10 @@ struct Args {
     /// the same kernel speed].
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Per-layer precision profile (TOML, see configs/profiles/) to serve by its name besides
+    /// those the checkpoint stores; repeatable.
+    #[arg(long)]
+    profile: Vec<PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -79,7 +84,12 @@ fn run(args: Args) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("invalid --host/--port {}:{}", args.host, args.port))?;
-    let checkpoint = serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
+    let profiles = args.profile.iter().map(|p| ProfileRules::load(p)).collect::<Result<Vec<_>>>()?;
+    let mut checkpoint = serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
+    for p in &profiles {
+        let bits = p.resolve(&checkpoint.quantization().quantized)?;
+        checkpoint.add_profile(&p.name, bits)?;
+    }
     let model_ctx = checkpoint.config().max_position_embeddings;
     let options = EngineOptions {
         max_batch: args.max_batch,
