@@ -358,6 +358,8 @@ struct StreamState {
     events: Option<UnboundedReceiver<Event>>,
     /// Choices that still owe their opening chunk (chat sends the role first).
     opened: Vec<bool>,
+    /// Per choice: where the next token starts in the completion text (`text_offset`).
+    offsets: Vec<usize>,
     completion_tokens: usize,
     finished: usize,
     done: bool,
@@ -368,7 +370,7 @@ struct StreamState {
 /// client disconnects axum drops this stream, and the engine sees the receiver closed.
 fn sse_stream(meta: Meta, events: UnboundedReceiver<Event>) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let n = meta.n;
-    let state = StreamState { meta, events: Some(events), opened: vec![false; n], completion_tokens: 0, finished: 0, done: false };
+    let state = StreamState { meta, events: Some(events), opened: vec![false; n], offsets: vec![0; n], completion_tokens: 0, finished: 0, done: false };
     stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
@@ -418,6 +420,8 @@ fn sse_stream(meta: Meta, events: UnboundedReceiver<Event>) -> impl Stream<Item 
 
 impl StreamState {
     fn chunk(&mut self, choice: usize, text: Option<String>, logprobs: &[TokenLogprob], finish: Option<FinishReason>) -> SseEvent {
+        let start = self.offsets[choice];
+        self.offsets[choice] += logprobs.iter().map(|e| e.token.len()).sum::<usize>();
         let m = &self.meta;
         let finish = finish.map(FinishReason::as_str);
         let body = match m.endpoint {
@@ -426,7 +430,7 @@ impl StreamState {
                 "choices": [{
                     "index": choice,
                     "text": text.unwrap_or_default(),
-                    "logprobs": (m.logprobs && !logprobs.is_empty()).then(|| completion_logprobs_json(logprobs, 0)),
+                    "logprobs": (m.logprobs && !logprobs.is_empty()).then(|| completion_logprobs_json(logprobs, start)),
                     "finish_reason": finish,
                 }],
             }),

@@ -91,7 +91,7 @@ fn streams_carry_the_same_text_as_whole_responses() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(&dir);
     for (path, body) in [
-        ("/v1/completions", json!({"prompt": "the dog", "max_tokens": 12, "temperature": 0.9, "seed": 42, "precision": 3})),
+        ("/v1/completions", json!({"prompt": "the dog", "max_tokens": 12, "temperature": 0.9, "seed": 42, "precision": 3, "logprobs": 2})),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "temperature": 0.9, "seed": 42, "precision": "6"})),
     ] {
         let (status, whole, _) = s.post(path, &body);
@@ -113,6 +113,19 @@ fn streams_carry_the_same_text_as_whole_responses() {
             assert_eq!(parsed[0]["choices"][0]["delta"]["role"], "assistant", "the first delta opens the assistant turn");
         } else {
             assert_eq!(parsed[0]["object"], "text_completion");
+            // The streamed logprobs, concatenated, are the whole response's (text offsets
+            // continue across chunks).
+            let whole_lp = &whole["choices"][0]["logprobs"];
+            for field in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+                let streamed: Vec<Value> = parsed
+                    .iter()
+                    .filter_map(|c| c["choices"][0]["logprobs"][field].as_array())
+                    .flatten()
+                    .cloned()
+                    .collect();
+                assert_eq!(json!(streamed), whole_lp[field], "{field}");
+            }
+            assert!(whole_lp["text_offset"].as_array().unwrap().last().unwrap().as_u64().unwrap() > 0, "{whole_lp}");
         }
     }
 }
