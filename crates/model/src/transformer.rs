@@ -303,12 +303,14 @@ impl Transformer {
     /// at `precision.bits_for(name, profiles)` bits, sharing the resident copy (nothing is decoded or
     /// copied here). Inference only.
     pub fn from_resident(resident: &ResidentModel, precision: &Precision, kernel: &KernelConfig) -> Result<Self> {
-        // Resolve every weight first so an unknown profile is reported as such.
+        // Resolve every weight once, up front, so an unknown profile is reported as such.
+        let mut bits = std::collections::HashMap::new();
         for (name, _) in resident.planar_weights() {
-            precision.bits_for(name, resident.profiles()).with_context(|| format!("precision `{precision}`"))?;
+            if let Some(b) = precision.bits_for(name, resident.profiles()).with_context(|| format!("precision `{precision}`"))? {
+                bits.insert(name, b);
+            }
         }
-        Self::from_resident_with(resident, |name| precision.bits_for(name, resident.profiles()).ok().flatten(), kernel)
-            .with_context(|| format!("precision `{precision}`"))
+        Self::from_resident_with(resident, |name| bits.get(name).copied(), kernel).with_context(|| format!("precision `{precision}`"))
     }
 
     /// [`Self::from_resident`] with a bit-width per quantized weight name (per-layer profiles);
