@@ -9,7 +9,8 @@
 #   (nvcc on the PATH, CUDA_COMPUTE_CAP=90 for an H100/H200).
 # Env: BIN (target/release), MODEL (default), DATA (../shared/data/austen), WIKI
 #   (../shared/data/wikitext-2-raw/wiki.test.raw), OUT (target/gpu-train), BUDGET (300 s),
-#   BATCH (16), SEQ (512), ALRS (none), TRAIN (all), LR (2e-5), WINDOWS (0 = the full file).
+#   BATCH (16 on a GPU with 120 GB or more, else 8), SEQ (512), ALRS (none), TRAIN (all), LR (2e-5),
+#   WINDOWS (0 = the full file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}
@@ -18,7 +19,11 @@ DATA=${DATA:-../shared/data/austen}
 WIKI=${WIKI:-../shared/data/wikitext-2-raw/wiki.test.raw}
 OUT=${OUT:-target/gpu-train}
 BUDGET=${BUDGET:-300}
-BATCH=${BATCH:-16}
+if [ -z "${BATCH:-}" ]; then
+    # Batch 16 x 512 took 94.5 GB on an H200 (docs/BENCHMARKS.md): an 80 GB H100 takes 8.
+    MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 || true)
+    if [ "${MEM_MIB:-0}" -ge 120000 ]; then BATCH=16; else BATCH=8; fi
+fi
 SEQ=${SEQ:-512}
 ALRS=${ALRS:-none}
 TRAIN=${TRAIN:-all}
