@@ -51,8 +51,10 @@ declare -A RUNS=(
     # What 4-bit QAT alone reaches at this machine's budget (the latent weights free to serve
     # 4 bits only): the reference the joint W4 is held to.
     [g128-only4-all]="--granularity group:128 --alrs none --bits 4 --train all --lr 5e-5 $KD"
+    # Is W4's plateau the latent weights' step size? The same at 10x the learning rate.
+    [g128-only4-all-5e-4]="--granularity group:128 --alrs none --bits 4 --train all --lr 5e-4 $KD"
 )
-ORDER=(g128-eta g128-none g128-relative g128-literal g128-only8 g128-only4 g128-only2 g128-eta-nokd channel-eta g128-eta-all g128-none-all g128-eta-all-84 g128-none-all-2e-5 g128-only4-all)
+ORDER=(g128-eta g128-none g128-relative g128-literal g128-only8 g128-only4 g128-only2 g128-eta-nokd channel-eta g128-eta-all g128-none-all g128-eta-all-84 g128-none-all-2e-5 g128-only4-all g128-only4-all-5e-4)
 [ $# -gt 0 ] && ORDER=("$@")
 
 for run in "${ORDER[@]}"; do
