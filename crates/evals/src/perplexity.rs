@@ -106,6 +106,9 @@ pub struct PrecisionReport {
     pub top1_agreement: Option<f64>,
     /// Wall-clock seconds spent in this candidate's forward passes (and log-softmax).
     pub seconds: f64,
+    /// Bits per weight of the model's matrices as stored at this precision (scales included);
+    /// set by callers that know the storage (`drq-eval`: checkpoint precisions), else `None`.
+    pub bits_per_weight: Option<f64>,
 }
 
 impl Sums {
@@ -124,6 +127,7 @@ impl Sums {
             mean_kl: with_reference.then(|| self.kl / self.kl_tokens.max(1) as f64),
             top1_agreement: with_reference.then(|| self.top1_agree as f64 / self.kl_tokens.max(1) as f64),
             seconds: self.seconds,
+            bits_per_weight: None,
         }
     }
 }

@@ -261,6 +261,8 @@ fn evaluates_a_checkpoint_against_its_reference() {
         assert!(kl.is_finite() && kl >= 0.0, "{label}: KL {kl}");
         assert!((0.0..=1.0).contains(&top1), "{label}: top-1 {top1}");
     }
+    // The float model is not a stored precision: no bits per weight.
+    assert!(results[0]["bits_per_weight"].is_null(), "{report:#}");
     // The reference against itself: no divergence, full agreement.
     assert_eq!(results[0]["mean_kl"].as_f64().unwrap(), 0.0);
     assert_eq!(results[0]["top1_agreement"].as_f64().unwrap(), 1.0);
@@ -299,6 +301,10 @@ fn evaluates_a_checkpoint_against_its_reference() {
     let labels: Vec<&str> = profiled["results"].as_array().unwrap().iter().map(|r| r["label"].as_str().unwrap()).collect();
     assert_eq!(labels, ["all8", "8"]);
     assert_eq!(profiled["results"][0]["perplexity"], profiled["results"][1]["perplexity"], "{profiled:#}");
+    // Bits per weight as stored: per-channel f16 scales add 16 bits per 576- or 1536-wide row.
+    let bits = profiled["results"][1]["bits_per_weight"].as_f64().unwrap();
+    assert!(bits > 8.0 + 16.0 / 1536.0 && bits < 8.0 + 16.0 / 576.0, "{bits}");
+    assert_eq!(profiled["results"][0]["bits_per_weight"], profiled["results"][1]["bits_per_weight"]);
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "name = \"w9\"\ndefault = 9\n").unwrap();
     let output = drq_eval(["--model", s(&ckpt), "--file", s(&text), "--precision", "w9", "--profile", s(&bad)]);

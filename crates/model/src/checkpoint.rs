@@ -413,6 +413,27 @@ impl Checkpoint {
         Ok(Tensor::from_vec(data, view.shape(), &candle_core::Device::Cpu)?)
     }
 
+    /// Bits per weight of the model's matrices served at `precision`: each quantized weight at its
+    /// bit-width plus its f16 scales, matrices kept in float at their stored 32 bits (norms and
+    /// biases are not counted).
+    pub fn bits_per_weight(&self, precision: &Precision) -> Result<f64> {
+        let (mut bits, mut weights) = (0f64, 0f64);
+        for (name, shape) in Weights::expected_shapes(&self.config) {
+            let &[rows, cols] = shape.as_slice() else { continue };
+            let n = (rows * cols) as f64;
+            weights += n;
+            bits += if self.is_quantized(&name) {
+                let b = precision.bits_for(&name, &self.quantization.profiles)?.with_context(|| {
+                    format!("precision `{precision}` has no bit-width for the quantized `{name}`")
+                })?;
+                n * f64::from(b) + 16.0 * self.quantization.layout(rows, cols)?.n_scales() as f64
+            } else {
+                32.0 * n
+            };
+        }
+        Ok(bits / weights)
+    }
+
     /// Float weights of the model decoded at `precision` (every quantized weight at its bits,
     /// through the second rounding). `Precision::Float` is an error: a checkpoint stores no
     /// float copy of its quantized weights.

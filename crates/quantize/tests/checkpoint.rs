@@ -1053,6 +1053,17 @@ fn profiles_round_trip_and_decode_per_weight() {
         };
         assert!(bits_eq(&flat(t), &flat(&expected)), "{name}");
     }
+    // Bits per weight: every matrix of this model is quantized, so each bit added to every weight
+    // adds exactly one; the profile adds 3 bits on the MLP's share of the weights.
+    let bpw = |p: Precision| ckpt.bits_per_weight(&p).unwrap();
+    assert!((bpw(Precision::Bits(6)) - bpw(Precision::Bits(3)) - 3.0).abs() < 1e-9);
+    let size = |name: &str| w3.iter().find(|(n, _)| n.as_str() == name).unwrap().1.elem_count();
+    let all: usize = bits.keys().map(|n| size(n)).sum();
+    let mlp: usize = bits.iter().filter(|(_, &b)| b == 6).map(|(n, _)| size(n)).sum();
+    assert!(mlp > 0 && mlp < all);
+    let expected = bpw(Precision::Bits(3)) + 3.0 * mlp as f64 / all as f64;
+    assert!((bpw(Precision::Profile("mix".into())) - expected).abs() < 1e-9, "{} vs {expected}", bpw(Precision::Profile("mix".into())));
+    assert!(ckpt.bits_per_weight(&Precision::Float).is_err());
     let err = format!("{:#}", ckpt.weights_at(&Precision::Profile("other".into())).err().unwrap());
     assert!(err.contains("profile `other` is not in this checkpoint") && err.contains("mix"), "{err}");
     // A profile added to an open checkpoint (in memory) decodes like a stored one; a taken

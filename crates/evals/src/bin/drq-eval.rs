@@ -219,6 +219,13 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
             _ => p.to_string(),
         }
     };
+    // Bits per weight of each checkpoint precision, by label.
+    let mut storage_bits: Vec<(String, f64)> = Vec::new();
+    for c in &checkpoints {
+        for p in &int_precisions {
+            storage_bits.push((label(c, p), c.bits_per_weight(p)?));
+        }
+    }
     let mut checkpoint_info = Vec::new();
     let runtime_info = match args.runtime {
         RuntimeArg::Reference => {
@@ -291,7 +298,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     let bar = model::cli::progress_bar(wins.len() as u64, "perplexity");
     // The bar is hidden when stderr is not a terminal; log progress then, for long batch runs.
     let log_every = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { usize::MAX } else { (wins.len() / 20).max(1) };
-    let reports = evaluate(&candidates, reference, &wins, |done| {
+    let mut reports = evaluate(&candidates, reference, &wins, |done| {
         bar.set_position(done as u64);
         if done % log_every == 0 {
             tracing::info!("{done}/{} windows, {:.0}s", wins.len(), started.elapsed().as_secs_f64());
@@ -299,6 +306,9 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
+    for r in &mut reports {
+        r.bits_per_weight = storage_bits.iter().find(|(label, _)| *label == r.label).map(|(_, b)| *b);
+    }
 
     print_table(&reports, wins.len());
     let forward_tokens = wins.iter().map(|w| w.tokens.len() - 1).sum::<usize>() * candidates.len();
@@ -356,15 +366,17 @@ fn pick_threads(resident: &ResidentModel, precision: &Precision, kernel: KernelC
 
 fn print_table(reports: &[PrecisionReport], windows: usize) {
     println!(
-        "{:>16} {:>12} {:>9} {:>10} {:>10} {:>8} {:>9}",
-        "precision", "perplexity", "± s.e.", "tokens", "KL(fp‖·)", "top-1", "s/window"
+        "{:>16} {:>7} {:>12} {:>9} {:>10} {:>10} {:>8} {:>9}",
+        "precision", "bits/w", "perplexity", "± s.e.", "tokens", "KL(fp‖·)", "top-1", "s/window"
     );
     for r in reports {
         let kl = r.mean_kl.map_or("-".to_string(), |k| format!("{k:.5}"));
         let top1 = r.top1_agreement.map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0));
+        let bits = r.bits_per_weight.map_or("-".to_string(), |b| format!("{b:.2}"));
         println!(
-            "{:>16} {:>12.4} {:>9.4} {:>10} {:>10} {:>8} {:>9.3}",
+            "{:>16} {:>7} {:>12.4} {:>9.4} {:>10} {:>10} {:>8} {:>9.3}",
             r.label,
+            bits,
             r.perplexity,
             r.perplexity_stderr,
             r.tokens_scored,
