@@ -70,6 +70,7 @@ fn rejects_bad_runtime_options() {
         (&["--device", "tpu"][..], "expected `cpu`, `cuda` or `cuda:N`"),
         // No GPU where the tests run, whether or not the binary was built with `cuda`.
         (&["--runtime", "reference", "--device", "cuda"][..], "--device cuda: "),
+        (&["--plot", "/nonexistent-dir/p.svg"][..], "--plot /nonexistent-dir/p.svg: directory /nonexistent-dir does not exist"),
     ] {
         let output = drq_eval(["--model", s(&gguf()), "--file", s(&text), "--precision", "8"].iter().copied().chain(args.iter().copied()));
         assert_refused(&output, &[needle]);
@@ -238,10 +239,18 @@ fn evaluates_a_checkpoint_against_its_reference() {
         "2",
         "--json",
         s(&json),
+        "--plot",
+        s(&dir.path().join("ppl.svg")),
     ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "stderr:\n{stderr}");
     assert!(!dir.path().join("out.json.tmp").exists());
+    // The plot: the checkpoint's one point, the float model as the reference line.
+    let svg = std::fs::read_to_string(dir.path().join("ppl.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    for needle in ["bits per weight", "smollm2-channel", "fp ", "<circle"] {
+        assert!(svg.contains(needle), "the plot lacks {needle:?}");
+    }
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["windows"], 2);
     assert_eq!(report["ctx"], 64);

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod export;
+pub mod plot;
 pub mod precision;
 pub mod resident;
 pub mod source;

@@ -10,6 +10,7 @@ use kernels::{Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::{self, FloatModel, ModelSource};
 use model::cli::Activations;
+use model::plot::{document, panel, Panel, Series, COLORS};
 use model::{precision, KvCache, OpsMode, Precision, ResidentModel, Transformer};
 use quantize::profile::ProfileRules;
 use quantize::{QuantSpec, SearchObjective};
@@ -82,6 +83,10 @@ struct PerplexityArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Plot perplexity against bits per weight (SVG): a line per checkpoint through its
+    /// precisions, the float model as a dashed line.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// In-memory quantization of a float --model: bit set of the scale search.
     #[arg(long, default_value = "8,4,2", value_delimiter = ',')]
     bits: Vec<u32>,
@@ -139,6 +144,12 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         ProtocolArg::Strided => Protocol::Strided { stride: args.stride.unwrap_or((args.ctx / 2).max(1)) },
     };
     let profiles = args.profile.iter().map(|p| ProfileRules::load(p)).collect::<Result<Vec<_>>>()?;
+    for (flag, path) in [("--json", &args.json), ("--plot", &args.plot)] {
+        // Checked now rather than after a run of hours.
+        if let Some(dir) = path.as_ref().and_then(|p| p.parent()).filter(|d| !d.as_os_str().is_empty()) {
+            ensure!(dir.is_dir(), "{flag} {}: directory {} does not exist", path.as_ref().expect("has a parent").display(), dir.display());
+        }
+    }
     let wants_float = precisions.contains(&Precision::Float);
     let int_precisions: Vec<Precision> = precisions.iter().filter(|p| **p != Precision::Float).cloned().collect();
 
@@ -219,11 +230,11 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
             _ => p.to_string(),
         }
     };
-    // Bits per weight of each checkpoint precision, by label.
-    let mut storage_bits: Vec<(String, f64)> = Vec::new();
-    for c in &checkpoints {
+    // Bits per weight of each checkpoint precision, by label, with the checkpoint's index.
+    let mut storage_bits: Vec<(String, usize, f64)> = Vec::new();
+    for (i, c) in checkpoints.iter().enumerate() {
         for p in &int_precisions {
-            storage_bits.push((label(c, p), c.bits_per_weight(p)?));
+            storage_bits.push((label(c, p), i, c.bits_per_weight(p)?));
         }
     }
     let mut checkpoint_info = Vec::new();
@@ -307,7 +318,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     for r in &mut reports {
-        r.bits_per_weight = storage_bits.iter().find(|(label, _)| *label == r.label).map(|(_, b)| *b);
+        r.bits_per_weight = storage_bits.iter().find(|(label, ..)| *label == r.label).map(|&(.., b)| b);
     }
 
     print_table(&reports, wins.len());
@@ -318,6 +329,12 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         reports[0].tokens_scored,
         forward_tokens as f64 / seconds
     );
+    if let Some(path) = &args.plot {
+        let names: Vec<String> = checkpoints.iter().map(|c| c.path().file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned())).collect();
+        let title = format!("{}, ctx {}, {} windows", args.file.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned()), args.ctx, wins.len());
+        let svg = plot_perplexity_vs_bits(&reports, &storage_bits, &names, &title);
+        model::checkpoint::write_atomically(path, svg.as_bytes())?;
+    }
     if let Some(path) = &args.json {
         let json = serde_json::json!({
             "model": args.model,
@@ -362,6 +379,27 @@ fn pick_threads(resident: &ResidentModel, precision: &Precision, kernel: KernelC
     let threads = if seconds[1] < seconds[0] { 2 } else { 1 };
     tracing::info!("kernel threads timed: 1 thread {:.2}s, 2 threads {:.2}s → {threads}", seconds[0], seconds[1]);
     Ok((threads, serde_json::json!({ "1": seconds[0], "2": seconds[1] })))
+}
+
+/// Perplexity (log scale) against bits per weight: a line per checkpoint through its precisions
+/// in order of size, the float model's perplexity as a dashed line.
+fn plot_perplexity_vs_bits(reports: &[PrecisionReport], storage_bits: &[(String, usize, f64)], names: &[String], title: &str) -> String {
+    let series: Vec<Series> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut points: Vec<(f64, f64)> = storage_bits
+                .iter()
+                .filter(|(_, c, _)| *c == i)
+                .filter_map(|(label, _, bits)| reports.iter().find(|r| r.label == *label).map(|r| (*bits, r.perplexity)))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            Series { label: name.clone(), color: COLORS[i % COLORS.len()], points }
+        })
+        .collect();
+    let reference = reports.iter().find(|r| r.label == "fp").map(|r| (r.perplexity, format!("fp {:.3}", r.perplexity)));
+    let axes = Panel { title: "perplexity (log scale)", x_label: "bits per weight (f16 scales included)", log_y: true, reference };
+    document(720.0, 460.0, title, |svg| panel(svg, (70.0, 50.0, 600.0, 350.0), &axes, &series))
 }
 
 fn print_table(reports: &[PrecisionReport], windows: usize) {
