@@ -130,6 +130,8 @@ pub fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), panel: &P
             escape(label)
         );
     }
+    // The legend sits in the top right corner, as wide as its longest label (~7 px a character).
+    let legend_x = x0 + pw - 30.0 - 7.0 * series.iter().map(|s| s.label.chars().count()).max().unwrap_or(0) as f64;
     for (i, s) in series.iter().enumerate() {
         let pts: Vec<String> = s.points.iter().filter(|p| tf(p.1).is_finite()).map(|&(a, b)| format!("{:.1},{:.1}", px(a), py(b))).collect();
         if pts.len() > 1 {
@@ -141,7 +143,7 @@ pub fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), panel: &P
                 let _ = writeln!(svg, r#"<circle cx="{cx}" cy="{cy}" r="2.5" fill="{}"/>"#, s.color);
             }
         }
-        let (lx, ly) = (x0 + pw - 60.0, y0 + 16.0 + 16.0 * i as f64);
+        let (lx, ly) = (legend_x, y0 + 16.0 + 16.0 * i as f64);
         let _ = writeln!(
             svg,
             r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
