@@ -29,6 +29,14 @@ pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
 }
 
 /// A progress bar in the style of all drq tools (hidden when stderr is not a terminal).
+/// Refuses an output path `flag PATH` whose directory does not exist: checked when a tool starts,
+/// not after its run.
+pub fn check_output_dir(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    anyhow::ensure!(dir.is_dir(), "{flag} {}: directory {} does not exist", path.display(), dir.display());
+    Ok(())
+}
+
 pub fn progress_bar(len: u64, message: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(

@@ -38,7 +38,7 @@ pub fn document(width: f64, height: f64, title: &str, draw: impl FnOnce(&mut Str
 }
 
 /// 1, 2 or 5 times a power of ten, at least `raw`.
-pub fn nice_step(raw: f64) -> f64 {
+fn nice_step(raw: f64) -> f64 {
     if raw.is_nan() || raw <= 0.0 || raw.is_infinite() {
         return 1.0;
     }
@@ -47,7 +47,7 @@ pub fn nice_step(raw: f64) -> f64 {
 }
 
 /// A short axis label: three significant digits, scientific notation when large or small.
-pub fn tick_label(v: f64) -> String {
+fn tick_label(v: f64) -> String {
     let a = v.abs();
     if a != 0.0 && !(1e-2..1e4).contains(&a) {
         format!("{v:.2e}")
@@ -60,7 +60,7 @@ pub fn tick_label(v: f64) -> String {
     }
 }
 
-pub fn escape(s: &str) -> String {
+fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 

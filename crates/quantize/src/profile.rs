@@ -40,6 +40,11 @@ impl ProfileRules {
         Ok(rules)
     }
 
+    /// Every file of a tool's repeatable `--profile`, loaded before any work starts.
+    pub fn load_all(paths: &[std::path::PathBuf]) -> Result<Vec<Self>> {
+        paths.iter().map(|p| Self::load(p)).collect()
+    }
+
     fn check(&self) -> Result<()> {
         ensure!(model::precision::is_profile_name(&self.name), "name `{}`: a letter, then letters, digits, `-`, `_`, `.`", self.name);
         for bits in std::iter::once(self.default).chain(self.rules.iter().map(|r| r.bits)) {

@@ -143,11 +143,10 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         ProtocolArg::Llama => Protocol::LlamaCpp,
         ProtocolArg::Strided => Protocol::Strided { stride: args.stride.unwrap_or((args.ctx / 2).max(1)) },
     };
-    let profiles = args.profile.iter().map(|p| ProfileRules::load(p)).collect::<Result<Vec<_>>>()?;
+    let profiles = ProfileRules::load_all(&args.profile)?;
     for (flag, path) in [("--json", &args.json), ("--plot", &args.plot)] {
-        // Checked now rather than after a run of hours.
-        if let Some(dir) = path.as_ref().and_then(|p| p.parent()).filter(|d| !d.as_os_str().is_empty()) {
-            ensure!(dir.is_dir(), "{flag} {}: directory {} does not exist", path.as_ref().expect("has a parent").display(), dir.display());
+        if let Some(path) = path {
+            model::cli::check_output_dir(flag, path)?;
         }
     }
     let wants_float = precisions.contains(&Precision::Float);
@@ -230,11 +229,12 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
             _ => p.to_string(),
         }
     };
-    // Bits per weight of each checkpoint precision, by label, with the checkpoint's index.
-    let mut storage_bits: Vec<(String, usize, f64)> = Vec::new();
+    // (checkpoint index, bits per weight) of each checkpoint precision, in the order their models
+    // follow `fp` below.
+    let mut storage_bits: Vec<(usize, f64)> = Vec::new();
     for (i, c) in checkpoints.iter().enumerate() {
         for p in &int_precisions {
-            storage_bits.push((label(c, p), i, c.bits_per_weight(p)?));
+            storage_bits.push((i, c.bits_per_weight(p)?));
         }
     }
     let mut checkpoint_info = Vec::new();
@@ -317,8 +317,10 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    for r in &mut reports {
-        r.bits_per_weight = storage_bits.iter().find(|(label, ..)| *label == r.label).map(|&(.., b)| b);
+    // The checkpoint precisions' reports are the last ones, in `storage_bits`' order.
+    let first_stored = reports.len() - storage_bits.len();
+    for (r, &(_, bits)) in reports[first_stored..].iter_mut().zip(&storage_bits) {
+        r.bits_per_weight = Some(bits);
     }
 
     print_table(&reports, wins.len());
@@ -383,16 +385,14 @@ fn pick_threads(resident: &ResidentModel, precision: &Precision, kernel: KernelC
 
 /// Perplexity (log scale) against bits per weight: a line per checkpoint through its precisions
 /// in order of size, the float model's perplexity as a dashed line.
-fn plot_perplexity_vs_bits(reports: &[PrecisionReport], storage_bits: &[(String, usize, f64)], names: &[String], title: &str) -> String {
+fn plot_perplexity_vs_bits(reports: &[PrecisionReport], storage_bits: &[(usize, f64)], names: &[String], title: &str) -> String {
+    let stored = &reports[reports.len() - storage_bits.len()..];
     let series: Vec<Series> = names
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let mut points: Vec<(f64, f64)> = storage_bits
-                .iter()
-                .filter(|(_, c, _)| *c == i)
-                .filter_map(|(label, _, bits)| reports.iter().find(|r| r.label == *label).map(|r| (*bits, r.perplexity)))
-                .collect();
+            let mut points: Vec<(f64, f64)> =
+                stored.iter().zip(storage_bits).filter(|(_, (c, _))| *c == i).map(|(r, &(_, bits))| (bits, r.perplexity)).collect();
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
             Series { label: name.clone(), color: COLORS[i % COLORS.len()], points }
         })

@@ -71,12 +71,9 @@ fn run(args: Args) -> Result<()> {
     if args.out.is_dir() {
         bail!("--out {} is a directory", args.out.display());
     }
-    for (flag, path) in [("--out", Some(&args.out)), ("--report", args.report.as_ref())] {
-        let Some(path) = path else { continue };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        if !dir.is_dir() {
-            bail!("{flag} {}: directory {} does not exist", path.display(), dir.display());
-        }
+    model::cli::check_output_dir("--out", &args.out)?;
+    if let Some(report) = &args.report {
+        model::cli::check_output_dir("--report", report)?;
     }
     let recipe = match &args.config {
         Some(path) => PtqRecipe::load(path)?,
@@ -93,7 +90,7 @@ fn run(args: Args) -> Result<()> {
         keep_float = k;
     }
     spec.validate()?;
-    let profiles = args.profile.iter().map(|p| ProfileRules::load(p)).collect::<Result<Vec<_>>>()?;
+    let profiles = ProfileRules::load_all(&args.profile)?;
     let source: ModelSource = args.model.parse()?;
     let started = Instant::now();
     tracing::info!("loading {source}");

@@ -180,10 +180,9 @@ fn run(args: Args) -> Result<()> {
     if args.out.exists() && !args.force {
         bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
-    let out_dir = args.out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    ensure!(out_dir.is_dir(), "--out {}: directory {} does not exist", args.out.display(), out_dir.display());
+    model::cli::check_output_dir("--out", &args.out)?;
     // Read before training, so that a bad profile fails now rather than after the run.
-    let profiles = args.profile.iter().map(|p| ProfileRules::load(p)).collect::<Result<Vec<_>>>()?;
+    let profiles = ProfileRules::load_all(&args.profile)?;
     let state_path = args.run_dir.join(STATE);
     let log_path = args.run_dir.join(LOG);
 

@@ -84,7 +84,7 @@ fn run(args: Args) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("invalid --host/--port {}:{}", args.host, args.port))?;
-    let profiles = args.profile.iter().map(|p| ProfileRules::load(p)).collect::<Result<Vec<_>>>()?;
+    let profiles = ProfileRules::load_all(&args.profile)?;
     let mut checkpoint = serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
     for p in &profiles {
         let bits = p.resolve(&checkpoint.quantization().quantized)?;
