@@ -227,6 +227,7 @@ fn round_to_nearest(float: &model::FloatModel, granularity: Granularity) -> quan
         granularity: granularity.to_string(),
         tie_rule: TieRule::HalfEven.to_string(),
         scale_method: "absmax".to_string(),
+        rounding: "nearest".to_string(),
         quantized: quantized.keys().cloned().collect(),
         profiles: Default::default(),
     };

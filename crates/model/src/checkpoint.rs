@@ -40,11 +40,19 @@ pub struct QuantizationMeta {
     pub tie_rule: String,
     /// How the initial scales were chosen (e.g. `search:normalized`).
     pub scale_method: String,
+    /// How the codes were rounded given the scales: `nearest`, or `gptq:4,8` (Hessian-aware,
+    /// bit-widths in priority order; see `quantize::gptq`). Absent in older checkpoints: nearest.
+    #[serde(default = "nearest_rounding")]
+    pub rounding: String,
     /// Names of the quantized weights, e.g. `model.layers.0.mlp.up_proj.weight`.
     pub quantized: Vec<String>,
     /// Named per-layer profiles: a bit-width (2..8) for every quantized weight.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub profiles: Profiles,
+}
+
+fn nearest_rounding() -> String {
+    "nearest".to_string()
 }
 
 impl QuantizationMeta {

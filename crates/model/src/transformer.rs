@@ -26,11 +26,33 @@ pub enum OpsMode {
     Differentiable,
 }
 
+/// Sees the inputs of the dense linear layers of a [`Transformer::observed`] model: calibration
+/// statistics such as the input second moments that Hessian-aware rounding needs.
+pub trait InputObserver: Send + Sync {
+    /// `x` is the layer's input, `[rows, in]`; `weight` the weight's name
+    /// (`model.layers.0.mlp.up_proj.weight`).
+    fn observe(&self, weight: &str, x: &Tensor) -> Result<()>;
+}
+
+/// An [`InputObserver`] attached to one weight.
+#[derive(Clone)]
+pub struct Observer {
+    weight: String,
+    sink: Arc<dyn InputObserver>,
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer").field("weight", &self.weight).finish_non_exhaustive()
+    }
+}
+
 /// `y = x·Wᵀ (+ b)` over the last dimension.
 #[derive(Debug, Clone)]
 pub enum Linear {
-    /// A float weight `[out, in]`, multiplied by candle (differentiable; the reference path).
-    Dense { weight: Tensor, bias: Option<Tensor> },
+    /// A float weight `[out, in]`, multiplied by candle (differentiable; the reference path),
+    /// its inputs shown to `observer` when there is one.
+    Dense { weight: Tensor, bias: Option<Tensor>, observer: Option<Observer> },
     /// A resident bit-plane weight served at `bits` by the kernels (inference only).
     Planar { weight: Arc<PlanarWeight>, bits: u32, kernel: KernelConfig, bias: Option<Tensor> },
 }
@@ -38,7 +60,7 @@ pub enum Linear {
 impl Linear {
     /// A dense (float) linear layer.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear::Dense { weight, bias }
+        Linear::Dense { weight, bias, observer: None }
     }
 
     /// A linear layer served by the kernels from a resident weight at `bits`.
@@ -73,7 +95,13 @@ impl Linear {
         let rows = x.elem_count() / inner.max(1);
         // The kernels take at most MAX_BATCH activation rows per call: longer inputs go in chunks.
         let (y, bias) = match self {
-            Linear::Dense { weight, bias } => (x.reshape((rows, inner))?.matmul(&weight.t()?)?, bias),
+            Linear::Dense { weight, bias, observer } => {
+                let x = x.reshape((rows, inner))?;
+                if let Some(o) = observer {
+                    o.sink.observe(&o.weight, &x)?;
+                }
+                (x.matmul(&weight.t()?)?, bias)
+            }
             Linear::Planar { weight, bits, kernel, bias } => {
                 ensure!(inner == weight.cols(), "activations of width {inner} for a weight of {} columns", weight.cols());
                 let x: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
@@ -159,6 +187,29 @@ impl ParamSource for Weights {
 
     fn kernel(&self) -> KernelConfig {
         KernelConfig::default()
+    }
+}
+
+/// Float weights whose dense linear layers show their inputs to an observer.
+struct ObservedSource<'a> {
+    weights: &'a Weights,
+    sink: Arc<dyn InputObserver>,
+}
+
+impl ParamSource for ObservedSource<'_> {
+    fn param(&self, name: &str, shape: &[usize]) -> Result<Param> {
+        self.weights.param(name, shape)
+    }
+
+    fn kernel(&self) -> KernelConfig {
+        KernelConfig::default()
+    }
+
+    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let bias = if bias { Some(self.float(&format!("{prefix}.bias"), &[out])?) } else { None };
+        let weight = self.float(&format!("{prefix}.weight"), &[out, inp])?;
+        let observer = Some(Observer { weight: format!("{prefix}.weight"), sink: self.sink.clone() });
+        Ok(Linear::Dense { weight, bias, observer })
     }
 }
 
@@ -297,6 +348,12 @@ impl Transformer {
     /// [`OpsMode::Differentiable`]) and the reference path of a checkpoint.
     pub fn new(config: &ModelConfig, weights: &Weights, mode: OpsMode) -> Result<Self> {
         Self::build(config, weights, mode)
+    }
+
+    /// A float transformer (inference) whose linear layers show their inputs to `sink` on every
+    /// forward: calibration. A tied lm_head is the embedding and is not observed.
+    pub fn observed(config: &ModelConfig, weights: &Weights, sink: Arc<dyn InputObserver>) -> Result<Self> {
+        Self::build(config, &ObservedSource { weights, sink }, OpsMode::Inference)
     }
 
     /// A transformer serving `resident` at `precision` through the kernels: every quantized weight

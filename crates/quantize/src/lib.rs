@@ -1,7 +1,8 @@
 //! Double Rounding quantization: the scale search ([`ptq`]) and whole-model PTQ into one INT8
-//! checkpoint ([`model_ptq`]); PTQ recipes ([`recipe`]) and per-layer precision profiles
+//! checkpoint ([`model_ptq`]), Hessian-aware rounding of its codes ([`gptq`]); PTQ recipes ([`recipe`]) and per-layer precision profiles
 //! ([`profile`]) from `configs/`; joint W8/W4/W2 fine-tuning with ALRS ([`train`]).
 
+pub mod gptq;
 pub mod model_ptq;
 pub mod profile;
 pub mod ptq;

@@ -21,6 +21,9 @@ pub struct LayerReport {
     pub cols: usize,
     /// `(bits, ‖Ŵ_b − W‖² / ‖W‖²)` for every bit-width of the spec.
     pub relative_error: Vec<(u32, f64)>,
+    /// Output error over calibration inputs, nearest against GPTQ rounding (GPTQ-rounded weights only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_error: Option<crate::gptq::OutputError>,
 }
 
 /// A model quantized in memory: what a checkpoint stores.
@@ -61,7 +64,7 @@ pub fn quantize_model(
             .iter()
             .map(|&b| Ok((b, reconstruction_error(&w, &q, b, spec.tie)?)))
             .collect::<Result<Vec<_>, crate::PtqError>>()?;
-        report.push(LayerReport { name: name.clone(), rows: *rows, cols: *cols, relative_error });
+        report.push(LayerReport { name: name.clone(), rows: *rows, cols: *cols, relative_error, output_error: None });
         quantized.insert(name.clone(), q);
         on_weight(name);
     }
@@ -76,6 +79,7 @@ pub fn quantize_model(
         granularity: spec.granularity.to_string(),
         tie_rule: spec.tie.to_string(),
         scale_method: format!("search:{}", spec.objective),
+        rounding: "nearest".to_string(),
         quantized: quantized.keys().cloned().collect(),
         profiles: Default::default(),
     };

@@ -339,3 +339,65 @@ fn rejects_bad_output_paths() {
     assert!(output.status.code().is_some_and(|c| c != 0 && c != 101), "{stderr}");
     assert!(stderr.contains("--out"), "{stderr}");
 }
+
+/// `--gptq` on a tiny model written as a Hugging Face directory: the checkpoint records the
+/// rounding, the report gives each linear weight its output errors, and bad calibration settings
+/// are refused before any work.
+#[test]
+fn gptq_rounds_with_calibration_text_and_refuses_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("tiny");
+    model::export::write_hf_dir(&model::testing::tiny_model(model::Architecture::Llama, true, 5), &model_dir).unwrap();
+    let text = dir.path().join("calibration.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(60)).unwrap();
+    let out = dir.path().join("tiny-gptq.safetensors");
+    let report = dir.path().join("report.json");
+    let base = ["--model", s(&model_dir), "--granularity", "group:32", "--calibration-blocks", "4", "--calibration-seq", "64"];
+    let run = |extra: &[&str], out: &Path| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", s(out)]);
+        drq_quantize(args)
+    };
+
+    let output = run(&["--gptq", "4,8", "--calibration", s(&text), "--report", s(&report)], &out);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "stderr:\n{stderr}");
+    let ckpt = Checkpoint::open(&out).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(ckpt.quantization().rounding, "gptq:4,8");
+    assert!(stdout.contains("output error over the calibration inputs") && stdout.contains("W4: nearest"), "{stdout}");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    for e in json.as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        let rounded = e.get("output_error").is_some();
+        assert_eq!(rounded, name != "model.embed_tokens.weight", "{name}: output_error present = {rounded}");
+    }
+    // Without --gptq the codes are rounded to nearest, and the checkpoint says so.
+    let nearest = dir.path().join("tiny.safetensors");
+    assert_eq!(run(&[], &nearest).status.code(), Some(0));
+    assert_eq!(Checkpoint::open(&nearest).unwrap().quantization().rounding, "nearest");
+
+    let bad = dir.path().join("bad.safetensors");
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    let medium = dir.path().join("medium.txt");
+    std::fs::write(&medium, "the quick brown fox jumps over the lazy dog. ".repeat(3)).unwrap();
+    let wiki = dir.path().join("wiki.test.raw");
+    std::fs::write(&wiki, "the quick brown fox ".repeat(100)).unwrap();
+    let missing = dir.path().join("missing.txt");
+    for (extra, needles) in [
+        (vec!["--gptq", "4,8"], vec!["--calibration"]),
+        (vec!["--gptq", "8,4", "--calibration", s(&text)], vec!["put 8 last"]),
+        (vec!["--gptq", "9", "--calibration", s(&text)], vec!["9"]),
+        (vec!["--gptq", "4", "--bits", "8,2", "--calibration", s(&text)], vec!["--gptq 4", "not in the bit set"]),
+        (vec!["--gptq", "4", "--gptq-damp", "0", "--calibration", s(&text)], vec!["--gptq-damp"]),
+        (vec!["--gptq", "4", "--calibration", s(&short)], vec!["--calibration", "too few"]),
+        (vec!["--gptq", "4", "--calibration", s(&medium)], vec!["--calibration holds", "--calibration-blocks asks for 4"]),
+        (vec!["--gptq", "4", "--calibration", s(&missing)], vec!["missing.txt", "does not exist"]),
+        (vec!["--gptq", "4", "--calibration", s(&wiki)], vec!["WikiText-2"]),
+        (vec!["--gptq", "4", "--calibration", s(&text), "--calibration-seq", "1"], vec!["--calibration-seq"]),
+    ] {
+        assert_refused(&run(&extra, &bad), &needles, dir.path(), &bad);
+    }
+}

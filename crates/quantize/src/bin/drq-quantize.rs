@@ -4,13 +4,15 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kernels::{Granularity, TieRule};
 use model::source::{self, ModelSource};
 use quantize::profile::ProfileRules;
 use quantize::recipe::PtqRecipe;
-use quantize::{quantize_model, write_checkpoint, SearchObjective};
+use quantize::gptq::GptqSpec;
+use quantize::train::data::{collect_files, TokenBlocks};
+use quantize::{quantize_model, write_checkpoint, QuantizedModel, SearchObjective};
 
 #[derive(Parser)]
 #[command(name = "drq-quantize", version, about = "Quantize a model into one INT8 Double Rounding checkpoint")]
@@ -41,6 +43,26 @@ struct Args {
     /// Keep weights whose name contains one of these in float (e.g. `embed_tokens,lm_head`).
     #[arg(long, value_delimiter = ',')]
     keep_float: Option<Vec<String>>,
+    /// Hessian-aware rounding of the codes (GPTQ adapted to Double Rounding): the bit-widths it
+    /// optimises, in priority order, e.g. `4,8` (4-bit levels by GPTQ, then the best 8-bit code
+    /// within each) or `8`. Needs --calibration. Without it codes are rounded to nearest.
+    #[arg(long, requires = "calibration")]
+    gptq: Option<GptqSpec>,
+    /// Calibration text for --gptq: `.txt` files or directories of them (never WikiText-2).
+    #[arg(long)]
+    calibration: Vec<PathBuf>,
+    /// Calibration blocks (sequences) drawn from the text.
+    #[arg(long, default_value_t = 128)]
+    calibration_blocks: usize,
+    /// Tokens per calibration block.
+    #[arg(long, default_value_t = 512)]
+    calibration_seq: usize,
+    /// GPTQ dampening: added to the input Hessian's diagonal as a fraction of its mean.
+    #[arg(long, default_value_t = 0.01)]
+    gptq_damp: f64,
+    /// Seed of the calibration blocks' draw.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Per-layer precision profiles to store (TOML, see configs/profiles/); repeatable. Served
     /// and evaluated by name.
     #[arg(long)]
@@ -80,21 +102,42 @@ fn run(args: Args) -> Result<()> {
         None => PtqRecipe::default(),
     };
     let (mut spec, mut keep_float) = recipe.resolve()?;
-    if let Some(bits) = args.bits {
+    if let Some(bits) = args.bits.clone() {
         spec.bits = bits;
     }
     spec.granularity = args.granularity.unwrap_or(spec.granularity);
     spec.tie = args.tie.unwrap_or(spec.tie);
     spec.objective = args.objective.unwrap_or(spec.objective);
-    if let Some(k) = args.keep_float {
+    if let Some(k) = args.keep_float.clone() {
         keep_float = k;
     }
     spec.validate()?;
     let profiles = ProfileRules::load_all(&args.profile)?;
+    let gptq = match args.gptq.clone() {
+        Some(mut g) => {
+            if let Some(b) = g.order.iter().find(|b| !spec.bits.contains(b) && **b != 8) {
+                bail!("--gptq {b}: not in the bit set {:?} the scales are searched for", spec.bits);
+            }
+            if !(args.gptq_damp > 0.0 && args.gptq_damp.is_finite()) {
+                bail!("--gptq-damp must be a positive number (got {})", args.gptq_damp);
+            }
+            if args.calibration_seq < 2 || args.calibration_blocks == 0 {
+                bail!("--calibration-seq must be at least 2 and --calibration-blocks at least 1");
+            }
+            g.damp = args.gptq_damp;
+            Some((g, collect_files(&args.calibration)?))
+        }
+        None => None,
+    };
     let source: ModelSource = args.model.parse()?;
     let started = Instant::now();
     tracing::info!("loading {source}");
     let (float, provenance) = source::load_float(&source)?;
+    // The calibration text is read before any work, so a short one is refused at once.
+    let calibration = match &gptq {
+        Some((g, files)) => Some((g, calibration_blocks(&float, files, &args)?)),
+        None => None,
+    };
     let n_targets = quantize::model_ptq::quantizable(&float.config, &keep_float).len();
     let bar = model::cli::progress_bar(n_targets as u64, "quantizing");
     let mut quantized = quantize_model(&float, &spec, &keep_float, |name| {
@@ -102,6 +145,9 @@ fn run(args: Args) -> Result<()> {
         bar.inc(1);
     })?;
     bar.finish_and_clear();
+    if let Some((gptq, blocks)) = &calibration {
+        round_hessian_aware(&float, &mut quantized, gptq, blocks, &args)?;
+    }
     for p in &profiles {
         let bits = p.resolve(&quantized.quantization.quantized)?;
         quantized.quantization.add_profile(&p.name, bits)?;
@@ -123,6 +169,40 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// `--calibration-blocks` blocks of `--calibration-seq` tokens drawn (seeded) from the calibration text.
+fn calibration_blocks(float: &model::FloatModel, files: &[PathBuf], args: &Args) -> Result<Vec<Vec<u32>>> {
+    let eos = float.config.eos_token_ids.first().copied();
+    let data = TokenBlocks::from_files(&float.tokenizer, files, eos, args.calibration_seq - 1, 0).context("--calibration")?;
+    if data.train.len() < args.calibration_blocks {
+        bail!(
+            "--calibration holds {} blocks of {} tokens; --calibration-blocks asks for {}",
+            data.train.len(),
+            args.calibration_seq,
+            args.calibration_blocks
+        );
+    }
+    Ok(data.batch(args.seed, 0, args.calibration_blocks).into_iter().map(<[u32]>::to_vec).collect())
+}
+
+/// Collects the calibration inputs' second moments and re-rounds the codes with GPTQ.
+fn round_hessian_aware(float: &model::FloatModel, q: &mut QuantizedModel, gptq: &GptqSpec, blocks: &[Vec<u32>], args: &Args) -> Result<()> {
+    let started = Instant::now();
+    let blocks: Vec<&[u32]> = blocks.iter().map(Vec::as_slice).collect();
+    let bar = model::cli::progress_bar(blocks.len() as u64, "calibrating");
+    let moments = quantize::gptq::collect_moments(&float.config, &float.weights, &q.quantization.quantized, &blocks, 8, |done| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    tracing::info!("input moments of {} weights from {} tokens in {:.1}s", moments.len(), blocks.len() * args.calibration_seq, started.elapsed().as_secs_f64());
+    let bar = model::cli::progress_bar(moments.len() as u64, "GPTQ");
+    quantize::gptq::round_model(float, q, &moments, gptq, |name| {
+        bar.set_prefix(name.to_string());
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
 /// One line per quantized weight, then the parameter-weighted mean.
 fn print_report(report: &[quantize::LayerReport], bits: &[u32]) {
     let header: String = bits.iter().map(|b| format!("{:>12}", format!("W{b} rel.err"))).collect();
@@ -140,4 +220,13 @@ fn print_report(report: &[quantize::LayerReport], bits: &[u32]) {
     }
     let means: String = weighted.iter().map(|w| format!("{:>12.3e}", w / total.max(1.0))).collect();
     println!("{:<48} {:>12}{means}", "mean (weighted by size)", "");
+    let rounded: Vec<_> = report.iter().filter_map(|l| l.output_error.as_ref()).collect();
+    if !rounded.is_empty() {
+        println!("\noutput error over the calibration inputs, tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), mean over {} GPTQ-rounded weights:", rounded.len());
+        for (i, b) in bits.iter().enumerate() {
+            let mean = |f: fn(&quantize::gptq::OutputError) -> &Vec<(u32, f64)>| rounded.iter().map(|e| f(e)[i].1).sum::<f64>() / rounded.len() as f64;
+            let (nearest, gptq) = (mean(|e| &e.nearest), mean(|e| &e.gptq));
+            println!("  W{b}: nearest {nearest:.3e}, GPTQ {gptq:.3e} ({:+.1}%)", 100.0 * (gptq / nearest - 1.0));
+        }
+    }
 }

@@ -460,7 +460,7 @@ impl Trainer {
                 .iter()
                 .map(|&b| Ok((b, reconstruction_error(&w, &q, b, self.tie)?)))
                 .collect::<Result<Vec<_>, crate::PtqError>>()?;
-            report.push(LayerReport { name: l.name.clone(), rows: l.layout.rows, cols: l.layout.cols, relative_error });
+            report.push(LayerReport { name: l.name.clone(), rows: l.layout.rows, cols: l.layout.cols, relative_error, output_error: None });
             quantized.insert(l.name.clone(), q);
         }
         let float = self.floats.iter().map(|(n, p)| Ok((n.clone(), p.tensor.detach().to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
@@ -469,6 +469,7 @@ impl Trainer {
             bits: c.bits.clone(),
             granularity: c.quant_spec()?.granularity.to_string(),
             tie_rule: self.tie.to_string(),
+            rounding: "nearest".to_string(),
             scale_method: format!(
                 "search:{}+train:{}:alrs={}:loop={}:steps={}:kd={}",
                 c.objective,

@@ -1,0 +1,343 @@
+//! Hessian-aware rounding of the int8 codes (GPTQ, Frantar et al. 2022, adapted to Double
+//! Rounding).
+//!
+//! A linear layer's output error over calibration inputs X is ‖(Ŵ − W)Xᵀ‖², a quadratic in each
+//! row of Ŵ with Hessian H = XᵀX. GPTQ rounds one input column at a time and moves the columns
+//! not yet rounded to cancel the error made, through the upper Cholesky factor U of H⁻¹:
+//! `w[j+1..] −= (w[j] − ŵ[j]) / U[j,j] · U[j, j+1..]`. Columns are taken by decreasing H[j,j]
+//! (`act_order`); the scales are the searched ones ([`crate::ptq`]), fixed before rounding, so the
+//! column order does not interact with groups.
+//!
+//! Under Double Rounding one int8 code serves every bit-width, so rounding follows a priority order
+//! of bit-widths (e.g. `4,8`). Each keeps its own compensated copy of the row. The first picks
+//! its level nearest its copy; that narrows the int8 codes to the interval giving that level; the
+//! next picks the level nearest its copy among those left; 8 bits, always last, fixes the code.
+//! Each copy is then compensated with its own error. With `8` alone this is plain GPTQ at 8 bits
+//! (the lower precisions are second roundings of it); `4,8` makes 4 bits GPTQ-rounded and 8 bits
+//! the best code inside each 4-bit level.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use kernels::{check_bits, code_index, second_round, QuantizedWeight, TieRule, STORED_BITS};
+use model::transformer::InputObserver;
+use model::weights::LM_HEAD;
+use model::{FloatModel, KvCache, ModelConfig, Transformer, Weights};
+
+use crate::model_ptq::QuantizedModel;
+use rayon::prelude::*;
+
+/// GPTQ settings: the priority order of bit-widths, the dampening and the column order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptqSpec {
+    /// Bit-widths in priority order, each once, ending with 8.
+    pub order: Vec<u32>,
+    /// Added to H's diagonal, as a fraction of its mean (GPTQ's `percdamp`).
+    pub damp: f64,
+    /// Round columns by decreasing H[j,j] (GPTQ's `act_order`) instead of left to right.
+    pub act_order: bool,
+}
+
+impl GptqSpec {
+    /// `order` as given, with 8 appended when missing (8 bits fix the code).
+    pub fn new(mut order: Vec<u32>) -> Result<Self> {
+        ensure!(!order.is_empty(), "GPTQ needs at least one bit-width");
+        for (i, &b) in order.iter().enumerate() {
+            check_bits(b)?;
+            ensure!(!order[..i].contains(&b), "bit-width {b} listed twice in the GPTQ order");
+        }
+        if order.last() != Some(&STORED_BITS) {
+            ensure!(!order.contains(&STORED_BITS), "8 bits fix the code: put 8 last in the GPTQ order");
+            order.push(STORED_BITS);
+        }
+        Ok(GptqSpec { order, damp: 0.01, act_order: true })
+    }
+}
+
+impl FromStr for GptqSpec {
+    type Err = anyhow::Error;
+
+    /// A comma-separated priority order, e.g. `4,8` or `8`.
+    fn from_str(s: &str) -> Result<Self> {
+        let order = s
+            .split(',')
+            .map(|b| b.trim().parse::<u32>().with_context(|| format!("GPTQ order {s:?}: {b:?} is not a bit-width")))
+            .collect::<Result<Vec<_>>>()?;
+        GptqSpec::new(order)
+    }
+}
+
+impl fmt::Display for GptqSpec {
+    /// As stored in a checkpoint's `rounding`: `gptq:4,8`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let order: Vec<String> = self.order.iter().map(u32::to_string).collect();
+        write!(f, "gptq:{}", order.join(","))
+    }
+}
+
+/// Σ x xᵀ over every calibration input row of one linear layer, `[in, in]` row-major, and the
+/// number of rows summed.
+#[derive(Debug, Clone)]
+pub struct InputMoments {
+    pub gram: Vec<f64>,
+    pub dim: usize,
+    pub rows: usize,
+}
+
+/// Accumulates [`InputMoments`] for the weights it is asked about.
+struct MomentCollector {
+    wanted: Vec<String>,
+    sums: Mutex<HashMap<String, (Tensor, usize)>>,
+}
+
+impl InputObserver for MomentCollector {
+    fn observe(&self, weight: &str, x: &Tensor) -> Result<()> {
+        if !self.wanted.iter().any(|w| w == weight) {
+            return Ok(());
+        }
+        let x = x.to_dtype(DType::F32)?;
+        let gram = x.t()?.matmul(&x)?;
+        let mut sums = self.sums.lock().expect("no panic while holding the lock");
+        match sums.get_mut(weight) {
+            Some((sum, rows)) => {
+                *sum = (&*sum + gram)?;
+                *rows += x.dims()[0];
+            }
+            None => {
+                sums.insert(weight.to_string(), (gram, x.dims()[0]));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the float model over `blocks` (token sequences of one length) in batches of `batch` and
+/// returns the input moments of each weight of `targets` that is a linear layer's (a tied
+/// embedding is not: it has no single input). `on_batch(blocks done)` reports progress.
+pub fn collect_moments(
+    config: &ModelConfig,
+    weights: &Weights,
+    targets: &[String],
+    blocks: &[&[u32]],
+    batch: usize,
+    mut on_batch: impl FnMut(usize),
+) -> Result<HashMap<String, InputMoments>> {
+    ensure!(!blocks.is_empty(), "no calibration blocks");
+    let seq = blocks[0].len();
+    let collector = Arc::new(MomentCollector { wanted: targets.to_vec(), sums: Mutex::new(HashMap::new()) });
+    let model = Transformer::observed(config, weights, collector.clone())?;
+    // Only the inputs matter: an lm_head that is not a target need not see every position.
+    let logits_from = if targets.iter().any(|t| t == LM_HEAD) { 0 } else { seq - 1 };
+    let mut done = 0;
+    for chunk in blocks.chunks(batch.max(1)) {
+        ensure!(chunk.iter().all(|b| b.len() == seq), "calibration blocks differ in length");
+        let ids: Vec<u32> = chunk.iter().flat_map(|b| b.iter().copied()).collect();
+        let tokens = Tensor::from_vec(ids, (chunk.len(), seq), &Device::Cpu)?;
+        model.forward(&tokens, &mut KvCache::new(config), logits_from)?;
+        done += chunk.len();
+        on_batch(done);
+    }
+    drop(model);
+    let sums = std::mem::take(&mut *collector.sums.lock().expect("no panic while holding the lock"));
+    sums.into_iter()
+        .map(|(name, (gram, rows))| {
+            let dim = gram.dims()[0];
+            let gram = gram.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+            Ok((name, InputMoments { gram, dim, rows }))
+        })
+        .collect()
+}
+
+/// The columns in rounding order and the upper Cholesky factor U of the dampened H⁻¹ in that
+/// order (row-major, f32).
+fn inverse_factor(moments: &InputMoments, spec: &GptqSpec) -> Result<(Vec<usize>, Vec<f32>)> {
+    let n = moments.dim;
+    ensure!(moments.gram.len() == n * n, "input moments of {} values for dimension {n}", moments.gram.len());
+    let mut h = moments.gram.clone();
+    // A column no input ever reaches has no effect: a unit diagonal keeps H invertible.
+    for j in 0..n {
+        if h[j * n + j] <= 0.0 {
+            h[j * n + j] = 1.0;
+        }
+    }
+    let mean_diag = (0..n).map(|j| h[j * n + j]).sum::<f64>() / n as f64;
+    for j in 0..n {
+        h[j * n + j] += spec.damp * mean_diag;
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    if spec.act_order {
+        order.sort_by(|&a, &b| h[b * n + b].total_cmp(&h[a * n + a]));
+    }
+    let permuted = nalgebra::DMatrix::from_fn(n, n, |i, k| h[order[i] * n + order[k]]);
+    let inverse = permuted
+        .cholesky()
+        .context("the input Hessian is not positive definite (raise the dampening)")?
+        .inverse();
+    let lower = inverse.cholesky().context("the inverse input Hessian is not positive definite (raise the dampening)")?.unpack();
+    // U = Lᵀ: row j of U is column j of L.
+    let mut u = vec![0f32; n * n];
+    for j in 0..n {
+        for k in j..n {
+            u[j * n + k] = lower[(k, j)] as f32;
+        }
+    }
+    Ok((order, u))
+}
+
+/// For one bit-width: the level of every int8 code, and the first and last code of every level.
+struct Levels {
+    bits: u32,
+    /// `2^Δ`: one level in units of the stored scale.
+    step: f32,
+    of_code: [i32; 256],
+    first: Vec<i32>,
+    last: Vec<i32>,
+    min: i32,
+}
+
+impl Levels {
+    fn new(bits: u32, tie: TieRule) -> Self {
+        let min = -(1i32 << (bits - 1));
+        let count = 1usize << bits;
+        let (mut first, mut last) = (vec![i32::MAX; count], vec![i32::MIN; count]);
+        let mut of_code = [0i32; 256];
+        for c in -128i32..=127 {
+            let level = i32::from(second_round(c as i8, bits, tie));
+            of_code[code_index(c as i8)] = level;
+            let slot = (level - min) as usize;
+            first[slot] = first[slot].min(c);
+            last[slot] = last[slot].max(c);
+        }
+        Levels { bits, step: (1u32 << (STORED_BITS - bits)) as f32, of_code, first, last, min }
+    }
+
+    fn level(&self, code: i32) -> i32 {
+        self.of_code[(code + 128) as usize]
+    }
+}
+
+/// Rows rounded together: U's row is read once per tile (it stays in cache across the tile).
+const ROW_TILE: usize = 16;
+
+/// Re-rounds the codes of `q` (a quantization of the `[rows, cols]` weight `w` with its scales
+/// already chosen) by GPTQ with the input moments of its layer. The scales are not changed.
+pub fn round_weight(w: &[f32], q: &mut QuantizedWeight, moments: &InputMoments, spec: &GptqSpec, tie: TieRule) -> Result<()> {
+    let layout = q.layout;
+    let (rows, cols) = (layout.rows, layout.cols);
+    ensure!(w.len() == rows * cols && q.codes.len() == rows * cols, "weight of {} values for {rows}x{cols}", w.len());
+    ensure!(moments.dim == cols, "input moments of dimension {} for a weight of {cols} columns", moments.dim);
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    if spec.order.last() != Some(&STORED_BITS) {
+        bail!("the GPTQ order must end with 8");
+    }
+    let (order, u) = inverse_factor(moments, spec)?;
+    let levels: Vec<Levels> = spec.order.iter().map(|&b| Levels::new(b, tie)).collect();
+    let n_groups = layout.n_groups();
+    let scales = &q.scales;
+    q.codes
+        .par_chunks_mut(ROW_TILE * cols)
+        .zip(w.par_chunks(ROW_TILE * cols))
+        .enumerate()
+        .for_each(|(tile, (codes, w))| {
+            let first_row = tile * ROW_TILE;
+            let tile_rows = codes.len() / cols;
+            // copies[r][p]: row r's compensated copy for the p-th bit-width, in rounding order.
+            let mut copies: Vec<Vec<Vec<f32>>> = (0..tile_rows)
+                .map(|r| {
+                    let row: Vec<f32> = order.iter().map(|&c| w[r * cols + c]).collect();
+                    vec![row; levels.len()]
+                })
+                .collect();
+            for (j, &col) in order.iter().enumerate() {
+                let u_row = &u[j * cols..(j + 1) * cols];
+                let d = u_row[j];
+                for (r, copy) in copies.iter_mut().enumerate() {
+                    let s = scales[(first_row + r) * n_groups + col / layout.group];
+                    let code = if s > 0.0 { pick_code(&levels, copy, j, s) } else { 0 };
+                    codes[r * cols + col] = code as i8;
+                    for (lv, row) in levels.iter().zip(copy.iter_mut()) {
+                        let err = (row[j] - lv.level(code) as f32 * lv.step * s) / d;
+                        for (x, &h) in row[j + 1..].iter_mut().zip(&u_row[j + 1..]) {
+                            *x -= err * h;
+                        }
+                    }
+                }
+            }
+        });
+    Ok(())
+}
+
+/// The code of column `j`: each bit-width in turn picks its level nearest its own copy among the
+/// codes the previous ones left.
+fn pick_code(levels: &[Levels], copy: &[Vec<f32>], j: usize, s: f32) -> i32 {
+    let (mut lo, mut hi) = (-128i32, 127i32);
+    for (lv, row) in levels.iter().zip(copy) {
+        let target = (row[j] / (lv.step * s)).round();
+        let (min, max) = (lv.level(lo), lv.level(hi));
+        let level = if target.is_nan() { 0.clamp(min, max) } else { (target.clamp(min as f32, max as f32)) as i32 };
+        let slot = (level - lv.min) as usize;
+        lo = lo.max(lv.first[slot]);
+        hi = hi.min(lv.last[slot]);
+        debug_assert!(lo <= hi, "bits {}: empty code interval", lv.bits);
+    }
+    lo
+}
+
+/// The output error of `codes` at `bits` relative to the weight's own output energy over the
+/// calibration inputs: `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`.
+pub fn relative_output_error(w: &[f32], q: &QuantizedWeight, moments: &InputMoments, bits: u32, tie: TieRule) -> Result<f64> {
+    let (rows, cols) = (q.layout.rows, q.layout.cols);
+    let h = Tensor::from_vec(moments.gram.clone(), (cols, cols), &Device::Cpu)?;
+    let w64: Vec<f64> = w.iter().map(|&x| f64::from(x)).collect();
+    let deq: Vec<f64> = q.dequantize(bits, tie)?.into_iter().zip(&w64).map(|(d, &x)| f64::from(d) - x).collect();
+    let energy = |m: Vec<f64>| -> Result<f64> {
+        let m = Tensor::from_vec(m, (rows, cols), &Device::Cpu)?;
+        Ok(m.matmul(&h)?.mul(&m)?.sum_all()?.to_scalar::<f64>()?)
+    };
+    let total = energy(w64)?;
+    Ok(if total > 0.0 { energy(deq)? / total } else { 0.0 })
+}
+
+/// Re-rounds every quantized weight of `q` that has input moments (every linear layer; a tied
+/// embedding keeps its nearest rounding) and records, per weight and bit-width of the spec, the
+/// relative output error of nearest and of GPTQ rounding. `on_weight` is called after each.
+pub fn round_model(
+    float: &FloatModel,
+    q: &mut QuantizedModel,
+    moments: &HashMap<String, InputMoments>,
+    spec: &GptqSpec,
+    mut on_weight: impl FnMut(&str),
+) -> Result<()> {
+    let tie = q.quantization.tie()?;
+    let bits = q.quantization.bits.clone();
+    for layer in q.report.iter_mut() {
+        let Some(m) = moments.get(&layer.name) else { continue };
+        let weight = q.quantized.get_mut(&layer.name).with_context(|| format!("no quantized weight `{}`", layer.name))?;
+        let w: Vec<f32> = float.weights.get(&layer.name, &[layer.rows, layer.cols])?.flatten_all()?.to_vec1()?;
+        let nearest = bits.iter().map(|&b| relative_output_error(&w, weight, m, b, tie)).collect::<Result<Vec<_>>>()?;
+        round_weight(&w, weight, m, spec, tie).with_context(|| format!("GPTQ rounding of `{}`", layer.name))?;
+        let gptq = bits.iter().map(|&b| relative_output_error(&w, weight, m, b, tie)).collect::<Result<Vec<_>>>()?;
+        layer.relative_error = bits
+            .iter()
+            .map(|&b| Ok((b, crate::reconstruction_error(&w, weight, b, tie)?)))
+            .collect::<Result<Vec<_>, crate::PtqError>>()?;
+        layer.output_error = Some(OutputError { nearest: bits.iter().copied().zip(nearest).collect(), gptq: bits.iter().copied().zip(gptq).collect() });
+        on_weight(&layer.name);
+    }
+    q.quantization.rounding = spec.to_string();
+    Ok(())
+}
+
+/// A layer's relative output error over the calibration inputs, `(bits, tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))`,
+/// with nearest and with GPTQ rounding.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutputError {
+    pub nearest: Vec<(u32, f64)>,
+    pub gptq: Vec<(u32, f64)>,
+}
