@@ -56,6 +56,12 @@ impl GptqSpec {
         }
         Ok(GptqSpec { order, damp: 0.01, act_order: true })
     }
+
+    /// Checks the dampening (positive, finite).
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.damp > 0.0 && self.damp.is_finite(), "GPTQ dampening must be a positive number (got {})", self.damp);
+        Ok(())
+    }
 }
 
 impl FromStr for GptqSpec {

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use kernels::{Granularity, TieRule};
 use serde::Deserialize;
 
+use crate::gptq::GptqSpec;
 use crate::ptq::{QuantSpec, SearchObjective};
 
 /// A PTQ recipe; every field optional (missing fields keep their defaults).
@@ -18,6 +19,10 @@ pub struct PtqRecipe {
     pub tie: Option<String>,
     pub objective: Option<String>,
     pub keep_float: Option<Vec<String>>,
+    /// Hessian-aware rounding: the bit-widths in priority order, e.g. `"8"` (see [`crate::gptq`]).
+    pub gptq: Option<String>,
+    /// GPTQ dampening (fraction of the input Hessian's mean diagonal).
+    pub gptq_damp: Option<f64>,
 }
 
 impl PtqRecipe {
@@ -45,6 +50,20 @@ impl PtqRecipe {
         spec.validate()?;
         Ok((spec, self.keep_float.clone().unwrap_or_default()))
     }
+
+    /// The recipe's GPTQ settings, if it asks for Hessian-aware rounding.
+    pub fn gptq(&self) -> Result<Option<GptqSpec>> {
+        let Some(order) = &self.gptq else {
+            anyhow::ensure!(self.gptq_damp.is_none(), "recipe: gptq_damp without gptq");
+            return Ok(None);
+        };
+        let mut spec: GptqSpec = order.parse().context("recipe: gptq")?;
+        if let Some(d) = self.gptq_damp {
+            spec.damp = d;
+        }
+        spec.validate()?;
+        Ok(Some(spec))
+    }
 }
 
 #[cfg(test)]
@@ -57,7 +76,9 @@ mod tests {
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
-            PtqRecipe::load(&path).unwrap().resolve().unwrap();
+            let recipe = PtqRecipe::load(&path).unwrap();
+            recipe.resolve().unwrap();
+            recipe.gptq().unwrap();
             n += 1;
         }
         assert!(n >= 3, "expected the shipped recipes in {}", dir.display());
@@ -71,5 +92,11 @@ mod tests {
         assert!(recipe.resolve().is_err());
         let recipe: PtqRecipe = toml::from_str("granularity = \"rows\"").unwrap();
         assert!(recipe.resolve().unwrap_err().to_string().contains("rows"));
+        let recipe: PtqRecipe = toml::from_str("gptq = \"4,8\"\ngptq_damp = 0.05").unwrap();
+        assert_eq!(recipe.gptq().unwrap().map(|g| (g.order, g.damp)), Some((vec![4, 8], 0.05)));
+        for bad in ["gptq = \"8,4\"", "gptq = \"4\"\ngptq_damp = -1.0", "gptq_damp = 0.1"] {
+            let recipe: PtqRecipe = toml::from_str(bad).unwrap();
+            assert!(recipe.gptq().is_err(), "{bad}");
+        }
     }
 }

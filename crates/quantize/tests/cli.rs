@@ -373,6 +373,17 @@ fn gptq_rounds_with_calibration_text_and_refuses_bad_settings() {
         let rounded = e.get("output_error").is_some();
         assert_eq!(rounded, name != "model.embed_tokens.weight", "{name}: output_error present = {rounded}");
     }
+    // A recipe can ask for GPTQ too; the flag's order overrides it.
+    let from_recipe = dir.path().join("recipe.safetensors");
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/ptq/group128-gptq8.toml");
+    let output = run(&["--config", s(&recipe), "--calibration", s(&text)], &from_recipe);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(Checkpoint::open(&from_recipe).unwrap().quantization().rounding, "gptq:8");
+    let output = run(&["--config", s(&recipe), "--gptq", "2", "--calibration", s(&text)], &from_recipe);
+    assert_ne!(output.status.code(), Some(0), "exists without --force");
+    let output = run(&["--config", s(&recipe), "--gptq", "2", "--calibration", s(&text), "--force"], &from_recipe);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(Checkpoint::open(&from_recipe).unwrap().quantization().rounding, "gptq:2,8");
     // Without --gptq the codes are rounded to nearest, and the checkpoint says so.
     let nearest = dir.path().join("tiny.safetensors");
     assert_eq!(run(&[], &nearest).status.code(), Some(0));
@@ -387,11 +398,12 @@ fn gptq_rounds_with_calibration_text_and_refuses_bad_settings() {
     std::fs::write(&wiki, "the quick brown fox ".repeat(100)).unwrap();
     let missing = dir.path().join("missing.txt");
     for (extra, needles) in [
-        (vec!["--gptq", "4,8"], vec!["--calibration"]),
+        (vec!["--gptq", "4,8"], vec!["needs calibration text", "--calibration"]),
         (vec!["--gptq", "8,4", "--calibration", s(&text)], vec!["put 8 last"]),
         (vec!["--gptq", "9", "--calibration", s(&text)], vec!["9"]),
         (vec!["--gptq", "4", "--bits", "8,2", "--calibration", s(&text)], vec!["--gptq 4", "not in the bit set"]),
         (vec!["--gptq", "4", "--gptq-damp", "0", "--calibration", s(&text)], vec!["--gptq-damp"]),
+        (vec!["--config", s(&recipe)], vec!["gptq:8", "--calibration"]),
         (vec!["--gptq", "4", "--calibration", s(&short)], vec!["--calibration", "too few"]),
         (vec!["--gptq", "4", "--calibration", s(&medium)], vec!["--calibration holds", "--calibration-blocks asks for 4"]),
         (vec!["--gptq", "4", "--calibration", s(&missing)], vec!["missing.txt", "does not exist"]),

@@ -46,9 +46,10 @@ struct Args {
     /// Hessian-aware rounding of the codes (GPTQ adapted to Double Rounding): the bit-widths it
     /// optimises, in priority order, e.g. `4,8` (4-bit levels by GPTQ, then the best 8-bit code
     /// within each) or `8`. Needs --calibration. Without it codes are rounded to nearest.
-    #[arg(long, requires = "calibration")]
+    #[arg(long)]
     gptq: Option<GptqSpec>,
-    /// Calibration text for --gptq: `.txt` files or directories of them (never WikiText-2).
+    /// Calibration text for --gptq (or a recipe's `gptq`): `.txt` files or directories of them
+    /// (never WikiText-2).
     #[arg(long)]
     calibration: Vec<PathBuf>,
     /// Calibration blocks (sequences) drawn from the text.
@@ -57,9 +58,10 @@ struct Args {
     /// Tokens per calibration block.
     #[arg(long, default_value_t = 512)]
     calibration_seq: usize,
-    /// GPTQ dampening: added to the input Hessian's diagonal as a fraction of its mean.
-    #[arg(long, default_value_t = 0.01)]
-    gptq_damp: f64,
+    /// GPTQ dampening: added to the input Hessian's diagonal as a fraction of its mean
+    /// [default: 0.01].
+    #[arg(long)]
+    gptq_damp: Option<f64>,
     /// Seed of the calibration blocks' draw.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -113,18 +115,21 @@ fn run(args: Args) -> Result<()> {
     }
     spec.validate()?;
     let profiles = ProfileRules::load_all(&args.profile)?;
-    let gptq = match args.gptq.clone() {
+    let gptq = match args.gptq.clone().or(recipe.gptq()?) {
         Some(mut g) => {
             if let Some(b) = g.order.iter().find(|b| !spec.bits.contains(b) && **b != 8) {
                 bail!("--gptq {b}: not in the bit set {:?} the scales are searched for", spec.bits);
             }
-            if !(args.gptq_damp > 0.0 && args.gptq_damp.is_finite()) {
-                bail!("--gptq-damp must be a positive number (got {})", args.gptq_damp);
+            if let Some(d) = args.gptq_damp {
+                g.damp = d;
+            }
+            g.validate().context("--gptq-damp")?;
+            if args.calibration.is_empty() {
+                bail!("GPTQ rounding ({g}) needs calibration text: pass --calibration");
             }
             if args.calibration_seq < 2 || args.calibration_blocks == 0 {
                 bail!("--calibration-seq must be at least 2 and --calibration-blocks at least 1");
             }
-            g.damp = args.gptq_damp;
             Some((g, collect_files(&args.calibration)?))
         }
         None => None,

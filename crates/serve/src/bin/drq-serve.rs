@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kernels::KernelConfig;
 use model::cli::Activations;
@@ -81,6 +81,9 @@ fn run(args: Args) -> Result<()> {
         None => PtqRecipe { granularity: Some("group:128".to_string()), ..PtqRecipe::default() },
     };
     let (spec, keep_float) = recipe.resolve()?;
+    if let Some(g) = recipe.gptq()? {
+        bail!("the recipe asks for {g} rounding, which needs calibration text: make a checkpoint with drq-quantize --gptq and serve that");
+    }
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("invalid --host/--port {}:{}", args.host, args.port))?;
