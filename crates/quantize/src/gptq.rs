@@ -124,6 +124,10 @@ impl InputObserver for MomentCollector {
 /// Runs the float model over `blocks` (token sequences of one length) in batches of `batch` and
 /// returns the input moments of each weight of `targets` that is a linear layer's (a tied
 /// embedding is not: it has no single input). `on_batch(blocks done)` reports progress.
+///
+/// Every position counts, the first too, although as an attention sink its MLP input can carry
+/// 10⁵ times a typical token's energy and dominate a layer's moments: leaving it out lets GPTQ
+/// spoil the sink's output, which costs more (docs/RESULTS.md).
 pub fn collect_moments(
     config: &ModelConfig,
     weights: &Weights,
@@ -134,6 +138,7 @@ pub fn collect_moments(
 ) -> Result<HashMap<String, InputMoments>> {
     ensure!(!blocks.is_empty(), "no calibration blocks");
     let seq = blocks[0].len();
+    ensure!(seq > 0, "empty calibration blocks");
     let collector = Arc::new(MomentCollector { wanted: targets.to_vec(), sums: Mutex::new(HashMap::new()) });
     let model = Transformer::observed(config, weights, collector.clone())?;
     // Only the inputs matter: an lm_head that is not a target need not see every position.
