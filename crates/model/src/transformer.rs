@@ -171,10 +171,16 @@ trait ParamSource {
         }
     }
 
+    /// Who sees the inputs of the float linear layer of weight `name` (calibration); none by default.
+    fn observer(&self, _name: &str) -> Option<Observer> {
+        None
+    }
+
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let bias = if bias { Some(self.float(&format!("{prefix}.bias"), &[out])?) } else { None };
-        match self.param(&format!("{prefix}.weight"), &[out, inp])? {
-            Param::Float(weight) => Ok(Linear::new(weight, bias)),
+        let name = format!("{prefix}.weight");
+        match self.param(&name, &[out, inp])? {
+            Param::Float(weight) => Ok(Linear::Dense { weight, bias, observer: self.observer(&name) }),
             Param::Planar(weight, bits) => Linear::planar(weight, bits, self.kernel(), bias),
         }
     }
@@ -205,11 +211,8 @@ impl ParamSource for ObservedSource<'_> {
         KernelConfig::default()
     }
 
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let bias = if bias { Some(self.float(&format!("{prefix}.bias"), &[out])?) } else { None };
-        let weight = self.float(&format!("{prefix}.weight"), &[out, inp])?;
-        let observer = Some(Observer { weight: format!("{prefix}.weight"), sink: self.sink.clone() });
-        Ok(Linear::Dense { weight, bias, observer })
+    fn observer(&self, name: &str) -> Option<Observer> {
+        Some(Observer { weight: name.to_string(), sink: self.sink.clone() })
     }
 }
 

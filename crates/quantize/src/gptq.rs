@@ -16,7 +16,7 @@
 //! (the lower precisions are second roundings of it); `4,8` makes 4 bits GPTQ-rounded and 8 bits
 //! the best code inside each 4-bit level.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -96,13 +96,13 @@ pub struct InputMoments {
 
 /// Accumulates [`InputMoments`] for the weights it is asked about.
 struct MomentCollector {
-    wanted: Vec<String>,
+    wanted: HashSet<String>,
     sums: Mutex<HashMap<String, (Tensor, usize)>>,
 }
 
 impl InputObserver for MomentCollector {
     fn observe(&self, weight: &str, x: &Tensor) -> Result<()> {
-        if !self.wanted.iter().any(|w| w == weight) {
+        if !self.wanted.contains(weight) {
             return Ok(());
         }
         let x = x.to_dtype(DType::F32)?;
@@ -139,7 +139,7 @@ pub fn collect_moments(
     ensure!(!blocks.is_empty(), "no calibration blocks");
     let seq = blocks[0].len();
     ensure!(seq > 0, "empty calibration blocks");
-    let collector = Arc::new(MomentCollector { wanted: targets.to_vec(), sums: Mutex::new(HashMap::new()) });
+    let collector = Arc::new(MomentCollector { wanted: targets.iter().cloned().collect(), sums: Mutex::new(HashMap::new()) });
     let model = Transformer::observed(config, weights, collector.clone())?;
     // Only the inputs matter: an lm_head that is not a target need not see every position.
     let logits_from = if targets.iter().any(|t| t == LM_HEAD) { 0 } else { seq - 1 };
@@ -300,19 +300,42 @@ fn pick_code(levels: &[Levels], copy: &[Vec<f32>], j: usize, s: f32) -> i32 {
     lo
 }
 
-/// The output error of `codes` at `bits` relative to the weight's own output energy over the
-/// calibration inputs: `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`.
-pub fn relative_output_error(w: &[f32], q: &QuantizedWeight, moments: &InputMoments, bits: u32, tie: TieRule) -> Result<f64> {
-    let (rows, cols) = (q.layout.rows, q.layout.cols);
-    let h = Tensor::from_vec(moments.gram.clone(), (cols, cols), &Device::Cpu)?;
-    let w64: Vec<f64> = w.iter().map(|&x| f64::from(x)).collect();
-    let deq: Vec<f64> = q.dequantize(bits, tie)?.into_iter().zip(&w64).map(|(d, &x)| f64::from(d) - x).collect();
-    let energy = |m: Vec<f64>| -> Result<f64> {
-        let m = Tensor::from_vec(m, (rows, cols), &Device::Cpu)?;
-        Ok(m.matmul(&h)?.mul(&m)?.sum_all()?.to_scalar::<f64>()?)
-    };
-    let total = energy(w64)?;
-    Ok(if total > 0.0 { energy(deq)? / total } else { 0.0 })
+/// Output errors of quantizations of one weight `w` over its layer's calibration inputs, relative
+/// to the weight's own output energy: `tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`. H and the energy are built
+/// once per weight, however many codes and bit-widths are measured.
+pub struct OutputErrorMeter<'a> {
+    w: &'a [f32],
+    h: Tensor,
+    energy: f64,
+}
+
+impl<'a> OutputErrorMeter<'a> {
+    pub fn new(w: &'a [f32], moments: &InputMoments) -> Result<Self> {
+        let dim = moments.dim;
+        ensure!(dim > 0 && w.len().is_multiple_of(dim), "a weight of {} values for input moments of dimension {dim}", w.len());
+        let h = Tensor::from_vec(moments.gram.clone(), (dim, dim), &Device::Cpu)?;
+        let mut meter = OutputErrorMeter { w, h, energy: 1.0 };
+        meter.energy = meter.energy_of(w.iter().map(|&x| f64::from(x)).collect())?;
+        Ok(meter)
+    }
+
+    /// `tr(M H Mᵀ)` of a `[rows, dim]` matrix.
+    fn energy_of(&self, m: Vec<f64>) -> Result<f64> {
+        let dim = self.h.dims()[0];
+        let rows = m.len() / dim;
+        let m = Tensor::from_vec(m, (rows, dim), &Device::Cpu)?;
+        Ok(m.matmul(&self.h)?.mul(&m)?.sum_all()?.to_scalar::<f64>()?)
+    }
+
+    /// The relative output error of `q` served at `bits`.
+    pub fn relative(&self, q: &QuantizedWeight, bits: u32, tie: TieRule) -> Result<f64> {
+        ensure!(q.codes.len() == self.w.len(), "a quantization of {} values for a weight of {}", q.codes.len(), self.w.len());
+        if self.energy <= 0.0 {
+            return Ok(0.0);
+        }
+        let diff = q.dequantize(bits, tie)?.into_iter().zip(self.w).map(|(d, &x)| f64::from(d) - f64::from(x)).collect();
+        Ok(self.energy_of(diff)? / self.energy)
+    }
 }
 
 /// Re-rounds every quantized weight of `q` that has input moments (every linear layer; a tied
@@ -331,9 +354,10 @@ pub fn round_model(
         let Some(m) = moments.get(&layer.name) else { continue };
         let weight = q.quantized.get_mut(&layer.name).with_context(|| format!("no quantized weight `{}`", layer.name))?;
         let w: Vec<f32> = float.weights.get(&layer.name, &[layer.rows, layer.cols])?.flatten_all()?.to_vec1()?;
-        let nearest = bits.iter().map(|&b| relative_output_error(&w, weight, m, b, tie)).collect::<Result<Vec<_>>>()?;
+        let meter = OutputErrorMeter::new(&w, m)?;
+        let nearest = bits.iter().map(|&b| meter.relative(weight, b, tie)).collect::<Result<Vec<_>>>()?;
         round_weight(&w, weight, m, spec, tie).with_context(|| format!("GPTQ rounding of `{}`", layer.name))?;
-        let gptq = bits.iter().map(|&b| relative_output_error(&w, weight, m, b, tie)).collect::<Result<Vec<_>>>()?;
+        let gptq = bits.iter().map(|&b| meter.relative(weight, b, tie)).collect::<Result<Vec<_>>>()?;
         layer.relative_error = bits
             .iter()
             .map(|&b| Ok((b, crate::reconstruction_error(&w, weight, b, tie)?)))

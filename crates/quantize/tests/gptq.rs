@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use kernels::{first_round, second_round, Granularity, QuantizedWeight, TieRule};
 use model::testing::tiny_model;
 use model::{Architecture, KvCache, OpsMode, Transformer};
-use quantize::gptq::{collect_moments, relative_output_error, round_model, round_weight, GptqSpec, InputMoments};
+use quantize::gptq::{collect_moments, round_model, round_weight, GptqSpec, InputMoments, OutputErrorMeter};
 use quantize::{quantize_model, quantize_weight, QuantSpec, SearchObjective};
 
 /// A deterministic N(0, 1) stream (splitmix64 + Box–Muller).
@@ -102,7 +102,7 @@ fn output_error_is_the_direct_one() {
     let q = quantize_weight(&w, rows, cols, &spec(&[8, 4, 2])).unwrap();
     let m = moments_of(&x, cols);
     for bits in [8, 4, 2] {
-        let fast = relative_output_error(&w, &q, &m, bits, TieRule::HalfEven).unwrap();
+        let fast = OutputErrorMeter::new(&w, &m).unwrap().relative(&q, bits, TieRule::HalfEven).unwrap();
         let direct = direct_output_error(&w, &q, &x, bits);
         assert!((fast - direct).abs() <= 1e-9 + 1e-6 * direct, "W{bits}: {fast} vs {direct}");
     }
@@ -157,7 +157,8 @@ fn correlated_inputs_lower_the_favoured_precisions_output_error() {
     let x = correlated_inputs(400, cols, 6);
     let m = moments_of(&x, cols);
     let nearest = quantize_weight(&w, rows, cols, &spec(&[8, 4, 2])).unwrap();
-    let err = |q: &QuantizedWeight, bits| relative_output_error(&w, q, &m, bits, TieRule::HalfEven).unwrap();
+    let meter = OutputErrorMeter::new(&w, &m).unwrap();
+    let err = |q: &QuantizedWeight, bits| meter.relative(q, bits, TieRule::HalfEven).unwrap();
 
     let mut g8 = nearest.clone();
     round_weight(&w, &mut g8, &m, &"8".parse().unwrap(), TieRule::HalfEven).unwrap();
