@@ -9,7 +9,8 @@
 #
 # Usage: scripts/alrs-ablation.sh [RUN...]   (default: every run, in the order below)
 # Env: OUT (default target/alrs-ablation), STEPS (40), BATCH (2), SEQ (256), WINDOWS (20),
-# EVAL (1; 0 trains only, e.g. when several invocations train side by side).
+# EVAL (1; 0 trains only, e.g. when several invocations train side by side), DATA (training text,
+# default ../shared/data/austen; e.g. a file of drq-synth's sampled text).
 # Runs already finished (their checkpoint exists) are skipped, so the script can be re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,12 +21,13 @@ SEQ=${SEQ:-256}
 WINDOWS=${WINDOWS:-20}
 EVAL=${EVAL:-1}
 MODEL=${MODEL:-default}
+DATA=${DATA:-../shared/data/austen}
 mkdir -p "$OUT"
 cargo build --release --bin drq-train --bin drq-quantize --bin drq-eval
 BIN=target/release
 
 # The shared budget and optimizer of every run; each run below adds what it ablates.
-COMMON=(--model "$MODEL" --config configs/train/w842-eta.toml --data ../shared/data/austen
+COMMON=(--model "$MODEL" --config configs/train/w842-eta.toml --data "$DATA"
     --steps "$STEPS" --batch "$BATCH" --seq-len "$SEQ" --warmup-steps 5 --min-lr-ratio 0.1
     --scale-lr 2e-5 --eval-every 20 --heldout-blocks 8 --save-every 0 --seed 0)
 # Each run: what it ablates (a flag may appear once, so the learning rate and KD are per run).

@@ -5,7 +5,8 @@
 //! - [`http`]: axum routes, OpenAI errors, server-sent events; [`openai`]: request and response
 //!   shapes and their validation;
 //! - [`sampling`], [`text`] (detokenization and stop strings), [`chat`] (templates),
-//!   [`metrics`] (Prometheus), [`load`] (a checkpoint, or any model source quantized and cached).
+//!   [`metrics`] (Prometheus), [`load`] (a checkpoint, or any model source quantized and cached);
+//! - [`synth`]: distillation text sampled from the model through the engine (`drq-synth`).
 
 pub mod chat;
 pub mod engine;
@@ -14,4 +15,5 @@ pub mod load;
 pub mod metrics;
 pub mod openai;
 pub mod sampling;
+pub mod synth;
 pub mod text;

@@ -6,12 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use kernels::KernelConfig;
 use model::cli::Activations;
 use quantize::profile::ProfileRules;
-use quantize::recipe::PtqRecipe;
 use serve::engine::{Engine, EngineOptions};
 use serve::http::{router, AppState, DEFAULT_BODY_LIMIT};
 use serve::metrics::Metrics;
@@ -76,14 +75,7 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    let recipe = match &args.config {
-        Some(path) => PtqRecipe::load(path)?,
-        None => PtqRecipe { granularity: Some("group:128".to_string()), ..PtqRecipe::default() },
-    };
-    let (spec, keep_float) = recipe.resolve()?;
-    if let Some(g) = recipe.gptq()? {
-        bail!("the recipe asks for {g} rounding, which needs calibration text: make a checkpoint with drq-quantize --gptq and serve that");
-    }
+    let (spec, keep_float) = serve::load::ptq_settings(args.config.as_deref())?;
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("invalid --host/--port {}:{}", args.host, args.port))?;
