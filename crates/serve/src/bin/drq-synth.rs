@@ -111,9 +111,17 @@ fn run(args: Args) -> Result<()> {
     let generated = AtomicUsize::new(0);
     let started = Instant::now();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let done = AtomicUsize::new(0);
+    let report_every = args.sequences.div_ceil(10);
     let sequences = runtime.block_on(synthesize(&engine, &tokenizer, &options, |s| {
         let total = generated.fetch_add(s.tokens, Ordering::Relaxed) + s.tokens;
-        bar.set_prefix(format!("{total} tokens, {:.0} tok/s", total as f64 / started.elapsed().as_secs_f64()));
+        let progress = format!("{total} tokens, {:.0} tok/s", total as f64 / started.elapsed().as_secs_f64());
+        let done = done.fetch_add(1, Ordering::Relaxed) + 1;
+        // The bar is hidden when stderr is not a terminal: a log line every tenth of the run.
+        if bar.is_hidden() && done % report_every == 0 {
+            tracing::info!("{done}/{} sequences, {progress}", args.sequences);
+        }
+        bar.set_prefix(progress);
         bar.inc(1);
     }))?;
     bar.finish_and_clear();
