@@ -106,3 +106,22 @@ async fn sample_one(engine: &Engine, start: &str, options: &SynthOptions, seed: 
     }
     bail!("the engine stopped before the sequence finished")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_tokens_are_seeded_and_never_special() {
+        let tokenizer = model::testing::tiny_tokenizer();
+        let special = tokenizer.decode(&[0], false).unwrap();
+        assert_eq!(special, "<|endoftext|>");
+        let a = start_tokens(&tokenizer, 300, 2000, 1).unwrap();
+        assert_eq!(a, start_tokens(&tokenizer, 300, 2000, 1).unwrap());
+        assert_ne!(a, start_tokens(&tokenizer, 300, 2000, 2).unwrap());
+        assert!(a.iter().all(|t| !t.contains("endoftext") && !t.trim().is_empty()));
+        // Uniform over the candidates: 2000 draws reach most of them.
+        let distinct: std::collections::HashSet<_> = a.iter().collect();
+        assert!(distinct.len() > 100, "{} distinct start tokens", distinct.len());
+    }
+}
