@@ -28,7 +28,7 @@ fn samples_reproducibly_whatever_the_batch() {
     assert_eq!(text, std::fs::read_to_string(&b).unwrap(), "the batch size changed the sampled text");
     let sequences: Vec<&str> = text.split("\n\n").filter(|s| !s.is_empty()).collect();
     assert!(!sequences.is_empty() && sequences.len() <= 7, "{sequences:?}");
-    assert!(!dir.path().join("a.tmp").exists());
+    assert!(!dir.path().join("a.txt.tmp").exists());
 
     // Another seed samples other text; greedy decoding from the same start tokens is the same
     // whatever the sampling seed would be.

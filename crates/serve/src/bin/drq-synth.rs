@@ -126,7 +126,9 @@ fn run(args: Args) -> Result<()> {
     }))?;
     bar.finish_and_clear();
 
-    let tmp = args.out.with_extension("tmp");
+    let mut tmp = args.out.clone().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let write = || -> Result<()> {
         let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         for s in &sequences {
