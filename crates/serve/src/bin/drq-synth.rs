@@ -118,7 +118,7 @@ fn run(args: Args) -> Result<()> {
         let progress = format!("{total} tokens, {:.0} tok/s", total as f64 / started.elapsed().as_secs_f64());
         let done = done.fetch_add(1, Ordering::Relaxed) + 1;
         // The bar is hidden when stderr is not a terminal: a log line every tenth of the run.
-        if bar.is_hidden() && done % report_every == 0 {
+        if bar.is_hidden() && done.is_multiple_of(report_every) {
             tracing::info!("{done}/{} sequences, {progress}", args.sequences);
         }
         bar.set_prefix(progress);
