@@ -241,6 +241,11 @@ impl Engine {
         &self.info
     }
 
+    /// The checkpoint's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
     pub fn max_batch(&self) -> usize {
         self.max_batch
     }

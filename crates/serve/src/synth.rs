@@ -50,9 +50,9 @@ pub struct Sequence {
 
 /// Samples `options.sequences` sequences through `engine`, at most `engine.max_batch()` at a
 /// time, and returns them in index order; `on_sequence` sees each as it completes.
-pub async fn synthesize(engine: &Engine, tokenizer: &Tokenizer, options: &SynthOptions, on_sequence: impl Fn(&Sequence)) -> Result<Vec<Sequence>> {
+pub async fn synthesize(engine: &Engine, options: &SynthOptions, on_sequence: impl Fn(&Sequence)) -> Result<Vec<Sequence>> {
     options.validate()?;
-    let starts = start_tokens(tokenizer, engine.info().vocab_size, options.sequences, options.seed)?;
+    let starts = start_tokens(engine.tokenizer(), engine.info().vocab_size, options.sequences, options.seed)?;
     let on_sequence = &on_sequence;
     stream::iter(starts.into_iter().enumerate())
         .map(|(i, start)| async move {

@@ -1,13 +1,12 @@
 //! `drq-synth`: distillation text sampled from a model, for `drq-train --data` (LLM-QAT's
 //! data-free recipe: start from a random token, let the model write).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use kernels::KernelConfig;
 use model::cli::Activations;
@@ -88,7 +87,6 @@ fn run(args: Args) -> Result<()> {
     }
     let (spec, keep_float) = serve::load::ptq_settings(args.config.as_deref())?;
     let checkpoint = serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
-    let tokenizer = checkpoint.tokenizer()?;
     let model_ctx = checkpoint.config().max_position_embeddings;
     if args.max_tokens + 16 > model_ctx {
         bail!("--max-tokens {}: the model's context is {model_ctx} tokens, start tokens included", args.max_tokens);
@@ -111,44 +109,28 @@ fn run(args: Args) -> Result<()> {
     let generated = AtomicUsize::new(0);
     let started = Instant::now();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let done = AtomicUsize::new(0);
-    let report_every = args.sequences.div_ceil(10);
-    let sequences = runtime.block_on(synthesize(&engine, &tokenizer, &options, |s| {
+    let report_every = (args.sequences as u64).div_ceil(10);
+    let sequences = runtime.block_on(synthesize(&engine, &options, |s| {
         let total = generated.fetch_add(s.tokens, Ordering::Relaxed) + s.tokens;
         let progress = format!("{total} tokens, {:.0} tok/s", total as f64 / started.elapsed().as_secs_f64());
-        let done = done.fetch_add(1, Ordering::Relaxed) + 1;
+        bar.inc(1);
         // The bar is hidden when stderr is not a terminal: a log line every tenth of the run.
-        if bar.is_hidden() && done.is_multiple_of(report_every) {
-            tracing::info!("{done}/{} sequences, {progress}", args.sequences);
+        if bar.is_hidden() && bar.position().is_multiple_of(report_every) {
+            tracing::info!("{}/{} sequences, {progress}", bar.position(), args.sequences);
         }
         bar.set_prefix(progress);
-        bar.inc(1);
     }))?;
     bar.finish_and_clear();
 
-    let mut tmp = args.out.clone().into_os_string();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let write = || -> Result<()> {
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        for s in &sequences {
-            writeln!(file, "{}\n", s.text.trim())?;
-        }
-        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        Ok(())
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("cannot write {}", tmp.display())));
-    }
-    std::fs::rename(&tmp, &args.out).with_context(|| format!("cannot rename {} to {}", tmp.display(), args.out.display()))?;
+    let text: String = sequences.iter().map(|s| format!("{}\n\n", s.text.trim())).collect();
+    model::checkpoint::write_atomically(&args.out, text.as_bytes())?;
     let tokens: usize = sequences.iter().map(|s| s.tokens).sum();
     let ended_early = sequences.iter().filter(|s| s.tokens < args.max_tokens).count();
+    let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
-        "wrote {} sequences, {tokens} generated tokens ({ended_early} ended before --max-tokens) in {:.0} s ({:.0} tok/s) to {}",
+        "wrote {} sequences, {tokens} generated tokens ({ended_early} ended before --max-tokens) in {seconds:.0} s ({:.0} tok/s) to {}",
         sequences.len(),
-        started.elapsed().as_secs_f64(),
-        tokens as f64 / started.elapsed().as_secs_f64(),
+        tokens as f64 / seconds,
         args.out.display()
     );
     Ok(())
