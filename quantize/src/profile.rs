@@ -100,7 +100,7 @@ mod tests {
         assert!(bad("name = \"4x\"\ndefault = 4").unwrap_err().to_string().contains("name"));
         assert!(bad("name = \"a\"\ndefault = 4\n[[rule]]\nmatch = \"x\"\nbits = 1").unwrap_err().to_string().contains("1"));
         assert!(bad("name = \"a\"\ndefault = 4\nbitz = 3").is_err());
-        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/profiles");
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/profiles");
         for entry in std::fs::read_dir(&shipped).unwrap() {
             ProfileRules::load(&entry.unwrap().path()).unwrap();
         }

@@ -30,7 +30,7 @@ fn gguf() -> PathBuf {
 }
 
 fn profile(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../configs/profiles/{name}.toml"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../configs/profiles/{name}.toml"))
 }
 
 fn s(p: &Path) -> &str {
@@ -375,7 +375,7 @@ fn gptq_rounds_with_calibration_text_and_refuses_bad_settings() {
     }
     // A recipe can ask for GPTQ too; the flag's order overrides it.
     let from_recipe = dir.path().join("recipe.safetensors");
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/ptq/group128-gptq8.toml");
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/ptq/group128-gptq8.toml");
     let output = run(&["--config", s(&recipe), "--calibration", s(&text)], &from_recipe);
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(Checkpoint::open(&from_recipe).unwrap().quantization().rounding, "gptq:8");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// `../shared` next to the workspace root. Panics with a clear message when it is missing:
 /// tests that need it must fail loudly, never skip.
 pub fn shared_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
     assert!(
         dir.join("README.md").is_file(),
         "../shared is missing (looked in {}); these tests need the project's shared data",

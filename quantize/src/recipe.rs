@@ -72,7 +72,7 @@ mod tests {
 
     #[test]
     fn every_shipped_recipe_parses() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/ptq");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/ptq");
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();

@@ -284,7 +284,7 @@ mod tests {
 
     #[test]
     fn every_shipped_recipe_parses_and_validates() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/train");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/train");
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();

@@ -43,7 +43,7 @@ fn bad_flags_are_clear_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("invalid profile") && !err.contains("panicked"), "{err}");
     // A recipe asking for GPTQ rounding: serving quantizes in memory without calibration text.
-    let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/ptq/group128-gptq8.toml");
+    let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/ptq/group128-gptq8.toml");
     let out = Command::new(BIN).arg("--model").arg(&checkpoint).arg("--config").arg(&recipe).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("gptq:8") && err.contains("drq-quantize --gptq") && !err.contains("panicked"), "{err}");

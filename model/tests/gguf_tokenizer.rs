@@ -15,7 +15,7 @@ use tokenizers::Tokenizer;
 /// A file under `../shared`; panics when it is missing, since these tests must never pass vacuously.
 fn shared(relative: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared")
+        .join("../../shared")
         .join(relative);
     assert!(
         path.exists(),
