@@ -6,7 +6,7 @@ use std::process::Command;
 
 use kernels::{Granularity, TieRule};
 use model::source::Provenance;
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::Architecture;
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
 

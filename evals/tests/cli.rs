@@ -24,7 +24,7 @@ where
 }
 
 fn gguf() -> PathBuf {
-    model::testing::smollm2_gguf()
+    drq_tests::smollm2_gguf()
 }
 
 fn s(p: &Path) -> &str {
@@ -34,7 +34,7 @@ fn s(p: &Path) -> &str {
 /// The first (at most) 5000 bytes of WikiText-2's test split, cut at a character boundary,
 /// written to `dir/wiki.txt`.
 fn small_text(dir: &Path) -> PathBuf {
-    let path = model::testing::shared_dir().join("data/wikitext-2-raw/wiki.test.raw");
+    let path = drq_tests::shared_dir().join("data/wikitext-2-raw/wiki.test.raw");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let mut end = 5000.min(text.len());
     while !text.is_char_boundary(end) {
@@ -179,7 +179,7 @@ fn rejects_bad_windows() {
     }
 
     // A window longer than the model's context (8192 for SmolLM2).
-    let wiki = model::testing::shared_dir().join("data/wikitext-2-raw/wiki.test.raw");
+    let wiki = drq_tests::shared_dir().join("data/wikitext-2-raw/wiki.test.raw");
     let output = drq_eval([
         "--model",
         s(&gguf()),

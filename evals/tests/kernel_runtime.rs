@@ -17,7 +17,7 @@ use evals::perplexity::{evaluate, windows, Candidate, Protocol};
 use kernels::{ActPath, Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::Provenance;
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::{Architecture, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer, Weights};
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
 
@@ -67,7 +67,7 @@ fn run(model: &Transformer) -> Tensor {
 /// `max |a − b| / max |b|`.
 fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    model::testing::max_abs_diff(a, b) / scale
+    drq_tests::max_abs_diff(a, b) / scale
 }
 
 /// Fraction of positions whose argmax agrees.
@@ -240,12 +240,12 @@ fn real_model_agrees(granularity: Granularity) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("smollm2.safetensors");
     {
-        let (float, provenance) = model::source::load_float(&model::ModelSource::Gguf(model::testing::smollm2_gguf())).unwrap();
+        let (float, provenance) = model::source::load_float(&model::ModelSource::Gguf(drq_tests::smollm2_gguf())).unwrap();
         write_checkpoint(&path, &float, &provenance, &round_to_nearest(&float, granularity)).unwrap();
     }
     let ckpt = Checkpoint::open(&path).unwrap();
     let resident = ResidentModel::from_checkpoint(&ckpt).unwrap();
-    let text_path = model::testing::shared_dir().join("reference/smollm2-135m-instruct/sample.txt");
+    let text_path = drq_tests::shared_dir().join("reference/smollm2-135m-instruct/sample.txt");
     let text = std::fs::read_to_string(&text_path).unwrap();
     let ids = ckpt.tokenizer().unwrap().encode(text.as_str(), false).unwrap().get_ids().to_vec();
     let bos = if ckpt.add_bos() { ckpt.config().bos_token_id } else { None };

@@ -6,7 +6,7 @@ use model::{source, OpsMode, Transformer};
 
 #[test]
 fn float_gguf_reproduces_reference_perplexity() {
-    let reference = model::testing::smollm2_reference();
+    let reference = drq_tests::smollm2_reference();
     let ids: Vec<u32> = reference["sample"]["ids_first_301"]
         .as_array()
         .expect("ids_first_301")
@@ -14,7 +14,7 @@ fn float_gguf_reproduces_reference_perplexity() {
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
     assert_eq!(ids.len(), 301);
-    let (float, _) = source::load_float(&source::ModelSource::Gguf(model::testing::smollm2_gguf())).unwrap();
+    let (float, _) = source::load_float(&source::ModelSource::Gguf(drq_tests::smollm2_gguf())).unwrap();
     let transformer = Transformer::new(&float.config, &float.weights, OpsMode::Inference).unwrap();
     let w = windows(&ids, 301, Protocol::Strided { stride: 301 }, None).unwrap();
     assert_eq!(w.len(), 1);

@@ -69,6 +69,15 @@ impl QuantizationMeta {
         granularity.layout(rows, cols).map_err(|e| anyhow::anyhow!("{rows}x{cols} weight: {e}"))
     }
 
+    /// Every precision this checkpoint can be run at: each bit-width from the lowest a second
+    /// rounding derives up to the stored codes' own, then the profiles by name.
+    pub fn precisions(&self) -> Vec<Precision> {
+        (dr::MIN_BITS..=dr::STORED_BITS)
+            .map(Precision::Bits)
+            .chain(self.profiles.keys().cloned().map(Precision::Profile))
+            .collect()
+    }
+
     /// Adds a named per-layer profile, refusing an invalid name, a name already taken, or bits
     /// that are not a valid bit-width for exactly the quantized weights.
     pub fn add_profile(&mut self, name: &str, bits: BTreeMap<String, u32>) -> Result<()> {
@@ -190,12 +199,6 @@ fn readable_by_all(path: &Path) -> Result<()> {
     #[cfg(not(unix))]
     let _ = path;
     Ok(())
-}
-
-/// Writes `bytes` to `path` through `PATH.tmp` and a rename: readers never see a half-written
-/// file (reports, logs, plots of every tool).
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_through_tmp(path, |tmp| std::fs::write(tmp, bytes).with_context(|| format!("cannot write {}", tmp.display())))
 }
 
 /// Runs `write` on `PATH.tmp`, then renames it to `path`; on any error the temporary file is

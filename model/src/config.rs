@@ -190,6 +190,12 @@ impl ModelConfig {
             [one] => v["eos_token_id"] = (*one).into(),
             many => v["eos_token_id"] = many.into(),
         }
+        if self.architecture == Architecture::Qwen2 {
+            // drq attends to the whole context: say so in the keys Qwen2 readers expect.
+            v["use_sliding_window"] = false.into();
+            v["sliding_window"] = self.max_position_embeddings.into();
+            v["max_window_layers"] = self.num_hidden_layers.into();
+        }
         if let Some(rs) = &self.rope_scaling {
             let mut r = serde_json::to_value(rs).expect("plain struct serializes");
             r["rope_type"] = "llama3".into();

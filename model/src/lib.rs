@@ -2,14 +2,11 @@
 //! runtime shared by `evals` and `serve`.
 
 pub mod checkpoint;
-pub mod cli;
 pub mod config;
 pub mod export;
-pub mod plot;
 pub mod precision;
 pub mod resident;
 pub mod source;
-pub mod testing;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

@@ -11,8 +11,9 @@ use kernels::double_rounding::{MIN_BITS, STORED_BITS};
 /// Named per-layer profiles: profile name → quantized weight name → bits.
 pub type Profiles = BTreeMap<String, BTreeMap<String, u32>>;
 
-/// A precision a request or an evaluation asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A precision a request or an evaluation asks for. Ordered float first, then bit-widths upwards,
+/// then profiles by name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Precision {
     /// The float model (only from a float source).
     Float,

@@ -3,10 +3,10 @@
 //! forward, KV-cache and batch consistency, inference vs differentiable ops, gradients against
 //! finite differences, RoPE scaling, and errors for bad inputs and bad weights.
 
-use model::testing::max_abs_diff;
+use drq_tests::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var};
 use model::config::Llama3RopeScaling;
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::{Architecture, FloatModel, KvCache, ModelConfig, OpsMode, Transformer, Weights};
 
 /// (label, architecture, tied embeddings, seed): the three layouts every check runs on.

@@ -1,17 +1,17 @@
 //! `model::export::write_hf_dir` and reading the result back as a Hugging Face directory: the real
 //! SmolLM2 GGUF (from `../shared`) and tiny untied/Qwen2 models must come back identical.
 
-use model::testing::max_abs_diff;
+use drq_tests::max_abs_diff;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Tensor;
 use model::source::{hf_dir, load_float};
-use model::testing::{smollm2_gguf, tiny_model};
+use drq_tests::{smollm2_gguf, tiny_model};
 use model::{Architecture, FloatModel, ModelSource};
 
 fn logits(model: &FloatModel, ids: &[u32]) -> Tensor {
-    model::testing::float_logits(model, ids)
+    drq_tests::float_logits(model, ids)
 }
 
 /// The tensor names of a safetensors file, from its header alone.

@@ -3,14 +3,14 @@
 //! hyper-parameters, a `gpt2` tokenizer padded to the embedding rows with `[PADn]` tokens, and no
 //! `output.weight` for tied embeddings. Loading must give back the original model's logits.
 
-use model::testing::max_abs_diff;
+use drq_tests::max_abs_diff;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use model::source::gguf::{load, permute_rows};
-use model::testing::{tiny_model, tiny_tokenizer};
+use drq_tests::{tiny_model, tiny_tokenizer};
 use model::{Architecture, FloatModel, ModelConfig, ModelSource};
 
 /// llama.cpp's token types.
@@ -232,7 +232,7 @@ const PROMPT: [u32; 20] = [
 ];
 
 fn logits(model: &FloatModel) -> Tensor {
-    model::testing::float_logits(model, &PROMPT)
+    drq_tests::float_logits(model, &PROMPT)
 }
 
 /// Everything but the f32-rounded epsilon must come back exactly.

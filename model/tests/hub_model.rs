@@ -8,14 +8,14 @@ mod support {
     pub mod server;
 }
 
-use model::testing::max_abs_diff;
+use drq_tests::max_abs_diff;
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use model::source::hf_dir::{self, HfFiles};
 use model::source::hub::{fetch_hub_model_with, HubFiles, HubSettings};
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::{Architecture, FloatModel};
 use support::fake_hub::{self, FakeFile, FakeRepo};
 
@@ -44,7 +44,7 @@ const IDS: [u32; 24] = [
 ];
 
 fn logits(model: &FloatModel) -> Tensor {
-    model::testing::float_logits(model, &IDS)
+    drq_tests::float_logits(model, &IDS)
 }
 
 /// The files of `model` exported as a Hugging Face directory, ready to serve.

@@ -29,6 +29,7 @@ use model::weights::LM_HEAD;
 use model::{FloatModel, KvCache, ModelConfig, Transformer, Weights};
 
 use crate::model_ptq::QuantizedModel;
+use crate::report::OutputError;
 use rayon::prelude::*;
 
 /// GPTQ settings: the priority order of bit-widths, the dampening and the column order.
@@ -367,12 +368,4 @@ pub fn round_model(
     }
     q.quantization.rounding = spec.to_string();
     Ok(())
-}
-
-/// A layer's relative output error over the calibration inputs, `(bits, tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))`,
-/// with nearest and with GPTQ rounding.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct OutputError {
-    pub nearest: Vec<(u32, f64)>,
-    pub gptq: Vec<(u32, f64)>,
 }

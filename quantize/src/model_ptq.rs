@@ -9,22 +9,9 @@ use kernels::QuantizedWeight;
 use model::checkpoint::{self, CheckpointContents, ProvenanceMeta, QuantizationMeta};
 use model::source::{FloatModel, Provenance};
 use model::Weights;
-use serde::Serialize;
 
 use crate::ptq::{quantize_weight, reconstruction_error, QuantSpec};
-
-/// Reconstruction error of one quantized weight at each bit-width of the spec.
-#[derive(Debug, Clone, Serialize)]
-pub struct LayerReport {
-    pub name: String,
-    pub rows: usize,
-    pub cols: usize,
-    /// `(bits, ‖Ŵ_b − W‖² / ‖W‖²)` for every bit-width of the spec.
-    pub relative_error: Vec<(u32, f64)>,
-    /// Output error over calibration inputs, nearest against GPTQ rounding (GPTQ-rounded weights only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output_error: Option<crate::gptq::OutputError>,
-}
+use crate::report::LayerReport;
 
 /// A model quantized in memory: what a checkpoint stores.
 pub struct QuantizedModel {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use kernels::{Granularity, TieRule};
 use model::checkpoint::{Checkpoint, CODES_SUFFIX, FORMAT, FORMAT_VERSION, SCALES_SUFFIX, TOKENIZER_TENSOR};
 use model::source::{FloatModel, Provenance};
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::{Architecture, ModelSource, Precision, Weights};
 use quantize::{quantize_model, write_checkpoint, QuantSpec, QuantizedModel, SearchObjective};
 use safetensors::tensor::TensorView;

@@ -26,7 +26,7 @@ where
 }
 
 fn gguf() -> PathBuf {
-    model::testing::smollm2_gguf()
+    drq_tests::smollm2_gguf()
 }
 
 fn profile(name: &str) -> PathBuf {
@@ -347,7 +347,7 @@ fn rejects_bad_output_paths() {
 fn gptq_rounds_with_calibration_text_and_refuses_bad_settings() {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("tiny");
-    model::export::write_hf_dir(&model::testing::tiny_model(model::Architecture::Llama, true, 5), &model_dir).unwrap();
+    model::export::write_hf_dir(&drq_tests::tiny_model(model::Architecture::Llama, true, 5), &model_dir).unwrap();
     let text = dir.path().join("calibration.txt");
     std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(60)).unwrap();
     let out = dir.path().join("tiny-gptq.safetensors");

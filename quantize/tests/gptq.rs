@@ -5,7 +5,7 @@
 
 use candle_core::{Device, Tensor};
 use kernels::{first_round, second_round, Granularity, QuantizedWeight, TieRule};
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::{Architecture, KvCache, OpsMode, Transformer};
 use quantize::gptq::{collect_moments, round_model, round_weight, GptqSpec, InputMoments, OutputErrorMeter};
 use quantize::{quantize_model, quantize_weight, QuantSpec, SearchObjective};
@@ -206,7 +206,7 @@ fn moments_are_the_layers_inputs() {
     let a = plain.forward(&tokens, &mut KvCache::new(config), 0).unwrap();
     let observed = Transformer::observed(config, &float.weights, std::sync::Arc::new(NoOp)).unwrap();
     let b = observed.forward(&tokens, &mut KvCache::new(config), 0).unwrap();
-    assert_eq!(model::testing::max_abs_diff(&a, &b), 0.0);
+    assert_eq!(drq_tests::max_abs_diff(&a, &b), 0.0);
 }
 
 struct NoOp;

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use model::checkpoint::Checkpoint;
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::{Architecture, Precision};
 use quantize::train::log::{read, Record};
 

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use kernels::{dequantize, first_round, second_round, Granularity, TieRule};
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::{Architecture, KvCache, OpsMode, Transformer, Weights};
 use quantize::model_ptq::quantizable;
 use quantize::train::fakequant::{export_weight, served_scale};

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use candle_core::Device;
 use model::checkpoint::Checkpoint;
 use model::source::Provenance;
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::{Architecture, FloatModel, Precision};
 use quantize::model_ptq::write_checkpoint_as;
 use quantize::train::alrs::eta;

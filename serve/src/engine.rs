@@ -41,7 +41,7 @@ pub struct EngineOptions {
     /// imposes on the sequences already decoding.
     pub prefill_chunk: usize,
     /// Precision of requests that name none.
-    pub default_precision: String,
+    pub default_precision: Precision,
     pub kernel: KernelConfig,
 }
 
@@ -52,7 +52,7 @@ impl Default for EngineOptions {
             max_queue: 64,
             max_context: 4096,
             prefill_chunk: 256,
-            default_precision: "8".to_string(),
+            default_precision: Precision::Bits(8),
             kernel: KernelConfig::default(),
         }
     }
@@ -62,8 +62,8 @@ impl Default for EngineOptions {
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     pub prompt: Vec<u32>,
-    /// A key of [`Engine::precisions`].
-    pub precision: String,
+    /// One of [`ModelInfo::precisions`].
+    pub precision: Precision,
     /// Independent choices; choice `i` samples with seed `sampling.seed + i`.
     pub n: usize,
     pub max_tokens: usize,
@@ -112,10 +112,29 @@ pub enum Event {
     Failed { choice: usize, message: String },
 }
 
+/// A request that cannot be served as it is: what is wrong, and the OpenAI field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidRequest {
+    pub message: String,
+    pub param: Option<&'static str>,
+}
+
+impl InvalidRequest {
+    pub fn new(param: &'static str, message: impl Into<String>) -> Self {
+        Self { message: message.into(), param: Some(param) }
+    }
+}
+
+impl std::fmt::Display for InvalidRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum SubmitError {
-    /// The request cannot be served as it is (the message says why).
-    Invalid(String),
+    /// The request cannot be served as it is.
+    Invalid(InvalidRequest),
     /// The queue is full: retry later.
     QueueFull,
     /// The engine stopped.
@@ -133,14 +152,73 @@ pub struct ProfileInfo {
 /// What the engine serves, for `GET /v1/models` and request validation.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    /// Every precision a request may name: `2`..`8`, then the profiles' names.
-    pub precisions: Vec<String>,
+    /// Every precision a request may name, as the checkpoint offers them: its bit-widths, then
+    /// its profiles.
+    pub precisions: Vec<Precision>,
     pub profiles: Vec<ProfileInfo>,
     /// The bit set the checkpoint's scales were searched for.
     pub calibrated_bits: Vec<u32>,
-    pub default_precision: String,
+    pub default_precision: Precision,
     pub max_context: usize,
     pub vocab_size: usize,
+    /// Sequences decoded together: the most choices (`n`) one request may ask for.
+    pub max_batch: usize,
+}
+
+impl ModelInfo {
+    /// The served precisions, as a request names them: `2, 3, …, 8, mix`.
+    pub fn precision_names(&self) -> Vec<String> {
+        self.precisions.iter().map(Precision::to_string).collect()
+    }
+
+    /// The refusal of a precision this engine does not serve.
+    pub fn not_served(&self, name: &str) -> InvalidRequest {
+        InvalidRequest::new("precision", format!("precision `{name}` is not served; use one of {}", self.precision_names().join(", ")))
+    }
+
+    /// The one check of a request against what this engine serves: its precision, the prompt
+    /// and `max_tokens` within the context, token ids within the vocabulary, and `n`. Run by
+    /// [`Engine::submit`] for every caller; the HTTP edge reports its error as a 400 naming
+    /// `param`.
+    pub fn validate(&self, r: &GenerationRequest) -> Result<(), InvalidRequest> {
+        if r.n == 0 || r.n > self.max_batch {
+            return Err(InvalidRequest::new("n", format!("n must be between 1 and {} (this server's batch), got {}", self.max_batch, r.n)));
+        }
+        if !self.precisions.contains(&r.precision) {
+            return Err(self.not_served(&r.precision.to_string()));
+        }
+        if r.prompt.is_empty() {
+            return Err(InvalidRequest::new("prompt", "the prompt is empty"));
+        }
+        if r.prompt.len() >= self.max_context {
+            return Err(InvalidRequest::new(
+                "prompt",
+                format!(
+                    "the prompt has {} tokens, but this server's context is {} tokens, including at least one generated",
+                    r.prompt.len(),
+                    self.max_context
+                ),
+            ));
+        }
+        if let Some(&bad) = r.prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(InvalidRequest::new("prompt", format!("token id {bad} is outside the vocabulary of {}", self.vocab_size)));
+        }
+        if r.max_tokens == 0 {
+            return Err(InvalidRequest::new("max_tokens", "max_tokens must be at least 1"));
+        }
+        if r.prompt.len() + r.max_tokens > self.max_context {
+            return Err(InvalidRequest::new(
+                "max_tokens",
+                format!(
+                    "the prompt ({} tokens) plus max_tokens ({}) exceed this server's context of {} tokens",
+                    r.prompt.len(),
+                    r.max_tokens,
+                    self.max_context
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Handle to the engine; the scheduler thread stops when it is dropped (after the running
@@ -153,7 +231,6 @@ pub struct Engine {
     submit: Mutex<Option<Sender<Queued>>>,
     waiting: Arc<AtomicUsize>,
     max_queue: usize,
-    max_batch: usize,
     metrics: Arc<Metrics>,
     thread: Option<JoinHandle<()>>,
 }
@@ -171,16 +248,15 @@ impl Engine {
             config.max_position_embeddings
         );
         let resident = ResidentModel::from_checkpoint(checkpoint)?;
+        // Every precision the checkpoint offers (bit-widths and named per-layer profiles), all
+        // served from the same resident copy.
+        let precisions = checkpoint.quantization().precisions();
         let mut transformers = BTreeMap::new();
-        for bits in 2..=8u32 {
-            let t = Transformer::from_resident(&resident, &Precision::Bits(bits), &options.kernel)?;
-            transformers.insert(bits.to_string(), t);
+        for precision in &precisions {
+            transformers.insert(precision.clone(), Transformer::from_resident(&resident, precision, &options.kernel)?);
         }
-        // Named per-layer profiles of the checkpoint, served from the same resident copy.
         let mut profiles = Vec::new();
         for (name, bits) in resident.profiles() {
-            let t = Transformer::from_resident(&resident, &Precision::Profile(name.clone()), &options.kernel)?;
-            transformers.insert(name.clone(), t);
             let (mut weights, mut weighted) = (0usize, 0usize);
             for (w, planar) in resident.planar_weights() {
                 let n = planar.rows() * planar.cols();
@@ -193,7 +269,7 @@ impl Engine {
             transformers.contains_key(&options.default_precision),
             "default precision `{}` is not one of {}",
             options.default_precision,
-            transformers.keys().cloned().collect::<Vec<_>>().join(", ")
+            precisions.iter().map(Precision::to_string).collect::<Vec<_>>().join(", ")
         );
         let tokenizer = Arc::new(checkpoint.tokenizer()?);
         let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
@@ -202,12 +278,13 @@ impl Engine {
             .map(|source| ChatTemplate::new(source, &token_text(config.bos_token_id), &token_text(config.eos_token_ids.first().copied())))
             .transpose()?;
         let info = ModelInfo {
-            precisions: (2..=8u32).map(|b| b.to_string()).chain(profiles.iter().map(|p| p.name.clone())).collect(),
+            precisions,
             profiles,
             calibrated_bits: checkpoint.quantization().bits.clone(),
             default_precision: options.default_precision.clone(),
             max_context: options.max_context,
             vocab_size: config.vocab_size,
+            max_batch: options.max_batch,
         };
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
@@ -231,7 +308,6 @@ impl Engine {
             submit: Mutex::new(Some(tx)),
             waiting,
             max_queue: options.max_queue,
-            max_batch: options.max_batch,
             metrics,
             thread: Some(thread),
         })
@@ -244,10 +320,6 @@ impl Engine {
     /// The checkpoint's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
-    }
-
-    pub fn max_batch(&self) -> usize {
-        self.max_batch
     }
 
     /// Token ids of a completion prompt (BOS first when the model uses one).
@@ -268,7 +340,7 @@ impl Engine {
     /// Queues `request`; its events arrive on the returned receiver. Dropping the receiver
     /// cancels the request.
     pub fn submit(&self, request: GenerationRequest) -> Result<UnboundedReceiver<Event>, SubmitError> {
-        self.check(&request).map_err(SubmitError::Invalid)?;
+        self.info.validate(&request).map_err(SubmitError::Invalid)?;
         let guard = self.submit.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = guard.as_ref() else { return Err(SubmitError::Stopped) };
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
@@ -285,43 +357,6 @@ impl Engine {
             return Err(SubmitError::Stopped);
         }
         Ok(receiver)
-    }
-}
-
-impl Engine {
-    fn check(&self, r: &GenerationRequest) -> Result<(), String> {
-        let info = &self.info;
-        if !info.precisions.contains(&r.precision) {
-            return Err(format!("precision `{}` is not served; use one of {}", r.precision, info.precisions.join(", ")));
-        }
-        if r.prompt.is_empty() {
-            return Err("the prompt is empty".into());
-        }
-        if r.prompt.len() >= info.max_context {
-            return Err(format!(
-                "the prompt has {} tokens; this server's context is {} tokens, including at least one generated",
-                r.prompt.len(),
-                info.max_context
-            ));
-        }
-        if r.prompt.len() + r.max_tokens > info.max_context {
-            return Err(format!(
-                "the prompt ({} tokens) plus max_tokens ({}) exceed this server's context of {} tokens",
-                r.prompt.len(),
-                r.max_tokens,
-                info.max_context
-            ));
-        }
-        if let Some(&bad) = r.prompt.iter().find(|&&id| id as usize >= info.vocab_size) {
-            return Err(format!("token id {bad} is outside the vocabulary of {}", info.vocab_size));
-        }
-        if r.max_tokens == 0 {
-            return Err("max_tokens must be at least 1".into());
-        }
-        if r.n == 0 || r.n > self.max_batch {
-            return Err(format!("n must be between 1 and {} (this server's batch)", self.max_batch));
-        }
-        Ok(())
     }
 }
 
@@ -356,7 +391,7 @@ struct Sequence {
 }
 
 struct Scheduler {
-    transformers: BTreeMap<String, Transformer>,
+    transformers: BTreeMap<Precision, Transformer>,
     config: ModelConfig,
     tokenizer: Arc<Tokenizer>,
     options: EngineOptions,
@@ -576,6 +611,6 @@ impl Scheduler {
     }
 }
 
-fn finished(metrics: &Metrics, precision: &str, reason: &str) {
+fn finished(metrics: &Metrics, precision: &Precision, reason: &str) {
     metrics.finished.get_or_create(&FinishLabel { precision: precision.to_string(), reason: reason.to_string() }).inc();
 }

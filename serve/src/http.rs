@@ -159,10 +159,10 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
             "object": "model",
             "created": state.created,
             "owned_by": "drq",
-            "precisions": info.precisions,
+            "precisions": info.precision_names(),
             "profiles": info.profiles,
             "calibrated_bits": info.calibrated_bits,
-            "default_precision": info.default_precision,
+            "default_precision": info.default_precision.to_string(),
             "context_length": info.max_context,
         }]
     }))
@@ -178,7 +178,7 @@ fn request_id(prefix: &str) -> String {
 
 fn submit(state: &AppState, request: GenerationRequest) -> Result<UnboundedReceiver<Event>, ApiError> {
     state.engine.submit(request).map_err(|e| match e {
-        SubmitError::Invalid(message) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message),
+        SubmitError::Invalid(e) => e.into(),
         SubmitError::QueueFull => {
             let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is overloaded; retry later");
             e.code = Some("overloaded");
@@ -211,12 +211,12 @@ struct Meta {
 
 async fn completions(State(state): State<Arc<AppState>>, ApiJson(body): ApiJson<CompletionRequest>) -> Result<Response, ApiError> {
     if body.echo {
-        return Err(InvalidRequest { message: "echo is not supported".into(), param: Some("echo") }.into());
+        return Err(InvalidRequest::new("echo", "echo is not supported").into());
     }
     let prompt = match &body.prompt {
         Prompt::Text(t) => state.engine.encode_prompt(t),
         Prompt::Texts(v) if v.len() == 1 => state.engine.encode_prompt(&v[0]),
-        Prompt::Texts(_) => return Err(InvalidRequest { message: "send one prompt per request".into(), param: Some("prompt") }.into()),
+        Prompt::Texts(_) => return Err(InvalidRequest::new("prompt", "send one prompt per request").into()),
         Prompt::Tokens(ids) => Ok(ids.clone()),
     }
     .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("{e:#}")))?;
@@ -246,7 +246,7 @@ async fn respond(state: &AppState, request: GenerationRequest, endpoint: Endpoin
         }),
         created: now(),
         model: state.model_id.clone(),
-        precision: request.precision.clone(),
+        precision: request.precision.to_string(),
         prompt_tokens: request.prompt.len(),
         n: request.n,
         include_usage,

@@ -55,7 +55,7 @@ pub fn open_or_quantize(model: &str, spec: &QuantSpec, keep_float: &[String], ca
     }
     std::fs::create_dir_all(cache).with_context(|| format!("cannot create the cache directory {}", cache.display()))?;
     let n = quantize::model_ptq::quantizable(&float.config, keep_float).len();
-    let bar = model::cli::progress_bar(n as u64, "quantizing");
+    let bar = cli::progress_bar(n as u64, "quantizing");
     let quantized = quantize_model(&float, spec, keep_float, |name| {
         bar.set_prefix(name.to_string());
         bar.inc(1);

@@ -92,6 +92,6 @@ impl Default for Metrics {
     }
 }
 
-pub fn precision_label(precision: &str) -> PrecisionLabel {
+pub fn precision_label(precision: &model::Precision) -> PrecisionLabel {
     PrecisionLabel { precision: precision.to_string() }
 }

@@ -3,23 +3,15 @@
 
 use std::time::Instant;
 
+use model::Precision;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::chat::ChatMessage;
+pub use crate::engine::InvalidRequest;
 use crate::engine::{GenerationRequest, ModelInfo};
 use crate::sampling::SamplingParams;
 
-/// A client error: HTTP 400 with the offending parameter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidRequest {
-    pub message: String,
-    pub param: Option<&'static str>,
-}
-
-fn invalid(param: &'static str, message: impl Into<String>) -> InvalidRequest {
-    InvalidRequest { message: message.into(), param: Some(param) }
-}
 
 /// `"stop": "x"` or `["x", "y"]`.
 #[derive(Debug, Deserialize)]
@@ -61,7 +53,7 @@ pub struct CommonParams {
     pub seed: Option<i64>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
-    /// Extension: the weight precision, `2`..`8` (a number or a string).
+    /// Extension: the weight precision, a bit-width (a number or a string) or a profile name.
     pub precision: Option<Value>,
 }
 
@@ -112,7 +104,8 @@ const MAX_LOGPROBS: i64 = 20;
 const MAX_STOPS: usize = 4;
 
 impl CommonParams {
-    /// Checks the fields against OpenAI's ranges and the served model; `prompt` is already
+    /// Reads the fields into a request: sampling fields are checked against OpenAI's ranges here,
+    /// the rest against the served model by [`ModelInfo::validate`]; `prompt` is already
     /// tokenized. `max_tokens` defaults to the rest of the context.
     pub fn to_request(
         &self,
@@ -124,31 +117,27 @@ impl CommonParams {
     ) -> Result<GenerationRequest, InvalidRequest> {
         if let Some(model) = &self.model {
             if model != served_id {
-                return Err(InvalidRequest { message: format!("The model `{model}` does not exist; this server serves `{served_id}`"), param: Some("model") });
+                return Err(InvalidRequest::new("model", format!("The model `{model}` does not exist; this server serves `{served_id}`")));
             }
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
-            return Err(invalid("temperature", format!("temperature must be between 0 and 2, got {temperature}")));
+            return Err(InvalidRequest::new("temperature", format!("temperature must be between 0 and 2, got {temperature}")));
         }
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(invalid("top_p", format!("top_p must be in (0, 1], got {top_p}")));
+            return Err(InvalidRequest::new("top_p", format!("top_p must be in (0, 1], got {top_p}")));
         }
         let top_k = self.top_k.unwrap_or(0);
         if top_k < 0 {
-            return Err(invalid("top_k", format!("top_k must be 0 (off) or positive, got {top_k}")));
+            return Err(InvalidRequest::new("top_k", format!("top_k must be 0 (off) or positive, got {top_k}")));
         }
         for (name, value) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
             if let Some(v) = value {
                 if !(-2.0..=2.0).contains(&v) {
-                    return Err(invalid(name, format!("{name} must be between -2 and 2, got {v}")));
+                    return Err(InvalidRequest::new(name, format!("{name} must be between -2 and 2, got {v}")));
                 }
             }
-        }
-        let n = self.n.unwrap_or(1);
-        if n < 1 {
-            return Err(invalid("n", format!("n must be at least 1, got {n}")));
         }
         let stop = match &self.stop {
             None => Vec::new(),
@@ -156,39 +145,20 @@ impl CommonParams {
             Some(OneOrMany::Many(v)) => v.clone(),
         };
         if stop.len() > MAX_STOPS {
-            return Err(invalid("stop", format!("at most {MAX_STOPS} stop sequences, got {}", stop.len())));
+            return Err(InvalidRequest::new("stop", format!("at most {MAX_STOPS} stop sequences, got {}", stop.len())));
         }
         let precision = parse_precision(self.precision.as_ref(), info)?;
-        let room = info.max_context.saturating_sub(prompt.len());
-        if room == 0 {
-            return Err(invalid(
-                "prompt",
-                format!("the prompt has {} tokens, but this server's context is {} tokens", prompt.len(), info.max_context),
-            ));
-        }
-        let max_tokens = match max_tokens {
-            None => room,
-            Some(m) if m < 1 => return Err(invalid("max_tokens", format!("max_tokens must be at least 1, got {m}"))),
-            Some(m) if m as usize > room => {
-                return Err(invalid(
-                    "max_tokens",
-                    format!(
-                        "the prompt ({} tokens) plus max_tokens ({m}) exceed this server's context of {} tokens",
-                        prompt.len(),
-                        info.max_context
-                    ),
-                ))
-            }
-            Some(m) => m as usize,
-        };
+        // Negative counts become 0, which the validation refuses.
+        let count = |v: i64| usize::try_from(v).unwrap_or(0);
+        let max_tokens = max_tokens.map_or(info.max_context.saturating_sub(prompt.len()), count);
         let seed = match self.seed {
             Some(s) => s as u64,
             None => rand::random(),
         };
-        Ok(GenerationRequest {
+        let request = GenerationRequest {
             prompt,
             precision,
-            n: n as usize,
+            n: self.n.map_or(1, count),
             max_tokens,
             sampling: SamplingParams {
                 temperature,
@@ -201,7 +171,9 @@ impl CommonParams {
             stop,
             logprobs,
             arrived: Instant::now(),
-        })
+        };
+        info.validate(&request)?;
+        Ok(request)
     }
 
     pub fn include_usage(&self) -> bool {
@@ -209,49 +181,46 @@ impl CommonParams {
     }
 }
 
-/// `precision`: absent (the default), a number, or a string naming a served precision.
-fn parse_precision(value: Option<&Value>, info: &ModelInfo) -> Result<String, InvalidRequest> {
+/// `precision`: absent (the default), a number, or a string, read once into the typed
+/// [`Precision`] the engine takes (whether it is served is [`ModelInfo::validate`]'s to say).
+fn parse_precision(value: Option<&Value>, info: &ModelInfo) -> Result<Precision, InvalidRequest> {
     let name = match value {
         None | Some(Value::Null) => return Ok(info.default_precision.clone()),
         Some(Value::Number(n)) => n.to_string(),
         Some(Value::String(s)) => s.trim().to_string(),
-        Some(other) => return Err(invalid("precision", format!("precision must be a number or a string, got {other}"))),
+        Some(other) => return Err(InvalidRequest::new("precision", format!("precision must be a number or a string, got {other}"))),
     };
-    if info.precisions.contains(&name) {
-        Ok(name)
-    } else {
-        Err(invalid("precision", format!("precision `{name}` is not served; use one of {}", info.precisions.join(", "))))
-    }
+    name.parse().map_err(|_| info.not_served(&name))
 }
 
 pub fn completion_logprobs(value: Option<i64>) -> Result<Option<usize>, InvalidRequest> {
     match value {
         None => Ok(None),
         Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Ok(Some(k as usize)),
-        Some(k) => Err(invalid("logprobs", format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"))),
+        Some(k) => Err(InvalidRequest::new("logprobs", format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"))),
     }
 }
 
 pub fn chat_logprobs(logprobs: bool, top: Option<i64>) -> Result<Option<usize>, InvalidRequest> {
     match (logprobs, top) {
         (false, None) => Ok(None),
-        (false, Some(_)) => Err(invalid("top_logprobs", "top_logprobs requires logprobs: true")),
+        (false, Some(_)) => Err(InvalidRequest::new("top_logprobs", "top_logprobs requires logprobs: true")),
         (true, None) => Ok(Some(0)),
         (true, Some(k)) if (0..=MAX_LOGPROBS).contains(&k) => Ok(Some(k as usize)),
-        (true, Some(k)) => Err(invalid("top_logprobs", format!("top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"))),
+        (true, Some(k)) => Err(InvalidRequest::new("top_logprobs", format!("top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"))),
     }
 }
 
 /// The chat messages as the template sees them.
 pub fn chat_messages(messages: &[RequestMessage]) -> Result<Vec<ChatMessage>, InvalidRequest> {
     if messages.is_empty() {
-        return Err(invalid("messages", "messages must not be empty"));
+        return Err(InvalidRequest::new("messages", "messages must not be empty"));
     }
     messages
         .iter()
         .map(|m| {
             if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
-                return Err(invalid("messages", format!("unknown role `{}`", m.role)));
+                return Err(InvalidRequest::new("messages", format!("unknown role `{}`", m.role)));
             }
             let content = match &m.content {
                 None => String::new(),
@@ -261,7 +230,7 @@ pub fn chat_messages(messages: &[RequestMessage]) -> Result<Vec<ChatMessage>, In
                     for p in parts {
                         match (p.kind.as_str(), &p.text) {
                             ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => return Err(invalid("messages", format!("content parts of type `{kind}` are not supported (text only)"))),
+                            (kind, _) => return Err(InvalidRequest::new("messages", format!("content parts of type `{kind}` are not supported (text only)"))),
                         }
                     }
                     text
@@ -323,12 +292,13 @@ mod tests {
 
     fn info() -> ModelInfo {
         ModelInfo {
-            precisions: (2..=8).map(|b: u32| b.to_string()).collect(),
+            precisions: (2..=8).map(Precision::Bits).collect(),
             profiles: Vec::new(),
             calibrated_bits: vec![8, 4, 2],
-            default_precision: "8".into(),
+            default_precision: Precision::Bits(8),
             max_context: 100,
             vocab_size: 300,
+            max_batch: 16,
         }
     }
 
@@ -343,9 +313,9 @@ mod tests {
     #[test]
     fn defaults_and_precision_forms() {
         let r = check("{}", 10, None).unwrap();
-        assert_eq!((r.precision.as_str(), r.n, r.max_tokens, r.sampling.temperature), ("8", 1, 90, 1.0));
-        assert_eq!(check(r#"{"precision": 4}"#, 10, None).unwrap().precision, "4");
-        assert_eq!(check(r#"{"precision": " 2"}"#, 10, None).unwrap().precision, "2");
+        assert_eq!((&r.precision, r.n, r.max_tokens, r.sampling.temperature), (&Precision::Bits(8), 1, 90, 1.0));
+        assert_eq!(check(r#"{"precision": 4}"#, 10, None).unwrap().precision, Precision::Bits(4));
+        assert_eq!(check(r#"{"precision": " 2"}"#, 10, None).unwrap().precision, Precision::Bits(2));
         assert_eq!(check(r#"{"seed": 5}"#, 10, None).unwrap().sampling.seed, 5);
     }
 
@@ -355,11 +325,15 @@ mod tests {
             (r#"{"precision": 9}"#, "precision"),
             (r#"{"precision": 4.5}"#, "precision"),
             (r#"{"precision": [4]}"#, "precision"),
+            (r#"{"precision": "fp"}"#, "precision"),
+            (r#"{"precision": "mix"}"#, "precision"),
             (r#"{"temperature": -0.1}"#, "temperature"),
             (r#"{"temperature": 2.5}"#, "temperature"),
             (r#"{"top_p": 0}"#, "top_p"),
             (r#"{"top_k": -1}"#, "top_k"),
             (r#"{"n": 0}"#, "n"),
+            (r#"{"n": -1}"#, "n"),
+            (r#"{"n": 17}"#, "n"),
             (r#"{"presence_penalty": 3}"#, "presence_penalty"),
             (r#"{"stop": ["a","b","c","d","e"]}"#, "stop"),
             (r#"{"model": "other"}"#, "model"),
@@ -370,6 +344,9 @@ mod tests {
         assert_eq!(check("{}", 100, None).unwrap_err().param, Some("prompt"));
         assert_eq!(check("{}", 10, Some(91)).unwrap_err().param, Some("max_tokens"));
         assert_eq!(check("{}", 10, Some(0)).unwrap_err().param, Some("max_tokens"));
+        assert_eq!(check("{}", 10, Some(-3)).unwrap_err().param, Some("max_tokens"));
+        assert_eq!(check("{}", 0, None).unwrap_err().param, Some("prompt"));
+        assert_eq!(params("{}").to_request(&info(), "m", vec![300], None, None).unwrap_err().param, Some("prompt"));
         assert_eq!(check("{}", 10, Some(90)).unwrap().max_tokens, 90);
     }
 

@@ -24,7 +24,7 @@ pub struct SynthOptions {
     /// Tokens generated per sequence at most (a sequence ends early at an end-of-sequence token).
     pub max_tokens: usize,
     /// A precision the engine serves.
-    pub precision: String,
+    pub precision: model::Precision,
     pub temperature: f32,
     pub top_p: f32,
     pub seed: u64,
@@ -48,7 +48,7 @@ pub struct Sequence {
     pub tokens: usize,
 }
 
-/// Samples `options.sequences` sequences through `engine`, at most `engine.max_batch()` at a
+/// Samples `options.sequences` sequences through `engine`, at most `engine.info().max_batch` at a
 /// time, and returns them in index order; `on_sequence` sees each as it completes.
 pub async fn synthesize(engine: &Engine, options: &SynthOptions, on_sequence: impl Fn(&Sequence)) -> Result<Vec<Sequence>> {
     options.validate()?;
@@ -60,7 +60,7 @@ pub async fn synthesize(engine: &Engine, options: &SynthOptions, on_sequence: im
             on_sequence(&sequence);
             anyhow::Ok(sequence)
         })
-        .buffered(engine.max_batch())
+        .buffered(engine.info().max_batch)
         .try_collect()
         .await
 }
@@ -89,7 +89,7 @@ async fn sample_one(engine: &Engine, start: &str, options: &SynthOptions, seed: 
         arrived: std::time::Instant::now(),
     };
     let mut events = engine.submit(request).map_err(|e| match e {
-        SubmitError::Invalid(message) => anyhow!("{message}"),
+        SubmitError::Invalid(e) => anyhow!("{e}"),
         SubmitError::QueueFull => anyhow!("the engine's queue is full"),
         SubmitError::Stopped => anyhow!("the engine stopped"),
     })?;
@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn start_tokens_are_seeded_and_never_special() {
-        let tokenizer = model::testing::tiny_tokenizer();
+        let tokenizer = drq_tests::tiny_tokenizer();
         let special = tokenizer.decode(&[0], false).unwrap();
         assert_eq!(special, "<|endoftext|>");
         let a = start_tokens(&tokenizer, 300, 2000, 1).unwrap();

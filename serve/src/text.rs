@@ -96,7 +96,7 @@ mod tests {
     use super::*;
 
     fn tokenizer() -> Arc<Tokenizer> {
-        Arc::new(model::testing::tiny_tokenizer())
+        Arc::new(drq_tests::tiny_tokenizer())
     }
 
     fn ids(t: &Tokenizer, s: &str) -> Vec<u32> {

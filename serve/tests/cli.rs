@@ -183,7 +183,7 @@ fn loadgen_reports_every_precision_without_errors() {
 fn a_float_source_is_quantized_with_group_128_by_default_and_cached() {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
-    model::export::write_hf_dir(&model::testing::tiny_model(model::Architecture::Llama, true, 8), &hf).unwrap();
+    model::export::write_hf_dir(&drq_tests::tiny_model(model::Architecture::Llama, true, 8), &hf).unwrap();
     let cache = dir.path().join("cache");
     let (mut child, _) = spawn_listening(&hf, &[], &[("DRQ_CACHE", cache.as_os_str())]);
     child.kill().unwrap();

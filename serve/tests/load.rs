@@ -2,7 +2,7 @@
 //! the next start, re-made when the cached file is unusable or the recipe differs.
 
 use kernels::Granularity;
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::Architecture;
 use quantize::QuantSpec;
 use serve::load::open_or_quantize;

@@ -17,7 +17,7 @@ use support::{runtime_greedy, TestServer};
 #[test]
 fn served_greedy_text_equals_the_runtime_at_every_precision() {
     let dir = tempfile::tempdir().unwrap();
-    let gguf = model::testing::smollm2_gguf();
+    let gguf = drq_tests::smollm2_gguf();
     let (float, provenance) = source::load_float(&ModelSource::Gguf(gguf)).unwrap();
     let spec = QuantSpec { bits: vec![8, 4, 2], granularity: Granularity::Channel, tie: TieRule::HalfEven, objective: SearchObjective::Normalized };
     let q = quantize_model(&float, &spec, &[], |_| {}).unwrap();

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use clap::Parser;
 use kernels::KernelConfig;
-use model::cli::Activations;
+use cli::Activations;
 use model::checkpoint::Checkpoint;
 use model::source::{self, ModelSource};
 use model::{precision, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer};
@@ -67,7 +67,7 @@ and his lamp. Still he climbed, because a light that is kept is a promise, and p
 broken just because nobody seems to be listening.";
 
 fn main() {
-    model::cli::run_main(|| run(Args::parse()));
+    cli::run_main(|| run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<()> {
@@ -138,7 +138,7 @@ fn run(args: Args) -> Result<()> {
             "model": args.model, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "batch": args.batch,
             "threads": args.threads, "backend": kernel.backend.name(), "repeat": args.repeat, "rows": rows, "peak_rss_bytes": peak,
         });
-        model::checkpoint::write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+        cli::write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
     Ok(())
 }

@@ -9,8 +9,8 @@ use evals::perplexity::{evaluate, windows, Candidate, PrecisionReport, Protocol,
 use kernels::{Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::{self, FloatModel, ModelSource};
-use model::cli::Activations;
-use model::plot::{document, panel, Panel, Series, COLORS};
+use cli::Activations;
+use cli::plot::{document, panel, Panel, Series, COLORS};
 use model::{precision, KvCache, OpsMode, Precision, ResidentModel, Transformer};
 use quantize::profile::ProfileRules;
 use quantize::{QuantSpec, SearchObjective};
@@ -116,7 +116,7 @@ struct PerplexityArgs {
 }
 
 fn main() {
-    model::cli::run_main(|| match Cli::parse().command {
+    cli::run_main(|| match Cli::parse().command {
         Command::Perplexity(args) => perplexity(args),
     });
 }
@@ -131,7 +131,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         ensure!(args.activations == Activations::F32, "--activations int8 needs --runtime kernels");
     }
     ensure!(args.threads != Some(0), "--threads must be at least 1");
-    let device = model::cli::parse_device(&args.device)?;
+    let device = cli::parse_device(&args.device)?;
     ensure!(
         device.is_cpu() || args.runtime == RuntimeArg::Reference,
         "--device {}: the kernels run on the CPU; use --runtime reference on a GPU",
@@ -146,7 +146,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     let profiles = ProfileRules::load_all(&args.profile)?;
     for (flag, path) in [("--json", &args.json), ("--plot", &args.plot)] {
         if let Some(path) = path {
-            model::cli::check_output_dir(flag, path)?;
+            cli::check_output_dir(flag, path)?;
         }
     }
     let wants_float = precisions.contains(&Precision::Float);
@@ -306,7 +306,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         args.precision
     );
     let started = Instant::now();
-    let bar = model::cli::progress_bar(wins.len() as u64, "perplexity");
+    let bar = cli::progress_bar(wins.len() as u64, "perplexity");
     // The bar is hidden when stderr is not a terminal; log progress then, for long batch runs.
     let log_every = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { usize::MAX } else { (wins.len() / 20).max(1) };
     let mut reports = evaluate(&candidates, reference, &wins, |done| {
@@ -335,7 +335,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         let names: Vec<String> = checkpoints.iter().map(|c| c.path().file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned())).collect();
         let title = format!("{}, ctx {}, {} windows", args.file.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned()), args.ctx, wins.len());
         let svg = plot_perplexity_vs_bits(&reports, &storage_bits, &names, &title);
-        model::checkpoint::write_atomically(path, svg.as_bytes())?;
+        cli::write_atomically(path, svg.as_bytes())?;
     }
     if let Some(path) = &args.json {
         let json = serde_json::json!({
@@ -350,7 +350,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
             "seconds": seconds,
             "results": reports,
         });
-        model::checkpoint::write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+        cli::write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
     Ok(())
 }

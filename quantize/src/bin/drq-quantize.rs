@@ -83,7 +83,7 @@ struct Args {
 }
 
 fn main() {
-    model::cli::run_main(|| run(Args::parse()));
+    cli::run_main(|| run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<()> {
@@ -97,9 +97,9 @@ fn run(args: Args) -> Result<()> {
     if args.out.is_dir() {
         bail!("--out {} is a directory", args.out.display());
     }
-    model::cli::check_output_dir("--out", &args.out)?;
+    cli::check_output_dir("--out", &args.out)?;
     if let Some(report) = &args.report {
-        model::cli::check_output_dir("--report", report)?;
+        cli::check_output_dir("--report", report)?;
     }
     let recipe = match &args.config {
         Some(path) => PtqRecipe::load(path)?,
@@ -146,7 +146,7 @@ fn run(args: Args) -> Result<()> {
         None => None,
     };
     let n_targets = quantize::model_ptq::quantizable(&float.config, &keep_float).len();
-    let bar = model::cli::progress_bar(n_targets as u64, "quantizing");
+    let bar = cli::progress_bar(n_targets as u64, "quantizing");
     let mut quantized = quantize_model(&float, &spec, &keep_float, |name| {
         bar.set_prefix(name.to_string());
         bar.inc(1);
@@ -163,7 +163,7 @@ fn run(args: Args) -> Result<()> {
 
     print_report(&quantized.report, &spec.bits);
     if let Some(path) = &args.report {
-        model::checkpoint::write_atomically(path, serde_json::to_string_pretty(&quantized.report)?.as_bytes())?;
+        cli::write_atomically(path, serde_json::to_string_pretty(&quantized.report)?.as_bytes())?;
     }
     let size = std::fs::metadata(&args.out)?.len();
     tracing::info!(
@@ -195,13 +195,13 @@ fn calibration_blocks(float: &model::FloatModel, files: &[PathBuf], args: &Args)
 fn round_hessian_aware(float: &model::FloatModel, q: &mut QuantizedModel, gptq: &GptqSpec, blocks: &[Vec<u32>], args: &Args) -> Result<()> {
     let started = Instant::now();
     let blocks: Vec<&[u32]> = blocks.iter().map(Vec::as_slice).collect();
-    let bar = model::cli::progress_bar(blocks.len() as u64, "calibrating");
+    let bar = cli::progress_bar(blocks.len() as u64, "calibrating");
     let moments = quantize::gptq::collect_moments(&float.config, &float.weights, &q.quantization.quantized, &blocks, 8, |done| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
     tracing::info!("input moments of {} weights from {} tokens in {:.1}s", moments.len(), blocks.len() * args.calibration_seq, started.elapsed().as_secs_f64());
-    let bar = model::cli::progress_bar(moments.len() as u64, "GPTQ");
+    let bar = cli::progress_bar(moments.len() as u64, "GPTQ");
     quantize::gptq::round_model(float, q, &moments, gptq, |name| {
         bar.set_prefix(name.to_string());
         bar.inc(1);
@@ -231,7 +231,7 @@ fn print_report(report: &[quantize::LayerReport], bits: &[u32]) {
     if !rounded.is_empty() {
         println!("\noutput error over the calibration inputs, tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), mean over {} GPTQ-rounded weights:", rounded.len());
         for (i, b) in bits.iter().enumerate() {
-            let mean = |f: fn(&quantize::gptq::OutputError) -> &Vec<(u32, f64)>| rounded.iter().map(|e| f(e)[i].1).sum::<f64>() / rounded.len() as f64;
+            let mean = |f: fn(&quantize::OutputError) -> &Vec<(u32, f64)>| rounded.iter().map(|e| f(e)[i].1).sum::<f64>() / rounded.len() as f64;
             let (nearest, gptq) = (mean(|e| &e.nearest), mean(|e| &e.gptq));
             println!("  W{b}: nearest {nearest:.3e}, GPTQ {gptq:.3e} ({:+.1}%)", 100.0 * (gptq / nearest - 1.0));
         }

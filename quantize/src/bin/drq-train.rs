@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use model::checkpoint::write_atomically;
+use cli::write_atomically;
 use model::source::{self, ModelSource};
 use quantize::model_ptq::write_checkpoint_as;
 use quantize::profile::ProfileRules;
@@ -161,7 +161,7 @@ impl Args {
 }
 
 fn main() {
-    model::cli::run_main(|| run(Args::parse()));
+    cli::run_main(|| run(Args::parse()));
 }
 
 const STATE: &str = "state.safetensors";
@@ -180,7 +180,7 @@ fn run(args: Args) -> Result<()> {
     if args.out.exists() && !args.force {
         bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
-    model::cli::check_output_dir("--out", &args.out)?;
+    cli::check_output_dir("--out", &args.out)?;
     // Read before training, so that a bad profile fails now rather than after the run.
     let profiles = ProfileRules::load_all(&args.profile)?;
     let state_path = args.run_dir.join(STATE);
@@ -209,7 +209,7 @@ fn run(args: Args) -> Result<()> {
         ensure!(stop >= 1 && stop < cfg.steps, "--stop-at-step must be between 1 and steps − 1 ({})", cfg.steps - 1);
     }
     let files = data::collect_files(&args.data)?;
-    let device = model::cli::parse_device(&args.device)?;
+    let device = cli::parse_device(&args.device)?;
 
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -264,7 +264,7 @@ fn run(args: Args) -> Result<()> {
         evaluate(&trainer, &blocks, &log_path, Some(float_ppl))?;
         plot()?;
     }
-    let bar = model::cli::progress_bar(cfg.steps, "training");
+    let bar = cli::progress_bar(cfg.steps, "training");
     bar.set_position(trainer.step_count());
     bar.reset_eta();
     let run_start = Instant::now();

@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use model::plot::{document, panel, Panel, Series, COLORS};
+use cli::plot::{document, panel, Panel, Series, COLORS};
 use serde::{Deserialize, Serialize};
 
 /// One line of `log.jsonl`: `{"kind": "step", ...}` or `{"kind": "eval", ...}`. Maps are keyed
@@ -99,7 +99,7 @@ pub fn truncate(path: &Path, step: u64) -> Result<()> {
             kept.push('\n');
         }
     }
-    model::checkpoint::write_atomically(path, kept.as_bytes())
+    cli::write_atomically(path, kept.as_bytes())
 }
 
 /// Appends one record.

@@ -13,7 +13,8 @@ use model::{FloatModel, KvCache, OpsMode, Transformer, Weights};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::model_ptq::{quantizable, LayerReport, QuantizedModel};
+use crate::model_ptq::{quantizable, QuantizedModel};
+use crate::report::LayerReport;
 use crate::ptq::{quantize_weight, reconstruction_error};
 use crate::train::config::{LoopMode, ScaleMoments, Teacher, TrainConfig};
 use crate::train::data::TokenBlocks;

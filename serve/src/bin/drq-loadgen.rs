@@ -66,7 +66,7 @@ struct Summary {
 }
 
 fn main() {
-    model::cli::run_main(|| run(Args::parse()));
+    cli::run_main(|| run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<()> {
@@ -126,7 +126,7 @@ fn run(args: Args) -> Result<()> {
             "url": args.url, "clients": args.clients, "duration_s": args.duration, "elapsed_s": elapsed,
             "max_tokens": args.max_tokens, "precisions": args.precisions, "by_precision": rows, "all": total,
         });
-        model::checkpoint::write_atomically(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        cli::write_atomically(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     if total.errors > 0 {
         bail!("{} of {} requests failed", total.errors, total.requests);

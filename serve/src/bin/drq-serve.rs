@@ -9,7 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::Parser;
 use kernels::KernelConfig;
-use model::cli::Activations;
+use cli::Activations;
+use model::Precision;
 use quantize::profile::ProfileRules;
 use serve::engine::{Engine, EngineOptions};
 use serve::http::{router, AppState, DEFAULT_BODY_LIMIT};
@@ -36,7 +37,7 @@ struct Args {
     host: String,
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Precision of requests that do not name one (2..8).
+    /// Precision of requests that do not name one: a bit-width (2..8) or a profile's name.
     #[arg(long, default_value = "8")]
     default_precision: String,
     /// Sequences decoded together in one step (a request with n choices takes n).
@@ -71,7 +72,7 @@ struct Args {
 }
 
 fn main() {
-    model::cli::run_main(|| run(Args::parse()));
+    cli::run_main(|| run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<()> {
@@ -79,6 +80,8 @@ fn run(args: Args) -> Result<()> {
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("invalid --host/--port {}:{}", args.host, args.port))?;
+    let default_precision: Precision =
+        args.default_precision.parse().with_context(|| format!("default precision `{}`", args.default_precision))?;
     let profiles = ProfileRules::load_all(&args.profile)?;
     let mut checkpoint = serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
     for p in &profiles {
@@ -91,7 +94,7 @@ fn run(args: Args) -> Result<()> {
         max_queue: args.max_queue,
         max_context: args.ctx.unwrap_or(model_ctx.min(4096)),
         prefill_chunk: args.prefill_chunk,
-        default_precision: args.default_precision.clone(),
+        default_precision,
         kernel: KernelConfig {
             threads: args.threads,
             path: args.activations.path(),
@@ -121,7 +124,7 @@ fn run(args: Args) -> Result<()> {
         tracing::info!(
             "serving `{model_id}` on http://{} (precisions {}, default {}, batch {}, queue {}, context {})",
             listener.local_addr()?,
-            state.engine.info().precisions.join(","),
+            state.engine.info().precision_names().join(","),
             options.default_precision,
             options.max_batch,
             options.max_queue,

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kernels::KernelConfig;
-use model::cli::Activations;
+use cli::Activations;
+use model::Precision;
 use serve::engine::{Engine, EngineOptions};
 use serve::metrics::Metrics;
 use serve::synth::{synthesize, SynthOptions};
@@ -68,20 +69,21 @@ struct Args {
 }
 
 fn main() {
-    model::cli::run_main(|| run(Args::parse()));
+    cli::run_main(|| run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<()> {
+    let precision: Precision = args.precision.parse().with_context(|| format!("--precision {}", args.precision))?;
     let options = SynthOptions {
         sequences: args.sequences,
         max_tokens: args.max_tokens,
-        precision: args.precision.clone(),
+        precision,
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
     };
     options.validate()?;
-    model::cli::check_output_dir("--out", &args.out)?;
+    cli::check_output_dir("--out", &args.out)?;
     if args.out.exists() && !args.force {
         bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
@@ -95,17 +97,16 @@ fn run(args: Args) -> Result<()> {
         max_batch: args.max_batch,
         max_queue: args.max_batch,
         max_context: (args.max_tokens + 16).min(model_ctx),
-        default_precision: "8".to_string(),
         kernel: KernelConfig { threads: args.threads, path: args.activations.path(), ..KernelConfig::default() },
         ..EngineOptions::default()
     };
     let engine = Engine::start(&checkpoint, engine_options, Arc::new(Metrics::new()))?;
     drop(checkpoint);
-    if !engine.info().precisions.contains(&args.precision) {
-        bail!("--precision {}: the checkpoint serves {}", args.precision, engine.info().precisions.join(", "));
+    if !engine.info().precisions.contains(&options.precision) {
+        bail!("--precision {}: the checkpoint serves {}", args.precision, engine.info().precision_names().join(", "));
     }
 
-    let bar = model::cli::progress_bar(args.sequences as u64, "sampling");
+    let bar = cli::progress_bar(args.sequences as u64, "sampling");
     let generated = AtomicUsize::new(0);
     let started = Instant::now();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -123,7 +124,7 @@ fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
 
     let text: String = sequences.iter().map(|s| format!("{}\n\n", s.text.trim())).collect();
-    model::checkpoint::write_atomically(&args.out, text.as_bytes())?;
+    cli::write_atomically(&args.out, text.as_bytes())?;
     let tokens: usize = sequences.iter().map(|s| s.tokens).sum();
     let ended_early = sequences.iter().filter(|s| s.tokens < args.max_tokens).count();
     let seconds = started.elapsed().as_secs_f64();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use kernels::{Granularity, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::Provenance;
-use model::testing::tiny_model;
+use drq_tests::tiny_model;
 use model::Architecture;
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
 use serde_json::Value;

@@ -19,7 +19,7 @@ struct Args {
 }
 
 fn main() {
-    model::cli::run_main(|| run(Args::parse()));
+    cli::run_main(|| run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<()> {

@@ -1,4 +1,9 @@
-//! What every drq binary shares: logging and progress bars, so the tools look and behave alike.
+//! What every drq binary shares, so the tools look and behave alike: logging, progress bars,
+//! the error exit, `--device` and `--activations`, output checks, small-file writes and SVG plots.
+
+pub mod plot;
+
+use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -28,15 +33,23 @@ pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
         .map_err(|e| anyhow::anyhow!("--device {name}: no usable GPU: {}", e.to_string().lines().next().unwrap_or_default()))
 }
 
-/// A progress bar in the style of all drq tools (hidden when stderr is not a terminal).
 /// Refuses an output path `flag PATH` whose directory does not exist: checked when a tool starts,
 /// not after its run.
-pub fn check_output_dir(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+pub fn check_output_dir(flag: &str, path: &Path) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     anyhow::ensure!(dir.is_dir(), "{flag} {}: directory {} does not exist", path.display(), dir.display());
     Ok(())
 }
 
+/// Writes a small file (report, log, plot, text) through `PATH.tmp` and a rename: readers never
+/// see a half-written file, and on error `path` is left as it was.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    model::checkpoint::write_through_tmp(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))
+    })
+}
+
+/// A progress bar in the style of all drq tools (hidden when stderr is not a terminal).
 pub fn progress_bar(len: u64, message: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(

@@ -57,9 +57,9 @@ pub fn tiny_tokenizer() -> tokenizers::Tokenizer {
 
 /// A tiny random model of the given architecture: 2 layers, hidden 64, 4 query / 2 KV heads,
 /// vocabulary 300 (covers [`tiny_tokenizer`]), weights ~N(0, 0.02²) from `seed`.
-pub fn tiny_model(architecture: crate::Architecture, tie_word_embeddings: bool, seed: u64) -> crate::FloatModel {
+pub fn tiny_model(architecture: model::Architecture, tie_word_embeddings: bool, seed: u64) -> model::FloatModel {
     use candle_core::{Device, Tensor};
-    let config = crate::ModelConfig {
+    let config = model::ModelConfig {
         architecture,
         vocab_size: 300,
         hidden_size: 64,
@@ -73,7 +73,7 @@ pub fn tiny_model(architecture: crate::Architecture, tie_word_embeddings: bool, 
         rope_scaling: None,
         max_position_embeddings: 256,
         tie_word_embeddings,
-        attention_bias: architecture == crate::Architecture::Qwen2,
+        attention_bias: architecture == model::Architecture::Qwen2,
         bos_token_id: Some(0),
         eos_token_ids: vec![0],
     };
@@ -87,8 +87,8 @@ pub fn tiny_model(architecture: crate::Architecture, tie_word_embeddings: bool, 
         let (u, v) = (uniform(), uniform());
         ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
     };
-    let mut weights = crate::Weights::new();
-    for (name, shape) in crate::Weights::expected_shapes(&config) {
+    let mut weights = model::Weights::new();
+    for (name, shape) in model::Weights::expected_shapes(&config) {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = if name.ends_with("norm.weight") {
             (0..n).map(|_| 1.0 + 0.1 * normal()).collect()
@@ -97,7 +97,7 @@ pub fn tiny_model(architecture: crate::Architecture, tie_word_embeddings: bool, 
         };
         weights.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap();
     }
-    crate::FloatModel { config, tokenizer: tiny_tokenizer(), add_bos: false, chat_template: None, weights }
+    model::FloatModel { config, tokenizer: tiny_tokenizer(), add_bos: false, chat_template: None, weights }
 }
 
 /// The largest absolute element difference of two tensors of the same shape.
@@ -113,8 +113,40 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
 }
 
 /// Logits `[1, ids.len(), vocab]` of the float model on one sequence, from an empty cache.
-pub fn float_logits(model: &crate::FloatModel, ids: &[u32]) -> candle_core::Tensor {
-    let t = crate::Transformer::new(&model.config, &model.weights, crate::OpsMode::Inference).expect("valid model");
+pub fn float_logits(model: &model::FloatModel, ids: &[u32]) -> candle_core::Tensor {
+    let t = model::Transformer::new(&model.config, &model.weights, model::OpsMode::Inference).expect("valid model");
     let tokens = candle_core::Tensor::new(ids, &candle_core::Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
-    t.forward(&tokens, &mut crate::KvCache::new(&model.config), 0).expect("forward")
+    t.forward(&tokens, &mut model::KvCache::new(&model.config), 0).expect("forward")
+}
+
+/// The path of the workspace binary `name` (`drq-serve`, …), built like the tests that run it.
+///
+/// Cargo builds a package's binaries for that package's own integration tests only, so the
+/// end-to-end suite asks cargo for every workspace binary once per test process, in the
+/// profile and target directory of the running test (a no-op after `cargo test --workspace`,
+/// which has built them already). Panics with cargo's output if the build fails.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // target/<profile>/deps/<test binary>
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").to_path_buf();
+        let target_dir = profile_dir.parent().expect("target/<profile>");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev".to_string(),
+            Some(other) => other.to_string(),
+            None => panic!("unexpected target directory {}", profile_dir.display()),
+        };
+        let out = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--workspace", "--bins", "--quiet", "--profile", &profile, "--target-dir"])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("cargo runs");
+        assert!(out.status.success(), "cargo build --workspace --bins failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        profile_dir
+    });
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
 }
