@@ -11,7 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 /// The device a `--device` flag names: `cpu`, `cuda` (the first GPU) or `cuda:N`. A CUDA device
@@ -29,8 +30,9 @@ pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
         anyhow::bail!("--device {name}: this binary was built without CUDA (build with `--features cuda`)");
     }
     // candle appends a backtrace to CUDA errors: the first line says what went wrong.
-    candle_core::Device::new_cuda(ordinal)
-        .map_err(|e| anyhow::anyhow!("--device {name}: no usable GPU: {}", e.to_string().lines().next().unwrap_or_default()))
+    candle_core::Device::new_cuda(ordinal).map_err(|e| {
+        anyhow::anyhow!("--device {name}: no usable GPU: {}", e.to_string().lines().next().unwrap_or_default())
+    })
 }
 
 /// Refuses an output path `flag PATH` whose directory does not exist: checked when a tool starts,

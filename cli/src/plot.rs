@@ -31,7 +31,12 @@ pub fn document(width: f64, height: f64, title: &str, draw: impl FnOnce(&mut Str
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(svg, r#"<text x="{}" y="20" text-anchor="middle" font-size="15">{}</text>"#, width / 2.0, escape(title));
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="15">{}</text>"#,
+        width / 2.0,
+        escape(title)
+    );
     draw(&mut svg);
     svg.push_str("</svg>\n");
     svg
@@ -70,7 +75,8 @@ pub fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), panel: &P
     let (title, log) = (panel.title, panel.log_y);
     let reference = panel.reference.as_ref().map(|r| r.0);
     let tf = |v: f64| if log { v.max(1e-12).log10() } else { v };
-    let values = series.iter().flat_map(|s| s.points.iter().map(|p| tf(p.1))).chain(reference.map(tf)).filter(|v| v.is_finite());
+    let values =
+        series.iter().flat_map(|s| s.points.iter().map(|p| tf(p.1))).chain(reference.map(tf)).filter(|v| v.is_finite());
     let (mut lo, mut hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     let steps = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let (mut s_lo, mut s_hi) = steps.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
@@ -90,7 +96,8 @@ pub fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), panel: &P
     let (lo, hi) = (lo - pad, hi + pad);
     let px = |s: f64| x0 + (s - s_lo) / (s_hi - s_lo) * pw;
     let py = |v: f64| y0 + ph - (tf(v) - lo) / (hi - lo) * ph;
-    let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, x0 + pw / 2.0, y0 - 6.0, escape(title));
+    let _ =
+        writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, x0 + pw / 2.0, y0 - 6.0, escape(title));
     let _ = writeln!(svg, r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##);
     for i in 0..=5 {
         let t = lo + (hi - lo) * f64::from(i) / 5.0;
@@ -118,7 +125,13 @@ pub fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), panel: &P
         );
         s += step_tick;
     }
-    let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, x0 + pw / 2.0, y0 + ph + 32.0, escape(panel.x_label));
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        x0 + pw / 2.0,
+        y0 + ph + 32.0,
+        escape(panel.x_label)
+    );
     if let Some((r, label)) = panel.reference.as_ref().filter(|r| r.0.is_finite()) {
         let y = py(*r);
         let _ = writeln!(
@@ -133,9 +146,19 @@ pub fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), panel: &P
     // The legend sits in the top right corner, as wide as its longest label (~7 px a character).
     let legend_x = x0 + pw - 30.0 - 7.0 * series.iter().map(|s| s.label.chars().count()).max().unwrap_or(0) as f64;
     for (i, s) in series.iter().enumerate() {
-        let pts: Vec<String> = s.points.iter().filter(|p| tf(p.1).is_finite()).map(|&(a, b)| format!("{:.1},{:.1}", px(a), py(b))).collect();
+        let pts: Vec<String> = s
+            .points
+            .iter()
+            .filter(|p| tf(p.1).is_finite())
+            .map(|&(a, b)| format!("{:.1},{:.1}", px(a), py(b)))
+            .collect();
         if pts.len() > 1 {
-            let _ = writeln!(svg, r#"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"#, s.color, pts.join(" "));
+            let _ = writeln!(
+                svg,
+                r#"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"#,
+                s.color,
+                pts.join(" ")
+            );
         }
         if s.points.len() <= 60 {
             for p in &pts {
@@ -155,4 +178,3 @@ pub fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), panel: &P
         );
     }
 }
-

@@ -153,7 +153,10 @@ pub fn evaluate(
         ensure!(r < candidates.len(), "reference index out of range");
     }
     let device = candidates.first().map_or(Device::Cpu, |c| c.model.device().clone());
-    ensure!(candidates.iter().all(|c| c.model.device().same_device(&device)), "the models to compare are on different devices");
+    ensure!(
+        candidates.iter().all(|c| c.model.device().same_device(&device)),
+        "the models to compare are on different devices"
+    );
     let mut sums = vec![Sums::default(); candidates.len()];
     for (wi, window) in windows.iter().enumerate() {
         let n = window.tokens.len();
@@ -198,11 +201,7 @@ pub fn evaluate(
         }
         on_window(wi + 1);
     }
-    Ok(candidates
-        .iter()
-        .zip(&sums)
-        .map(|(c, s)| s.report(&c.label, reference.is_some()))
-        .collect())
+    Ok(candidates.iter().zip(&sums).map(|(c, s)| s.report(&c.label, reference.is_some())).collect())
 }
 
 #[cfg(test)]

@@ -4,9 +4,9 @@
 
 use std::process::Command;
 
+use drq_tests::tiny_model;
 use kernels::{Granularity, TieRule};
 use model::source::Provenance;
-use drq_tests::tiny_model;
 use model::Architecture;
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
 
@@ -16,7 +16,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_drq-bench");
 fn reports_every_precision_and_refuses_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let float = tiny_model(Architecture::Llama, true, 5);
-    let spec = QuantSpec { bits: vec![8, 4, 2], granularity: Granularity::Group(32), tie: TieRule::HalfEven, objective: SearchObjective::Normalized };
+    let spec = QuantSpec {
+        bits: vec![8, 4, 2],
+        granularity: Granularity::Group(32),
+        tie: TieRule::HalfEven,
+        objective: SearchObjective::Normalized,
+    };
     let q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
     let ckpt = dir.path().join("tiny.safetensors");
     write_checkpoint(&ckpt, &float, &Provenance { source: "test".into(), sha256: "0".repeat(64) }, &q).unwrap();
@@ -24,7 +29,19 @@ fn reports_every_precision_and_refuses_bad_input() {
     let out = Command::new(BIN)
         .arg("--model")
         .arg(&ckpt)
-        .args(["--precision", "8,3,2", "--prompt-tokens", "8", "--gen-tokens", "6", "--batch", "3", "--repeat", "1", "--json"])
+        .args([
+            "--precision",
+            "8,3,2",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "6",
+            "--batch",
+            "3",
+            "--repeat",
+            "1",
+            "--json",
+        ])
         .arg(&json)
         .output()
         .unwrap();

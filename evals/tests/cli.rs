@@ -70,9 +70,14 @@ fn rejects_bad_runtime_options() {
         (&["--device", "tpu"][..], "expected `cpu`, `cuda` or `cuda:N`"),
         // No GPU where the tests run, whether or not the binary was built with `cuda`.
         (&["--runtime", "reference", "--device", "cuda"][..], "--device cuda: "),
-        (&["--plot", "/nonexistent-dir/p.svg"][..], "--plot /nonexistent-dir/p.svg: directory /nonexistent-dir does not exist"),
+        (
+            &["--plot", "/nonexistent-dir/p.svg"][..],
+            "--plot /nonexistent-dir/p.svg: directory /nonexistent-dir does not exist",
+        ),
     ] {
-        let output = drq_eval(["--model", s(&gguf()), "--file", s(&text), "--precision", "8"].iter().copied().chain(args.iter().copied()));
+        let output = drq_eval(
+            ["--model", s(&gguf()), "--file", s(&text), "--precision", "8"].iter().copied().chain(args.iter().copied()),
+        );
         assert_refused(&output, &[needle]);
     }
 }
@@ -294,7 +299,20 @@ fn evaluates_a_checkpoint_against_its_reference() {
     // The reference path gives the same 8-bit perplexity; int8 activations a close one.
     let run = |precision: &str, extra: &[&str]| -> serde_json::Value {
         let json = dir.path().join("run.json");
-        let args = ["--model", s(&ckpt), "--file", s(&text), "--precision", precision, "--ctx", "64", "--max-windows", "2", "--json", s(&json)];
+        let args = [
+            "--model",
+            s(&ckpt),
+            "--file",
+            s(&text),
+            "--precision",
+            precision,
+            "--ctx",
+            "64",
+            "--max-windows",
+            "2",
+            "--json",
+            s(&json),
+        ];
         let output = drq_eval(args.iter().chain(extra));
         assert_eq!(output.status.code(), Some(0), "stderr:\n{}", String::from_utf8_lossy(&output.stderr));
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
@@ -307,7 +325,8 @@ fn evaluates_a_checkpoint_against_its_reference() {
     let all8 = dir.path().join("all8.toml");
     std::fs::write(&all8, "name = \"all8\"\ndefault = 8\n").unwrap();
     let profiled = run("all8,8", &["--profile", s(&all8)]);
-    let labels: Vec<&str> = profiled["results"].as_array().unwrap().iter().map(|r| r["label"].as_str().unwrap()).collect();
+    let labels: Vec<&str> =
+        profiled["results"].as_array().unwrap().iter().map(|r| r["label"].as_str().unwrap()).collect();
     assert_eq!(labels, ["all8", "8"]);
     assert_eq!(profiled["results"][0]["perplexity"], profiled["results"][1]["perplexity"], "{profiled:#}");
     // Bits per weight as stored: per-channel f16 scales add 16 bits per 576- or 1536-wide row.

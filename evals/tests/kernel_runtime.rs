@@ -13,11 +13,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor, D};
+use drq_tests::tiny_model;
 use evals::perplexity::{evaluate, windows, Candidate, Protocol};
 use kernels::{ActPath, Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::Provenance;
-use drq_tests::tiny_model;
 use model::{Architecture, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer, Weights};
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
 
@@ -92,7 +92,8 @@ fn tiny_models_match_the_reference_at_every_precision() {
                 for bits in 2..=8 {
                     let p = Precision::Bits(bits);
                     let case = format!("{arch:?} tied={tied} {granularity} {bits} bits");
-                    let reference = Transformer::new(ckpt.config(), &ckpt.weights_at(&p).unwrap(), OpsMode::Inference).unwrap();
+                    let reference =
+                        Transformer::new(ckpt.config(), &ckpt.weights_at(&p).unwrap(), OpsMode::Inference).unwrap();
                     let want = run(&reference);
                     let f32_model = Transformer::from_resident(&resident, &p, &kernel(ActPath::F32)).unwrap();
                     let got = run(&f32_model);
@@ -137,7 +138,8 @@ fn per_layer_mix_matches_the_reference() {
             })
         };
         let mut weights = Weights::new();
-        let decoded: Vec<(u32, Weights)> = (2..=8).map(|b| (b, ckpt.weights_at(&Precision::Bits(b)).unwrap())).collect();
+        let decoded: Vec<(u32, Weights)> =
+            (2..=8).map(|b| (b, ckpt.weights_at(&Precision::Bits(b)).unwrap())).collect();
         for (name, shape) in Weights::expected_shapes(ckpt.config()) {
             let bits = if ckpt.is_quantized(&name) { bits_for(&name).unwrap() } else { 8 };
             let w = &decoded.iter().find(|(b, _)| *b == bits).unwrap().1;
@@ -220,8 +222,12 @@ fn round_to_nearest(float: &model::FloatModel, granularity: Granularity) -> quan
         }
         quantized.insert(name, kernels::QuantizedWeight { codes, scales, layout });
     }
-    let float_tensors =
-        float.weights.iter().filter(|(n, _)| !quantized.contains_key(*n)).map(|(n, t)| (n.clone(), t.clone())).collect();
+    let float_tensors = float
+        .weights
+        .iter()
+        .filter(|(n, _)| !quantized.contains_key(*n))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
     let quantization = model::checkpoint::QuantizationMeta {
         bits: vec![8, 4, 2],
         granularity: granularity.to_string(),
@@ -240,7 +246,8 @@ fn real_model_agrees(granularity: Granularity) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("smollm2.safetensors");
     {
-        let (float, provenance) = model::source::load_float(&model::ModelSource::Gguf(drq_tests::smollm2_gguf())).unwrap();
+        let (float, provenance) =
+            model::source::load_float(&model::ModelSource::Gguf(drq_tests::smollm2_gguf())).unwrap();
         write_checkpoint(&path, &float, &provenance, &round_to_nearest(&float, granularity)).unwrap();
     }
     let ckpt = Checkpoint::open(&path).unwrap();
@@ -252,16 +259,20 @@ fn real_model_agrees(granularity: Granularity) {
     let mut wins = windows(&ids, 128, Protocol::LlamaCpp, bos).unwrap();
     wins.truncate(2);
     assert_eq!(wins.len(), 2);
-    let ppl = |m: &Transformer| evaluate(&[Candidate { label: String::new(), model: m }], None, &wins, |_| {}).unwrap()[0].perplexity;
+    let ppl = |m: &Transformer| {
+        evaluate(&[Candidate { label: String::new(), model: m }], None, &wins, |_| {}).unwrap()[0].perplexity
+    };
     for bits in [8, 4, 2] {
         let p = Precision::Bits(bits);
-        let reference = ppl(&Transformer::new(ckpt.config(), &ckpt.weights_at(&p).unwrap(), OpsMode::Inference).unwrap());
+        let reference =
+            ppl(&Transformer::new(ckpt.config(), &ckpt.weights_at(&p).unwrap(), OpsMode::Inference).unwrap());
         let f32_ppl = ppl(&Transformer::from_resident(&resident, &p, &kernel(ActPath::F32)).unwrap());
         let rel = (f32_ppl / reference - 1.0).abs();
         // 2 bits is scored too (the PTQ model is destroyed there, perplexity ~1e7, but the kernels
         // must still compute exactly what the reference computes); int8 activations only where the
         // perplexity means something.
-        let int8_ppl = (bits >= 4).then(|| ppl(&Transformer::from_resident(&resident, &p, &kernel(ActPath::Int8)).unwrap()));
+        let int8_ppl =
+            (bits >= 4).then(|| ppl(&Transformer::from_resident(&resident, &p, &kernel(ActPath::Int8)).unwrap()));
         eprintln!(
             "{granularity} {bits} bits: reference {reference:.4}, kernels f32 {f32_ppl:.4} (rel {rel:.1e}), kernels int8 {}",
             int8_ppl.map_or("-".to_string(), |v| format!("{v:.4} ({:+.2}%)", (v / reference - 1.0) * 100.0))
@@ -277,7 +288,10 @@ fn real_model_agrees(granularity: Granularity) {
                 (Granularity::Channel, 4) => 0.25,
                 _ => 0.10,
             };
-            assert!((v / reference - 1.0).abs() < tol, "{granularity} {bits} bits: kernels int8 {v} vs reference {reference}");
+            assert!(
+                (v / reference - 1.0).abs() < tol,
+                "{granularity} {bits} bits: kernels int8 {v} vs reference {reference}"
+            );
         }
     }
 }
@@ -299,31 +313,44 @@ fn real_model_group128_perplexity_matches_the_reference() {
 #[test]
 fn forward_batch_equals_each_sequence_alone() {
     let dir = tempfile::tempdir().unwrap();
-    for (arch, tied, granularity) in [
-        (Architecture::Llama, true, Granularity::Channel),
-        (Architecture::Qwen2, false, Granularity::Group(32)),
-    ] {
+    for (arch, tied, granularity) in
+        [(Architecture::Llama, true, Granularity::Channel), (Architecture::Qwen2, false, Granularity::Group(32))]
+    {
         let checkpoint = tiny_checkpoint(dir.path(), arch, tied, granularity);
         let resident = ResidentModel::from_checkpoint(&checkpoint).unwrap();
-        let float = Transformer::new(checkpoint.config(), &checkpoint.weights_at(&Precision::Bits(4)).unwrap(), OpsMode::Inference).unwrap();
+        let float = Transformer::new(
+            checkpoint.config(),
+            &checkpoint.weights_at(&Precision::Bits(4)).unwrap(),
+            OpsMode::Inference,
+        )
+        .unwrap();
         let planar = Transformer::from_resident(&resident, &Precision::Bits(4), &KernelConfig::default()).unwrap();
         for (label, t, exact) in [("reference", &float, false), ("kernels", &planar, true)] {
-            let ids = |n: usize, seed: u32| -> Vec<u32> { tokens(1, n, seed).flatten_all().unwrap().to_vec1().unwrap() };
+            let ids =
+                |n: usize, seed: u32| -> Vec<u32> { tokens(1, n, seed).flatten_all().unwrap().to_vec1().unwrap() };
             // Three sequences: a, b already have 9 and 3 cached positions; c starts empty.
             let (a0, b0) = (ids(9, 11), ids(3, 12));
             let (a1, b1, c1) = (ids(1, 13), ids(4, 14), ids(70, 15));
             let alone = |prefix: &[u32], new: &[u32]| -> Tensor {
                 let mut cache = KvCache::new(t.config());
                 if !prefix.is_empty() {
-                    t.forward(&Tensor::new(prefix, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache, 0).unwrap();
+                    t.forward(&Tensor::new(prefix, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache, 0)
+                        .unwrap();
                 }
-                let logits = t.forward(&Tensor::new(new, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache, new.len() - 1).unwrap();
+                let logits = t
+                    .forward(&Tensor::new(new, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache, new.len() - 1)
+                    .unwrap();
                 logits.flatten_to(1).unwrap().squeeze(0).unwrap()
             };
             let expected = Tensor::stack(&[alone(&a0, &a1), alone(&b0, &b1), alone(&[], &c1)], 0).unwrap();
 
-            let (mut ca, mut cb, mut cc) = (KvCache::new(t.config()), KvCache::new(t.config()), KvCache::new(t.config()));
-            t.forward_batch(&mut [SequenceStep { tokens: &a0, cache: &mut ca }, SequenceStep { tokens: &b0, cache: &mut cb }]).unwrap();
+            let (mut ca, mut cb, mut cc) =
+                (KvCache::new(t.config()), KvCache::new(t.config()), KvCache::new(t.config()));
+            t.forward_batch(&mut [
+                SequenceStep { tokens: &a0, cache: &mut ca },
+                SequenceStep { tokens: &b0, cache: &mut cb },
+            ])
+            .unwrap();
             let batched = t
                 .forward_batch(&mut [
                     SequenceStep { tokens: &a1, cache: &mut ca },
@@ -343,7 +370,12 @@ fn forward_batch_equals_each_sequence_alone() {
             // Errors name the sequence and change nothing.
             let err = t.forward_batch(&mut [SequenceStep { tokens: &[], cache: &mut ca }]).unwrap_err();
             assert!(err.to_string().contains("no new tokens"), "{err}");
-            let err = t.forward_batch(&mut [SequenceStep { tokens: &a1, cache: &mut ca }, SequenceStep { tokens: &[300], cache: &mut cb }]).unwrap_err();
+            let err = t
+                .forward_batch(&mut [
+                    SequenceStep { tokens: &a1, cache: &mut ca },
+                    SequenceStep { tokens: &[300], cache: &mut cb },
+                ])
+                .unwrap_err();
             assert!(format!("{err:#}").contains("sequence 1") && format!("{err:#}").contains("vocabulary"), "{err:#}");
             assert_eq!((ca.len(), cb.len()), (10, 7));
         }

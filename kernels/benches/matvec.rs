@@ -33,8 +33,9 @@
 //!
 //! Threads of candle: the bench sets `CANDLE_NUM_THREADS=1` (quantized matmul) and
 //! `RAYON_NUM_THREADS=1` (f32 gemm) unless they are already set, so the baselines are
-//! single-threaded like the `t1` kernels (set them to compare other thread counts). Candle's quantized matmul quantizes the activation row to Q8 first
-//! (Q8_0 / Q8_K), so `candle_q8_0` compares with the kernels' `int8` path.
+//! single-threaded like the `t1` kernels (set them to compare other thread counts). Candle's
+//! quantized matmul quantizes the activation row to Q8 first (Q8_0 / Q8_K), so `candle_q8_0`
+//! compares with the kernels' `int8` path.
 //!
 //! `DRQ_BENCH_BITS` (comma-separated, default `2,3,4,5,6,7,8`) restricts the precisions.
 
@@ -42,23 +43,14 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
-use kernels::{
-    ActPath, Backend, Granularity, KernelConfig, PlanarWeight, QuantizedWeight, TieRule,
-};
+use kernels::{ActPath, Backend, Granularity, KernelConfig, PlanarWeight, QuantizedWeight, TieRule};
 use std::cell::OnceCell;
 use std::hint::black_box;
 use std::time::Duration;
 
 /// SmolLM2-135M's weights, rows × cols: q/o, k/v, gate/up, down, embedding/lm_head; and a
 /// 4096² weight (a 7B-class model's) for scale.
-const SHAPES: [(usize, usize); 6] = [
-    (576, 576),
-    (192, 576),
-    (1536, 576),
-    (576, 1536),
-    (49152, 576),
-    (4096, 4096),
-];
+const SHAPES: [(usize, usize); 6] = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (4096, 4096)];
 /// The shape that also gets group:32 and the batched matmul.
 const DETAIL_SHAPE: (usize, usize) = (1536, 576);
 /// Shapes and precisions also measured with 2 threads (per-channel).
@@ -163,14 +155,8 @@ fn planar_weight(rows: usize, cols: usize, granularity: Granularity, seed: u64) 
     let layout = granularity.layout(rows, cols).unwrap();
     let mut rng = Rng(seed);
     let codes = (0..rows * cols).map(|_| rng.next_u64() as i8).collect();
-    let scales = (0..layout.n_scales())
-        .map(|_| 0.01 * (1.5 + rng.unit()))
-        .collect();
-    let q = QuantizedWeight {
-        codes,
-        scales,
-        layout,
-    };
+    let scales = (0..layout.n_scales()).map(|_| 0.01 * (1.5 + rng.unit())).collect();
+    let q = QuantizedWeight { codes, scales, layout };
     PlanarWeight::from_quantized(&q, TieRule::HalfEven).unwrap()
 }
 
@@ -186,20 +172,8 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     /// `y = Ŵ_b · x` for `n` activation rows, each call on the next copy.
-    fn run(
-        &mut self,
-        group: &mut BenchmarkGroup<'_, WallTime>,
-        id: String,
-        n: usize,
-        b: u32,
-        cfg: KernelConfig,
-    ) {
-        let Bench {
-            proto,
-            copies,
-            x,
-            y,
-        } = self;
+    fn run(&mut self, group: &mut BenchmarkGroup<'_, WallTime>, id: String, n: usize, b: u32, cfg: KernelConfig) {
+        let Bench { proto, copies, x, y } = self;
         let (rows, cols) = (proto.rows(), proto.cols());
         let (x, y) = (&x[..n * cols], &mut y[..n * rows]);
         group.throughput(Throughput::BytesDecimal(proto.bytes_read(b).unwrap() as u64));
@@ -227,12 +201,8 @@ fn kernels_on(c: &mut Criterion, shape: (usize, usize), bits: &[u32]) {
     let mut y = vec![0f32; BATCH_LARGE * rows];
     for granularity in granularities {
         let gname = granularity_name(granularity);
-        let mut bench = Bench {
-            proto: planar_weight(rows, cols, granularity, 42),
-            copies: OnceCell::new(),
-            x: &x,
-            y: &mut y,
-        };
+        let mut bench =
+            Bench { proto: planar_weight(rows, cols, granularity, 42), copies: OnceCell::new(), x: &x, y: &mut y };
 
         let mut group = c.benchmark_group(format!("matvec/{name}"));
         for &b in bits {
@@ -284,11 +254,8 @@ fn candle_on(c: &mut Criterion, shape: (usize, usize)) {
     let copies = OnceCell::new();
     let mut i = 0;
     group.bench_function(format!("candle_f32/{name}"), |bench| {
-        let ws: &Vec<Tensor> = copies.get_or_init(|| {
-            (0..n_copies(bytes))
-                .map(|_| w.copy().unwrap().t().unwrap())
-                .collect()
-        });
+        let ws: &Vec<Tensor> =
+            copies.get_or_init(|| (0..n_copies(bytes)).map(|_| w.copy().unwrap().t().unwrap()).collect());
         black_box(x.matmul(next(ws, &mut i)).unwrap());
         bench.iter(|| black_box(x.matmul(next(ws, &mut i)).unwrap()))
     });
@@ -327,9 +294,7 @@ fn read_bandwidth(c: &mut Criterion) {
     let buf = OnceCell::new();
     let mut group = c.benchmark_group("baseline");
     // Tens of ms per iteration: every sample runs the same (small) number of them.
-    group
-        .sampling_mode(SamplingMode::Flat)
-        .throughput(Throughput::BytesDecimal(READ_BYTES as u64));
+    group.sampling_mode(SamplingMode::Flat).throughput(Throughput::BytesDecimal(READ_BYTES as u64));
     for threads in [1, 2] {
         group.bench_function(format!("read_bandwidth/t{threads}"), |bench| {
             // Written, not calloc'ed: untouched pages would all map the one zero page.
@@ -348,9 +313,7 @@ fn sum_threads(buf: &[u64], threads: usize) -> u64 {
         let mut parts = buf.chunks(share);
         let first = parts.next().unwrap_or_default();
         let others: Vec<_> = parts.map(|p| s.spawn(move || sum(p))).collect();
-        others
-            .into_iter()
-            .fold(sum(first), |acc, h| acc.wrapping_add(h.join().unwrap()))
+        others.into_iter().fold(sum(first), |acc, h| acc.wrapping_add(h.join().unwrap()))
     })
 }
 
@@ -367,10 +330,7 @@ fn sum(buf: &[u64]) -> u64 {
 /// Eight independent accumulators (the compiler vectorizes this for the baseline target).
 fn sum_scalar(buf: &[u64]) -> u64 {
     let chunks = buf.chunks_exact(8);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(0u64, |a, &v| a.wrapping_add(v));
+    let tail = chunks.remainder().iter().fold(0u64, |a, &v| a.wrapping_add(v));
     let mut acc = [0u64; 8];
     for chunk in chunks {
         for (a, &v) in acc.iter_mut().zip(chunk) {
@@ -395,9 +355,6 @@ unsafe fn sum_avx512(buf: &[u64]) -> u64 {
             *a = _mm512_add_epi64(*a, v);
         }
     }
-    let s = _mm512_add_epi64(
-        _mm512_add_epi64(acc[0], acc[1]),
-        _mm512_add_epi64(acc[2], acc[3]),
-    );
+    let s = _mm512_add_epi64(_mm512_add_epi64(acc[0], acc[1]), _mm512_add_epi64(acc[2], acc[3]));
     (_mm512_reduce_add_epi64(s) as u64).wrapping_add(tail)
 }

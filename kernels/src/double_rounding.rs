@@ -62,11 +62,7 @@ pub enum KernelError {
     /// A scale group of zero columns.
     ZeroGroup,
     /// A buffer whose length does not match the layout.
-    LengthMismatch {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    LengthMismatch { what: &'static str, expected: usize, got: usize },
     /// `rows · cols` does not fit in `usize`.
     TooLarge { rows: usize, cols: usize },
     /// A tie-rule name other than "even" / "up".
@@ -88,11 +84,7 @@ impl fmt::Display for KernelError {
                 write!(f, "bit-width {b} is outside {MIN_BITS}..={STORED_BITS}")
             }
             KernelError::ZeroGroup => f.write_str("scale group size must be at least 1"),
-            KernelError::LengthMismatch {
-                what,
-                expected,
-                got,
-            } => {
+            KernelError::LengthMismatch { what, expected, got } => {
                 write!(f, "{what} has length {got}, expected {expected}")
             }
             KernelError::TooLarge { rows, cols } => {
@@ -102,10 +94,7 @@ impl fmt::Display for KernelError {
                 write!(f, "unknown tie rule {s:?} (expected \"even\" or \"up\")")
             }
             KernelError::UnknownGranularity(s) => {
-                write!(
-                    f,
-                    "unknown granularity {s:?} (expected \"channel\" or \"group:N\")"
-                )
+                write!(f, "unknown granularity {s:?} (expected \"channel\" or \"group:N\")")
             }
             KernelError::InvalidBatch(n) => {
                 write!(f, "batch of {n} activation rows is outside 1..=64")
@@ -149,10 +138,7 @@ pub fn first_round(v: f32) -> i8 {
 /// If `bits` is outside `2..=8` (see [`check_bits`]).
 #[inline]
 pub fn second_round(q_h: i8, bits: u32, tie: TieRule) -> i8 {
-    assert!(
-        (MIN_BITS..=STORED_BITS).contains(&bits),
-        "bit-width {bits} outside 2..=8"
-    );
+    assert!((MIN_BITS..=STORED_BITS).contains(&bits), "bit-width {bits} outside 2..=8");
     let delta = STORED_BITS - bits;
     if delta == 0 {
         return q_h;
@@ -177,10 +163,7 @@ pub fn second_round(q_h: i8, bits: u32, tie: TieRule) -> i8 {
 /// If `bits` is outside `2..=8`.
 #[inline]
 pub fn floor_bits(q_h: i8, bits: u32) -> i8 {
-    assert!(
-        (MIN_BITS..=STORED_BITS).contains(&bits),
-        "bit-width {bits} outside 2..=8"
-    );
+    assert!((MIN_BITS..=STORED_BITS).contains(&bits), "bit-width {bits} outside 2..=8");
     q_h >> (STORED_BITS - bits)
 }
 
@@ -241,20 +224,12 @@ impl ScaleLayout {
         if self.group == 0 {
             return Err(KernelError::ZeroGroup);
         }
-        self.rows
-            .checked_mul(self.cols)
-            .map(|_| ())
-            .ok_or(KernelError::TooLarge {
-                rows: self.rows,
-                cols: self.cols,
-            })
+        self.rows.checked_mul(self.cols).map(|_| ()).ok_or(KernelError::TooLarge { rows: self.rows, cols: self.cols })
     }
 
     /// Groups per row, `ceil(cols / group)` (0 for an invalid layout with `group == 0`).
     pub fn n_groups(&self) -> usize {
-        self.cols
-            .checked_div(self.group)
-            .map_or(0, |_| self.cols.div_ceil(self.group))
+        self.cols.checked_div(self.group).map_or(0, |_| self.cols.div_ceil(self.group))
     }
 
     /// Number of weights, `rows · cols`.
@@ -311,11 +286,7 @@ impl FromStr for Granularity {
         if s == "channel" {
             return Ok(Granularity::Channel);
         }
-        let g: usize = s
-            .strip_prefix("group:")
-            .ok_or_else(bad)?
-            .parse()
-            .map_err(|_| bad())?;
+        let g: usize = s.strip_prefix("group:").ok_or_else(bad)?.parse().map_err(|_| bad())?;
         if g == 0 {
             return Err(bad());
         }
@@ -323,7 +294,8 @@ impl FromStr for Granularity {
     }
 }
 
-/// A quantized `[rows, cols]` weight: int8 codes (row-major) and scales (f16-representable when quantized by drq) laid out by `layout`.
+/// A quantized `[rows, cols]` weight: int8 codes (row-major) and scales (f16-representable when
+/// quantized by drq) laid out by `layout`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedWeight {
     pub codes: Vec<i8>,
@@ -352,17 +324,11 @@ pub fn dequantize(
     layout.validate()?;
     let table = level_table(bits, tie)?;
     let n = layout.n_weights();
-    for (what, got, expected) in [
-        ("codes", codes.len(), n),
-        ("scales", scales.len(), layout.n_scales()),
-        ("out", out.len(), n),
-    ] {
+    for (what, got, expected) in
+        [("codes", codes.len(), n), ("scales", scales.len(), layout.n_scales()), ("out", out.len(), n)]
+    {
         if got != expected {
-            return Err(KernelError::LengthMismatch {
-                what,
-                expected,
-                got,
-            });
+            return Err(KernelError::LengthMismatch { what, expected, got });
         }
     }
     let cols = layout.cols;
@@ -370,15 +336,9 @@ pub fn dequantize(
         return Ok(());
     }
     let row_scales = scales.chunks_exact(layout.n_groups());
-    for ((row_codes, row_out), row_scales) in codes
-        .chunks_exact(cols)
-        .zip(out.chunks_exact_mut(cols))
-        .zip(row_scales)
-    {
-        for ((group_codes, group_out), &s) in row_codes
-            .chunks(layout.group)
-            .zip(row_out.chunks_mut(layout.group))
-            .zip(row_scales)
+    for ((row_codes, row_out), row_scales) in codes.chunks_exact(cols).zip(out.chunks_exact_mut(cols)).zip(row_scales) {
+        for ((group_codes, group_out), &s) in
+            row_codes.chunks(layout.group).zip(row_out.chunks_mut(layout.group)).zip(row_scales)
         {
             for (o, &q) in group_out.iter_mut().zip(group_codes) {
                 *o = table[code_index(q)] * s;
@@ -414,19 +374,14 @@ mod tests {
 
     fn all_cases() -> impl Iterator<Item = (i8, u32, TieRule)> {
         (i8::MIN..=i8::MAX).flat_map(|q| {
-            (MIN_BITS..=STORED_BITS)
-                .flat_map(move |b| [TieRule::HalfEven, TieRule::HalfUp].map(|t| (q, b, t)))
+            (MIN_BITS..=STORED_BITS).flat_map(move |b| [TieRule::HalfEven, TieRule::HalfUp].map(|t| (q, b, t)))
         })
     }
 
     #[test]
     fn second_round_matches_reference_exhaustively() {
         for (q, bits, tie) in all_cases() {
-            assert_eq!(
-                second_round(q, bits, tie),
-                reference(q, bits, tie),
-                "q={q} bits={bits} {tie}"
-            );
+            assert_eq!(second_round(q, bits, tie), reference(q, bits, tie), "q={q} bits={bits} {tie}");
         }
     }
 
@@ -458,11 +413,7 @@ mod tests {
         assert_eq!(second_round(127, 4, TieRule::HalfUp), 7);
         assert_eq!(second_round(-128, 4, TieRule::HalfEven), -8);
         assert_eq!(second_round(-97, 2, TieRule::HalfEven), -2);
-        for (q, tie) in [
-            (127, TieRule::HalfUp),
-            (-128, TieRule::HalfEven),
-            (5, TieRule::HalfUp),
-        ] {
+        for (q, tie) in [(127, TieRule::HalfUp), (-128, TieRule::HalfEven), (5, TieRule::HalfUp)] {
             assert_eq!(second_round(q, 8, tie), q);
         }
     }
@@ -523,19 +474,8 @@ mod tests {
         let c = ScaleLayout::per_channel(4, 576).unwrap();
         assert_eq!((c.n_groups(), c.group_cols(0)), (1, 0..576));
         assert_eq!(ScaleLayout::new(2, 4, 0), Err(KernelError::ZeroGroup));
-        assert_eq!(
-            ScaleLayout {
-                rows: 1,
-                cols: 1,
-                group: 0
-            }
-            .n_groups(),
-            0
-        );
-        assert!(matches!(
-            ScaleLayout::new(usize::MAX, 2, 1),
-            Err(KernelError::TooLarge { .. })
-        ));
+        assert_eq!(ScaleLayout { rows: 1, cols: 1, group: 0 }.n_groups(), 0);
+        assert!(matches!(ScaleLayout::new(usize::MAX, 2, 1), Err(KernelError::TooLarge { .. })));
     }
 
     #[test]
@@ -545,20 +485,12 @@ mod tests {
         let codes: Vec<i8> = vec![127, -128, 32, 96, -33, 1, 2, 3, 4, 5];
         let scales = [1.0, 0.5, 2.0, 3.0, 4.0, 5.0];
         let mut out = vec![0f32; 10];
-        for (bits, tie) in [
-            (8, TieRule::HalfEven),
-            (2, TieRule::HalfUp),
-            (4, TieRule::HalfEven),
-        ] {
+        for (bits, tie) in [(8, TieRule::HalfEven), (2, TieRule::HalfUp), (4, TieRule::HalfEven)] {
             dequantize(&codes, &scales, &layout, bits, tie, &mut out).unwrap();
             let step = (1u32 << (8 - bits)) as f32;
             for (i, (&q, &o)) in codes.iter().zip(&out).enumerate() {
                 let s = scales[(i / 5) * 3 + (i % 5) / 2];
-                assert_eq!(
-                    o,
-                    f32::from(second_round(q, bits, tie)) * step * s,
-                    "i={i} bits={bits}"
-                );
+                assert_eq!(o, f32::from(second_round(q, bits, tie)) * step * s, "i={i} bits={bits}");
             }
         }
     }
@@ -573,43 +505,21 @@ mod tests {
         assert!(dequantize(&codes, &scales, &layout, 4, t, &mut out).is_ok());
         assert_eq!(
             dequantize(&codes[..7], &scales, &layout, 4, t, &mut out),
-            Err(KernelError::LengthMismatch {
-                what: "codes",
-                expected: 8,
-                got: 7
-            })
+            Err(KernelError::LengthMismatch { what: "codes", expected: 8, got: 7 })
         );
         assert_eq!(
             dequantize(&codes, &scales[..2], &layout, 4, t, &mut out),
-            Err(KernelError::LengthMismatch {
-                what: "scales",
-                expected: 4,
-                got: 2
-            })
+            Err(KernelError::LengthMismatch { what: "scales", expected: 4, got: 2 })
         );
         assert_eq!(
             dequantize(&codes, &scales, &layout, 4, t, &mut out[..1]),
-            Err(KernelError::LengthMismatch {
-                what: "out",
-                expected: 8,
-                got: 1
-            })
+            Err(KernelError::LengthMismatch { what: "out", expected: 8, got: 1 })
         );
         for bits in [0, 1, 9] {
-            assert_eq!(
-                dequantize(&codes, &scales, &layout, bits, t, &mut out),
-                Err(KernelError::InvalidBits(bits))
-            );
+            assert_eq!(dequantize(&codes, &scales, &layout, bits, t, &mut out), Err(KernelError::InvalidBits(bits)));
         }
-        let bad = ScaleLayout {
-            rows: 2,
-            cols: 4,
-            group: 0,
-        };
-        assert_eq!(
-            dequantize(&codes, &scales, &bad, 4, t, &mut out),
-            Err(KernelError::ZeroGroup)
-        );
+        let bad = ScaleLayout { rows: 2, cols: 4, group: 0 };
+        assert_eq!(dequantize(&codes, &scales, &bad, 4, t, &mut out), Err(KernelError::ZeroGroup));
         let empty = ScaleLayout::new(0, 0, 1).unwrap();
         assert!(dequantize(&[], &[], &empty, 2, t, &mut []).is_ok());
     }
@@ -618,14 +528,8 @@ mod tests {
     fn level_table_matches_second_round() {
         let table = level_table(3, TieRule::HalfUp).unwrap();
         for q in i8::MIN..=i8::MAX {
-            assert_eq!(
-                table[code_index(q)],
-                f32::from(second_round(q, 3, TieRule::HalfUp)) * 32.0
-            );
+            assert_eq!(table[code_index(q)], f32::from(second_round(q, 3, TieRule::HalfUp)) * 32.0);
         }
-        assert_eq!(
-            level_table(1, TieRule::HalfEven),
-            Err(KernelError::InvalidBits(1))
-        );
+        assert_eq!(level_table(1, TieRule::HalfEven), Err(KernelError::InvalidBits(1)));
     }
 }

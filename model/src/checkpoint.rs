@@ -57,9 +57,7 @@ fn nearest_rounding() -> String {
 
 impl QuantizationMeta {
     pub fn tie(&self) -> Result<TieRule> {
-        self.tie_rule
-            .parse()
-            .map_err(|e| anyhow::anyhow!("checkpoint tie_rule: {e}"))
+        self.tie_rule.parse().map_err(|e| anyhow::anyhow!("checkpoint tie_rule: {e}"))
     }
 
     /// The scale layout of a quantized `[rows, cols]` weight.
@@ -88,8 +86,14 @@ impl QuantizationMeta {
     }
 
     fn check_profile(&self, name: &str, bits: &BTreeMap<String, u32>) -> Result<()> {
-        ensure!(is_profile_name(name), "profile name `{name}` is invalid (a letter, then letters, digits, `-`, `_`, `.`)");
-        ensure!(bits.keys().eq(self.quantized.iter()), "profile `{name}` must give a bit-width to exactly the quantized weights");
+        ensure!(
+            is_profile_name(name),
+            "profile name `{name}` is invalid (a letter, then letters, digits, `-`, `_`, `.`)"
+        );
+        ensure!(
+            bits.keys().eq(self.quantized.iter()),
+            "profile `{name}` must give a bit-width to exactly the quantized weights"
+        );
         if let Some((w, b)) = bits.iter().find(|(_, &b)| dr::check_bits(b).is_err()) {
             bail!("profile `{name}`: {b} bits for `{w}` is outside 2..=8");
         }
@@ -143,7 +147,12 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         let l = t.layout;
         ensure!(t.codes.len() == l.n_weights(), "`{name}`: {} codes for a {}x{} layout", t.codes.len(), l.rows, l.cols);
         ensure!(t.scales.len() == l.n_scales(), "`{name}`: {} scales, layout needs {}", t.scales.len(), l.n_scales());
-        ensure!(l == q.layout(l.rows, l.cols)?, "`{name}`: group {} disagrees with granularity {}", l.group, q.granularity);
+        ensure!(
+            l == q.layout(l.rows, l.cols)?,
+            "`{name}`: group {} disagrees with granularity {}",
+            l.group,
+            q.granularity
+        );
         let mut scale_bytes = Vec::with_capacity(t.scales.len() * 2);
         for &s in &t.scales {
             let h = f16::from_f32(s);
@@ -182,7 +191,8 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         .map(|(name, dtype, shape, bytes)| Ok((name.as_str(), TensorView::new(*dtype, shape.clone(), bytes)?)))
         .collect::<Result<Vec<_>>>()?;
     write_through_tmp(path, |tmp| {
-        safetensors::serialize_to_file(views, Some(metadata), tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        safetensors::serialize_to_file(views, Some(metadata), tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
         readable_by_all(tmp)
     })
 }
@@ -205,8 +215,9 @@ fn readable_by_all(path: &Path) -> Result<()> {
 /// removed and `path` is left as it was (checkpoints, training states, reports).
 pub fn write_through_tmp(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = tmp_path(path);
-    let result = write(&tmp)
-        .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display())));
+    let result = write(&tmp).and_then(|()| {
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -394,18 +405,15 @@ impl Checkpoint {
     /// The codes (borrowed from the mapping) and scales of a quantized weight.
     pub fn quantized(&self, name: &str) -> Result<(&[i8], Vec<f32>, ScaleLayout)> {
         let st = self.tensors();
-        let codes = st.tensor(&format!("{name}{CODES_SUFFIX}")).with_context(|| format!("`{name}` is not quantized"))?;
+        let codes =
+            st.tensor(&format!("{name}{CODES_SUFFIX}")).with_context(|| format!("`{name}` is not quantized"))?;
         let scales = st.tensor(&format!("{name}{SCALES_SUFFIX}"))?;
         let (rows, cols) = (codes.shape()[0], codes.shape()[1]);
         let layout = self.quantization.layout(rows, cols)?;
         let data: &[u8] = codes.data();
         // SAFETY: i8 and u8 have the same size and alignment, and `data` lives as long as the map.
         let codes: &[i8] = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<i8>(), data.len()) };
-        let scales = scales
-            .data()
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect();
+        let scales = scales.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
         Ok((codes, scales, layout))
     }
 
@@ -434,9 +442,9 @@ impl Checkpoint {
             let n = (rows * cols) as f64;
             weights += n;
             bits += if self.is_quantized(&name) {
-                let b = precision.bits_for(&name, &self.quantization.profiles)?.with_context(|| {
-                    format!("precision `{precision}` has no bit-width for the quantized `{name}`")
-                })?;
+                let b = precision
+                    .bits_for(&name, &self.quantization.profiles)?
+                    .with_context(|| format!("precision `{precision}` has no bit-width for the quantized `{name}`"))?;
                 n * f64::from(b) + 16.0 * self.quantization.layout(rows, cols)?.n_scales() as f64
             } else {
                 32.0 * n

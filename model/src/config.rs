@@ -30,9 +30,9 @@ impl Architecture {
         match model_type {
             "llama" | "mistral" => Ok(Architecture::Llama),
             "qwen2" => Ok(Architecture::Qwen2),
-            other => bail!(
-                "unsupported architecture `{other}`: drq supports the Llama family (llama, mistral) and qwen2"
-            ),
+            other => {
+                bail!("unsupported architecture `{other}`: drq supports the Llama family (llama, mistral) and qwen2")
+            }
         }
     }
 }
@@ -109,11 +109,7 @@ impl ModelConfig {
         let rope_scaling = match &hf.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
             Some(v) => {
-                let kind = v
-                    .get("rope_type")
-                    .or_else(|| v.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("");
+                let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("");
                 match kind {
                     "llama3" => Some(
                         serde_json::from_value::<Llama3RopeScaling>(v.clone())
@@ -126,10 +122,9 @@ impl ModelConfig {
         };
         let eos_token_ids = match hf.eos_token_id {
             None | Some(serde_json::Value::Null) => vec![],
-            Some(serde_json::Value::Number(n)) => vec![n
-                .as_u64()
-                .context("eos_token_id must be a non-negative integer")?
-                as u32],
+            Some(serde_json::Value::Number(n)) => {
+                vec![n.as_u64().context("eos_token_id must be a non-negative integer")? as u32]
+            }
             Some(serde_json::Value::Array(a)) => a
                 .iter()
                 .map(|v| v.as_u64().map(|x| x as u32))
@@ -212,9 +207,7 @@ impl ModelConfig {
         let architecture = match arch_name.as_str() {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
-            other => bail!(
-                "unsupported GGUF architecture `{other}`: drq reads llama and qwen2 GGUF files"
-            ),
+            other => bail!("unsupported GGUF architecture `{other}`: drq reads llama and qwen2 GGUF files"),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let usize_of = |k: &str| -> Result<usize> { Ok(gguf_u64(metadata, &key(k))? as usize) };
@@ -354,11 +347,9 @@ mod tests {
     fn rejects_unknown_architecture_and_bad_heads() {
         let base = r#"{"model_type":"MT","vocab_size":10,"hidden_size":8,"intermediate_size":8,
             "num_hidden_layers":1,"num_attention_heads":HEADS,"num_key_value_heads":3,"rms_norm_eps":1e-5}"#;
-        let err = ModelConfig::from_hf_json(&base.replace("MT", "gpt_neox").replace("HEADS", "3"))
-            .unwrap_err();
+        let err = ModelConfig::from_hf_json(&base.replace("MT", "gpt_neox").replace("HEADS", "3")).unwrap_err();
         assert!(err.to_string().contains("gpt_neox"), "{err}");
-        let err = ModelConfig::from_hf_json(&base.replace("MT", "llama").replace("HEADS", "4"))
-            .unwrap_err();
+        let err = ModelConfig::from_hf_json(&base.replace("MT", "llama").replace("HEADS", "4")).unwrap_err();
         assert!(err.to_string().contains("multiple of num_key_value_heads"), "{err}");
     }
 }

@@ -33,7 +33,10 @@ impl Precision {
             Precision::Profile(p) => {
                 let profile = profiles.get(p).with_context(|| {
                     let known: Vec<&str> = profiles.keys().map(String::as_str).collect();
-                    format!("profile `{p}` is not in this checkpoint (it has: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") })
+                    format!(
+                        "profile `{p}` is not in this checkpoint (it has: {})",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    )
                 })?;
                 Some(*profile.get(name).with_context(|| format!("profile `{p}` has no bit-width for `{name}`"))?)
             }
@@ -90,7 +93,10 @@ mod tests {
 
     #[test]
     fn parses_and_rejects() {
-        assert_eq!(parse_list("fp,8,4,2").unwrap(), vec![Precision::Float, Precision::Bits(8), Precision::Bits(4), Precision::Bits(2)]);
+        assert_eq!(
+            parse_list("fp,8,4,2").unwrap(),
+            vec![Precision::Float, Precision::Bits(8), Precision::Bits(4), Precision::Bits(2)]
+        );
         assert_eq!("mix-4.5_a".parse::<Precision>().unwrap(), Precision::Profile("mix-4.5_a".into()));
         for bad in ["9", "1", "0", "", "4.5", "4x", "-a", "a b", "a/b"] {
             let err = bad.parse::<Precision>().unwrap_err().to_string();

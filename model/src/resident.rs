@@ -70,7 +70,10 @@ impl ResidentModel {
         });
         let mut planar = BTreeMap::new();
         for (name, result) in converted.into_iter().flatten() {
-            planar.insert(name, result.with_context(|| format!("{}: building the resident weights", checkpoint.path().display()))?);
+            planar.insert(
+                name,
+                result.with_context(|| format!("{}: building the resident weights", checkpoint.path().display()))?,
+            );
         }
         Ok(Self { config, tie, planar, float, profiles: checkpoint.quantization().profiles.clone() })
     }

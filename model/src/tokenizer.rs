@@ -19,9 +19,7 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
-use tokenizers::normalizers::{
-    NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence, NFC,
-};
+use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence, NFC};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
@@ -51,7 +49,8 @@ const SPM_SPACE: &str = "▁";
 /// Llama 3's pre-tokenizer regex, from its `tokenizer.json`: digits in groups of up to three.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's pre-tokenizer regex, from its `tokenizer.json`: every digit on its own.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The ids a caller needs to frame a sequence, from `tokenizer.ggml.*`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,18 +78,12 @@ pub fn tokenizer_from_gguf(metadata: &HashMap<String, Value>) -> Result<Tokenize
     };
     // The builder's defaults are `$A` and `$A:0 $B:1` with no special tokens, as in the oracle
     // transformers writes: an explicit statement that nothing is added around the text.
-    let template = TemplateProcessing::builder()
-        .build()
-        .map_err(|e| anyhow!("building the post-processor: {e}"))?;
+    let template = TemplateProcessing::builder().build().map_err(|e| anyhow!("building the post-processor: {e}"))?;
     tokenizer.with_post_processor(Some(template));
     // Added after the normalizer is set: tokenizers re-normalizes added tokens on every change.
     let (special, user) = vocab.added_tokens(metadata)?;
-    tokenizer
-        .add_special_tokens(special)
-        .map_err(|e| anyhow!("adding control tokens: {e}"))?;
-    tokenizer
-        .add_tokens(user)
-        .map_err(|e| anyhow!("adding user-defined tokens: {e}"))?;
+    tokenizer.add_special_tokens(special).map_err(|e| anyhow!("adding control tokens: {e}"))?;
+    tokenizer.add_tokens(user).map_err(|e| anyhow!("adding user-defined tokens: {e}"))?;
     Ok(tokenizer)
 }
 
@@ -99,10 +92,7 @@ pub fn chat_template_from_gguf(metadata: &HashMap<String, Value>) -> Option<Stri
     match metadata.get(CHAT_TEMPLATE)? {
         Value::String(s) => Some(s.clone()),
         other => {
-            tracing::warn!(
-                "ignoring `{CHAT_TEMPLATE}`: a {:?}, not a string",
-                other.value_type()
-            );
+            tracing::warn!("ignoring `{CHAT_TEMPLATE}`: a {:?}, not a string", other.value_type());
             None
         }
     }
@@ -112,27 +102,18 @@ pub fn chat_template_from_gguf(metadata: &HashMap<String, Value>) -> Option<Stri
 pub fn special_tokens_from_gguf(metadata: &HashMap<String, Value>) -> SpecialTokens {
     let id = |key: &str| {
         let value = metadata.get(key)?;
-        u32_value(value, key)
-            .map_err(|e| tracing::warn!("ignoring `{key}`: {e:#}"))
-            .ok()
+        u32_value(value, key).map_err(|e| tracing::warn!("ignoring `{key}`: {e:#}")).ok()
     };
     let spm = matches!(metadata.get(MODEL), Some(Value::String(m)) if m == "llama");
     let add_bos = match metadata.get(ADD_BOS) {
         None => spm,
         Some(Value::Bool(b)) => *b,
         Some(other) => {
-            tracing::warn!(
-                "ignoring `{ADD_BOS}`: a {:?}, not a bool",
-                other.value_type()
-            );
+            tracing::warn!("ignoring `{ADD_BOS}`: a {:?}, not a bool", other.value_type());
             spm
         }
     };
-    SpecialTokens {
-        bos: id(BOS_ID),
-        eos: id(EOS_ID),
-        add_bos,
-    }
+    SpecialTokens { bos: id(BOS_ID), eos: id(EOS_ID), add_bos }
 }
 
 /// `tokenizer.ggml.tokens` with the per-token arrays that must match it in length.
@@ -147,31 +128,18 @@ impl Vocabulary {
         let tokens = array(required(metadata, TOKENS)?, TOKENS)?
             .iter()
             .enumerate()
-            .map(|(i, v)| {
-                string(v, TOKENS)
-                    .map(str::to_owned)
-                    .with_context(|| format!("`{TOKENS}` entry {i}"))
-            })
+            .map(|(i, v)| string(v, TOKENS).map(str::to_owned).with_context(|| format!("`{TOKENS}` entry {i}")))
             .collect::<Result<Vec<_>>>()?;
         if tokens.is_empty() {
             bail!("`{TOKENS}` is empty");
         }
-        let types = optional_array(metadata, TOKEN_TYPE, tokens.len(), |v| {
-            int_value(v, TOKEN_TYPE)
-        })?;
+        let types = optional_array(metadata, TOKEN_TYPE, tokens.len(), |v| int_value(v, TOKEN_TYPE))?;
         let scores = optional_array(metadata, SCORES, tokens.len(), |v| match v {
             Value::F32(x) => Ok(*x),
             Value::F64(x) => Ok(*x as f32),
-            other => bail!(
-                "`{SCORES}` entries must be floats, found a {:?}",
-                other.value_type()
-            ),
+            other => bail!("`{SCORES}` entries must be floats, found a {:?}", other.value_type()),
         })?;
-        Ok(Self {
-            tokens,
-            types,
-            scores,
-        })
+        Ok(Self { tokens, types, scores })
     }
 
     /// Token → id; a repeated token would leave one of its ids unreachable.
@@ -193,20 +161,14 @@ impl Vocabulary {
         let id = u32_value(value, key)? as usize;
         match self.tokens.get(id) {
             Some(token) => Ok(Some(token)),
-            None => bail!(
-                "`{key}` = {id} is out of range for {} tokens",
-                self.tokens.len()
-            ),
+            None => bail!("`{key}` = {id} is out of range for {} tokens", self.tokens.len()),
         }
     }
 
     /// Tokens matched verbatim in raw text: (special, user-defined). Control and unknown tokens
     /// are special (skipped by `decode(.., true)`); user-defined ones, which llama.cpp also always
     /// matches, are not. Without `token_type`, transformers falls back to BOS, EOS and UNK.
-    fn added_tokens(
-        &self,
-        metadata: &HashMap<String, Value>,
-    ) -> Result<(Vec<AddedToken>, Vec<AddedToken>)> {
+    fn added_tokens(&self, metadata: &HashMap<String, Value>) -> Result<(Vec<AddedToken>, Vec<AddedToken>)> {
         let added = |t: &str, special: bool| AddedToken::from(t, special).normalized(false);
         let Some(types) = &self.types else {
             let mut special = Vec::new();
@@ -225,10 +187,7 @@ impl Vocabulary {
                 .map(|(t, _)| added(t, special))
                 .collect::<Vec<_>>()
         };
-        Ok((
-            with_type(&[TYPE_UNKNOWN, TYPE_CONTROL], true),
-            with_type(&[TYPE_USER_DEFINED], false),
-        ))
+        Ok((with_type(&[TYPE_UNKNOWN, TYPE_CONTROL], true), with_type(&[TYPE_USER_DEFINED], false)))
     }
 }
 
@@ -289,23 +248,14 @@ fn byte_level_bpe(metadata: &HashMap<String, Value>, vocab: &Vocabulary) -> Resu
             tokenizer.with_pre_tokenizer(Some(ByteLevel::new(add_prefix_space, true, true)));
         }
         Some(regex) => {
-            let split = Split::new(
-                SplitPattern::Regex(regex.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| anyhow!("compiling the `{PRE}` regex: {e}"))?;
+            let split = Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| anyhow!("compiling the `{PRE}` regex: {e}"))?;
             let byte_level = ByteLevel::new(false, true, false);
-            tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
-                split.into(),
-                byte_level.into(),
-            ])));
+            tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![split.into(), byte_level.into()])));
         }
     }
     if matches!(split, WordSplit::Qwen2) {
-        tokenizer
-            .with_normalizer(Some(NFC))
-            .map_err(|e| anyhow!("setting the NFC normalizer: {e}"))?;
+        tokenizer.with_normalizer(Some(NFC)).map_err(|e| anyhow!("setting the NFC normalizer: {e}"))?;
     }
     tokenizer.with_decoder(Some(ByteLevel::default()));
     Ok(tokenizer)
@@ -318,29 +268,20 @@ fn sentencepiece_bpe(metadata: &HashMap<String, Value>, vocab: &Vocabulary) -> R
     let merges = match metadata.get(MERGES) {
         Some(value) => merges(value, &ids)?,
         None => {
-            let scores = vocab
-                .scores
-                .as_deref()
-                .with_context(|| format!("`{SCORES}` is required when `{MERGES}` is absent"))?;
+            let scores =
+                vocab.scores.as_deref().with_context(|| format!("`{SCORES}` is required when `{MERGES}` is absent"))?;
             merges_from_scores(&vocab.tokens, scores)
         }
     };
-    let mut builder = BPE::builder()
-        .vocab_and_merges(ids, merges)
-        .fuse_unk(true)
-        .byte_fallback(true);
+    let mut builder = BPE::builder().vocab_and_merges(ids, merges).fuse_unk(true).byte_fallback(true);
     if let Some(unk) = vocab.token_at(metadata, UNK_ID)? {
         builder = builder.unk_token(unk.to_owned());
     }
-    let bpe = builder
-        .build()
-        .map_err(|e| anyhow!("building BPE from `{TOKENS}` and `{SCORES}`/`{MERGES}`: {e}"))?;
+    let bpe = builder.build().map_err(|e| anyhow!("building BPE from `{TOKENS}` and `{SCORES}`/`{MERGES}`: {e}"))?;
     let mut tokenizer = Tokenizer::new(bpe);
 
     let add_prefix_space = optional_bool(metadata, ADD_SPACE_PREFIX, true)?;
-    let replace = |from: &str, to: &str| {
-        Replace::new(from, to).map_err(|e| anyhow!("building a Replace: {e}"))
-    };
+    let replace = |from: &str, to: &str| Replace::new(from, to).map_err(|e| anyhow!("building a Replace: {e}"));
     let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
     if add_prefix_space {
         normalizers.push(Prepend::new(SPM_SPACE.into()).into());
@@ -350,11 +291,8 @@ fn sentencepiece_bpe(metadata: &HashMap<String, Value>, vocab: &Vocabulary) -> R
         .with_normalizer(Some(NormalizerSequence::new(normalizers)))
         .map_err(|e| anyhow!("setting the normalizer: {e}"))?;
 
-    let mut decoders: Vec<DecoderWrapper> = vec![
-        ByteFallback::new().into(),
-        Fuse::new().into(),
-        replace(SPM_SPACE, " ")?.into(),
-    ];
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![ByteFallback::new().into(), Fuse::new().into(), replace(SPM_SPACE, " ")?.into()];
     if add_prefix_space {
         // Undo the prepended space.
         decoders.push(Strip::new(' ', 1, 0).into());
@@ -372,14 +310,12 @@ fn merges(value: &Value, ids: &Vocab) -> Result<Merges> {
         .enumerate()
         .map(|(i, v)| {
             let entry = string(v, MERGES).with_context(|| format!("`{MERGES}` entry {i}"))?;
-            let (left, right) = entry.split_once(' ').with_context(|| {
-                format!("`{MERGES}` entry {i} `{entry}` is not two tokens separated by a space")
-            })?;
+            let (left, right) = entry
+                .split_once(' ')
+                .with_context(|| format!("`{MERGES}` entry {i} `{entry}` is not two tokens separated by a space"))?;
             for part in [left, right, &format!("{left}{right}")] {
                 if !known.contains(part) {
-                    bail!(
-                        "`{MERGES}` entry {i} `{entry}` needs `{part}`, which is not in `{TOKENS}`"
-                    );
+                    bail!("`{MERGES}` entry {i} `{entry}` needs `{part}`, which is not in `{TOKENS}`");
                 }
             }
             Ok((left.to_owned(), right.to_owned()))
@@ -391,11 +327,7 @@ fn merges(value: &Value, ids: &Vocab) -> Result<Merges> {
 /// every split of a token into two tokens is a merge ranked by the whole token's score (highest
 /// first), splits of one token ordered by their halves' scores; both sorts are stable.
 fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Merges {
-    let score: HashMap<&str, f32> = tokens
-        .iter()
-        .map(String::as_str)
-        .zip(scores.iter().copied())
-        .collect();
+    let score: HashMap<&str, f32> = tokens.iter().map(String::as_str).zip(scores.iter().copied()).collect();
     let mut ranked = Vec::new();
     for (token, &token_score) in tokens.iter().zip(scores) {
         let mut splits: Vec<(&str, &str)> = token
@@ -404,28 +336,15 @@ fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Merges {
             .map(|(at, _)| token.split_at(at))
             .filter(|(left, right)| score.contains_key(left) && score.contains_key(right))
             .collect();
-        splits.sort_by(|a, b| {
-            score[b.0]
-                .total_cmp(&score[a.0])
-                .then(score[b.1].total_cmp(&score[a.1]))
-        });
-        ranked.extend(
-            splits
-                .into_iter()
-                .map(|(left, right)| (left, right, token_score)),
-        );
+        splits.sort_by(|a, b| score[b.0].total_cmp(&score[a.0]).then(score[b.1].total_cmp(&score[a.1])));
+        ranked.extend(splits.into_iter().map(|(left, right)| (left, right, token_score)));
     }
     ranked.sort_by(|a, b| b.2.total_cmp(&a.2));
-    ranked
-        .into_iter()
-        .map(|(left, right, _)| (left.to_owned(), right.to_owned()))
-        .collect()
+    ranked.into_iter().map(|(left, right, _)| (left.to_owned(), right.to_owned())).collect()
 }
 
 fn required<'a>(metadata: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
-    metadata
-        .get(key)
-        .with_context(|| format!("missing GGUF metadata key `{key}`"))
+    metadata.get(key).with_context(|| format!("missing GGUF metadata key `{key}`"))
 }
 
 fn string<'a>(value: &'a Value, key: &str) -> Result<&'a str> {
@@ -451,13 +370,8 @@ fn int_value(value: &Value, key: &str) -> Result<i64> {
         Value::U32(x) => (*x).into(),
         Value::I32(x) => (*x).into(),
         Value::I64(x) => *x,
-        Value::U64(x) => {
-            i64::try_from(*x).with_context(|| format!("`{key}` value {x} is too large"))?
-        }
-        other => bail!(
-            "`{key}` must be an integer, found a {:?}",
-            other.value_type()
-        ),
+        Value::U64(x) => i64::try_from(*x).with_context(|| format!("`{key}` value {x} is too large"))?,
+        other => bail!("`{key}` must be an integer, found a {:?}", other.value_type()),
     })
 }
 
@@ -486,10 +400,7 @@ fn optional_array<T>(
     };
     let values = array(value, key)?;
     if values.len() != len {
-        bail!(
-            "`{key}` has {} entries but `{TOKENS}` has {len}",
-            values.len()
-        );
+        bail!("`{key}` has {} entries but `{TOKENS}` has {len}", values.len());
     }
     values
         .iter()

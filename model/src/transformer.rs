@@ -103,7 +103,11 @@ impl Linear {
                 (x.matmul(&weight.t()?)?, bias)
             }
             Linear::Planar { weight, bits, kernel, bias } => {
-                ensure!(inner == weight.cols(), "activations of width {inner} for a weight of {} columns", weight.cols());
+                ensure!(
+                    inner == weight.cols(),
+                    "activations of width {inner} for a weight of {} columns",
+                    weight.cols()
+                );
                 let x: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
                 let out = weight.rows();
                 let mut y = vec![0f32; rows * out];
@@ -141,7 +145,8 @@ impl Embedding {
         match self {
             Embedding::Dense(table) => Ok(table.index_select(ids, 0)?),
             Embedding::Planar { weight, bits } => {
-                let rows: Vec<usize> = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|i| i as usize).collect();
+                let rows: Vec<usize> =
+                    ids.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|i| i as usize).collect();
                 let mut out = vec![0f32; rows.len() * weight.cols()];
                 weight.dequantize_rows(*bits, &rows, &mut out)?;
                 Ok(Tensor::from_vec(out, (rows.len(), weight.cols()), &Device::Cpu)?)
@@ -366,11 +371,14 @@ impl Transformer {
         // Resolve every weight once, up front, so an unknown profile is reported as such.
         let mut bits = std::collections::HashMap::new();
         for (name, _) in resident.planar_weights() {
-            if let Some(b) = precision.bits_for(name, resident.profiles()).with_context(|| format!("precision `{precision}`"))? {
+            if let Some(b) =
+                precision.bits_for(name, resident.profiles()).with_context(|| format!("precision `{precision}`"))?
+            {
                 bits.insert(name, b);
             }
         }
-        Self::from_resident_with(resident, |name| bits.get(name).copied(), kernel).with_context(|| format!("precision `{precision}`"))
+        Self::from_resident_with(resident, |name| bits.get(name).copied(), kernel)
+            .with_context(|| format!("precision `{precision}`"))
     }
 
     /// [`Self::from_resident`] with a bit-width per quantized weight name (per-layer profiles);
@@ -520,7 +528,8 @@ impl Transformer {
         }
         let total = ids.len();
         let device = Device::Cpu;
-        let mut x = self.embed.lookup(&Tensor::from_vec(ids, total, &device)?)?.reshape((1, total, self.config.hidden_size))?;
+        let mut x =
+            self.embed.lookup(&Tensor::from_vec(ids, total, &device)?)?.reshape((1, total, self.config.hidden_size))?;
         let ropes = spans
             .iter()
             .map(|&(_, t, start)| {
@@ -533,7 +542,16 @@ impl Transformer {
             let mut parts = Vec::with_capacity(steps.len());
             for ((step, &(offset, t, _)), (cos, sin, mask)) in steps.iter_mut().zip(&spans).zip(&ropes) {
                 let rows = |y: &Tensor| y.narrow(1, offset, t);
-                parts.push(self.self_attention(i, &rows(&q)?, &rows(&k)?, &rows(&v)?, cos, sin, mask.as_ref(), step.cache)?);
+                parts.push(self.self_attention(
+                    i,
+                    &rows(&q)?,
+                    &rows(&k)?,
+                    &rows(&v)?,
+                    cos,
+                    sin,
+                    mask.as_ref(),
+                    step.cache,
+                )?);
             }
             let attn = if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(&parts, 1)? };
             x = self.block_tail(block, &x, &attn)?;
@@ -585,9 +603,8 @@ impl Transformer {
         let (b, t, _) = q.dims3()?;
         let c = &self.config;
         let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
-        };
+        let heads =
+            |y: &Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?) };
         let q = self.rope(&heads(q, hq)?, cos, sin)?;
         let k = self.rope(&heads(k, hkv)?, cos, sin)?;
         let (k, v) = cache.append(layer, k, heads(v, hkv)?)?;
@@ -637,9 +654,8 @@ fn causal_mask(seq: usize, start: usize, device: &Device) -> Result<Option<Tenso
         return Ok(None);
     }
     let total = start + seq;
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..seq).flat_map(|i| (0..total).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Some(Tensor::from_vec(mask, (seq, total), device)?))
 }
 
@@ -647,8 +663,7 @@ fn causal_mask(seq: usize, start: usize, device: &Device) -> Result<Option<Tenso
 /// convention, with Llama 3 frequency scaling when configured.
 fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let d = config.head_dim;
-    let mut inv_freq: Vec<f64> =
-        (0..d / 2).map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
+    let mut inv_freq: Vec<f64> = (0..d / 2).map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
     if let Some(scaling) = &config.rope_scaling {
         inv_freq = inv_freq.into_iter().map(|f| llama3_scale(f, scaling)).collect();
     }
@@ -662,10 +677,7 @@ fn rope_tables(config: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)
             sin.push(angle.sin() as f32);
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (n, d / 2), device)?,
-        Tensor::from_vec(sin, (n, d / 2), device)?,
-    ))
+    Ok((Tensor::from_vec(cos, (n, d / 2), device)?, Tensor::from_vec(sin, (n, d / 2), device)?))
 }
 
 /// Llama 3.1's rule: keep high frequencies, divide low ones by `factor`, blend in between.

@@ -46,17 +46,19 @@ impl Weights {
         let tensors = self
             .tensors
             .iter()
-            .map(|(name, t)| Ok((name.clone(), t.to_device(device).with_context(|| format!("tensor `{name}`: cannot move to {device:?}"))?)))
+            .map(|(name, t)| {
+                Ok((
+                    name.clone(),
+                    t.to_device(device).with_context(|| format!("tensor `{name}`: cannot move to {device:?}"))?,
+                ))
+            })
             .collect::<Result<_>>()?;
         Ok(Self { tensors })
     }
 
     /// The tensor called `name`, checked against the expected shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self
-            .tensors
-            .get(name)
-            .with_context(|| format!("missing tensor `{name}`"))?;
+        let t = self.tensors.get(name).with_context(|| format!("missing tensor `{name}`"))?;
         if t.dims() != shape {
             bail!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims());
         }
@@ -123,10 +125,8 @@ impl Weights {
             self.get(name, shape)?;
         }
         if self.tensors.len() != expected.len() {
-            let known: std::collections::HashSet<&str> =
-                expected.iter().map(|(n, _)| n.as_str()).collect();
-            let extra: Vec<&String> =
-                self.tensors.keys().filter(|k| !known.contains(k.as_str())).take(5).collect();
+            let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+            let extra: Vec<&String> = self.tensors.keys().filter(|k| !known.contains(k.as_str())).take(5).collect();
             bail!("unexpected tensors for this architecture: {extra:?}");
         }
         Ok(())

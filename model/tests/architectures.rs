@@ -3,10 +3,10 @@
 //! forward, KV-cache and batch consistency, inference vs differentiable ops, gradients against
 //! finite differences, RoPE scaling, and errors for bad inputs and bad weights.
 
-use drq_tests::max_abs_diff;
 use candle_core::{DType, Device, Tensor, Var};
-use model::config::Llama3RopeScaling;
+use drq_tests::max_abs_diff;
 use drq_tests::tiny_model;
+use model::config::Llama3RopeScaling;
 use model::{Architecture, FloatModel, KvCache, ModelConfig, OpsMode, Transformer, Weights};
 
 /// (label, architecture, tied embeddings, seed): the three layouts every check runs on.
@@ -19,9 +19,7 @@ const LAYOUTS: [(&str, Architecture, bool, u64); 3] = [
 /// A fixed prompt of `n` ids below the tiny vocabulary of 300 (including ids the tokenizer
 /// never produces).
 fn prompt(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i * 37 + salt * 101 + 11) % 300)
-        .collect()
+    (0..n as u32).map(|i| (i * 37 + salt * 101 + 11) % 300).collect()
 }
 
 fn tokens(rows: &[&[u32]]) -> Tensor {
@@ -37,18 +35,12 @@ fn build(model: &FloatModel, mode: OpsMode) -> Transformer {
 /// Logits `[seq, vocab]` of every position of one sequence, from an empty cache.
 fn all_logits(t: &Transformer, ids: &[u32]) -> Tensor {
     let mut cache = KvCache::new(t.config());
-    t.forward(&tokens(&[ids]), &mut cache, 0)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
+    t.forward(&tokens(&[ids]), &mut cache, 0).unwrap().squeeze(0).unwrap()
 }
 
 /// A copy of `weights` with `name` replaced by `f(values)`.
 fn with_tensor(weights: &Weights, name: &str, f: impl FnOnce(&mut Vec<f32>)) -> Weights {
-    let (_, t) = weights
-        .iter()
-        .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no tensor {name}"));
+    let (_, t) = weights.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no tensor {name}"));
     let mut values: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
     f(&mut values);
     let replaced = Tensor::from_vec(values, t.dims(), &Device::Cpu).unwrap();
@@ -89,28 +81,15 @@ struct Reference<'a> {
 
 impl Reference<'_> {
     fn vec(&self, name: &str) -> Vec<f64> {
-        let (_, t) = self
-            .w
-            .iter()
-            .find(|(n, _)| *n == name)
-            .unwrap_or_else(|| panic!("no tensor {name}"));
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f64::from)
-            .collect()
+        let (_, t) = self.w.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no tensor {name}"));
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect()
     }
 
     /// `W·x (+ b)` for a row-major `[out, in]` weight.
     fn linear(&self, name: &str, x: &[f64], bias: bool) -> Vec<f64> {
         let w = self.vec(&format!("{name}.weight"));
         let inp = x.len();
-        let mut y: Vec<f64> = w
-            .chunks(inp)
-            .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
-            .collect();
+        let mut y: Vec<f64> = w.chunks(inp).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect();
         if bias {
             for (y, b) in y.iter_mut().zip(self.vec(&format!("{name}.bias"))) {
                 *y += b;
@@ -142,8 +121,7 @@ impl Reference<'_> {
                         } else if wavelen > old / s.low_freq_factor {
                             f / s.factor
                         } else {
-                            let smooth = (old / wavelen - s.low_freq_factor)
-                                / (s.high_freq_factor - s.low_freq_factor);
+                            let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                             (1.0 - smooth) * f / s.factor + smooth * f
                         }
                     }
@@ -169,23 +147,13 @@ impl Reference<'_> {
     /// Logits of every position, `[seq][vocab]`.
     fn logits(&self, ids: &[u32]) -> Vec<Vec<f64>> {
         let c = self.c;
-        let (h, d, hq, hkv) = (
-            c.hidden_size,
-            c.head_dim,
-            c.num_attention_heads,
-            c.num_key_value_heads,
-        );
+        let (h, d, hq, hkv) = (c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let embed = self.vec("model.embed_tokens.weight");
-        let mut xs: Vec<Vec<f64>> = ids
-            .iter()
-            .map(|&t| embed[t as usize * h..(t as usize + 1) * h].to_vec())
-            .collect();
+        let mut xs: Vec<Vec<f64>> = ids.iter().map(|&t| embed[t as usize * h..(t as usize + 1) * h].to_vec()).collect();
         for layer in 0..c.num_hidden_layers {
             let p = format!("model.layers.{layer}");
-            let normed: Vec<Vec<f64>> = xs
-                .iter()
-                .map(|x| self.rms_norm(&format!("{p}.input_layernorm.weight"), x))
-                .collect();
+            let normed: Vec<Vec<f64>> =
+                xs.iter().map(|x| self.rms_norm(&format!("{p}.input_layernorm.weight"), x)).collect();
             let mut qs = Vec::new();
             let mut ks = Vec::new();
             let mut vs = Vec::new();
@@ -205,10 +173,7 @@ impl Reference<'_> {
                     let q = &qs[i][head * d..(head + 1) * d];
                     let scores: Vec<f64> = (0..=i)
                         .map(|j| {
-                            q.iter()
-                                .zip(&ks[j][kvh * d..(kvh + 1) * d])
-                                .map(|(a, b)| a * b)
-                                .sum::<f64>()
+                            q.iter().zip(&ks[j][kvh * d..(kvh + 1) * d]).map(|(a, b)| a * b).sum::<f64>()
                                 / (d as f64).sqrt()
                         })
                         .collect();
@@ -228,34 +193,20 @@ impl Reference<'_> {
                 let n = self.rms_norm(&format!("{p}.post_attention_layernorm.weight"), &xs[i]);
                 let gate = self.linear(&format!("{p}.mlp.gate_proj"), &n, false);
                 let up = self.linear(&format!("{p}.mlp.up_proj"), &n, false);
-                let act: Vec<f64> = gate
-                    .iter()
-                    .zip(&up)
-                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                    .collect();
+                let act: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
                 let down = self.linear(&format!("{p}.mlp.down_proj"), &act, false);
                 for (x, y) in xs[i].iter_mut().zip(down) {
                     *x += y;
                 }
             }
         }
-        let head = if c.tie_word_embeddings {
-            "model.embed_tokens"
-        } else {
-            "lm_head"
-        };
-        xs.iter()
-            .map(|x| self.linear(head, &self.rms_norm("model.norm.weight", x), false))
-            .collect()
+        let head = if c.tie_word_embeddings { "model.embed_tokens" } else { "lm_head" };
+        xs.iter().map(|x| self.linear(head, &self.rms_norm("model.norm.weight", x), false)).collect()
     }
 }
 
 fn reference_logits(model: &FloatModel, ids: &[u32]) -> Tensor {
-    let rows = Reference {
-        c: &model.config,
-        w: &model.weights,
-    }
-    .logits(ids);
+    let rows = Reference { c: &model.config, w: &model.weights }.logits(ids);
     let flat: Vec<f32> = rows.iter().flatten().map(|&v| v as f32).collect();
     Tensor::from_vec(flat, (ids.len(), model.config.vocab_size), &Device::Cpu).unwrap()
 }
@@ -263,16 +214,10 @@ fn reference_logits(model: &FloatModel, ids: &[u32]) -> Tensor {
 /// Makes attention non-trivial: with N(0, 0.02²) q/k weights every score is ~0 and attention is
 /// a plain average, which would hide RoPE, masking and head-mapping mistakes.
 fn sharpen_attention(model: &mut FloatModel) {
-    let names: Vec<String> = model
-        .weights
-        .iter()
-        .map(|(n, _)| n.clone())
-        .filter(|n| n.contains("q_proj") || n.contains("k_proj"))
-        .collect();
+    let names: Vec<String> =
+        model.weights.iter().map(|(n, _)| n.clone()).filter(|n| n.contains("q_proj") || n.contains("k_proj")).collect();
     for name in names {
-        model.weights = with_tensor(&model.weights, &name, |v| {
-            v.iter_mut().for_each(|x| *x *= 12.0)
-        });
+        model.weights = with_tensor(&model.weights, &name, |v| v.iter_mut().for_each(|x| *x *= 12.0));
     }
 }
 
@@ -292,26 +237,12 @@ fn matches_an_independent_f64_reference() {
         let expected = reference_logits(&model, &ids);
         // Guard: the logits must carry signal, and attention must not be uniform (a model whose
         // attention ignored positions would give the same last logits for a shuffled prefix).
-        let spread = expected
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            spread > 0.05,
-            "{label}: reference logits too small to compare ({spread})"
-        );
+        let spread = expected.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(spread > 0.05, "{label}: reference logits too small to compare ({spread})");
         for mode in [OpsMode::Inference, OpsMode::Differentiable] {
             let got = all_logits(&build(&model, mode), &ids);
             let diff = max_abs_diff(&got, &expected);
-            assert!(
-                diff < 1e-5,
-                "{label} {mode:?}: runtime vs reference differ by {diff}"
-            );
+            assert!(diff < 1e-5, "{label} {mode:?}: runtime vs reference differ by {diff}");
         }
     }
 }
@@ -326,16 +257,10 @@ fn attention_is_causal() {
         edited[8] = (edited[8] + 1) % 300;
         let (a, b) = (all_logits(&t, &ids), all_logits(&t, &edited));
         let past = max_abs_diff(&a.narrow(0, 0, 8).unwrap(), &b.narrow(0, 0, 8).unwrap());
-        assert!(
-            past < 1e-6,
-            "{label}: the future leaks into the past ({past})"
-        );
+        assert!(past < 1e-6, "{label}: the future leaks into the past ({past})");
         for pos in 8..12 {
             let diff = max_abs_diff(&a.get(pos).unwrap(), &b.get(pos).unwrap());
-            assert!(
-                diff > 1e-4,
-                "{label}: position {pos} ignores token 8 ({diff})"
-            );
+            assert!(diff > 1e-4, "{label}: position {pos} ignores token 8 ({diff})");
         }
     }
 }
@@ -354,30 +279,16 @@ fn kv_cache_token_by_token_and_in_chunks_match_one_forward() {
             assert_eq!(cache.len(), i);
             let step = t.forward(&tokens(&[&[id]]), &mut cache, 0).unwrap();
             assert_eq!(step.dims(), &[1, 1, 300]);
-            let diff = max_abs_diff(
-                &step.squeeze(0).unwrap().squeeze(0).unwrap(),
-                &full.get(i).unwrap(),
-            );
-            assert!(
-                diff < 1e-4,
-                "{label}: token {i} one at a time differs by {diff}"
-            );
+            let diff = max_abs_diff(&step.squeeze(0).unwrap().squeeze(0).unwrap(), &full.get(i).unwrap());
+            assert!(diff < 1e-4, "{label}: token {i} one at a time differs by {diff}");
         }
         assert_eq!(cache.len(), ids.len());
 
         // Prefix, then the rest (a multi-token chunk after cached positions needs the offset mask).
         for split in [1, 7, 13] {
             let mut cache = KvCache::new(&model.config);
-            let first = t
-                .forward(&tokens(&[&ids[..split]]), &mut cache, 0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            let rest = t
-                .forward(&tokens(&[&ids[split..]]), &mut cache, 0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
+            let first = t.forward(&tokens(&[&ids[..split]]), &mut cache, 0).unwrap().squeeze(0).unwrap();
+            let rest = t.forward(&tokens(&[&ids[split..]]), &mut cache, 0).unwrap().squeeze(0).unwrap();
             let chunked = Tensor::cat(&[&first, &rest], 0).unwrap();
             let diff = max_abs_diff(&chunked, &full);
             assert!(diff < 1e-4, "{label}: split at {split} differs by {diff}");
@@ -385,16 +296,9 @@ fn kv_cache_token_by_token_and_in_chunks_match_one_forward() {
 
         // `logits_from` returns exactly the tail of the positions.
         let mut cache = KvCache::new(&model.config);
-        let tail = t
-            .forward(&tokens(&[&ids]), &mut cache, 15)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
+        let tail = t.forward(&tokens(&[&ids]), &mut cache, 15).unwrap().squeeze(0).unwrap();
         assert_eq!(tail.dims(), &[5, 300]);
-        assert!(
-            max_abs_diff(&tail, &full.narrow(0, 15, 5).unwrap()) < 1e-5,
-            "{label}: logits_from"
-        );
+        assert!(max_abs_diff(&tail, &full.narrow(0, 15, 5).unwrap()) < 1e-5, "{label}: logits_from");
     }
 }
 
@@ -410,39 +314,16 @@ fn a_batch_row_equals_the_sequence_alone() {
         assert_eq!(batch.dims(), &[2, 16, 300]);
         let alone_a = all_logits(&t, &a);
         let alone_b = all_logits(&t, &b);
-        assert!(
-            max_abs_diff(&batch.get(0).unwrap(), &alone_a) < 1e-4,
-            "{label}: row 0"
-        );
-        assert!(
-            max_abs_diff(&batch.get(1).unwrap(), &alone_b) < 1e-4,
-            "{label}: row 1"
-        );
-        assert!(
-            max_abs_diff(&alone_a, &alone_b) > 1e-3,
-            "{label}: the two rows must differ"
-        );
+        assert!(max_abs_diff(&batch.get(0).unwrap(), &alone_a) < 1e-4, "{label}: row 0");
+        assert!(max_abs_diff(&batch.get(1).unwrap(), &alone_b) < 1e-4, "{label}: row 1");
+        assert!(max_abs_diff(&alone_a, &alone_b) > 1e-3, "{label}: the two rows must differ");
 
         // Decoding one more (different) token per row from the batched cache.
-        let next = t
-            .forward(&tokens(&[&[5], &[250]]), &mut batch_cache, 0)
-            .unwrap();
+        let next = t.forward(&tokens(&[&[5], &[250]]), &mut batch_cache, 0).unwrap();
         let full_a = all_logits(&t, &[a.clone(), vec![5]].concat());
         let full_b = all_logits(&t, &[b.clone(), vec![250]].concat());
-        assert!(
-            max_abs_diff(
-                &next.get(0).unwrap().squeeze(0).unwrap(),
-                &full_a.get(16).unwrap()
-            ) < 1e-4,
-            "{label}"
-        );
-        assert!(
-            max_abs_diff(
-                &next.get(1).unwrap().squeeze(0).unwrap(),
-                &full_b.get(16).unwrap()
-            ) < 1e-4,
-            "{label}"
-        );
+        assert!(max_abs_diff(&next.get(0).unwrap().squeeze(0).unwrap(), &full_a.get(16).unwrap()) < 1e-4, "{label}");
+        assert!(max_abs_diff(&next.get(1).unwrap().squeeze(0).unwrap(), &full_b.get(16).unwrap()) < 1e-4, "{label}");
     }
 }
 
@@ -458,16 +339,9 @@ fn differentiable_ops_match_inference_ops() {
         // With a cache too (RoPE tables narrowed at an offset).
         let mut cache = KvCache::new(&model.config);
         slow.forward(&tokens(&[&ids[..10]]), &mut cache, 0).unwrap();
-        let rest = slow
-            .forward(&tokens(&[&ids[10..]]), &mut cache, 0)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
+        let rest = slow.forward(&tokens(&[&ids[10..]]), &mut cache, 0).unwrap().squeeze(0).unwrap();
         let diff = max_abs_diff(&rest, &fast.narrow(0, 10, 8).unwrap());
-        assert!(
-            diff < 1e-4,
-            "{label}: cached differentiable forward differs by {diff}"
-        );
+        assert!(diff < 1e-4, "{label}: cached differentiable forward differs by {diff}");
     }
 }
 
@@ -481,11 +355,7 @@ fn loss(config: &ModelConfig, weights: &Weights, ids: &[u32]) -> Tensor {
     let t = Transformer::new(config, weights, OpsMode::Differentiable).unwrap();
     let mut cache = KvCache::new(config);
     let n = ids.len() - 1;
-    let logits = t
-        .forward(&tokens(&[&ids[..n]]), &mut cache, 0)
-        .unwrap()
-        .reshape((n, config.vocab_size))
-        .unwrap();
+    let logits = t.forward(&tokens(&[&ids[..n]]), &mut cache, 0).unwrap().reshape((n, config.vocab_size)).unwrap();
     let targets = Tensor::new(&ids[1..], &Device::Cpu).unwrap();
     candle_nn::loss::cross_entropy(&logits, &targets).unwrap()
 }
@@ -497,12 +367,7 @@ fn scalar(t: &Tensor) -> f64 {
 /// The index of the largest-magnitude entry of a gradient.
 fn argmax_abs(grad: &Tensor) -> (usize, f32) {
     let values: Vec<f32> = grad.flatten_all().unwrap().to_vec1().unwrap();
-    values
-        .iter()
-        .copied()
-        .enumerate()
-        .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-        .unwrap()
+    values.iter().copied().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap()
 }
 
 #[test]
@@ -517,33 +382,22 @@ fn gradients_match_finite_differences_and_descend() {
         let mut var_weights = Weights::new();
         for (name, t) in model.weights.iter() {
             let var = Var::from_tensor(t).unwrap();
-            var_weights
-                .insert(name.clone(), var.as_tensor().clone())
-                .unwrap();
+            var_weights.insert(name.clone(), var.as_tensor().clone()).unwrap();
             vars.push((name.clone(), var));
         }
         let l = loss(config, &var_weights, &ids);
         let l0 = scalar(&l);
-        assert!(
-            l0.is_finite() && l0 > 4.0,
-            "{label}: near-uniform loss expected, got {l0}"
-        );
+        assert!(l0.is_finite() && l0 > 4.0, "{label}: near-uniform loss expected, got {l0}");
         let grads = l.backward().unwrap();
         let grad_of = |name: &str| {
             let (_, var) = vars.iter().find(|(n, _)| n == name).unwrap();
-            grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{label}: no gradient for {name}"))
-                .clone()
+            grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{label}: no gradient for {name}")).clone()
         };
         // Every weight takes part in the loss.
         for (name, _) in &vars {
             let g = grad_of(name);
             let norm = scalar(&g.sqr().unwrap().sum_all().unwrap()).sqrt();
-            assert!(
-                norm > 0.0 && norm.is_finite(),
-                "{label}: gradient of {name} is {norm}"
-            );
+            assert!(norm > 0.0 && norm.is_finite(), "{label}: gradient of {name} is {norm}");
         }
 
         // Central differences on the largest-gradient element of a q_proj (deep in attention:
@@ -575,20 +429,12 @@ fn gradients_match_finite_differences_and_descend() {
         // A small step along −grad lowers the loss, by about lr·|grad|² (first order); lr is
         // chosen for a predicted decrease of 0.02, far above f32 noise and small enough for
         // the first-order term to dominate.
-        let grad_sq: f64 = vars
-            .iter()
-            .map(|(name, _)| scalar(&grad_of(name).sqr().unwrap().sum_all().unwrap()))
-            .sum();
+        let grad_sq: f64 = vars.iter().map(|(name, _)| scalar(&grad_of(name).sqr().unwrap().sum_all().unwrap())).sum();
         let lr = 0.02 / grad_sq;
         let predicted = lr * grad_sq;
         let mut stepped = Weights::new();
         for (name, var) in &vars {
-            stepped
-                .insert(
-                    name.clone(),
-                    (var.as_tensor() - (grad_of(name) * lr).unwrap()).unwrap(),
-                )
-                .unwrap();
+            stepped.insert(name.clone(), (var.as_tensor() - (grad_of(name) * lr).unwrap()).unwrap()).unwrap();
         }
         let l1 = scalar(&loss(config, &stepped, &ids));
         let decrease = l0 - l1;
@@ -609,68 +455,36 @@ fn qwen2_q_bias_changes_the_logits() {
     let ids = prompt(10, 7);
     let base = all_logits(&build(&model, OpsMode::Inference), &ids);
     let name = "model.layers.0.self_attn.q_proj.bias";
-    let zeroed = reweighted(
-        &model,
-        with_tensor(&model.weights, name, |v| {
-            v.iter_mut().for_each(|x| *x = 0.0)
-        }),
-    );
+    let zeroed = reweighted(&model, with_tensor(&model.weights, name, |v| v.iter_mut().for_each(|x| *x = 0.0)));
     let changed = all_logits(&build(&zeroed, OpsMode::Inference), &ids);
     // Position 0 attends to itself only: a q bias cannot change it there.
     assert!(max_abs_diff(&base.get(0).unwrap(), &changed.get(0).unwrap()) < 1e-6);
-    let diff = max_abs_diff(
-        &base.narrow(0, 1, 9).unwrap(),
-        &changed.narrow(0, 1, 9).unwrap(),
-    );
-    assert!(
-        diff > 1e-4,
-        "zeroing {name} changed the logits by only {diff}"
-    );
+    let diff = max_abs_diff(&base.narrow(0, 1, 9).unwrap(), &changed.narrow(0, 1, 9).unwrap());
+    assert!(diff > 1e-4, "zeroing {name} changed the logits by only {diff}");
 
     // A Qwen2 model must have its biases.
-    let err = Transformer::new(
-        &model.config,
-        &without(&model.weights, name),
-        OpsMode::Inference,
-    )
-    .err()
-    .expect("missing bias");
+    let err = Transformer::new(&model.config, &without(&model.weights, name), OpsMode::Inference)
+        .err()
+        .expect("missing bias");
     assert!(format!("{err:#}").contains(name), "{err:#}");
     // A Llama config with `attention_bias` reads and uses them as well.
     let mut llama = tiny_model(Architecture::Llama, false, 9);
     llama.config.attention_bias = true;
-    let err = Transformer::new(&llama.config, &llama.weights, OpsMode::Inference)
-        .err()
-        .expect("no biases");
+    let err = Transformer::new(&llama.config, &llama.weights, OpsMode::Inference).err().expect("no biases");
     assert!(format!("{err:#}").contains("q_proj.bias"), "{err:#}");
 }
 
 #[test]
 fn tied_lm_head_is_the_embedding_and_untied_is_not() {
     let ids = prompt(8, 8);
-    assert!(
-        !ids.contains(&299) && !ids.contains(&123),
-        "the edited rows must not be embedded"
-    );
-    let last = |m: &FloatModel| {
-        all_logits(&build(m, OpsMode::Inference), &ids)
-            .get(7)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
+    assert!(!ids.contains(&299) && !ids.contains(&123), "the edited rows must not be embedded");
+    let last =
+        |m: &FloatModel| all_logits(&build(m, OpsMode::Inference), &ids).get(7).unwrap().to_vec1::<f32>().unwrap();
     let bump = |w: &Weights, name: &str, row: usize| {
-        with_tensor(w, name, |v| {
-            v[row * 64..(row + 1) * 64]
-                .iter_mut()
-                .for_each(|x| *x += 0.5)
-        })
+        with_tensor(w, name, |v| v[row * 64..(row + 1) * 64].iter_mut().for_each(|x| *x += 0.5))
     };
-    let changed = |a: &[f32], b: &[f32]| -> Vec<usize> {
-        (0..a.len())
-            .filter(|&i| (a[i] - b[i]).abs() > 1e-6)
-            .collect()
-    };
+    let changed =
+        |a: &[f32], b: &[f32]| -> Vec<usize> { (0..a.len()).filter(|&i| (a[i] - b[i]).abs() > 1e-6).collect() };
 
     // Tied: embedding row 299 is also output row 299, and only logit 299 moves.
     let tied = tiny_model(Architecture::Llama, true, 10);
@@ -682,21 +496,14 @@ fn tied_lm_head_is_the_embedding_and_untied_is_not() {
     // Untied: an embedding row of an unseen token changes nothing; lm_head row 123 moves logit 123.
     let untied = tiny_model(Architecture::Llama, false, 11);
     let base = last(&untied);
-    let edited = reweighted(
-        &untied,
-        bump(&untied.weights, "model.embed_tokens.weight", 299),
-    );
+    let edited = reweighted(&untied, bump(&untied.weights, "model.embed_tokens.weight", 299));
     assert_eq!(changed(&base, &last(&edited)), Vec::<usize>::new());
     let edited = reweighted(&untied, bump(&untied.weights, "lm_head.weight", 123));
     assert_eq!(changed(&base, &last(&edited)), vec![123]);
     // …and an untied config needs its lm_head.
-    let err = Transformer::new(
-        &untied.config,
-        &without(&untied.weights, "lm_head.weight"),
-        OpsMode::Inference,
-    )
-    .err()
-    .expect("no lm_head");
+    let err = Transformer::new(&untied.config, &without(&untied.weights, "lm_head.weight"), OpsMode::Inference)
+        .err()
+        .expect("no lm_head");
     assert!(format!("{err:#}").contains("lm_head.weight"), "{err:#}");
 }
 
@@ -719,14 +526,8 @@ fn llama3_rope_scaling_changes_long_positions_only_as_configured() {
     let scaled = all_logits(&build(&scaled_model, OpsMode::Inference), &ids);
     // Position 0 has no rotation at all; positions past 100 rotate differently.
     assert!(max_abs_diff(&plain.get(0).unwrap(), &scaled.get(0).unwrap()) < 1e-6);
-    let late = max_abs_diff(
-        &plain.narrow(0, 100, 30).unwrap(),
-        &scaled.narrow(0, 100, 30).unwrap(),
-    );
-    assert!(
-        late > 1e-3,
-        "llama3 scaling left positions > 100 unchanged ({late})"
-    );
+    let late = max_abs_diff(&plain.narrow(0, 100, 30).unwrap(), &scaled.narrow(0, 100, 30).unwrap());
+    assert!(late > 1e-3, "llama3 scaling left positions > 100 unchanged ({late})");
     // The scaled frequencies are transformers' (the reference implements them independently)…
     let diff = max_abs_diff(&scaled, &reference_logits(&scaled_model, &ids));
     assert!(diff < 1e-4, "scaled RoPE vs reference: {diff}");
@@ -746,27 +547,12 @@ fn bad_tokens_and_overlong_sequences_are_errors_that_leave_the_cache_usable() {
     t.forward(&tokens(&[&[1, 2, 3]]), &mut cache, 0).unwrap();
 
     let err = t.forward(&tokens(&[&[4, 300]]), &mut cache, 0).unwrap_err();
-    assert!(
-        err.to_string().contains("300") && err.to_string().contains("vocabulary"),
-        "{err}"
-    );
-    let err = t
-        .forward(&tokens(&[&[4], &[u32::MAX]]), &mut cache, 0)
-        .unwrap_err();
+    assert!(err.to_string().contains("300") && err.to_string().contains("vocabulary"), "{err}");
+    let err = t.forward(&tokens(&[&[4], &[u32::MAX]]), &mut cache, 0).unwrap_err();
     assert!(err.to_string().contains("vocabulary"), "{err}");
-    assert_eq!(
-        cache.len(),
-        3,
-        "a rejected forward must not touch the cache"
-    );
+    assert_eq!(cache.len(), 3, "a rejected forward must not touch the cache");
 
-    let err = t
-        .forward(
-            &Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap(),
-            &mut cache,
-            0,
-        )
-        .unwrap_err();
+    let err = t.forward(&Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap(), &mut cache, 0).unwrap_err();
     assert!(err.to_string().contains("at least one token"), "{err}");
     let err = t.forward(&tokens(&[&[4, 5]]), &mut cache, 2).unwrap_err();
     assert!(err.to_string().contains("logits_from"), "{err}");
@@ -774,37 +560,22 @@ fn bad_tokens_and_overlong_sequences_are_errors_that_leave_the_cache_usable() {
     // The context is 256 positions: 253 more fit after 3, 254 do not.
     let long: Vec<u32> = prompt(254, 10);
     let err = t.forward(&tokens(&[&long]), &mut cache, 0).unwrap_err();
-    assert!(
-        err.to_string().contains("exceeds") && err.to_string().contains("256"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("exceeds") && err.to_string().contains("256"), "{err}");
     assert_eq!(cache.len(), 3);
-    let fits = t
-        .forward(&tokens(&[&long[..253]]), &mut cache, 252)
-        .unwrap();
+    let fits = t.forward(&tokens(&[&long[..253]]), &mut cache, 252).unwrap();
     assert_eq!(fits.dims(), &[1, 1, 300]);
     assert_eq!(cache.len(), 256);
     let err = t.forward(&tokens(&[&[1]]), &mut cache, 0).unwrap_err();
     assert!(err.to_string().contains("exceeds"), "{err}");
     // In one go from an empty cache, too.
-    let err = t
-        .forward(
-            &tokens(&[&prompt(257, 11)]),
-            &mut KvCache::new(&model.config),
-            0,
-        )
-        .unwrap_err();
+    let err = t.forward(&tokens(&[&prompt(257, 11)]), &mut KvCache::new(&model.config), 0).unwrap_err();
     assert!(err.to_string().contains("257"), "{err}");
 }
 
 #[test]
 fn missing_or_misshapen_weights_are_named() {
     let model = tiny_model(Architecture::Qwen2, false, 14);
-    let new = |w: &Weights| {
-        Transformer::new(&model.config, w, OpsMode::Inference)
-            .err()
-            .map(|e| format!("{e:#}"))
-    };
+    let new = |w: &Weights| Transformer::new(&model.config, w, OpsMode::Inference).err().map(|e| format!("{e:#}"));
     assert_eq!(new(&model.weights), None);
     for name in [
         "model.layers.1.self_attn.k_proj.weight",
@@ -813,32 +584,19 @@ fn missing_or_misshapen_weights_are_named() {
         "model.embed_tokens.weight",
         "model.norm.weight",
     ] {
-        let err = new(&without(&model.weights, name))
-            .unwrap_or_else(|| panic!("missing {name} accepted"));
+        let err = new(&without(&model.weights, name)).unwrap_or_else(|| panic!("missing {name} accepted"));
         assert!(err.contains(name), "{err}");
     }
     // up_proj is [96, 64]; the transpose has the same element count.
     let name = "model.layers.0.mlp.up_proj.weight";
     let mut wrong = model.weights.clone();
-    let t = model
-        .weights
-        .iter()
-        .find(|(n, _)| *n == name)
-        .unwrap()
-        .1
-        .t()
-        .unwrap();
+    let t = model.weights.iter().find(|(n, _)| *n == name).unwrap().1.t().unwrap();
     wrong.insert(name, t).unwrap();
     let err = new(&wrong).expect("transposed up_proj accepted");
-    assert!(
-        err.contains(name) && err.contains("[64, 96]") && err.contains("[96, 64]"),
-        "{err}"
-    );
+    assert!(err.contains(name) && err.contains("[64, 96]") && err.contains("[96, 64]"), "{err}");
     // An invalid config is an error before any tensor is read.
     let mut config = model.config.clone();
     config.num_key_value_heads = 3;
-    let err = Transformer::new(&config, &model.weights, OpsMode::Inference)
-        .err()
-        .expect("bad heads accepted");
+    let err = Transformer::new(&config, &model.weights, OpsMode::Inference).err().expect("bad heads accepted");
     assert!(err.to_string().contains("num_key_value_heads"), "{err}");
 }

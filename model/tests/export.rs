@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Tensor;
-use model::source::{hf_dir, load_float};
 use drq_tests::{smollm2_gguf, tiny_model};
+use model::source::{hf_dir, load_float};
 use model::{Architecture, FloatModel, ModelSource};
 
 fn logits(model: &FloatModel, ids: &[u32]) -> Tensor {
@@ -22,13 +22,8 @@ fn safetensors_names(path: &Path) -> Vec<String> {
     file.read_exact(&mut len).unwrap();
     let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
     file.read_exact(&mut header).unwrap();
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&header).unwrap();
-    let mut names: Vec<String> = header
-        .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| k != "__metadata__")
-        .collect();
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).unwrap();
+    let mut names: Vec<String> = header.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect();
     names.sort();
     names
 }
@@ -47,11 +42,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime, Vec<u8>
                 out.insert(format!("{name}/{inner}"), entry);
             }
         } else {
-            let bytes = if meta.len() < 1 << 20 {
-                std::fs::read(&path).unwrap()
-            } else {
-                vec![]
-            };
+            let bytes = if meta.len() < 1 << 20 { std::fs::read(&path).unwrap() } else { vec![] };
             out.insert(name, (meta.len(), meta.modified().unwrap(), bytes));
         }
     }
@@ -61,10 +52,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, (u64, std::time::SystemTime, Vec<u8>
 fn assert_same_weights(a: &FloatModel, b: &FloatModel) {
     assert_eq!(a.weights.len(), b.weights.len());
     for (name, t) in a.weights.iter() {
-        let other = b
-            .weights
-            .get(name, t.dims())
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        let other = b.weights.get(name, t.dims()).unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!(max_abs_diff(t, &other), 0.0, "{name}");
     }
 }
@@ -77,22 +65,11 @@ fn the_real_gguf_exports_and_reloads_identically() {
     model::export::write_hf_dir(&original, &dir).unwrap();
 
     // Only the export itself is left: no temporary sibling.
-    let siblings: Vec<_> = std::fs::read_dir(parent.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let siblings: Vec<_> = std::fs::read_dir(parent.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(siblings, [std::ffi::OsString::from("smollm2-hf")]);
     let mut files: Vec<String> = snapshot(&dir).into_keys().collect();
     files.sort();
-    assert_eq!(
-        files,
-        [
-            "config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json"
-        ]
-    );
+    assert_eq!(files, ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]);
 
     let source: ModelSource = dir.to_str().unwrap().parse().unwrap();
     assert_eq!(source, ModelSource::HfDir(dir.clone()));
@@ -100,48 +77,29 @@ fn the_real_gguf_exports_and_reloads_identically() {
     assert_eq!(provenance.source, dir.display().to_string());
 
     assert_eq!(reloaded.config, original.config);
-    assert!(
-        original.config.tie_word_embeddings,
-        "SmolLM2 ties its embeddings"
-    );
+    assert!(original.config.tie_word_embeddings, "SmolLM2 ties its embeddings");
     // A tied export stores the embedding once.
     let names = safetensors_names(&dir.join("model.safetensors"));
     assert!(!names.contains(&"lm_head.weight".to_string()));
     assert_eq!(names.len(), original.weights.len());
     assert_same_weights(&original, &reloaded);
     assert_eq!(reloaded.add_bos, original.add_bos);
-    assert!(
-        original.chat_template.is_some(),
-        "SmolLM2's GGUF has a chat template"
-    );
+    assert!(original.chat_template.is_some(), "SmolLM2's GGUF has a chat template");
     assert_eq!(reloaded.chat_template, original.chat_template);
     let tokenizer_config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
     let token = |id: u32| serde_json::Value::from(original.tokenizer.id_to_token(id).unwrap());
-    assert_eq!(
-        tokenizer_config["bos_token"],
-        token(original.config.bos_token_id.unwrap())
-    );
-    assert_eq!(
-        tokenizer_config["eos_token"],
-        token(original.config.eos_token_ids[0])
-    );
+    assert_eq!(tokenizer_config["bos_token"], token(original.config.bos_token_id.unwrap()));
+    assert_eq!(tokenizer_config["eos_token"], token(original.config.eos_token_ids[0]));
 
     // The tokenizer cuts the same ids, special tokens included, and decodes them back.
-    let sample =
-        "<|im_start|>user\nOnce upon a time, there were 12345 cats — naïve café 🙂.<|im_end|>\n";
+    let sample = "<|im_start|>user\nOnce upon a time, there were 12345 cats — naïve café 🙂.<|im_end|>\n";
     for add_special in [false, true] {
         let a = original.tokenizer.encode(sample, add_special).unwrap();
         let b = reloaded.tokenizer.encode(sample, add_special).unwrap();
         assert_eq!(a.get_ids(), b.get_ids());
     }
-    let ids = original
-        .tokenizer
-        .encode(sample, false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
+    let ids = original.tokenizer.encode(sample, false).unwrap().get_ids().to_vec();
     assert!(ids.len() >= 25, "{} tokens", ids.len());
     assert_eq!(reloaded.tokenizer.decode(&ids, false).unwrap(), sample);
 
@@ -155,11 +113,7 @@ fn the_real_gguf_exports_and_reloads_identically() {
     let err = model::export::write_hf_dir(&original, &dir).unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err:#}");
     assert!(snapshot(&dir) == before, "the existing export was modified");
-    assert_eq!(
-        std::fs::read_dir(parent.path()).unwrap().count(),
-        1,
-        "no temporary directory left behind"
-    );
+    assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 1, "no temporary directory left behind");
 }
 
 #[test]
@@ -172,10 +126,7 @@ fn exporting_into_an_existing_directory_leaves_it_untouched() {
     std::fs::create_dir(dir.join("sub")).unwrap();
     let before = snapshot(&dir);
     let err = model::export::write_hf_dir(&model, &dir).unwrap_err();
-    assert!(
-        err.to_string().contains(&dir.display().to_string()),
-        "{err:#}"
-    );
+    assert!(err.to_string().contains(&dir.display().to_string()), "{err:#}");
     assert_eq!(snapshot(&dir), before);
     assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 1);
     // An existing empty directory too; and an existing file.
@@ -199,26 +150,18 @@ fn untied_and_qwen2_tiny_models_keep_lm_head_and_biases() {
         model::export::write_hf_dir(&original, &dir).unwrap();
 
         let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["tie_word_embeddings"], false);
         let names = safetensors_names(&dir.join("model.safetensors"));
         assert!(names.contains(&"lm_head.weight".to_string()));
-        assert_eq!(
-            names.iter().any(|n| n.ends_with("q_proj.bias")),
-            arch == Architecture::Qwen2
-        );
+        assert_eq!(names.iter().any(|n| n.ends_with("q_proj.bias")), arch == Architecture::Qwen2);
 
         let reloaded = hf_dir::load(&hf_dir::HfFiles::in_dir(&dir).unwrap()).unwrap();
         assert_eq!(reloaded.config, original.config);
         assert!(!reloaded.config.tie_word_embeddings);
         assert_same_weights(&original, &reloaded);
         let ids: Vec<u32> = (0..30).map(|i| (i * 53 + 7) % 300).collect();
-        assert_eq!(
-            max_abs_diff(&logits(&original, &ids), &logits(&reloaded, &ids)),
-            0.0,
-            "{arch:?}"
-        );
+        assert_eq!(max_abs_diff(&logits(&original, &ids), &logits(&reloaded, &ids)), 0.0, "{arch:?}");
         // lm_head is really used: the reloaded model's logits are not the tied ones.
         let mut tied = hf_dir::load(&hf_dir::HfFiles::in_dir(&dir).unwrap()).unwrap();
         tied.config.tie_word_embeddings = true;

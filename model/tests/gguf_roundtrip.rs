@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use model::source::gguf::{load, permute_rows};
 use drq_tests::{tiny_model, tiny_tokenizer};
+use model::source::gguf::{load, permute_rows};
 use model::{Architecture, FloatModel, ModelConfig, ModelSource};
 
 /// llama.cpp's token types.
@@ -33,13 +33,7 @@ struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            dtype: GgmlDType::F32,
-            permute: None,
-            drop: vec![],
-            set: vec![],
-            extra: vec![],
-        }
+        Self { dtype: GgmlDType::F32, permute: None, drop: vec![], set: vec![], extra: vec![] }
     }
 }
 
@@ -72,11 +66,7 @@ fn gguf_name(hf: &str) -> String {
 /// `tokenizer.ggml.*` from the tiny tokenizer, padded to `vocab_size` as llama.cpp does.
 fn tokenizer_metadata(vocab_size: usize, pre: &str) -> Vec<(String, Value)> {
     let tokenizer = tiny_tokenizer();
-    let mut by_id: Vec<(u32, String)> = tokenizer
-        .get_vocab(true)
-        .into_iter()
-        .map(|(t, id)| (id, t))
-        .collect();
+    let mut by_id: Vec<(u32, String)> = tokenizer.get_vocab(true).into_iter().map(|(t, id)| (id, t)).collect();
     by_id.sort();
     let mut tokens = Vec::new();
     let mut types = Vec::new();
@@ -84,11 +74,7 @@ fn tokenizer_metadata(vocab_size: usize, pre: &str) -> Vec<(String, Value)> {
         match by_id.iter().find(|(id, _)| *id == i) {
             Some((_, t)) => {
                 tokens.push(t.clone());
-                types.push(if t == "<|endoftext|>" {
-                    CONTROL
-                } else {
-                    NORMAL
-                });
+                types.push(if t == "<|endoftext|>" { CONTROL } else { NORMAL });
             }
             None => {
                 tokens.push(format!("[PAD{i}]"));
@@ -96,19 +82,14 @@ fn tokenizer_metadata(vocab_size: usize, pre: &str) -> Vec<(String, Value)> {
             }
         }
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&tokenizer.to_string(false).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&tokenizer.to_string(false).unwrap()).unwrap();
     let merges: Vec<String> = json["model"]["merges"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| match m {
             serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Array(pair) => format!(
-                "{} {}",
-                pair[0].as_str().unwrap(),
-                pair[1].as_str().unwrap()
-            ),
+            serde_json::Value::Array(pair) => format!("{} {}", pair[0].as_str().unwrap(), pair[1].as_str().unwrap()),
             other => panic!("unexpected merge {other}"),
         })
         .collect();
@@ -116,18 +97,9 @@ fn tokenizer_metadata(vocab_size: usize, pre: &str) -> Vec<(String, Value)> {
     vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
-        (
-            "tokenizer.ggml.tokens".into(),
-            Value::Array(tokens.into_iter().map(Value::String).collect()),
-        ),
-        (
-            "tokenizer.ggml.token_type".into(),
-            Value::Array(types.into_iter().map(Value::I32).collect()),
-        ),
-        (
-            "tokenizer.ggml.merges".into(),
-            Value::Array(merges.into_iter().map(Value::String).collect()),
-        ),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges.into_iter().map(Value::String).collect())),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(0)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
@@ -146,36 +118,17 @@ fn write_gguf(model: &FloatModel, path: &Path, options: Options) {
         ("general.architecture".into(), Value::String(arch.into())),
         ("general.name".into(), Value::String("tiny".into())),
         (k("vocab_size"), Value::U32(c.vocab_size as u32)),
-        (
-            k("context_length"),
-            Value::U32(c.max_position_embeddings as u32),
-        ),
+        (k("context_length"), Value::U32(c.max_position_embeddings as u32)),
         (k("embedding_length"), Value::U32(c.hidden_size as u32)),
         (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
-        (
-            k("feed_forward_length"),
-            Value::U32(c.intermediate_size as u32),
-        ),
+        (k("feed_forward_length"), Value::U32(c.intermediate_size as u32)),
         (k("rope.dimension_count"), Value::U32(c.head_dim as u32)),
-        (
-            k("attention.head_count"),
-            Value::U32(c.num_attention_heads as u32),
-        ),
-        (
-            k("attention.head_count_kv"),
-            Value::U32(c.num_key_value_heads as u32),
-        ),
+        (k("attention.head_count"), Value::U32(c.num_attention_heads as u32)),
+        (k("attention.head_count_kv"), Value::U32(c.num_key_value_heads as u32)),
         (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
-        (
-            k("attention.layer_norm_rms_epsilon"),
-            Value::F32(c.rms_norm_eps as f32),
-        ),
+        (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_norm_eps as f32)),
     ];
-    let pre = if c.architecture == Architecture::Qwen2 {
-        "qwen2"
-    } else {
-        "gpt-2"
-    };
+    let pre = if c.architecture == Architecture::Qwen2 { "qwen2" } else { "gpt-2" };
     metadata.extend(tokenizer_metadata(c.vocab_size, pre));
     metadata.retain(|(key, _)| !options.drop.contains(&key.as_str()));
     for (key, value) in options.set {
@@ -189,10 +142,7 @@ fn write_gguf(model: &FloatModel, path: &Path, options: Options) {
     for (name, t) in model.weights.iter() {
         let gguf = gguf_name(name);
         let mut t = t.clone();
-        if options
-            .permute
-            .unwrap_or(c.architecture == Architecture::Llama)
-        {
+        if options.permute.unwrap_or(c.architecture == Architecture::Llama) {
             if gguf.ends_with("attn_q.weight") {
                 t = permute_rows(&t, c.num_attention_heads).unwrap();
             } else if gguf.ends_with("attn_k.weight") {
@@ -200,21 +150,13 @@ fn write_gguf(model: &FloatModel, path: &Path, options: Options) {
             }
         }
         // llama.cpp keeps 1-D tensors (norms, biases) in f32.
-        let dtype = if t.rank() == 1 {
-            GgmlDType::F32
-        } else {
-            options.dtype
-        };
+        let dtype = if t.rank() == 1 { GgmlDType::F32 } else { options.dtype };
         tensors.push((gguf, QTensor::quantize(&t, dtype).unwrap()));
     }
     for (name, t) in options.extra {
-        tensors.push((
-            name.to_string(),
-            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
-        ));
+        tensors.push((name.to_string(), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
     }
-    let metadata_refs: Vec<(&str, &Value)> =
-        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let metadata_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut file = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
@@ -227,9 +169,7 @@ fn written(model: &FloatModel, options: Options) -> (tempfile::TempDir, PathBuf)
     (dir, path)
 }
 
-const PROMPT: [u32; 20] = [
-    0, 17, 258, 42, 199, 3, 77, 123, 257, 5, 88, 240, 160, 31, 299, 9, 64, 111, 2, 270,
-];
+const PROMPT: [u32; 20] = [0, 17, 258, 42, 199, 3, 77, 123, 257, 5, 88, 240, 160, 31, 299, 9, 64, 111, 2, 270];
 
 fn logits(model: &FloatModel) -> Tensor {
     drq_tests::float_logits(model, &PROMPT)
@@ -237,14 +177,8 @@ fn logits(model: &FloatModel) -> Tensor {
 
 /// Everything but the f32-rounded epsilon must come back exactly.
 fn assert_same_config(loaded: &ModelConfig, original: &ModelConfig) {
-    assert!(
-        (loaded.rms_norm_eps - original.rms_norm_eps).abs() < 1e-12,
-        "{loaded:?}"
-    );
-    let loaded = ModelConfig {
-        rms_norm_eps: original.rms_norm_eps,
-        ..loaded.clone()
-    };
+    assert!((loaded.rms_norm_eps - original.rms_norm_eps).abs() < 1e-12, "{loaded:?}");
+    let loaded = ModelConfig { rms_norm_eps: original.rms_norm_eps, ..loaded.clone() };
     assert_eq!(&loaded, original);
 }
 
@@ -255,16 +189,9 @@ fn check_roundtrip(original: &FloatModel) {
     let loaded = load(&path).unwrap();
     assert_same_config(&loaded.config, &original.config);
     assert_eq!(loaded.weights.len(), original.weights.len());
-    assert_eq!(
-        loaded.weights.contains("lm_head.weight"),
-        !original.config.tie_word_embeddings
-    );
+    assert_eq!(loaded.weights.contains("lm_head.weight"), !original.config.tie_word_embeddings);
     let diff = max_abs_diff(&logits(&loaded), &logits(original));
-    assert!(
-        diff < 1e-5,
-        "{:?}: logits differ by {diff}",
-        original.config.architecture
-    );
+    assert!(diff < 1e-5, "{:?}: logits differ by {diff}", original.config.architecture);
     // Every tensor comes back bit for bit under its Hugging Face name.
     for (name, t) in original.weights.iter() {
         let back = loaded.weights.get(name, t.dims()).unwrap();
@@ -273,10 +200,7 @@ fn check_roundtrip(original: &FloatModel) {
     // The tokenizer rebuilt from `tokenizer.ggml.*` cuts text as the original does.
     let ids = |t: &tokenizers::Tokenizer| t.encode(SAMPLE, false).unwrap().get_ids().to_vec();
     let expected = ids(&original.tokenizer);
-    assert!(
-        expected.contains(&258) && expected.contains(&0),
-        "the sample uses a merge and the special token"
-    );
+    assert!(expected.contains(&258) && expected.contains(&0), "the sample uses a merge and the special token");
     assert_eq!(ids(&loaded.tokenizer), expected);
     assert!(!loaded.add_bos);
 }
@@ -297,13 +221,7 @@ fn qwen2_roundtrips_with_biases_and_unpermuted_rows() {
     check_roundtrip(&original);
     // Sensitivity: had the Q/K rows been permuted (as for llama), the loader, which leaves
     // qwen2 rows alone, would give other logits.
-    let (_dir, path) = written(
-        &original,
-        Options {
-            permute: Some(true),
-            ..Default::default()
-        },
-    );
+    let (_dir, path) = written(&original, Options { permute: Some(true), ..Default::default() });
     let permuted = load(&path).unwrap();
     let diff = max_abs_diff(&logits(&permuted), &logits(&original));
     assert!(diff > 1e-6, "permuted qwen2 rows went unnoticed ({diff})");
@@ -314,55 +232,27 @@ fn the_q_k_permutation_is_what_the_loader_undoes() {
     // Sensitivity: a llama GGUF written without llama.cpp's permutation loads with the wrong
     // rows, and the logits show it.
     let original = tiny_model(Architecture::Llama, false, 24);
-    let (_dir, path) = written(
-        &original,
-        Options {
-            permute: Some(false),
-            ..Default::default()
-        },
-    );
+    let (_dir, path) = written(&original, Options { permute: Some(false), ..Default::default() });
     let loaded = load(&path).unwrap();
     let diff = max_abs_diff(&logits(&loaded), &logits(&original));
-    assert!(
-        diff > 1e-6,
-        "un-permuting an unpermuted file should change the logits ({diff})"
-    );
+    assert!(diff > 1e-6, "un-permuting an unpermuted file should change the logits ({diff})");
     let q = "model.layers.0.self_attn.q_proj.weight";
     let shape = [64, 64];
-    assert!(
-        max_abs_diff(
-            &loaded.weights.get(q, &shape).unwrap(),
-            &original.weights.get(q, &shape).unwrap()
-        ) > 0.0
-    );
+    assert!(max_abs_diff(&loaded.weights.get(q, &shape).unwrap(), &original.weights.get(q, &shape).unwrap()) > 0.0);
 }
 
 #[test]
 fn f16_and_q8_0_files_dequantize_close_to_the_original() {
     let original = tiny_model(Architecture::Llama, false, 25);
     let reference = logits(&original);
-    for (dtype, weight_tol, logit_tol) in
-        [(GgmlDType::F16, 1e-4, 1e-3), (GgmlDType::Q8_0, 1e-3, 1e-2)]
-    {
-        let (_dir, path) = written(
-            &original,
-            Options {
-                dtype,
-                ..Default::default()
-            },
-        );
+    for (dtype, weight_tol, logit_tol) in [(GgmlDType::F16, 1e-4, 1e-3), (GgmlDType::Q8_0, 1e-3, 1e-2)] {
+        let (_dir, path) = written(&original, Options { dtype, ..Default::default() });
         let loaded = load(&path).unwrap();
         let mut worst = 0f32;
         for (name, t) in original.weights.iter() {
-            worst = worst.max(max_abs_diff(
-                &loaded.weights.get(name, t.dims()).unwrap(),
-                t,
-            ));
+            worst = worst.max(max_abs_diff(&loaded.weights.get(name, t.dims()).unwrap(), t));
         }
-        assert!(
-            worst > 0.0 && worst < weight_tol,
-            "{dtype:?}: weights off by {worst}"
-        );
+        assert!(worst > 0.0 && worst < weight_tol, "{dtype:?}: weights off by {worst}");
         let diff = max_abs_diff(&logits(&loaded), &reference);
         assert!(diff < logit_tol, "{dtype:?}: logits off by {diff}");
     }
@@ -376,10 +266,7 @@ fn a_gguf_path_is_recognised_and_loaded_as_a_source() {
     assert_eq!(source, ModelSource::Gguf(path.clone()));
     let (loaded, provenance) = model::source::load_float(&source).unwrap();
     assert_eq!(max_abs_diff(&logits(&loaded), &logits(&original)), 0.0);
-    assert_eq!(
-        provenance.sha256,
-        model::source::sha256_files(&[path]).unwrap()
-    );
+    assert_eq!(provenance.sha256, model::source::sha256_files(&[path]).unwrap());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,15 +285,9 @@ fn an_unsupported_architecture_is_named() {
     let model = tiny_model(Architecture::Llama, true, 27);
     let err = load_error(
         &model,
-        Options {
-            set: vec![("general.architecture", Value::String("gpt2".into()))],
-            ..Default::default()
-        },
+        Options { set: vec![("general.architecture", Value::String("gpt2".into()))], ..Default::default() },
     );
-    assert!(
-        err.contains("`gpt2`") && err.contains("architecture"),
-        "{err}"
-    );
+    assert!(err.contains("`gpt2`") && err.contains("architecture"), "{err}");
 }
 
 #[test]
@@ -418,31 +299,16 @@ fn a_missing_hyper_parameter_is_named() {
         "llama.attention.layer_norm_rms_epsilon",
         "general.architecture",
     ] {
-        let err = load_error(
-            &model,
-            Options {
-                drop: vec![key],
-                ..Default::default()
-            },
-        );
+        let err = load_error(&model, Options { drop: vec![key], ..Default::default() });
         assert!(err.contains(key), "{key}: {err}");
     }
     // A block count that disagrees with the tensors.
-    let err = load_error(
-        &model,
-        Options {
-            set: vec![("llama.block_count", Value::U32(3))],
-            ..Default::default()
-        },
-    );
+    let err = load_error(&model, Options { set: vec![("llama.block_count", Value::U32(3))], ..Default::default() });
     assert!(err.contains("model.layers.2."), "{err}");
     // A mistyped one.
     let err = load_error(
         &model,
-        Options {
-            set: vec![("llama.block_count", Value::String("2".into()))],
-            ..Default::default()
-        },
+        Options { set: vec![("llama.block_count", Value::String("2".into()))], ..Default::default() },
     );
     assert!(err.contains("llama.block_count"), "{err}");
 }
@@ -451,21 +317,10 @@ fn a_missing_hyper_parameter_is_named() {
 fn unknown_tensors_and_rope_freqs_are_errors() {
     let model = tiny_model(Architecture::Llama, true, 29);
     let extra = Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap();
-    let err = load_error(
-        &model,
-        Options {
-            extra: vec![("blk.0.attn_sinks.weight", extra.clone())],
-            ..Default::default()
-        },
-    );
+    let err =
+        load_error(&model, Options { extra: vec![("blk.0.attn_sinks.weight", extra.clone())], ..Default::default() });
     assert!(err.contains("blk.0.attn_sinks.weight"), "{err}");
-    let err = load_error(
-        &model,
-        Options {
-            extra: vec![("rope_freqs.weight", extra)],
-            ..Default::default()
-        },
-    );
+    let err = load_error(&model, Options { extra: vec![("rope_freqs.weight", extra)], ..Default::default() });
     assert!(err.contains("rope_freqs"), "{err}");
 }
 
@@ -479,16 +334,8 @@ fn a_truncated_file_is_an_error_not_a_panic() {
         let truncated = dir.path().join(format!("cut-{cut}.gguf"));
         std::fs::write(&truncated, &bytes[..cut]).unwrap();
         let result = std::panic::catch_unwind(|| load(&truncated).map(|_| ()));
-        let result = result.unwrap_or_else(|_| {
-            panic!(
-                "loading a file cut at {cut} of {} bytes panicked",
-                bytes.len()
-            )
-        });
+        let result = result.unwrap_or_else(|_| panic!("loading a file cut at {cut} of {} bytes panicked", bytes.len()));
         let err = result.expect_err("a truncated file loaded");
-        assert!(
-            format!("{err:#}").contains(&truncated.display().to_string()),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").contains(&truncated.display().to_string()), "{err:#}");
     }
 }

@@ -13,20 +13,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use drq_tests::tiny_model;
 use model::source::hf_dir::{self, HfFiles};
 use model::source::hub::{fetch_hub_model_with, HubFiles, HubSettings};
-use drq_tests::tiny_model;
 use model::{Architecture, FloatModel};
 use support::fake_hub::{self, FakeFile, FakeRepo};
 
 fn settings(endpoint: &str, home: &Path, offline: bool) -> HubSettings {
-    HubSettings {
-        endpoint: endpoint.to_string(),
-        cache_dir: home.join("hub"),
-        token: None,
-        offline,
-        progress: false,
-    }
+    HubSettings { endpoint: endpoint.to_string(), cache_dir: home.join("hub"), token: None, offline, progress: false }
 }
 
 fn hf_files(files: &HubFiles) -> HfFiles {
@@ -38,10 +32,8 @@ fn hf_files(files: &HubFiles) -> HfFiles {
     }
 }
 
-const IDS: [u32; 24] = [
-    0, 45, 258, 17, 290, 3, 77, 123, 257, 5, 88, 240, 160, 31, 299, 9, 64, 111, 2, 270, 8, 150, 42,
-    1,
-];
+const IDS: [u32; 24] =
+    [0, 45, 258, 17, 290, 3, 77, 123, 257, 5, 88, 240, 160, 31, 299, 9, 64, 111, 2, 270, 8, 150, 42, 1];
 
 fn logits(model: &FloatModel) -> Tensor {
     drq_tests::float_logits(model, &IDS)
@@ -52,24 +44,11 @@ fn exported_files(model: &FloatModel) -> Vec<FakeFile> {
     let parent = tempfile::tempdir().unwrap();
     let dir = parent.path().join("export");
     model::export::write_hf_dir(model, &dir).unwrap();
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
-    assert_eq!(
-        names,
-        [
-            "config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json"
-        ]
-    );
-    names
-        .iter()
-        .map(|n| FakeFile::new(n, std::fs::read(dir.join(n)).unwrap()))
-        .collect()
+    assert_eq!(names, ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]);
+    names.iter().map(|n| FakeFile::new(n, std::fs::read(dir.join(n)).unwrap())).collect()
 }
 
 /// The exported files with `model.safetensors` split into two shards and an index, as
@@ -80,19 +59,14 @@ fn sharded_files(model: &FloatModel) -> Vec<FakeFile> {
     let mut weight_map = serde_json::Map::new();
     for (name, t) in model.weights.iter() {
         // Layer 1 and the head in the second shard, the rest in the first.
-        let i = usize::from(
-            name.starts_with("model.layers.1.")
-                || name == "lm_head.weight"
-                || name == "model.norm.weight",
-        );
+        let i =
+            usize::from(name.starts_with("model.layers.1.") || name == "lm_head.weight" || name == "model.norm.weight");
         shards[i].insert(name.clone(), t.clone());
         weight_map.insert(name.clone(), shard_name(i).into());
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut files: Vec<FakeFile> = exported_files(model)
-        .into_iter()
-        .filter(|f| f.name != "model.safetensors")
-        .collect();
+    let mut files: Vec<FakeFile> =
+        exported_files(model).into_iter().filter(|f| f.name != "model.safetensors").collect();
     for (i, shard) in shards.iter().enumerate() {
         assert!(!shard.is_empty());
         let path = dir.path().join(shard_name(i));
@@ -100,10 +74,7 @@ fn sharded_files(model: &FloatModel) -> Vec<FakeFile> {
         files.push(FakeFile::new(&shard_name(i), std::fs::read(&path).unwrap()));
     }
     let index = serde_json::json!({ "metadata": { "total_size": 0 }, "weight_map": weight_map });
-    files.push(FakeFile::new(
-        "model.safetensors.index.json",
-        index.to_string(),
-    ));
+    files.push(FakeFile::new("model.safetensors.index.json", index.to_string()));
     files
 }
 
@@ -120,23 +91,16 @@ fn an_exported_model_served_by_the_hub_loads_with_the_same_logits() {
     let home = tempfile::tempdir().unwrap();
 
     for ((repo, original, shards), commit) in
-        [("tiny/llama", &llama, 1), ("tiny/qwen2-sharded", &qwen, 2)]
-            .into_iter()
-            .zip(&commits)
+        [("tiny/llama", &llama, 1), ("tiny/qwen2-sharded", &qwen, 2)].into_iter().zip(&commits)
     {
-        let files =
-            fetch_hub_model_with(&settings(&server.url, home.path(), false), repo, None).unwrap();
+        let files = fetch_hub_model_with(&settings(&server.url, home.path(), false), repo, None).unwrap();
         assert_eq!(files.commit.as_deref(), Some(commit.as_str()));
         assert_eq!(files.weights.len(), shards, "{repo}");
         assert!(files.tokenizer_config.is_some());
         let loaded = hf_dir::load(&hf_files(&files)).unwrap();
         assert_eq!(loaded.config, original.config, "{repo}");
         assert_eq!(loaded.weights.len(), original.weights.len(), "{repo}");
-        assert_eq!(
-            max_abs_diff(&logits(&loaded), &logits(original)),
-            0.0,
-            "{repo}"
-        );
+        assert_eq!(max_abs_diff(&logits(&loaded), &logits(original)), 0.0, "{repo}");
         let sample = "the theme";
         assert_eq!(
             loaded.tokenizer.encode(sample, false).unwrap().get_ids(),
@@ -146,25 +110,13 @@ fn an_exported_model_served_by_the_hub_loads_with_the_same_logits() {
         // Offline, from the cache alone (pinned to the commit and by branch), the same model.
         let requests = server.requests().len();
         for revision in [None, Some(commit.as_str())] {
-            let cached = fetch_hub_model_with(
-                &settings("http://127.0.0.1:9", home.path(), true),
-                repo,
-                revision,
-            )
-            .unwrap();
+            let cached =
+                fetch_hub_model_with(&settings("http://127.0.0.1:9", home.path(), true), repo, revision).unwrap();
             assert_eq!(cached, files, "{repo} @ {revision:?}");
             let again = hf_dir::load(&hf_files(&cached)).unwrap();
-            assert_eq!(
-                max_abs_diff(&logits(&again), &logits(original)),
-                0.0,
-                "{repo}"
-            );
+            assert_eq!(max_abs_diff(&logits(&again), &logits(original)), 0.0, "{repo}");
         }
-        assert_eq!(
-            server.requests().len(),
-            requests,
-            "offline fetches make no request"
-        );
+        assert_eq!(server.requests().len(), requests, "offline fetches make no request");
     }
     // The two repos did not mix: the weights differ.
     assert!(max_abs_diff(&logits(&llama), &logits(&qwen)) > 1e-3);
@@ -175,10 +127,7 @@ fn a_shard_missing_a_tensor_is_reported_by_name() {
     let model = tiny_model(Architecture::Llama, true, 43);
     let mut files = sharded_files(&model);
     // The index still lists the tensor, but the second shard no longer holds it.
-    let shard = files
-        .iter_mut()
-        .find(|f| f.name == "model-00002-of-00002.safetensors")
-        .unwrap();
+    let shard = files.iter_mut().find(|f| f.name == "model-00002-of-00002.safetensors").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shard.safetensors");
     std::fs::write(&path, &shard.bytes).unwrap();
@@ -189,15 +138,8 @@ fn a_shard_missing_a_tensor_is_reported_by_name() {
 
     let server = fake_hub::start(vec![FakeRepo::new("tiny/broken", files)]);
     let home = tempfile::tempdir().unwrap();
-    let fetched = fetch_hub_model_with(
-        &settings(&server.url, home.path(), false),
-        "tiny/broken",
-        None,
-    )
-    .unwrap();
+    let fetched = fetch_hub_model_with(&settings(&server.url, home.path(), false), "tiny/broken", None).unwrap();
     assert_eq!(fetched.weights.len(), 2);
-    let err = hf_dir::load(&hf_files(&fetched))
-        .err()
-        .expect("a model without its final norm loaded");
+    let err = hf_dir::load(&hf_files(&fetched)).err().expect("a model without its final norm loaded");
     assert!(format!("{err:#}").contains("model.norm.weight"), "{err:#}");
 }

@@ -60,7 +60,11 @@ impl GptqSpec {
 
     /// Checks the dampening (positive, finite).
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.damp > 0.0 && self.damp.is_finite(), "GPTQ dampening must be a positive number (got {})", self.damp);
+        ensure!(
+            self.damp > 0.0 && self.damp.is_finite(),
+            "GPTQ dampening must be a positive number (got {})",
+            self.damp
+        );
         Ok(())
     }
 }
@@ -140,7 +144,8 @@ pub fn collect_moments(
     ensure!(!blocks.is_empty(), "no calibration blocks");
     let seq = blocks[0].len();
     ensure!(seq > 0, "empty calibration blocks");
-    let collector = Arc::new(MomentCollector { wanted: targets.iter().cloned().collect(), sums: Mutex::new(HashMap::new()) });
+    let collector =
+        Arc::new(MomentCollector { wanted: targets.iter().cloned().collect(), sums: Mutex::new(HashMap::new()) });
     let model = Transformer::observed(config, weights, collector.clone())?;
     // Only the inputs matter: an lm_head that is not a target need not see every position.
     let logits_from = if targets.iter().any(|t| t == LM_HEAD) { 0 } else { seq - 1 };
@@ -185,11 +190,12 @@ fn inverse_factor(moments: &InputMoments, spec: &GptqSpec) -> Result<(Vec<usize>
         order.sort_by(|&a, &b| h[b * n + b].total_cmp(&h[a * n + a]));
     }
     let permuted = nalgebra::DMatrix::from_fn(n, n, |i, k| h[order[i] * n + order[k]]);
-    let inverse = permuted
+    let inverse =
+        permuted.cholesky().context("the input Hessian is not positive definite (raise the dampening)")?.inverse();
+    let lower = inverse
         .cholesky()
-        .context("the input Hessian is not positive definite (raise the dampening)")?
-        .inverse();
-    let lower = inverse.cholesky().context("the inverse input Hessian is not positive definite (raise the dampening)")?.unpack();
+        .context("the inverse input Hessian is not positive definite (raise the dampening)")?
+        .unpack();
     // U = Lᵀ: row j of U is column j of L.
     let mut u = vec![0f32; n * n];
     for j in 0..n {
@@ -237,7 +243,13 @@ const ROW_TILE: usize = 16;
 
 /// Re-rounds the codes of `q` (a quantization of the `[rows, cols]` weight `w` with its scales
 /// already chosen) by GPTQ with the input moments of its layer. The scales are not changed.
-pub fn round_weight(w: &[f32], q: &mut QuantizedWeight, moments: &InputMoments, spec: &GptqSpec, tie: TieRule) -> Result<()> {
+pub fn round_weight(
+    w: &[f32],
+    q: &mut QuantizedWeight,
+    moments: &InputMoments,
+    spec: &GptqSpec,
+    tie: TieRule,
+) -> Result<()> {
     let layout = q.layout;
     let (rows, cols) = (layout.rows, layout.cols);
     ensure!(w.len() == rows * cols && q.codes.len() == rows * cols, "weight of {} values for {rows}x{cols}", w.len());
@@ -252,11 +264,8 @@ pub fn round_weight(w: &[f32], q: &mut QuantizedWeight, moments: &InputMoments, 
     let levels: Vec<Levels> = spec.order.iter().map(|&b| Levels::new(b, tie)).collect();
     let n_groups = layout.n_groups();
     let scales = &q.scales;
-    q.codes
-        .par_chunks_mut(ROW_TILE * cols)
-        .zip(w.par_chunks(ROW_TILE * cols))
-        .enumerate()
-        .for_each(|(tile, (codes, w))| {
+    q.codes.par_chunks_mut(ROW_TILE * cols).zip(w.par_chunks(ROW_TILE * cols)).enumerate().for_each(
+        |(tile, (codes, w))| {
             let first_row = tile * ROW_TILE;
             let tile_rows = codes.len() / cols;
             // copies[r][p]: row r's compensated copy for the p-th bit-width, in rounding order.
@@ -281,7 +290,8 @@ pub fn round_weight(w: &[f32], q: &mut QuantizedWeight, moments: &InputMoments, 
                     }
                 }
             }
-        });
+        },
+    );
     Ok(())
 }
 
@@ -313,7 +323,11 @@ pub struct OutputErrorMeter<'a> {
 impl<'a> OutputErrorMeter<'a> {
     pub fn new(w: &'a [f32], moments: &InputMoments) -> Result<Self> {
         let dim = moments.dim;
-        ensure!(dim > 0 && w.len().is_multiple_of(dim), "a weight of {} values for input moments of dimension {dim}", w.len());
+        ensure!(
+            dim > 0 && w.len().is_multiple_of(dim),
+            "a weight of {} values for input moments of dimension {dim}",
+            w.len()
+        );
         let h = Tensor::from_vec(moments.gram.clone(), (dim, dim), &Device::Cpu)?;
         let mut meter = OutputErrorMeter { w, h, energy: 1.0 };
         meter.energy = meter.energy_of(w.iter().map(|&x| f64::from(x)).collect())?;
@@ -330,11 +344,17 @@ impl<'a> OutputErrorMeter<'a> {
 
     /// The relative output error of `q` served at `bits`.
     pub fn relative(&self, q: &QuantizedWeight, bits: u32, tie: TieRule) -> Result<f64> {
-        ensure!(q.codes.len() == self.w.len(), "a quantization of {} values for a weight of {}", q.codes.len(), self.w.len());
+        ensure!(
+            q.codes.len() == self.w.len(),
+            "a quantization of {} values for a weight of {}",
+            q.codes.len(),
+            self.w.len()
+        );
         if self.energy <= 0.0 {
             return Ok(0.0);
         }
-        let diff = q.dequantize(bits, tie)?.into_iter().zip(self.w).map(|(d, &x)| f64::from(d) - f64::from(x)).collect();
+        let diff =
+            q.dequantize(bits, tie)?.into_iter().zip(self.w).map(|(d, &x)| f64::from(d) - f64::from(x)).collect();
         Ok(self.energy_of(diff)? / self.energy)
     }
 }
@@ -353,7 +373,8 @@ pub fn round_model(
     let bits = q.quantization.bits.clone();
     for layer in q.report.iter_mut() {
         let Some(m) = moments.get(&layer.name) else { continue };
-        let weight = q.quantized.get_mut(&layer.name).with_context(|| format!("no quantized weight `{}`", layer.name))?;
+        let weight =
+            q.quantized.get_mut(&layer.name).with_context(|| format!("no quantized weight `{}`", layer.name))?;
         let w: Vec<f32> = float.weights.get(&layer.name, &[layer.rows, layer.cols])?.flatten_all()?.to_vec1()?;
         let meter = OutputErrorMeter::new(&w, m)?;
         let nearest = bits.iter().map(|&b| meter.relative(weight, b, tie)).collect::<Result<Vec<_>>>()?;
@@ -363,7 +384,10 @@ pub fn round_model(
             .iter()
             .map(|&b| Ok((b, crate::reconstruction_error(&w, weight, b, tie)?)))
             .collect::<Result<Vec<_>, crate::PtqError>>()?;
-        layer.output_error = Some(OutputError { nearest: bits.iter().copied().zip(nearest).collect(), gptq: bits.iter().copied().zip(gptq).collect() });
+        layer.output_error = Some(OutputError {
+            nearest: bits.iter().copied().zip(nearest).collect(),
+            gptq: bits.iter().copied().zip(gptq).collect(),
+        });
         on_weight(&layer.name);
     }
     q.quantization.rounding = spec.to_string();

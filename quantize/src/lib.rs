@@ -12,5 +12,5 @@ pub mod report;
 pub mod train;
 
 pub use model_ptq::{quantize_model, write_checkpoint, QuantizedModel};
-pub use report::{LayerReport, OutputError};
 pub use ptq::{quantize_weight, reconstruction_error, PtqError, QuantSpec, SearchObjective};
+pub use report::{LayerReport, OutputError};

@@ -79,7 +79,13 @@ pub fn write_checkpoint(path: &Path, float: &FloatModel, provenance: &Provenance
 }
 
 /// [`write_checkpoint`] recording `tool` (e.g. `drq-train`) and this version in the provenance.
-pub fn write_checkpoint_as(path: &Path, float: &FloatModel, provenance: &Provenance, q: &QuantizedModel, tool: &str) -> Result<()> {
+pub fn write_checkpoint_as(
+    path: &Path,
+    float: &FloatModel,
+    provenance: &Provenance,
+    q: &QuantizedModel,
+    tool: &str,
+) -> Result<()> {
     let provenance = ProvenanceMeta {
         source: provenance.source.clone(),
         source_sha256: provenance.sha256.clone(),

@@ -46,7 +46,11 @@ impl ProfileRules {
     }
 
     fn check(&self) -> Result<()> {
-        ensure!(model::precision::is_profile_name(&self.name), "name `{}`: a letter, then letters, digits, `-`, `_`, `.`", self.name);
+        ensure!(
+            model::precision::is_profile_name(&self.name),
+            "name `{}`: a letter, then letters, digits, `-`, `_`, `.`",
+            self.name
+        );
         for bits in std::iter::once(self.default).chain(self.rules.iter().map(|r| r.bits)) {
             kernels::check_bits(bits).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
@@ -95,10 +99,15 @@ mod tests {
 
     #[test]
     fn bad_profiles_are_refused() {
-        let bad = |t: &str| toml::from_str::<ProfileRules>(t).map_err(anyhow::Error::from).and_then(|p| p.resolve(&names()).map(|_| ()));
+        let bad = |t: &str| {
+            toml::from_str::<ProfileRules>(t).map_err(anyhow::Error::from).and_then(|p| p.resolve(&names()).map(|_| ()))
+        };
         assert!(bad("name = \"a\"\ndefault = 9").unwrap_err().to_string().contains("9"));
         assert!(bad("name = \"4x\"\ndefault = 4").unwrap_err().to_string().contains("name"));
-        assert!(bad("name = \"a\"\ndefault = 4\n[[rule]]\nmatch = \"x\"\nbits = 1").unwrap_err().to_string().contains("1"));
+        assert!(bad("name = \"a\"\ndefault = 4\n[[rule]]\nmatch = \"x\"\nbits = 1")
+            .unwrap_err()
+            .to_string()
+            .contains("1"));
         assert!(bad("name = \"a\"\ndefault = 4\nbitz = 3").is_err());
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/profiles");
         for entry in std::fs::read_dir(&shipped).unwrap() {

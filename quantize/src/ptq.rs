@@ -9,8 +9,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use kernels::{
-    check_bits, code_index, first_round, level_table, Granularity, KernelError, QuantizedWeight,
-    ScaleLayout, TieRule,
+    check_bits, code_index, first_round, level_table, Granularity, KernelError, QuantizedWeight, ScaleLayout, TieRule,
 };
 
 /// What the scale search minimises over the bit set B, per row/group.
@@ -42,9 +41,7 @@ impl FromStr for SearchObjective {
         match s {
             "sum" => Ok(SearchObjective::Sum),
             "normalized" => Ok(SearchObjective::Normalized),
-            _ => Err(PtqError::Parse(format!(
-                "search objective {s:?} (expected \"sum\" or \"normalized\")"
-            ))),
+            _ => Err(PtqError::Parse(format!("search objective {s:?} (expected \"sum\" or \"normalized\")"))),
         }
     }
 }
@@ -74,14 +71,7 @@ impl Default for QuantSpec {
 impl fmt::Display for QuantSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let bits: Vec<String> = self.bits.iter().map(u32::to_string).collect();
-        write!(
-            f,
-            "bits {} {} tie {} objective {}",
-            bits.join(","),
-            self.granularity,
-            self.tie,
-            self.objective
-        )
+        write!(f, "bits {} {} tie {} objective {}", bits.join(","), self.granularity, self.tie, self.objective)
     }
 }
 
@@ -159,26 +149,14 @@ impl From<KernelError> for PtqError {
 /// Quantizes a row-major `[rows, cols]` weight: per row/group, searches the scale for `spec`'s
 /// objective over the double-rounded path at every bit of the set, then stores the int8 codes.
 /// All-zero groups get scale 1 and codes 0. Rows are split across the available cores.
-pub fn quantize_weight(
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    spec: &QuantSpec,
-) -> Result<QuantizedWeight, PtqError> {
+pub fn quantize_weight(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) -> Result<QuantizedWeight, PtqError> {
     spec.validate()?;
     let layout = spec.granularity.layout(rows, cols)?;
     if w.len() != layout.n_weights() {
-        return Err(PtqError::Shape {
-            rows,
-            cols,
-            len: w.len(),
-        });
+        return Err(PtqError::Shape { rows, cols, len: w.len() });
     }
     if let Some(index) = w.iter().position(|x| !x.is_finite()) {
-        return Err(PtqError::NonFinite {
-            index,
-            value: w[index],
-        });
+        return Err(PtqError::NonFinite { index, value: w[index] });
     }
     let searcher = Searcher::new(spec)?;
     let mut codes = vec![0i8; w.len()];
@@ -187,9 +165,7 @@ pub fn quantize_weight(
         // Spawning costs more than searching a small tensor.
         const MIN_WEIGHTS_PER_THREAD: usize = 1 << 15;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = cores
-            .min(w.len().div_ceil(MIN_WEIGHTS_PER_THREAD))
-            .clamp(1, rows);
+        let threads = cores.min(w.len().div_ceil(MIN_WEIGHTS_PER_THREAD)).clamp(1, rows);
         let rows_per = rows.div_ceil(threads);
         let n_groups = layout.n_groups();
         std::thread::scope(|scope| {
@@ -203,29 +179,16 @@ pub fn quantize_weight(
             }
         });
     }
-    Ok(QuantizedWeight {
-        codes,
-        scales,
-        layout,
-    })
+    Ok(QuantizedWeight { codes, scales, layout })
 }
 
 /// Relative reconstruction error at `bits`: ‖Ŵ_b − W‖² / ‖W‖² (0 when both are zero, infinite
 /// when only W is).
-pub fn reconstruction_error(
-    w: &[f32],
-    q: &QuantizedWeight,
-    bits: u32,
-    tie: TieRule,
-) -> Result<f64, PtqError> {
+pub fn reconstruction_error(w: &[f32], q: &QuantizedWeight, bits: u32, tie: TieRule) -> Result<f64, PtqError> {
     let layout = q.layout;
     layout.validate()?;
     if w.len() != layout.n_weights() {
-        return Err(PtqError::Shape {
-            rows: layout.rows,
-            cols: layout.cols,
-            len: w.len(),
-        });
+        return Err(PtqError::Shape { rows: layout.rows, cols: layout.cols, len: w.len() });
     }
     let w_hat = q.dequantize(bits, tie)?;
     let (err, energy) = w.iter().zip(&w_hat).fold((0f64, 0f64), |(e, n), (&x, &y)| {
@@ -274,28 +237,17 @@ struct Scratch {
 
 impl Searcher {
     fn new(spec: &QuantSpec) -> Result<Self, PtqError> {
-        let tables = spec
-            .bits
-            .iter()
-            .map(|&b| level_table(b, spec.tie))
-            .collect::<Result<_, _>>()?;
-        Ok(Searcher {
-            tables,
-            objective: spec.objective,
-        })
+        let tables = spec.bits.iter().map(|&b| level_table(b, spec.tie)).collect::<Result<_, _>>()?;
+        Ok(Searcher { tables, objective: spec.objective })
     }
 
     /// Quantizes whole rows: `w` and `codes` hold `k` rows, `scales` their `k · n_groups` scales.
     fn quantize_rows(&self, w: &[f32], codes: &mut [i8], scales: &mut [f32], layout: &ScaleLayout) {
         let mut scratch = Scratch::default();
         let n_groups = layout.n_groups();
-        let rows = w
-            .chunks_exact(layout.cols)
-            .zip(codes.chunks_exact_mut(layout.cols));
+        let rows = w.chunks_exact(layout.cols).zip(codes.chunks_exact_mut(layout.cols));
         for ((w_row, code_row), row_scales) in rows.zip(scales.chunks_exact_mut(n_groups)) {
-            let groups = w_row
-                .chunks(layout.group)
-                .zip(code_row.chunks_mut(layout.group));
+            let groups = w_row.chunks(layout.group).zip(code_row.chunks_mut(layout.group));
             for ((w_group, code_group), scale) in groups.zip(row_scales) {
                 *scale = self.search(w_group, &mut scratch);
                 let inv = 1.0 / *scale;
@@ -346,10 +298,7 @@ impl Searcher {
             // A floor keeps the ratio finite where some scale reproduces the group exactly.
             let floor = energy * 1e-12 + f64::MIN_POSITIVE;
             for (b, weight) in weights[..n].iter_mut().enumerate() {
-                let best = candidates
-                    .iter()
-                    .map(|c| c.1[b])
-                    .fold(f64::INFINITY, f64::min);
+                let best = candidates.iter().map(|c| c.1[b]).fold(f64::INFINITY, f64::min);
                 *weight = 1.0 / best.max(floor);
             }
         }
@@ -382,11 +331,7 @@ impl Searcher {
                     acc[lane] += d * d;
                 }
             }
-            let tail: f32 = w_tail
-                .iter()
-                .zip(i_tail)
-                .map(|(&x, &q)| (table[usize::from(q)] - x * inv).powi(2))
-                .sum();
+            let tail: f32 = w_tail.iter().zip(i_tail).map(|(&x, &q)| (table[usize::from(q)] - x * inv).powi(2)).sum();
             let units: f64 = acc.iter().map(|&a| f64::from(a)).sum::<f64>() + f64::from(tail);
             *out = units * f64::from(s) * f64::from(s);
         }

@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use drq_tests::tiny_model;
 use kernels::{Granularity, TieRule};
 use model::checkpoint::{Checkpoint, CODES_SUFFIX, FORMAT, FORMAT_VERSION, SCALES_SUFFIX, TOKENIZER_TENSOR};
 use model::source::{FloatModel, Provenance};
-use drq_tests::tiny_model;
 use model::{Architecture, ModelSource, Precision, Weights};
 use quantize::{quantize_model, write_checkpoint, QuantSpec, QuantizedModel, SearchObjective};
 use safetensors::tensor::TensorView;
@@ -346,7 +346,8 @@ fn file_layout_matches_the_spec() {
     {
         use std::os::unix::fs::PermissionsExt;
         let path = dir.path().join("no-template.safetensors");
-        let (float, q) = quantized(Architecture::Llama, true, &spec(&[8], Granularity::Channel, TieRule::HalfEven), &[]);
+        let (float, q) =
+            quantized(Architecture::Llama, true, &spec(&[8], Granularity::Channel, TieRule::HalfEven), &[]);
         write_checkpoint(&path, &float, &provenance(), &q).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
     }
@@ -534,15 +535,23 @@ fn inconsistent_metadata_is_rejected() {
         // Per-layer profiles: a bit-width for exactly the quantized weights, each in 2..=8.
         (
             "profile-missing-weight",
-            Box::new(|r| r.edit_json("quantization", |q| q["profiles"] = serde_json::json!({"mix": {"model.embed_tokens.weight": 4}}))),
+            Box::new(|r| {
+                r.edit_json("quantization", |q| {
+                    q["profiles"] = serde_json::json!({"mix": {"model.embed_tokens.weight": 4}})
+                })
+            }),
             needles!["profile `mix` must give a bit-width to exactly the quantized weights"],
         ),
         (
             "profile-bad-bits",
             Box::new(|r| {
                 r.edit_json("quantization", |q| {
-                    let all: serde_json::Map<String, serde_json::Value> =
-                        q["quantized"].as_array().unwrap().iter().map(|n| (n.as_str().unwrap().to_string(), serde_json::json!(9))).collect();
+                    let all: serde_json::Map<String, serde_json::Value> = q["quantized"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|n| (n.as_str().unwrap().to_string(), serde_json::json!(9)))
+                        .collect();
                     q["profiles"] = serde_json::json!({ "mix": all });
                 })
             }),
@@ -552,8 +561,12 @@ fn inconsistent_metadata_is_rejected() {
             "profile-bad-name",
             Box::new(|r| {
                 r.edit_json("quantization", |q| {
-                    let all: serde_json::Map<String, serde_json::Value> =
-                        q["quantized"].as_array().unwrap().iter().map(|n| (n.as_str().unwrap().to_string(), serde_json::json!(4))).collect();
+                    let all: serde_json::Map<String, serde_json::Value> = q["quantized"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|n| (n.as_str().unwrap().to_string(), serde_json::json!(4)))
+                        .collect();
                     q["profiles"] = serde_json::json!({ "4": all });
                 })
             }),
@@ -602,7 +615,9 @@ fn inconsistent_metadata_is_rejected() {
         ),
         (
             "scales-nan",
-            Box::new(move |r| r.tensor_mut(&format!("{w}.scales")).3[2..4].copy_from_slice(&half::f16::NAN.to_le_bytes())),
+            Box::new(move |r| {
+                r.tensor_mut(&format!("{w}.scales")).3[2..4].copy_from_slice(&half::f16::NAN.to_le_bytes())
+            }),
             needles!["holds the scale NaN"],
         ),
         (
@@ -1034,7 +1049,8 @@ fn writer_rejects_inconsistent_contents() {
 #[test]
 fn profiles_round_trip_and_decode_per_weight() {
     let dir = tempfile::tempdir().unwrap();
-    let (float, mut q) = quantized(Architecture::Llama, false, &spec(&[8, 4, 2], Granularity::Channel, TieRule::HalfEven), &[]);
+    let (float, mut q) =
+        quantized(Architecture::Llama, false, &spec(&[8, 4, 2], Granularity::Channel, TieRule::HalfEven), &[]);
     let rules: quantize::profile::ProfileRules =
         toml::from_str("name = \"mix\"\ndefault = 3\n[[rule]]\nmatch = \"mlp\"\nbits = 6\n").unwrap();
     let bits = rules.resolve(&q.quantization.quantized).unwrap();
@@ -1062,7 +1078,11 @@ fn profiles_round_trip_and_decode_per_weight() {
     let mlp: usize = bits.iter().filter(|(_, &b)| b == 6).map(|(n, _)| size(n)).sum();
     assert!(mlp > 0 && mlp < all);
     let expected = bpw(Precision::Bits(3)) + 3.0 * mlp as f64 / all as f64;
-    assert!((bpw(Precision::Profile("mix".into())) - expected).abs() < 1e-9, "{} vs {expected}", bpw(Precision::Profile("mix".into())));
+    assert!(
+        (bpw(Precision::Profile("mix".into())) - expected).abs() < 1e-9,
+        "{} vs {expected}",
+        bpw(Precision::Profile("mix".into()))
+    );
     assert!(ckpt.bits_per_weight(&Precision::Float).is_err());
     let err = format!("{:#}", ckpt.weights_at(&Precision::Profile("other".into())).err().unwrap());
     assert!(err.contains("profile `other` is not in this checkpoint") && err.contains("mix"), "{err}");

@@ -352,7 +352,8 @@ fn gptq_rounds_with_calibration_text_and_refuses_bad_settings() {
     std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(60)).unwrap();
     let out = dir.path().join("tiny-gptq.safetensors");
     let report = dir.path().join("report.json");
-    let base = ["--model", s(&model_dir), "--granularity", "group:32", "--calibration-blocks", "4", "--calibration-seq", "64"];
+    let base =
+        ["--model", s(&model_dir), "--granularity", "group:32", "--calibration-blocks", "4", "--calibration-seq", "64"];
     let run = |extra: &[&str], out: &Path| {
         let mut args: Vec<&str> = base.to_vec();
         args.extend_from_slice(extra);
@@ -405,7 +406,10 @@ fn gptq_rounds_with_calibration_text_and_refuses_bad_settings() {
         (vec!["--gptq", "4", "--gptq-damp", "0", "--calibration", s(&text)], vec!["--gptq-damp"]),
         (vec!["--config", s(&recipe)], vec!["gptq:8", "--calibration"]),
         (vec!["--gptq", "4", "--calibration", s(&short)], vec!["--calibration", "too few"]),
-        (vec!["--gptq", "4", "--calibration", s(&medium)], vec!["--calibration holds", "--calibration-blocks asks for 4"]),
+        (
+            vec!["--gptq", "4", "--calibration", s(&medium)],
+            vec!["--calibration holds", "--calibration-blocks asks for 4"],
+        ),
         (vec!["--gptq", "4", "--calibration", s(&missing)], vec!["missing.txt", "does not exist"]),
         (vec!["--gptq", "4", "--calibration", s(&wiki)], vec!["WikiText-2"]),
         (vec!["--gptq", "4", "--calibration", s(&text), "--calibration-seq", "1"], vec!["--calibration-seq"]),

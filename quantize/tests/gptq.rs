@@ -4,8 +4,8 @@
 //! they are not, and leaves a checkpoint that says how its codes were rounded.
 
 use candle_core::{Device, Tensor};
-use kernels::{first_round, second_round, Granularity, QuantizedWeight, TieRule};
 use drq_tests::tiny_model;
+use kernels::{first_round, second_round, Granularity, QuantizedWeight, TieRule};
 use model::{Architecture, KvCache, OpsMode, Transformer};
 use quantize::gptq::{collect_moments, round_model, round_weight, GptqSpec, InputMoments, OutputErrorMeter};
 use quantize::{quantize_model, quantize_weight, QuantSpec, SearchObjective};
@@ -29,7 +29,12 @@ fn normals(seed: u64, n: usize) -> Vec<f32> {
 }
 
 fn spec(bits: &[u32]) -> QuantSpec {
-    QuantSpec { bits: bits.to_vec(), granularity: Granularity::Group(32), tie: TieRule::HalfEven, objective: SearchObjective::Normalized }
+    QuantSpec {
+        bits: bits.to_vec(),
+        granularity: Granularity::Group(32),
+        tie: TieRule::HalfEven,
+        objective: SearchObjective::Normalized,
+    }
 }
 
 /// `Σ x xᵀ` of the rows of `x` (`[n, dim]`).
@@ -141,9 +146,17 @@ fn uncorrelated_inputs_give_nearest_rounding() {
             if code != nearest8 {
                 moved += 1;
                 // Only moved to the edge of the 4-bit level, no further.
-                assert_ne!(second_round(nearest8, 4, TieRule::HalfEven), direct4, "row {r} col {c}: moved inside the level");
+                assert_ne!(
+                    second_round(nearest8, 4, TieRule::HalfEven),
+                    direct4,
+                    "row {r} col {c}: moved inside the level"
+                );
                 let step = if code > nearest8 { -1 } else { 1 };
-                assert_ne!(second_round(code + step, 4, TieRule::HalfEven), direct4, "row {r} col {c}: not the nearest code in the level");
+                assert_ne!(
+                    second_round(code + step, 4, TieRule::HalfEven),
+                    direct4,
+                    "row {r} col {c}: not the nearest code in the level"
+                );
             }
         }
     }
@@ -178,7 +191,11 @@ fn moments_are_the_layers_inputs() {
     let config = &float.config;
     let ids: Vec<u32> = (0..24).map(|i| (i * 37 % 300) as u32).collect();
     let blocks = [&ids[..12], &ids[12..]];
-    let targets = vec!["model.layers.0.self_attn.q_proj.weight".to_string(), "model.layers.0.self_attn.k_proj.weight".to_string(), "lm_head.weight".to_string()];
+    let targets = vec![
+        "model.layers.0.self_attn.q_proj.weight".to_string(),
+        "model.layers.0.self_attn.k_proj.weight".to_string(),
+        "lm_head.weight".to_string(),
+    ];
     let moments = collect_moments(config, &float.weights, &targets, &blocks, 2, |_| {}).unwrap();
     assert_eq!(moments.len(), 3, "only the weights asked for");
 
@@ -223,13 +240,17 @@ fn a_rounded_model_records_its_rounding_and_gains_at_its_favoured_bits() {
     let mut q = quantize_model(&float, &spec(&[8, 4, 2]), &[], |_| {}).unwrap();
     let ids: Vec<u32> = (0..8 * 33).map(|i| ((i * 7919 + i / 5) % 300) as u32).collect();
     let blocks: Vec<&[u32]> = ids.chunks(33).collect();
-    let moments = collect_moments(&float.config, &float.weights, &q.quantization.quantized, &blocks, 4, |_| {}).unwrap();
+    let moments =
+        collect_moments(&float.config, &float.weights, &q.quantization.quantized, &blocks, 4, |_| {}).unwrap();
     assert!(!moments.contains_key("model.embed_tokens.weight"), "a tied embedding has no single input");
     assert_eq!(moments.len(), 14, "7 linear layers × 2 blocks");
     let before = q.quantized.clone();
     round_model(&float, &mut q, &moments, &"4,8".parse().unwrap(), |_| {}).unwrap();
     assert_eq!(q.quantization.rounding, "gptq:4,8");
-    assert_eq!(q.quantized["model.embed_tokens.weight"], before["model.embed_tokens.weight"], "the embedding keeps nearest rounding");
+    assert_eq!(
+        q.quantized["model.embed_tokens.weight"], before["model.embed_tokens.weight"],
+        "the embedding keeps nearest rounding"
+    );
     let mut gained = 0;
     for layer in &q.report {
         let Some(e) = &layer.output_error else {

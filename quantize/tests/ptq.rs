@@ -43,10 +43,7 @@ fn groups<'a>(w: &'a [f32], q: &'a QuantizedWeight) -> impl Iterator<Item = (&'a
     (0..l.rows).flat_map(move |r| {
         (0..l.n_groups()).map(move |g| {
             let cols = l.group_cols(g);
-            (
-                &w[r * l.cols + cols.start..r * l.cols + cols.end],
-                q.scales[r * l.n_groups() + g],
-            )
+            (&w[r * l.cols + cols.start..r * l.cols + cols.end], q.scales[r * l.n_groups() + g])
         })
     })
 }
@@ -54,82 +51,48 @@ fn groups<'a>(w: &'a [f32], q: &'a QuantizedWeight) -> impl Iterator<Item = (&'a
 #[test]
 fn chosen_scale_beats_absmax_and_a_dense_grid() {
     let objectives = [SearchObjective::Sum, SearchObjective::Normalized];
-    let cases = [
-        (Granularity::Channel, 96),
-        (Granularity::Group(32), 96),
-        (Granularity::Group(40), 100),
-    ];
+    let cases = [(Granularity::Channel, 96), (Granularity::Group(32), 96), (Granularity::Group(40), 100)];
     let mut worst_gap = 0f64;
     for (case, &(granularity, cols)) in cases.iter().enumerate() {
-        for (seed, data) in [
-            (1, gaussian(6 * cols, case as u64)),
-            (2, heavy_tailed(6 * cols, case as u64)),
-        ] {
+        for (seed, data) in [(1, gaussian(6 * cols, case as u64)), (2, heavy_tailed(6 * cols, case as u64))] {
             for objective_kind in objectives {
                 for tie in [TieRule::HalfEven, TieRule::HalfUp] {
                     let bits = [8, 4, 2];
-                    let q = quantize_weight(
-                        &data,
-                        6,
-                        cols,
-                        &spec(&bits, granularity, tie, objective_kind),
-                    )
-                    .unwrap();
+                    let q = quantize_weight(&data, 6, cols, &spec(&bits, granularity, tie, objective_kind)).unwrap();
                     for (w, s) in groups(&data, &q) {
                         let absmax = w.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
                         let grid: Vec<Vec<f64>> = (1..=1000)
                             .map(|k| ref_errors(w, f16_scale(absmax * k as f32 / 1000.0), &bits, tie))
                             .collect();
                         let chosen = ref_errors(w, s, &bits, tie);
-                        let best: Vec<f64> = (0..bits.len())
-                            .map(|b| grid.iter().map(|e| e[b]).fold(chosen[b], f64::min))
-                            .collect();
+                        let best: Vec<f64> =
+                            (0..bits.len()).map(|b| grid.iter().map(|e| e[b]).fold(chosen[b], f64::min)).collect();
                         let ours = objective(&chosen, &best, objective_kind);
                         let at_absmax = objective(&grid[999], &best, objective_kind);
-                        let grid_best = grid
-                            .iter()
-                            .map(|e| objective(e, &best, objective_kind))
-                            .fold(f64::INFINITY, f64::min);
+                        let grid_best =
+                            grid.iter().map(|e| objective(e, &best, objective_kind)).fold(f64::INFINITY, f64::min);
                         let ctx = format!("{granularity} seed {seed} {objective_kind} {tie}");
-                        assert!(
-                            ours <= at_absmax * (1.0 + 1e-3),
-                            "{ctx}: {ours} vs absmax {at_absmax}"
-                        );
-                        assert!(
-                            ours <= grid_best * 1.05,
-                            "{ctx}: {ours} vs dense grid {grid_best}"
-                        );
+                        assert!(ours <= at_absmax * (1.0 + 1e-3), "{ctx}: {ours} vs absmax {at_absmax}");
+                        assert!(ours <= grid_best * 1.05, "{ctx}: {ours} vs dense grid {grid_best}");
                         worst_gap = worst_gap.max(ours / grid_best - 1.0);
                     }
                 }
             }
         }
     }
-    println!(
-        "worst gap to the 1000-point grid: {:.3}%",
-        worst_gap * 100.0
-    );
+    println!("worst gap to the 1000-point grid: {:.3}%", worst_gap * 100.0);
 }
 
 #[test]
 fn codes_are_the_first_rounding_of_the_chosen_scale() {
     let (rows, cols) = (5, 576);
     let w = heavy_tailed(rows * cols, 7);
-    for granularity in [
-        Granularity::Channel,
-        Granularity::Group(128),
-        Granularity::Group(32),
-    ] {
+    for granularity in [Granularity::Channel, Granularity::Group(128), Granularity::Group(32)] {
         let q = quantize_weight(
             &w,
             rows,
             cols,
-            &spec(
-                &[8, 4, 2],
-                granularity,
-                TieRule::HalfEven,
-                SearchObjective::Normalized,
-            ),
+            &spec(&[8, 4, 2], granularity, TieRule::HalfEven, SearchObjective::Normalized),
         )
         .unwrap();
         let expected_layout = granularity.layout(rows, cols).unwrap();
@@ -160,28 +123,13 @@ fn sum_favours_two_bits_and_normalized_eight_bits() {
     let w = gaussian(rows * cols, 11);
     for granularity in [Granularity::Channel, Granularity::Group(128)] {
         let err = |objective| {
-            let q = quantize_weight(
-                &w,
-                rows,
-                cols,
-                &spec(&[8, 4, 2], granularity, TieRule::HalfEven, objective),
-            )
-            .unwrap();
+            let q =
+                quantize_weight(&w, rows, cols, &spec(&[8, 4, 2], granularity, TieRule::HalfEven, objective)).unwrap();
             [8, 4, 2].map(|b| reconstruction_error(&w, &q, b, TieRule::HalfEven).unwrap())
         };
         let (sum, norm) = (err(SearchObjective::Sum), err(SearchObjective::Normalized));
-        assert!(
-            sum[2] < norm[2],
-            "{granularity}: 2-bit sum {} normalized {}",
-            sum[2],
-            norm[2]
-        );
-        assert!(
-            norm[0] < sum[0],
-            "{granularity}: 8-bit sum {} normalized {}",
-            sum[0],
-            norm[0]
-        );
+        assert!(sum[2] < norm[2], "{granularity}: 2-bit sum {} normalized {}", sum[2], norm[2]);
+        assert!(norm[0] < sum[0], "{granularity}: 8-bit sum {} normalized {}", sum[0], norm[0]);
     }
 }
 
@@ -192,17 +140,8 @@ fn errors_decrease_with_bits() {
     let all = [8, 7, 6, 5, 4, 3, 2];
     for objective in [SearchObjective::Sum, SearchObjective::Normalized] {
         for tie in [TieRule::HalfEven, TieRule::HalfUp] {
-            let q = quantize_weight(
-                &w,
-                rows,
-                cols,
-                &spec(&all, Granularity::Group(64), tie, objective),
-            )
-            .unwrap();
-            let errs: Vec<f64> = all
-                .iter()
-                .map(|&b| reconstruction_error(&w, &q, b, tie).unwrap())
-                .collect();
+            let q = quantize_weight(&w, rows, cols, &spec(&all, Granularity::Group(64), tie, objective)).unwrap();
+            let errs: Vec<f64> = all.iter().map(|&b| reconstruction_error(&w, &q, b, tie).unwrap()).collect();
             for pair in errs.windows(2) {
                 assert!(pair[0] < pair[1], "{objective} {tie}: {errs:?}");
             }
@@ -220,12 +159,7 @@ fn threaded_result_equals_row_by_row() {
     // Large enough to be split across threads, with rows that do not divide evenly.
     let (rows, cols) = (157, 576);
     let w = heavy_tailed(rows * cols, 5);
-    let s = spec(
-        &[8, 4, 2],
-        Granularity::Group(128),
-        TieRule::HalfUp,
-        SearchObjective::Normalized,
-    );
+    let s = spec(&[8, 4, 2], Granularity::Group(128), TieRule::HalfUp, SearchObjective::Normalized);
     let whole = quantize_weight(&w, rows, cols, &s).unwrap();
     for r in 0..rows {
         let row = quantize_weight(&w[r * cols..(r + 1) * cols], 1, cols, &s).unwrap();
@@ -241,18 +175,9 @@ fn zero_and_constant_groups() {
     w[..cols].fill(0.0); // row 0 all zero
     w[cols..cols + 32].fill(0.25); // first group of row 1 constant
     for objective in [SearchObjective::Sum, SearchObjective::Normalized] {
-        let q = quantize_weight(
-            &w,
-            rows,
-            cols,
-            &spec(
-                &[8, 4, 2],
-                Granularity::Group(32),
-                TieRule::HalfEven,
-                objective,
-            ),
-        )
-        .unwrap();
+        let q =
+            quantize_weight(&w, rows, cols, &spec(&[8, 4, 2], Granularity::Group(32), TieRule::HalfEven, objective))
+                .unwrap();
         assert_eq!(&q.scales[..2], &[1.0, 1.0]);
         assert!(q.codes[..cols].iter().all(|&c| c == 0));
         assert!(q.scales.iter().all(|s| s.is_finite() && *s > 0.0));
@@ -262,17 +187,11 @@ fn zero_and_constant_groups() {
         }
         // The constant group is exact at 8 bits up to the f16 rounding of its scale.
         let w8 = q.dequantize(8, TieRule::HalfEven).unwrap();
-        assert!(
-            w8[cols..cols + 32].iter().all(|&x| (x - 0.25).abs() < 0.25 * 1e-3),
-            "{objective}"
-        );
+        assert!(w8[cols..cols + 32].iter().all(|&x| (x - 0.25).abs() < 0.25 * 1e-3), "{objective}");
     }
     let zeros = vec![0f32; 4 * 8];
     let q = quantize_weight(&zeros, 4, 8, &QuantSpec::default()).unwrap();
-    assert_eq!(
-        reconstruction_error(&zeros, &q, 2, TieRule::HalfEven).unwrap(),
-        0.0
-    );
+    assert_eq!(reconstruction_error(&zeros, &q, 2, TieRule::HalfEven).unwrap(), 0.0);
     assert!(q.scales.iter().all(|&s| s == 1.0) && q.codes.iter().all(|&c| c == 0));
 }
 
@@ -281,10 +200,7 @@ fn empty_tensors() {
     for (rows, cols) in [(0, 16), (4, 0), (0, 0)] {
         let q = quantize_weight(&[], rows, cols, &QuantSpec::default()).unwrap();
         assert!(q.codes.is_empty() && q.scales.is_empty());
-        assert_eq!(
-            reconstruction_error(&[], &q, 4, TieRule::HalfUp).unwrap(),
-            0.0
-        );
+        assert_eq!(reconstruction_error(&[], &q, 4, TieRule::HalfUp).unwrap(), 0.0);
     }
 }
 
@@ -292,14 +208,7 @@ fn empty_tensors() {
 fn bad_input_is_an_error() {
     let w = gaussian(4 * 8, 1);
     let ok = QuantSpec::default();
-    assert_eq!(
-        quantize_weight(&w, 4, 7, &ok),
-        Err(PtqError::Shape {
-            rows: 4,
-            cols: 7,
-            len: 32
-        })
-    );
+    assert_eq!(quantize_weight(&w, 4, 7, &ok), Err(PtqError::Shape { rows: 4, cols: 7, len: 32 }));
     for (i, bad) in [(3, f32::NAN), (17, f32::INFINITY), (31, f32::NEG_INFINITY)] {
         let mut v = w.clone();
         v[i] = bad;
@@ -309,31 +218,16 @@ fn bad_input_is_an_error() {
         }
     }
     for bits in [vec![], vec![8, 1], vec![9, 4], vec![8, 4, 4]] {
-        let s = QuantSpec {
-            bits: bits.clone(),
-            ..QuantSpec::default()
-        };
+        let s = QuantSpec { bits: bits.clone(), ..QuantSpec::default() };
         assert!(quantize_weight(&w, 4, 8, &s).is_err(), "bits {bits:?}");
     }
-    let s = QuantSpec {
-        granularity: Granularity::Group(0),
-        ..QuantSpec::default()
-    };
+    let s = QuantSpec { granularity: Granularity::Group(0), ..QuantSpec::default() };
     assert!(quantize_weight(&w, 4, 8, &s).is_err());
 
     let q = quantize_weight(&w, 4, 8, &ok).unwrap();
-    assert!(matches!(
-        reconstruction_error(&w[..31], &q, 4, TieRule::HalfEven),
-        Err(PtqError::Shape { .. })
-    ));
-    assert!(matches!(
-        reconstruction_error(&w, &q, 1, TieRule::HalfEven),
-        Err(PtqError::Kernel(_))
-    ));
-    let broken = QuantizedWeight {
-        scales: vec![1.0; 3],
-        ..q
-    };
+    assert!(matches!(reconstruction_error(&w[..31], &q, 4, TieRule::HalfEven), Err(PtqError::Shape { .. })));
+    assert!(matches!(reconstruction_error(&w, &q, 1, TieRule::HalfEven), Err(PtqError::Kernel(_))));
+    let broken = QuantizedWeight { scales: vec![1.0; 3], ..q };
     assert!(reconstruction_error(&w, &broken, 4, TieRule::HalfEven).is_err());
     let message = quantize_weight(&w, 4, 7, &ok).unwrap_err().to_string();
     assert_eq!(message, "weight has 32 elements, expected 4x7");
@@ -348,10 +242,7 @@ fn reconstruction_error_is_relative_mse() {
         layout: ScaleLayout::new(1, 4, 4).unwrap(),
     };
     // 8 bits: [1, -2, 0.5, 0] exactly; 2 bits (Δ = 6, step 1): [1, -2, 0 (tie → even), 0].
-    assert_eq!(
-        reconstruction_error(&w, &q, 8, TieRule::HalfEven).unwrap(),
-        0.0
-    );
+    assert_eq!(reconstruction_error(&w, &q, 8, TieRule::HalfEven).unwrap(), 0.0);
     let e = reconstruction_error(&w, &q, 2, TieRule::HalfEven).unwrap();
     assert!((e - 0.25 / 5.25).abs() < 1e-12, "{e}");
     // Half up rounds the tie to 1: error 0.25 as well.
@@ -361,23 +252,11 @@ fn reconstruction_error_is_relative_mse() {
 
 #[test]
 fn names_round_trip() {
-    for g in [
-        Granularity::Channel,
-        Granularity::Group(32),
-        Granularity::Group(128),
-        Granularity::Group(7),
-    ] {
+    for g in [Granularity::Channel, Granularity::Group(32), Granularity::Group(128), Granularity::Group(7)] {
         assert_eq!(g.to_string().parse::<Granularity>(), Ok(g));
     }
     assert_eq!("group:64".parse(), Ok(Granularity::Group(64)));
-    for bad in [
-        "group:0",
-        "group:",
-        "group:-1",
-        "grp:32",
-        "Channel",
-        "group: 32",
-    ] {
+    for bad in ["group:0", "group:", "group:-1", "grp:32", "Channel", "group: 32"] {
         assert!(bad.parse::<Granularity>().is_err(), "{bad}");
     }
     for o in [SearchObjective::Sum, SearchObjective::Normalized] {

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use model::checkpoint::Checkpoint;
 use drq_tests::tiny_model;
+use model::checkpoint::Checkpoint;
 use model::{Architecture, Precision};
 use quantize::train::log::{read, Record};
 
@@ -18,7 +18,9 @@ fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
     let model_dir = dir.join("tiny");
     model::export::write_hf_dir(&tiny_model(Architecture::Llama, true, 3), &model_dir).unwrap();
     let text: String = (0..400)
-        .map(|i| ["the cat sat on the mat. ", "a dog ran in the park. ", "the end of the day.\n\n", "she said: yes. "][i % 4])
+        .map(|i| {
+            ["the cat sat on the mat. ", "a dog ran in the park. ", "the end of the day.\n\n", "she said: yes. "][i % 4]
+        })
         .collect();
     let data = dir.join("corpus.txt");
     std::fs::write(&data, text).unwrap();
@@ -34,8 +36,22 @@ fn s(p: &Path) -> &str {
 }
 
 const RECIPE: [&str; 16] = [
-    "--steps", "6", "--batch", "2", "--seq-len", "12", "--heldout-blocks", "2", "--eval-every", "2", "--save-every", "2", "--lr",
-    "1e-3", "--train", "all",
+    "--steps",
+    "6",
+    "--batch",
+    "2",
+    "--seq-len",
+    "12",
+    "--heldout-blocks",
+    "2",
+    "--eval-every",
+    "2",
+    "--save-every",
+    "2",
+    "--lr",
+    "1e-3",
+    "--train",
+    "all",
 ];
 
 #[track_caller]
@@ -63,7 +79,8 @@ fn log_summary(path: &Path) -> (Vec<String>, Vec<u64>) {
 #[track_caller]
 fn assert_same_checkpoint(a: &Path, b: &Path) {
     let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
-    let (ta, tb) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
+    let (ta, tb) =
+        (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
     let (mut na, mut nb) = (ta.names(), tb.names());
     na.sort();
     nb.sort();
@@ -85,12 +102,36 @@ fn a_stopped_and_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(
     // A per-layer profile stored in the output (given again on resume: it is not part of the recipe).
     let profile = dir.path().join("mix.toml");
     std::fs::write(&profile, "name = \"mix\"\ndefault = 2\n[[rule]]\nmatch = \"embed_tokens\"\nbits = 8\n").unwrap();
-    let mut args = vec!["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_a), "--out", s(&out_a), "--alrs", "relative", "--profile", s(&profile)];
+    let mut args = vec![
+        "--model",
+        s(&model_dir),
+        "--data",
+        s(&data),
+        "--run-dir",
+        s(&run_a),
+        "--out",
+        s(&out_a),
+        "--alrs",
+        "relative",
+        "--profile",
+        s(&profile),
+    ];
     args.extend(RECIPE);
     assert_ok(&drq_train(&args));
 
     let (run_b, out_b) = (dir.path().join("b"), dir.path().join("b.safetensors"));
-    let mut args = vec!["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_b), "--out", s(&out_b), "--alrs", "relative"];
+    let mut args = vec![
+        "--model",
+        s(&model_dir),
+        "--data",
+        s(&data),
+        "--run-dir",
+        s(&run_b),
+        "--out",
+        s(&out_b),
+        "--alrs",
+        "relative",
+    ];
     args.extend(RECIPE);
     args.extend(["--stop-at-step", "3"]);
     let o = drq_train(&args);
@@ -99,9 +140,33 @@ fn a_stopped_and_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(
     assert!(!out_b.exists(), "no checkpoint before the run completes");
     assert!(run_b.join("state.safetensors").is_file());
     // Recipe flags cannot change a resumed run.
-    let o = drq_train(&["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_b), "--out", s(&out_b), "--resume", "--lr", "1"]);
+    let o = drq_train(&[
+        "--model",
+        s(&model_dir),
+        "--data",
+        s(&data),
+        "--run-dir",
+        s(&run_b),
+        "--out",
+        s(&out_b),
+        "--resume",
+        "--lr",
+        "1",
+    ]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--resume continues the saved recipe"));
-    let o = drq_train(&["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_b), "--out", s(&out_b), "--resume", "--profile", s(&profile)]);
+    let o = drq_train(&[
+        "--model",
+        s(&model_dir),
+        "--data",
+        s(&data),
+        "--run-dir",
+        s(&run_b),
+        "--out",
+        s(&out_b),
+        "--resume",
+        "--profile",
+        s(&profile),
+    ]);
     assert_ok(&o);
 
     assert_same_checkpoint(&out_a, &out_b);
@@ -129,9 +194,28 @@ fn a_stopped_and_resumed_run_writes_the_same_checkpoint_as_an_uninterrupted_one(
     assert_eq!(mix.values().filter(|&&b| b == 2).count(), mix.len() - 1);
     ckpt.weights_at(&Precision::Profile("mix".into())).unwrap();
     // A finished run cannot be resumed; a run directory with a state is not silently reused.
-    let o = drq_train(&["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_a), "--out", s(&dir.path().join("c.safetensors")), "--resume"]);
+    let o = drq_train(&[
+        "--model",
+        s(&model_dir),
+        "--data",
+        s(&data),
+        "--run-dir",
+        s(&run_a),
+        "--out",
+        s(&dir.path().join("c.safetensors")),
+        "--resume",
+    ]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("complete"));
-    let o = drq_train(&["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_a), "--out", s(&dir.path().join("c.safetensors"))]);
+    let o = drq_train(&[
+        "--model",
+        s(&model_dir),
+        "--data",
+        s(&data),
+        "--run-dir",
+        s(&run_a),
+        "--out",
+        s(&dir.path().join("c.safetensors")),
+    ]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--resume"));
 }
 
@@ -143,7 +227,20 @@ fn ctrl_c_saves_the_state_and_exits_130() {
     let out = dir.path().join("out.safetensors");
     let child = Command::new(BIN)
         .args(["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run), "--out", s(&out)])
-        .args(["--steps", "100000", "--batch", "2", "--seq-len", "12", "--heldout-blocks", "2", "--save-every", "0", "--eval-every", "0"])
+        .args([
+            "--steps",
+            "100000",
+            "--batch",
+            "2",
+            "--seq-len",
+            "12",
+            "--heldout-blocks",
+            "2",
+            "--save-every",
+            "0",
+            "--eval-every",
+            "0",
+        ])
         .env("HF_HUB_OFFLINE", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -166,7 +263,10 @@ fn ctrl_c_saves_the_state_and_exits_130() {
     let state = quantize::train::Trainer::state_config(&run.join("state.safetensors")).unwrap();
     assert_eq!(state.steps, 100000);
     let last = read(&log).unwrap().iter().map(Record::step).max().unwrap();
-    assert!(stderr.contains(&format!("interrupted at step {last}/")), "the state is at the log's last step {last}: {stderr}");
+    assert!(
+        stderr.contains(&format!("interrupted at step {last}/")),
+        "the state is at the log's last step {last}: {stderr}"
+    );
 }
 
 #[test]

@@ -5,8 +5,8 @@
 //! finite differences of the straight-through surrogate, for channel and group scales.
 
 use candle_core::{DType, Device, Tensor, Var};
-use kernels::{dequantize, first_round, second_round, Granularity, TieRule};
 use drq_tests::tiny_model;
+use kernels::{dequantize, first_round, second_round, Granularity, TieRule};
 use model::{Architecture, KvCache, OpsMode, Transformer, Weights};
 use quantize::model_ptq::quantizable;
 use quantize::train::fakequant::{export_weight, served_scale};
@@ -14,7 +14,12 @@ use quantize::train::FakeQuant;
 use quantize::{quantize_weight, QuantSpec};
 
 /// Weights with outliers (so every bit-width clips some) and scales from the PTQ search.
-fn weight_and_scales(rows: usize, cols: usize, granularity: Granularity, seed: u64) -> (Vec<f32>, Vec<f32>, kernels::ScaleLayout) {
+fn weight_and_scales(
+    rows: usize,
+    cols: usize,
+    granularity: Granularity,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>, kernels::ScaleLayout) {
     let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut next = move || {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -44,7 +49,10 @@ fn forward_is_what_the_checkpoint_serves() {
                 assert_eq!(out, served, "{granularity} {tie} W{bits}");
                 // The candle op gives the same values.
                 let t = fq
-                    .apply(&Tensor::from_slice(&w, (12, 40), &Device::Cpu).unwrap(), &Tensor::from_slice(&s, (12, layout.n_groups()), &Device::Cpu).unwrap())
+                    .apply(
+                        &Tensor::from_slice(&w, (12, 40), &Device::Cpu).unwrap(),
+                        &Tensor::from_slice(&s, (12, layout.n_groups()), &Device::Cpu).unwrap(),
+                    )
                     .unwrap();
                 assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), served);
             }
@@ -74,7 +82,10 @@ fn backward_is_ste_with_lsq_scale_gradients_along_the_double_rounded_path() {
                         let q_l = second_round(first_round(v), bits, tie);
                         // Inside both clip ranges (first rounding at 8 bits, second at b bits),
                         // in units of the stored scale.
-                        let inside = f64::from(v) >= -128.0 && f64::from(v) <= 127.0 && f64::from(v) / step >= f64::from(lo_b) && f64::from(v) / step <= f64::from(hi_b);
+                        let inside = f64::from(v) >= -128.0
+                            && f64::from(v) <= 127.0
+                            && f64::from(v) / step >= f64::from(lo_b)
+                            && f64::from(v) / step <= f64::from(hi_b);
                         if inside {
                             assert_eq!(gw[i], grad[i], "W{bits} dŴ/dW = 1 inside at {i}");
                             expect_s[g] += f64::from(grad[i]) * (step * f64::from(q_l) - f64::from(v));
@@ -88,7 +99,10 @@ fn backward_is_ste_with_lsq_scale_gradients_along_the_double_rounded_path() {
                     }
                 }
                 for (g, (&a, &e)) in gs.iter().zip(&expect_s).enumerate() {
-                    assert!((f64::from(a) - e).abs() <= 1e-4 * e.abs().max(1.0), "{granularity} {tie} W{bits} scale {g}: {a} vs {e}");
+                    assert!(
+                        (f64::from(a) - e).abs() <= 1e-4 * e.abs().max(1.0),
+                        "{granularity} {tie} W{bits} scale {g}: {a} vs {e}"
+                    );
                 }
             }
             assert!(clipped_seen[2] > 0 && clipped_seen[8] > 0, "the fixture clips at 8 and 2 bits: {clipped_seen:?}");
@@ -125,7 +139,9 @@ fn scalar(t: &Tensor) -> f64 {
 #[test]
 fn model_gradients_match_finite_differences_of_the_straight_through_surrogate() {
     let ids: Vec<u32> = (0..14u32).map(|i| (i * 53 + 7) % 300).collect();
-    for (granularity, bits) in [(Granularity::Channel, 8), (Granularity::Channel, 2), (Granularity::Group(16), 4), (Granularity::Group(16), 2)] {
+    for (granularity, bits) in
+        [(Granularity::Channel, 8), (Granularity::Channel, 2), (Granularity::Group(16), 4), (Granularity::Group(16), 2)]
+    {
         let model = sharp_model(11);
         let config = &model.config;
         let spec = QuantSpec { granularity, ..QuantSpec::default() };
@@ -133,7 +149,8 @@ fn model_gradients_match_finite_differences_of_the_straight_through_surrogate() 
         let mut vars = Vec::new();
         let mut weights = Weights::new();
         for (name, rows, cols) in quantizable(config, &[]) {
-            let w: Vec<f32> = model.weights.get(&name, &[rows, cols]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let w: Vec<f32> =
+                model.weights.get(&name, &[rows, cols]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let q = quantize_weight(&w, rows, cols, &spec).unwrap();
             let wv = Var::from_slice(&w, (rows, cols), &Device::Cpu).unwrap();
             let sv = Var::from_slice(&q.scales, (rows, q.layout.n_groups()), &Device::Cpu).unwrap();
@@ -149,11 +166,15 @@ fn model_gradients_match_finite_differences_of_the_straight_through_surrogate() 
         let l = loss(config, &weights, &ids);
         let grads = l.backward().unwrap();
         // Ŵ at the point, as plain values: the base of the surrogate.
-        let w_hat = |name: &str| -> Vec<f32> { weights.iter().find(|(n, _)| *n == name).unwrap().1.flatten_all().unwrap().to_vec1().unwrap() };
+        let w_hat = |name: &str| -> Vec<f32> {
+            weights.iter().find(|(n, _)| *n == name).unwrap().1.flatten_all().unwrap().to_vec1().unwrap()
+        };
 
         let mut checked = 0;
         for (name, w, s, layout, wv, sv) in &vars {
-            if !(name.contains("q_proj") || name.contains("down_proj") || name.contains("embed")) || name.contains("layers.1") {
+            if !(name.contains("q_proj") || name.contains("down_proj") || name.contains("embed"))
+                || name.contains("layers.1")
+            {
                 continue;
             }
             // The straight-through surrogate around (W0, s0): Ŵ(W, s) = Ŵ0 + (W − W0)·1[inside]
@@ -196,7 +217,10 @@ fn model_gradients_match_finite_differences_of_the_straight_through_surrogate() 
             }
             let fd = central(d);
             let rel = (fd - f64::from(ga)).abs() / f64::from(ga).abs();
-            assert!(ga.abs() > 1e-3 && rel < 1e-2, "{granularity} W{bits} d loss/d s[{gi}] of {name}: backward {ga}, finite difference {fd} (rel {rel})");
+            assert!(
+                ga.abs() > 1e-3 && rel < 1e-2,
+                "{granularity} W{bits} d loss/d s[{gi}] of {name}: backward {ga}, finite difference {fd} (rel {rel})"
+            );
             // The latent weight with the largest gradient (inside the clip range by construction).
             let gw: Vec<f32> = grads.get(wv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let (wi, &wa) = gw.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
@@ -205,7 +229,10 @@ fn model_gradients_match_finite_differences_of_the_straight_through_surrogate() 
             d[wi] = 1.0;
             let fd = central(d);
             let rel = (fd - f64::from(wa)).abs() / f64::from(wa).abs();
-            assert!(wa.abs() > 1e-4 && rel < 1e-2, "{granularity} W{bits} d loss/d W[{wi}] of {name}: backward {wa}, finite difference {fd} (rel {rel})");
+            assert!(
+                wa.abs() > 1e-4 && rel < 1e-2,
+                "{granularity} W{bits} d loss/d W[{wi}] of {name}: backward {wa}, finite difference {fd} (rel {rel})"
+            );
             // A clipped weight gets no gradient.
             if let Some(ci) = (0..w.len()).find(|&i| dir(i).0 == 0.0) {
                 assert_eq!(gw[ci], 0.0, "{name}: clipped weight {ci} has a gradient");
@@ -230,7 +257,12 @@ fn composed_op_matches_the_fused_op() {
                 let run = |composed: bool| {
                     let wv = Var::from_slice(&w, (12, 40), &Device::Cpu).unwrap();
                     let sv = Var::from_slice(&s, (12, layout.n_groups()), &Device::Cpu).unwrap();
-                    let out = if composed { fq.apply_composed(wv.as_tensor(), sv.as_tensor()) } else { fq.apply(wv.as_tensor(), sv.as_tensor()) }.unwrap();
+                    let out = if composed {
+                        fq.apply_composed(wv.as_tensor(), sv.as_tensor())
+                    } else {
+                        fq.apply(wv.as_tensor(), sv.as_tensor())
+                    }
+                    .unwrap();
                     let grads = (&out * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
                     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                     (flat(&out), flat(grads.get(wv.as_tensor()).unwrap()), flat(grads.get(sv.as_tensor()).unwrap()))
@@ -240,7 +272,10 @@ fn composed_op_matches_the_fused_op() {
                 assert_eq!(composed, fused, "{granularity} {tie} W{bits} values");
                 assert_eq!(composed_gw, fused_gw, "{granularity} {tie} W{bits} weight gradients");
                 for (g, (a, b)) in composed_gs.iter().zip(&fused_gs).enumerate() {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{granularity} {tie} W{bits} scale gradient {g}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{granularity} {tie} W{bits} scale gradient {g}: {a} vs {b}"
+                    );
                 }
             }
         }

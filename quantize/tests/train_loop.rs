@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::Device;
+use drq_tests::tiny_model;
 use model::checkpoint::Checkpoint;
 use model::source::Provenance;
-use drq_tests::tiny_model;
 use model::{Architecture, FloatModel, Precision};
 use quantize::model_ptq::write_checkpoint_as;
 use quantize::train::alrs::eta;
@@ -79,7 +79,10 @@ fn loss_decreases_at_every_precision_on_a_tiny_overfit_task() {
             );
             let first = reports[0].ce[&b];
             let last = reports.last().unwrap().ce[&b];
-            eprintln!("{train} {alrs} {loop_mode:?} W{b}: held-out {:.3} → {:.3}, train {first:.3} → {last:.3}", before[&b], after[&b]);
+            eprintln!(
+                "{train} {alrs} {loop_mode:?} W{b}: held-out {:.3} → {:.3}, train {first:.3} → {last:.3}",
+                before[&b], after[&b]
+            );
             assert!(last < first, "{train} {alrs} W{b}: training CE {first} → {last}");
         }
     }
@@ -93,7 +96,11 @@ fn what_trains_is_selectable() {
         let (t, _) = run(&TrainConfig { train, ..tiny_config() }, 3);
         assert_ne!(layer_scales(&t), layer_scales(&base), "{train}: scales always train");
         assert_eq!(t.float_tensor(NORM).unwrap() != base.float_tensor(NORM).unwrap(), train.norms(), "{train}: norms");
-        assert_eq!(t.latent_weight(Q_PROJ).unwrap() != base.latent_weight(Q_PROJ).unwrap(), train.weights(), "{train}: weights");
+        assert_eq!(
+            t.latent_weight(Q_PROJ).unwrap() != base.latent_weight(Q_PROJ).unwrap(),
+            train.weights(),
+            "{train}: weights"
+        );
     }
 }
 
@@ -130,13 +137,21 @@ fn alrs_policies_give_the_documented_scale_learning_rates() {
                     AlrsPolicy::Literal => (eta(b) * (base - g)).max(0.0),
                 };
                 let got = r.scale_lr[&b];
-                assert!((got - expected).abs() <= 1e-12 * expected.abs().max(1e-30), "{alrs} W{b} step {k}: λ_b = {got}, expected {expected}");
+                assert!(
+                    (got - expected).abs() <= 1e-12 * expected.abs().max(1e-30),
+                    "{alrs} W{b} step {k}: λ_b = {got}, expected {expected}"
+                );
             }
         }
         assert_eq!(t.step_count(), 3);
         // What ALRS corrects: the 2-bit scale gradient is the larger.
         let r = &reports[0];
-        assert!(r.scale_grad_norm[&2] > r.scale_grad_norm[&8], "{alrs}: |∇s| W2 {} vs W8 {}", r.scale_grad_norm[&2], r.scale_grad_norm[&8]);
+        assert!(
+            r.scale_grad_norm[&2] > r.scale_grad_norm[&8],
+            "{alrs}: |∇s| W2 {} vs W8 {}",
+            r.scale_grad_norm[&2],
+            r.scale_grad_norm[&8]
+        );
     }
 }
 
@@ -186,7 +201,12 @@ fn the_exported_checkpoint_serves_what_training_evaluated() {
 #[test]
 fn a_saved_and_resumed_run_equals_an_uninterrupted_one() {
     for (train, kd) in [(Trainable::All, 0.0), (Trainable::ScalesNorms, 0.5)] {
-        let mut cfg = TrainConfig { train, scale_moments: quantize::train::ScaleMoments::PerPrecision, alrs: AlrsPolicy::Relative, ..tiny_config() };
+        let mut cfg = TrainConfig {
+            train,
+            scale_moments: quantize::train::ScaleMoments::PerPrecision,
+            alrs: AlrsPolicy::Relative,
+            ..tiny_config()
+        };
         cfg.kd.weight = kd;
         let data = overfit_data(cfg.seq_len);
         let (straight, straight_reports) = run(&cfg, 5);
@@ -201,13 +221,15 @@ fn a_saved_and_resumed_run_equals_an_uninterrupted_one() {
         assert_eq!(resumed.step_count(), 2);
         reports.extend((0..3).map(|_| resumed.step(&data).unwrap()));
 
-        let losses = |r: &[quantize::train::StepReport]| r.iter().map(|r| r.loss.clone()).collect::<Vec<BTreeMap<u32, f64>>>();
+        let losses =
+            |r: &[quantize::train::StepReport]| r.iter().map(|r| r.loss.clone()).collect::<Vec<BTreeMap<u32, f64>>>();
         assert_eq!(losses(&reports), losses(&straight_reports), "{train}: losses");
         let a = straight.quantized_model().unwrap();
         let b = resumed.quantized_model().unwrap();
         assert_eq!(a.quantized, b.quantized, "{train}: codes and scales");
         for (name, t) in &a.float {
-            let (x, y): (Vec<f32>, Vec<f32>) = (t.flatten_all().unwrap().to_vec1().unwrap(), b.float[name].flatten_all().unwrap().to_vec1().unwrap());
+            let (x, y): (Vec<f32>, Vec<f32>) =
+                (t.flatten_all().unwrap().to_vec1().unwrap(), b.float[name].flatten_all().unwrap().to_vec1().unwrap());
             assert_eq!(x, y, "{train}: {name}");
         }
         assert_eq!(straight.latent_weight(Q_PROJ).unwrap(), resumed.latent_weight(Q_PROJ).unwrap());
@@ -215,7 +237,15 @@ fn a_saved_and_resumed_run_equals_an_uninterrupted_one() {
 
         // Another model or other data are refused.
         let other = overfit_data(cfg.seq_len + 1);
-        assert!(Trainer::resume(model(), &state, &other, "sha", &Device::Cpu).err().unwrap().to_string().contains("data"));
-        assert!(Trainer::resume(model(), &state, &data, "other", &Device::Cpu).err().unwrap().to_string().contains("sha256"));
+        assert!(Trainer::resume(model(), &state, &other, "sha", &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("data"));
+        assert!(Trainer::resume(model(), &state, &data, "other", &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("sha256"));
     }
 }

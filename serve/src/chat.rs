@@ -76,9 +76,15 @@ mod tests {
 
     #[test]
     fn python_string_methods_and_raise_exception() {
-        let t = ChatTemplate::new("{{ messages[0]['content'].strip().upper() }}{{ bos_token }}", "<s>", "</s>").unwrap();
+        let t =
+            ChatTemplate::new("{{ messages[0]['content'].strip().upper() }}{{ bos_token }}", "<s>", "</s>").unwrap();
         assert_eq!(t.render(&[msg("user", "  hi ")]).unwrap(), "HI<s>");
-        let t = ChatTemplate::new("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok", "", "").unwrap();
+        let t = ChatTemplate::new(
+            "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok",
+            "",
+            "",
+        )
+        .unwrap();
         assert_eq!(t.render(&[msg("user", "x")]).unwrap(), "ok");
         let err = t.render(&[msg("system", "x")]).unwrap_err().to_string();
         assert!(err.contains("first must be user"), "{err}");

@@ -173,7 +173,10 @@ impl ModelInfo {
 
     /// The refusal of a precision this engine does not serve.
     pub fn not_served(&self, name: &str) -> InvalidRequest {
-        InvalidRequest::new("precision", format!("precision `{name}` is not served; use one of {}", self.precision_names().join(", ")))
+        InvalidRequest::new(
+            "precision",
+            format!("precision `{name}` is not served; use one of {}", self.precision_names().join(", ")),
+        )
     }
 
     /// The one check of a request against what this engine serves: its precision, the prompt
@@ -182,7 +185,10 @@ impl ModelInfo {
     /// `param`.
     pub fn validate(&self, r: &GenerationRequest) -> Result<(), InvalidRequest> {
         if r.n == 0 || r.n > self.max_batch {
-            return Err(InvalidRequest::new("n", format!("n must be between 1 and {} (this server's batch), got {}", self.max_batch, r.n)));
+            return Err(InvalidRequest::new(
+                "n",
+                format!("n must be between 1 and {} (this server's batch), got {}", self.max_batch, r.n),
+            ));
         }
         if !self.precisions.contains(&r.precision) {
             return Err(self.not_served(&r.precision.to_string()));
@@ -201,7 +207,10 @@ impl ModelInfo {
             ));
         }
         if let Some(&bad) = r.prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
-            return Err(InvalidRequest::new("prompt", format!("token id {bad} is outside the vocabulary of {}", self.vocab_size)));
+            return Err(InvalidRequest::new(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary of {}", self.vocab_size),
+            ));
         }
         if r.max_tokens == 0 {
             return Err(InvalidRequest::new("max_tokens", "max_tokens must be at least 1"));
@@ -275,7 +284,13 @@ impl Engine {
         let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
         let chat = checkpoint
             .chat_template()
-            .map(|source| ChatTemplate::new(source, &token_text(config.bos_token_id), &token_text(config.eos_token_ids.first().copied())))
+            .map(|source| {
+                ChatTemplate::new(
+                    source,
+                    &token_text(config.bos_token_id),
+                    &token_text(config.eos_token_ids.first().copied()),
+                )
+            })
             .transpose()?;
         let info = ModelInfo {
             precisions,
@@ -454,7 +469,8 @@ impl Scheduler {
             let r = &q.request;
             self.metrics.prompt_tokens.get_or_create(&precision_label(&r.precision)).inc_by(r.prompt.len() as u64);
             for choice in 0..n {
-                let sampling = SamplingParams { seed: r.sampling.seed.wrapping_add(choice as u64), ..r.sampling.clone() };
+                let sampling =
+                    SamplingParams { seed: r.sampling.seed.wrapping_add(choice as u64), ..r.sampling.clone() };
                 self.running.push(Sequence {
                     request: r.clone(),
                     events: q.events.clone(),
@@ -571,7 +587,8 @@ impl Scheduler {
         seq.last = token;
         metrics.generated_tokens.get_or_create(&label).inc();
         let finish = |seq: &mut Sequence, reason: FinishReason, text: String| -> bool {
-            let _ = seq.events.send(Event::Finished { choice: seq.choice, reason, text, completion_tokens: seq.generated });
+            let _ =
+                seq.events.send(Event::Finished { choice: seq.choice, reason, text, completion_tokens: seq.generated });
             finished(metrics, &seq.request.precision, reason.as_str());
             true
         };

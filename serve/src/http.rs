@@ -74,7 +74,11 @@ impl ApiError {
 impl From<InvalidRequest> for ApiError {
     fn from(e: InvalidRequest) -> Self {
         if e.param == Some("model") {
-            return Self { code: Some("model_not_found"), param: e.param, ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", e.message) };
+            return Self {
+                code: Some("model_not_found"),
+                param: e.param,
+                ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", e.message)
+            };
         }
         Self { param: e.param, ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", e.message) }
     }
@@ -82,7 +86,8 @@ impl From<InvalidRequest> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
+        let body =
+            json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
         let mut response = (self.status, Json(body)).into_response();
         if matches!(self.status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -126,7 +131,11 @@ async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, n
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if given != Some(key.as_str()) {
-            let mut e = ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "Incorrect or missing API key (Authorization: Bearer ...)");
+            let mut e = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "Incorrect or missing API key (Authorization: Bearer ...)",
+            );
             e.code = Some("invalid_api_key");
             return e.into_response();
         }
@@ -143,10 +152,7 @@ async fn health() -> Json<Value> {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
         .into_response()
 }
 
@@ -180,11 +186,14 @@ fn submit(state: &AppState, request: GenerationRequest) -> Result<UnboundedRecei
     state.engine.submit(request).map_err(|e| match e {
         SubmitError::Invalid(e) => e.into(),
         SubmitError::QueueFull => {
-            let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is overloaded; retry later");
+            let mut e =
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is overloaded; retry later");
             e.code = Some("overloaded");
             e
         }
-        SubmitError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down"),
+        SubmitError::Stopped => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down")
+        }
     })
 }
 
@@ -209,7 +218,10 @@ struct Meta {
     logprobs: bool,
 }
 
-async fn completions(State(state): State<Arc<AppState>>, ApiJson(body): ApiJson<CompletionRequest>) -> Result<Response, ApiError> {
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
     if body.echo {
         return Err(InvalidRequest::new("echo", "echo is not supported").into());
     }
@@ -221,23 +233,33 @@ async fn completions(State(state): State<Arc<AppState>>, ApiJson(body): ApiJson<
     }
     .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("{e:#}")))?;
     let logprobs = completion_logprobs(body.logprobs)?;
-    let request = body.common.to_request(state.engine.info(), &state.model_id, prompt, body.common.max_tokens, logprobs)?;
+    let request =
+        body.common.to_request(state.engine.info(), &state.model_id, prompt, body.common.max_tokens, logprobs)?;
     respond(&state, request, Endpoint::Completions, body.common.stream, body.common.include_usage()).await
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, ApiJson(body): ApiJson<ChatRequest>) -> Result<Response, ApiError> {
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
     let messages = chat_messages(&body.messages)?;
-    let prompt = state
-        .engine
-        .encode_chat(&messages)
-        .map_err(|e| ApiError { param: Some("messages"), ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("{e:#}")) })?;
+    let prompt = state.engine.encode_chat(&messages).map_err(|e| ApiError {
+        param: Some("messages"),
+        ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("{e:#}"))
+    })?;
     let logprobs = chat_logprobs(body.logprobs, body.top_logprobs)?;
     let max_tokens = body.max_completion_tokens.or(body.common.max_tokens);
     let request = body.common.to_request(state.engine.info(), &state.model_id, prompt, max_tokens, logprobs)?;
     respond(&state, request, Endpoint::Chat, body.common.stream, body.common.include_usage()).await
 }
 
-async fn respond(state: &AppState, request: GenerationRequest, endpoint: Endpoint, stream: bool, include_usage: bool) -> Result<Response, ApiError> {
+async fn respond(
+    state: &AppState,
+    request: GenerationRequest,
+    endpoint: Endpoint,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
     let meta = Meta {
         endpoint,
         id: request_id(match endpoint {
@@ -346,7 +368,11 @@ fn chat_logprobs_json(entries: &[TokenLogprob]) -> Value {
             token: e.token.clone(),
             logprob: e.logprob,
             bytes: e.token.as_bytes().to_vec(),
-            top_logprobs: e.top.iter().map(|(t, l)| ChatTopLogprob { token: t.clone(), logprob: *l, bytes: t.as_bytes().to_vec() }).collect(),
+            top_logprobs: e
+                .top
+                .iter()
+                .map(|(t, l)| ChatTopLogprob { token: t.clone(), logprob: *l, bytes: t.as_bytes().to_vec() })
+                .collect(),
         })
         .collect();
     serde_json::to_value(ChatLogprobs { content }).expect("plain data serializes")
@@ -370,7 +396,15 @@ struct StreamState {
 /// client disconnects axum drops this stream, and the engine sees the receiver closed.
 fn sse_stream(meta: Meta, events: UnboundedReceiver<Event>) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let n = meta.n;
-    let state = StreamState { meta, events: Some(events), opened: vec![false; n], offsets: vec![0; n], completion_tokens: 0, finished: 0, done: false };
+    let state = StreamState {
+        meta,
+        events: Some(events),
+        opened: vec![false; n],
+        offsets: vec![0; n],
+        completion_tokens: 0,
+        finished: 0,
+        done: false,
+    };
     stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
@@ -406,7 +440,10 @@ fn sse_stream(meta: Meta, events: UnboundedReceiver<Event>) -> impl Stream<Item 
             }
             Some(Event::Failed { message, .. }) => {
                 s.events = None;
-                vec![SseEvent::default().data(json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}}).to_string())]
+                vec![SseEvent::default().data(
+                    json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}})
+                        .to_string(),
+                )]
             }
             None => {
                 s.events = None;
@@ -419,7 +456,13 @@ fn sse_stream(meta: Meta, events: UnboundedReceiver<Event>) -> impl Stream<Item 
 }
 
 impl StreamState {
-    fn chunk(&mut self, choice: usize, text: Option<String>, logprobs: &[TokenLogprob], finish: Option<FinishReason>) -> SseEvent {
+    fn chunk(
+        &mut self,
+        choice: usize,
+        text: Option<String>,
+        logprobs: &[TokenLogprob],
+        finish: Option<FinishReason>,
+    ) -> SseEvent {
         let start = self.offsets[choice];
         self.offsets[choice] += logprobs.iter().map(|e| e.token.len()).sum::<usize>();
         let m = &self.meta;

@@ -63,7 +63,11 @@ impl Metrics {
             "From the request's arrival to its first generated token",
             time_to_first_token.clone(),
         );
-        registry.register("inter_token_latency_seconds", "Between consecutive tokens of a sequence", inter_token_latency.clone());
+        registry.register(
+            "inter_token_latency_seconds",
+            "Between consecutive tokens of a sequence",
+            inter_token_latency.clone(),
+        );
         Self {
             registry,
             requests,

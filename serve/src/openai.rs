@@ -12,7 +12,6 @@ pub use crate::engine::InvalidRequest;
 use crate::engine::{GenerationRequest, ModelInfo};
 use crate::sampling::SamplingParams;
 
-
 /// `"stop": "x"` or `["x", "y"]`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -117,12 +116,18 @@ impl CommonParams {
     ) -> Result<GenerationRequest, InvalidRequest> {
         if let Some(model) = &self.model {
             if model != served_id {
-                return Err(InvalidRequest::new("model", format!("The model `{model}` does not exist; this server serves `{served_id}`")));
+                return Err(InvalidRequest::new(
+                    "model",
+                    format!("The model `{model}` does not exist; this server serves `{served_id}`"),
+                ));
             }
         }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
-            return Err(InvalidRequest::new("temperature", format!("temperature must be between 0 and 2, got {temperature}")));
+            return Err(InvalidRequest::new(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {temperature}"),
+            ));
         }
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
@@ -132,7 +137,9 @@ impl CommonParams {
         if top_k < 0 {
             return Err(InvalidRequest::new("top_k", format!("top_k must be 0 (off) or positive, got {top_k}")));
         }
-        for (name, value) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
+        for (name, value) in
+            [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)]
+        {
             if let Some(v) = value {
                 if !(-2.0..=2.0).contains(&v) {
                     return Err(InvalidRequest::new(name, format!("{name} must be between -2 and 2, got {v}")));
@@ -188,7 +195,12 @@ fn parse_precision(value: Option<&Value>, info: &ModelInfo) -> Result<Precision,
         None | Some(Value::Null) => return Ok(info.default_precision.clone()),
         Some(Value::Number(n)) => n.to_string(),
         Some(Value::String(s)) => s.trim().to_string(),
-        Some(other) => return Err(InvalidRequest::new("precision", format!("precision must be a number or a string, got {other}"))),
+        Some(other) => {
+            return Err(InvalidRequest::new(
+                "precision",
+                format!("precision must be a number or a string, got {other}"),
+            ))
+        }
     };
     name.parse().map_err(|_| info.not_served(&name))
 }
@@ -197,7 +209,9 @@ pub fn completion_logprobs(value: Option<i64>) -> Result<Option<usize>, InvalidR
     match value {
         None => Ok(None),
         Some(k) if (0..=MAX_LOGPROBS).contains(&k) => Ok(Some(k as usize)),
-        Some(k) => Err(InvalidRequest::new("logprobs", format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"))),
+        Some(k) => {
+            Err(InvalidRequest::new("logprobs", format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {k}")))
+        }
     }
 }
 
@@ -207,7 +221,10 @@ pub fn chat_logprobs(logprobs: bool, top: Option<i64>) -> Result<Option<usize>, 
         (false, Some(_)) => Err(InvalidRequest::new("top_logprobs", "top_logprobs requires logprobs: true")),
         (true, None) => Ok(Some(0)),
         (true, Some(k)) if (0..=MAX_LOGPROBS).contains(&k) => Ok(Some(k as usize)),
-        (true, Some(k)) => Err(InvalidRequest::new("top_logprobs", format!("top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"))),
+        (true, Some(k)) => Err(InvalidRequest::new(
+            "top_logprobs",
+            format!("top_logprobs must be between 0 and {MAX_LOGPROBS}, got {k}"),
+        )),
     }
 }
 
@@ -230,7 +247,12 @@ pub fn chat_messages(messages: &[RequestMessage]) -> Result<Vec<ChatMessage>, In
                     for p in parts {
                         match (p.kind.as_str(), &p.text) {
                             ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => return Err(InvalidRequest::new("messages", format!("content parts of type `{kind}` are not supported (text only)"))),
+                            (kind, _) => {
+                                return Err(InvalidRequest::new(
+                                    "messages",
+                                    format!("content parts of type `{kind}` are not supported (text only)"),
+                                ))
+                            }
                         }
                     }
                     text
@@ -363,7 +385,8 @@ mod tests {
         let m = chat_messages(&msgs).unwrap();
         assert_eq!(m[0], ChatMessage { role: "system".into(), content: "be brief".into() });
         assert_eq!(m[1].content, "ab");
-        let bad: Vec<RequestMessage> = serde_json::from_str(r#"[{"role":"user","content":[{"type":"image_url"}]}]"#).unwrap();
+        let bad: Vec<RequestMessage> =
+            serde_json::from_str(r#"[{"role":"user","content":[{"type":"image_url"}]}]"#).unwrap();
         assert!(chat_messages(&bad).unwrap_err().message.contains("image_url"));
         assert!(chat_messages(&[]).is_err());
     }

@@ -247,7 +247,12 @@ mod tests {
     #[test]
     fn penalties_follow_openai() {
         // After producing token 0 twice, frequency 1.0 lowers its logit by 2, presence 0.5 by 0.5.
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, frequency_penalty: 1.0, presence_penalty: 0.5, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            frequency_penalty: 1.0,
+            presence_penalty: 0.5,
+            ..Default::default()
+        });
         assert_eq!(s.sample(&mut [3.0, 1.0, 0.0]), 0);
         assert_eq!(s.sample(&mut [3.0, 1.0, 0.0]), 0); // 3 − 1.5 = 1.5 > 1
         let mut logits = vec![3.0, 1.0, 0.0];

@@ -50,7 +50,11 @@ pub struct Sequence {
 
 /// Samples `options.sequences` sequences through `engine`, at most `engine.info().max_batch` at a
 /// time, and returns them in index order; `on_sequence` sees each as it completes.
-pub async fn synthesize(engine: &Engine, options: &SynthOptions, on_sequence: impl Fn(&Sequence)) -> Result<Vec<Sequence>> {
+pub async fn synthesize(
+    engine: &Engine,
+    options: &SynthOptions,
+    on_sequence: impl Fn(&Sequence),
+) -> Result<Vec<Sequence>> {
     options.validate()?;
     let starts = start_tokens(engine.tokenizer(), engine.info().vocab_size, options.sequences, options.seed)?;
     let on_sequence = &on_sequence;
@@ -83,7 +87,12 @@ async fn sample_one(engine: &Engine, start: &str, options: &SynthOptions, seed: 
         precision: options.precision.clone(),
         n: 1,
         max_tokens: options.max_tokens,
-        sampling: SamplingParams { temperature: options.temperature, top_p: options.top_p, seed, ..SamplingParams::default() },
+        sampling: SamplingParams {
+            temperature: options.temperature,
+            top_p: options.top_p,
+            seed,
+            ..SamplingParams::default()
+        },
         stop: Vec::new(),
         logprobs: None,
         arrived: std::time::Instant::now(),

@@ -46,7 +46,13 @@ fn bad_flags_are_clear_errors() {
     let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/ptq/group128-gptq8.toml");
     let out = Command::new(BIN).arg("--model").arg(&checkpoint).arg("--config").arg(&recipe).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("gptq:8") && err.contains("drq-quantize --gptq") && !err.contains("panicked"), "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("gptq:8")
+            && err.contains("drq-quantize --gptq")
+            && !err.contains("panicked"),
+        "{err}"
+    );
     let out = Command::new(BIN).args(["--model", "/nonexistent/model.gguf"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.gguf"));
@@ -102,7 +108,8 @@ fn a_profile_flag_is_served_by_name() {
     assert!(entry["precisions"].as_array().unwrap().iter().any(|p| p == "attn8"), "{models:#}");
     assert!(entry["profiles"].as_array().unwrap().iter().any(|p| p["name"] == "attn8"), "{models:#}");
     let body = json!({"prompt": "the cat", "max_tokens": 3, "temperature": 0, "precision": "attn8"});
-    let reply: serde_json::Value = ureq::post(&format!("http://{addr}/v1/completions")).send_json(body).unwrap().into_json().unwrap();
+    let reply: serde_json::Value =
+        ureq::post(&format!("http://{addr}/v1/completions")).send_json(body).unwrap().into_json().unwrap();
     assert_eq!(reply["precision"], "attn8", "{reply:#}");
     child.kill().unwrap();
     child.wait().unwrap();
@@ -111,7 +118,11 @@ fn a_profile_flag_is_served_by_name() {
 /// Starts `drq-serve --model MODEL --port 0 ARGS` and waits for its "serving `…` on
 /// http://ADDR" log line; returns the process and ADDR.
 #[allow(clippy::zombie_processes)] // returned to the caller, which waits for it
-fn spawn_listening(model: &std::path::Path, args: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]) -> (std::process::Child, String) {
+fn spawn_listening(
+    model: &std::path::Path,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (std::process::Child, String) {
     let mut child = Command::new(BIN)
         .arg("--model")
         .arg(model)
@@ -157,10 +168,27 @@ fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> std:
 fn loadgen_reports_every_precision_without_errors() {
     let dir = tempfile::tempdir().unwrap();
     let options = serve::engine::EngineOptions { max_context: 256, ..Default::default() };
-    let server = support::TestServer::start(&support::tiny_checkpoint(dir.path()), options, None, serve::http::DEFAULT_BODY_LIMIT);
+    let server = support::TestServer::start(
+        &support::tiny_checkpoint(dir.path()),
+        options,
+        None,
+        serve::http::DEFAULT_BODY_LIMIT,
+    );
     let json = dir.path().join("load.json");
     let out = Command::new(env!("CARGO_BIN_EXE_drq-loadgen"))
-        .args(["--url", &server.url(""), "--clients", "3", "--duration", "1", "--precisions", "8,4,2", "--max-tokens", "8", "--json"])
+        .args([
+            "--url",
+            &server.url(""),
+            "--clients",
+            "3",
+            "--duration",
+            "1",
+            "--precisions",
+            "8,4,2",
+            "--max-tokens",
+            "8",
+            "--json",
+        ])
         .arg(&json)
         .output()
         .unwrap();
@@ -174,7 +202,10 @@ fn loadgen_reports_every_precision_without_errors() {
         assert!(row["ttft_p50_ms"].as_f64().unwrap() > 0.0);
     }
     // Against nothing: a clear error, not a hang or a panic.
-    let out = Command::new(env!("CARGO_BIN_EXE_drq-loadgen")).args(["--url", "http://127.0.0.1:9", "--duration", "1"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_drq-loadgen"))
+        .args(["--url", "http://127.0.0.1:9", "--duration", "1"])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("does not answer"), "{stderr}");
 }

@@ -44,7 +44,10 @@ fn endpoints_have_openai_shapes() {
     assert!(mean > 3.0 && mean < 6.0, "{mean}");
     assert_eq!((m["default_precision"].as_str(), m["context_length"].as_u64()), (Some("8"), Some(256)));
 
-    let (status, c, _) = s.post("/v1/completions", &json!({"model": "tiny", "prompt": "the cat", "max_tokens": 5, "temperature": 0, "precision": 4}));
+    let (status, c, _) = s.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "the cat", "max_tokens": 5, "temperature": 0, "precision": 4}),
+    );
     assert_eq!(status, 200, "{c}");
     assert_eq!(c["object"], "text_completion");
     assert!(c["id"].as_str().unwrap().starts_with("cmpl-"));
@@ -61,7 +64,10 @@ fn endpoints_have_openai_shapes() {
         other => panic!("finish_reason {other}"),
     }
 
-    let (status, c, _) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "seed": 1}));
+    let (status, c, _) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "seed": 1}),
+    );
     assert_eq!(status, 200, "{c}");
     assert_eq!(c["object"], "chat.completion");
     assert!(c["id"].as_str().unwrap().starts_with("chatcmpl-"));
@@ -91,8 +97,14 @@ fn streams_carry_the_same_text_as_whole_responses() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(&dir);
     for (path, body) in [
-        ("/v1/completions", json!({"prompt": "the dog", "max_tokens": 12, "temperature": 0.9, "seed": 42, "precision": 3, "logprobs": 2})),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "temperature": 0.9, "seed": 42, "precision": "6"})),
+        (
+            "/v1/completions",
+            json!({"prompt": "the dog", "max_tokens": 12, "temperature": 0.9, "seed": 42, "precision": 3, "logprobs": 2}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "temperature": 0.9, "seed": 42, "precision": "6"}),
+        ),
     ] {
         let (status, whole, _) = s.post(path, &body);
         assert_eq!(status, 200, "{whole}");
@@ -102,7 +114,8 @@ fn streams_carry_the_same_text_as_whole_responses() {
         let chunks = s.stream(path, &streaming);
         let (text, parsed) = stream_text(&chunks);
         assert_eq!(text, text_of(&whole), "{path}");
-        let finals: Vec<&Value> = parsed.iter().filter(|c| c["choices"].get(0).is_some_and(|x| !x["finish_reason"].is_null())).collect();
+        let finals: Vec<&Value> =
+            parsed.iter().filter(|c| c["choices"].get(0).is_some_and(|x| !x["finish_reason"].is_null())).collect();
         assert_eq!(finals.len(), 1, "{path}: one chunk carries the finish_reason");
         assert_eq!(finals[0]["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
         let usage = parsed.last().unwrap();
@@ -110,7 +123,10 @@ fn streams_carry_the_same_text_as_whole_responses() {
         assert_eq!(usage["usage"], whole["usage"], "{path}");
         if path.contains("chat") {
             assert_eq!(parsed[0]["object"], "chat.completion.chunk");
-            assert_eq!(parsed[0]["choices"][0]["delta"]["role"], "assistant", "the first delta opens the assistant turn");
+            assert_eq!(
+                parsed[0]["choices"][0]["delta"]["role"], "assistant",
+                "the first delta opens the assistant turn"
+            );
         } else {
             assert_eq!(parsed[0]["object"], "text_completion");
             // The streamed logprobs, concatenated, are the whole response's (text offsets
@@ -152,13 +168,15 @@ fn same_seed_and_precision_give_the_same_text() {
 fn n_choices_logprobs_and_stop_strings() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(&dir);
-    let (status, c, _) = s.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 3}));
+    let (status, c, _) =
+        s.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 3}));
     assert_eq!(status, 200, "{c}");
     let choices = c["choices"].as_array().unwrap();
     assert_eq!(choices.iter().map(|c| c["index"].as_u64().unwrap()).collect::<Vec<_>>(), vec![0, 1, 2]);
 
     // Completions logprobs: one entry per token, `logprobs` alternatives each, sorted.
-    let (_, c, _) = s.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 5, "temperature": 0, "logprobs": 3}));
+    let (_, c, _) =
+        s.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 5, "temperature": 0, "logprobs": 3}));
     let lp = &c["choices"][0]["logprobs"];
     let n = c["usage"]["completion_tokens"].as_u64().unwrap() as usize;
     assert_eq!(lp["tokens"].as_array().unwrap().len(), n);
@@ -169,7 +187,10 @@ fn n_choices_logprobs_and_stop_strings() {
         let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
         assert!((best - chosen.as_f64().unwrap()).abs() < 1e-6 && best <= 0.0);
     }
-    let (_, c, _) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "logprobs": true, "top_logprobs": 2}));
+    let (_, c, _) = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "logprobs": true, "top_logprobs": 2}),
+    );
     let content = c["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert!(!content.is_empty());
     assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
@@ -177,7 +198,10 @@ fn n_choices_logprobs_and_stop_strings() {
 
     // A stop string taken from the greedy text cuts it before its first occurrence.
     let greedy = |stop: Value| {
-        let (status, c, _) = s.post("/v1/completions", &json!({"prompt": "the", "max_tokens": 30, "temperature": 0, "stop": stop, "precision": 5}));
+        let (status, c, _) = s.post(
+            "/v1/completions",
+            &json!({"prompt": "the", "max_tokens": 30, "temperature": 0, "stop": stop, "precision": 5}),
+        );
         assert_eq!(status, 200, "{c}");
         (text_of(&c), c["choices"][0]["finish_reason"].as_str().unwrap().to_string())
     };
@@ -208,7 +232,12 @@ fn bad_requests_get_openai_errors() {
         ("/v1/completions", json!({"max_tokens": 3}), 400, None),
         ("/v1/chat/completions", json!({"messages": []}), 400, Some("messages")),
         ("/v1/chat/completions", json!({"messages": [{"role": "wizard", "content": "x"}]}), 400, Some("messages")),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400, Some("top_logprobs")),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+            400,
+            Some("top_logprobs"),
+        ),
     ] {
         let (got, body_out, _) = s.post(path, &body);
         assert_eq!(got, status, "{body}: {body_out}");
@@ -252,9 +281,7 @@ fn an_api_key_guards_v1_only() {
 fn concurrent_requests_at_mixed_precisions_match_their_solo_answers() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(&dir);
-    let body = |i: usize| {
-        json!({"prompt": format!("request {i} says"), "max_tokens": 20 + i, "temperature": 0.7, "seed": i, "precision": 2 + i % 7})
-    };
+    let body = |i: usize| json!({"prompt": format!("request {i} says"), "max_tokens": 20 + i, "temperature": 0.7, "seed": i, "precision": 2 + i % 7});
     // Alone, one at a time.
     let solo: Vec<String> = (0..14).map(|i| text_of(&s.post("/v1/completions", &body(i)).1)).collect();
     // All at once: they share decode steps across precisions and join/leave between steps.
@@ -289,13 +316,24 @@ fn a_full_queue_answers_503_with_retry_after() {
     let s = TestServer::start(&tiny_checkpoint(dir.path()), opts, None, DEFAULT_BODY_LIMIT);
     let results: Vec<(u16, Value, Option<String>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8)
-            .map(|_| scope.spawn(|| s.post("/v1/completions", &json!({"prompt": "a", "max_tokens": 200, "temperature": 0, "stop": "\u{1}never"}))))
+            .map(|_| {
+                scope.spawn(|| {
+                    s.post(
+                        "/v1/completions",
+                        &json!({"prompt": "a", "max_tokens": 200, "temperature": 0, "stop": "\u{1}never"}),
+                    )
+                })
+            })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let refused: Vec<_> = results.iter().filter(|r| r.0 == 503).collect();
     let served = results.iter().filter(|r| r.0 == 200).count();
-    assert!(!refused.is_empty() && served >= 1 && refused.len() + served == 8, "{:?}", results.iter().map(|r| r.0).collect::<Vec<_>>());
+    assert!(
+        !refused.is_empty() && served >= 1 && refused.len() + served == 8,
+        "{:?}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
     for (_, e, retry) in refused {
         assert_eq!(retry.as_deref(), Some("1"));
         assert_eq!(e["error"]["code"], "overloaded");
@@ -307,7 +345,8 @@ fn a_full_queue_answers_503_with_retry_after() {
 fn a_client_that_disconnects_stops_its_generation() {
     let dir = tempfile::tempdir().unwrap();
     let s = server(&dir);
-    let body = json!({"prompt": "a", "max_tokens": 250, "temperature": 0, "stream": true, "stop": "\u{1}never"}).to_string();
+    let body =
+        json!({"prompt": "a", "max_tokens": 250, "temperature": 0, "stream": true, "stop": "\u{1}never"}).to_string();
     let mut tcp = TcpStream::connect(s.addr).unwrap();
     write!(tcp, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut reader = BufReader::new(tcp.try_clone().unwrap());
@@ -342,14 +381,25 @@ fn a_profile_is_served_by_name_with_each_weight_at_its_bits() {
     let eos = checkpoint.config().eos_token_ids.clone();
     let mut texts = Vec::new();
     for precision in ["mix", "3", "6"] {
-        let t = model::Transformer::from_resident(&resident, &precision.parse().unwrap(), &kernels::KernelConfig::default()).unwrap();
+        let t = model::Transformer::from_resident(
+            &resident,
+            &precision.parse().unwrap(),
+            &kernels::KernelConfig::default(),
+        )
+        .unwrap();
         let expected = tokenizer.decode(&support::runtime_greedy(&t, &prompt, 30, &eos), true).unwrap();
-        let (status, c, _) = s.post("/v1/completions", &json!({"prompt": "the cat", "max_tokens": 30, "temperature": 0, "precision": precision}));
+        let (status, c, _) = s.post(
+            "/v1/completions",
+            &json!({"prompt": "the cat", "max_tokens": 30, "temperature": 0, "precision": precision}),
+        );
         assert_eq!(status, 200, "{c}");
         assert_eq!(c["precision"], precision);
         assert_eq!(text_of(&c), expected, "{precision}");
         texts.push(expected);
     }
-    assert!(texts[0] != texts[1] || texts[0] != texts[2], "the profile should differ from a uniform precision: {texts:?}");
+    assert!(
+        texts[0] != texts[1] || texts[0] != texts[2],
+        "the profile should differ from a uniform precision: {texts:?}"
+    );
     assert!(s.get("/metrics").1.contains("drq_requests_total{precision=\"mix\"} 1"));
 }

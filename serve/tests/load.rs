@@ -1,8 +1,8 @@
 //! `--model` given a float source: quantized once, cached by source hash and recipe, reused on
 //! the next start, re-made when the cached file is unusable or the recipe differs.
 
-use kernels::Granularity;
 use drq_tests::tiny_model;
+use kernels::Granularity;
 use model::Architecture;
 use quantize::QuantSpec;
 use serve::load::open_or_quantize;

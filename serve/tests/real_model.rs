@@ -19,7 +19,12 @@ fn served_greedy_text_equals_the_runtime_at_every_precision() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = drq_tests::smollm2_gguf();
     let (float, provenance) = source::load_float(&ModelSource::Gguf(gguf)).unwrap();
-    let spec = QuantSpec { bits: vec![8, 4, 2], granularity: Granularity::Channel, tie: TieRule::HalfEven, objective: SearchObjective::Normalized };
+    let spec = QuantSpec {
+        bits: vec![8, 4, 2],
+        granularity: Granularity::Channel,
+        tie: TieRule::HalfEven,
+        objective: SearchObjective::Normalized,
+    };
     let q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
     let path = dir.path().join("smollm2.safetensors");
     write_checkpoint(&path, &float, &provenance, &q).unwrap();
@@ -40,7 +45,10 @@ fn served_greedy_text_equals_the_runtime_at_every_precision() {
         let t = Transformer::from_resident(&resident, &Precision::Bits(bits), &KernelConfig::default()).unwrap();
         let ids = runtime_greedy(&t, &prompt, 24, &eos);
         let expected = tokenizer.decode(&ids, true).unwrap();
-        let (status, c, _) = s.post("/v1/completions", &json!({"prompt": prompt_text, "max_tokens": 24, "temperature": 0, "precision": bits}));
+        let (status, c, _) = s.post(
+            "/v1/completions",
+            &json!({"prompt": prompt_text, "max_tokens": 24, "temperature": 0, "precision": bits}),
+        );
         assert_eq!(status, 200, "{c}");
         let served = c["choices"][0]["text"].as_str().unwrap();
         println!("W{bits}: {served:?}");

@@ -143,7 +143,11 @@ pub fn workspace_bin(name: &str) -> PathBuf {
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
             .expect("cargo runs");
-        assert!(out.status.success(), "cargo build --workspace --bins failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cargo build --workspace --bins failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         profile_dir
     });
     let path = dir.join(name);

@@ -39,7 +39,10 @@ fn agree(dir: &Path, prompt: &[u32], mut reference: impl FnMut(&Tensor, usize) -
         let diff = ours_v.iter().zip(&theirs_v).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         let relative = diff / scale;
         let what = if step == 0 { format!("prefill of {} tokens", input.len()) } else { format!("decode step {step}") };
-        assert!(relative <= TOLERANCE, "{what}: logits differ by {diff} (relative {relative:.2e}, tolerance {TOLERANCE:.0e})");
+        assert!(
+            relative <= TOLERANCE,
+            "{what}: logits differ by {diff} (relative {relative:.2e}, tolerance {TOLERANCE:.0e})"
+        );
         worst = worst.max(relative);
         position += input.len();
         let next = ours_v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap();
@@ -62,7 +65,13 @@ fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> T {
 fn llama_smollm2_matches_candle_transformers() {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("smollm2");
-    let output = Command::new(workspace_bin("drq-export")).arg("--model").arg(smollm2_gguf()).arg("--out").arg(&hf).output().unwrap();
+    let output = Command::new(workspace_bin("drq-export"))
+        .arg("--model")
+        .arg(smollm2_gguf())
+        .arg("--out")
+        .arg(&hf)
+        .output()
+        .unwrap();
     assert!(output.status.success(), "drq-export: {}", String::from_utf8_lossy(&output.stderr));
 
     let config = read_config::<llama::LlamaConfig>(&hf).into_config(false);
@@ -71,7 +80,8 @@ fn llama_smollm2_matches_candle_transformers() {
     let mut cache = llama::Cache::new(true, DType::F32, &config, &Device::Cpu).unwrap();
     // "The capital of France is" under SmolLM2's tokenizer, BOS-free as the model is used.
     let (float, _) = source::load_float(&ModelSource::HfDir(hf.clone())).unwrap();
-    let prompt = float.tokenizer.encode("The capital of France is Paris, and the capital of", false).unwrap().get_ids().to_vec();
+    let prompt =
+        float.tokenizer.encode("The capital of France is Paris, and the capital of", false).unwrap().get_ids().to_vec();
     let worst = agree(&hf, &prompt, |tokens, position| reference.forward(tokens, position, &mut cache).unwrap());
     println!("SmolLM2 (Llama): worst relative logit difference {worst:.2e}");
 }

@@ -16,7 +16,12 @@ use serde_json::{json, Value};
 #[track_caller]
 fn run(mut command: Command) -> Output {
     let output = command.env("HF_HUB_OFFLINE", "1").output().expect("the binary runs");
-    assert!(output.status.success(), "{command:?} failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
     output
 }
 
@@ -32,7 +37,11 @@ fn quantize_evaluate_serve_and_stop() {
 /// The README's `drq-quantize` line, on the shared GGUF instead of the hub's copy.
 fn quantize(checkpoint: &Path) {
     let mut command = Command::new(workspace_bin("drq-quantize"));
-    command.arg("--model").arg(smollm2_gguf()).args(["--bits", "8,4,2", "--granularity", "group:128", "--out"]).arg(checkpoint);
+    command
+        .arg("--model")
+        .arg(smollm2_gguf())
+        .args(["--bits", "8,4,2", "--granularity", "group:128", "--out"])
+        .arg(checkpoint);
     let output = run(command);
     assert!(checkpoint.is_file(), "no checkpoint written");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -75,7 +84,10 @@ fn evaluate(checkpoint: &Path, dir: &Path) {
         assert!(kl.as_f64().is_some_and(|k| k.is_finite() && k >= 0.0), "{label}: KL {kl}");
         assert!(top1.as_f64().is_some_and(|t| (0.0..=1.0).contains(&t)), "{label}: top-1 {top1}");
         let bits = result(label)["bits_per_weight"].as_f64().expect("bits per weight");
-        assert!(bits > label.parse::<f64>().unwrap() && bits < label.parse::<f64>().unwrap() + 1.0, "{label}: {bits} bits per weight");
+        assert!(
+            bits > label.parse::<f64>().unwrap() && bits < label.parse::<f64>().unwrap() + 1.0,
+            "{label}: {bits} bits per weight"
+        );
     }
     let w8 = perplexity("8") / perplexity("fp") - 1.0;
     assert!(w8.abs() < 0.01, "W8 is {:+.2}% from fp (at most 1% expected)", w8 * 100.0);

@@ -8,15 +8,19 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
 use clap::Parser;
-use kernels::KernelConfig;
 use cli::Activations;
+use kernels::KernelConfig;
 use model::checkpoint::Checkpoint;
 use model::source::{self, ModelSource};
 use model::{precision, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer};
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(name = "drq-bench", version, about = "Greedy decoding tokens/s per precision from one resident checkpoint, and peak memory")]
+#[command(
+    name = "drq-bench",
+    version,
+    about = "Greedy decoding tokens/s per precision from one resident checkpoint, and peak memory"
+)]
 struct Args {
     /// A drq checkpoint.
     #[arg(short, long)]
@@ -71,7 +75,10 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    ensure!(args.batch >= 1 && args.prompt_tokens >= 1 && args.gen_tokens >= 1 && args.repeat >= 1, "batch, token counts and repeat must be at least 1");
+    ensure!(
+        args.batch >= 1 && args.prompt_tokens >= 1 && args.gen_tokens >= 1 && args.repeat >= 1,
+        "batch, token counts and repeat must be at least 1"
+    );
     ensure!(args.threads >= 1, "--threads must be at least 1");
     let precisions = precision::parse_list(&args.precision)?;
     let checkpoint = Checkpoint::open(&args.model)?;
@@ -83,13 +90,21 @@ fn run(args: Args) -> Result<()> {
     );
     let tokenizer = checkpoint.tokenizer()?;
     let text_ids = tokenizer.encode(TEXT, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
-    ensure!(text_ids.len() >= args.prompt_tokens + args.batch, "--prompt-tokens is larger than the built-in text ({} tokens)", text_ids.len());
+    ensure!(
+        text_ids.len() >= args.prompt_tokens + args.batch,
+        "--prompt-tokens is larger than the built-in text ({} tokens)",
+        text_ids.len()
+    );
     let prompts: Vec<Vec<u32>> = (0..args.batch).map(|b| text_ids[b..b + args.prompt_tokens].to_vec()).collect();
 
     let started = Instant::now();
     let resident = ResidentModel::from_checkpoint(&checkpoint)?;
     drop(checkpoint);
-    tracing::info!("resident weights: {:.1} MiB, built in {:.1}s", resident.resident_bytes() as f64 / (1 << 20) as f64, started.elapsed().as_secs_f64());
+    tracing::info!(
+        "resident weights: {:.1} MiB, built in {:.1}s",
+        resident.resident_bytes() as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64()
+    );
     let kernel = KernelConfig { path: args.activations.path(), threads: args.threads, ..KernelConfig::default() };
     let float = match &args.reference {
         Some(src) => Some(source::load_float(&src.parse::<ModelSource>()?)?.0),
@@ -102,7 +117,8 @@ fn run(args: Args) -> Result<()> {
             (Precision::Float, None) => bail!("`fp` needs --reference"),
             (p, _) => Transformer::from_resident(&resident, p, &kernel)?,
         };
-        let mut runs: Vec<(f64, f64)> = (0..args.repeat).map(|_| decode(&transformer, &prompts, args.gen_tokens)).collect::<Result<_>>()?;
+        let mut runs: Vec<(f64, f64)> =
+            (0..args.repeat).map(|_| decode(&transformer, &prompts, args.gen_tokens)).collect::<Result<_>>()?;
         runs.sort_by(|a, b| a.1.total_cmp(&b.1));
         let (prefill, decode_s) = runs[runs.len() / 2];
         let steps = (args.gen_tokens - 1) as f64;
@@ -128,10 +144,16 @@ fn run(args: Args) -> Result<()> {
     );
     println!("{:>9} {:>14} {:>14} {:>11}", "precision", "prefill tok/s", "decode tok/s", "ms/step");
     for r in &rows {
-        println!("{:>9} {:>14.1} {:>14.1} {:>11.2}", r.precision, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.ms_per_step);
+        println!(
+            "{:>9} {:>14.1} {:>14.1} {:>11.2}",
+            r.precision, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.ms_per_step
+        );
     }
     if let Some(peak) = peak {
-        println!("peak resident memory: {:.1} MiB (one resident copy serves every precision above)", peak as f64 / (1 << 20) as f64);
+        println!(
+            "peak resident memory: {:.1} MiB (one resident copy serves every precision above)",
+            peak as f64 / (1 << 20) as f64
+        );
     }
     if let Some(path) = &args.json {
         let json = serde_json::json!({
@@ -148,14 +170,16 @@ fn run(args: Args) -> Result<()> {
 fn decode(t: &Transformer, prompts: &[Vec<u32>], gen: usize) -> Result<(f64, f64)> {
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(t.config())).collect();
     let started = Instant::now();
-    let mut steps: Vec<SequenceStep> = prompts.iter().zip(caches.iter_mut()).map(|(p, cache)| SequenceStep { tokens: p, cache }).collect();
+    let mut steps: Vec<SequenceStep> =
+        prompts.iter().zip(caches.iter_mut()).map(|(p, cache)| SequenceStep { tokens: p, cache }).collect();
     let mut next = argmax_rows(&t.forward_batch(&mut steps)?)?;
     drop(steps);
     let prefill = started.elapsed().as_secs_f64();
     let started = Instant::now();
     for _ in 1..gen {
         let inputs: Vec<[u32; 1]> = next.iter().map(|&id| [id]).collect();
-        let mut steps: Vec<SequenceStep> = inputs.iter().zip(caches.iter_mut()).map(|(i, cache)| SequenceStep { tokens: i, cache }).collect();
+        let mut steps: Vec<SequenceStep> =
+            inputs.iter().zip(caches.iter_mut()).map(|(i, cache)| SequenceStep { tokens: i, cache }).collect();
         next = argmax_rows(&t.forward_batch(&mut steps)?)?;
     }
     Ok((prefill, started.elapsed().as_secs_f64()))

@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use cli::plot::{document, panel, Panel, Series, COLORS};
+use cli::Activations;
 use evals::perplexity::{evaluate, windows, Candidate, PrecisionReport, Protocol, Window};
 use kernels::{Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::{self, FloatModel, ModelSource};
-use cli::Activations;
-use cli::plot::{document, panel, Panel, Series, COLORS};
 use model::{precision, KvCache, OpsMode, Precision, ResidentModel, Transformer};
 use quantize::profile::ProfileRules;
 use quantize::{QuantSpec, SearchObjective};
@@ -165,7 +165,12 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
                 if checkpoints.is_empty() && !int_precisions.is_empty() && args.model.len() == 1 {
                     // A float model alone: quantize it, through a real checkpoint file so that
                     // what is measured is exactly what is served.
-                    let spec = QuantSpec { bits: args.bits.clone(), granularity: args.granularity, tie: args.tie, objective: args.objective };
+                    let spec = QuantSpec {
+                        bits: args.bits.clone(),
+                        granularity: args.granularity,
+                        tie: args.tie,
+                        objective: args.objective,
+                    };
                     tracing::info!("quantizing in memory ({spec})");
                     let q = quantize::quantize_model(&model, &spec, &[], |_| {})?;
                     let tmp = tempfile::Builder::new().prefix("drq-eval-").suffix(".safetensors").tempfile()?;
@@ -219,7 +224,8 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
 
     let mut models: Vec<(String, Transformer)> = Vec::new();
     if let (Some(f), true) = (&float, wants_float) {
-        models.push(("fp".to_string(), Transformer::new(&f.config, &f.weights.to_device(&device)?, OpsMode::Inference)?));
+        models
+            .push(("fp".to_string(), Transformer::new(&f.config, &f.weights.to_device(&device)?, OpsMode::Inference)?));
     }
     let label = |c: &Checkpoint, p: &Precision| {
         // Several checkpoints: name each row by its file, which tells apart checkpoints of one
@@ -242,7 +248,10 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         RuntimeArg::Reference => {
             for c in &checkpoints {
                 for p in &int_precisions {
-                    models.push((label(c, p), Transformer::new(&config, &c.weights_at(p)?.to_device(&device)?, OpsMode::Inference)?));
+                    models.push((
+                        label(c, p),
+                        Transformer::new(&config, &c.weights_at(p)?.to_device(&device)?, OpsMode::Inference)?,
+                    ));
                 }
             }
             serde_json::json!({ "runtime": "reference", "device": args.device })
@@ -295,7 +304,8 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     for c in &checkpoints {
         checkpoint_info.push(serde_json::json!({ "path": c.path(), "quantization": c.quantization() }));
     }
-    let candidates: Vec<Candidate> = models.iter().map(|(label, m)| Candidate { label: label.clone(), model: m }).collect();
+    let candidates: Vec<Candidate> =
+        models.iter().map(|(label, m)| Candidate { label: label.clone(), model: m }).collect();
     let reference = (float.is_some() && wants_float).then_some(0);
 
     tracing::info!(
@@ -308,7 +318,8 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     let started = Instant::now();
     let bar = cli::progress_bar(wins.len() as u64, "perplexity");
     // The bar is hidden when stderr is not a terminal; log progress then, for long batch runs.
-    let log_every = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { usize::MAX } else { (wins.len() / 20).max(1) };
+    let log_every =
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) { usize::MAX } else { (wins.len() / 20).max(1) };
     let mut reports = evaluate(&candidates, reference, &wins, |done| {
         bar.set_position(done as u64);
         if done % log_every == 0 {
@@ -332,8 +343,16 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         forward_tokens as f64 / seconds
     );
     if let Some(path) = &args.plot {
-        let names: Vec<String> = checkpoints.iter().map(|c| c.path().file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned())).collect();
-        let title = format!("{}, ctx {}, {} windows", args.file.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned()), args.ctx, wins.len());
+        let names: Vec<String> = checkpoints
+            .iter()
+            .map(|c| c.path().file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned()))
+            .collect();
+        let title = format!(
+            "{}, ctx {}, {} windows",
+            args.file.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+            args.ctx,
+            wins.len()
+        );
         let svg = plot_perplexity_vs_bits(&reports, &storage_bits, &names, &title);
         cli::write_atomically(path, svg.as_bytes())?;
     }
@@ -358,7 +377,12 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
 /// Kernel threads for this machine: 1 and 2 timed on the first (up to) three windows, cut to
 /// 128 tokens (two 64-row kernel calls per weight), in the order 1, 2, 2, 1, 1, 2 so that a drift
 /// in machine load hits both alike. Returns the faster count and the seconds of each.
-fn pick_threads(resident: &ResidentModel, precision: &Precision, kernel: KernelConfig, wins: &[Window]) -> Result<(usize, serde_json::Value)> {
+fn pick_threads(
+    resident: &ResidentModel,
+    precision: &Precision,
+    kernel: KernelConfig,
+    wins: &[Window],
+) -> Result<(usize, serde_json::Value)> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cores < 2 {
         return Ok((1, serde_json::json!({ "cores": cores })));
@@ -385,20 +409,34 @@ fn pick_threads(resident: &ResidentModel, precision: &Precision, kernel: KernelC
 
 /// Perplexity (log scale) against bits per weight: a line per checkpoint through its precisions
 /// in order of size, the float model's perplexity as a dashed line.
-fn plot_perplexity_vs_bits(reports: &[PrecisionReport], storage_bits: &[(usize, f64)], names: &[String], title: &str) -> String {
+fn plot_perplexity_vs_bits(
+    reports: &[PrecisionReport],
+    storage_bits: &[(usize, f64)],
+    names: &[String],
+    title: &str,
+) -> String {
     let stored = &reports[reports.len() - storage_bits.len()..];
     let series: Vec<Series> = names
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let mut points: Vec<(f64, f64)> =
-                stored.iter().zip(storage_bits).filter(|(_, (c, _))| *c == i).map(|(r, &(_, bits))| (bits, r.perplexity)).collect();
+            let mut points: Vec<(f64, f64)> = stored
+                .iter()
+                .zip(storage_bits)
+                .filter(|(_, (c, _))| *c == i)
+                .map(|(r, &(_, bits))| (bits, r.perplexity))
+                .collect();
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
             Series { label: name.clone(), color: COLORS[i % COLORS.len()], points }
         })
         .collect();
     let reference = reports.iter().find(|r| r.label == "fp").map(|r| (r.perplexity, format!("fp {:.3}", r.perplexity)));
-    let axes = Panel { title: "perplexity (log scale)", x_label: "bits per weight (f16 scales included)", log_y: true, reference };
+    let axes = Panel {
+        title: "perplexity (log scale)",
+        x_label: "bits per weight (f16 scales included)",
+        log_y: true,
+        reference,
+    };
     document(720.0, 460.0, title, |svg| panel(svg, (70.0, 50.0, 600.0, 350.0), &axes, &series))
 }
 

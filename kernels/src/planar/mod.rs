@@ -211,10 +211,7 @@ impl Backend {
         match self {
             Backend::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx2 => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-            }
+            Backend::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => {
                 std::arch::is_x86_feature_detected!("avx512f")
@@ -234,11 +231,7 @@ impl Backend {
     /// The fastest available backend (detected once, then cached).
     pub fn best() -> Backend {
         static BEST: OnceLock<Backend> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            *Self::available()
-                .last()
-                .expect("the scalar backend is always available")
-        })
+        *BEST.get_or_init(|| *Self::available().last().expect("the scalar backend is always available"))
     }
 
     /// "scalar", "avx2" or "avx512".
@@ -284,21 +277,13 @@ pub struct KernelConfig {
 impl Default for KernelConfig {
     /// [`Backend::best`], [`ActPath::F32`], 1 thread.
     fn default() -> Self {
-        KernelConfig {
-            backend: Backend::best(),
-            path: ActPath::F32,
-            threads: 1,
-        }
+        KernelConfig { backend: Backend::best(), path: ActPath::F32, threads: 1 }
     }
 }
 
 impl KernelConfig {
     pub fn new(backend: Backend, path: ActPath, threads: usize) -> Self {
-        KernelConfig {
-            backend,
-            path,
-            threads,
-        }
+        KernelConfig { backend, path, threads }
     }
 }
 
@@ -315,11 +300,7 @@ pub(crate) struct Prec {
 impl Prec {
     fn new(bits: u32) -> Result<Self, KernelError> {
         check_bits(bits)?;
-        Ok(Prec {
-            bits,
-            half: 1 << (bits - 1),
-            step: (1u32 << (8 - bits)) as f32,
-        })
+        Ok(Prec { bits, half: 1 << (bits - 1), step: (1u32 << (8 - bits)) as f32 })
     }
 }
 
@@ -387,11 +368,7 @@ pub struct PlanarWeight {
 }
 
 fn mismatch(what: &'static str, expected: usize, got: usize) -> KernelError {
-    KernelError::LengthMismatch {
-        what,
-        expected,
-        got,
-    }
+    KernelError::LengthMismatch { what, expected, got }
 }
 
 impl PlanarWeight {
@@ -408,10 +385,7 @@ impl PlanarWeight {
         let (rows, cols) = (layout.rows, layout.cols);
         let wpr = cols.div_ceil(WORD_BITS);
         let too_large = KernelError::TooLarge { rows, cols };
-        let words = wpr
-            .checked_mul(WORD_BITS)
-            .and_then(|_| rows.checked_mul(wpr))
-            .ok_or(too_large.clone())?;
+        let words = wpr.checked_mul(WORD_BITS).and_then(|_| rows.checked_mul(wpr)).ok_or(too_large.clone())?;
         let mut table = [(0u8, 0u8); 256];
         for (i, e) in table.iter_mut().enumerate() {
             *e = encode_code((i as u8 ^ 0x80) as i8, tie);
@@ -438,14 +412,7 @@ impl PlanarWeight {
                 }
             }
         }
-        Ok(PlanarWeight {
-            layout,
-            tie,
-            wpr,
-            planes,
-            has_d,
-            scales: w.scales.clone(),
-        })
+        Ok(PlanarWeight { layout, tie, wpr, planes, has_d, scales: w.scales.clone() })
     }
 
     pub fn rows(&self) -> usize {
@@ -500,11 +467,7 @@ impl PlanarWeight {
     /// Planes read at `bits`: `bits + 1` below 8; at 8 the 8 planes of `u` plus d if stored.
     pub fn planes_read(&self, bits: u32) -> Result<usize, KernelError> {
         check_bits(bits)?;
-        Ok(if bits == 8 {
-            self.n_planes()
-        } else {
-            bits as usize + 1
-        })
+        Ok(if bits == 8 { self.n_planes() } else { bits as usize + 1 })
     }
 
     /// Plane bytes one pass over the weight at `bits` reads: `planes_read(bits) · rows ·
@@ -567,12 +530,7 @@ impl PlanarWeight {
         } else {
             (None, false)
         };
-        RowPlanes {
-            top,
-            n_top,
-            extra,
-            extra_is_round,
-        }
+        RowPlanes { top, n_top, extra, extra_is_round }
     }
 
     /// `(u, d)` of weight `(r, c)`, `c < cols_padded`, by gathering single bits (slow, simple).
@@ -611,22 +569,14 @@ impl PlanarWeight {
     /// Rows `rows` of the weight served at `bits`, dequantized: `out[i·cols..(i+1)·cols]` is row
     /// `rows[i]` of `Ŵ_bits = (q_l · 2^Δ) · s`, bit for bit what [`crate::dequantize`] gives for
     /// those rows (scale included). An embedding lookup: only the rows asked for are decoded.
-    pub fn dequantize_rows(
-        &self,
-        bits: u32,
-        rows: &[usize],
-        out: &mut [f32],
-    ) -> Result<(), KernelError> {
+    pub fn dequantize_rows(&self, bits: u32, rows: &[usize], out: &mut [f32]) -> Result<(), KernelError> {
         let prec = Prec::new(bits)?;
         let cols = self.cols();
         if out.len() != rows.len() * cols {
             return Err(mismatch("out", rows.len() * cols, out.len()));
         }
         if let Some(&row) = rows.iter().find(|&&r| r >= self.rows()) {
-            return Err(KernelError::RowOutOfRange {
-                row,
-                rows: self.rows(),
-            });
+            return Err(KernelError::RowOutOfRange { row, rows: self.rows() });
         }
         if cols == 0 {
             return Ok(());
@@ -646,26 +596,13 @@ impl PlanarWeight {
     }
 
     /// `y = Ŵ_bits · x` for one activation row: `x` has `cols` values, `y` has `rows`.
-    pub fn matvec(
-        &self,
-        bits: u32,
-        x: &[f32],
-        y: &mut [f32],
-        cfg: &KernelConfig,
-    ) -> Result<(), KernelError> {
+    pub fn matvec(&self, bits: u32, x: &[f32], y: &mut [f32], cfg: &KernelConfig) -> Result<(), KernelError> {
         self.matmul(bits, x, 1, y, cfg)
     }
 
     /// `Y = X · Ŵ_bitsᵀ` for `n ∈ 1..=64` activation rows: `x` is row-major `[n, cols]`, `y` is
     /// row-major `[n, rows]` (`y[b·rows + r] = Σ_c Ŵ[r, c] · x[b·cols + c]`).
-    pub fn matmul(
-        &self,
-        bits: u32,
-        x: &[f32],
-        n: usize,
-        y: &mut [f32],
-        cfg: &KernelConfig,
-    ) -> Result<(), KernelError> {
+    pub fn matmul(&self, bits: u32, x: &[f32], n: usize, y: &mut [f32], cfg: &KernelConfig) -> Result<(), KernelError> {
         self.matmul_impl(bits, x, n, y, cfg, (true, MIN_SHARE_BYTES))
     }
 
@@ -705,9 +642,7 @@ impl PlanarWeight {
         };
         let work = self.plane_bytes_read(bits)?.saturating_mul(n);
         let threads = share_count(cfg.threads, rows, work, min_share);
-        let bounds: Vec<Range<usize>> = (0..threads)
-            .map(|t| t * rows / threads..(t + 1) * rows / threads)
-            .collect();
+        let bounds: Vec<Range<usize>> = (0..threads).map(|t| t * rows / threads..(t + 1) * rows / threads).collect();
         let mut outs: Vec<Vec<&mut [f32]>> = (0..threads).map(|_| Vec::with_capacity(n)).collect();
         for yb in y.chunks_exact_mut(rows) {
             let mut rest = yb;
@@ -727,8 +662,7 @@ impl PlanarWeight {
         if threads == 1 {
             job.run(bounds[0].clone(), &mut outs[0]);
         } else {
-            let shares: Vec<std::sync::Mutex<Vec<&mut [f32]>>> =
-                outs.into_iter().map(std::sync::Mutex::new).collect();
+            let shares: Vec<std::sync::Mutex<Vec<&mut [f32]>>> = outs.into_iter().map(std::sync::Mutex::new).collect();
             pool::run(threads, |t| {
                 let mut out = shares[t].lock().unwrap_or_else(|e| e.into_inner());
                 job.run(bounds[t].clone(), &mut out);
@@ -787,10 +721,7 @@ impl Acts {
     fn f32(x: &[f32], n: usize, cols: usize, cols_padded: usize) -> Self {
         let stride = cols_padded + SLACK;
         let mut buf = AlignedF32::zeroed(n * stride);
-        for (dst, src) in buf
-            .chunks_exact_mut(stride)
-            .zip(x.chunks_exact(cols.max(1)))
-        {
+        for (dst, src) in buf.chunks_exact_mut(stride).zip(x.chunks_exact(cols.max(1))) {
             dst[..cols].copy_from_slice(&src[..cols]);
         }
         Acts::F32 { x: buf, stride }
@@ -839,12 +770,7 @@ impl Acts {
                 }
             }
         }
-        Acts::Int8 {
-            xq,
-            stride,
-            scale,
-            sum,
-        }
+        Acts::Int8 { xq, stride, scale, sum }
     }
 }
 
@@ -861,10 +787,7 @@ struct Line([f32; 16]);
 
 impl AlignedF32 {
     pub fn zeroed(len: usize) -> Self {
-        AlignedF32 {
-            buf: vec![Line([0.0; 16]); len.div_ceil(16)],
-            len,
-        }
+        AlignedF32 { buf: vec![Line([0.0; 16]); len.div_ceil(16)], len }
     }
 }
 
@@ -902,9 +825,7 @@ fn finite_absmax(xs: &[f32]) -> Option<f32> {
         ok[0] &= a <= f32::MAX;
         m[0] = if a > m[0] { a } else { m[0] };
     }
-    ok.iter()
-        .all(|&o| o)
-        .then(|| m.iter().fold(0f32, |a, &b| a.max(b)))
+    ok.iter().all(|&o| o).then(|| m.iter().fold(0f32, |a, &b| a.max(b)))
 }
 
 /// `y.round_ties_even()` for `|y| ≤ 2^22` (here `|y| ≤ 127 · (1 + ε)`), without a libm call
@@ -976,12 +897,7 @@ pub(crate) fn dequant_row(job: &Job<'_>, r: usize, q: &[u8], wrow: &mut [f32]) {
 /// `t(g) = Σ_{j ∈ g} q_l[j] · x_q[j]`. Shared by every backend so the f32 operations (and their
 /// order) are identical.
 #[inline(always)]
-pub(crate) fn combine_int(
-    job: &Job<'_>,
-    r: usize,
-    ascale: &[f32],
-    mut t: impl FnMut(usize) -> i64,
-) -> f32 {
+pub(crate) fn combine_int(job: &Job<'_>, r: usize, ascale: &[f32], mut t: impl FnMut(usize) -> i64) -> f32 {
     let mut acc = 0f32;
     for (g, &a) in ascale.iter().enumerate() {
         acc += t(g) as f32 * (job.scale(r, g) * a);
@@ -999,10 +915,6 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     pub fn new(cols_padded: usize, n_tsum: usize) -> Self {
-        Scratch {
-            bytes: vec![0; cols_padded + SLACK],
-            wrow: vec![0.0; cols_padded],
-            tsum: vec![0; n_tsum],
-        }
+        Scratch { bytes: vec![0; cols_padded + SLACK], wrow: vec![0.0; cols_padded], tsum: vec![0; n_tsum] }
     }
 }

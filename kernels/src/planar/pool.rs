@@ -32,13 +32,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Pool {
-        state: Mutex::new(State {
-            tasks: VecDeque::new(),
-            workers: 0,
-        }),
-        work: Condvar::new(),
-    })
+    POOL.get_or_init(|| Pool { state: Mutex::new(State { tasks: VecDeque::new(), workers: 0 }), work: Condvar::new() })
 }
 
 fn worker(pool: &'static Pool) {
@@ -66,10 +60,7 @@ pub(crate) fn run<F: Fn(usize) + Sync>(n: usize, f: F) {
         return;
     }
     let pool = pool();
-    let latch = Arc::new(Latch {
-        left: Mutex::new((n - 1, false)),
-        done: Condvar::new(),
-    });
+    let latch = Arc::new(Latch { left: Mutex::new((n - 1, false)), done: Condvar::new() });
     let f_ref: &(dyn Fn(usize) + Sync) = &f;
     // SAFETY: the erased reference is only used by the n − 1 tasks pushed below, and this
     // function does not return (or unwind) before every one of them has finished with it: it
@@ -80,11 +71,7 @@ pub(crate) fn run<F: Fn(usize) + Sync>(n: usize, f: F) {
         let mut st = lock(&pool.state);
         while st.workers < n - 1 {
             // If the OS refuses a thread, fewer workers serve the queue; still correct.
-            if std::thread::Builder::new()
-                .name("drq-kernels".into())
-                .spawn(move || worker(pool))
-                .is_err()
-            {
+            if std::thread::Builder::new().name("drq-kernels".into()).spawn(move || worker(pool)).is_err() {
                 break;
             }
             st.workers += 1;

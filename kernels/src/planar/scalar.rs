@@ -21,19 +21,10 @@ const SPREAD: [u64; 256] = {
 
 /// Decodes row `r` at precision `N` into `out[..cols_padded]`: `u_l` bytes, or `q_l` as i8
 /// bytes when `signed`.
-fn decode_row_n<const N: usize>(
-    w: &PlanarWeight,
-    r: usize,
-    prec: Prec,
-    signed: bool,
-    out: &mut [u8],
-) {
+fn decode_row_n<const N: usize>(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
     let rp = w.row_planes(r, prec.bits);
     let off = if signed { prec.half } else { 0 };
-    for (wi, chunk) in out[..w.cols_padded()]
-        .chunks_exact_mut(WORD_BITS)
-        .enumerate()
-    {
+    for (wi, chunk) in out[..w.cols_padded()].chunks_exact_mut(WORD_BITS).enumerate() {
         let (tops, carry) = rp.word::<N>(wi);
         for (k, dst) in chunk.chunks_exact_mut(8).enumerate() {
             let byte = |m: u64| SPREAD[((m >> (8 * k)) & 0xFF) as usize];
@@ -56,11 +47,7 @@ pub(super) fn decode_row(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, o
 
 /// Σ_j q[j] · x[j] over `range`, exactly.
 fn dot_i8(q: &[u8], x: &[i8], range: Range<usize>) -> i64 {
-    q[range.clone()]
-        .iter()
-        .zip(&x[range])
-        .map(|(&a, &b)| i64::from(a as i8) * i64::from(b))
-        .sum()
+    q[range.clone()].iter().zip(&x[range]).map(|(&a, &b)| i64::from(a as i8) * i64::from(b)).sum()
 }
 
 /// Σ_j w[j] · x[j] with 8 partial sums (lengths are multiples of 64).
@@ -88,9 +75,7 @@ pub(super) fn run(job: &Job<'_>, range: Range<usize>, out: &mut [&mut [f32]]) {
                     o[i] = dot_f32(&sc.wrow, &x[b * stride..b * stride + cp]);
                 }
             }
-            Acts::Int8 {
-                xq, stride, scale, ..
-            } => {
+            Acts::Int8 { xq, stride, scale, .. } => {
                 for (b, o) in out.iter_mut().enumerate() {
                     let xb = &xq[b * stride..(b + 1) * stride];
                     o[i] = combine_int(job, r, &scale[b * ng..(b + 1) * ng], |g| {

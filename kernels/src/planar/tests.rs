@@ -24,8 +24,7 @@ impl Rng {
     fn code(&mut self) -> i8 {
         let v = self.next();
         match v % 8 {
-            0 => [-128i8, 127, -127, 126, 0, 1, -1, -64, 64, 96, -96, 32, -32]
-                [(v >> 8) as usize % 13],
+            0 => [-128i8, 127, -127, 126, 0, 1, -1, -64, 64, 96, -96, 32, -32][(v >> 8) as usize % 13],
             _ => (v >> 16) as u8 as i8,
         }
     }
@@ -34,14 +33,8 @@ impl Rng {
 fn random_weight(rng: &mut Rng, rows: usize, cols: usize, gran: Granularity) -> QuantizedWeight {
     let layout = gran.layout(rows, cols).unwrap();
     let codes = (0..layout.n_weights()).map(|_| rng.code()).collect();
-    let scales = (0..layout.n_scales())
-        .map(|_| 1e-3 + 2e-2 * (rng.f32() + 1.0))
-        .collect();
-    QuantizedWeight {
-        codes,
-        scales,
-        layout,
-    }
+    let scales = (0..layout.n_scales()).map(|_| 1e-3 + 2e-2 * (rng.f32() + 1.0)).collect();
+    QuantizedWeight { codes, scales, layout }
 }
 
 /// Activations in [−1, 1) with an occasional outlier of ±20.
@@ -89,13 +82,7 @@ fn f32_tol(cols: usize, mag: f64) -> f64 {
 fn fast_rounding_matches_round_ties_even() {
     let mut ys: Vec<f32> = (-2600..=2600).map(|i| i as f32 * 0.05).collect();
     ys.extend((-255..=255).map(|i| i as f32 * 0.5)); // every tie in range
-    ys.extend([
-        127.00001,
-        -127.00001,
-        1e-30,
-        -1e-30,
-        0.5 - f32::EPSILON / 4.0,
-    ]);
+    ys.extend([127.00001, -127.00001, 1e-30, -1e-30, 0.5 - f32::EPSILON / 4.0]);
     let mut rng = Rng(13);
     ys.extend((0..100_000).map(|_| rng.f32() * 128.0));
     for y in ys {
@@ -129,21 +116,13 @@ fn tie_identity_is_exhaustive() {
                 assert_eq!(tie_levels.len(), 1);
             }
             for bits in 2..=8 {
-                assert_eq!(
-                    decode_code(u, d, bits),
-                    second_round(q, bits, tie),
-                    "q={q} bits={bits} {tie}"
-                );
+                assert_eq!(decode_code(u, d, bits), second_round(q, bits, tie), "q={q} bits={bits} {tie}");
                 if bits < 8 {
                     // The brief's signed form: sat((r >> Δ) + bit_{Δ−1}(r)) on r.
                     let delta = 8 - bits;
                     let hi = (1i16 << (bits - 1)) - 1;
                     let v = ((r >> delta) + ((r >> (delta - 1)) & 1)).min(hi);
-                    assert_eq!(
-                        v,
-                        i16::from(second_round(q, bits, tie)),
-                        "q={q} bits={bits}"
-                    );
+                    assert_eq!(v, i16::from(second_round(q, bits, tie)), "q={q} bits={bits}");
                 }
             }
         }
@@ -167,11 +146,7 @@ fn codes_at_matches_second_round() {
             let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
             assert_eq!(pw.to_codes(), qw.codes);
             for bits in 2..=8 {
-                let expected: Vec<i8> = qw
-                    .codes
-                    .iter()
-                    .map(|&q| second_round(q, bits, tie))
-                    .collect();
+                let expected: Vec<i8> = qw.codes.iter().map(|&q| second_round(q, bits, tie)).collect();
                 assert_eq!(pw.codes_at(bits).unwrap(), expected, "bits={bits} {tie}");
             }
             // Every precision decoded by the SWAR row decoder matches too (padding decodes to 0).
@@ -181,11 +156,7 @@ fn codes_at_matches_second_round() {
                 for r in 0..rows {
                     scalar::decode_row(&pw, r, prec, true, &mut buf);
                     for (c, &b) in buf.iter().enumerate() {
-                        let want = if c < cols {
-                            second_round(qw.codes[r * cols + c], bits, tie)
-                        } else {
-                            0
-                        };
+                        let want = if c < cols { second_round(qw.codes[r * cols + c], bits, tie) } else { 0 };
                         assert_eq!(b as i8, want, "r={r} c={c} bits={bits} {tie}");
                     }
                 }
@@ -193,12 +164,9 @@ fn codes_at_matches_second_round() {
         }
     }
     assert_eq!(
-        PlanarWeight::from_quantized(
-            &random_weight(&mut rng, 1, 1, Granularity::Channel),
-            TieRule::HalfUp
-        )
-        .unwrap()
-        .codes_at(9),
+        PlanarWeight::from_quantized(&random_weight(&mut rng, 1, 1, Granularity::Channel), TieRule::HalfUp)
+            .unwrap()
+            .codes_at(9),
         Err(KernelError::InvalidBits(9))
     );
 }
@@ -221,12 +189,8 @@ fn simd_decoders_match_scalar() {
                         // SAFETY: the backend is available.
                         unsafe {
                             match backend {
-                                Backend::Avx512 => {
-                                    x86::test_decode_avx512(&pw, r, prec, signed, &mut got)
-                                }
-                                Backend::Avx2 => {
-                                    x86::test_decode_avx2(&pw, r, prec, signed, &mut got)
-                                }
+                                Backend::Avx512 => x86::test_decode_avx512(&pw, r, prec, signed, &mut got),
+                                Backend::Avx2 => x86::test_decode_avx2(&pw, r, prec, signed, &mut got),
                                 Backend::Scalar => continue,
                             }
                         }
@@ -292,14 +256,7 @@ impl fmt::Display for BackendVariant {
     }
 }
 
-fn check_shape(
-    rng: &mut Rng,
-    rows: usize,
-    cols: usize,
-    gran: Granularity,
-    tie: TieRule,
-    batches: &[usize],
-) {
+fn check_shape(rng: &mut Rng, rows: usize, cols: usize, gran: Granularity, tie: TieRule, batches: &[usize]) {
     let qw = random_weight(rng, rows, cols, gran);
     let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
     let backends = Backend::available();
@@ -312,23 +269,13 @@ fn check_shape(
 
         let run = |backend, path, threads| {
             let mut y = vec![f32::NAN; n * rows];
-            pw.matmul(
-                bits,
-                &x,
-                n,
-                &mut y,
-                &KernelConfig::new(backend, path, threads),
-            )
-            .unwrap();
+            pw.matmul(bits, &x, n, &mut y, &KernelConfig::new(backend, path, threads)).unwrap();
             y
         };
         let f32_ref = run(Backend::Scalar, ActPath::F32, 1);
         for i in 0..n * rows {
             let err = (f64::from(f32_ref[i]) - exact[i]).abs();
-            assert!(
-                err <= f32_tol(cols, mag[i]),
-                "{what} scalar f32 vs naive at {i}: {err}"
-            );
+            assert!(err <= f32_tol(cols, mag[i]), "{what} scalar f32 vs naive at {i}: {err}");
         }
         let int_ref = run(Backend::Scalar, ActPath::Int8, 1);
         // Activation quantization moves each x by at most half a step a_g/2, so
@@ -341,16 +288,12 @@ fn check_shape(
                     let range = layout.group_cols(g);
                     let xs = &x[b * cols..][range.clone()];
                     let a = f64::from(xs.iter().fold(0f32, |m, v| m.max(v.abs()))) / 127.0;
-                    let wsum: f64 = wd[r * cols..][range]
-                        .iter()
-                        .map(|v| f64::from(v.abs()))
-                        .sum();
+                    let wsum: f64 = wd[r * cols..][range].iter().map(|v| f64::from(v.abs())).sum();
                     bound += wsum * a / 2.0;
                 }
                 let i = b * rows + r;
                 let err = (f64::from(int_ref[i]) - exact[i]).abs();
-                let tol =
-                    bound * 1.001 + 2.0 * f32_tol(cols, mag[i] + bound) + 1e-6 * exact[i].abs();
+                let tol = bound * 1.001 + 2.0 * f32_tol(cols, mag[i] + bound) + 1e-6 * exact[i].abs();
                 assert!(err <= tol, "{what} int8 vs exact at {i}: {err} > {tol}");
             }
         }
@@ -363,26 +306,20 @@ fn check_shape(
             let run = |backend, path, threads| {
                 let mut y = vec![f32::NAN; n * rows];
                 let cfg = KernelConfig::new(backend, path, threads);
-                pw.matmul_impl(bits, &x, n, &mut y, &cfg, (fast, 0))
-                    .unwrap();
+                pw.matmul_impl(bits, &x, n, &mut y, &cfg, (fast, 0)).unwrap();
                 y
             };
             let backend = BackendVariant(backend, fast);
             for threads in [1, 3] {
                 let y = run(backend.0, ActPath::Int8, threads);
                 assert!(
-                    y.iter()
-                        .zip(&int_ref)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    y.iter().zip(&int_ref).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{what} {backend} t={threads}: int8 path differs from scalar"
                 );
                 let y = run(backend.0, ActPath::F32, threads);
                 for i in 0..n * rows {
                     let err = (f64::from(y[i]) - f64::from(f32_ref[i])).abs();
-                    assert!(
-                        err <= f32_tol(cols, mag[i]),
-                        "{what} {backend} f32 at {i}: {err}"
-                    );
+                    assert!(err <= f32_tol(cols, mag[i]), "{what} {backend} f32 at {i}: {err}");
                 }
             }
         }
@@ -409,11 +346,7 @@ fn kernels_agree_192_rows() {
     for cols in [1, 63, 65, 576, 1000] {
         for (i, gran) in GRANS.into_iter().enumerate() {
             let tie = TIES[i % 2];
-            let batches: &[usize] = if cols >= 576 {
-                &[1, 2, 7]
-            } else {
-                &[1, 2, 7, 64]
-            };
+            let batches: &[usize] = if cols >= 576 { &[1, 2, 7] } else { &[1, 2, 7, 64] };
             check_shape(&mut rng, 192, cols, gran, tie, batches);
         }
     }
@@ -455,16 +388,11 @@ fn avx512_f32_reductions_share_one_order() {
     for _ in 0..200 {
         for count in [4, 8] {
             // Magnitudes spread over many binades, so that the order shows in the rounding.
-            let a: Vec<[f32; 16]> = (0..count)
-                .map(|_| std::array::from_fn(|_| rng.f32() * (1u64 << (rng.next() % 40)) as f32))
-                .collect();
+            let a: Vec<[f32; 16]> =
+                (0..count).map(|_| std::array::from_fn(|_| rng.f32() * (1u64 << (rng.next() % 40)) as f32)).collect();
             let got = x86::test_reduce(&a);
             for (i, v) in a.iter().enumerate() {
-                assert_eq!(
-                    got[i].to_bits(),
-                    x86::tree16(v).to_bits(),
-                    "{count} vectors, #{i}"
-                );
+                assert_eq!(got[i].to_bits(), x86::tree16(v).to_bits(), "{count} vectors, #{i}");
             }
         }
     }
@@ -494,8 +422,7 @@ fn every_batch_size_gives_the_same_rows() {
                     let one = |b: usize| {
                         let mut y = vec![0f32; rows];
                         let cfg = KernelConfig::new(backend, path, 1);
-                        pw.matvec(bits, &x[b * cols..(b + 1) * cols], &mut y, &cfg)
-                            .unwrap();
+                        pw.matvec(bits, &x[b * cols..(b + 1) * cols], &mut y, &cfg).unwrap();
                         y
                     };
                     let alone: Vec<Vec<f32>> = (0..MAX_BATCH).map(one).collect();
@@ -504,13 +431,10 @@ fn every_batch_size_gives_the_same_rows() {
                     for (threads, n) in [(1, n), (3, n), (1, MAX_BATCH)] {
                         let mut y = vec![f32::NAN; n * rows];
                         let cfg = KernelConfig::new(backend, path, threads);
-                        pw.matmul_impl(bits, &x[..n * cols], n, &mut y, &cfg, (true, 0))
-                            .unwrap();
+                        pw.matmul_impl(bits, &x[..n * cols], n, &mut y, &cfg, (true, 0)).unwrap();
                         for (b, want) in alone.iter().enumerate().take(n) {
-                            let same = want
-                                .iter()
-                                .zip(&y[b * rows..(b + 1) * rows])
-                                .all(|(a, c)| a.to_bits() == c.to_bits());
+                            let same =
+                                want.iter().zip(&y[b * rows..(b + 1) * rows]).all(|(a, c)| a.to_bits() == c.to_bits());
                             assert!(
                                 same,
                                 "{rows}x{cols} {gran} {backend} {path:?} bits={bits} n={n} \
@@ -540,10 +464,7 @@ fn large_planes_have_a_gap_and_kernels_agree() {
         let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
         let words = rows * pw.cols_padded() / 64;
         assert!(words * 8 >= PLANE_GAP_MIN_BYTES);
-        assert_eq!(
-            pw.resident_bytes(),
-            pw.n_planes() * (words + PLANE_GAP_WORDS) * 8 + 4 * qw.scales.len()
-        );
+        assert_eq!(pw.resident_bytes(), pw.n_planes() * (words + PLANE_GAP_WORDS) * 8 + 4 * qw.scales.len());
         assert_eq!(pw.plane(pw.n_planes() - 1).unwrap().len(), words);
         assert_eq!(pw.to_codes(), qw.codes);
         check_shape(&mut rng, rows, cols, gran, tie, &[1, 2, 5]);
@@ -571,15 +492,7 @@ fn int8_activation_quantization_matches_reference() {
             *v = 0.0;
         }
         let cp = cols.div_ceil(64) * 64;
-        let Acts::Int8 {
-            xq,
-            stride,
-            scale,
-            sum,
-        } = Acts::int8(&x, n, &layout, cp)
-        else {
-            unreachable!()
-        };
+        let Acts::Int8 { xq, stride, scale, sum } = Acts::int8(&x, n, &layout, cp) else { unreachable!() };
         let ng = layout.n_groups();
         for b in 0..n {
             for g in 0..ng {
@@ -593,13 +506,7 @@ fn int8_activation_quantization_matches_reference() {
                 let want: Vec<i8> = if absmax == 0.0 {
                     vec![0; xs.len()]
                 } else {
-                    xs.iter()
-                        .map(|&v| {
-                            (v * (127.0 / absmax))
-                                .round_ties_even()
-                                .clamp(-127.0, 127.0) as i8
-                        })
-                        .collect()
+                    xs.iter().map(|&v| (v * (127.0 / absmax)).round_ties_even().clamp(-127.0, 127.0) as i8).collect()
                 };
                 let got = &xq[b * stride..][layout.group_cols(g)];
                 assert_eq!(got, &want[..], "cols={cols} b={b} g={g}");
@@ -647,33 +554,20 @@ fn sizes_and_bytes_read() {
         assert_eq!(pw.has_d_plane(), tie == TieRule::HalfEven);
         assert_eq!(pw.resident_bytes(), pw.n_planes() * codes / 8 + 4 * scales);
         for bits in 2..=8u32 {
-            let planes = if bits == 8 {
-                pw.n_planes()
-            } else {
-                bits as usize + 1
-            };
+            let planes = if bits == 8 { pw.n_planes() } else { bits as usize + 1 };
             assert_eq!(pw.plane_bytes_read(bits).unwrap() * 8, planes * codes);
-            assert_eq!(
-                pw.bytes_read(bits).unwrap(),
-                planes * codes / 8 + 4 * scales
-            );
+            assert_eq!(pw.bytes_read(bits).unwrap(), planes * codes / 8 + 4 * scales);
             if bits < 8 {
-                assert_eq!(
-                    pw.plane_bytes_read(bits).unwrap() * 8,
-                    (bits as usize + 1) * codes
-                );
+                assert_eq!(pw.plane_bytes_read(bits).unwrap() * 8, (bits as usize + 1) * codes);
             }
         }
         assert_eq!(pw.plane(8).is_some(), pw.has_d_plane());
         assert_eq!(pw.plane(7).unwrap().len(), rows * cols / 64);
     }
     assert_eq!(
-        PlanarWeight::from_quantized(
-            &random_weight(&mut rng, 2, 64, Granularity::Channel),
-            TieRule::HalfUp
-        )
-        .unwrap()
-        .bytes_read(1),
+        PlanarWeight::from_quantized(&random_weight(&mut rng, 2, 64, Granularity::Channel), TieRule::HalfUp)
+            .unwrap()
+            .bytes_read(1),
         Err(KernelError::InvalidBits(1))
     );
 }
@@ -689,46 +583,22 @@ fn bad_inputs_are_errors() {
     assert!(pw.matmul(4, &x, 2, &mut y, &cfg).is_ok());
     assert_eq!(
         pw.matvec(4, &x[..9], &mut y[..4], &cfg),
-        Err(KernelError::LengthMismatch {
-            what: "x",
-            expected: 10,
-            got: 9
-        })
+        Err(KernelError::LengthMismatch { what: "x", expected: 10, got: 9 })
     );
     assert_eq!(
         pw.matvec(4, &x[..10], &mut y[..3], &cfg),
-        Err(KernelError::LengthMismatch {
-            what: "y",
-            expected: 4,
-            got: 3
-        })
+        Err(KernelError::LengthMismatch { what: "y", expected: 4, got: 3 })
     );
     for bits in [0, 1, 9] {
-        assert_eq!(
-            pw.matvec(bits, &x[..10], &mut y[..4], &cfg),
-            Err(KernelError::InvalidBits(bits))
-        );
+        assert_eq!(pw.matvec(bits, &x[..10], &mut y[..4], &cfg), Err(KernelError::InvalidBits(bits)));
     }
-    assert_eq!(
-        pw.matmul(4, &[], 0, &mut [], &cfg),
-        Err(KernelError::InvalidBatch(0))
-    );
+    assert_eq!(pw.matmul(4, &[], 0, &mut [], &cfg), Err(KernelError::InvalidBatch(0)));
     let big = vec![0f32; 65 * 10];
     let mut ybig = vec![0f32; 65 * 4];
-    assert_eq!(
-        pw.matmul(4, &big, 65, &mut ybig, &cfg),
-        Err(KernelError::InvalidBatch(65))
-    );
-    assert!(pw
-        .matmul(4, &big[..640], 64, &mut ybig[..256], &cfg)
-        .is_ok());
+    assert_eq!(pw.matmul(4, &big, 65, &mut ybig, &cfg), Err(KernelError::InvalidBatch(65)));
+    assert!(pw.matmul(4, &big[..640], 64, &mut ybig[..256], &cfg).is_ok());
     for backend in Backend::ALL {
-        let r = pw.matvec(
-            4,
-            &x[..10],
-            &mut y[..4],
-            &KernelConfig::new(backend, ActPath::Int8, 0),
-        );
+        let r = pw.matvec(4, &x[..10], &mut y[..4], &KernelConfig::new(backend, ActPath::Int8, 0));
         if backend.is_available() {
             assert!(r.is_ok());
         } else {
@@ -750,32 +620,19 @@ fn bad_inputs_are_errors() {
     ));
     let mut bad = qw;
     bad.layout.group = 0;
-    assert_eq!(
-        PlanarWeight::from_quantized(&bad, TieRule::HalfUp),
-        Err(KernelError::ZeroGroup)
-    );
+    assert_eq!(PlanarWeight::from_quantized(&bad, TieRule::HalfUp), Err(KernelError::ZeroGroup));
 }
 
 #[test]
 fn empty_shapes() {
     for (rows, cols) in [(0, 5), (3, 0), (0, 0)] {
         let layout = ScaleLayout::per_channel(rows, cols).unwrap();
-        let qw = QuantizedWeight {
-            codes: vec![0; rows * cols],
-            scales: vec![1.0; layout.n_scales()],
-            layout,
-        };
+        let qw = QuantizedWeight { codes: vec![0; rows * cols], scales: vec![1.0; layout.n_scales()], layout };
         let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
         for backend in Backend::available() {
             for path in [ActPath::F32, ActPath::Int8] {
                 let mut y = vec![1f32; rows];
-                pw.matvec(
-                    3,
-                    &vec![1.0; cols],
-                    &mut y,
-                    &KernelConfig::new(backend, path, 4),
-                )
-                .unwrap();
+                pw.matvec(3, &vec![1.0; cols], &mut y, &KernelConfig::new(backend, path, 4)).unwrap();
                 assert!(y.iter().all(|&v| v == 0.0));
             }
         }
@@ -805,17 +662,12 @@ fn results_do_not_depend_on_batch_or_threads() {
             for bits in [2, 5, 8] {
                 let mut y = vec![0f32; n * rows];
                 let cfg = KernelConfig::new(backend, path, 4);
-                pw.matmul_impl(bits, &x, n, &mut y, &cfg, (true, 0))
-                    .unwrap();
+                pw.matmul_impl(bits, &x, n, &mut y, &cfg, (true, 0)).unwrap();
                 for b in 0..n {
                     let mut yb = vec![0f32; rows];
                     let cfg = KernelConfig::new(backend, path, 1);
-                    pw.matvec(bits, &x[b * cols..(b + 1) * cols], &mut yb, &cfg)
-                        .unwrap();
-                    let same = yb
-                        .iter()
-                        .zip(&y[b * rows..])
-                        .all(|(a, c)| a.to_bits() == c.to_bits());
+                    pw.matvec(bits, &x[b * cols..(b + 1) * cols], &mut yb, &cfg).unwrap();
+                    let same = yb.iter().zip(&y[b * rows..]).all(|(a, c)| a.to_bits() == c.to_bits());
                     assert!(same, "{backend} {path:?} bits={bits} row {b}");
                 }
             }
@@ -832,8 +684,7 @@ fn concurrent_callers_share_the_pool() {
     let x = random_x(&mut rng, 3 * cols);
     let cfg = KernelConfig::new(Backend::best(), ActPath::Int8, 3);
     let mut want = vec![0f32; 3 * rows];
-    pw.matmul_impl(3, &x, 3, &mut want, &cfg, (true, 0))
-        .unwrap();
+    pw.matmul_impl(3, &x, 3, &mut want, &cfg, (true, 0)).unwrap();
     std::thread::scope(|s| {
         for _ in 0..4 {
             s.spawn(|| {
@@ -852,14 +703,8 @@ fn threads_are_capped_by_rows_and_work() {
     assert_eq!(share_count(0, 10, 1 << 30, MIN_SHARE_BYTES), 1);
     assert_eq!(share_count(4, 3, 1 << 30, MIN_SHARE_BYTES), 3);
     assert_eq!(share_count(4, 1000, 1 << 20, MIN_SHARE_BYTES), 1);
-    assert_eq!(
-        share_count(4, 1000, 5 * MIN_SHARE_BYTES, MIN_SHARE_BYTES),
-        4
-    );
-    assert_eq!(
-        share_count(4, 1000, 2 * MIN_SHARE_BYTES, MIN_SHARE_BYTES),
-        2
-    );
+    assert_eq!(share_count(4, 1000, 5 * MIN_SHARE_BYTES, MIN_SHARE_BYTES), 4);
+    assert_eq!(share_count(4, 1000, 2 * MIN_SHARE_BYTES, MIN_SHARE_BYTES), 2);
     assert_eq!(share_count(4, 1000, 0, 0), 4);
     assert_eq!(share_count(4, 0, 0, MIN_SHARE_BYTES), 1);
 }
@@ -895,9 +740,7 @@ fn dequantize_rows_matches_dequantize() {
                         let want = &full[r * cols..(r + 1) * cols];
                         let have = &got[i * cols..(i + 1) * cols];
                         assert!(
-                            want.iter()
-                                .zip(have)
-                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            want.iter().zip(have).all(|(a, b)| a.to_bits() == b.to_bits()),
                             "{rows}x{cols} {gran} {tie} bits={bits} row {r}"
                         );
                     }
@@ -905,27 +748,14 @@ fn dequantize_rows_matches_dequantize() {
             }
         }
     }
-    let pw = PlanarWeight::from_quantized(
-        &random_weight(&mut rng, 4, 10, Granularity::Channel),
-        TieRule::HalfEven,
-    )
-    .unwrap();
+    let pw =
+        PlanarWeight::from_quantized(&random_weight(&mut rng, 4, 10, Granularity::Channel), TieRule::HalfEven).unwrap();
     let mut out = vec![0f32; 20];
     pw.dequantize_rows(4, &[], &mut []).unwrap();
-    assert_eq!(
-        pw.dequantize_rows(4, &[0, 4], &mut out),
-        Err(KernelError::RowOutOfRange { row: 4, rows: 4 })
-    );
+    assert_eq!(pw.dequantize_rows(4, &[0, 4], &mut out), Err(KernelError::RowOutOfRange { row: 4, rows: 4 }));
     assert_eq!(
         pw.dequantize_rows(4, &[0], &mut out),
-        Err(KernelError::LengthMismatch {
-            what: "out",
-            expected: 10,
-            got: 20
-        })
+        Err(KernelError::LengthMismatch { what: "out", expected: 10, got: 20 })
     );
-    assert_eq!(
-        pw.dequantize_rows(1, &[0, 1], &mut out),
-        Err(KernelError::InvalidBits(1))
-    );
+    assert_eq!(pw.dequantize_rows(1, &[0, 1], &mut out), Err(KernelError::InvalidBits(1)));
 }

@@ -19,8 +19,7 @@
 //! activation rows, in one summation order for every batch size.
 
 use super::{
-    by_bits, combine_int, dequant_row, Acts, AlignedF32, Job, PlanarWeight, Prec, Scratch,
-    INT_CHUNK, SLACK, WORD_BITS,
+    by_bits, combine_int, dequant_row, Acts, AlignedF32, Job, PlanarWeight, Prec, Scratch, INT_CHUNK, SLACK, WORD_BITS,
 };
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -34,8 +33,7 @@ use std::ops::Range;
 pub(super) fn has_vbmi_gfni() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx512vbmi")
-            && std::arch::is_x86_feature_detected!("gfni")
+        std::arch::is_x86_feature_detected!("avx512vbmi") && std::arch::is_x86_feature_detected!("gfni")
     })
 }
 
@@ -62,13 +60,8 @@ struct Tables {
 }
 
 const fn perm_tables() -> Tables {
-    let mut t = Tables {
-        pair: [[0; 64]; 2],
-        quad: [[0; 64]; 4],
-        fin8: [[0; 64]; 8],
-        fin4: [[0; 64]; 8],
-        fin3: [[0; 64]; 8],
-    };
+    let mut t =
+        Tables { pair: [[0; 64]; 2], quad: [[0; 64]; 4], fin8: [[0; 64]; 8], fin4: [[0; 64]; 8], fin3: [[0; 64]; 8] };
     let mut o = 0;
     while o < 64 {
         let k = o % 8;
@@ -94,11 +87,7 @@ const fn perm_tables() -> Tables {
                 2 => ((1 << 6) | (8 * w + kk)) as u8,
                 _ => 0,
             };
-            t.fin4[w][o] = if i < 4 {
-                (((i / 2) << 6) | (16 * (w % 4) + 8 * (i % 2) + kk)) as u8
-            } else {
-                0
-            };
+            t.fin4[w][o] = if i < 4 { (((i / 2) << 6) | (16 * (w % 4) + 8 * (i % 2) + kk)) as u8 } else { 0 };
             w += 1;
         }
         o += 1;
@@ -126,31 +115,17 @@ fn transpose8(p: &[__m512i; 8], m: usize) -> [__m512i; 8] {
     let perm = |a, idx: &[u8; 64], b| _mm512_permutex2var_epi8(a, tbl(idx), b);
     if m == 3 {
         let q0 = [perm(p[0], &t.pair[0], p[1]), perm(p[0], &t.pair[1], p[1])];
-        std::array::from_fn(|w| {
-            _mm512_maskz_permutex2var_epi8(0xE0E0_E0E0_E0E0_E0E0, q0[w / 4], tbl(&t.fin3[w]), p[2])
-        })
+        std::array::from_fn(|w| _mm512_maskz_permutex2var_epi8(0xE0E0_E0E0_E0E0_E0E0, q0[w / 4], tbl(&t.fin3[w]), p[2]))
     } else if m <= 4 {
         let q0 = [perm(p[0], &t.pair[0], p[1]), perm(p[0], &t.pair[1], p[1])];
-        let q1 = if m > 2 {
-            [perm(p[2], &t.pair[0], p[3]), perm(p[2], &t.pair[1], p[3])]
-        } else {
-            [z, z]
-        };
+        let q1 = if m > 2 { [perm(p[2], &t.pair[0], p[3]), perm(p[2], &t.pair[1], p[3])] } else { [z, z] };
         std::array::from_fn(|w| {
-            _mm512_maskz_permutex2var_epi8(
-                0xF0F0_F0F0_F0F0_F0F0,
-                q0[w / 4],
-                tbl(&t.fin4[w]),
-                q1[w / 4],
-            )
+            _mm512_maskz_permutex2var_epi8(0xF0F0_F0F0_F0F0_F0F0, q0[w / 4], tbl(&t.fin4[w]), q1[w / 4])
         })
     } else {
         let q: [[__m512i; 2]; 4] = std::array::from_fn(|a| {
             if 2 * a < m {
-                [
-                    perm(p[2 * a], &t.pair[0], p[2 * a + 1]),
-                    perm(p[2 * a], &t.pair[1], p[2 * a + 1]),
-                ]
+                [perm(p[2 * a], &t.pair[0], p[2 * a + 1]), perm(p[2 * a], &t.pair[1], p[2 * a + 1])]
             } else {
                 [z, z]
             }
@@ -195,11 +170,7 @@ unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool>(
     let z = _mm512_setzero_si512();
     let lim = _mm512_set1_epi8(((1u32 << L) - 1) as u8 as i8);
     let one = _mm512_set1_epi8(1);
-    let off = _mm512_set1_epi8(if SIGNED {
-        (1u32 << (L - 1)) as u8 as i8
-    } else {
-        0
-    });
+    let off = _mm512_set1_epi8(if SIGNED { (1u32 << (L - 1)) as u8 as i8 } else { 0 });
     let po = out.as_mut_ptr();
     let mut f = 0;
     while f < nwords {
@@ -252,14 +223,7 @@ unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool>(
 /// The CPU must support AVX-512 F, BW, VBMI and GFNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
 #[inline]
-unsafe fn decode_words_vbmi(
-    w: &PlanarWeight,
-    f0: usize,
-    nwords: usize,
-    prec: Prec,
-    signed: bool,
-    out: &mut [u8],
-) {
+unsafe fn decode_words_vbmi(w: &PlanarWeight, f0: usize, nwords: usize, prec: Prec, signed: bool, out: &mut [u8]) {
     unsafe {
         match (prec.bits, signed) {
             (2, false) => decode_words_vbmi_n::<2, false>(w, f0, nwords, out),
@@ -282,13 +246,7 @@ unsafe fn decode_words_vbmi(
 
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn decode_row_avx512_n<const N: usize>(
-    w: &PlanarWeight,
-    r: usize,
-    prec: Prec,
-    signed: bool,
-    out: &mut [u8],
-) {
+unsafe fn decode_row_avx512_n<const N: usize>(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
     let rp = w.row_planes(r, prec.bits);
     let mut add = [_mm512_setzero_si512(); N];
     for (t, a) in add.iter_mut().enumerate() {
@@ -321,11 +279,7 @@ unsafe fn decode_row_avx512(w: &PlanarWeight, r: usize, prec: Prec, signed: bool
 /// every `INT_CHUNK` columns.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn dot_u8i8_avx512<const B: usize>(
-    u: &[u8],
-    xs: [&[i8]; B],
-    range: Range<usize>,
-) -> [i64; B] {
+unsafe fn dot_u8i8_avx512<const B: usize>(u: &[u8], xs: [&[i8]; B], range: Range<usize>) -> [i64; B] {
     let (mut j, end) = (range.start, range.end);
     assert!(j <= end && end <= u.len() && xs.iter().all(|x| end <= x.len()));
     let pu = u.as_ptr();
@@ -390,9 +344,7 @@ impl Segments {
         } else if group.is_multiple_of(64) {
             Some(Segments::Words { words: group / 64 })
         } else if group == 32 || group == 16 {
-            Some(Segments::Sub {
-                per_word: 64 / group,
-            })
+            Some(Segments::Sub { per_word: 64 / group })
         } else {
             None
         }
@@ -407,12 +359,7 @@ const SEG_CHUNK: usize = 512;
 /// `B` activation rows: `acc[b][r]`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn acc4<const B: usize>(
-    u: [*const u8; 4],
-    x: [*const i8; B],
-    w0: usize,
-    w1: usize,
-) -> [[__m512i; 4]; B] {
+unsafe fn acc4<const B: usize>(u: [*const u8; 4], x: [*const i8; B], w0: usize, w1: usize) -> [[__m512i; 4]; B] {
     let z = _mm512_setzero_si512();
     let mut acc = [[z; 4]; B];
     // SAFETY: the caller guarantees 64 · w1 readable bytes behind every pointer.
@@ -444,8 +391,7 @@ unsafe fn acc4<const B: usize>(
             }
         } else {
             for w in w0..w1 {
-                let uv: [__m512i; 4] =
-                    std::array::from_fn(|r| _mm512_loadu_si512(u[r].add(64 * w).cast()));
+                let uv: [__m512i; 4] = std::array::from_fn(|r| _mm512_loadu_si512(u[r].add(64 * w).cast()));
                 for b in 0..B {
                     let xv = _mm512_loadu_si512(x[b].add(64 * w).cast());
                     for r in 0..4 {
@@ -463,14 +409,8 @@ unsafe fn acc4<const B: usize>(
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn lane_sums4(a: [__m512i; 4]) -> __m512i {
-    let t0 = _mm512_add_epi32(
-        _mm512_unpacklo_epi32(a[0], a[1]),
-        _mm512_unpackhi_epi32(a[0], a[1]),
-    );
-    let t1 = _mm512_add_epi32(
-        _mm512_unpacklo_epi32(a[2], a[3]),
-        _mm512_unpackhi_epi32(a[2], a[3]),
-    );
+    let t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+    let t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
     _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1))
 }
 
@@ -487,13 +427,7 @@ unsafe fn int8_rows4(
     (r0, nr, i0): (usize, usize, usize),
     out: &mut [&mut [f32]],
 ) {
-    let Acts::Int8 {
-        xq,
-        stride,
-        scale,
-        sum,
-    } = job.acts
-    else {
+    let Acts::Int8 { xq, stride, scale, sum } = job.acts else {
         return;
     };
     let stride = *stride;
@@ -602,17 +536,9 @@ unsafe fn f32_acc<const R: usize, const B: usize, const SRC: u8>(
     (c0, c1): (usize, usize),
 ) -> [[__m512; R]; B] {
     let mut c = c0;
-    let mut g = if geo.ng <= 1 {
-        0
-    } else {
-        (c0 / geo.group_chunks).min(geo.ng - 1)
-    };
+    let mut g = if geo.ng <= 1 { 0 } else { (c0 / geo.group_chunks).min(geo.ng - 1) };
     while c < c1 {
-        let ce = if g + 1 >= geo.ng {
-            c1
-        } else {
-            ((g + 1) * geo.group_chunks).min(c1)
-        };
+        let ce = if g + 1 >= geo.ng { c1 } else { ((g + 1) * geo.group_chunks).min(c1) };
         let mut sv = [_mm512_setzero_ps(); R];
         if SRC != SRC_TILE {
             let mut j = 0;
@@ -663,19 +589,10 @@ unsafe fn f32_acc<const R: usize, const B: usize, const SRC: u8>(
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn lane_sums4_ps(a: [__m512; 4]) -> __m512 {
-    let t0 = _mm512_add_ps(
-        _mm512_unpacklo_ps(a[0], a[1]),
-        _mm512_unpackhi_ps(a[0], a[1]),
-    );
-    let t1 = _mm512_add_ps(
-        _mm512_unpacklo_ps(a[2], a[3]),
-        _mm512_unpackhi_ps(a[2], a[3]),
-    );
+    let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
     let (t0, t1) = (_mm512_castps_pd(t0), _mm512_castps_pd(t1));
-    _mm512_add_ps(
-        _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t1)),
-        _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t1)),
-    )
+    _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(t0, t1)), _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t1)))
 }
 
 /// The lane sums of 8 vectors (element e of the result = the sum of `a[e]`), each summed as
@@ -687,15 +604,9 @@ fn reduce8(a: [__m512; 8]) -> __m256 {
     let s0 = lane_sums4_ps([a[0], a[1], a[2], a[3]]);
     let s1 = lane_sums4_ps([a[4], a[5], a[6], a[7]]);
     // [s0.L0 + s0.L1, s0.L2 + s0.L3, s1.L0 + s1.L1, s1.L2 + s1.L3]
-    let u = _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0b10_00_10_00>(s0, s1),
-        _mm512_shuffle_f32x4::<0b11_01_11_01>(s0, s1),
-    );
+    let u = _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(s0, s1), _mm512_shuffle_f32x4::<0b11_01_11_01>(s0, s1));
     // [u.L0 + u.L1, u.L2 + u.L3, …]
-    let v = _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0b00_00_10_00>(u, u),
-        _mm512_shuffle_f32x4::<0b00_00_11_01>(u, u),
-    );
+    let v = _mm512_add_ps(_mm512_shuffle_f32x4::<0b00_00_10_00>(u, u), _mm512_shuffle_f32x4::<0b00_00_11_01>(u, u));
     _mm512_castps512_ps256(v)
 }
 
@@ -705,10 +616,7 @@ fn reduce8(a: [__m512; 8]) -> __m256 {
 fn reduce4(a: [__m512; 4]) -> __m128 {
     let s = lane_sums4_ps(a);
     // [s.L0 + s.L1, s.L2 + s.L3, …]
-    let u = _mm512_add_ps(
-        _mm512_shuffle_f32x4::<0b00_00_10_00>(s, s),
-        _mm512_shuffle_f32x4::<0b00_00_11_01>(s, s),
-    );
+    let u = _mm512_add_ps(_mm512_shuffle_f32x4::<0b00_00_10_00>(s, s), _mm512_shuffle_f32x4::<0b00_00_11_01>(s, s));
     _mm_add_ps(_mm512_castps512_ps128(u), _mm512_extractf32x4_ps::<1>(u))
 }
 
@@ -855,12 +763,7 @@ unsafe fn f32_block(
         return;
     };
     let w = job.w;
-    let (cp, ng, n, group) = (
-        w.cols_padded(),
-        w.layout.n_groups(),
-        out.len(),
-        w.layout.group,
-    );
+    let (cp, ng, n, group) = (w.cols_padded(), w.layout.n_groups(), out.len(), w.layout.group);
     let geo = F32Geo {
         chunks: cp / 16,
         group_chunks: if ng <= 1 { cp / 16 } else { group / 16 },
@@ -880,11 +783,8 @@ unsafe fn f32_block(
     assert!(w.scales.len() >= (r0 + nr) * geo.ng && ng == geo.ng);
     assert!(x.len() >= n * stride && *stride >= cp && stride.is_multiple_of(16));
     assert!(x.as_ptr().align_offset(64) == 0);
-    let kchunk = if geo.chunks <= F32_K_SPLIT {
-        geo.chunks
-    } else {
-        geo.chunks.div_ceil(geo.chunks.div_ceil(F32_K_CHUNK))
-    };
+    let kchunk =
+        if geo.chunks <= F32_K_SPLIT { geo.chunks } else { geo.chunks.div_ceil(geo.chunks.div_ceil(F32_K_CHUNK)) };
     assert!(
         kchunk == geo.chunks
             || (in_regs && n <= 3)
@@ -899,18 +799,10 @@ unsafe fn f32_block(
         a: accs.as_mut_ptr(),
         a_rows: nr,
     };
-    let whole = KChunk {
-        c0: 0,
-        c1: geo.chunks,
-    };
+    let whole = KChunk { c0: 0, c1: geo.chunks };
     if !in_regs {
         for k in 0..nr {
-            dequant_row(
-                job,
-                r0 + k,
-                &bytes[k * cp..],
-                &mut tile[k * cp..(k + 1) * cp],
-            );
+            dequant_row(job, r0 + k, &bytes[k * cp..], &mut tile[k * cp..(k + 1) * cp]);
         }
     }
     if in_regs && n <= 3 {
@@ -938,10 +830,7 @@ unsafe fn f32_block(
     let passes = n.div_ceil(F32_TILE_B);
     let mut c0 = 0;
     while c0 < geo.chunks {
-        let kc = KChunk {
-            c0,
-            c1: (c0 + kchunk).min(geo.chunks),
-        };
+        let kc = KChunk { c0, c1: (c0 + kchunk).min(geo.chunks) };
         let mut b = 0;
         for p in 0..passes {
             // The larger passes last: the first one also converts the codes (fewer registers free).
@@ -1031,10 +920,7 @@ unsafe fn int8_rows8_matvec(
             // … then [rows 0..4, rows 4..8] in the low 256 bits.
             let t = _mm512_add_epi32(t, _mm512_shuffle_i64x2::<0b11_11_11_01>(t, t));
             let t = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 0, 1, 4, 5), t);
-            let t = _mm256_sub_epi32(
-                _mm512_castsi512_si256(t),
-                _mm256_set1_epi32(half * sum[g] as i32),
-            );
+            let t = _mm256_sub_epi32(_mm512_castsi512_si256(t), _mm256_set1_epi32(half * sum[g] as i32));
             let s = _mm256_setr_ps(
                 w.scales[(r0 + rows[0]) * ng + g],
                 w.scales[(r0 + rows[1]) * ng + g],
@@ -1139,10 +1025,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
     let signed = matches!(job.acts, Acts::F32 { .. });
     // Rows are decoded a block at a time (the plane words of consecutive rows are contiguous),
     // into L1-resident scratch, then dotted with every activation row.
-    let block_rows = (BLOCK_BYTES / cp.max(1))
-        .max(1)
-        .next_multiple_of(8)
-        .min(range.len());
+    let block_rows = (BLOCK_BYTES / cp.max(1)).max(1).next_multiple_of(8).min(range.len());
     let segs = Segments::of(w);
     let mut sc = Scratch::new(cp, n * ng);
     sc.bytes.resize(block_rows * cp + SLACK, 0);
@@ -1150,11 +1033,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
     // is not uniform per 16 columns), 64-byte aligned.
     // Not needed (nor zeroed) when the codes are converted in registers for up to 3 rows.
     let tile_needed = n > 3 || (ng > 1 && !w.layout.group.is_multiple_of(16));
-    let mut tile = if signed && tile_needed {
-        AlignedF32::zeroed(block_rows * cp)
-    } else {
-        AlignedF32::zeroed(0)
-    };
+    let mut tile = if signed && tile_needed { AlignedF32::zeroed(block_rows * cp) } else { AlignedF32::zeroed(0) };
     // f32 path with rows split into column chunks: the accumulators saved between chunks.
     let mut accs = if signed && tile_needed && cp / 16 > F32_K_SPLIT {
         AlignedF32::zeroed(16 * n * block_rows)
@@ -1166,9 +1045,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
         let nr = block_rows.min(range.end - r0);
         if job.fast_decode {
             // SAFETY: `fast_decode` is only set when VBMI and GFNI are available.
-            unsafe {
-                decode_words_vbmi(w, r0 * w.wpr, nr * w.wpr, job.prec, signed, &mut sc.bytes)
-            };
+            unsafe { decode_words_vbmi(w, r0 * w.wpr, nr * w.wpr, job.prec, signed, &mut sc.bytes) };
         } else {
             for k in 0..nr {
                 unsafe { decode_row_avx512(w, r0 + k, job.prec, signed, &mut sc.bytes[k * cp..]) };
@@ -1185,13 +1062,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
         for k in (0..nr).filter(|_| segs.is_none()) {
             let (r, i) = (r0 + k, r0 + k - range.start);
             let row = &sc.bytes[k * cp..];
-            if let Acts::Int8 {
-                xq,
-                stride,
-                scale,
-                sum,
-            } = job.acts
-            {
+            if let Acts::Int8 { xq, stride, scale, sum } = job.acts {
                 let xrow = |b: usize| &xq[b * stride..(b + 1) * stride];
                 let half = i64::from(job.prec.half);
                 for g in 0..ng {
@@ -1200,13 +1071,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
                     while b < n {
                         let nb = if n - b >= 4 { 4 } else { 1 };
                         let t = if nb == 4 {
-                            unsafe {
-                                dot_u8i8_avx512::<4>(
-                                    row,
-                                    std::array::from_fn(|k| xrow(b + k)),
-                                    cols.clone(),
-                                )
-                            }
+                            unsafe { dot_u8i8_avx512::<4>(row, std::array::from_fn(|k| xrow(b + k)), cols.clone()) }
                         } else {
                             let [t] = unsafe { dot_u8i8_avx512::<1>(row, [xrow(b)], cols.clone()) };
                             [t, 0, 0, 0]
@@ -1226,9 +1091,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
         if let (Some(segs), Acts::Int8 { .. }) = (&segs, job.acts) {
             // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract).
             match *segs {
-                Segments::Words { words } if n == 1 => unsafe {
-                    int8_rows8_matvec(job, words, &sc.bytes, rows, out)
-                },
+                Segments::Words { words } if n == 1 => unsafe { int8_rows8_matvec(job, words, &sc.bytes, rows, out) },
                 _ => unsafe { int8_rows4(job, segs, &sc.bytes, rows, out) },
             }
         }
@@ -1245,8 +1108,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
 fn spread_avx2(bits: u32) -> __m256i {
     let v = _mm256_set1_epi32(bits as i32);
     let shuf = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
-        3, 3,
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
     );
     let sel = _mm256_shuffle_epi8(v, shuf);
     let bm = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
@@ -1255,13 +1117,7 @@ fn spread_avx2(bits: u32) -> __m256i {
 
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn decode_row_avx2_n<const N: usize>(
-    w: &PlanarWeight,
-    r: usize,
-    prec: Prec,
-    signed: bool,
-    out: &mut [u8],
-) {
+unsafe fn decode_row_avx2_n<const N: usize>(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
     let rp = w.row_planes(r, prec.bits);
     let off = _mm256_set1_epi8(if signed { prec.half as i8 } else { 0 });
     let out = &mut out[..w.cols_padded()];
@@ -1378,8 +1234,7 @@ unsafe fn dot_f32_avx2<const B: usize>(w: &[f32], xs: [&[f32]; B]) -> [f32; B] {
                 let vw = _mm256_loadu_ps(pw.add(j + 8 * k));
                 let mut b = 0;
                 while b < B {
-                    acc[b][k] =
-                        _mm256_fmadd_ps(vw, _mm256_loadu_ps(px[b].add(j + 8 * k)), acc[b][k]);
+                    acc[b][k] = _mm256_fmadd_ps(vw, _mm256_loadu_ps(px[b].add(j + 8 * k)), acc[b][k]);
                     b += 1;
                 }
             }
@@ -1414,9 +1269,7 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
                 let mut b = 0;
                 while b < n {
                     if n - b >= 4 {
-                        let y = unsafe {
-                            dot_f32_avx2::<4>(&sc.wrow, std::array::from_fn(|k| xrow(b + k)))
-                        };
+                        let y = unsafe { dot_f32_avx2::<4>(&sc.wrow, std::array::from_fn(|k| xrow(b + k))) };
                         for (k, v) in y.into_iter().enumerate() {
                             out[b + k][i] = v;
                         }
@@ -1427,9 +1280,7 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
                     }
                 }
             }
-            Acts::Int8 {
-                xq, stride, scale, ..
-            } => {
+            Acts::Int8 { xq, stride, scale, .. } => {
                 let xrow = |b: usize| &xq[b * stride..(b + 1) * stride];
                 for g in 0..ng {
                     let cols = w.layout.group_cols(g);
@@ -1437,16 +1288,9 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
                     while b < n {
                         let nb = if n - b >= 4 { 4 } else { 1 };
                         let t = if nb == 4 {
-                            unsafe {
-                                dot_i8i8_avx2::<4>(
-                                    &sc.bytes,
-                                    std::array::from_fn(|k| xrow(b + k)),
-                                    cols.clone(),
-                                )
-                            }
+                            unsafe { dot_i8i8_avx2::<4>(&sc.bytes, std::array::from_fn(|k| xrow(b + k)), cols.clone()) }
                         } else {
-                            let [t] =
-                                unsafe { dot_i8i8_avx2::<1>(&sc.bytes, [xrow(b)], cols.clone()) };
+                            let [t] = unsafe { dot_i8i8_avx2::<1>(&sc.bytes, [xrow(b)], cols.clone()) };
                             [t, 0, 0, 0]
                         };
                         for (k, &v) in t[..nb].iter().enumerate() {
@@ -1465,13 +1309,7 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
 }
 
 #[cfg(test)]
-pub(super) unsafe fn test_decode_avx512(
-    w: &PlanarWeight,
-    r: usize,
-    prec: Prec,
-    signed: bool,
-    out: &mut [u8],
-) {
+pub(super) unsafe fn test_decode_avx512(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
     unsafe { decode_row_avx512(w, r, prec, signed, out) }
 }
 
@@ -1488,12 +1326,6 @@ pub(super) unsafe fn test_decode_words_vbmi(
 }
 
 #[cfg(test)]
-pub(super) unsafe fn test_decode_avx2(
-    w: &PlanarWeight,
-    r: usize,
-    prec: Prec,
-    signed: bool,
-    out: &mut [u8],
-) {
+pub(super) unsafe fn test_decode_avx2(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
     unsafe { decode_row_avx2(w, r, prec, signed, out) }
 }

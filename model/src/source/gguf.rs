@@ -39,8 +39,8 @@ pub fn load(path: &Path) -> Result<FloatModel> {
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for gguf_name in names {
-        let hf_name = hf_name(gguf_name)
-            .with_context(|| format!("{}: unexpected tensor `{gguf_name}`", path.display()))?;
+        let hf_name =
+            hf_name(gguf_name).with_context(|| format!("{}: unexpected tensor `{gguf_name}`", path.display()))?;
         let qtensor = content
             .tensor(&mut reader, gguf_name, &Device::Cpu)
             .with_context(|| format!("{}: cannot read tensor `{gguf_name}`", path.display()))?;
@@ -56,16 +56,8 @@ pub fn load(path: &Path) -> Result<FloatModel> {
         }
         weights.insert(hf_name, tensor)?;
     }
-    weights
-        .validate(&config)
-        .with_context(|| format!("{}: tensors do not match the model config", path.display()))?;
-    Ok(FloatModel {
-        config,
-        tokenizer,
-        add_bos: special.add_bos,
-        chat_template,
-        weights,
-    })
+    weights.validate(&config).with_context(|| format!("{}: tensors do not match the model config", path.display()))?;
+    Ok(FloatModel { config, tokenizer, add_bos: special.add_bos, chat_template, weights })
 }
 
 /// Maps a llama.cpp tensor name to the Hugging Face one.
@@ -110,11 +102,7 @@ pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         bail!("cannot un-permute a {rows}x{cols} Q/K matrix over {heads} heads");
     }
     let half = rows / heads / 2;
-    Ok(w
-        .reshape((heads, half, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
+    Ok(w.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
 }
 
 /// The permutation llama.cpp applies on conversion (the inverse of [`unpermute_rows`]); used by
@@ -125,11 +113,7 @@ pub fn permute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         bail!("cannot permute a {rows}x{cols} Q/K matrix over {heads} heads");
     }
     let half = rows / heads / 2;
-    Ok(w
-        .reshape((heads, 2, half, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
+    Ok(w.reshape((heads, 2, half, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
 }
 
 #[cfg(test)]

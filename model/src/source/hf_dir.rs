@@ -57,7 +57,8 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>> {
         .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
     let mut names: Vec<String> = Vec::new();
     for file in map.values() {
-        let file = file.as_str().with_context(|| format!("{}: weight_map values must be file names", index.display()))?;
+        let file =
+            file.as_str().with_context(|| format!("{}: weight_map values must be file names", index.display()))?;
         if file.contains('/') || file.contains("..") {
             bail!("{}: shard name `{file}` must be a plain file name", index.display());
         }
@@ -70,10 +71,10 @@ pub fn shard_names(index: &Path) -> Result<Vec<String>> {
 
 /// Loads a float model from Hugging Face files.
 pub fn load(files: &HfFiles) -> Result<FloatModel> {
-    let config_text = std::fs::read_to_string(&files.config)
-        .with_context(|| format!("cannot read {}", files.config.display()))?;
-    let config = ModelConfig::from_hf_json(&config_text)
-        .with_context(|| format!("reading {}", files.config.display()))?;
+    let config_text =
+        std::fs::read_to_string(&files.config).with_context(|| format!("cannot read {}", files.config.display()))?;
+    let config =
+        ModelConfig::from_hf_json(&config_text).with_context(|| format!("reading {}", files.config.display()))?;
     let tokenizer = Tokenizer::from_file(&files.tokenizer)
         .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", files.tokenizer.display()))?;
     let (chat_template, add_bos) = match &files.tokenizer_config {
@@ -93,7 +94,10 @@ pub fn load(files: &HfFiles) -> Result<FloatModel> {
         }
     }
     weights.validate(&config).with_context(|| {
-        format!("{}: tensors do not match config.json", files.weights.first().map(|p| p.display().to_string()).unwrap_or_default())
+        format!(
+            "{}: tensors do not match config.json",
+            files.weights.first().map(|p| p.display().to_string()).unwrap_or_default()
+        )
     })?;
     Ok(FloatModel { config, tokenizer, add_bos, chat_template, weights })
 }

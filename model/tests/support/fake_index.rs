@@ -38,25 +38,16 @@ pub fn start(project: &str, files: Vec<IndexedFile>) -> Server {
                 "name": project,
                 "files": entries,
             });
-            return Response::builder()
-                .header("content-type", PEP691_JSON)
-                .body(Body::from(body.to_string()))
-                .unwrap();
+            return Response::builder().header("content-type", PEP691_JSON).body(Body::from(body.to_string())).unwrap();
         }
-        let file = request
-            .path
-            .strip_prefix("/files/")
-            .and_then(|name| files.iter().find(|f| f.filename == name));
+        let file = request.path.strip_prefix("/files/").and_then(|name| files.iter().find(|f| f.filename == name));
         match file {
             Some(file) => Response::builder()
                 .header("content-type", "application/octet-stream")
                 .header("content-length", file.bytes.len())
                 .body(Body::from(file.bytes.clone()))
                 .unwrap(),
-            None => Response::builder()
-                .status(StatusCode::NOT_FOUND)
-                .body(Body::empty())
-                .unwrap(),
+            None => Response::builder().status(StatusCode::NOT_FOUND).body(Body::empty()).unwrap(),
         }
     })
 }

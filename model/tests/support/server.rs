@@ -32,15 +32,10 @@ pub struct Server {
 
 impl Server {
     pub fn start(handler: impl Fn(&Recorded) -> Response + Send + Sync + 'static) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
+        listener.set_nonblocking(true).expect("non-blocking listener");
         let url = format!("http://{}", listener.local_addr().expect("local address"));
         let log = Arc::new(Mutex::new(Vec::new()));
         let handler = Arc::new(handler);
@@ -59,11 +54,7 @@ impl Server {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
             axum::serve(listener, app).await.expect("serve");
         });
-        Self {
-            url,
-            log,
-            _runtime: runtime,
-        }
+        Self { url, log, _runtime: runtime }
     }
 
     /// Every request so far, oldest first.

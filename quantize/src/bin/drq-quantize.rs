@@ -8,9 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kernels::{Granularity, TieRule};
 use model::source::{self, ModelSource};
+use quantize::gptq::GptqSpec;
 use quantize::profile::ProfileRules;
 use quantize::recipe::PtqRecipe;
-use quantize::gptq::GptqSpec;
 use quantize::train::data::{collect_files, TokenBlocks};
 use quantize::{quantize_model, write_checkpoint, QuantizedModel, SearchObjective};
 
@@ -179,7 +179,8 @@ fn run(args: Args) -> Result<()> {
 /// `--calibration-blocks` blocks of `--calibration-seq` tokens drawn (seeded) from the calibration text.
 fn calibration_blocks(float: &model::FloatModel, files: &[PathBuf], args: &Args) -> Result<Vec<Vec<u32>>> {
     let eos = float.config.eos_token_ids.first().copied();
-    let data = TokenBlocks::from_files(&float.tokenizer, files, eos, args.calibration_seq - 1, 0).context("--calibration")?;
+    let data =
+        TokenBlocks::from_files(&float.tokenizer, files, eos, args.calibration_seq - 1, 0).context("--calibration")?;
     if data.train.len() < args.calibration_blocks {
         bail!(
             "--calibration holds {} blocks of {} tokens; --calibration-blocks asks for {}",
@@ -192,15 +193,31 @@ fn calibration_blocks(float: &model::FloatModel, files: &[PathBuf], args: &Args)
 }
 
 /// Collects the calibration inputs' second moments and re-rounds the codes with GPTQ.
-fn round_hessian_aware(float: &model::FloatModel, q: &mut QuantizedModel, gptq: &GptqSpec, blocks: &[Vec<u32>], args: &Args) -> Result<()> {
+fn round_hessian_aware(
+    float: &model::FloatModel,
+    q: &mut QuantizedModel,
+    gptq: &GptqSpec,
+    blocks: &[Vec<u32>],
+    args: &Args,
+) -> Result<()> {
     let started = Instant::now();
     let blocks: Vec<&[u32]> = blocks.iter().map(Vec::as_slice).collect();
     let bar = cli::progress_bar(blocks.len() as u64, "calibrating");
-    let moments = quantize::gptq::collect_moments(&float.config, &float.weights, &q.quantization.quantized, &blocks, 8, |done| {
-        bar.set_position(done as u64)
-    })?;
+    let moments = quantize::gptq::collect_moments(
+        &float.config,
+        &float.weights,
+        &q.quantization.quantized,
+        &blocks,
+        8,
+        |done| bar.set_position(done as u64),
+    )?;
     bar.finish_and_clear();
-    tracing::info!("input moments of {} weights from {} tokens in {:.1}s", moments.len(), blocks.len() * args.calibration_seq, started.elapsed().as_secs_f64());
+    tracing::info!(
+        "input moments of {} weights from {} tokens in {:.1}s",
+        moments.len(),
+        blocks.len() * args.calibration_seq,
+        started.elapsed().as_secs_f64()
+    );
     let bar = cli::progress_bar(moments.len() as u64, "GPTQ");
     quantize::gptq::round_model(float, q, &moments, gptq, |name| {
         bar.set_prefix(name.to_string());
@@ -229,9 +246,14 @@ fn print_report(report: &[quantize::LayerReport], bits: &[u32]) {
     println!("{:<48} {:>12}{means}", "mean (weighted by size)", "");
     let rounded: Vec<_> = report.iter().filter_map(|l| l.output_error.as_ref()).collect();
     if !rounded.is_empty() {
-        println!("\noutput error over the calibration inputs, tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), mean over {} GPTQ-rounded weights:", rounded.len());
+        println!(
+            "\noutput error over the calibration inputs, tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), mean over {} GPTQ-rounded weights:",
+            rounded.len()
+        );
         for (i, b) in bits.iter().enumerate() {
-            let mean = |f: fn(&quantize::OutputError) -> &Vec<(u32, f64)>| rounded.iter().map(|e| f(e)[i].1).sum::<f64>() / rounded.len() as f64;
+            let mean = |f: fn(&quantize::OutputError) -> &Vec<(u32, f64)>| {
+                rounded.iter().map(|e| f(e)[i].1).sum::<f64>() / rounded.len() as f64
+            };
             let (nearest, gptq) = (mean(|e| &e.nearest), mean(|e| &e.gptq));
             println!("  W{b}: nearest {nearest:.3e}, GPTQ {gptq:.3e} ({:+.1}%)", 100.0 * (gptq / nearest - 1.0));
         }

@@ -15,7 +15,9 @@ use model::source::{self, ModelSource};
 use quantize::model_ptq::write_checkpoint_as;
 use quantize::profile::ProfileRules;
 use quantize::train::log::{self as runlog, Record};
-use quantize::train::{data, AlrsPolicy, LoopMode, ScaleMoments, Teacher, TokenBlocks, TrainConfig, Trainable, Trainer};
+use quantize::train::{
+    data, AlrsPolicy, LoopMode, ScaleMoments, Teacher, TokenBlocks, TrainConfig, Trainable, Trainer,
+};
 
 #[derive(Parser)]
 #[command(
@@ -190,12 +192,18 @@ fn run(args: Args) -> Result<()> {
         ensure!(state_path.is_file(), "--resume: {} has no training state ({STATE})", args.run_dir.display());
         let mut probe = TrainConfig::default();
         if args.config.is_some() || args.apply(&mut probe) {
-            bail!("--resume continues the saved recipe ({}); recipe flags and --config cannot change it", args.run_dir.join(RECIPE).display());
+            bail!(
+                "--resume continues the saved recipe ({}); recipe flags and --config cannot change it",
+                args.run_dir.join(RECIPE).display()
+            );
         }
         Trainer::state_config(&state_path)?
     } else {
         if state_path.exists() && !args.force {
-            bail!("{} already holds a training state: continue it with --resume, or start over with --force", args.run_dir.display());
+            bail!(
+                "{} already holds a training state: continue it with --resume, or start over with --force",
+                args.run_dir.display()
+            );
         }
         let mut cfg = match &args.config {
             Some(p) => TrainConfig::load(p)?,
@@ -254,10 +262,16 @@ fn run(args: Args) -> Result<()> {
         write_atomically(&args.run_dir.join(RECIPE), toml::to_string(&cfg)?.as_bytes())?;
         t
     };
-    ensure!(trainer.step_count() < cfg.steps, "the run is complete ({} steps); its checkpoint was written at the end", cfg.steps);
+    ensure!(
+        trainer.step_count() < cfg.steps,
+        "the run is complete ({} steps); its checkpoint was written at the end",
+        cfg.steps
+    );
     let title = format!("drq-train {} — {} / alrs {} / train {}", args.model, cfg.granularity, cfg.alrs, cfg.train);
     let save = |t: &Trainer| -> Result<()> { t.save_state(&state_path, &blocks, &provenance.sha256) };
-    let plot = || -> Result<()> { write_atomically(&args.run_dir.join(PLOT), runlog::plot_svg(&runlog::read(&log_path)?, &title).as_bytes()) };
+    let plot = || -> Result<()> {
+        write_atomically(&args.run_dir.join(PLOT), runlog::plot_svg(&runlog::read(&log_path)?, &title).as_bytes())
+    };
 
     let float_ppl = trainer.evaluate_float(&blocks)?.exp();
     if trainer.step_count() == 0 {

@@ -96,7 +96,11 @@ pub fn gradient_term(layer_grads: &[&[f32]]) -> f64 {
     }
     let sum: f64 = layer_grads
         .iter()
-        .map(|g| g.iter().fold(0f64, |m, &x| if x.is_nan() { 1.0 } else { m.max(f64::from(x.clamp(-1.0, 1.0).abs())) }).min(1.0))
+        .map(|g| {
+            g.iter()
+                .fold(0f64, |m, &x| if x.is_nan() { 1.0 } else { m.max(f64::from(x.clamp(-1.0, 1.0).abs())) })
+                .min(1.0)
+        })
         .sum();
     sum / layer_grads.len() as f64
 }

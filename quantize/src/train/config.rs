@@ -257,11 +257,19 @@ impl TrainConfig {
         self.quant_spec()?;
         ensure!(self.steps >= 1, "steps must be at least 1");
         ensure!(self.batch >= 1 && self.seq_len >= 2, "batch must be ≥ 1 and seq_len ≥ 2");
-        for (name, v) in [("lr", self.lr), ("scale_lr", self.scale_lr), ("weight_decay", self.weight_decay), ("clip_grad", self.clip_grad)] {
+        for (name, v) in [
+            ("lr", self.lr),
+            ("scale_lr", self.scale_lr),
+            ("weight_decay", self.weight_decay),
+            ("clip_grad", self.clip_grad),
+        ] {
             ensure!(v.is_finite() && v >= 0.0, "{name} must be a non-negative number, not {v}");
         }
         ensure!((0.0..=1.0).contains(&self.min_lr_ratio), "min_lr_ratio must be in [0, 1]");
-        ensure!((0.0..1.0).contains(&self.adam_beta1) && (0.0..1.0).contains(&self.adam_beta2), "Adam betas must be in [0, 1)");
+        ensure!(
+            (0.0..1.0).contains(&self.adam_beta1) && (0.0..1.0).contains(&self.adam_beta2),
+            "Adam betas must be in [0, 1)"
+        );
         ensure!(self.adam_eps > 0.0, "adam_eps must be positive");
         ensure!((0.0..=1.0).contains(&self.kd.weight), "kd.weight must be in [0, 1]");
         ensure!(self.kd.temperature > 0.0, "kd.temperature must be positive");
@@ -297,8 +305,12 @@ mod tests {
     #[test]
     fn unknown_fields_and_bad_values_are_refused() {
         assert!(toml::from_str::<TrainConfig>("stepz = 3").unwrap_err().to_string().contains("stepz"));
-        let c: TrainConfig = toml::from_str("alrs = \"relative\"\ntrain = \"all\"\nloop = \"summed\"\n[kd]\nweight = 0.5").unwrap();
-        assert_eq!((c.alrs, c.train, c.loop_mode, c.kd.weight), (AlrsPolicy::Relative, Trainable::All, LoopMode::Summed, 0.5));
+        let c: TrainConfig =
+            toml::from_str("alrs = \"relative\"\ntrain = \"all\"\nloop = \"summed\"\n[kd]\nweight = 0.5").unwrap();
+        assert_eq!(
+            (c.alrs, c.train, c.loop_mode, c.kd.weight),
+            (AlrsPolicy::Relative, Trainable::All, LoopMode::Summed, 0.5)
+        );
         assert!(c.validate().unwrap_err().to_string().contains("summed"));
         assert!(toml::from_str::<TrainConfig>("alrs = \"paper\"").is_err());
         let c: TrainConfig = toml::from_str("bits = [9]").unwrap();

@@ -52,7 +52,13 @@ impl TokenBlocks {
     /// Tokenizes `files` (each followed by `eos` when given, so documents do not run together)
     /// into blocks of `seq_len + 1` tokens, dropping the incomplete tail; the last
     /// `heldout_blocks` blocks are the held-out slice.
-    pub fn from_files(tokenizer: &Tokenizer, files: &[PathBuf], eos: Option<u32>, seq_len: usize, heldout_blocks: usize) -> Result<Self> {
+    pub fn from_files(
+        tokenizer: &Tokenizer,
+        files: &[PathBuf],
+        eos: Option<u32>,
+        seq_len: usize,
+        heldout_blocks: usize,
+    ) -> Result<Self> {
         let mut ids = Vec::new();
         for f in files {
             ids.extend(tokenize_file(tokenizer, f)?);
@@ -99,7 +105,8 @@ fn tokenize_file(tokenizer: &Tokenizer, path: &Path) -> Result<Vec<u32>> {
     // Paragraph by paragraph: bounded tokenizer memory on long files.
     let mut ids = Vec::new();
     for chunk in text.split_inclusive("\n\n") {
-        let enc = tokenizer.encode(chunk, false).map_err(|e| anyhow::anyhow!("{}: cannot tokenize: {e}", path.display()))?;
+        let enc =
+            tokenizer.encode(chunk, false).map_err(|e| anyhow::anyhow!("{}: cannot tokenize: {e}", path.display()))?;
         ids.extend_from_slice(enc.get_ids());
     }
     Ok(ids)

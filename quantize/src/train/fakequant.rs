@@ -59,7 +59,13 @@ impl FakeQuant {
     /// for backpropagation when either is a variable.
     pub fn apply(&self, w: &Tensor, scales: &Tensor) -> anyhow::Result<Tensor> {
         let l = self.layout;
-        anyhow::ensure!(w.dims() == [l.rows, l.cols], "weight of shape {:?} for a {}x{} layout", w.dims(), l.rows, l.cols);
+        anyhow::ensure!(
+            w.dims() == [l.rows, l.cols],
+            "weight of shape {:?} for a {}x{} layout",
+            w.dims(),
+            l.rows,
+            l.cols
+        );
         anyhow::ensure!(
             scales.dims() == [l.rows, l.n_groups()],
             "scales of shape {:?} for a {}x{} layout with {} groups per row",
@@ -204,7 +210,13 @@ impl CustomOp2 for FakeQuant {
         "drq-fake-quant"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = contiguous_f32(s1, l1)?;
         let s = contiguous_f32(s2, l2)?;
         let mut out = vec![0f32; w.len()];
@@ -212,7 +224,13 @@ impl CustomOp2 for FakeQuant {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, w: &Tensor, s: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        w: &Tensor,
+        s: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
         let sv: Vec<f32> = s.flatten_all()?.to_vec1()?;
         let gv: Vec<f32> = grad.flatten_all()?.to_vec1()?;

@@ -51,7 +51,9 @@ pub enum Record {
 fn bits_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, f64>, D::Error> {
     let raw = BTreeMap::<String, f64>::deserialize(d)?;
     raw.into_iter()
-        .map(|(k, v)| k.parse::<u32>().map(|b| (b, v)).map_err(|_| serde::de::Error::custom(format!("{k:?} is not a bit-width"))))
+        .map(|(k, v)| {
+            k.parse::<u32>().map(|b| (b, v)).map_err(|_| serde::de::Error::custom(format!("{k:?} is not a bit-width")))
+        })
         .collect()
 }
 
@@ -104,7 +106,11 @@ pub fn truncate(path: &Path, step: u64) -> Result<()> {
 
 /// Appends one record.
 pub fn append(path: &Path, record: &Record) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
     writeln!(f, "{}", serde_json::to_string(record)?).with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -146,7 +152,8 @@ pub fn plot_svg(records: &[Record], title: &str) -> String {
         _ => None,
     });
     document(1000.0, 420.0, title, |svg| {
-        let train_panel = Panel { title: "training cross-entropy (nats/token)", x_label: "step", log_y: false, reference: None };
+        let train_panel =
+            Panel { title: "training cross-entropy (nats/token)", x_label: "step", log_y: false, reference: None };
         panel(svg, (60.0, 40.0, 400.0, 330.0), &train_panel, &train);
         let reference = float_ppl.map(|p| (p, format!("float {p:.3}")));
         let heldout_panel = Panel { title: "held-out perplexity (log scale)", x_label: "step", log_y: true, reference };
@@ -166,7 +173,12 @@ mod tests {
     fn log_round_trips_truncates_and_plots() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.jsonl");
-        let eval = |step, a, b| Record::Eval { step, ce: bits_map(&[(8, a), (2, b)]), ppl: bits_map(&[(8, a.exp()), (2, b.exp())]), float_ppl: Some(9.0) };
+        let eval = |step, a, b| Record::Eval {
+            step,
+            ce: bits_map(&[(8, a), (2, b)]),
+            ppl: bits_map(&[(8, a.exp()), (2, b.exp())]),
+            float_ppl: Some(9.0),
+        };
         append(&path, &eval(0, 2.5, 4.0)).unwrap();
         for step in 1..=4u64 {
             let ce = bits_map(&[(8, 3.0 - 0.1 * step as f64), (2, 5.0 - 0.2 * step as f64)]);
@@ -190,7 +202,9 @@ mod tests {
         assert_eq!(records.len(), 6);
         let svg = plot_svg(&records, "run <1>");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert!(svg.contains("W8") && svg.contains("W2") && svg.contains("float 9.000") && svg.contains("run &lt;1&gt;"));
+        assert!(
+            svg.contains("W8") && svg.contains("W2") && svg.contains("float 9.000") && svg.contains("run &lt;1&gt;")
+        );
         assert_eq!(svg.matches("<polyline").count(), 4, "two series per panel");
         truncate(&path, 2).unwrap();
         assert_eq!(read(&path).unwrap().iter().map(Record::step).collect::<Vec<_>>(), vec![0, 1, 2]);

@@ -14,8 +14,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::model_ptq::{quantizable, QuantizedModel};
-use crate::report::LayerReport;
 use crate::ptq::{quantize_weight, reconstruction_error};
+use crate::report::LayerReport;
 use crate::train::config::{LoopMode, ScaleMoments, Teacher, TrainConfig};
 use crate::train::data::TokenBlocks;
 use crate::train::fakequant::{export_weight, FakeQuant};
@@ -40,7 +40,11 @@ impl Param {
 
     fn set(&mut self, values: Vec<f32>) -> Result<()> {
         let (shape, device) = (self.tensor.shape().clone(), self.tensor.device().clone());
-        self.tensor = if self.trainable { Var::from_vec(values, shape, &device)?.into_inner() } else { Tensor::from_vec(values, shape, &device)? };
+        self.tensor = if self.trainable {
+            Var::from_vec(values, shape, &device)?.into_inner()
+        } else {
+            Tensor::from_vec(values, shape, &device)?
+        };
         Ok(())
     }
 }
@@ -151,7 +155,12 @@ impl Trainer {
             };
             let s = scales.remove(name).with_context(|| format!("no scales for `{name}`"))?;
             ensure!(s.dims() == [*rows, layout.n_groups()], "scales of `{name}` have shape {:?}", s.dims());
-            layers.push(QLayer { name: name.clone(), layout, w: Param::new(w, cfg.train.weights())?, s: Param::new(s, true)? });
+            layers.push(QLayer {
+                name: name.clone(),
+                layout,
+                w: Param::new(w, cfg.train.weights())?,
+                s: Param::new(s, true)?,
+            });
         }
         layers.sort_by(|a, b| a.name.cmp(&b.name));
         let mut floats = BTreeMap::new();
@@ -163,7 +172,11 @@ impl Trainer {
             let t = trained.remove(name).unwrap_or_else(|| t.clone());
             floats.insert(name.clone(), Param::new(t, is_norm_or_bias && cfg.train.norms())?);
         }
-        ensure!(trained.is_empty(), "the training state holds unknown tensors: {:?}", trained.keys().collect::<Vec<_>>());
+        ensure!(
+            trained.is_empty(),
+            "the training state holds unknown tensors: {:?}",
+            trained.keys().collect::<Vec<_>>()
+        );
         let mut adam = BTreeMap::new();
         for l in &layers {
             if l.w.trainable {
@@ -179,7 +192,9 @@ impl Trainer {
             ScaleMoments::Shared => 1,
             ScaleMoments::PerPrecision => cfg.bits.len(),
         };
-        let adam_scales = (0..sets).map(|_| layers.iter().map(|l| (l.name.clone(), AdamState::new(l.layout.n_scales()))).collect()).collect();
+        let adam_scales = (0..sets)
+            .map(|_| layers.iter().map(|l| (l.name.clone(), AdamState::new(l.layout.n_scales()))).collect())
+            .collect();
         let teacher = if cfg.kd.weight > 0.0 && cfg.kd.teacher == Teacher::Float {
             Some(Transformer::new(&float.config, &float.weights, OpsMode::Inference)?)
         } else {
@@ -231,7 +246,11 @@ impl Trainer {
         let mut weights = Weights::new();
         for l in &self.layers {
             let fq = FakeQuant::new(bits, self.tie, l.layout)?;
-            let t = if graph { fq.apply(&l.w.tensor, &l.s.tensor)? } else { fq.apply(&l.w.tensor.detach(), &l.s.tensor.detach())? };
+            let t = if graph {
+                fq.apply(&l.w.tensor, &l.s.tensor)?
+            } else {
+                fq.apply(&l.w.tensor.detach(), &l.s.tensor.detach())?
+            };
             weights.insert(l.name.clone(), t)?;
         }
         for (name, p) in &self.floats {
@@ -257,7 +276,8 @@ impl Trainer {
         let logits = match self.cfg.kd.teacher {
             Teacher::Float => {
                 let t = self.teacher.as_ref().expect("built with KD");
-                t.forward(inputs, &mut KvCache::new(&self.float.config), 0)?.reshape((b * s, self.float.config.vocab_size))?
+                t.forward(inputs, &mut KvCache::new(&self.float.config), 0)?
+                    .reshape((b * s, self.float.config.vocab_size))?
             }
             Teacher::W8 => self.logits(&self.weights_at(8, false)?, OpsMode::Inference, inputs)?,
         };
@@ -285,7 +305,10 @@ impl Trainer {
         let seq = blocks[0].len() - 1;
         let inputs: Vec<u32> = blocks.iter().flat_map(|b| b[..seq].iter().copied()).collect();
         let targets: Vec<u32> = blocks.iter().flat_map(|b| b[1..].iter().copied()).collect();
-        Ok((Tensor::from_vec(inputs, (blocks.len(), seq), &self.device)?, Tensor::from_vec(targets, blocks.len() * seq, &self.device)?))
+        Ok((
+            Tensor::from_vec(inputs, (blocks.len(), seq), &self.device)?,
+            Tensor::from_vec(targets, blocks.len() * seq, &self.device)?,
+        ))
     }
 
     /// Learning-rate multiplier of the current step.
@@ -295,7 +318,12 @@ impl Trainer {
 
     /// One mini-batch: per bit-width forward, backward and step (or one summed step).
     pub fn step(&mut self, data: &TokenBlocks) -> Result<StepReport> {
-        ensure!(data.seq_len == self.cfg.seq_len, "data blocks of {} tokens for a recipe of seq_len {}", data.seq_len, self.cfg.seq_len);
+        ensure!(
+            data.seq_len == self.cfg.seq_len,
+            "data blocks of {} tokens for a recipe of seq_len {}",
+            data.seq_len,
+            self.cfg.seq_len
+        );
         let blocks = data.batch(self.cfg.seed, self.step, self.cfg.batch);
         let (inputs, targets) = self.batch_tensors(&blocks)?;
         let teacher = self.teacher_logits(&inputs)?;
@@ -390,14 +418,38 @@ impl Trainer {
         for (l, gs) in self.layers.iter_mut().zip(&grads.scales) {
             if l.w.trainable {
                 let moments = moments.remove(&l.name).expect("state per trainable");
-                updates.push(Update { param: &mut l.w, moments, grad: &grads.params[&l.name], clip: fw, lr, decay: self.cfg.weight_decay, scale: false });
+                updates.push(Update {
+                    param: &mut l.w,
+                    moments,
+                    grad: &grads.params[&l.name],
+                    clip: fw,
+                    lr,
+                    decay: self.cfg.weight_decay,
+                    scale: false,
+                });
             }
             let moments = scale_moments.remove(&l.name).expect("state per layer");
-            updates.push(Update { param: &mut l.s, moments, grad: gs, clip: fs, lr: scale_lr, decay: 0.0, scale: true });
+            updates.push(Update {
+                param: &mut l.s,
+                moments,
+                grad: gs,
+                clip: fs,
+                lr: scale_lr,
+                decay: 0.0,
+                scale: true,
+            });
         }
         for (name, p) in self.floats.iter_mut().filter(|(_, p)| p.trainable) {
             let moments = moments.remove(name).expect("state per trainable");
-            updates.push(Update { param: p, moments, grad: &grads.params[name], clip: fw, lr, decay: 0.0, scale: false });
+            updates.push(Update {
+                param: p,
+                moments,
+                grad: &grads.params[name],
+                clip: fw,
+                lr,
+                decay: 0.0,
+                scale: false,
+            });
         }
         let mut values = updates.iter().map(|u| u.param.values()).collect::<Result<Vec<_>>>()?;
         let min = half::f16::MIN_POSITIVE.to_f32();
@@ -439,7 +491,9 @@ impl Trainer {
         for chunk in blocks.chunks(self.cfg.batch) {
             let (inputs, targets) = self.batch_tensors(chunk)?;
             let (b, s) = inputs.dims2()?;
-            let logits = t.forward(&inputs, &mut KvCache::new(&self.float.config), 0)?.reshape((b * s, self.float.config.vocab_size))?;
+            let logits = t
+                .forward(&inputs, &mut KvCache::new(&self.float.config), 0)?
+                .reshape((b * s, self.float.config.vocab_size))?;
             let ce = candle_nn::loss::cross_entropy(&logits, &targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             sum += ce * (b * s) as f64;
             n += b * s;
@@ -461,10 +515,20 @@ impl Trainer {
                 .iter()
                 .map(|&b| Ok((b, reconstruction_error(&w, &q, b, self.tie)?)))
                 .collect::<Result<Vec<_>, crate::PtqError>>()?;
-            report.push(LayerReport { name: l.name.clone(), rows: l.layout.rows, cols: l.layout.cols, relative_error, output_error: None });
+            report.push(LayerReport {
+                name: l.name.clone(),
+                rows: l.layout.rows,
+                cols: l.layout.cols,
+                relative_error,
+                output_error: None,
+            });
             quantized.insert(l.name.clone(), q);
         }
-        let float = self.floats.iter().map(|(n, p)| Ok((n.clone(), p.tensor.detach().to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+        let float = self
+            .floats
+            .iter()
+            .map(|(n, p)| Ok((n.clone(), p.tensor.detach().to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
         let c = &self.cfg;
         let quantization = QuantizationMeta {
             bits: c.bits.clone(),
@@ -494,12 +558,13 @@ impl Trainer {
     pub fn save_state(&self, path: &Path, data: &TokenBlocks, source_sha256: &str) -> Result<()> {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         let mut adam_t = BTreeMap::new();
-        let mut put_adam = |key: String, st: &AdamState, shape: &[usize], tensors: &mut HashMap<String, Tensor>| -> Result<()> {
-            tensors.insert(format!("adam.m.{key}"), Tensor::from_slice(&st.m, shape, &Device::Cpu)?);
-            tensors.insert(format!("adam.v.{key}"), Tensor::from_slice(&st.v, shape, &Device::Cpu)?);
-            adam_t.insert(key, st.t);
-            Ok(())
-        };
+        let mut put_adam =
+            |key: String, st: &AdamState, shape: &[usize], tensors: &mut HashMap<String, Tensor>| -> Result<()> {
+                tensors.insert(format!("adam.m.{key}"), Tensor::from_slice(&st.m, shape, &Device::Cpu)?);
+                tensors.insert(format!("adam.v.{key}"), Tensor::from_slice(&st.v, shape, &Device::Cpu)?);
+                adam_t.insert(key, st.t);
+                Ok(())
+            };
         let host = |t: &Tensor| t.detach().to_device(&Device::Cpu);
         for l in &self.layers {
             tensors.insert(format!("s.{}", l.name), host(&l.s.tensor)?);
@@ -540,7 +605,13 @@ impl Trainer {
 
     /// Continues a run from a state written by [`Self::save_state`], checking that the float
     /// model and the data are the ones it was trained on.
-    pub fn resume(float: FloatModel, path: &Path, data: &TokenBlocks, source_sha256: &str, device: &Device) -> Result<Self> {
+    pub fn resume(
+        float: FloatModel,
+        path: &Path,
+        data: &TokenBlocks,
+        source_sha256: &str,
+        device: &Device,
+    ) -> Result<Self> {
         let mut tensors = load_state_tensors(path)?;
         let meta = read_meta(&tensors)?;
         ensure!(
@@ -568,7 +639,11 @@ impl Trainer {
         let mut me = Self::build(float, meta.config, scales, trained, meta.step, device)?;
         let restore = |key: &str, st: &mut AdamState| -> Result<()> {
             let get = |map: &BTreeMap<String, Tensor>| -> Result<Vec<f32>> {
-                Ok(map.get(key).with_context(|| format!("the state has no moments for `{key}`"))?.flatten_all()?.to_vec1()?)
+                Ok(map
+                    .get(key)
+                    .with_context(|| format!("the state has no moments for `{key}`"))?
+                    .flatten_all()?
+                    .to_vec1()?)
             };
             let (mv, vv) = (get(&m)?, get(&v)?);
             ensure!(mv.len() == st.m.len() && vv.len() == st.v.len(), "moments of `{key}` have the wrong size");
@@ -592,7 +667,8 @@ impl Trainer {
 }
 
 fn load_state_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("cannot read the training state {}", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("cannot read the training state {}", path.display()))
 }
 
 fn read_meta(tensors: &HashMap<String, Tensor>) -> Result<StateMeta> {

@@ -20,22 +20,9 @@ pub fn gaussian(n: usize, seed: u64) -> Vec<f32> {
 /// Student-t-like heavy tails: Gaussian divided by a random scale, as LLM weights with outliers.
 pub fn heavy_tailed(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    gaussian(n, seed)
-        .into_iter()
-        .map(|x| x / rng.random_range(0.2f32..1.0))
-        .collect()
+    gaussian(n, seed).into_iter().map(|x| x / rng.random_range(0.2f32..1.0)).collect()
 }
 
-pub fn spec(
-    bits: &[u32],
-    granularity: Granularity,
-    tie: TieRule,
-    objective: SearchObjective,
-) -> QuantSpec {
-    QuantSpec {
-        bits: bits.to_vec(),
-        granularity,
-        tie,
-        objective,
-    }
+pub fn spec(bits: &[u32], granularity: Granularity, tie: TieRule, objective: SearchObjective) -> QuantSpec {
+    QuantSpec { bits: bits.to_vec(), granularity, tie, objective }
 }

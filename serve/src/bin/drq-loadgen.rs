@@ -14,7 +14,11 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(name = "drq-loadgen", version, about = "Load-test an OpenAI-compatible server with concurrent streaming clients mixing precisions")]
+#[command(
+    name = "drq-loadgen",
+    version,
+    about = "Load-test an OpenAI-compatible server with concurrent streaming clients mixing precisions"
+)]
 struct Args {
     /// Server base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -113,7 +117,10 @@ fn run(args: Args) -> Result<()> {
         args.max_tokens,
         args.precisions.join(",")
     );
-    println!("{:<10} {:>8} {:>6} {:>8} {:>9} {:>10} {:>10} {:>9} {:>9}", "precision", "requests", "errors", "tokens", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99");
+    println!(
+        "{:<10} {:>8} {:>6} {:>8} {:>9} {:>10} {:>10} {:>9} {:>9}",
+        "precision", "requests", "errors", "tokens", "tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"
+    );
     let mut rows = BTreeMap::new();
     for (precision, group) in &by_precision {
         let s = summarize(group, elapsed);

@@ -8,8 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use kernels::KernelConfig;
 use cli::Activations;
+use kernels::KernelConfig;
 use model::Precision;
 use quantize::profile::ProfileRules;
 use serve::engine::{Engine, EngineOptions};
@@ -17,7 +17,11 @@ use serve::http::{router, AppState, DEFAULT_BODY_LIMIT};
 use serve::metrics::Metrics;
 
 #[derive(Parser)]
-#[command(name = "drq-serve", version, about = "Serve a drq checkpoint over an OpenAI-compatible HTTP API, every request at its own precision")]
+#[command(
+    name = "drq-serve",
+    version,
+    about = "Serve a drq checkpoint over an OpenAI-compatible HTTP API, every request at its own precision"
+)]
 struct Args {
     /// Model: a drq checkpoint, or any source (hub repo id, Hugging Face directory, GGUF file,
     /// `default` = SmolLM2-135M-Instruct), which is then quantized first and cached.
@@ -83,7 +87,8 @@ fn run(args: Args) -> Result<()> {
     let default_precision: Precision =
         args.default_precision.parse().with_context(|| format!("default precision `{}`", args.default_precision))?;
     let profiles = ProfileRules::load_all(&args.profile)?;
-    let mut checkpoint = serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
+    let mut checkpoint =
+        serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
     for p in &profiles {
         let bits = p.resolve(&checkpoint.quantization().quantized)?;
         checkpoint.add_profile(&p.name, bits)?;
@@ -95,11 +100,7 @@ fn run(args: Args) -> Result<()> {
         max_context: args.ctx.unwrap_or(model_ctx.min(4096)),
         prefill_chunk: args.prefill_chunk,
         default_precision,
-        kernel: KernelConfig {
-            threads: args.threads,
-            path: args.activations.path(),
-            ..KernelConfig::default()
-        },
+        kernel: KernelConfig { threads: args.threads, path: args.activations.path(), ..KernelConfig::default() },
     };
     let model_id = args.model_id.clone().unwrap_or_else(|| {
         let path = std::path::Path::new(&args.model);
@@ -130,9 +131,7 @@ fn run(args: Args) -> Result<()> {
             options.max_queue,
             options.max_context
         );
-        axum::serve(listener, router(state.clone(), args.body_limit))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        axum::serve(listener, router(state.clone(), args.body_limit)).with_graceful_shutdown(shutdown_signal()).await?;
         tracing::info!("stopped accepting; in-flight requests finished");
         anyhow::Ok(())
     })

@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use kernels::KernelConfig;
 use cli::Activations;
+use kernels::KernelConfig;
 use model::Precision;
 use serve::engine::{Engine, EngineOptions};
 use serve::metrics::Metrics;
@@ -88,7 +88,8 @@ fn run(args: Args) -> Result<()> {
         bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
     let (spec, keep_float) = serve::load::ptq_settings(args.config.as_deref())?;
-    let checkpoint = serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
+    let checkpoint =
+        serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
     let model_ctx = checkpoint.config().max_position_embeddings;
     if args.max_tokens + 16 > model_ctx {
         bail!("--max-tokens {}: the model's context is {model_ctx} tokens, start tokens included", args.max_tokens);

@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use drq_tests::tiny_model;
 use kernels::{Granularity, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::Provenance;
-use drq_tests::tiny_model;
 use model::Architecture;
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
 use serde_json::Value;
@@ -25,7 +25,12 @@ pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + messag
 pub fn tiny_checkpoint(dir: &Path) -> PathBuf {
     let mut float = tiny_model(Architecture::Llama, true, 21);
     float.chat_template = Some(CHATML.to_string());
-    let spec = QuantSpec { bits: vec![8, 4, 2], granularity: Granularity::Channel, tie: TieRule::HalfEven, objective: SearchObjective::Normalized };
+    let spec = QuantSpec {
+        bits: vec![8, 4, 2],
+        granularity: Granularity::Channel,
+        tie: TieRule::HalfEven,
+        objective: SearchObjective::Normalized,
+    };
     let mut q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
     let mix = q.quantization.quantized.iter().map(|w| (w.clone(), if w.contains("mlp") { 6 } else { 3 })).collect();
     q.quantization.profiles.insert("mix".into(), mix);
@@ -45,7 +50,13 @@ impl TestServer {
         let checkpoint = Checkpoint::open(checkpoint).unwrap();
         let metrics = Arc::new(Metrics::new());
         let engine = Engine::start(&checkpoint, options, metrics.clone()).unwrap();
-        let state = Arc::new(AppState { engine, metrics, model_id: "tiny".into(), api_key: api_key.map(String::from), created: 1 });
+        let state = Arc::new(AppState {
+            engine,
+            metrics,
+            model_id: "tiny".into(),
+            api_key: api_key.map(String::from),
+            created: 1,
+        });
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -106,7 +117,11 @@ impl TestServer {
     pub fn wait_for_metric(&self, prefix: &str, value: f64) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while self.metric(prefix) != value {
-            assert!(std::time::Instant::now() < deadline, "{prefix} never reached {value}:\n{}", self.get("/metrics").1);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{prefix} never reached {value}:\n{}",
+                self.get("/metrics").1
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }
