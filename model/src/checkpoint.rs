@@ -410,9 +410,7 @@ impl Checkpoint {
         let scales = st.tensor(&format!("{name}{SCALES_SUFFIX}"))?;
         let (rows, cols) = (codes.shape()[0], codes.shape()[1]);
         let layout = self.quantization.layout(rows, cols)?;
-        let data: &[u8] = codes.data();
-        // SAFETY: i8 and u8 have the same size and alignment, and `data` lives as long as the map.
-        let codes: &[i8] = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<i8>(), data.len()) };
+        let codes: &[i8] = bytemuck::cast_slice(codes.data());
         let scales = scales.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
         Ok((codes, scales, layout))
     }

@@ -147,6 +147,9 @@ fn transpose8(p: &[__m512i; 8], m: usize) -> [__m512i; 8] {
 /// transposes them with byte permutes ([`transpose8`]) and turns each qword into 8 codes with one
 /// `vgf2p8affineqb`; below 8 bits `u_l = min((v + 1) >> 1, 2^l − 1)` on the top `l + 1` bits `v`
 /// (`vpavgb`, `vpminub`), at 8 bits the d word is added as a byte mask.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VBMI and GFNI. Bounds are checked (panics otherwise).
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
 #[inline]
 unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool>(
@@ -163,8 +166,9 @@ unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool>(
     let lo = if L < 8 { 7 - L } else { 0 };
     let has_d = L == 8 && w.has_d;
     let base = w.planes.as_ptr();
-    // SAFETY (all pointer arithmetic below): plane p spans words p·stride .. p·stride + per_plane
-    // and every load is masked to f0 + f + (< nb) < f0 + nwords ≤ per_plane.
+    // Plane p spans words p·stride .. p·stride + per_plane, and every load below is masked to
+    // f0 + f + (< nb) < f0 + nwords ≤ per_plane (asserted above).
+    // SAFETY: p < n_planes and f0 ≤ per_plane keep the offset inside `planes` (asserted above).
     let plane = |p: usize| unsafe { base.add(p * stride + f0) };
     let x = _mm512_set1_epi64(0x8040_2010_0804_0201u64 as i64);
     let z = _mm512_setzero_si512();
@@ -178,6 +182,7 @@ unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool>(
         let km: __mmask8 = if nb == 8 { 0xFF } else { (1u8 << nb) - 1 };
         let mut p = [z; 8];
         for (i, v) in p.iter_mut().enumerate().take(m) {
+            // SAFETY: the mask keeps the load to words f .. f + nb < nwords of the plane (above).
             *v = unsafe { _mm512_maskz_loadu_epi64(km, plane(lo + i).add(f).cast()) };
         }
         // The hardware prefetchers do not run far enough ahead on these l + 1 (or 9) streams,
@@ -224,6 +229,7 @@ unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
 #[inline]
 unsafe fn decode_words_vbmi(w: &PlanarWeight, f0: usize, nwords: usize, prec: Prec, signed: bool, out: &mut [u8]) {
+    // SAFETY: the same CPU features as this function's (its contract).
     unsafe {
         match (prec.bits, signed) {
             (2, false) => decode_words_vbmi_n::<2, false>(w, f0, nwords, out),
@@ -244,6 +250,11 @@ unsafe fn decode_words_vbmi(w: &PlanarWeight, f0: usize, nwords: usize, prec: Pr
     }
 }
 
+/// Decodes row `r` at `prec` with `N` top planes into `out[..cols_padded]`: `u_l` bytes, or `q_l`
+/// as i8 bytes when `signed`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW. Bounds are checked (panics otherwise).
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn decode_row_avx512_n<const N: usize>(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
@@ -268,15 +279,23 @@ unsafe fn decode_row_avx512_n<const N: usize>(w: &PlanarWeight, r: usize, prec: 
     }
 }
 
+/// [`decode_row_avx512_n`] for `prec.bits`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
 unsafe fn decode_row_avx512(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
+    // SAFETY: the same CPU features as this function's (its contract).
     unsafe { by_bits!(prec.bits, decode_row_avx512_n(w, r, prec, signed, out)) }
 }
 
 /// `Σ_j u[j] · x_b[j]` over `range` for `B` activation rows at once (u unsigned, x signed),
 /// exactly: `vpdpbusd` in i32 lanes (each u vector loaded once for all B rows), reduced to i64
 /// every `INT_CHUNK` columns.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI. Bounds are checked (panics otherwise).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
 unsafe fn dot_u8i8_avx512<const B: usize>(u: &[u8], xs: [&[i8]; B], range: Range<usize>) -> [i64; B] {
@@ -357,6 +376,10 @@ const SEG_CHUNK: usize = 512;
 
 /// Per-lane i32 sums `Σ_w vpdpbusd(u_r[w], x_b[w])` over words `w0 .. w1` for 4 weight rows and
 /// `B` activation rows: `acc[b][r]`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI, and every pointer must have `64 · w1` readable
+/// bytes behind it.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
 unsafe fn acc4<const B: usize>(u: [*const u8; 4], x: [*const i8; B], w0: usize, w1: usize) -> [[__m512i; 4]; B] {
@@ -419,6 +442,9 @@ fn lane_sums4(a: [__m512i; 4]) -> __m512i {
 /// per group one 4-way transposing reduction of the `vpdpbusd` lanes gives the exact sums of 4
 /// rows, and the f32 combination of [`super::combine_int`] runs for the 4 rows in 4 lanes
 /// (same operations in the same order: the same outputs bit for bit).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI. Bounds are checked (panics otherwise).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn int8_rows4(
     job: &Job<'_>,
@@ -453,7 +479,7 @@ unsafe fn int8_rows4(
             let mut add = |g: usize, j: usize, t: __m128i| {
                 let bb = b + j;
                 let t = _mm_sub_epi32(t, _mm_set1_epi32(half * sum[bb * ng + g] as i32));
-                // SAFETY (indices): asserted above.
+                // Indices asserted above.
                 let s = _mm_setr_ps(
                     w.scales[srow[0] + g],
                     w.scales[srow[1] + g],
@@ -549,7 +575,7 @@ unsafe fn f32_acc<const R: usize, const B: usize, const SRC: u8>(
             }
         }
         while c < ce {
-            // SAFETY (every access): c < chunks, the caller's contract.
+            // SAFETY: every access is below chunk c < chunks of each row (the caller's contract).
             unsafe {
                 let mut xv = [_mm512_setzero_ps(); B];
                 let mut b = 0;
@@ -702,7 +728,8 @@ unsafe fn f32_pass<const R: usize, const B: usize, const SRC: u8>(
     out: &mut [&mut [f32]],
 ) {
     let cp = 16 * geo.chunks;
-    // SAFETY (all offsets): rows < nr ≤ block rows, b0 + B ≤ n, checked by the caller.
+    // SAFETY: every offset stays in bounds: rows < nr ≤ block rows and b0 + B ≤ n (checked by the
+    // caller).
     unsafe {
         let q = rows.map(|j| blk.q.add(j * cp));
         let t = rows.map(|j| blk.t.add(j * cp));
@@ -751,6 +778,9 @@ const F32_K_SPLIT: usize = 48;
 /// converted rows to the f32 `tile` that the next passes read. Otherwise the rows are
 /// dequantized into the tile first ([`super::dequant_row`]). Every pass sums in the order of
 /// [`f32_acc`].
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW. Bounds are checked (panics otherwise).
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn f32_block(
     job: &Job<'_>,
@@ -871,6 +901,9 @@ unsafe fn f32_block(
 /// 64), 8 weight rows at a time: 8 independent `vpdpbusd` chains, two transposing reductions
 /// folded into one vector of 8 sums per group, and the f32 combination in 8 lanes (the same
 /// operations in the same order as [`super::combine_int`], so the same outputs bit for bit).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI. Bounds are checked (panics otherwise).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn int8_rows8_matvec(
     job: &Job<'_>,
@@ -953,6 +986,10 @@ unsafe fn int8_rows8_matvec(
 
 /// Calls `add(g, b0 + b, sums)` for every group g in order (and activation row b), with the
 /// exact sums `Σ_{j ∈ g} u_r[j] · x_b[j]` of the 4 rows r as i32 lanes.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI, and every pointer must have `64 · wpr` readable
+/// bytes behind it.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
 unsafe fn seg_sums<const B: usize>(
@@ -968,6 +1005,7 @@ unsafe fn seg_sums<const B: usize>(
         Segments::Words { words } => {
             for g in 0..ng {
                 let (w0, w1) = (g * words, ((g + 1) * words).min(wpr));
+                // SAFETY: w1 ≤ wpr, and 64 · wpr bytes are readable (this function's contract).
                 let acc = unsafe { acc4::<B>(u, x, w0, w1) };
                 for (b, a) in acc.into_iter().enumerate() {
                     let l = lane_sums4(a);
@@ -979,6 +1017,7 @@ unsafe fn seg_sums<const B: usize>(
         }
         Segments::Sub { per_word } => {
             for wi in 0..wpr {
+                // SAFETY: wi + 1 ≤ wpr, and 64 · wpr bytes are readable (this function's contract).
                 let acc = unsafe { acc4::<B>(u, x, wi, wi + 1) };
                 for (b, a) in acc.into_iter().enumerate() {
                     let l = lane_sums4(a);
@@ -1048,6 +1087,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
             unsafe { decode_words_vbmi(w, r0 * w.wpr, nr * w.wpr, job.prec, signed, &mut sc.bytes) };
         } else {
             for k in 0..nr {
+                // SAFETY: AVX-512 F and BW are available (this function's contract).
                 unsafe { decode_row_avx512(w, r0 + k, job.prec, signed, &mut sc.bytes[k * cp..]) };
             }
         }
@@ -1071,8 +1111,11 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
                     while b < n {
                         let nb = if n - b >= 4 { 4 } else { 1 };
                         let t = if nb == 4 {
+                            // SAFETY: AVX-512 F, BW and VNNI are available (this function's
+                            // contract); the dot product checks its bounds.
                             unsafe { dot_u8i8_avx512::<4>(row, std::array::from_fn(|k| xrow(b + k)), cols.clone()) }
                         } else {
+                            // SAFETY: as in the branch above.
                             let [t] = unsafe { dot_u8i8_avx512::<1>(row, [xrow(b)], cols.clone()) };
                             [t, 0, 0, 0]
                         };
@@ -1089,9 +1132,10 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
             }
         }
         if let (Some(segs), Acts::Int8 { .. }) = (&segs, job.acts) {
-            // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract).
             match *segs {
+                // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract).
                 Segments::Words { words } if n == 1 => unsafe { int8_rows8_matvec(job, words, &sc.bytes, rows, out) },
+                // SAFETY: as above.
                 _ => unsafe { int8_rows4(job, segs, &sc.bytes, rows, out) },
             }
         }
@@ -1115,6 +1159,10 @@ fn spread_avx2(bits: u32) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_and_si256(sel, bm), bm)
 }
 
+/// [`decode_row_avx512_n`] with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2. Bounds are checked (panics otherwise).
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn decode_row_avx2_n<const N: usize>(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
@@ -1137,9 +1185,14 @@ unsafe fn decode_row_avx2_n<const N: usize>(w: &PlanarWeight, r: usize, prec: Pr
     }
 }
 
+/// [`decode_row_avx2_n`] for `prec.bits`.
+///
+/// # Safety
+/// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn decode_row_avx2(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
+    // SAFETY: the same CPU features as this function's (its contract).
     unsafe { by_bits!(prec.bits, decode_row_avx2_n(w, r, prec, signed, out)) }
 }
 
@@ -1167,6 +1220,9 @@ fn hsum_epi32_avx2(v: __m256i) -> i32 {
 /// exactly: `vpmaddubsw(|q|, sign(x, q))` (pairs ≤ 2 · 128 · 127 < 2^15, no saturation),
 /// `vpmaddwd` by 1 to i32. Loads may read up to 31 bytes past `range.end` (the activations are
 /// masked there), so every slice needs that much slack.
+///
+/// # Safety
+/// The CPU must support AVX2. Bounds and the slack are checked (panics otherwise).
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn dot_i8i8_avx2<const B: usize>(q: &[u8], xs: [&[i8]; B], range: Range<usize>) -> [i64; B] {
@@ -1216,6 +1272,9 @@ unsafe fn dot_i8i8_avx2<const B: usize>(q: &[u8], xs: [&[i8]; B], range: Range<u
 
 /// `Σ_j w[j] · x_b[j]` for `B` activation rows at once, lengths a multiple of 64; each row's
 /// summation order does not depend on `B`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. Lengths are checked (panics otherwise).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn dot_f32_avx2<const B: usize>(w: &[f32], xs: [&[f32]; B]) -> [f32; B] {
@@ -1261,6 +1320,8 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
     let n = out.len();
     let mut sc = Scratch::new(cp, n * ng);
     for (i, r) in range.enumerate() {
+        // SAFETY: AVX2 and FMA are available (this function's contract), as for every call below;
+        // the callees check their bounds.
         unsafe { decode_row_avx2(w, r, job.prec, true, &mut sc.bytes) };
         match job.acts {
             Acts::F32 { x, stride } => {
@@ -1269,12 +1330,14 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
                 let mut b = 0;
                 while b < n {
                     if n - b >= 4 {
+                        // SAFETY: as for the decode above.
                         let y = unsafe { dot_f32_avx2::<4>(&sc.wrow, std::array::from_fn(|k| xrow(b + k))) };
                         for (k, v) in y.into_iter().enumerate() {
                             out[b + k][i] = v;
                         }
                         b += 4;
                     } else {
+                        // SAFETY: as above.
                         out[b][i] = unsafe { dot_f32_avx2::<1>(&sc.wrow, [xrow(b)]) }[0];
                         b += 1;
                     }
@@ -1288,8 +1351,10 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
                     while b < n {
                         let nb = if n - b >= 4 { 4 } else { 1 };
                         let t = if nb == 4 {
+                            // SAFETY: as above.
                             unsafe { dot_i8i8_avx2::<4>(&sc.bytes, std::array::from_fn(|k| xrow(b + k)), cols.clone()) }
                         } else {
+                            // SAFETY: as above.
                             let [t] = unsafe { dot_i8i8_avx2::<1>(&sc.bytes, [xrow(b)], cols.clone()) };
                             [t, 0, 0, 0]
                         };
@@ -1308,11 +1373,20 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
     }
 }
 
+/// [`decode_row_avx512`] for the tests.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and BW.
 #[cfg(test)]
 pub(super) unsafe fn test_decode_avx512(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
+    // SAFETY: this function's contract.
     unsafe { decode_row_avx512(w, r, prec, signed, out) }
 }
 
+/// [`decode_words_vbmi`] for the tests.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW, VBMI and GFNI.
 #[cfg(test)]
 pub(super) unsafe fn test_decode_words_vbmi(
     w: &PlanarWeight,
@@ -1322,10 +1396,16 @@ pub(super) unsafe fn test_decode_words_vbmi(
     signed: bool,
     out: &mut [u8],
 ) {
+    // SAFETY: this function's contract.
     unsafe { decode_words_vbmi(w, f0, nwords, prec, signed, out) }
 }
 
+/// [`decode_row_avx2`] for the tests.
+///
+/// # Safety
+/// The CPU must support AVX2.
 #[cfg(test)]
 pub(super) unsafe fn test_decode_avx2(w: &PlanarWeight, r: usize, prec: Prec, signed: bool, out: &mut [u8]) {
+    // SAFETY: this function's contract.
     unsafe { decode_row_avx2(w, r, prec, signed, out) }
 }
