@@ -11,9 +11,10 @@ use evals::perplexity::{evaluate, windows, Candidate, PrecisionReport, Protocol,
 use kernels::{Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::{self, FloatModel, ModelSource};
-use model::{precision, KvCache, OpsMode, Precision, ResidentModel, Transformer};
+use model::{precision, KvCache, ModelConfig, OpsMode, Precision, ResidentModel, Transformer};
 use quantize::profile::ProfileRules;
 use quantize::{QuantSpec, SearchObjective};
+use tokenizers::Tokenizer;
 
 #[derive(Parser)]
 #[command(name = "drq-eval", version, about = "Evaluate a model at several precisions")]
@@ -121,193 +122,172 @@ fn main() {
     });
 }
 
+/// `drq-eval perplexity`, step by step: check the flags, load the models, cut the text into
+/// windows, build one runtime per (checkpoint, precision), score every window through all of
+/// them in lockstep, then print and write the results.
 fn perplexity(args: PerplexityArgs) -> Result<()> {
-    let precisions = precision::parse_list(&args.precision)?;
-    if args.max_windows == Some(0) {
-        bail!("--max-windows must be at least 1 (0 windows would score nothing)");
-    }
-    if args.runtime == RuntimeArg::Reference {
-        ensure!(args.threads.is_none(), "--threads applies to --runtime kernels only");
-        ensure!(args.activations == Activations::F32, "--activations int8 needs --runtime kernels");
-    }
-    ensure!(args.threads != Some(0), "--threads must be at least 1");
-    let device = cli::parse_device(&args.device)?;
-    ensure!(
-        device.is_cpu() || args.runtime == RuntimeArg::Reference,
-        "--device {}: the kernels run on the CPU; use --runtime reference on a GPU",
-        args.device
+    let plan = Plan::from_args(&args)?;
+    let models = Models::load(&args, &plan)?;
+    let wins = score_windows(&args, &plan, &models)?;
+    let runs = Runs::build(&args, &plan, &models, &wins)?;
+    let (reports, seconds) = run_windows(&plan, &models, &runs, &wins)?;
+    print_table(&reports, wins.len());
+    let forward_tokens = wins.iter().map(|w| w.tokens.len() - 1).sum::<usize>() * runs.models.len();
+    println!(
+        "{} windows, {} tokens scored per model, {seconds:.1}s ({:.0} tokens/s through the model)",
+        wins.len(),
+        reports[0].tokens_scored,
+        forward_tokens as f64 / seconds
     );
-    let text = std::fs::read(&args.file).with_context(|| format!("cannot read text file {}", args.file.display()))?;
-    let text = String::from_utf8(text).with_context(|| format!("{} is not UTF-8 text", args.file.display()))?;
-    let protocol = match args.protocol {
-        ProtocolArg::Llama => Protocol::LlamaCpp,
-        ProtocolArg::Strided => Protocol::Strided { stride: args.stride.unwrap_or((args.ctx / 2).max(1)) },
-    };
-    let profiles = ProfileRules::load_all(&args.profile)?;
-    for (flag, path) in [("--json", &args.json), ("--plot", &args.plot)] {
-        if let Some(path) = path {
-            cli::check_output_dir(flag, path)?;
-        }
-    }
-    let wants_float = precisions.contains(&Precision::Float);
-    let int_precisions: Vec<Precision> = precisions.iter().filter(|p| **p != Precision::Float).cloned().collect();
+    write_outputs(&args, &plan, &models, &runs, &reports, wins.len(), seconds)
+}
 
-    // At most one float model (for `fp` and as the KL baseline) and any number of checkpoints,
-    // all evaluated in lockstep so the float logits are computed once per window.
-    let mut float: Option<FloatModel> = None;
-    let mut checkpoints: Vec<Checkpoint> = Vec::new();
-    let mut _temporary = None;
-    for spec in args.model.iter().chain(&args.reference) {
-        match spec.parse::<ModelSource>()? {
-            ModelSource::Checkpoint(path) => checkpoints.push(Checkpoint::open(&path)?),
-            source if float.is_none() => {
-                let (model, provenance) = source::load_float(&source)?;
-                if checkpoints.is_empty() && !int_precisions.is_empty() && args.model.len() == 1 {
-                    // A float model alone: quantize it, through a real checkpoint file so that
-                    // what is measured is exactly what is served.
-                    let spec = QuantSpec {
-                        bits: args.bits.clone(),
-                        granularity: args.granularity,
-                        tie: args.tie,
-                        objective: args.objective,
-                    };
-                    tracing::info!("quantizing in memory ({spec})");
-                    let q = quantize::quantize_model(&model, &spec, &[], |_| {})?;
-                    let tmp = tempfile::Builder::new().prefix("drq-eval-").suffix(".safetensors").tempfile()?;
-                    quantize::write_checkpoint(tmp.path(), &model, &provenance, &q)?;
-                    checkpoints.push(Checkpoint::open(tmp.path())?);
-                    _temporary = Some(tmp);
-                }
-                float = Some(model);
+/// What the flags ask for, checked before anything is loaded.
+struct Plan {
+    /// `fp` among the precisions.
+    wants_float: bool,
+    /// The checkpoint precisions (bit-widths and profiles), in the order given.
+    int_precisions: Vec<Precision>,
+    protocol: Protocol,
+    text: String,
+    profiles: Vec<ProfileRules>,
+    device: candle_core::Device,
+}
+
+impl Plan {
+    fn from_args(args: &PerplexityArgs) -> Result<Self> {
+        let precisions = precision::parse_list(&args.precision)?;
+        if args.max_windows == Some(0) {
+            bail!("--max-windows must be at least 1 (0 windows would score nothing)");
+        }
+        if args.runtime == RuntimeArg::Reference {
+            ensure!(args.threads.is_none(), "--threads applies to --runtime kernels only");
+            ensure!(args.activations == Activations::F32, "--activations int8 needs --runtime kernels");
+        }
+        ensure!(args.threads != Some(0), "--threads must be at least 1");
+        let device = cli::parse_device(&args.device)?;
+        ensure!(
+            device.is_cpu() || args.runtime == RuntimeArg::Reference,
+            "--device {}: the kernels run on the CPU; use --runtime reference on a GPU",
+            args.device
+        );
+        let text =
+            std::fs::read(&args.file).with_context(|| format!("cannot read text file {}", args.file.display()))?;
+        let text = String::from_utf8(text).with_context(|| format!("{} is not UTF-8 text", args.file.display()))?;
+        let protocol = match args.protocol {
+            ProtocolArg::Llama => Protocol::LlamaCpp,
+            ProtocolArg::Strided => Protocol::Strided { stride: args.stride.unwrap_or((args.ctx / 2).max(1)) },
+        };
+        let profiles = ProfileRules::load_all(&args.profile)?;
+        for (flag, path) in [("--json", &args.json), ("--plot", &args.plot)] {
+            if let Some(path) = path {
+                cli::check_output_dir(flag, path)?;
             }
-            source => bail!("{source}: only one float model can be evaluated at a time"),
         }
+        Ok(Self {
+            wants_float: precisions.contains(&Precision::Float),
+            int_precisions: precisions.into_iter().filter(|p| *p != Precision::Float).collect(),
+            protocol,
+            text,
+            profiles,
+            device,
+        })
     }
-    if wants_float && float.is_none() {
-        bail!("`fp` needs a float model: a checkpoint stores no float weights (add --reference SRC)");
-    }
-    if !int_precisions.is_empty() && checkpoints.is_empty() {
-        bail!("integer precisions need a checkpoint or a float model to quantize");
-    }
-    for c in &mut checkpoints {
-        for p in &profiles {
-            let bits = p.resolve(&c.quantization().quantized)?;
-            c.add_profile(&p.name, bits)?;
-        }
-    }
-    let config = match (&float, checkpoints.first()) {
-        (_, Some(c)) => c.config().clone(),
-        (Some(f), None) => f.config.clone(),
-        (None, None) => bail!("no model given"),
-    };
-    for c in &checkpoints {
-        if *c.config() != config || float.as_ref().is_some_and(|f| f.config != config) {
-            bail!("{}: not the same model as the others (configs differ)", c.path().display());
-        }
-    }
-    let (tokenizer, add_bos) = match (&float, checkpoints.first()) {
-        (Some(f), _) => (f.tokenizer.clone(), f.add_bos),
-        (None, Some(c)) => (c.tokenizer()?, c.add_bos()),
-        (None, None) => unreachable!("checked above"),
-    };
+}
 
-    let encoding = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+/// At most one float model (for `fp` and as the KL baseline) and any number of checkpoints of the
+/// same model, with the tokenizer they share.
+struct Models {
+    float: Option<FloatModel>,
+    checkpoints: Vec<Checkpoint>,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    add_bos: bool,
+    /// The checkpoint file of an in-memory quantization, removed when the evaluation ends.
+    _temporary: Option<tempfile::NamedTempFile>,
+}
+
+impl Models {
+    fn load(args: &PerplexityArgs, plan: &Plan) -> Result<Self> {
+        let mut float: Option<FloatModel> = None;
+        let mut checkpoints: Vec<Checkpoint> = Vec::new();
+        let mut temporary = None;
+        for spec in args.model.iter().chain(&args.reference) {
+            match spec.parse::<ModelSource>()? {
+                ModelSource::Checkpoint(path) => checkpoints.push(Checkpoint::open(&path)?),
+                source if float.is_none() => {
+                    let (model, provenance) = source::load_float(&source)?;
+                    if checkpoints.is_empty() && !plan.int_precisions.is_empty() && args.model.len() == 1 {
+                        // A float model alone: quantize it, through a real checkpoint file so that
+                        // what is measured is exactly what is served.
+                        let spec = QuantSpec {
+                            bits: args.bits.clone(),
+                            granularity: args.granularity,
+                            tie: args.tie,
+                            objective: args.objective,
+                        };
+                        tracing::info!("quantizing in memory ({spec})");
+                        let q = quantize::quantize_model(&model, &spec, &[], |_| {})?;
+                        let tmp = tempfile::Builder::new().prefix("drq-eval-").suffix(".safetensors").tempfile()?;
+                        quantize::write_checkpoint(tmp.path(), &model, &provenance, &q)?;
+                        checkpoints.push(Checkpoint::open(tmp.path())?);
+                        temporary = Some(tmp);
+                    }
+                    float = Some(model);
+                }
+                source => bail!("{source}: only one float model can be evaluated at a time"),
+            }
+        }
+        if plan.wants_float && float.is_none() {
+            bail!("`fp` needs a float model: a checkpoint stores no float weights (add --reference SRC)");
+        }
+        if !plan.int_precisions.is_empty() && checkpoints.is_empty() {
+            bail!("integer precisions need a checkpoint or a float model to quantize");
+        }
+        for c in &mut checkpoints {
+            for p in &plan.profiles {
+                let bits = p.resolve(&c.quantization().quantized)?;
+                c.add_profile(&p.name, bits)?;
+            }
+        }
+        let config = match (&float, checkpoints.first()) {
+            (_, Some(c)) => c.config().clone(),
+            (Some(f), None) => f.config.clone(),
+            (None, None) => bail!("no model given"),
+        };
+        for c in &checkpoints {
+            if *c.config() != config || float.as_ref().is_some_and(|f| f.config != config) {
+                bail!("{}: not the same model as the others (configs differ)", c.path().display());
+            }
+        }
+        let (tokenizer, add_bos) = match (&float, checkpoints.first()) {
+            (Some(f), _) => (f.tokenizer.clone(), f.add_bos),
+            (None, Some(c)) => (c.tokenizer()?, c.add_bos()),
+            (None, None) => unreachable!("checked above"),
+        };
+        Ok(Self { float, checkpoints, config, tokenizer, add_bos, _temporary: temporary })
+    }
+
+    /// Each checkpoint's file name, to tell several apart.
+    fn names(&self) -> Vec<String> {
+        let stem = |c: &Checkpoint| c.path().file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+        self.checkpoints.iter().map(stem).collect()
+    }
+}
+
+/// The text tokenized and cut into windows by the protocol.
+fn score_windows(args: &PerplexityArgs, plan: &Plan, models: &Models) -> Result<Vec<Window>> {
+    let encoding =
+        models.tokenizer.encode(plan.text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
     let mut tokens = encoding.get_ids().to_vec();
     if let Some(limit) = args.limit_tokens {
         tokens.truncate(limit);
     }
-    let bos = if add_bos { config.bos_token_id } else { None };
-    let mut wins = windows(&tokens, args.ctx, protocol, bos)?;
+    let bos = if models.add_bos { models.config.bos_token_id } else { None };
+    let mut wins = windows(&tokens, args.ctx, plan.protocol, bos)?;
     if let Some(max) = args.max_windows {
         wins.truncate(max);
     }
-
-    let mut models: Vec<(String, Transformer)> = Vec::new();
-    if let (Some(f), true) = (&float, wants_float) {
-        models
-            .push(("fp".to_string(), Transformer::new(&f.config, &f.weights.to_device(&device)?, OpsMode::Inference)?));
-    }
-    let label = |c: &Checkpoint, p: &Precision| {
-        // Several checkpoints: name each row by its file, which tells apart checkpoints of one
-        // granularity (e.g. differently trained ones).
-        match c.path().file_stem() {
-            Some(stem) if checkpoints.len() > 1 => format!("{p} {}", stem.to_string_lossy()),
-            _ => p.to_string(),
-        }
-    };
-    // (checkpoint index, bits per weight) of each checkpoint precision, in the order their models
-    // follow `fp` below.
-    let mut storage_bits: Vec<(usize, f64)> = Vec::new();
-    for (i, c) in checkpoints.iter().enumerate() {
-        for p in &int_precisions {
-            storage_bits.push((i, c.bits_per_weight(p)?));
-        }
-    }
-    let mut checkpoint_info = Vec::new();
-    let runtime_info = match args.runtime {
-        RuntimeArg::Reference => {
-            for c in &checkpoints {
-                for p in &int_precisions {
-                    models.push((
-                        label(c, p),
-                        Transformer::new(&config, &c.weights_at(p)?.to_device(&device)?, OpsMode::Inference)?,
-                    ));
-                }
-            }
-            serde_json::json!({ "runtime": "reference", "device": args.device })
-        }
-        RuntimeArg::Kernels => {
-            let mut kernel = KernelConfig { path: args.activations.path(), ..KernelConfig::default() };
-            // One resident copy per checkpoint serves all its precisions.
-            let started = Instant::now();
-            let residents = if int_precisions.is_empty() {
-                Vec::new()
-            } else {
-                checkpoints.iter().map(ResidentModel::from_checkpoint).collect::<Result<Vec<_>>>()?
-            };
-            let bytes: usize = residents.iter().map(ResidentModel::resident_bytes).sum();
-            tracing::info!(
-                "resident weights built in {:.1}s ({:.1} MiB)",
-                started.elapsed().as_secs_f64(),
-                bytes as f64 / (1 << 20) as f64
-            );
-            let (threads, timing) = match (args.threads, residents.first(), int_precisions.first()) {
-                (Some(t), _, _) => (t, None),
-                (None, Some(r), Some(p)) => {
-                    let (t, timing) = pick_threads(r, p, kernel, &wins)?;
-                    (t, Some(timing))
-                }
-                (None, _, _) => (1, None),
-            };
-            kernel.threads = threads;
-            tracing::info!(
-                "kernels: backend {}, {} activations, {threads} thread(s){}",
-                kernel.backend,
-                args.activations.name(),
-                if args.threads.is_some() { "" } else { " (timed)" }
-            );
-            for (c, r) in checkpoints.iter().zip(&residents) {
-                for p in &int_precisions {
-                    models.push((label(c, p), Transformer::from_resident(r, p, &kernel)?));
-                }
-            }
-            serde_json::json!({
-                "runtime": "kernels",
-                "backend": kernel.backend.name(),
-                "activations": args.activations.name(),
-                "threads": threads,
-                "threads_timing_seconds": timing,
-                "resident_bytes": bytes,
-            })
-        }
-    };
-    for c in &checkpoints {
-        checkpoint_info.push(serde_json::json!({ "path": c.path(), "quantization": c.quantization() }));
-    }
-    let candidates: Vec<Candidate> =
-        models.iter().map(|(label, m)| Candidate { label: label.clone(), model: m }).collect();
-    let reference = (float.is_some() && wants_float).then_some(0);
-
     tracing::info!(
         "{} tokens, {} windows of up to {} tokens, precisions {}",
         tokens.len(),
@@ -315,12 +295,114 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         args.ctx,
         args.precision
     );
+    Ok(wins)
+}
+
+/// One runtime per row of the results: `fp` first, then each checkpoint at each precision.
+struct Runs {
+    models: Vec<(String, Transformer)>,
+    /// (checkpoint index, bits per weight) of each checkpoint precision, in the order their models
+    /// follow `fp`.
+    storage_bits: Vec<(usize, f64)>,
+    /// How the checkpoint precisions ran (for --json).
+    runtime_info: serde_json::Value,
+}
+
+impl Runs {
+    fn build(args: &PerplexityArgs, plan: &Plan, models: &Models, wins: &[Window]) -> Result<Self> {
+        let (checkpoints, config, device) = (&models.checkpoints, &models.config, &plan.device);
+        let mut runs = Vec::new();
+        if let (Some(f), true) = (&models.float, plan.wants_float) {
+            runs.push((
+                "fp".to_string(),
+                Transformer::new(&f.config, &f.weights.to_device(device)?, OpsMode::Inference)?,
+            ));
+        }
+        let label = |c: &Checkpoint, p: &Precision| {
+            // Several checkpoints: name each row by its file, which tells apart checkpoints of one
+            // granularity (e.g. differently trained ones).
+            match c.path().file_stem() {
+                Some(stem) if checkpoints.len() > 1 => format!("{p} {}", stem.to_string_lossy()),
+                _ => p.to_string(),
+            }
+        };
+        let mut storage_bits = Vec::new();
+        for (i, c) in checkpoints.iter().enumerate() {
+            for p in &plan.int_precisions {
+                storage_bits.push((i, c.bits_per_weight(p)?));
+            }
+        }
+        let runtime_info = match args.runtime {
+            RuntimeArg::Reference => {
+                for c in checkpoints {
+                    for p in &plan.int_precisions {
+                        let weights = c.weights_at(p)?.to_device(device)?;
+                        runs.push((label(c, p), Transformer::new(config, &weights, OpsMode::Inference)?));
+                    }
+                }
+                serde_json::json!({ "runtime": "reference", "device": args.device })
+            }
+            RuntimeArg::Kernels => {
+                let mut kernel = KernelConfig { path: args.activations.path(), ..KernelConfig::default() };
+                // One resident copy per checkpoint serves all its precisions.
+                let started = Instant::now();
+                let residents = if plan.int_precisions.is_empty() {
+                    Vec::new()
+                } else {
+                    checkpoints.iter().map(ResidentModel::from_checkpoint).collect::<Result<Vec<_>>>()?
+                };
+                let bytes: usize = residents.iter().map(ResidentModel::resident_bytes).sum();
+                tracing::info!(
+                    "resident weights built in {:.1}s ({:.1} MiB)",
+                    started.elapsed().as_secs_f64(),
+                    bytes as f64 / (1 << 20) as f64
+                );
+                let (threads, timing) = match (args.threads, residents.first(), plan.int_precisions.first()) {
+                    (Some(t), _, _) => (t, None),
+                    (None, Some(r), Some(p)) => {
+                        let (t, timing) = pick_threads(r, p, kernel, wins)?;
+                        (t, Some(timing))
+                    }
+                    (None, _, _) => (1, None),
+                };
+                kernel.threads = threads;
+                tracing::info!(
+                    "kernels: backend {}, {} activations, {threads} thread(s){}",
+                    kernel.backend,
+                    args.activations.name(),
+                    if args.threads.is_some() { "" } else { " (timed)" }
+                );
+                for (c, r) in checkpoints.iter().zip(&residents) {
+                    for p in &plan.int_precisions {
+                        runs.push((label(c, p), Transformer::from_resident(r, p, &kernel)?));
+                    }
+                }
+                serde_json::json!({
+                    "runtime": "kernels",
+                    "backend": kernel.backend.name(),
+                    "activations": args.activations.name(),
+                    "threads": threads,
+                    "threads_timing_seconds": timing,
+                    "resident_bytes": bytes,
+                })
+            }
+        };
+        Ok(Self { models: runs, storage_bits, runtime_info })
+    }
+}
+
+/// Every window through every runtime (the float logits computed once per window), with a
+/// progress bar; returns a report per runtime, bits per weight filled in, and the seconds taken.
+fn run_windows(plan: &Plan, models: &Models, runs: &Runs, wins: &[Window]) -> Result<(Vec<PrecisionReport>, f64)> {
+    let candidates: Vec<Candidate> =
+        runs.models.iter().map(|(label, m)| Candidate { label: label.clone(), model: m }).collect();
+    let reference = (models.float.is_some() && plan.wants_float).then_some(0);
     let started = Instant::now();
     let bar = cli::progress_bar(wins.len() as u64, "perplexity");
     // The bar is hidden when stderr is not a terminal; log progress then, for long batch runs.
     let log_every =
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) { usize::MAX } else { (wins.len() / 20).max(1) };
-    let mut reports = evaluate(&candidates, reference, &wins, |done| {
+    let mut reports = evaluate(&candidates, reference, wins, |done| {
         bar.set_position(done as u64);
         if done % log_every == 0 {
             tracing::info!("{done}/{} windows, {:.0}s", wins.len(), started.elapsed().as_secs_f64());
@@ -329,43 +411,48 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     // The checkpoint precisions' reports are the last ones, in `storage_bits`' order.
-    let first_stored = reports.len() - storage_bits.len();
-    for (r, &(_, bits)) in reports[first_stored..].iter_mut().zip(&storage_bits) {
+    let first_stored = reports.len() - runs.storage_bits.len();
+    for (r, &(_, bits)) in reports[first_stored..].iter_mut().zip(&runs.storage_bits) {
         r.bits_per_weight = Some(bits);
     }
+    Ok((reports, seconds))
+}
 
-    print_table(&reports, wins.len());
-    let forward_tokens = wins.iter().map(|w| w.tokens.len() - 1).sum::<usize>() * candidates.len();
-    println!(
-        "{} windows, {} tokens scored per model, {seconds:.1}s ({:.0} tokens/s through the model)",
-        wins.len(),
-        reports[0].tokens_scored,
-        forward_tokens as f64 / seconds
-    );
+/// `--plot` and `--json`.
+fn write_outputs(
+    args: &PerplexityArgs,
+    plan: &Plan,
+    models: &Models,
+    runs: &Runs,
+    reports: &[PrecisionReport],
+    windows: usize,
+    seconds: f64,
+) -> Result<()> {
     if let Some(path) = &args.plot {
-        let names: Vec<String> = checkpoints
-            .iter()
-            .map(|c| c.path().file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned()))
-            .collect();
-        let title = format!(
-            "{}, ctx {}, {} windows",
-            args.file.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
-            args.ctx,
-            wins.len()
-        );
-        let svg = plot_perplexity_vs_bits(&reports, &storage_bits, &names, &title);
+        let file = args.file.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+        let title = format!("{file}, ctx {}, {windows} windows", args.ctx);
+        let svg = plot_perplexity_vs_bits(reports, &runs.storage_bits, &models.names(), &title);
         cli::write_atomically(path, svg.as_bytes())?;
     }
     if let Some(path) = &args.json {
+        let checkpoints: Vec<_> = models
+            .checkpoints
+            .iter()
+            .map(|c| serde_json::json!({ "path": c.path(), "quantization": c.quantization() }))
+            .collect();
+        let protocol = match plan.protocol {
+            Protocol::LlamaCpp => "llama".to_string(),
+            Protocol::Strided { stride } => format!("strided:{stride}"),
+        };
         let json = serde_json::json!({
             "model": args.model,
             "reference": args.reference,
             "file": args.file,
             "ctx": args.ctx,
-            "protocol": match protocol { Protocol::LlamaCpp => "llama".to_string(), Protocol::Strided { stride } => format!("strided:{stride}") },
-            "windows": wins.len(),
-            "checkpoints": checkpoint_info,
-            "runtime": runtime_info,
+            "protocol": protocol,
+            "windows": windows,
+            "checkpoints": checkpoints,
+            "runtime": runs.runtime_info,
             "seconds": seconds,
             "results": reports,
         });

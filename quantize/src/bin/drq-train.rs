@@ -174,64 +174,19 @@ const RECIPE: &str = "recipe.toml";
 /// Exit status after Ctrl-C (128 + SIGINT), once the state is saved.
 const INTERRUPTED: i32 = 130;
 
+/// `drq-train`, step by step: check the outputs, settle the recipe (new or resumed), load the
+/// model and its training text, start or resume the trainer, train (evaluating, plotting and
+/// saving on the way; stopping early on `--stop-at-step` or Ctrl-C), then write the checkpoint.
 fn run(args: Args) -> Result<()> {
     let started = Instant::now();
-    if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-        bail!("--out must end in .safetensors (got {})", args.out.display());
-    }
-    if args.out.exists() && !args.force {
-        bail!("{} exists; pass --force to overwrite it", args.out.display());
-    }
-    cli::check_output_dir("--out", &args.out)?;
+    check_out(&args)?;
     // Read before training, so that a bad profile fails now rather than after the run.
     let profiles = ProfileRules::load_all(&args.profile)?;
-    let state_path = args.run_dir.join(STATE);
-    let log_path = args.run_dir.join(LOG);
-
-    let cfg = if args.resume {
-        ensure!(state_path.is_file(), "--resume: {} has no training state ({STATE})", args.run_dir.display());
-        let mut probe = TrainConfig::default();
-        if args.config.is_some() || args.apply(&mut probe) {
-            bail!(
-                "--resume continues the saved recipe ({}); recipe flags and --config cannot change it",
-                args.run_dir.join(RECIPE).display()
-            );
-        }
-        Trainer::state_config(&state_path)?
-    } else {
-        if state_path.exists() && !args.force {
-            bail!(
-                "{} already holds a training state: continue it with --resume, or start over with --force",
-                args.run_dir.display()
-            );
-        }
-        let mut cfg = match &args.config {
-            Some(p) => TrainConfig::load(p)?,
-            None => TrainConfig::default(),
-        };
-        args.apply(&mut cfg);
-        cfg.validate()?;
-        cfg
-    };
-    if let Some(stop) = args.stop_at_step {
-        ensure!(stop >= 1 && stop < cfg.steps, "--stop-at-step must be between 1 and steps − 1 ({})", cfg.steps - 1);
-    }
+    let paths = RunPaths::new(&args.run_dir);
+    let cfg = recipe(&args, &paths)?;
     let files = data::collect_files(&args.data)?;
     let device = cli::parse_device(&args.device)?;
-
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        ctrlc::set_handler(move || {
-            if flag.swap(true, Ordering::SeqCst) {
-                // A second Ctrl-C: stop now (the last saved state is intact: saves are atomic).
-                eprintln!("interrupted again: exiting without saving");
-                std::process::exit(INTERRUPTED);
-            }
-            eprintln!("interrupt: saving the training state after this step (Ctrl-C again to quit now)");
-        })
-        .context("cannot install the Ctrl-C handler")?;
-    }
+    let interrupted = interrupt_flag()?;
 
     let source: ModelSource = args.model.parse()?;
     if matches!(source, ModelSource::Checkpoint(_)) {
@@ -251,15 +206,15 @@ fn run(args: Args) -> Result<()> {
 
     std::fs::create_dir_all(&args.run_dir).with_context(|| format!("cannot create {}", args.run_dir.display()))?;
     let mut trainer = if args.resume {
-        let t = Trainer::resume(float, &state_path, &blocks, &provenance.sha256, &device)?;
-        runlog::truncate(&log_path, t.step_count())?;
+        let t = Trainer::resume(float, &paths.state, &blocks, &provenance.sha256, &device)?;
+        runlog::truncate(&paths.log, t.step_count())?;
         tracing::info!("resuming at step {} of {}", t.step_count(), cfg.steps);
         t
     } else {
         tracing::info!("initial scales: PTQ search ({})", cfg.quant_spec()?);
         let t = Trainer::new(float, cfg.clone(), &device)?;
-        write_atomically(&log_path, b"")?;
-        write_atomically(&args.run_dir.join(RECIPE), toml::to_string(&cfg)?.as_bytes())?;
+        write_atomically(&paths.log, b"")?;
+        write_atomically(&paths.recipe, toml::to_string(&cfg)?.as_bytes())?;
         t
     };
     ensure!(
@@ -267,94 +222,204 @@ fn run(args: Args) -> Result<()> {
         "the run is complete ({} steps); its checkpoint was written at the end",
         cfg.steps
     );
-    let title = format!("drq-train {} — {} / alrs {} / train {}", args.model, cfg.granularity, cfg.alrs, cfg.train);
-    let save = |t: &Trainer| -> Result<()> { t.save_state(&state_path, &blocks, &provenance.sha256) };
-    let plot = || -> Result<()> {
-        write_atomically(&args.run_dir.join(PLOT), runlog::plot_svg(&runlog::read(&log_path)?, &title).as_bytes())
-    };
 
-    let float_ppl = trainer.evaluate_float(&blocks)?.exp();
-    if trainer.step_count() == 0 {
-        evaluate(&trainer, &blocks, &log_path, Some(float_ppl))?;
-        plot()?;
+    let title = format!("drq-train {} — {} / alrs {} / train {}", args.model, cfg.granularity, cfg.alrs, cfg.train);
+    let session =
+        Session { args: &args, paths: &paths, cfg: &cfg, blocks: &blocks, source_sha256: &provenance.sha256, title };
+    if let Ended::Early = session.train(&mut trainer, &interrupted)? {
+        return Ok(());
     }
-    let bar = cli::progress_bar(cfg.steps, "training");
-    bar.set_position(trainer.step_count());
-    bar.reset_eta();
-    let run_start = Instant::now();
-    while trainer.step_count() < cfg.steps {
-        let t0 = Instant::now();
-        let r = trainer.step(&blocks)?;
-        let secs = t0.elapsed().as_secs_f64();
-        let tokens_per_s = r.tokens as f64 / secs;
-        let losses: Vec<String> = r.loss.iter().rev().map(|(b, l)| format!("W{b} {l:.3}")).collect();
-        bar.set_prefix(format!("{} | {tokens_per_s:.0} tok/s", losses.join(" ")));
-        bar.set_position(r.step);
-        if !console_is_tty() {
-            tracing::info!("step {}/{}: loss {} | {tokens_per_s:.0} tok/s", r.step, cfg.steps, losses.join(" "));
-        }
-        let step = r.step;
-        runlog::append(
-            &log_path,
-            &Record::Step {
-                step,
-                lr: r.lr,
-                scale_lr: r.scale_lr,
-                loss: r.loss,
-                ce: r.ce,
-                alrs_g: r.alrs_g,
-                scale_grad_norm: r.scale_grad_norm,
-                weight_grad_norm: r.weight_grad_norm,
-                tokens: r.tokens,
-                tokens_per_s,
-                elapsed_s: run_start.elapsed().as_secs_f64(),
-            },
-        )?;
-        let last = step == cfg.steps;
-        if last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
-            bar.suspend(|| evaluate(&trainer, &blocks, &log_path, Some(float_ppl)))?;
-            plot()?;
-        }
-        let stop = args.stop_at_step == Some(step);
-        let interrupt = interrupted.load(Ordering::SeqCst);
-        if last || stop || interrupt || (cfg.save_every > 0 && step % cfg.save_every == 0) {
-            save(&trainer)?;
-        }
-        if (stop || interrupt) && !last {
-            bar.abandon();
-            plot()?;
-            eprintln!(
-                "{} at step {step}/{}: state saved in {}; continue with --resume --run-dir {}",
-                if interrupt { "interrupted" } else { "stopped" },
-                cfg.steps,
-                state_path.display(),
-                args.run_dir.display()
-            );
-            if interrupt {
-                std::process::exit(INTERRUPTED);
-            }
-            return Ok(());
-        }
-    }
-    bar.finish_and_clear();
+
     let mut q = trainer.quantized_model()?;
     for p in &profiles {
         let bits = p.resolve(&q.quantization.quantized)?;
         q.quantization.add_profile(&p.name, bits)?;
     }
     write_checkpoint_as(&args.out, trainer.float_model(), &provenance, &q, "drq-train")?;
-    plot()?;
+    session.plot()?;
     let peak = peak_rss_mib();
     tracing::info!(
         "wrote {} after {} steps in {:.1}s (log {}, plot {}){}",
         args.out.display(),
         cfg.steps,
         started.elapsed().as_secs_f64(),
-        log_path.display(),
-        args.run_dir.join(PLOT).display(),
+        paths.log.display(),
+        paths.plot.display(),
         peak.map(|m| format!("; peak RSS {m:.0} MiB")).unwrap_or_default()
     );
     Ok(())
+}
+
+/// `--out`: a new `.safetensors` file (or `--force`) in an existing directory.
+fn check_out(args: &Args) -> Result<()> {
+    if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        bail!("--out must end in .safetensors (got {})", args.out.display());
+    }
+    if args.out.exists() && !args.force {
+        bail!("{} exists; pass --force to overwrite it", args.out.display());
+    }
+    cli::check_output_dir("--out", &args.out)
+}
+
+/// The files of a run directory.
+struct RunPaths {
+    state: PathBuf,
+    log: PathBuf,
+    plot: PathBuf,
+    recipe: PathBuf,
+}
+
+impl RunPaths {
+    fn new(dir: &Path) -> Self {
+        Self { state: dir.join(STATE), log: dir.join(LOG), plot: dir.join(PLOT), recipe: dir.join(RECIPE) }
+    }
+}
+
+/// The recipe of the run: the saved one on `--resume` (which no flag may change), else
+/// `--config` (or the default) with the flags applied, validated.
+fn recipe(args: &Args, paths: &RunPaths) -> Result<TrainConfig> {
+    let cfg = if args.resume {
+        ensure!(paths.state.is_file(), "--resume: {} has no training state ({STATE})", args.run_dir.display());
+        let mut probe = TrainConfig::default();
+        if args.config.is_some() || args.apply(&mut probe) {
+            bail!(
+                "--resume continues the saved recipe ({}); recipe flags and --config cannot change it",
+                paths.recipe.display()
+            );
+        }
+        Trainer::state_config(&paths.state)?
+    } else {
+        if paths.state.exists() && !args.force {
+            bail!(
+                "{} already holds a training state: continue it with --resume, or start over with --force",
+                args.run_dir.display()
+            );
+        }
+        let mut cfg = match &args.config {
+            Some(p) => TrainConfig::load(p)?,
+            None => TrainConfig::default(),
+        };
+        args.apply(&mut cfg);
+        cfg.validate()?;
+        cfg
+    };
+    if let Some(stop) = args.stop_at_step {
+        ensure!(stop >= 1 && stop < cfg.steps, "--stop-at-step must be between 1 and steps − 1 ({})", cfg.steps - 1);
+    }
+    Ok(cfg)
+}
+
+/// Set by the first Ctrl-C (the loop saves and exits after the step); a second one exits at once.
+fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            // A second Ctrl-C: stop now (the last saved state is intact: saves are atomic).
+            eprintln!("interrupted again: exiting without saving");
+            std::process::exit(INTERRUPTED);
+        }
+        eprintln!("interrupt: saving the training state after this step (Ctrl-C again to quit now)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(interrupted)
+}
+
+/// How the training loop ended.
+enum Ended {
+    /// Every step ran: the checkpoint comes next.
+    Complete,
+    /// `--stop-at-step` (the state is saved; `--resume` continues).
+    Early,
+}
+
+/// What the training loop works with.
+struct Session<'a> {
+    args: &'a Args,
+    paths: &'a RunPaths,
+    cfg: &'a TrainConfig,
+    blocks: &'a TokenBlocks,
+    source_sha256: &'a str,
+    title: String,
+}
+
+impl Session<'_> {
+    /// Steps until the recipe's last: each logged; held-out perplexity and the plot every
+    /// `eval_every` steps and at the end; the state saved every `save_every` steps, at the end,
+    /// at `--stop-at-step` and on Ctrl-C (which then exits with status 130).
+    fn train(&self, trainer: &mut Trainer, interrupted: &AtomicBool) -> Result<Ended> {
+        let (cfg, log) = (self.cfg, &self.paths.log);
+        let float_ppl = trainer.evaluate_float(self.blocks)?.exp();
+        if trainer.step_count() == 0 {
+            evaluate(trainer, self.blocks, log, Some(float_ppl))?;
+            self.plot()?;
+        }
+        let bar = cli::progress_bar(cfg.steps, "training");
+        bar.set_position(trainer.step_count());
+        bar.reset_eta();
+        let run_start = Instant::now();
+        while trainer.step_count() < cfg.steps {
+            let t0 = Instant::now();
+            let r = trainer.step(self.blocks)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let tokens_per_s = r.tokens as f64 / secs;
+            let losses: Vec<String> = r.loss.iter().rev().map(|(b, l)| format!("W{b} {l:.3}")).collect();
+            bar.set_prefix(format!("{} | {tokens_per_s:.0} tok/s", losses.join(" ")));
+            bar.set_position(r.step);
+            if !console_is_tty() {
+                tracing::info!("step {}/{}: loss {} | {tokens_per_s:.0} tok/s", r.step, cfg.steps, losses.join(" "));
+            }
+            let step = r.step;
+            runlog::append(
+                log,
+                &Record::Step {
+                    step,
+                    lr: r.lr,
+                    scale_lr: r.scale_lr,
+                    loss: r.loss,
+                    ce: r.ce,
+                    alrs_g: r.alrs_g,
+                    scale_grad_norm: r.scale_grad_norm,
+                    weight_grad_norm: r.weight_grad_norm,
+                    tokens: r.tokens,
+                    tokens_per_s,
+                    elapsed_s: run_start.elapsed().as_secs_f64(),
+                },
+            )?;
+            let last = step == cfg.steps;
+            if last || (cfg.eval_every > 0 && step % cfg.eval_every == 0) {
+                bar.suspend(|| evaluate(trainer, self.blocks, log, Some(float_ppl)))?;
+                self.plot()?;
+            }
+            let stop = self.args.stop_at_step == Some(step);
+            let interrupt = interrupted.load(Ordering::SeqCst);
+            if last || stop || interrupt || (cfg.save_every > 0 && step % cfg.save_every == 0) {
+                trainer.save_state(&self.paths.state, self.blocks, self.source_sha256)?;
+            }
+            if (stop || interrupt) && !last {
+                bar.abandon();
+                self.plot()?;
+                eprintln!(
+                    "{} at step {step}/{}: state saved in {}; continue with --resume --run-dir {}",
+                    if interrupt { "interrupted" } else { "stopped" },
+                    cfg.steps,
+                    self.paths.state.display(),
+                    self.args.run_dir.display()
+                );
+                if interrupt {
+                    std::process::exit(INTERRUPTED);
+                }
+                return Ok(Ended::Early);
+            }
+        }
+        bar.finish_and_clear();
+        Ok(Ended::Complete)
+    }
+
+    /// Redraws `plot.svg` from the whole log.
+    fn plot(&self) -> Result<()> {
+        write_atomically(&self.paths.plot, runlog::plot_svg(&runlog::read(&self.paths.log)?, &self.title).as_bytes())
+    }
 }
 
 /// Held-out cross-entropy and perplexity per precision, logged and printed.
