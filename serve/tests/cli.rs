@@ -4,7 +4,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
@@ -83,7 +83,7 @@ fn sigterm_finishes_in_flight_streams_then_exits_zero() {
     let finished = rest.iter().filter(|l| l.contains("\"finish_reason\":\"")).count();
     assert_eq!(finished, 16, "every choice ends with its finish_reason");
     // New connections are refused once it stopped accepting, and it exits 0.
-    let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+    let status = drq_tests::wait_with_timeout(&mut child, Duration::from_secs(20));
     assert!(status.success(), "exit status {status}");
     assert!(ureq::get(&format!("http://{addr}/health")).call().is_err());
 }
@@ -115,53 +115,15 @@ fn a_profile_flag_is_served_by_name() {
     child.wait().unwrap();
 }
 
-/// Starts `drq-serve --model MODEL --port 0 ARGS` and waits for its "serving `…` on
-/// http://ADDR" log line; returns the process and ADDR.
-#[allow(clippy::zombie_processes)] // returned to the caller, which waits for it
+/// `drq-serve --model MODEL --port 0 ARGS` with `ENV`, once it listens: the process and its address.
 fn spawn_listening(
     model: &std::path::Path,
     args: &[&std::ffi::OsStr],
     env: &[(&str, &std::ffi::OsStr)],
 ) -> (std::process::Child, String) {
-    let mut child = Command::new(BIN)
-        .arg("--model")
-        .arg(model)
-        .args(["--port", "0"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            let status = child.wait().unwrap();
-            panic!("drq-serve exited ({status}) before listening");
-        }
-        if let Some(rest) = line.split("on http://").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().to_string();
-            // Keep draining stderr so a chatty server never blocks on a full pipe.
-            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-            return (child, addr);
-        }
-    }
-}
-
-fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("drq-serve did not exit after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut command = Command::new(BIN);
+    command.arg("--model").arg(model).args(["--port", "0"]).args(args).envs(env.iter().copied());
+    drq_tests::spawn_server(command)
 }
 
 #[test]

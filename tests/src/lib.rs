@@ -154,3 +154,48 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     assert!(path.is_file(), "{} was not built", path.display());
     path
 }
+
+/// Starts `command` (a `drq-serve` with `--port 0`) with its log on a pipe and waits for the
+/// "serving `…` on http://ADDR" line; returns the process and ADDR. The log is drained in the
+/// background afterwards so that the server never blocks on a full pipe. Panics with the log if
+/// the server exits first.
+#[allow(clippy::zombie_processes)] // the caller owns the child and waits for it
+pub fn spawn_server(mut command: std::process::Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = command
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the server starts");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut log = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).expect("the server's log") == 0 {
+            let status = child.wait().expect("the server's exit status");
+            panic!("the server exited ({status}) before listening:\n{log}");
+        }
+        log.push_str(&line);
+        if let Some(rest) = line.split("on http://").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+            return (child, addr);
+        }
+    }
+}
+
+/// The exit status of `child` within `timeout`; past it the child is killed and this panics.
+pub fn wait_with_timeout(child: &mut std::process::Child, timeout: std::time::Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("the child's status") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process did not exit within {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -6,10 +6,10 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
 
-use drq_tests::{shared_dir, smollm2_gguf, workspace_bin};
+use drq_tests::{shared_dir, smollm2_gguf, spawn_server, wait_with_timeout, workspace_bin};
 use serde_json::{json, Value};
 
 /// Runs a binary to completion; panics with its stderr unless it succeeded.
@@ -165,51 +165,13 @@ fn serve(checkpoint: &Path) {
     // SIGTERM: stop accepting, finish, exit 0.
     let kill = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().expect("kill runs");
     assert!(kill.success(), "kill -TERM {}", server.id());
-    let status = wait(&mut server, Duration::from_secs(30));
+    let status = wait_with_timeout(&mut server, Duration::from_secs(30));
     assert!(status.success(), "drq-serve exited with {status} after SIGTERM");
 }
 
-/// Starts `drq-serve --model CHECKPOINT --port 0` and waits for its "serving `…` on
-/// http://ADDR" log line; returns the process and ADDR.
-#[allow(clippy::zombie_processes)] // the caller waits for it
+/// `drq-serve --model CHECKPOINT --port 0`, once it listens: the process and its address.
 fn start_server(checkpoint: &Path) -> (Child, String) {
-    let mut child = Command::new(workspace_bin("drq-serve"))
-        .arg("--model")
-        .arg(checkpoint)
-        .args(["--port", "0", "--threads", "1"])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("drq-serve starts");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut log = String::new();
-    loop {
-        let mut line = String::new();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            let status = child.wait().unwrap();
-            panic!("drq-serve exited ({status}) before listening:\n{log}");
-        }
-        log.push_str(&line);
-        if let Some(rest) = line.split("on http://").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap().to_string();
-            // Keep draining stderr so that the server never blocks on a full pipe.
-            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-            return (child, addr);
-        }
-    }
-}
-
-fn wait(child: &mut Child, timeout: Duration) -> ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("drq-serve did not exit within {timeout:?} of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut command = Command::new(workspace_bin("drq-serve"));
+    command.arg("--model").arg(checkpoint).args(["--port", "0", "--threads", "1"]);
+    spawn_server(command)
 }
