@@ -8,6 +8,15 @@ pub struct Series {
     pub label: String,
     pub color: &'static str,
     pub points: Vec<(f64, f64)>,
+    /// A short label beside each point (e.g. its precision), or none.
+    pub point_labels: Vec<String>,
+}
+
+/// A labelled point drawn apart from the series (e.g. another tool's result on the same axes).
+pub struct Mark {
+    pub x: f64,
+    pub y: f64,
+    pub label: String,
 }
 
 /// Colors of successive series.
@@ -21,6 +30,8 @@ pub struct Panel<'a> {
     pub log_y: bool,
     /// A dashed horizontal line at this y, with its label.
     pub reference: Option<(f64, String)>,
+    /// Labelled points, drawn as grey squares.
+    pub marks: Vec<Mark>,
 }
 
 /// An SVG document of `width` × `height` with a title; `draw` adds the panels.
@@ -75,10 +86,14 @@ pub fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), panel: &P
     let (title, log) = (panel.title, panel.log_y);
     let reference = panel.reference.as_ref().map(|r| r.0);
     let tf = |v: f64| if log { v.max(1e-12).log10() } else { v };
-    let values =
-        series.iter().flat_map(|s| s.points.iter().map(|p| tf(p.1))).chain(reference.map(tf)).filter(|v| v.is_finite());
+    let values = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| tf(p.1)))
+        .chain(panel.marks.iter().map(|m| tf(m.y)))
+        .chain(reference.map(tf))
+        .filter(|v| v.is_finite());
     let (mut lo, mut hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
-    let steps = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+    let steps = series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).chain(panel.marks.iter().map(|m| m.x));
     let (mut s_lo, mut s_hi) = steps.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     if !lo.is_finite() {
         (lo, hi) = (0.0, 1.0);
@@ -143,6 +158,22 @@ pub fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), panel: &P
             escape(label)
         );
     }
+    let mut marks: Vec<&Mark> = panel.marks.iter().filter(|m| tf(m.y).is_finite() && m.x.is_finite()).collect();
+    marks.sort_by(|a, b| a.x.total_cmp(&b.x));
+    for (i, m) in marks.into_iter().enumerate() {
+        let (x, y) = (px(m.x), py(m.y));
+        // Neighbours' labels alternate below and above their marks; near the right edge they
+        // end at the mark.
+        let label_y = if i % 2 == 0 { y + 14.0 } else { y - 7.0 };
+        let (label_x, anchor) = if x > x0 + pw - 120.0 { (x - 6.0, "end") } else { (x + 6.0, "start") };
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{:.1}" y="{:.1}" width="7" height="7" fill="#888"/><text x="{label_x:.1}" y="{label_y:.1}" font-size="11" fill="#555" text-anchor="{anchor}">{}</text>"##,
+            x - 3.5,
+            y - 3.5,
+            escape(&m.label)
+        );
+    }
     // The legend sits in the top right corner, as wide as its longest label (~7 px a character).
     let legend_x = x0 + pw - 30.0 - 7.0 * series.iter().map(|s| s.label.chars().count()).max().unwrap_or(0) as f64;
     for (i, s) in series.iter().enumerate() {
@@ -165,6 +196,16 @@ pub fn panel(svg: &mut String, (x0, y0, pw, ph): (f64, f64, f64, f64), panel: &P
                 let (cx, cy) = p.split_once(',').expect("formatted as x,y");
                 let _ = writeln!(svg, r#"<circle cx="{cx}" cy="{cy}" r="2.5" fill="{}"/>"#, s.color);
             }
+        }
+        for (&(a, b), label) in s.points.iter().zip(&s.point_labels).filter(|(p, _)| tf(p.1).is_finite()) {
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" font-size="11" fill="{}">{}</text>"#,
+                px(a) + 4.0,
+                py(b) - 5.0,
+                s.color,
+                escape(label)
+            );
         }
         let (lx, ly) = (legend_x, y0 + 16.0 + 16.0 * i as f64);
         let _ = writeln!(

@@ -21,6 +21,7 @@ fn reports_every_precision_and_refuses_bad_input() {
         granularity: Granularity::Group(32),
         tie: TieRule::HalfEven,
         objective: SearchObjective::Normalized,
+        ..QuantSpec::default()
     };
     let q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
     let ckpt = dir.path().join("tiny.safetensors");

@@ -22,7 +22,13 @@ use model::{Architecture, KvCache, OpsMode, Precision, ResidentModel, SequenceSt
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
 
 fn spec(granularity: Granularity) -> QuantSpec {
-    QuantSpec { bits: vec![8, 4, 2], granularity, tie: TieRule::HalfEven, objective: SearchObjective::Normalized }
+    QuantSpec {
+        bits: vec![8, 4, 2],
+        granularity,
+        tie: TieRule::HalfEven,
+        objective: SearchObjective::Normalized,
+        ..QuantSpec::default()
+    }
 }
 
 fn provenance() -> Provenance {
@@ -220,7 +226,7 @@ fn round_to_nearest(float: &model::FloatModel, granularity: Granularity) -> quan
                 scales.push(s);
             }
         }
-        quantized.insert(name, kernels::QuantizedWeight { codes, scales, layout });
+        quantized.insert(name, kernels::QuantizedWeight::new(codes, scales, layout));
     }
     let float_tensors = float
         .weights
@@ -236,6 +242,7 @@ fn round_to_nearest(float: &model::FloatModel, granularity: Granularity) -> quan
         rounding: "nearest".to_string(),
         quantized: quantized.keys().cloned().collect(),
         profiles: Default::default(),
+        corrected_bits: Vec::new(),
     };
     quantize::QuantizedModel { quantization, quantized, float: float_tensors, report: Vec::new() }
 }

@@ -156,7 +156,7 @@ fn planar_weight(rows: usize, cols: usize, granularity: Granularity, seed: u64) 
     let mut rng = Rng(seed);
     let codes = (0..rows * cols).map(|_| rng.next_u64() as i8).collect();
     let scales = (0..layout.n_scales()).map(|_| 0.01 * (1.5 + rng.unit())).collect();
-    let q = QuantizedWeight { codes, scales, layout };
+    let q = QuantizedWeight::new(codes, scales, layout);
     PlanarWeight::from_quantized(&q, TieRule::HalfEven).unwrap()
 }
 

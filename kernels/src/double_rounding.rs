@@ -7,6 +7,7 @@
 //! dequantize       Ŵ_l = q_l · s · 2^Δ
 //! ```
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -75,6 +76,8 @@ pub enum KernelError {
     BackendUnavailable(&'static str),
     /// A row index at or past the number of rows.
     RowOutOfRange { row: usize, rows: usize },
+    /// A row correction (of `bits`, for `row`) that is zero, infinite or NaN.
+    BadCorrection { bits: u32, row: usize },
 }
 
 impl fmt::Display for KernelError {
@@ -104,6 +107,9 @@ impl fmt::Display for KernelError {
             }
             KernelError::RowOutOfRange { row, rows } => {
                 write!(f, "row {row} is out of range for a weight of {rows} rows")
+            }
+            KernelError::BadCorrection { bits, row } => {
+                write!(f, "the row correction of row {row} at {bits} bits is not a finite nonzero factor")
             }
         }
     }
@@ -295,21 +301,64 @@ impl FromStr for Granularity {
 }
 
 /// A quantized `[rows, cols]` weight: int8 codes (row-major) and scales (f16-representable when
-/// quantized by drq) laid out by `layout`.
+/// quantized by drq) laid out by `layout`, and optional per-precision row corrections.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedWeight {
     pub codes: Vec<i8>,
     pub scales: Vec<f32>,
     pub layout: ScaleLayout,
+    /// Per-precision row corrections α_b (bit-width → one factor per row): served at `b` bits,
+    /// row `r` is `α_b[r] · q_b · 2^Δ · s`. The codes stay the one source of every precision; a
+    /// correction only rescales a row's output (one multiply per output in the kernels).
+    /// Bit-widths without an entry are uncorrected.
+    pub corrections: BTreeMap<u32, Vec<f32>>,
 }
 
 impl QuantizedWeight {
+    /// A weight without corrections.
+    pub fn new(codes: Vec<i8>, scales: Vec<f32>, layout: ScaleLayout) -> Self {
+        QuantizedWeight { codes, scales, layout, corrections: BTreeMap::new() }
+    }
+
+    /// The row corrections of `bits`, if it has them.
+    pub fn correction(&self, bits: u32) -> Option<&[f32]> {
+        self.corrections.get(&bits).map(Vec::as_slice)
+    }
+
+    /// Checks the corrections: valid bit-widths, one finite nonzero factor per row.
+    pub fn validate_corrections(&self) -> Result<(), KernelError> {
+        check_corrections(&self.corrections, self.layout.rows)
+    }
+
     /// The weight served at `bits`.
     pub fn dequantize(&self, bits: u32, tie: TieRule) -> Result<Vec<f32>, KernelError> {
         let mut out = vec![0f32; self.codes.len()];
         dequantize(&self.codes, &self.scales, &self.layout, bits, tie, &mut out)?;
+        if let Some(alpha) = self.correction(bits) {
+            check_corrections(&self.corrections, self.layout.rows)?;
+            if self.layout.cols > 0 {
+                for (row, &a) in out.chunks_exact_mut(self.layout.cols).zip(alpha) {
+                    row.iter_mut().for_each(|x| *x *= a);
+                }
+            }
+        }
         Ok(out)
     }
+}
+
+/// Checks per-precision row corrections for a weight of `rows` rows: bit-widths in
+/// `MIN_BITS..=STORED_BITS`, `rows` finite nonzero factors each.
+pub fn check_corrections(corrections: &BTreeMap<u32, Vec<f32>>, rows: usize) -> Result<(), KernelError> {
+    for (&bits, alpha) in corrections {
+        check_bits(bits)?;
+        if alpha.len() != rows {
+            return Err(KernelError::LengthMismatch { what: "corrections", expected: rows, got: alpha.len() });
+        }
+        if let Some(row) = alpha.iter().position(|a| !(a.is_finite() && *a != 0.0)) {
+            return Err(KernelError::BadCorrection { bits, row });
+        }
+    }
+    Ok(())
 }
 
 /// Dequantizes a `[rows, cols]` weight at `bits`: `out = q_l · s · 2^Δ`.

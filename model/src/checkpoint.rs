@@ -26,6 +26,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Suffixes of the two tensors that hold a quantized weight `NAME`.
 pub const CODES_SUFFIX: &str = ".codes";
 pub const SCALES_SUFFIX: &str = ".scales";
+/// Suffix of the optional per-precision row corrections of a quantized weight `NAME`:
+/// `[corrected_bits.len(), rows]` F16, row `i` for `corrected_bits[i]`.
+pub const CORRECTIONS_SUFFIX: &str = ".corrections";
 /// The tokenizer JSON, stored as a U8 tensor to keep the header small.
 pub const TOKENIZER_TENSOR: &str = "drq.tokenizer_json";
 
@@ -49,6 +52,10 @@ pub struct QuantizationMeta {
     /// Named per-layer profiles: a bit-width (2..8) for every quantized weight.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub profiles: Profiles,
+    /// The bit-widths whose rows carry a correction factor (`NAME.corrections`), the same for
+    /// every quantized weight; empty (absent) when none do.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub corrected_bits: Vec<u32>,
 }
 
 fn nearest_rounding() -> String {
@@ -157,14 +164,37 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         for &s in &t.scales {
             let h = f16::from_f32(s);
             ensure!(
-                h.to_f32() == s && s.is_finite() && s > 0.0,
-                "`{name}`: scale {s} is not a positive f16 value (the quantizer must pick f16 scales)"
+                h.to_f32() == s && s.is_finite() && s != 0.0,
+                "`{name}`: scale {s} is not a nonzero f16 value (the quantizer must pick f16 scales)"
             );
             scale_bytes.extend_from_slice(&h.to_le_bytes());
         }
         let codes = t.codes.iter().map(|&c| c as u8).collect();
         buffers.push((format!("{name}{CODES_SUFFIX}"), Dtype::I8, vec![l.rows, l.cols], codes));
         buffers.push((format!("{name}{SCALES_SUFFIX}"), Dtype::F16, vec![l.rows, l.n_groups()], scale_bytes));
+        ensure!(
+            t.corrections.keys().eq(q.corrected_bits.iter().collect::<std::collections::BTreeSet<_>>()),
+            "`{name}`: row corrections for bits {:?}, metadata lists {:?}",
+            t.corrections.keys().collect::<Vec<_>>(),
+            q.corrected_bits
+        );
+        t.validate_corrections().map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
+        if !q.corrected_bits.is_empty() {
+            let mut bytes = Vec::with_capacity(q.corrected_bits.len() * l.rows * 2);
+            for b in &q.corrected_bits {
+                for &a in &t.corrections[b] {
+                    let h = f16::from_f32(a);
+                    ensure!(h.to_f32() == a, "`{name}`: correction {a} at {b} bits is not an f16 value");
+                    bytes.extend_from_slice(&h.to_le_bytes());
+                }
+            }
+            buffers.push((
+                format!("{name}{CORRECTIONS_SUFFIX}"),
+                Dtype::F16,
+                vec![q.corrected_bits.len(), l.rows],
+                bytes,
+            ));
+        }
     }
     for (name, t) in contents.float {
         let t = t.to_dtype(candle_core::DType::F32)?;
@@ -308,6 +338,13 @@ impl Checkpoint {
         for &b in &quantization.bits {
             dr::check_bits(b).map_err(|e| anyhow::anyhow!("metadata `quantization.bits`: {e}"))?;
         }
+        for (i, &b) in quantization.corrected_bits.iter().enumerate() {
+            dr::check_bits(b).map_err(|e| anyhow::anyhow!("metadata `quantization.corrected_bits`: {e}"))?;
+            ensure!(
+                !quantization.corrected_bits[..i].contains(&b),
+                "metadata `quantization.corrected_bits` lists {b} twice"
+            );
+        }
 
         // Every tensor of the model must be present exactly once: quantized as codes + scales,
         // or in float; nothing else but the tokenizer.
@@ -327,12 +364,26 @@ impl Checkpoint {
                     .data()
                     .chunks_exact(2)
                     .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                    .find(|s| !(s.is_finite() && s.to_f32() > 0.0))
+                    .find(|s| !(s.is_finite() && s.to_f32() != 0.0))
                 {
-                    bail!("`{name}{SCALES_SUFFIX}` holds the scale {bad}; scales must be positive and finite");
+                    bail!("`{name}{SCALES_SUFFIX}` holds the scale {bad}; scales must be nonzero and finite");
                 }
                 expected_names.insert(format!("{name}{CODES_SUFFIX}"));
                 expected_names.insert(format!("{name}{SCALES_SUFFIX}"));
+                if !quantization.corrected_bits.is_empty() {
+                    let corrections = format!("{name}{CORRECTIONS_SUFFIX}");
+                    check_tensor(&st, &corrections, Dtype::F16, &[quantization.corrected_bits.len(), rows])?;
+                    if let Some(bad) = st
+                        .tensor(&corrections)?
+                        .data()
+                        .chunks_exact(2)
+                        .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                        .find(|a| !(a.is_finite() && a.to_f32() != 0.0))
+                    {
+                        bail!("`{corrections}` holds the correction {bad}; corrections must be nonzero and finite");
+                    }
+                    expected_names.insert(corrections);
+                }
             } else {
                 check_tensor(&st, &name, Dtype::F32, &shape)?;
                 expected_names.insert(name);
@@ -403,7 +454,7 @@ impl Checkpoint {
     }
 
     /// The codes (borrowed from the mapping) and scales of a quantized weight.
-    pub fn quantized(&self, name: &str) -> Result<(&[i8], Vec<f32>, ScaleLayout)> {
+    pub fn quantized(&self, name: &str) -> Result<QuantizedWeight> {
         let st = self.tensors();
         let codes =
             st.tensor(&format!("{name}{CODES_SUFFIX}")).with_context(|| format!("`{name}` is not quantized"))?;
@@ -411,8 +462,17 @@ impl Checkpoint {
         let (rows, cols) = (codes.shape()[0], codes.shape()[1]);
         let layout = self.quantization.layout(rows, cols)?;
         let codes: &[i8] = bytemuck::cast_slice(codes.data());
-        let scales = scales.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
-        Ok((codes, scales, layout))
+        let f16s = |bytes: &[u8]| -> Vec<f32> {
+            bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+        };
+        let mut weight = QuantizedWeight::new(codes.to_vec(), f16s(scales.data()), layout);
+        if !self.quantization.corrected_bits.is_empty() {
+            let all = f16s(st.tensor(&format!("{name}{CORRECTIONS_SUFFIX}"))?.data());
+            for (&b, alpha) in self.quantization.corrected_bits.iter().zip(all.chunks_exact(rows.max(1))) {
+                weight.corrections.insert(b, alpha.to_vec());
+            }
+        }
+        Ok(weight)
     }
 
     /// Whether `name` is stored quantized (codes + scales) rather than in float.
@@ -443,7 +503,8 @@ impl Checkpoint {
                 let b = precision
                     .bits_for(&name, &self.quantization.profiles)?
                     .with_context(|| format!("precision `{precision}` has no bit-width for the quantized `{name}`"))?;
-                n * f64::from(b) + 16.0 * self.quantization.layout(rows, cols)?.n_scales() as f64
+                let corrections = if self.quantization.corrected_bits.contains(&b) { 16.0 * rows as f64 } else { 0.0 };
+                n * f64::from(b) + 16.0 * self.quantization.layout(rows, cols)?.n_scales() as f64 + corrections
             } else {
                 32.0 * n
             };
@@ -461,10 +522,8 @@ impl Checkpoint {
                 let bits = precision.bits_for(&name, &self.quantization.profiles)?.with_context(|| {
                     format!("{}: precision `{precision}` is not available from a checkpoint (it stores no float copy of quantized weights)", self.path.display())
                 })?;
-                let (codes, scales, layout) = self.quantized(&name)?;
-                let mut out = vec![0f32; layout.n_weights()];
-                dr::dequantize(codes, &scales, &layout, bits, self.tie, &mut out)
-                    .map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
+                let out =
+                    self.quantized(&name)?.dequantize(bits, self.tie).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
                 weights.insert(name, Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?)?;
             } else {
                 let tensor = self.float_tensor(&name)?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
-use kernels::{PlanarWeight, QuantizedWeight, TieRule};
+use kernels::{PlanarWeight, TieRule};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -43,8 +43,7 @@ impl ResidentModel {
             }
         }
         let convert = |name: &str| -> Result<Arc<PlanarWeight>> {
-            let (codes, scales, layout) = checkpoint.quantized(name)?;
-            let w = QuantizedWeight { codes: codes.to_vec(), scales, layout };
+            let w = checkpoint.quantized(name)?;
             let planar = PlanarWeight::from_quantized(&w, tie).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
             Ok(Arc::new(planar))
         };

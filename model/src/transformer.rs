@@ -507,6 +507,37 @@ impl Transformer {
         self.lm_head.forward(&x)
     }
 
+    /// The embedding rows of `tokens` (`[batch, seq]`): the hidden states entering block 0.
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = tokens.dims2()?;
+        let ids = tokens.flatten_all()?;
+        self.check_ids(&ids.to_vec1::<u32>()?)?;
+        Ok(self.embed.lookup(&ids)?.reshape((batch, seq, self.config.hidden_size))?)
+    }
+
+    /// Block `layer` over whole sequences that start at position 0: its input hidden states
+    /// `x` (`[batch, seq, hidden]`) to its output, with causal attention and no cache kept. The
+    /// same operations as [`Self::forward`] runs for that block, so a model can be fitted (or
+    /// checked) one block at a time.
+    pub fn block_forward(&self, layer: usize, x: &Tensor) -> Result<Tensor> {
+        let block = self.blocks.get(layer).with_context(|| format!("block {layer} of {}", self.blocks.len()))?;
+        let (_, seq, _) = x.dims3()?;
+        self.check_positions(0, seq)?;
+        let (cos, sin) = (self.cos.narrow(0, 0, seq)?, self.sin.narrow(0, 0, seq)?);
+        let mask = causal_mask(seq, 0, x.device())?;
+        let h = self.rms_norm(x, &block.input_norm)?;
+        let (q, k, v) = (block.q_proj.forward(&h)?, block.k_proj.forward(&h)?, block.v_proj.forward(&h)?);
+        let attn =
+            self.self_attention(layer, &q, &k, &v, &cos, &sin, mask.as_ref(), &mut KvCache::new(&self.config))?;
+        self.block_tail(block, x, &attn)
+    }
+
+    /// The logits of hidden states leaving the last block: final norm, then the lm_head.
+    /// [`Self::forward`] is `logits` of every block's [`Self::block_forward`] of [`Self::embed`].
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.rms_norm(hidden, &self.final_norm)?)
+    }
+
     /// One step over several independent sequences, each after the positions of its own cache:
     /// every linear layer multiplies the new rows of all sequences at once (the weights are read
     /// once per step, whatever the number of sequences), attention runs per sequence. Returns the

@@ -345,6 +345,37 @@ fn differentiable_ops_match_inference_ops() {
     }
 }
 
+/// The model taken apart (embedding, each block, then final norm and lm_head) gives the forward
+/// pass's logits bit for bit, in both op modes and for a batch: what block-wise quantization
+/// relies on when it fits one block at a time.
+#[test]
+fn block_by_block_equals_the_forward_pass() {
+    for (label, arch, tied, seed) in LAYOUTS {
+        let model = sharp_model(arch, tied, seed);
+        let rows = [prompt(14, 1), prompt(14, 2)];
+        let batch = tokens(&[&rows[0], &rows[1]]);
+        for mode in [OpsMode::Inference, OpsMode::Differentiable] {
+            let t = build(&model, mode);
+            let whole = t.forward(&batch, &mut KvCache::new(t.config()), 0).unwrap();
+            let mut x = t.embed(&batch).unwrap();
+            for layer in 0..model.config.num_hidden_layers {
+                x = t.block_forward(layer, &x).unwrap();
+            }
+            let parts = t.logits(&x).unwrap();
+            assert_eq!(max_abs_diff(&whole, &parts), 0.0, "{label} {mode:?}");
+        }
+        let t = build(&model, OpsMode::Inference);
+        assert!(t.block_forward(model.config.num_hidden_layers, &t.embed(&batch).unwrap()).is_err(), "{label}");
+        let too_long = Tensor::zeros(
+            (1, model.config.max_position_embeddings + 1, model.config.hidden_size),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(t.block_forward(0, &too_long).is_err(), "{label}: past the context");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Training: gradients through the differentiable ops.
 

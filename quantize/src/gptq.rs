@@ -280,7 +280,7 @@ pub fn round_weight(
                 let d = u_row[j];
                 for (r, copy) in copies.iter_mut().enumerate() {
                     let s = scales[(first_row + r) * n_groups + col / layout.group];
-                    let code = if s > 0.0 { pick_code(&levels, copy, j, s) } else { 0 };
+                    let code = if s != 0.0 { pick_code(&levels, copy, j, s) } else { 0 };
                     codes[r * cols + col] = code as i8;
                     for (lv, row) in levels.iter().zip(copy.iter_mut()) {
                         let err = (row[j] - lv.level(code) as f32 * lv.step * s) / d;

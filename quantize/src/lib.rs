@@ -3,6 +3,8 @@
 //! per weight ([`report`]); PTQ recipes ([`recipe`]) and per-layer precision profiles
 //! ([`profile`]) from `configs/`; joint W8/W4/W2 fine-tuning with ALRS ([`train`]).
 
+pub mod blockwise;
+pub mod corrections;
 pub mod gptq;
 pub mod model_ptq;
 pub mod profile;
@@ -12,5 +14,5 @@ pub mod report;
 pub mod train;
 
 pub use model_ptq::{quantize_model, write_checkpoint, QuantizedModel};
-pub use ptq::{quantize_weight, reconstruction_error, PtqError, QuantSpec, SearchObjective};
+pub use ptq::{quantize_weight, reconstruction_error, Grid, PtqError, QuantSpec, SearchObjective};
 pub use report::{LayerReport, OutputError};

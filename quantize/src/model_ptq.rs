@@ -14,6 +14,7 @@ use crate::ptq::{quantize_weight, reconstruction_error, QuantSpec};
 use crate::report::LayerReport;
 
 /// A model quantized in memory: what a checkpoint stores.
+#[derive(Clone)]
 pub struct QuantizedModel {
     pub quantization: QuantizationMeta,
     pub quantized: BTreeMap<String, QuantizedWeight>,
@@ -65,12 +66,28 @@ pub fn quantize_model(
         bits: spec.bits.clone(),
         granularity: spec.granularity.to_string(),
         tie_rule: spec.tie.to_string(),
-        scale_method: format!("search:{}", spec.objective),
+        scale_method: spec.scale_method(),
         rounding: "nearest".to_string(),
         quantized: quantized.keys().cloned().collect(),
         profiles: Default::default(),
+        corrected_bits: Vec::new(),
     };
     Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
+}
+
+/// Quantizes `float` as `settings` say, without calibration text: the scale search, then any
+/// row corrections fitted in weight space. What the tools that quantize on the fly use
+/// (`drq-serve`, `drq-synth`, `drq-eval` on a float model).
+pub fn quantize_with(
+    float: &FloatModel,
+    settings: &crate::recipe::PtqSettings,
+    on_weight: impl FnMut(&str),
+) -> Result<QuantizedModel> {
+    let mut q = quantize_model(float, &settings.spec, &settings.keep_float, on_weight)?;
+    if !settings.corrections.is_empty() {
+        crate::corrections::correct_model(float, &mut q, &settings.corrections, None, |_| {})?;
+    }
+    Ok(q)
 }
 
 /// Writes `q` as a checkpoint at `path` (atomically).

@@ -1,8 +1,9 @@
 //! Post-training scale search for Double Rounding (METHOD.md §1, "Initial scales").
 //!
-//! Each row/group gets one scale `s`, chosen among clip ratios `r` of `absmax / 127` so that the
-//! reconstruction error summed over every served bit-width (through the double-rounded path) is
-//! minimal. The first rounding is round half to even ([`kernels::first_round`]); ties have measure
+//! Each row/group gets one scale `s`, chosen among clip ratios `r` of `absmax / 127` (or, on the
+//! [`Grid::MaxNegative`] grid, of `absmax / 128` with the sign that puts the largest magnitude on
+//! the negative side) so that the reconstruction error summed over every served bit-width
+//! (through the double-rounded path) is minimal. The first rounding is round half to even ([`kernels::first_round`]); ties have measure
 //! zero for float weights, so the choice only matters for exact reproducibility.
 
 use std::fmt;
@@ -46,8 +47,45 @@ impl FromStr for SearchObjective {
     }
 }
 
-/// How to quantize: the served bit set, the scale granularity, the second-rounding tie rule and
-/// the scale-search objective.
+/// Where a group's codes sit relative to its weights: the sign of its scale.
+///
+/// A b-bit code spans `−2^(b−1) ..= 2^(b−1) − 1`: the negative side has one level more. Symmetric
+/// grids leave it to chance; llama.cpp's Q4_0 puts each block's largest-magnitude weight there.
+/// With Double Rounding the same choice carries to every precision: a weight coded −128 at 8 bits
+/// is −8 at 4 bits and −2 at 2 bits, so the extra level lands where the largest weight is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Grid {
+    /// Positive scales; clip ratio 1 codes the largest magnitude as ±127.
+    #[default]
+    Symmetric,
+    /// The scale's sign puts the group's largest-magnitude weight on the negative side; clip
+    /// ratio 1 codes it as −128 (llama.cpp Q4_0's trick, at every bit-width).
+    MaxNegative,
+}
+
+impl fmt::Display for Grid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Grid::Symmetric => "symmetric",
+            Grid::MaxNegative => "max-negative",
+        })
+    }
+}
+
+impl FromStr for Grid {
+    type Err = PtqError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "symmetric" => Ok(Grid::Symmetric),
+            "max-negative" => Ok(Grid::MaxNegative),
+            _ => Err(PtqError::Parse(format!("grid {s:?} (expected \"symmetric\" or \"max-negative\")"))),
+        }
+    }
+}
+
+/// How to quantize: the served bit set, the scale granularity, the second-rounding tie rule, the
+/// scale-search objective and the grid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuantSpec {
     /// Served bit-widths, each in 2..=8, no duplicates (e.g. `[8, 4, 2]`).
@@ -55,6 +93,7 @@ pub struct QuantSpec {
     pub granularity: Granularity,
     pub tie: TieRule,
     pub objective: SearchObjective,
+    pub grid: Grid,
 }
 
 impl Default for QuantSpec {
@@ -64,6 +103,7 @@ impl Default for QuantSpec {
             granularity: Granularity::default(),
             tie: TieRule::default(),
             objective: SearchObjective::default(),
+            grid: Grid::default(),
         }
     }
 }
@@ -71,7 +111,22 @@ impl Default for QuantSpec {
 impl fmt::Display for QuantSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let bits: Vec<String> = self.bits.iter().map(u32::to_string).collect();
-        write!(f, "bits {} {} tie {} objective {}", bits.join(","), self.granularity, self.tie, self.objective)
+        write!(f, "bits {} {} tie {} objective {}", bits.join(","), self.granularity, self.tie, self.objective)?;
+        if self.grid != Grid::Symmetric {
+            write!(f, " grid {}", self.grid)?;
+        }
+        Ok(())
+    }
+}
+
+impl QuantSpec {
+    /// How the scales were found, as checkpoints record it (`search:normalized`, with
+    /// `:max-negative` on that grid).
+    pub fn scale_method(&self) -> String {
+        match self.grid {
+            Grid::Symmetric => format!("search:{}", self.objective),
+            grid => format!("search:{}:{grid}", self.objective),
+        }
     }
 }
 
@@ -179,7 +234,7 @@ pub fn quantize_weight(w: &[f32], rows: usize, cols: usize, spec: &QuantSpec) ->
             }
         });
     }
-    Ok(QuantizedWeight { codes, scales, layout })
+    Ok(QuantizedWeight::new(codes, scales, layout))
 }
 
 /// Relative reconstruction error at `bits`: ‖Ŵ_b − W‖² / ‖W‖² (0 when both are zero, infinite
@@ -210,10 +265,12 @@ const MIN_RATIO: f32 = 1e-3;
 const MAX_BITS: usize = 7;
 
 /// `s` rounded to the nearest f16, the precision checkpoints store scales in: candidates are
-/// evaluated, and codes computed, with exactly the scale that will be served. Never below the
-/// smallest normal f16, so a scale cannot round to zero.
-fn stored_scale(s: f32) -> f32 {
-    half::f16::from_f32(s).to_f32().max(half::f16::MIN_POSITIVE.to_f32())
+/// evaluated, codes computed and training's fake quantizer run with exactly the scale that will
+/// be served. Never below the smallest normal f16 in magnitude, so a scale cannot round to zero
+/// (and `1/s` stays finite); the sign is kept ([`Grid::MaxNegative`] uses negative scales).
+pub fn stored_scale(s: f32) -> f32 {
+    let magnitude = half::f16::from_f32(s.abs()).to_f32().max(half::f16::MIN_POSITIVE.to_f32());
+    magnitude.copysign(s)
 }
 
 /// Per-bit sums of squared errors of one candidate scale.
@@ -224,6 +281,7 @@ struct Searcher {
     /// Per served bit-width, each code's level in units of the stored scale.
     tables: Vec<[f32; 256]>,
     objective: SearchObjective,
+    grid: Grid,
 }
 
 /// Per-thread buffers, reused across groups.
@@ -238,7 +296,7 @@ struct Scratch {
 impl Searcher {
     fn new(spec: &QuantSpec) -> Result<Self, PtqError> {
         let tables = spec.bits.iter().map(|&b| level_table(b, spec.tie)).collect::<Result<_, _>>()?;
-        Ok(Searcher { tables, objective: spec.objective })
+        Ok(Searcher { tables, objective: spec.objective, grid: spec.grid })
     }
 
     /// Quantizes whole rows: `w` and `codes` hold `k` rows, `scales` their `k · n_groups` scales.
@@ -261,11 +319,17 @@ impl Searcher {
     /// The best scale of one group: a coarse grid of clip ratios, then finer grids around the
     /// best ratio so far.
     fn search(&self, w: &[f32], scratch: &mut Scratch) -> f32 {
-        let absmax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let base = absmax / 127.0;
+        let (argmax, absmax) =
+            w.iter().enumerate().fold((0, 0f32), |m, (i, x)| if x.abs() > m.1 { (i, x.abs()) } else { m });
+        let base = match self.grid {
+            Grid::Symmetric => absmax / 127.0,
+            // A positive largest weight needs a negative scale to be coded −128.
+            Grid::MaxNegative if w.get(argmax).is_some_and(|&x| x > 0.0) => -absmax / 128.0,
+            Grid::MaxNegative => absmax / 128.0,
+        };
         // All-zero, or so tiny that some candidate scale would be subnormal (and 1/s overflow):
         // code it as zeros, the error is below f32 resolution anyway.
-        if !(base * MIN_RATIO).is_normal() {
+        if !(base.abs() * MIN_RATIO).is_normal() {
             return 1.0;
         }
         let energy: f64 = w.iter().map(|&x| f64::from(x) * f64::from(x)).sum();

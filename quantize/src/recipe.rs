@@ -8,7 +8,7 @@ use kernels::{Granularity, TieRule};
 use serde::Deserialize;
 
 use crate::gptq::GptqSpec;
-use crate::ptq::{QuantSpec, SearchObjective};
+use crate::ptq::{Grid, QuantSpec, SearchObjective};
 
 /// A PTQ recipe; every field optional (missing fields keep their defaults).
 #[derive(Debug, Default, Deserialize)]
@@ -18,14 +18,54 @@ pub struct PtqRecipe {
     pub granularity: Option<String>,
     pub tie: Option<String>,
     pub objective: Option<String>,
+    /// `symmetric` or `max-negative` (see [`Grid`]).
+    pub grid: Option<String>,
     pub keep_float: Option<Vec<String>>,
     /// Hessian-aware rounding: the bit-widths in priority order, e.g. `"8"` (see [`crate::gptq`]).
     pub gptq: Option<String>,
     /// GPTQ dampening (fraction of the input Hessian's mean diagonal).
     pub gptq_damp: Option<f64>,
+    /// Per-precision row corrections for these bit-widths (see `quantize::corrections`).
+    pub corrections: Option<Vec<u32>>,
+}
+
+/// A PTQ recipe resolved: the scale search, the weights kept in float, and the row corrections
+/// fitted after it (in weight space when there is no calibration text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PtqSettings {
+    pub spec: QuantSpec,
+    pub keep_float: Vec<String>,
+    pub corrections: Vec<u32>,
+}
+
+impl std::fmt::Display for PtqSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.spec)?;
+        if !self.keep_float.is_empty() {
+            write!(f, " keep_float {}", self.keep_float.join(","))?;
+        }
+        if !self.corrections.is_empty() {
+            let bits: Vec<String> = self.corrections.iter().map(u32::to_string).collect();
+            write!(f, " corrections {}", bits.join(","))?;
+        }
+        Ok(())
+    }
 }
 
 impl PtqRecipe {
+    /// The recipe of every tool that quantizes a float model it was given no recipe for
+    /// (`drq-quantize`, `drq-serve`, `drq-synth`, `drq-eval`): scales per group of 128 columns on
+    /// the max-negative grid for bits 8, 4, 2, nearest rounding. The best of what needs no
+    /// calibration text on SmolLM2 (docs/RESULTS.md, "Low-bit quality"); GPTQ and block-wise
+    /// reconstruction are one flag or one `configs/` file away.
+    pub fn default_recipe() -> Self {
+        PtqRecipe {
+            granularity: Some("group:128".to_string()),
+            grid: Some("max-negative".to_string()),
+            ..PtqRecipe::default()
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid recipe {}", path.display()))
@@ -47,8 +87,22 @@ impl PtqRecipe {
         if let Some(o) = &self.objective {
             spec.objective = o.parse::<SearchObjective>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?;
         }
+        if let Some(g) = &self.grid {
+            spec.grid = g.parse::<Grid>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?;
+        }
         spec.validate()?;
         Ok((spec, self.keep_float.clone().unwrap_or_default()))
+    }
+
+    /// The resolved settings: [`Self::resolve`] and the row corrections (checked).
+    pub fn settings(&self) -> Result<PtqSettings> {
+        let (spec, keep_float) = self.resolve()?;
+        let corrections = self.corrections.clone().unwrap_or_default();
+        for &b in &corrections {
+            kernels::check_bits(b).map_err(|e| anyhow::anyhow!("recipe: corrections: {e}"))?;
+            anyhow::ensure!(b < kernels::STORED_BITS, "recipe: corrections: {b} bits are the stored codes themselves");
+        }
+        Ok(PtqSettings { spec, keep_float, corrections })
     }
 
     /// The recipe's GPTQ settings, if it asks for Hessian-aware rounding.

@@ -16,7 +16,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 fn spec(bits: &[u32], granularity: Granularity, tie: TieRule) -> QuantSpec {
-    QuantSpec { bits: bits.to_vec(), granularity, tie, objective: SearchObjective::Normalized }
+    QuantSpec { bits: bits.to_vec(), granularity, tie, objective: SearchObjective::Normalized, ..QuantSpec::default() }
 }
 
 fn provenance() -> Provenance {
@@ -228,14 +228,15 @@ fn round_trip_reproduces_the_quantized_model_exactly() {
         // Stored codes and scales are the in-memory ones, bit for bit.
         for name in &matrices {
             let mem = &q.quantized[name];
-            let (codes, scales, layout) = ckpt.quantized(name).unwrap();
-            assert_eq!(layout, mem.layout, "{label} {name}");
+            let stored = ckpt.quantized(name).unwrap();
+            assert_eq!(stored.layout, mem.layout, "{label} {name}");
             assert_eq!(
-                layout.n_groups(),
+                stored.layout.n_groups(),
                 mem.layout.cols.div_ceil(spec.granularity.layout(1, mem.layout.cols).unwrap().group)
             );
-            assert_eq!(codes, mem.codes.as_slice(), "{label} {name}: codes");
-            assert!(bits_eq(&scales, &mem.scales), "{label} {name}: scales");
+            assert_eq!(stored.codes, mem.codes, "{label} {name}: codes");
+            assert!(bits_eq(&stored.scales, &mem.scales), "{label} {name}: scales");
+            assert!(stored.corrections.is_empty(), "{label} {name}: no corrections were asked for");
         }
         // A float tensor is not quantized.
         assert!(ckpt.quantized("model.norm.weight").is_err(), "{label}");
@@ -611,7 +612,7 @@ fn inconsistent_metadata_is_rejected() {
         (
             "scales-zero",
             Box::new(move |r| r.tensor_mut(&format!("{w}.scales")).3[..2].copy_from_slice(&[0, 0])),
-            needles![format!("`{w}.scales` holds the scale 0"), "positive and finite"],
+            needles![format!("`{w}.scales` holds the scale 0"), "nonzero and finite"],
         ),
         (
             "scales-nan",
@@ -979,7 +980,6 @@ fn writer_rejects_scales_that_are_not_positive_f16_values() {
     for (what, bad) in [
         ("between f16 values", not_f16),
         ("zero", 0.0),
-        ("negative", -s0),
         ("NaN", f32::NAN),
         ("infinite", f32::INFINITY),
         ("beyond f16 range", 1e6),
@@ -997,7 +997,7 @@ fn writer_rejects_scales_that_are_not_positive_f16_values() {
             "{:#}",
             write_checkpoint(&path, &float, &provenance(), &bad_q).err().unwrap_or_else(|| panic!("{what}: accepted"))
         );
-        assert!(err.contains(name) && err.contains("is not a positive f16 value"), "{what}: {err}");
+        assert!(err.contains(name) && err.contains("is not a nonzero f16 value"), "{what}: {err}");
         assert!(!path.exists(), "{what}: a file was written");
         assert!(tmp_files(dir.path()).is_empty(), "{what}: a temporary was left");
     }
@@ -1103,4 +1103,75 @@ fn profiles_round_trip_and_decode_per_weight() {
     q.quantization.profiles.get_mut("mix").unwrap().pop_first();
     let err = write_checkpoint(&dir.path().join("bad.safetensors"), &float, &provenance(), &q).unwrap_err().to_string();
     assert!(err.contains("exactly the quantized weights"), "{err}");
+}
+
+/// Row corrections (fitted in weight space) and the max-negative grid's negative scales are
+/// stored, read back bit for bit, decoded by the reference path as the kernels serve them, and
+/// counted in bits per weight (16 bits per row at each corrected precision).
+#[test]
+fn corrections_and_negative_scales_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = spec(&[8, 4, 2], Granularity::Group(32), TieRule::HalfEven);
+    spec.grid = quantize::Grid::MaxNegative;
+    let (float, mut q) = quantized(Architecture::Llama, true, &spec, &[]);
+    assert!(q.quantized.values().any(|w| w.scales.iter().any(|&s| s < 0.0)), "the grid gives negative scales");
+    let plain = q.clone();
+    quantize::corrections::correct_model(&float, &mut q, &[4, 2, 3], None, |_| {}).unwrap();
+    assert_eq!(q.quantization.corrected_bits, [4, 3, 2]);
+    let path = dir.path().join("corrected.safetensors");
+    write_checkpoint(&path, &float, &provenance(), &q).unwrap();
+    let ckpt = Checkpoint::open(&path).unwrap();
+    assert_eq!(ckpt.quantization().corrected_bits, [4, 3, 2]);
+    assert_eq!(ckpt.quantization().scale_method, "search:normalized:max-negative");
+    for (name, mem) in &q.quantized {
+        let stored = ckpt.quantized(name).unwrap();
+        assert_eq!(&stored, mem, "{name}");
+        let rows = mem.layout.rows;
+        for b in [4, 3, 2] {
+            assert_eq!(stored.correction(b).map(<[f32]>::len), Some(rows), "{name} {b}");
+        }
+        assert!(stored.correction(8).is_none() && stored.correction(5).is_none());
+    }
+    // The reference runtime decodes what the kernels serve: corrections included.
+    for bits in [8, 4, 2] {
+        let weights = ckpt.weights_at(&Precision::Bits(bits)).unwrap();
+        for (name, mem) in &q.quantized {
+            let t = weights.get(name, &[mem.layout.rows, mem.layout.cols]).unwrap();
+            assert!(bits_eq(&flat(&t), &mem.dequantize(bits, TieRule::HalfEven).unwrap()), "{name} at {bits}");
+        }
+    }
+    // Corrections fitted in weight space never make a weight's error worse (up to f16 rounding).
+    for (layer, before) in q.report.iter().zip(&plain.report) {
+        for ((b, after), (_, before)) in layer.relative_error.iter().zip(&before.relative_error) {
+            assert!(*after <= before * 1.0001 + 1e-12, "{} at {b} bits: {after} > {before}", layer.name);
+        }
+    }
+    // 16 bits per row at a corrected precision, nothing at the others.
+    let plain_path = dir.path().join("plain.safetensors");
+    write_checkpoint(&plain_path, &float, &provenance(), &plain).unwrap();
+    let plain_ckpt = Checkpoint::open(&plain_path).unwrap();
+    let rows: usize = q.quantized.values().map(|w| w.layout.rows).sum();
+    let total: usize =
+        Weights::expected_shapes(&float.config).iter().filter(|(_, s)| s.len() == 2).map(|(_, s)| s[0] * s[1]).sum();
+    for (bits, extra) in [(4, 16.0 * rows as f64 / total as f64), (8, 0.0), (5, 0.0)] {
+        let (with, without) = (
+            ckpt.bits_per_weight(&Precision::Bits(bits)).unwrap(),
+            plain_ckpt.bits_per_weight(&Precision::Bits(bits)).unwrap(),
+        );
+        assert!((with - without - extra).abs() < 1e-9, "{bits} bits: {with} vs {without} + {extra}");
+    }
+    // A zero correction in the file, corrections the metadata does not list, and listed ones that
+    // are missing, are all refused.
+    let w = "model.layers.0.mlp.down_proj.weight";
+    let corrections = format!("{w}.corrections");
+    let zero = rewritten(&path, dir.path(), "zero.safetensors", |r| {
+        r.tensor_mut(&corrections).3[..2].copy_from_slice(&[0, 0])
+    });
+    expect_invalid(&zero, &[&corrections, "nonzero and finite"]);
+    let unlisted = rewritten(&path, dir.path(), "unlisted.safetensors", |r| {
+        r.edit_json("quantization", |q| q["corrected_bits"] = serde_json::json!([]))
+    });
+    expect_invalid(&unlisted, &["unexpected tensor", ".corrections`"]);
+    let missing = rewritten(&path, dir.path(), "missing.safetensors", |r| r.remove(&corrections));
+    expect_invalid(&missing, &[&corrections, "missing"]);
 }

@@ -97,7 +97,8 @@ fn quantizes_the_real_model_with_a_report() {
     assert_eq!(q.bits, [8, 4, 2]);
     assert_eq!(q.granularity, "group:128");
     assert_eq!(q.tie_rule, "even");
-    assert_eq!(q.scale_method, "search:normalized");
+    // Without --config: every tool's default recipe (the max-negative grid).
+    assert_eq!(q.scale_method, "search:normalized:max-negative");
     assert_eq!(q.quantized.len(), 30 * 7 + 1, "every block linear and the tied embedding");
     assert!(q.quantized.iter().any(|n| n == "model.embed_tokens.weight"));
     let p = ckpt.provenance();

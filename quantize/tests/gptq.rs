@@ -34,6 +34,7 @@ fn spec(bits: &[u32]) -> QuantSpec {
         granularity: Granularity::Group(32),
         tie: TieRule::HalfEven,
         objective: SearchObjective::Normalized,
+        ..QuantSpec::default()
     }
 }
 

@@ -2,7 +2,7 @@
 //! `cargo bench -p quantize --bench ptq`.
 
 use kernels::{first_round, second_round, Granularity, QuantizedWeight, ScaleLayout, TieRule};
-use quantize::{quantize_weight, reconstruction_error, PtqError, QuantSpec, SearchObjective};
+use quantize::{quantize_weight, reconstruction_error, Grid, PtqError, QuantSpec, SearchObjective};
 
 #[path = "support/random.rs"]
 mod random;
@@ -236,11 +236,7 @@ fn bad_input_is_an_error() {
 #[test]
 fn reconstruction_error_is_relative_mse() {
     let w = [1.0f32, -2.0, 0.5, 0.0];
-    let q = QuantizedWeight {
-        codes: vec![64, -128, 32, 0],
-        scales: vec![1.0 / 64.0],
-        layout: ScaleLayout::new(1, 4, 4).unwrap(),
-    };
+    let q = QuantizedWeight::new(vec![64, -128, 32, 0], vec![1.0 / 64.0], ScaleLayout::new(1, 4, 4).unwrap());
     // 8 bits: [1, -2, 0.5, 0] exactly; 2 bits (Δ = 6, step 1): [1, -2, 0 (tie → even), 0].
     assert_eq!(reconstruction_error(&w, &q, 8, TieRule::HalfEven).unwrap(), 0.0);
     let e = reconstruction_error(&w, &q, 2, TieRule::HalfEven).unwrap();
@@ -264,4 +260,107 @@ fn names_round_trip() {
     }
     assert_eq!("sum".parse(), Ok(SearchObjective::Sum));
     assert!("mean".parse::<SearchObjective>().is_err());
+}
+
+/// The max-negative grid puts each group's largest-magnitude weight on the negative side, where
+/// every bit-width has its extra level: a group lying on a 2-bit grid with that level in use is
+/// reproduced exactly at 2 bits, which no positive scale can do.
+#[test]
+fn max_negative_grid_uses_the_extra_level() {
+    let w = [1.0f32, 0.5, 0.0, -0.5, 1.0, 0.5, 0.0, -0.5];
+    let layout = Granularity::Group(4);
+    for (grid, exact) in [(Grid::Symmetric, false), (Grid::MaxNegative, true)] {
+        let spec = QuantSpec { bits: vec![2], granularity: layout, grid, ..QuantSpec::default() };
+        let q = quantize_weight(&w, 2, 4, &spec).unwrap();
+        let e = reconstruction_error(&w, &q, 2, TieRule::HalfEven).unwrap();
+        assert_eq!(e == 0.0, exact, "{grid}: 2-bit error {e}");
+        if grid == Grid::MaxNegative {
+            // The largest weight (+1) needs a negative scale to be coded −128.
+            assert!(q.scales.iter().all(|&s| s < 0.0), "{:?}", q.scales);
+            assert_eq!(q.codes[0], -128);
+        }
+    }
+    // Whatever the signs, the largest magnitude of each group lands on the negative side.
+    let mut state = 5u64;
+    let w: Vec<f32> = (0..64 * 96)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * if state.is_multiple_of(7) { 8.0 } else { 1.0 }
+        })
+        .collect();
+    let spec = QuantSpec { granularity: Granularity::Group(32), grid: Grid::MaxNegative, ..QuantSpec::default() };
+    let q = quantize_weight(&w, 64, 96, &spec).unwrap();
+    for (g, (chunk, &s)) in w.chunks(32).zip(&q.scales).enumerate() {
+        let top = chunk.iter().fold(0f32, |m, &x| if x.abs() > m.abs() { x } else { m });
+        assert!(top * s < 0.0, "group {g}: largest {top}, scale {s}");
+    }
+    // The grid's best is never worse than the symmetric one at the lowest bit-width on average.
+    let sym = quantize_weight(&w, 64, 96, &QuantSpec { granularity: Granularity::Group(32), ..QuantSpec::default() })
+        .unwrap();
+    let (e_sym, e_neg) = (
+        reconstruction_error(&w, &sym, 2, TieRule::HalfEven).unwrap(),
+        reconstruction_error(&w, &q, 2, TieRule::HalfEven).unwrap(),
+    );
+    assert!(e_neg < e_sym, "2 bits: max-negative {e_neg} vs symmetric {e_sym}");
+    assert_eq!(spec.scale_method(), "search:normalized:max-negative");
+    assert_eq!("max-negative".parse::<Grid>().unwrap(), Grid::MaxNegative);
+    assert!("negative".parse::<Grid>().is_err());
+}
+
+/// Row corrections fitted to the output over calibration inputs lower every row's output error
+/// `(w − αŵ) H (w − αŵ)ᵀ` against the uncorrected row, and with `H = I` they are the weight-space
+/// least-squares factors.
+#[test]
+fn row_corrections_minimise_the_output_error() {
+    let (rows, cols) = (16, 64);
+    let mut state = 9u64;
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 40) as f64 / (1u64 << 24) as f64 - 0.5
+    };
+    let w: Vec<f32> = (0..rows * cols).map(|_| next() as f32).collect();
+    let q = quantize_weight(&w, rows, cols, &QuantSpec { granularity: Granularity::Group(32), ..QuantSpec::default() })
+        .unwrap();
+    // Correlated inputs: x = A z with a random A, H = Σ x xᵀ over 256 samples.
+    let a: Vec<f64> = (0..cols * cols).map(|_| next()).collect();
+    let mut gram = vec![0f64; cols * cols];
+    for _ in 0..256 {
+        let z: Vec<f64> = (0..cols).map(|_| next()).collect();
+        let x: Vec<f64> = (0..cols).map(|i| (0..cols).map(|k| a[i * cols + k] * z[k]).sum()).collect();
+        for i in 0..cols {
+            for j in 0..cols {
+                gram[i * cols + j] += x[i] * x[j];
+            }
+        }
+    }
+    let moments = quantize::gptq::InputMoments { gram: gram.clone(), dim: cols, rows: 256 };
+    let out_err = |row: &[f32], served: &[f32], alpha: f64| -> f64 {
+        let d: Vec<f64> = row.iter().zip(served).map(|(&x, &y)| f64::from(x) - alpha * f64::from(y)).collect();
+        (0..cols).map(|i| (0..cols).map(|j| d[i] * gram[i * cols + j] * d[j]).sum::<f64>()).sum()
+    };
+    for moments in [Some(&moments), None] {
+        let fitted = quantize::corrections::fit_row_corrections(&w, &q, &[4, 2], TieRule::HalfEven, moments).unwrap();
+        for (&bits, alpha) in &fitted {
+            let served = q.dequantize(bits, TieRule::HalfEven).unwrap();
+            let (mut better, mut total_before, mut total_after) = (0, 0.0, 0.0);
+            for (r, &a) in alpha.iter().enumerate() {
+                let span = r * cols..(r + 1) * cols;
+                let (row, s) = (&w[span.clone()], &served[span]);
+                let (before, after) = match moments {
+                    Some(_) => (out_err(row, s, 1.0), out_err(row, s, f64::from(a))),
+                    None => {
+                        let e = |a: f64| {
+                            row.iter().zip(s).map(|(&x, &y)| (f64::from(x) - a * f64::from(y)).powi(2)).sum::<f64>()
+                        };
+                        (e(1.0), e(f64::from(a)))
+                    }
+                };
+                assert!(after <= before * 1.0001, "bits {bits} row {r}: {after} > {before}");
+                better += usize::from(after < before);
+                total_before += before;
+                total_after += after;
+            }
+            assert!(better > rows / 2 && total_after < total_before, "bits {bits}: {total_after} vs {total_before}");
+        }
+    }
 }

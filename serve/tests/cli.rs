@@ -173,7 +173,7 @@ fn loadgen_reports_every_precision_without_errors() {
 }
 
 #[test]
-fn a_float_source_is_quantized_with_group_128_by_default_and_cached() {
+fn a_float_source_is_quantized_with_the_default_recipe_and_cached() {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
     model::export::write_hf_dir(&drq_tests::tiny_model(model::Architecture::Llama, true, 8), &hf).unwrap();
@@ -184,6 +184,9 @@ fn a_float_source_is_quantized_with_group_128_by_default_and_cached() {
     let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(cached.len(), 1, "{cached:?}");
     let checkpoint = model::checkpoint::Checkpoint::open(&cached[0]).unwrap();
-    assert_eq!(checkpoint.quantization().granularity, "group:128");
-    assert_eq!(checkpoint.quantization().bits, [8, 4, 2]);
+    // The one default of every tool that quantizes without a recipe.
+    let default = quantize::recipe::PtqRecipe::default_recipe().settings().unwrap();
+    assert_eq!(checkpoint.quantization().granularity, default.spec.granularity.to_string());
+    assert_eq!(checkpoint.quantization().scale_method, default.spec.scale_method());
+    assert_eq!(checkpoint.quantization().bits, default.spec.bits);
 }

@@ -4,6 +4,7 @@
 use drq_tests::tiny_model;
 use kernels::Granularity;
 use model::Architecture;
+use quantize::recipe::PtqSettings;
 use quantize::QuantSpec;
 use serve::load::open_or_quantize;
 
@@ -13,32 +14,38 @@ fn a_float_source_is_quantized_once_and_cached() {
     let hf = dir.path().join("hf");
     model::export::write_hf_dir(&tiny_model(Architecture::Qwen2, false, 4), &hf).unwrap();
     let cache = dir.path().join("cache");
-    let spec = QuantSpec::default();
-    let first = open_or_quantize(hf.to_str().unwrap(), &spec, &[], &cache).unwrap();
+    let spec = PtqSettings { spec: QuantSpec::default(), keep_float: Vec::new(), corrections: Vec::new() };
+    let first = open_or_quantize(hf.to_str().unwrap(), &spec, &cache).unwrap();
     let path = first.path().to_path_buf();
     assert!(path.starts_with(&cache));
     let written = std::fs::metadata(&path).unwrap().modified().unwrap();
     drop(first);
     std::thread::sleep(std::time::Duration::from_millis(20));
 
-    let again = open_or_quantize(hf.to_str().unwrap(), &spec, &[], &cache).unwrap();
+    let again = open_or_quantize(hf.to_str().unwrap(), &spec, &cache).unwrap();
     assert_eq!(again.path(), path);
     assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), written, "the cached checkpoint is reused");
 
     // Another recipe is another entry.
-    let g32 = QuantSpec { granularity: Granularity::Group(32), ..QuantSpec::default() };
-    let other = open_or_quantize(hf.to_str().unwrap(), &g32, &[], &cache).unwrap();
+    let g32 =
+        PtqSettings { spec: QuantSpec { granularity: Granularity::Group(32), ..QuantSpec::default() }, ..spec.clone() };
+    let other = open_or_quantize(hf.to_str().unwrap(), &g32, &cache).unwrap();
     assert_ne!(other.path(), path);
     assert_eq!(other.quantization().granularity, "group:32");
+    // So are row corrections, which the checkpoint then carries.
+    let corrected = PtqSettings { corrections: vec![4, 2], ..spec.clone() };
+    let third = open_or_quantize(hf.to_str().unwrap(), &corrected, &cache).unwrap();
+    assert!(third.path() != path && third.path() != other.path());
+    assert_eq!(third.quantization().corrected_bits, [4, 2]);
 
     // A damaged cache entry is replaced, not served.
     std::fs::write(&path, b"garbage").unwrap();
-    let repaired = open_or_quantize(hf.to_str().unwrap(), &spec, &[], &cache).unwrap();
+    let repaired = open_or_quantize(hf.to_str().unwrap(), &spec, &cache).unwrap();
     assert_eq!(repaired.path(), path);
     assert_eq!(repaired.quantization().granularity, "channel");
 
     // A checkpoint is opened as it is, without touching the cache.
-    let direct = open_or_quantize(path.to_str().unwrap(), &g32, &[], &dir.path().join("unused")).unwrap();
+    let direct = open_or_quantize(path.to_str().unwrap(), &g32, &dir.path().join("unused")).unwrap();
     assert_eq!(direct.quantization().granularity, "channel");
     assert!(!dir.path().join("unused").exists());
 }

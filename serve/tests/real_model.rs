@@ -24,6 +24,7 @@ fn served_greedy_text_equals_the_runtime_at_every_precision() {
         granularity: Granularity::Channel,
         tie: TieRule::HalfEven,
         objective: SearchObjective::Normalized,
+        ..QuantSpec::default()
     };
     let q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
     let path = dir.path().join("smollm2.safetensors");

@@ -1,11 +1,12 @@
 //! `drq-eval`: offline evaluation of a model at several precisions through the serving runtime.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use cli::plot::{document, panel, Panel, Series, COLORS};
+use cli::plot::{document, panel, Mark, Panel, Series, COLORS};
 use cli::Activations;
 use evals::perplexity::{evaluate, windows, Candidate, PrecisionReport, Protocol, Window};
 use kernels::{Granularity, KernelConfig, TieRule};
@@ -13,7 +14,8 @@ use model::checkpoint::Checkpoint;
 use model::source::{self, FloatModel, ModelSource};
 use model::{precision, KvCache, ModelConfig, OpsMode, Precision, ResidentModel, Transformer};
 use quantize::profile::ProfileRules;
-use quantize::{QuantSpec, SearchObjective};
+use quantize::recipe::{PtqRecipe, PtqSettings};
+use quantize::SearchObjective;
 use tokenizers::Tokenizer;
 
 #[derive(Parser)]
@@ -88,18 +90,28 @@ struct PerplexityArgs {
     /// precisions, the float model as a dashed line.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// In-memory quantization of a float --model: bit set of the scale search.
-    #[arg(long, default_value = "8,4,2", value_delimiter = ',')]
-    bits: Vec<u32>,
-    /// In-memory quantization of a float --model: `channel` or `group:N`.
-    #[arg(long, default_value = "channel")]
-    granularity: Granularity,
-    /// In-memory quantization of a float --model: tie rule (`even` or `up`).
-    #[arg(long, default_value = "even")]
-    tie: TieRule,
-    /// In-memory quantization of a float --model: scale search objective.
-    #[arg(long, default_value = "normalized")]
-    objective: SearchObjective,
+    /// Other tools' results on the same text and context, drawn on the plot as labelled points
+    /// (JSON: `text`, `ctx`, `points: [{label, bits_per_weight, perplexity: {WINDOWS: value}}]`;
+    /// e.g. docs/results/llamacpp-smollm2-wikitext2.json, llama.cpp's files of the shared model).
+    #[arg(long, requires = "plot")]
+    reference_points: Option<PathBuf>,
+    /// In-memory quantization of a float --model: a PTQ recipe (TOML, see configs/ptq/; no
+    /// GPTQ: that needs calibration text) [default: every tool's default, as drq-quantize's].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// In-memory quantization of a float --model: bit set of the scale search (overrides the
+    /// recipe).
+    #[arg(long, value_delimiter = ',')]
+    bits: Option<Vec<u32>>,
+    /// In-memory quantization of a float --model: `channel` or `group:N` (overrides the recipe).
+    #[arg(long)]
+    granularity: Option<Granularity>,
+    /// In-memory quantization of a float --model: tie rule, `even` or `up` (overrides the recipe).
+    #[arg(long)]
+    tie: Option<TieRule>,
+    /// In-memory quantization of a float --model: scale search objective (overrides the recipe).
+    #[arg(long)]
+    objective: Option<SearchObjective>,
     /// How checkpoint precisions run (`fp` always runs on candle).
     #[arg(long, value_enum, default_value = "kernels")]
     runtime: RuntimeArg,
@@ -129,6 +141,7 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     let plan = Plan::from_args(&args)?;
     let models = Models::load(&args, &plan)?;
     let wins = score_windows(&args, &plan, &models)?;
+    let marks = reference_marks(&args, wins.len())?;
     let runs = Runs::build(&args, &plan, &models, &wins)?;
     let (reports, seconds) = run_windows(&plan, &models, &runs, &wins)?;
     print_table(&reports, wins.len());
@@ -139,7 +152,65 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         reports[0].tokens_scored,
         forward_tokens as f64 / seconds
     );
-    write_outputs(&args, &plan, &models, &runs, &reports, wins.len(), seconds)
+    write_outputs(&args, &plan, &models, &runs, &reports, (wins.len(), marks), seconds)
+}
+
+/// `--reference-points`: results of other tools on the same text, context and windows.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReferencePoints {
+    /// File name of the text they were measured on (e.g. `wiki.test.raw`).
+    text: String,
+    ctx: usize,
+    /// Where the numbers come from.
+    #[serde(default)]
+    source: String,
+    points: Vec<ReferencePoint>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReferencePoint {
+    label: String,
+    bits_per_weight: f64,
+    /// Perplexity by number of windows scored (`"20"`, `"595"`, …).
+    perplexity: BTreeMap<String, f64>,
+}
+
+/// The `--reference-points` of this run's text, context and window count, as plot marks;
+/// refused (before the evaluation) when the file has no results for them.
+fn reference_marks(args: &PerplexityArgs, windows: usize) -> Result<Vec<Mark>> {
+    let Some(path) = &args.reference_points else { return Ok(Vec::new()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let refs: ReferencePoints =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a reference-points file", path.display()))?;
+    let file = args.file.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+    ensure!(
+        refs.text == file && refs.ctx == args.ctx,
+        "{}: measured on {} at ctx {}, this run scores {file} at ctx {}",
+        path.display(),
+        refs.text,
+        refs.ctx,
+        args.ctx
+    );
+    let key = windows.to_string();
+    let mut marks = Vec::new();
+    for p in &refs.points {
+        let Some(&perplexity) = p.perplexity.get(&key) else {
+            let known: Vec<&str> = p.perplexity.keys().map(String::as_str).collect();
+            bail!(
+                "{}: `{}` has no result for {windows} windows (it has: {})",
+                path.display(),
+                p.label,
+                known.join(", ")
+            );
+        };
+        marks.push(Mark { x: p.bits_per_weight, y: perplexity, label: p.label.clone() });
+    }
+    if !refs.source.is_empty() {
+        tracing::info!("reference points: {}", refs.source);
+    }
+    Ok(marks)
 }
 
 /// What the flags ask for, checked before anything is loaded.
@@ -220,14 +291,9 @@ impl Models {
                     if checkpoints.is_empty() && !plan.int_precisions.is_empty() && args.model.len() == 1 {
                         // A float model alone: quantize it, through a real checkpoint file so that
                         // what is measured is exactly what is served.
-                        let spec = QuantSpec {
-                            bits: args.bits.clone(),
-                            granularity: args.granularity,
-                            tie: args.tie,
-                            objective: args.objective,
-                        };
-                        tracing::info!("quantizing in memory ({spec})");
-                        let q = quantize::quantize_model(&model, &spec, &[], |_| {})?;
+                        let settings = in_memory_settings(args)?;
+                        tracing::info!("quantizing in memory ({settings})");
+                        let q = quantize::model_ptq::quantize_with(&model, &settings, |_| {})?;
                         let tmp = tempfile::Builder::new().prefix("drq-eval-").suffix(".safetensors").tempfile()?;
                         quantize::write_checkpoint(tmp.path(), &model, &provenance, &q)?;
                         checkpoints.push(Checkpoint::open(tmp.path())?);
@@ -273,6 +339,30 @@ impl Models {
         let stem = |c: &Checkpoint| c.path().file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
         self.checkpoints.iter().map(stem).collect()
     }
+}
+
+/// The PTQ settings of an in-memory quantization: `--config` or the default recipe, overridden
+/// by `--bits`, `--granularity`, `--tie`, `--objective`.
+fn in_memory_settings(args: &PerplexityArgs) -> Result<PtqSettings> {
+    let recipe = match &args.config {
+        Some(path) => PtqRecipe::load(path)?,
+        None => PtqRecipe::default_recipe(),
+    };
+    if let Some(g) = recipe.gptq()? {
+        bail!(
+            "--config asks for {g} rounding, which needs calibration text: make a checkpoint with drq-quantize --gptq"
+        );
+    }
+    let mut settings = recipe.settings()?;
+    let spec = &mut settings.spec;
+    if let Some(bits) = &args.bits {
+        spec.bits = bits.clone();
+    }
+    spec.granularity = args.granularity.unwrap_or(spec.granularity);
+    spec.tie = args.tie.unwrap_or(spec.tie);
+    spec.objective = args.objective.unwrap_or(spec.objective);
+    spec.validate()?;
+    Ok(settings)
 }
 
 /// The text tokenized and cut into windows by the protocol.
@@ -425,13 +515,13 @@ fn write_outputs(
     models: &Models,
     runs: &Runs,
     reports: &[PrecisionReport],
-    windows: usize,
+    (windows, marks): (usize, Vec<Mark>),
     seconds: f64,
 ) -> Result<()> {
     if let Some(path) = &args.plot {
         let file = args.file.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned());
         let title = format!("{file}, ctx {}, {windows} windows", args.ctx);
-        let svg = plot_perplexity_vs_bits(reports, &runs.storage_bits, &models.names(), &title);
+        let svg = plot_perplexity_vs_bits(reports, &runs.storage_bits, &models.names(), marks, &title);
         cli::write_atomically(path, svg.as_bytes())?;
     }
     if let Some(path) = &args.json {
@@ -495,11 +585,13 @@ fn pick_threads(
 }
 
 /// Perplexity (log scale) against bits per weight: a line per checkpoint through its precisions
-/// in order of size, the float model's perplexity as a dashed line.
+/// in order of size (each point labelled with its precision), the float model's perplexity as a
+/// dashed line, other tools' results as grey marks.
 fn plot_perplexity_vs_bits(
     reports: &[PrecisionReport],
     storage_bits: &[(usize, f64)],
     names: &[String],
+    marks: Vec<Mark>,
     title: &str,
 ) -> String {
     let stored = &reports[reports.len() - storage_bits.len()..];
@@ -507,14 +599,19 @@ fn plot_perplexity_vs_bits(
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let mut points: Vec<(f64, f64)> = stored
+            let mut labelled: Vec<((f64, f64), String)> = stored
                 .iter()
                 .zip(storage_bits)
                 .filter(|(_, (c, _))| *c == i)
-                .map(|(r, &(_, bits))| (bits, r.perplexity))
+                .map(|(r, &(_, bits))| {
+                    // The precision: the label's first word (the checkpoint's name follows).
+                    let precision = r.label.split_whitespace().next().unwrap_or_default();
+                    ((bits, r.perplexity), precision.to_string())
+                })
                 .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            Series { label: name.clone(), color: COLORS[i % COLORS.len()], points }
+            labelled.sort_by(|a, b| a.0 .0.total_cmp(&b.0 .0));
+            let (points, point_labels) = labelled.into_iter().unzip();
+            Series { label: name.clone(), color: COLORS[i % COLORS.len()], points, point_labels }
         })
         .collect();
     let reference = reports.iter().find(|r| r.label == "fp").map(|r| (r.perplexity, format!("fp {:.3}", r.perplexity)));
@@ -523,6 +620,7 @@ fn plot_perplexity_vs_bits(
         x_label: "bits per weight (f16 scales included)",
         log_y: true,
         reference,
+        marks,
     };
     document(720.0, 460.0, title, |svg| panel(svg, (70.0, 50.0, 600.0, 350.0), &axes, &series))
 }

@@ -123,6 +123,7 @@ mod tests;
 mod x86;
 
 use crate::double_rounding::{check_bits, KernelError, QuantizedWeight, ScaleLayout, TieRule};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -365,6 +366,9 @@ pub struct PlanarWeight {
     planes: Vec<u64>,
     has_d: bool,
     scales: Vec<f32>,
+    /// Per-precision row corrections (see [`QuantizedWeight::corrections`]), applied to every
+    /// output row after its dot product.
+    corrections: BTreeMap<u32, Vec<f32>>,
 }
 
 fn mismatch(what: &'static str, expected: usize, got: usize) -> KernelError {
@@ -382,6 +386,7 @@ impl PlanarWeight {
         if w.scales.len() != layout.n_scales() {
             return Err(mismatch("scales", layout.n_scales(), w.scales.len()));
         }
+        w.validate_corrections()?;
         let (rows, cols) = (layout.rows, layout.cols);
         let wpr = cols.div_ceil(WORD_BITS);
         let too_large = KernelError::TooLarge { rows, cols };
@@ -412,7 +417,15 @@ impl PlanarWeight {
                 }
             }
         }
-        Ok(PlanarWeight { layout, tie, wpr, planes, has_d, scales: w.scales.clone() })
+        Ok(PlanarWeight {
+            layout,
+            tie,
+            wpr,
+            planes,
+            has_d,
+            scales: w.scales.clone(),
+            corrections: w.corrections.clone(),
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -441,6 +454,11 @@ impl PlanarWeight {
         &self.scales
     }
 
+    /// The row corrections of `bits`, if it has them.
+    pub fn correction(&self, bits: u32) -> Option<&[f32]> {
+        self.corrections.get(&bits).map(Vec::as_slice)
+    }
+
     /// Whether the d plane is stored (HalfEven with at least one adjusted code).
     pub fn has_d_plane(&self) -> bool {
         self.has_d
@@ -459,9 +477,9 @@ impl PlanarWeight {
     }
 
     /// Bytes held: planes (with the gaps between large planes, see [`PLANE_GAP_WORDS`]) plus f32
-    /// scales.
+    /// scales and row corrections.
     pub fn resident_bytes(&self) -> usize {
-        self.planes.len() * 8 + self.scales.len() * 4
+        self.planes.len() * 8 + self.scales.len() * 4 + self.corrections.values().map(|a| a.len() * 4).sum::<usize>()
     }
 
     /// Planes read at `bits`: `bits + 1` below 8; at 8 the 8 planes of `u` plus d if stored.
@@ -476,9 +494,10 @@ impl PlanarWeight {
         Ok(self.planes_read(bits)? * self.rows() * self.wpr * 8)
     }
 
-    /// All bytes one pass at `bits` reads: [`Self::plane_bytes_read`] plus the f32 scales.
+    /// All bytes one pass at `bits` reads: [`Self::plane_bytes_read`] plus the f32 scales and
+    /// that precision's row corrections.
     pub fn bytes_read(&self, bits: u32) -> Result<usize, KernelError> {
-        Ok(self.plane_bytes_read(bits)? + self.scales.len() * 4)
+        Ok(self.plane_bytes_read(bits)? + self.scales.len() * 4 + self.correction(bits).map_or(0, |a| a.len() * 4))
     }
 
     /// Starts fetching the first [`START_PREFETCH_BYTES`] of every plane read at `bits`, so that
@@ -582,6 +601,7 @@ impl PlanarWeight {
             return Ok(());
         }
         let mut q = vec![0u8; self.cols_padded() + SLACK];
+        let alpha = self.correction(bits);
         for (&r, dst) in rows.iter().zip(out.chunks_exact_mut(cols)) {
             scalar::decode_row(self, r, prec, true, &mut q);
             for g in 0..self.layout.n_groups() {
@@ -590,6 +610,9 @@ impl PlanarWeight {
                 for (o, &v) in dst[range.clone()].iter_mut().zip(&q[range]) {
                     *o = f32::from(v as i8) * prec.step * s;
                 }
+            }
+            if let Some(alpha) = alpha {
+                dst.iter_mut().for_each(|o| *o *= alpha[r]);
             }
         }
         Ok(())
@@ -667,6 +690,13 @@ impl PlanarWeight {
                 let mut out = shares[t].lock().unwrap_or_else(|e| e.into_inner());
                 job.run(bounds[t].clone(), &mut out);
             });
+        }
+        // The precision's row corrections scale whole output rows: after the dot products, the
+        // same for every backend, path, batch size and thread count.
+        if let Some(alpha) = self.correction(bits) {
+            for yb in y.chunks_exact_mut(rows) {
+                yb.iter_mut().zip(alpha).for_each(|(o, &a)| *o *= a);
+            }
         }
         Ok(())
     }

@@ -34,7 +34,7 @@ fn random_weight(rng: &mut Rng, rows: usize, cols: usize, gran: Granularity) -> 
     let layout = gran.layout(rows, cols).unwrap();
     let codes = (0..layout.n_weights()).map(|_| rng.code()).collect();
     let scales = (0..layout.n_scales()).map(|_| 1e-3 + 2e-2 * (rng.f32() + 1.0)).collect();
-    QuantizedWeight { codes, scales, layout }
+    QuantizedWeight::new(codes, scales, layout)
 }
 
 /// Activations in [−1, 1) with an occasional outlier of ±20.
@@ -258,7 +258,16 @@ impl fmt::Display for BackendVariant {
 
 fn check_shape(rng: &mut Rng, rows: usize, cols: usize, gran: Granularity, tie: TieRule, batches: &[usize]) {
     let qw = random_weight(rng, rows, cols, gran);
-    let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+    check_weight(rng, &qw, tie, batches);
+}
+
+/// Every backend, path and thread count against the naive product of [`QuantizedWeight::dequantize`]
+/// at every precision (the f32 path within summation-order tolerance, the int8 path within its
+/// activation-rounding bound and bit for bit across backends).
+fn check_weight(rng: &mut Rng, qw: &QuantizedWeight, tie: TieRule, batches: &[usize]) {
+    let (rows, cols, gran) = (qw.layout.rows, qw.layout.cols, qw.layout);
+    let gran = if gran.group >= cols { "channel".to_string() } else { format!("group:{}", gran.group) };
+    let pw = PlanarWeight::from_quantized(qw, tie).unwrap();
     let backends = Backend::available();
     for bits in 2..=8u32 {
         let n = batches[bits as usize % batches.len()];
@@ -324,6 +333,63 @@ fn check_shape(rng: &mut Rng, rows: usize, cols: usize, gran: Granularity, tie: 
             }
         }
     }
+}
+
+/// Row corrections at some precisions and scales of both signs (the max-negative grid): the
+/// kernels serve `α_b[r] · q_b · 2^Δ · s` like `dequantize`, on every path, and the embedding
+/// lookup too.
+#[test]
+fn kernels_apply_row_corrections_and_negative_scales() {
+    let mut rng = Rng(77);
+    for (rows, cols, gran) in [(9, 130, Granularity::Group(32)), (12, 64, Granularity::Channel)] {
+        for tie in TIES {
+            let mut qw = random_weight(&mut rng, rows, cols, gran);
+            for s in qw.scales.iter_mut() {
+                if rng.next().is_multiple_of(2) {
+                    *s = -*s;
+                }
+            }
+            for bits in [2, 4, 7] {
+                qw.corrections.insert(bits, (0..rows).map(|_| 1.0 + 0.5 * rng.f32()).collect());
+            }
+            check_weight(&mut rng, &qw, tie, &[1, 3, 5]);
+            let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+            let plain = QuantizedWeight::new(qw.codes.clone(), qw.scales.clone(), qw.layout);
+            for bits in 2..=8 {
+                let (with, without) = (qw.dequantize(bits, tie).unwrap(), plain.dequantize(bits, tie).unwrap());
+                for r in 0..rows {
+                    let a = qw.correction(bits).map_or(1.0, |a| a[r]);
+                    let span = r * cols..(r + 1) * cols;
+                    assert!(with[span.clone()].iter().zip(&without[span]).all(|(w, p)| *w == p * a), "bits {bits}");
+                }
+                let mut rows_out = vec![0f32; rows * cols];
+                pw.dequantize_rows(bits, &(0..rows).collect::<Vec<_>>(), &mut rows_out).unwrap();
+                assert!(rows_out.iter().zip(&with).all(|(a, b)| a.to_bits() == b.to_bits()), "bits {bits}");
+            }
+            assert_eq!(pw.correction(4), qw.correction(4));
+            assert_eq!(
+                pw.bytes_read(4).unwrap(),
+                pw.bytes_read(5).unwrap() - pw.plane_bytes_read(5).unwrap()
+                    + pw.plane_bytes_read(4).unwrap()
+                    + 4 * rows
+            );
+        }
+    }
+    // Bad corrections are refused when the layout is built.
+    let mut qw = random_weight(&mut rng, 4, 64, Granularity::Channel);
+    qw.corrections.insert(4, vec![1.0; 3]);
+    assert_eq!(
+        PlanarWeight::from_quantized(&qw, TieRule::HalfEven),
+        Err(KernelError::LengthMismatch { what: "corrections", expected: 4, got: 3 })
+    );
+    qw.corrections.insert(4, vec![1.0, 0.0, 1.0, 1.0]);
+    assert_eq!(
+        PlanarWeight::from_quantized(&qw, TieRule::HalfEven),
+        Err(KernelError::BadCorrection { bits: 4, row: 1 })
+    );
+    qw.corrections.clear();
+    qw.corrections.insert(9, vec![1.0; 4]);
+    assert_eq!(PlanarWeight::from_quantized(&qw, TieRule::HalfEven), Err(KernelError::InvalidBits(9)));
 }
 
 #[test]
@@ -627,7 +693,7 @@ fn bad_inputs_are_errors() {
 fn empty_shapes() {
     for (rows, cols) in [(0, 5), (3, 0), (0, 0)] {
         let layout = ScaleLayout::per_channel(rows, cols).unwrap();
-        let qw = QuantizedWeight { codes: vec![0; rows * cols], scales: vec![1.0; layout.n_scales()], layout };
+        let qw = QuantizedWeight::new(vec![0; rows * cols], vec![1.0; layout.n_scales()], layout);
         let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
         for backend in Backend::available() {
             for path in [ActPath::F32, ActPath::Int8] {

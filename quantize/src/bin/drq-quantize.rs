@@ -1,6 +1,7 @@
 //! `drq-quantize`: Double Rounding PTQ of a model into one INT8 checkpoint that serves every
 //! precision of its bit set.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -8,11 +9,11 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kernels::{Granularity, TieRule};
 use model::source::{self, ModelSource};
-use quantize::gptq::GptqSpec;
+use quantize::gptq::{GptqSpec, InputMoments};
 use quantize::profile::ProfileRules;
 use quantize::recipe::PtqRecipe;
 use quantize::train::data::{collect_files, TokenBlocks};
-use quantize::{quantize_model, write_checkpoint, QuantizedModel, SearchObjective};
+use quantize::{quantize_model, write_checkpoint, Grid, QuantizedModel, SearchObjective};
 
 #[derive(Parser)]
 #[command(name = "drq-quantize", version, about = "Quantize a model into one INT8 Double Rounding checkpoint")]
@@ -21,7 +22,8 @@ struct Args {
     /// (SmolLM2-135M-Instruct).
     #[arg(short, long, default_value = "default")]
     model: String,
-    /// PTQ recipe (TOML, see configs/ptq/); the flags below override it.
+    /// PTQ recipe (TOML, see configs/ptq/); the flags below override it. Without one: every
+    /// tool's default (group:128, max-negative grid, bits 8,4,2).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Bit-widths the scales are searched for (comma-separated, 2..8; 8 is always stored)
@@ -29,7 +31,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     bits: Option<Vec<u32>>,
     /// Scale granularity: `channel` (one scale per output row) or `group:N` (per N input columns)
-    /// [default: channel].
+    /// [default: group:128].
     #[arg(long)]
     granularity: Option<Granularity>,
     /// Tie rule of the second rounding: `even` (round half to even) or `up` (add-and-shift)
@@ -40,6 +42,11 @@ struct Args {
     /// or `sum` (plain summed squared error, dominated by the lowest bit-width) [default: normalized].
     #[arg(long)]
     objective: Option<SearchObjective>,
+    /// Grid: `symmetric` (positive scales) or `max-negative` (each group's largest-magnitude
+    /// weight coded −128, so every precision has its extra negative level there, as llama.cpp's
+    /// Q4_0 does) [default: max-negative].
+    #[arg(long)]
+    grid: Option<Grid>,
     /// Keep weights whose name contains one of these in float (e.g. `embed_tokens,lm_head`).
     #[arg(long, value_delimiter = ',')]
     keep_float: Option<Vec<String>>,
@@ -50,8 +57,14 @@ struct Args {
     /// much worse). Needs --calibration. Without it codes are rounded to nearest.
     #[arg(long)]
     gptq: Option<GptqSpec>,
-    /// Calibration text for --gptq (or a recipe's `gptq`): `.txt` files or directories of them
-    /// (never WikiText-2).
+    /// Per-precision row corrections: for each of these bit-widths (below 8, e.g.
+    /// `7,6,5,4,3,2`), one f16 factor per output row, fitted to the layer's output over
+    /// --calibration text (to the weight itself without it). The codes do not change; the kernels
+    /// scale each output row after its dot product, and bits per weight count 16 bits per row.
+    #[arg(long, value_delimiter = ',')]
+    corrections: Option<Vec<u32>>,
+    /// Calibration text for --gptq (or a recipe's `gptq`) and --corrections: `.txt` files or
+    /// directories of them (never WikiText-2).
     #[arg(long)]
     calibration: Vec<PathBuf>,
     /// Calibration blocks (sequences) drawn from the text.
@@ -103,7 +116,7 @@ fn run(args: Args) -> Result<()> {
     }
     let recipe = match &args.config {
         Some(path) => PtqRecipe::load(path)?,
-        None => PtqRecipe::default(),
+        None => PtqRecipe::default_recipe(),
     };
     let (mut spec, mut keep_float) = recipe.resolve()?;
     if let Some(bits) = args.bits.clone() {
@@ -112,6 +125,7 @@ fn run(args: Args) -> Result<()> {
     spec.granularity = args.granularity.unwrap_or(spec.granularity);
     spec.tie = args.tie.unwrap_or(spec.tie);
     spec.objective = args.objective.unwrap_or(spec.objective);
+    spec.grid = args.grid.unwrap_or(spec.grid);
     if let Some(k) = args.keep_float.clone() {
         keep_float = k;
     }
@@ -129,22 +143,37 @@ fn run(args: Args) -> Result<()> {
             if args.calibration.is_empty() {
                 bail!("GPTQ rounding ({g}) needs calibration text: pass --calibration");
             }
-            if args.calibration_seq < 2 || args.calibration_blocks == 0 {
-                bail!("--calibration-seq must be at least 2 and --calibration-blocks at least 1");
-            }
-            Some((g, collect_files(&args.calibration)?))
+            Some(g)
         }
         None => None,
+    };
+    let corrections = match args.corrections.clone().or(recipe.corrections.clone()) {
+        Some(bits) => {
+            for &b in &bits {
+                kernels::check_bits(b).map_err(|e| anyhow::anyhow!("--corrections: {e}"))?;
+                if b >= kernels::STORED_BITS {
+                    bail!("--corrections {b}: the stored 8-bit codes need none (give bit-widths below 8)");
+                }
+            }
+            bits
+        }
+        None => Vec::new(),
+    };
+    let calibration_files = if gptq.is_some() || !args.calibration.is_empty() {
+        if args.calibration_seq < 2 || args.calibration_blocks == 0 {
+            bail!("--calibration-seq must be at least 2 and --calibration-blocks at least 1");
+        }
+        collect_files(&args.calibration)?
+    } else {
+        Vec::new()
     };
     let source: ModelSource = args.model.parse()?;
     let started = Instant::now();
     tracing::info!("loading {source}");
     let (float, provenance) = source::load_float(&source)?;
     // The calibration text is read before any work, so a short one is refused at once.
-    let calibration = match &gptq {
-        Some((g, files)) => Some((g, calibration_blocks(&float, files, &args)?)),
-        None => None,
-    };
+    let calibration =
+        if calibration_files.is_empty() { None } else { Some(calibration_blocks(&float, &calibration_files, &args)?) };
     let n_targets = quantize::model_ptq::quantizable(&float.config, &keep_float).len();
     let bar = cli::progress_bar(n_targets as u64, "quantizing");
     let mut quantized = quantize_model(&float, &spec, &keep_float, |name| {
@@ -152,8 +181,25 @@ fn run(args: Args) -> Result<()> {
         bar.inc(1);
     })?;
     bar.finish_and_clear();
-    if let Some((gptq, blocks)) = &calibration {
-        round_hessian_aware(&float, &mut quantized, gptq, blocks, &args)?;
+    let moments = match &calibration {
+        Some(blocks) => Some(input_moments(&float, &quantized, blocks, &args)?),
+        None => None,
+    };
+    if let (Some(g), Some(moments)) = (&gptq, &moments) {
+        let bar = cli::progress_bar(moments.len() as u64, "GPTQ");
+        quantize::gptq::round_model(&float, &mut quantized, moments, g, |name| {
+            bar.set_prefix(name.to_string());
+            bar.inc(1);
+        })?;
+        bar.finish_and_clear();
+    }
+    if !corrections.is_empty() {
+        let bar = cli::progress_bar(quantized.quantized.len() as u64, "corrections");
+        quantize::corrections::correct_model(&float, &mut quantized, &corrections, moments.as_ref(), |name| {
+            bar.set_prefix(name.to_string());
+            bar.inc(1);
+        })?;
+        bar.finish_and_clear();
     }
     for p in &profiles {
         let bits = p.resolve(&quantized.quantization.quantized)?;
@@ -192,14 +238,13 @@ fn calibration_blocks(float: &model::FloatModel, files: &[PathBuf], args: &Args)
     Ok(data.batch(args.seed, 0, args.calibration_blocks).into_iter().map(<[u32]>::to_vec).collect())
 }
 
-/// Collects the calibration inputs' second moments and re-rounds the codes with GPTQ.
-fn round_hessian_aware(
+/// The second moments of every quantized linear layer's inputs over the calibration blocks.
+fn input_moments(
     float: &model::FloatModel,
-    q: &mut QuantizedModel,
-    gptq: &GptqSpec,
+    q: &QuantizedModel,
     blocks: &[Vec<u32>],
     args: &Args,
-) -> Result<()> {
+) -> Result<HashMap<String, InputMoments>> {
     let started = Instant::now();
     let blocks: Vec<&[u32]> = blocks.iter().map(Vec::as_slice).collect();
     let bar = cli::progress_bar(blocks.len() as u64, "calibrating");
@@ -218,13 +263,7 @@ fn round_hessian_aware(
         blocks.len() * args.calibration_seq,
         started.elapsed().as_secs_f64()
     );
-    let bar = cli::progress_bar(moments.len() as u64, "GPTQ");
-    quantize::gptq::round_model(float, q, &moments, gptq, |name| {
-        bar.set_prefix(name.to_string());
-        bar.inc(1);
-    })?;
-    bar.finish_and_clear();
-    Ok(())
+    Ok(moments)
 }
 
 /// One line per quantized weight, then the parameter-weighted mean.

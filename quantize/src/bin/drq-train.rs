@@ -75,6 +75,9 @@ struct Args {
     /// Initial scale search objective: `normalized` or `sum`.
     #[arg(long, help_heading = "Recipe")]
     objective: Option<String>,
+    /// Grid of the initial scales: `symmetric` or `max-negative` (see drq-quantize --help).
+    #[arg(long, help_heading = "Recipe")]
+    grid: Option<String>,
     /// Keep weights whose name contains one of these in float (frozen).
     #[arg(long, value_delimiter = ',', help_heading = "Recipe")]
     keep_float: Option<Vec<String>>,
@@ -149,7 +152,7 @@ impl Args {
             )*};
         }
         set!(
-            bits => cfg.bits, granularity => cfg.granularity, tie => cfg.tie, objective => cfg.objective,
+            bits => cfg.bits, granularity => cfg.granularity, tie => cfg.tie, objective => cfg.objective, grid => cfg.grid,
             keep_float => cfg.keep_float, train => cfg.train, steps => cfg.steps, batch => cfg.batch,
             seq_len => cfg.seq_len, lr => cfg.lr, scale_lr => cfg.scale_lr, warmup_steps => cfg.warmup_steps,
             min_lr_ratio => cfg.min_lr_ratio, weight_decay => cfg.weight_decay, clip_grad => cfg.clip_grad,

@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use kernels::{Granularity, TieRule};
 use serde::{Deserialize, Serialize};
 
-use crate::ptq::{QuantSpec, SearchObjective};
+use crate::ptq::{Grid, QuantSpec, SearchObjective};
 use crate::train::alrs::AlrsPolicy;
 use crate::train::optim::AdamParams;
 
@@ -156,6 +156,8 @@ pub struct TrainConfig {
     pub tie: String,
     /// PTQ objective of the initial scales: `normalized` or `sum`.
     pub objective: String,
+    /// Grid of the initial scales: `symmetric` or `max-negative` (scales keep their sign).
+    pub grid: String,
     /// Weights whose name contains one of these stay in float (and frozen).
     pub keep_float: Vec<String>,
     /// What trains.
@@ -203,6 +205,7 @@ impl Default for TrainConfig {
             granularity: "channel".into(),
             tie: "even".into(),
             objective: "normalized".into(),
+            grid: "symmetric".into(),
             keep_float: Vec::new(),
             train: Trainable::default(),
             steps: 1000,
@@ -243,6 +246,7 @@ impl TrainConfig {
             granularity: self.granularity.parse::<Granularity>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
             tie: self.tie.parse::<TieRule>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
             objective: self.objective.parse::<SearchObjective>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
+            grid: self.grid.parse::<Grid>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
         };
         spec.validate()?;
         Ok(spec)

@@ -24,12 +24,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use kernels::{code_index, first_round, level_table, QuantizedWeight, ScaleLayout, TieRule};
 
-/// The scale a checkpoint stores for the latent scale `s`: the nearest f16, never below the
-/// smallest normal f16 (so it cannot round to zero and `1/s` stays finite). The PTQ search
-/// picks its candidates the same way.
-pub fn served_scale(s: f32) -> f32 {
-    half::f16::from_f32(s).to_f32().max(half::f16::MIN_POSITIVE.to_f32())
-}
+pub use crate::ptq::stored_scale as served_scale;
 
 /// Upper clip bound of bit-width `bits` in units of the stored scale: `(2^(b−1) − 1)·2^Δ`.
 pub fn clip_high(bits: u32) -> f32 {
@@ -95,7 +90,11 @@ impl FakeQuant {
         let group_of_col = Tensor::from_vec(group_of_col, l.cols, device)?;
         let s = scales.index_select(&group_of_col, 1)?; // [rows, cols], differentiable
         let min = f64::from(half::f16::MIN_POSITIVE.to_f32());
-        let s16 = s.detach().to_dtype(DType::F16)?.to_dtype(DType::F32)?.maximum(min)?;
+        // As `served_scale`: the nearest f16, at least the smallest normal f16 in magnitude, its
+        // sign kept.
+        let s16 = s.detach().to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+        let sign = ((s16.ge(0.0)?.to_dtype(DType::F32)? * 2.0)? - 1.0)?;
+        let s16 = (s16.abs()?.maximum(min)? * sign)?;
         let v = (w.detach() * s16.recip()?)?;
         let code = ((v.clamp(CLIP_LOW, 127f32)? + MAGIC)? - MAGIC)?;
         let index = (code + 128.0)?.to_dtype(DType::U32)?.flatten_all()?;
@@ -253,5 +252,5 @@ pub fn export_weight(w: &[f32], scales: &[f32], layout: ScaleLayout) -> Quantize
             }
         }
     }
-    QuantizedWeight { codes, scales: served, layout }
+    QuantizedWeight::new(codes, served, layout)
 }

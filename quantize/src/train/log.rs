@@ -137,7 +137,7 @@ pub fn plot_svg(records: &[Record], title: &str) -> String {
                 _ => None,
             })
             .collect();
-        train.push(Series { label: format!("W{b}"), color: color(b), points: pts });
+        train.push(Series { label: format!("W{b}"), color: color(b), points: pts, point_labels: Vec::new() });
         let pts = records
             .iter()
             .filter_map(|r| match r {
@@ -145,18 +145,29 @@ pub fn plot_svg(records: &[Record], title: &str) -> String {
                 _ => None,
             })
             .collect();
-        heldout.push(Series { label: format!("W{b}"), color: color(b), points: pts });
+        heldout.push(Series { label: format!("W{b}"), color: color(b), points: pts, point_labels: Vec::new() });
     }
     let float_ppl = records.iter().find_map(|r| match r {
         Record::Eval { float_ppl: Some(p), .. } => Some(*p),
         _ => None,
     });
     document(1000.0, 420.0, title, |svg| {
-        let train_panel =
-            Panel { title: "training cross-entropy (nats/token)", x_label: "step", log_y: false, reference: None };
+        let train_panel = Panel {
+            title: "training cross-entropy (nats/token)",
+            x_label: "step",
+            log_y: false,
+            reference: None,
+            marks: Vec::new(),
+        };
         panel(svg, (60.0, 40.0, 400.0, 330.0), &train_panel, &train);
         let reference = float_ppl.map(|p| (p, format!("float {p:.3}")));
-        let heldout_panel = Panel { title: "held-out perplexity (log scale)", x_label: "step", log_y: true, reference };
+        let heldout_panel = Panel {
+            title: "held-out perplexity (log scale)",
+            x_label: "step",
+            log_y: true,
+            reference,
+            marks: Vec::new(),
+        };
         panel(svg, (560.0, 40.0, 400.0, 330.0), &heldout_panel, &heldout);
     })
 }

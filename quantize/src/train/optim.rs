@@ -55,6 +55,29 @@ impl AdamState {
     }
 }
 
+impl AdamState {
+    /// One Adam step (no weight decay) whose size is measured per element in `unit`: element
+    /// `i` moves by about `lr · unit[i]` (Adam's normalised step times its own unit), so
+    /// parameters on different scales move at the same relative pace.
+    pub fn step_scaled(&mut self, p: &mut [f32], grad: &[f32], lr: f64, unit: &[f32], h: &AdamParams) {
+        assert_eq!(p.len(), grad.len());
+        assert_eq!(p.len(), unit.len());
+        assert_eq!(p.len(), self.m.len());
+        self.t += 1;
+        let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
+        let bc1 = 1.0 - h.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - h.beta2.powi(self.t as i32);
+        let step = (lr / bc1) as f32;
+        let sqrt_bc2 = bc2.sqrt() as f32;
+        let eps = h.eps as f32;
+        for ((((p, &g), m), v), &u) in p.iter_mut().zip(grad).zip(&mut self.m).zip(&mut self.v).zip(unit) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p -= step * u * *m / (v.sqrt() / sqrt_bc2 + eps);
+        }
+    }
+}
+
 /// Linear warmup to the peak over `warmup` steps, then a cosine decay to `min_ratio`·peak at
 /// `total` steps. Returns the multiplier of the peak learning rate at step `step` (0-based).
 pub fn schedule(step: u64, warmup: u64, total: u64, min_ratio: f64) -> f64 {

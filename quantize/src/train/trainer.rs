@@ -454,13 +454,14 @@ impl Trainer {
         let mut values = updates.iter().map(|u| u.param.values()).collect::<Result<Vec<_>>>()?;
         let min = half::f16::MIN_POSITIVE.to_f32();
         values.par_iter_mut().zip(updates.par_iter_mut()).for_each(|(v, u)| {
+            let before = if u.scale { v.clone() } else { Vec::new() };
             u.moments.step(v, u.grad, u.clip, u.lr, u.decay, &h);
-            if u.scale {
-                for x in v.iter_mut() {
-                    // Scales stay positive (a checkpoint stores positive f16 scales).
-                    if x.is_nan() || *x < min {
-                        *x = min;
-                    }
+            // Scales keep their sign and stay away from zero (a checkpoint stores nonzero f16
+            // scales): a step that would cross zero, or come within the smallest normal f16 of
+            // it, stops there.
+            for (x, &old) in v.iter_mut().zip(&before) {
+                if x.is_nan() || x.signum() != old.signum() || x.abs() < min {
+                    *x = min.copysign(old);
                 }
             }
         });
@@ -530,14 +531,15 @@ impl Trainer {
             .map(|(n, p)| Ok((n.clone(), p.tensor.detach().to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
         let c = &self.cfg;
+        let spec = c.quant_spec()?;
         let quantization = QuantizationMeta {
             bits: c.bits.clone(),
-            granularity: c.quant_spec()?.granularity.to_string(),
+            granularity: spec.granularity.to_string(),
             tie_rule: self.tie.to_string(),
             rounding: "nearest".to_string(),
             scale_method: format!(
-                "search:{}+train:{}:alrs={}:loop={}:steps={}:kd={}",
-                c.objective,
+                "{}+train:{}:alrs={}:loop={}:steps={}:kd={}",
+                spec.scale_method(),
                 c.train,
                 c.alrs,
                 match c.loop_mode {
@@ -549,6 +551,7 @@ impl Trainer {
             ),
             quantized: quantized.keys().cloned().collect(),
             profiles: Default::default(),
+            corrected_bits: Vec::new(),
         };
         Ok(QuantizedModel { quantization, quantized, float, report })
     }

@@ -24,5 +24,5 @@ pub fn heavy_tailed(n: usize, seed: u64) -> Vec<f32> {
 }
 
 pub fn spec(bits: &[u32], granularity: Granularity, tie: TieRule, objective: SearchObjective) -> QuantSpec {
-    QuantSpec { bits: bits.to_vec(), granularity, tie, objective }
+    QuantSpec { bits: bits.to_vec(), granularity, tie, objective, ..QuantSpec::default() }
 }

@@ -80,15 +80,14 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    let (spec, keep_float) = serve::load::ptq_settings(args.config.as_deref())?;
+    let settings = serve::load::ptq_settings(args.config.as_deref())?;
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("invalid --host/--port {}:{}", args.host, args.port))?;
     let default_precision: Precision =
         args.default_precision.parse().with_context(|| format!("default precision `{}`", args.default_precision))?;
     let profiles = ProfileRules::load_all(&args.profile)?;
-    let mut checkpoint =
-        serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
+    let mut checkpoint = serve::load::open_or_quantize(&args.model, &settings, &model::source::pypi::drq_cache_dir()?)?;
     for p in &profiles {
         let bits = p.resolve(&checkpoint.quantization().quantized)?;
         checkpoint.add_profile(&p.name, bits)?;

@@ -87,9 +87,8 @@ fn run(args: Args) -> Result<()> {
     if args.out.exists() && !args.force {
         bail!("{} exists; pass --force to overwrite it", args.out.display());
     }
-    let (spec, keep_float) = serve::load::ptq_settings(args.config.as_deref())?;
-    let checkpoint =
-        serve::load::open_or_quantize(&args.model, &spec, &keep_float, &model::source::pypi::drq_cache_dir()?)?;
+    let settings = serve::load::ptq_settings(args.config.as_deref())?;
+    let checkpoint = serve::load::open_or_quantize(&args.model, &settings, &model::source::pypi::drq_cache_dir()?)?;
     let model_ctx = checkpoint.config().max_position_embeddings;
     if args.max_tokens + 16 > model_ctx {
         bail!("--max-tokens {}: the model's context is {model_ctx} tokens, start tokens included", args.max_tokens);

@@ -30,6 +30,7 @@ pub fn tiny_checkpoint(dir: &Path) -> PathBuf {
         granularity: Granularity::Channel,
         tie: TieRule::HalfEven,
         objective: SearchObjective::Normalized,
+        ..QuantSpec::default()
     };
     let mut q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
     let mix = q.quantization.quantized.iter().map(|w| (w.clone(), if w.contains("mlp") { 6 } else { 3 })).collect();
