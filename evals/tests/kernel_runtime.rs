@@ -243,6 +243,7 @@ fn round_to_nearest(float: &model::FloatModel, granularity: Granularity) -> quan
         quantized: quantized.keys().cloned().collect(),
         profiles: Default::default(),
         corrected_bits: Vec::new(),
+        correction_granularity: Default::default(),
     };
     quantize::QuantizedModel { quantization, quantized, float: float_tensors, report: Vec::new() }
 }

@@ -7,6 +7,7 @@
 //! dequantize       Ŵ_l = q_l · s · 2^Δ
 //! ```
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -76,8 +77,10 @@ pub enum KernelError {
     BackendUnavailable(&'static str),
     /// A row index at or past the number of rows.
     RowOutOfRange { row: usize, rows: usize },
-    /// A row correction (of `bits`, for `row`) that is zero, infinite or NaN.
-    BadCorrection { bits: u32, row: usize },
+    /// A correction (of `bits`, at `index` of its factors) that is zero, infinite or NaN.
+    BadCorrection { bits: u32, index: usize },
+    /// Corrections of `bits` that are neither one per row nor one per scale group.
+    CorrectionCount { bits: u32, rows: usize, groups: usize, got: usize },
 }
 
 impl fmt::Display for KernelError {
@@ -108,9 +111,13 @@ impl fmt::Display for KernelError {
             KernelError::RowOutOfRange { row, rows } => {
                 write!(f, "row {row} is out of range for a weight of {rows} rows")
             }
-            KernelError::BadCorrection { bits, row } => {
-                write!(f, "the row correction of row {row} at {bits} bits is not a finite nonzero factor")
+            KernelError::BadCorrection { bits, index } => {
+                write!(f, "correction {index} at {bits} bits is not a finite nonzero factor")
             }
+            KernelError::CorrectionCount { bits, rows, groups, got } => write!(
+                f,
+                "{got} corrections at {bits} bits: expected one per row ({rows}) or one per scale group ({groups})"
+            ),
         }
     }
 }
@@ -301,16 +308,18 @@ impl FromStr for Granularity {
 }
 
 /// A quantized `[rows, cols]` weight: int8 codes (row-major) and scales (f16-representable when
-/// quantized by drq) laid out by `layout`, and optional per-precision row corrections.
+/// quantized by drq) laid out by `layout`, and optional per-precision scale corrections.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedWeight {
     pub codes: Vec<i8>,
     pub scales: Vec<f32>,
     pub layout: ScaleLayout,
-    /// Per-precision row corrections α_b (bit-width → one factor per row): served at `b` bits,
-    /// row `r` is `α_b[r] · q_b · 2^Δ · s`. The codes stay the one source of every precision; a
-    /// correction only rescales a row's output (one multiply per output in the kernels).
-    /// Bit-widths without an entry are uncorrected.
+    /// Per-precision corrections α_b (bit-width → factors): served at `b` bits, a weight in row
+    /// `r`, group `g` is `q_b · 2^Δ · (s[r, g] · α_b)`, with one factor per row (`rows` values,
+    /// α_b[r]) or one per scale group (`rows · n_groups`, α_b[r, g], the scales' layout). The
+    /// codes stay the one source of every precision; a correction only changes the scale a
+    /// precision is served with, so the kernels read the corrected scales instead of the stored
+    /// ones at no extra cost ([`corrected_scales`]). Bit-widths without an entry are uncorrected.
     pub corrections: BTreeMap<u32, Vec<f32>>,
 }
 
@@ -320,45 +329,61 @@ impl QuantizedWeight {
         QuantizedWeight { codes, scales, layout, corrections: BTreeMap::new() }
     }
 
-    /// The row corrections of `bits`, if it has them.
+    /// The corrections of `bits`, if it has them.
     pub fn correction(&self, bits: u32) -> Option<&[f32]> {
         self.corrections.get(&bits).map(Vec::as_slice)
     }
 
-    /// Checks the corrections: valid bit-widths, one finite nonzero factor per row.
+    /// Checks the corrections: valid bit-widths, one finite nonzero factor per row or per group.
     pub fn validate_corrections(&self) -> Result<(), KernelError> {
-        check_corrections(&self.corrections, self.layout.rows)
+        check_corrections(&self.corrections, &self.layout)
+    }
+
+    /// The scales `bits` is served with: the stored ones, corrected when `bits` has corrections.
+    pub fn served_scales(&self, bits: u32) -> Result<Cow<'_, [f32]>, KernelError> {
+        check_bits(bits)?;
+        match self.correction(bits) {
+            Some(alpha) => {
+                check_corrections(&self.corrections, &self.layout)?;
+                Ok(Cow::Owned(corrected_scales(&self.scales, alpha, &self.layout)))
+            }
+            None => Ok(Cow::Borrowed(&self.scales)),
+        }
     }
 
     /// The weight served at `bits`.
     pub fn dequantize(&self, bits: u32, tie: TieRule) -> Result<Vec<f32>, KernelError> {
         let mut out = vec![0f32; self.codes.len()];
-        dequantize(&self.codes, &self.scales, &self.layout, bits, tie, &mut out)?;
-        if let Some(alpha) = self.correction(bits) {
-            check_corrections(&self.corrections, self.layout.rows)?;
-            if self.layout.cols > 0 {
-                for (row, &a) in out.chunks_exact_mut(self.layout.cols).zip(alpha) {
-                    row.iter_mut().for_each(|x| *x *= a);
-                }
-            }
-        }
+        dequantize(&self.codes, &self.served_scales(bits)?, &self.layout, bits, tie, &mut out)?;
         Ok(out)
     }
 }
 
-/// Checks per-precision row corrections for a weight of `rows` rows: bit-widths in
-/// `MIN_BITS..=STORED_BITS`, `rows` finite nonzero factors each.
-pub fn check_corrections(corrections: &BTreeMap<u32, Vec<f32>>, rows: usize) -> Result<(), KernelError> {
+/// Checks per-precision corrections for a weight laid out by `layout`: bit-widths in
+/// `MIN_BITS..=STORED_BITS`, each with one finite nonzero factor per row or per scale group.
+pub fn check_corrections(corrections: &BTreeMap<u32, Vec<f32>>, layout: &ScaleLayout) -> Result<(), KernelError> {
     for (&bits, alpha) in corrections {
         check_bits(bits)?;
-        if alpha.len() != rows {
-            return Err(KernelError::LengthMismatch { what: "corrections", expected: rows, got: alpha.len() });
+        if alpha.len() != layout.rows && alpha.len() != layout.n_scales() {
+            let (rows, groups) = (layout.rows, layout.n_scales());
+            return Err(KernelError::CorrectionCount { bits, rows, groups, got: alpha.len() });
         }
-        if let Some(row) = alpha.iter().position(|a| !(a.is_finite() && *a != 0.0)) {
-            return Err(KernelError::BadCorrection { bits, row });
+        if let Some(index) = alpha.iter().position(|a| !(a.is_finite() && *a != 0.0)) {
+            return Err(KernelError::BadCorrection { bits, index });
         }
     }
     Ok(())
+}
+
+/// The scales corrected by `alpha` (one factor per row or per scale group, checked by
+/// [`check_corrections`]): `s[r, g] · α[r]` or `s[r, g] · α[r, g]`, in f32. The one place a
+/// corrected scale is computed, so every path serves the same values.
+pub fn corrected_scales(scales: &[f32], alpha: &[f32], layout: &ScaleLayout) -> Vec<f32> {
+    if alpha.len() == scales.len() {
+        return scales.iter().zip(alpha).map(|(&s, &a)| s * a).collect();
+    }
+    let ng = layout.n_groups().max(1);
+    scales.chunks(ng).zip(alpha).flat_map(|(row, &a)| row.iter().map(move |&s| s * a)).collect()
 }
 
 /// Dequantizes a `[rows, cols]` weight at `bits`: `out = q_l · s · 2^Δ`.

@@ -3,7 +3,7 @@ pub mod double_rounding;
 pub mod planar;
 
 pub use double_rounding::{
-    carry, check_bits, check_corrections, code_index, dequantize, first_round, floor_bits, level_table, second_round,
-    Granularity, KernelError, QuantizedWeight, ScaleLayout, TieRule, MIN_BITS, STORED_BITS,
+    carry, check_bits, check_corrections, code_index, corrected_scales, dequantize, first_round, floor_bits,
+    level_table, second_round, Granularity, KernelError, QuantizedWeight, ScaleLayout, TieRule, MIN_BITS, STORED_BITS,
 };
 pub use planar::{decode_code, encode_code, ActPath, Backend, KernelConfig, PlanarWeight, MAX_BATCH, WORD_BITS};

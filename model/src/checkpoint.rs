@@ -26,8 +26,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Suffixes of the two tensors that hold a quantized weight `NAME`.
 pub const CODES_SUFFIX: &str = ".codes";
 pub const SCALES_SUFFIX: &str = ".scales";
-/// Suffix of the optional per-precision row corrections of a quantized weight `NAME`:
-/// `[corrected_bits.len(), rows]` F16, row `i` for `corrected_bits[i]`.
+/// Suffix of the optional per-precision corrections of a quantized weight `NAME`:
+/// `[corrected_bits.len(), rows, k]` F16 (`k` = 1 per row, or the scales' groups per row), slice
+/// `i` for `corrected_bits[i]`.
 pub const CORRECTIONS_SUFFIX: &str = ".corrections";
 /// The tokenizer JSON, stored as a U8 tensor to keep the header small.
 pub const TOKENIZER_TENSOR: &str = "drq.tokenizer_json";
@@ -52,10 +53,59 @@ pub struct QuantizationMeta {
     /// Named per-layer profiles: a bit-width (2..8) for every quantized weight.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub profiles: Profiles,
-    /// The bit-widths whose rows carry a correction factor (`NAME.corrections`), the same for
-    /// every quantized weight; empty (absent) when none do.
+    /// The bit-widths served with corrected scales (`NAME.corrections`), the same for every
+    /// quantized weight; empty (absent) when none are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub corrected_bits: Vec<u32>,
+    /// What one correction factor covers: an output row or one scale group of it.
+    #[serde(default, skip_serializing_if = "CorrectionGranularity::is_row")]
+    pub correction_granularity: CorrectionGranularity,
+}
+
+/// What one per-precision correction factor covers (see `kernels::QuantizedWeight::corrections`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CorrectionGranularity {
+    /// One factor per output row: 16 bits per row and corrected precision.
+    #[default]
+    Row,
+    /// One factor per scale group: 16 bits per group (as many as the scales) and precision.
+    Group,
+}
+
+impl CorrectionGranularity {
+    fn is_row(&self) -> bool {
+        *self == CorrectionGranularity::Row
+    }
+
+    /// Factors per row of a weight laid out by `layout`.
+    pub fn per_row(self, layout: &ScaleLayout) -> usize {
+        match self {
+            CorrectionGranularity::Row => 1,
+            CorrectionGranularity::Group => layout.n_groups(),
+        }
+    }
+}
+
+impl std::fmt::Display for CorrectionGranularity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CorrectionGranularity::Row => "row",
+            CorrectionGranularity::Group => "group",
+        })
+    }
+}
+
+impl std::str::FromStr for CorrectionGranularity {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "row" => Ok(CorrectionGranularity::Row),
+            "group" => Ok(CorrectionGranularity::Group),
+            other => bail!("unknown correction granularity {other:?} (expected \"row\" or \"group\")"),
+        }
+    }
 }
 
 fn nearest_rounding() -> String {
@@ -180,8 +230,16 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         );
         t.validate_corrections().map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
         if !q.corrected_bits.is_empty() {
-            let mut bytes = Vec::with_capacity(q.corrected_bits.len() * l.rows * 2);
+            let k = q.correction_granularity.per_row(&l);
+            let mut bytes = Vec::with_capacity(q.corrected_bits.len() * l.rows * k * 2);
             for b in &q.corrected_bits {
+                ensure!(
+                    t.corrections[b].len() == l.rows * k,
+                    "`{name}`: {} corrections at {b} bits, {} per {} expected",
+                    t.corrections[b].len(),
+                    l.rows * k,
+                    q.correction_granularity
+                );
                 for &a in &t.corrections[b] {
                     let h = f16::from_f32(a);
                     ensure!(h.to_f32() == a, "`{name}`: correction {a} at {b} bits is not an f16 value");
@@ -191,7 +249,7 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
             buffers.push((
                 format!("{name}{CORRECTIONS_SUFFIX}"),
                 Dtype::F16,
-                vec![q.corrected_bits.len(), l.rows],
+                vec![q.corrected_bits.len(), l.rows, k],
                 bytes,
             ));
         }
@@ -372,7 +430,8 @@ impl Checkpoint {
                 expected_names.insert(format!("{name}{SCALES_SUFFIX}"));
                 if !quantization.corrected_bits.is_empty() {
                     let corrections = format!("{name}{CORRECTIONS_SUFFIX}");
-                    check_tensor(&st, &corrections, Dtype::F16, &[quantization.corrected_bits.len(), rows])?;
+                    let k = quantization.correction_granularity.per_row(&layout);
+                    check_tensor(&st, &corrections, Dtype::F16, &[quantization.corrected_bits.len(), rows, k])?;
                     if let Some(bad) = st
                         .tensor(&corrections)?
                         .data()
@@ -468,7 +527,8 @@ impl Checkpoint {
         let mut weight = QuantizedWeight::new(codes.to_vec(), f16s(scales.data()), layout);
         if !self.quantization.corrected_bits.is_empty() {
             let all = f16s(st.tensor(&format!("{name}{CORRECTIONS_SUFFIX}"))?.data());
-            for (&b, alpha) in self.quantization.corrected_bits.iter().zip(all.chunks_exact(rows.max(1))) {
+            let k = self.quantization.correction_granularity.per_row(&layout);
+            for (&b, alpha) in self.quantization.corrected_bits.iter().zip(all.chunks_exact((rows * k).max(1))) {
                 weight.corrections.insert(b, alpha.to_vec());
             }
         }
@@ -503,8 +563,13 @@ impl Checkpoint {
                 let b = precision
                     .bits_for(&name, &self.quantization.profiles)?
                     .with_context(|| format!("precision `{precision}` has no bit-width for the quantized `{name}`"))?;
-                let corrections = if self.quantization.corrected_bits.contains(&b) { 16.0 * rows as f64 } else { 0.0 };
-                n * f64::from(b) + 16.0 * self.quantization.layout(rows, cols)?.n_scales() as f64 + corrections
+                let layout = self.quantization.layout(rows, cols)?;
+                let corrections = if self.quantization.corrected_bits.contains(&b) {
+                    16.0 * (rows * self.quantization.correction_granularity.per_row(&layout)) as f64
+                } else {
+                    0.0
+                };
+                n * f64::from(b) + 16.0 * layout.n_scales() as f64 + corrections
             } else {
                 32.0 * n
             };

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use kernels::{QuantizedWeight, ScaleLayout, TieRule};
-use model::checkpoint::QuantizationMeta;
+use model::checkpoint::{CorrectionGranularity, QuantizationMeta};
 use model::weights::BLOCK_LINEARS;
 use model::{FloatModel, OpsMode, Transformer, Weights};
 use serde::{Deserialize, Serialize};
@@ -162,8 +162,10 @@ pub struct BlockwiseConfig {
     /// that keep every lower precision's trained level: the lower precisions are unchanged and
     /// 8 bits gets back what training for them cost it.
     pub refit_8bit: bool,
-    /// Per-precision row corrections fitted after the reconstruction (bit-widths below 8).
+    /// Per-precision corrections fitted after the reconstruction (bit-widths below 8).
     pub corrections: Vec<u32>,
+    /// What one correction factor covers: an output row or a scale group.
+    pub correction_granularity: CorrectionGranularity,
     pub seed: u64,
 }
 
@@ -189,6 +191,7 @@ impl Default for BlockwiseConfig {
             loss: BlockLoss::default(),
             refit_8bit: true,
             corrections: Vec::new(),
+            correction_granularity: CorrectionGranularity::Row,
             seed: 0,
         }
     }
@@ -788,6 +791,7 @@ fn export(
         quantized: quantized.keys().cloned().collect(),
         profiles: Default::default(),
         corrected_bits: Vec::new(),
+        correction_granularity: Default::default(),
     };
     Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
 }

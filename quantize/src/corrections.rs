@@ -1,38 +1,46 @@
-//! Per-precision row corrections: for a bit-width `b` below 8 and each output row `r`, the
-//! factor `α_b[r]` that makes `α_b[r] · ŵ_b,r` (the row served at `b` bits) closest to the float
-//! row `w_r` in the row's output over calibration inputs:
+//! Per-precision corrections: for a bit-width `b` below 8, factors that rescale the scales `b` is
+//! served with, fitted so that the weight served at `b` bits is closest to the float weight in
+//! its output over calibration inputs. One factor per output row, or one per scale group
+//! (`α_g`, the row's served values in group `g` being `p_g`):
 //!
 //! ```text
-//! α = argmin_a ‖X (w_r − a ŵ_r)ᵀ‖² = (ŵ_r H w_rᵀ) / (ŵ_r H ŵ_rᵀ),    H = XᵀX
+//! α = argmin_a ‖X (w_r − Σ_g a_g p_g)ᵀ‖²   ⇔   A α = c,   A_gh = p_g H p_hᵀ,  c_g = p_g H w_rᵀ,  H = XᵀX
 //! ```
 //!
-//! or in weight space (`H = I`) when no calibration inputs are given. The stored codes do not
-//! change; a correction rescales one output row at one precision, which the kernels apply after
-//! the row's dot product (free at serving time). Factors are stored as f16 (a checkpoint's
-//! precision), 16 bits per row per corrected bit-width.
+//! (a row is the case of one group), or in weight space (`H = I`) when no calibration inputs are
+//! given. A small ridge towards 1 keeps the system solvable where a group's served values are all
+//! zero. The stored codes do not change; the kernels serve the corrected scales instead of the
+//! stored ones (free at serving time). Factors are stored as f16, 16 bits per row or per group
+//! and corrected bit-width.
 
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use kernels::{QuantizedWeight, TieRule};
+use model::checkpoint::CorrectionGranularity;
 use model::FloatModel;
 
 use crate::gptq::InputMoments;
 use crate::model_ptq::QuantizedModel;
 use crate::ptq::reconstruction_error;
 
-/// The row corrections of `q` (the quantization of the float weight `w`, `[rows, cols]`
-/// row-major) for each of `bits`, fitted to the output over `moments` (or the weight itself).
-/// Rows whose served values are all zero keep the factor 1.
-pub fn fit_row_corrections(
+/// Relative weight of the ridge towards α = 1 (of the mean diagonal of each row's system).
+const RIDGE: f64 = 1e-6;
+
+/// The corrections of `q` (the quantization of the float weight `w`, `[rows, cols]` row-major)
+/// for each of `bits`, one factor per row or per scale group, fitted to the output over `moments`
+/// (or the weight itself).
+pub fn fit_corrections(
     w: &[f32],
     q: &QuantizedWeight,
     bits: &[u32],
     tie: TieRule,
     moments: Option<&InputMoments>,
+    granularity: CorrectionGranularity,
 ) -> Result<BTreeMap<u32, Vec<f32>>> {
-    let (rows, cols) = (q.layout.rows, q.layout.cols);
+    let layout = q.layout;
+    let (rows, cols) = (layout.rows, layout.cols);
     ensure!(w.len() == rows * cols, "a weight of {} values for a {rows}x{cols} quantization", w.len());
     let h = match moments {
         Some(m) => {
@@ -41,33 +49,107 @@ pub fn fit_row_corrections(
         }
         None => None,
     };
+    // The column ranges one factor covers.
+    let spans: Vec<std::ops::Range<usize>> = match granularity {
+        CorrectionGranularity::Row => std::iter::once(0..cols).collect(),
+        CorrectionGranularity::Group => (0..layout.n_groups()).map(|g| layout.group_cols(g)).collect(),
+    };
+    let k = spans.len();
     // Without corrections: each factor is fitted to the plain second rounding.
-    let plain = QuantizedWeight::new(q.codes.clone(), q.scales.clone(), q.layout);
+    let plain = QuantizedWeight::new(q.codes.clone(), q.scales.clone(), layout);
     let w64: Vec<f64> = w.iter().map(|&x| f64::from(x)).collect();
+    // w H (or w itself), shared by every bit-width.
+    let hw = weighted(&w64, rows, cols, h.as_ref(), 0..cols)?;
     let mut out = BTreeMap::new();
     for &b in bits {
         let served = plain.dequantize(b, tie).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let served64: Vec<f64> = served.iter().map(|&x| f64::from(x)).collect();
-        // ŵ H (or ŵ itself): each row's product with the input second moments.
-        let weighted = match &h {
-            Some(h) => Tensor::from_vec(served64.clone(), (rows, cols), &Device::Cpu)?
-                .matmul(h)?
-                .flatten_all()?
-                .to_vec1::<f64>()?,
-            None => served64.clone(),
-        };
-        let mut alpha = Vec::with_capacity(rows);
+        let p: Vec<f64> = served.iter().map(|&x| f64::from(x)).collect();
+        // a[r][g][h] = p_g H p_hᵀ, c[r][g] = p_g H w_rᵀ.
+        let mut a = vec![0f64; rows * k * k];
+        let mut c = vec![0f64; rows * k];
+        for (hi, span_h) in spans.iter().enumerate() {
+            // p_h H: the products of group h's served values with H, for every row.
+            let hp = match &h {
+                Some(_) => Some(weighted(&p, rows, cols, h.as_ref(), span_h.clone())?),
+                None => None,
+            };
+            for r in 0..rows {
+                let row = r * cols;
+                for (gi, span_g) in spans.iter().enumerate() {
+                    let dot = match &hp {
+                        Some(hp) => span_g.clone().map(|i| p[row + i] * hp[row + i]).sum(),
+                        // H = I: groups are independent.
+                        None if gi == hi => span_g.clone().map(|i| p[row + i] * p[row + i]).sum(),
+                        None => 0.0,
+                    };
+                    a[(r * k + gi) * k + hi] = dot;
+                }
+            }
+        }
         for r in 0..rows {
-            let span = r * cols..(r + 1) * cols;
-            let hw = &weighted[span.clone()];
-            let num: f64 = hw.iter().zip(&w64[span.clone()]).map(|(a, b)| a * b).sum();
-            let den: f64 = hw.iter().zip(&served64[span]).map(|(a, b)| a * b).sum();
-            let a = if den > 0.0 && num.is_finite() { num / den } else { 1.0 };
-            alpha.push(stored_correction(a));
+            let row = r * cols;
+            for (gi, span_g) in spans.iter().enumerate() {
+                c[r * k + gi] = span_g.clone().map(|i| p[row + i] * hw[row + i]).sum();
+            }
+        }
+        let mut alpha = Vec::with_capacity(rows * k);
+        for r in 0..rows {
+            let solved = solve_ridged(&mut a[r * k * k..(r + 1) * k * k], &mut c[r * k..(r + 1) * k]);
+            alpha.extend(solved.iter().map(|&x| stored_correction(x)));
         }
         out.insert(b, alpha);
     }
     Ok(out)
+}
+
+/// `x H` restricted to the columns `span` of `x` (`[rows, cols]` row-major), i.e. `x[:, span] ·
+/// H[span, :]`, or `x` itself (`H = I`) when `h` is `None`.
+fn weighted(x: &[f64], rows: usize, cols: usize, h: Option<&Tensor>, span: std::ops::Range<usize>) -> Result<Vec<f64>> {
+    let Some(h) = h else { return Ok(x.to_vec()) };
+    let x = Tensor::from_slice(x, (rows, cols), &Device::Cpu)?.narrow(1, span.start, span.len())?;
+    Ok(x.contiguous()?.matmul(&h.narrow(0, span.start, span.len())?.contiguous()?)?.flatten_all()?.to_vec1()?)
+}
+
+/// Solves `(A + λI) α = c + λ·1` (`A` `k×k` row-major, symmetric positive semi-definite) in place
+/// by Gaussian elimination with partial pivoting; λ = [`RIDGE`] · mean diagonal. All-zero systems
+/// (no served value in the row) give α = 1.
+fn solve_ridged(a: &mut [f64], c: &mut [f64]) -> Vec<f64> {
+    let k = c.len();
+    let lambda = RIDGE * (0..k).map(|i| a[i * k + i]).sum::<f64>() / k as f64;
+    if !(lambda > 0.0 && lambda.is_finite()) {
+        return vec![1.0; k];
+    }
+    for i in 0..k {
+        a[i * k + i] += lambda;
+        c[i] += lambda;
+    }
+    for col in 0..k {
+        let pivot = (col..k).max_by(|&x, &y| a[x * k + col].abs().total_cmp(&a[y * k + col].abs())).unwrap_or(col);
+        if pivot != col {
+            for j in 0..k {
+                a.swap(col * k + j, pivot * k + j);
+            }
+            c.swap(col, pivot);
+        }
+        let d = a[col * k + col];
+        for row in col + 1..k {
+            let f = a[row * k + col] / d;
+            for j in col..k {
+                a[row * k + j] -= f * a[col * k + j];
+            }
+            c[row] -= f * c[col];
+        }
+    }
+    let mut x = vec![0f64; k];
+    for i in (0..k).rev() {
+        let tail: f64 = (i + 1..k).map(|j| a[i * k + j] * x[j]).sum();
+        x[i] = (c[i] - tail) / a[i * k + i];
+    }
+    if x.iter().all(|v| v.is_finite()) {
+        x
+    } else {
+        vec![1.0; k]
+    }
 }
 
 /// `a` as an f16 value a checkpoint stores, never zero (a row whose best factor is 0 or negative
@@ -83,7 +165,7 @@ fn stored_correction(a: f64) -> f32 {
     }
 }
 
-/// Fits row corrections for `bits` to every quantized weight of `q`: to its output over the
+/// Fits corrections (per row or per group) for `bits` to every quantized weight of `q`: to its output over the
 /// calibration inputs where `moments` has the weight's (linear layers), else in weight space (a
 /// tied embedding, or no calibration). Records them in the metadata and refreshes the report's
 /// relative errors (which then include them). `on_weight` is called after each.
@@ -91,6 +173,7 @@ pub fn correct_model(
     float: &FloatModel,
     q: &mut QuantizedModel,
     bits: &[u32],
+    granularity: CorrectionGranularity,
     moments: Option<&HashMap<String, InputMoments>>,
     mut on_weight: impl FnMut(&str),
 ) -> Result<()> {
@@ -105,8 +188,8 @@ pub fn correct_model(
             q.quantized.get_mut(&layer.name).with_context(|| format!("no quantized weight `{}`", layer.name))?;
         let w: Vec<f32> = float.weights.get(&layer.name, &[layer.rows, layer.cols])?.flatten_all()?.to_vec1()?;
         let layer_moments = moments.and_then(|m| m.get(&layer.name));
-        weight.corrections = fit_row_corrections(&w, weight, bits, tie, layer_moments)
-            .with_context(|| format!("row corrections of `{}`", layer.name))?;
+        weight.corrections = fit_corrections(&w, weight, bits, tie, layer_moments, granularity)
+            .with_context(|| format!("corrections of `{}`", layer.name))?;
         layer.relative_error = layer
             .relative_error
             .iter()
@@ -118,5 +201,6 @@ pub fn correct_model(
     corrected.sort_unstable_by(|a, b| b.cmp(a));
     corrected.dedup();
     q.quantization.corrected_bits = corrected;
+    q.quantization.correction_granularity = granularity;
     Ok(())
 }

@@ -71,12 +71,13 @@ pub fn quantize_model(
         quantized: quantized.keys().cloned().collect(),
         profiles: Default::default(),
         corrected_bits: Vec::new(),
+        correction_granularity: Default::default(),
     };
     Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
 }
 
 /// Quantizes `float` as `settings` say, without calibration text: the scale search, then any
-/// row corrections fitted in weight space. What the tools that quantize on the fly use
+/// corrections fitted in weight space. What the tools that quantize on the fly use
 /// (`drq-serve`, `drq-synth`, `drq-eval` on a float model).
 pub fn quantize_with(
     float: &FloatModel,
@@ -85,7 +86,8 @@ pub fn quantize_with(
 ) -> Result<QuantizedModel> {
     let mut q = quantize_model(float, &settings.spec, &settings.keep_float, on_weight)?;
     if !settings.corrections.is_empty() {
-        crate::corrections::correct_model(float, &mut q, &settings.corrections, None, |_| {})?;
+        let granularity = settings.correction_granularity;
+        crate::corrections::correct_model(float, &mut q, &settings.corrections, granularity, None, |_| {})?;
     }
     Ok(q)
 }

@@ -7,6 +7,8 @@ use anyhow::{Context, Result};
 use kernels::{Granularity, TieRule};
 use serde::Deserialize;
 
+use model::checkpoint::CorrectionGranularity;
+
 use crate::gptq::GptqSpec;
 use crate::ptq::{Grid, QuantSpec, SearchObjective};
 
@@ -25,17 +27,20 @@ pub struct PtqRecipe {
     pub gptq: Option<String>,
     /// GPTQ dampening (fraction of the input Hessian's mean diagonal).
     pub gptq_damp: Option<f64>,
-    /// Per-precision row corrections for these bit-widths (see `quantize::corrections`).
+    /// Per-precision corrections for these bit-widths (see `quantize::corrections`).
     pub corrections: Option<Vec<u32>>,
+    /// `row` or `group`: what one correction factor covers (default `row`).
+    pub correction_granularity: Option<String>,
 }
 
-/// A PTQ recipe resolved: the scale search, the weights kept in float, and the row corrections
+/// A PTQ recipe resolved: the scale search, the weights kept in float, and the corrections
 /// fitted after it (in weight space when there is no calibration text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PtqSettings {
     pub spec: QuantSpec,
     pub keep_float: Vec<String>,
     pub corrections: Vec<u32>,
+    pub correction_granularity: CorrectionGranularity,
 }
 
 impl std::fmt::Display for PtqSettings {
@@ -46,7 +51,7 @@ impl std::fmt::Display for PtqSettings {
         }
         if !self.corrections.is_empty() {
             let bits: Vec<String> = self.corrections.iter().map(u32::to_string).collect();
-            write!(f, " corrections {}", bits.join(","))?;
+            write!(f, " corrections {} per {}", bits.join(","), self.correction_granularity)?;
         }
         Ok(())
     }
@@ -94,7 +99,7 @@ impl PtqRecipe {
         Ok((spec, self.keep_float.clone().unwrap_or_default()))
     }
 
-    /// The resolved settings: [`Self::resolve`] and the row corrections (checked).
+    /// The resolved settings: [`Self::resolve`] and the corrections (checked).
     pub fn settings(&self) -> Result<PtqSettings> {
         let (spec, keep_float) = self.resolve()?;
         let corrections = self.corrections.clone().unwrap_or_default();
@@ -102,7 +107,11 @@ impl PtqRecipe {
             kernels::check_bits(b).map_err(|e| anyhow::anyhow!("recipe: corrections: {e}"))?;
             anyhow::ensure!(b < kernels::STORED_BITS, "recipe: corrections: {b} bits are the stored codes themselves");
         }
-        Ok(PtqSettings { spec, keep_float, corrections })
+        let correction_granularity = match &self.correction_granularity {
+            Some(g) => g.parse().context("recipe: correction_granularity")?,
+            None => CorrectionGranularity::default(),
+        };
+        Ok(PtqSettings { spec, keep_float, corrections, correction_granularity })
     }
 
     /// The recipe's GPTQ settings, if it asks for Hessian-aware rounding.

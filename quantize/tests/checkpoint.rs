@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use drq_tests::tiny_model;
 use kernels::{Granularity, TieRule};
-use model::checkpoint::{Checkpoint, CODES_SUFFIX, FORMAT, FORMAT_VERSION, SCALES_SUFFIX, TOKENIZER_TENSOR};
+use model::checkpoint::{
+    Checkpoint, CorrectionGranularity, CODES_SUFFIX, FORMAT, FORMAT_VERSION, SCALES_SUFFIX, TOKENIZER_TENSOR,
+};
 use model::source::{FloatModel, Provenance};
 use model::{Architecture, ModelSource, Precision, Weights};
 use quantize::{quantize_model, write_checkpoint, QuantSpec, QuantizedModel, SearchObjective};
@@ -1105,19 +1107,26 @@ fn profiles_round_trip_and_decode_per_weight() {
     assert!(err.contains("exactly the quantized weights"), "{err}");
 }
 
-/// Row corrections (fitted in weight space) and the max-negative grid's negative scales are
-/// stored, read back bit for bit, decoded by the reference path as the kernels serve them, and
-/// counted in bits per weight (16 bits per row at each corrected precision).
+/// Corrections per row and per group (fitted in weight space) and the max-negative grid's
+/// negative scales are stored, read back bit for bit, decoded by the reference path as the
+/// kernels serve them, and counted in bits per weight (16 bits per factor at each corrected
+/// precision).
 #[test]
 fn corrections_and_negative_scales_round_trip() {
+    corrections_round_trip(CorrectionGranularity::Row);
+    corrections_round_trip(CorrectionGranularity::Group);
+}
+
+fn corrections_round_trip(granularity: CorrectionGranularity) {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = spec(&[8, 4, 2], Granularity::Group(32), TieRule::HalfEven);
     spec.grid = quantize::Grid::MaxNegative;
     let (float, mut q) = quantized(Architecture::Llama, true, &spec, &[]);
     assert!(q.quantized.values().any(|w| w.scales.iter().any(|&s| s < 0.0)), "the grid gives negative scales");
     let plain = q.clone();
-    quantize::corrections::correct_model(&float, &mut q, &[4, 2, 3], None, |_| {}).unwrap();
+    quantize::corrections::correct_model(&float, &mut q, &[4, 2, 3], granularity, None, |_| {}).unwrap();
     assert_eq!(q.quantization.corrected_bits, [4, 3, 2]);
+    assert_eq!(q.quantization.correction_granularity, granularity);
     let path = dir.path().join("corrected.safetensors");
     write_checkpoint(&path, &float, &provenance(), &q).unwrap();
     let ckpt = Checkpoint::open(&path).unwrap();
@@ -1126,9 +1135,12 @@ fn corrections_and_negative_scales_round_trip() {
     for (name, mem) in &q.quantized {
         let stored = ckpt.quantized(name).unwrap();
         assert_eq!(&stored, mem, "{name}");
-        let rows = mem.layout.rows;
+        let factors = match granularity {
+            CorrectionGranularity::Row => mem.layout.rows,
+            CorrectionGranularity::Group => mem.layout.n_scales(),
+        };
         for b in [4, 3, 2] {
-            assert_eq!(stored.correction(b).map(<[f32]>::len), Some(rows), "{name} {b}");
+            assert_eq!(stored.correction(b).map(<[f32]>::len), Some(factors), "{name} {b}");
         }
         assert!(stored.correction(8).is_none() && stored.correction(5).is_none());
     }
@@ -1146,14 +1158,14 @@ fn corrections_and_negative_scales_round_trip() {
             assert!(*after <= before * 1.0001 + 1e-12, "{} at {b} bits: {after} > {before}", layer.name);
         }
     }
-    // 16 bits per row at a corrected precision, nothing at the others.
+    // 16 bits per factor at a corrected precision, nothing at the others.
     let plain_path = dir.path().join("plain.safetensors");
     write_checkpoint(&plain_path, &float, &provenance(), &plain).unwrap();
     let plain_ckpt = Checkpoint::open(&plain_path).unwrap();
-    let rows: usize = q.quantized.values().map(|w| w.layout.rows).sum();
+    let factors: usize = q.quantized.values().map(|w| w.correction(4).unwrap().len()).sum();
     let total: usize =
         Weights::expected_shapes(&float.config).iter().filter(|(_, s)| s.len() == 2).map(|(_, s)| s[0] * s[1]).sum();
-    for (bits, extra) in [(4, 16.0 * rows as f64 / total as f64), (8, 0.0), (5, 0.0)] {
+    for (bits, extra) in [(4, 16.0 * factors as f64 / total as f64), (8, 0.0), (5, 0.0)] {
         let (with, without) = (
             ckpt.bits_per_weight(&Precision::Bits(bits)).unwrap(),
             plain_ckpt.bits_per_weight(&Precision::Bits(bits)).unwrap(),
@@ -1174,4 +1186,13 @@ fn corrections_and_negative_scales_round_trip() {
     expect_invalid(&unlisted, &["unexpected tensor", ".corrections`"]);
     let missing = rewritten(&path, dir.path(), "missing.safetensors", |r| r.remove(&corrections));
     expect_invalid(&missing, &[&corrections, "missing"]);
+    // Factors of the other granularity than the metadata says have the wrong shape.
+    let other = match granularity {
+        CorrectionGranularity::Row => "group",
+        CorrectionGranularity::Group => "row",
+    };
+    let relabelled = rewritten(&path, dir.path(), "relabelled.safetensors", |r| {
+        r.edit_json("quantization", |q| q["correction_granularity"] = serde_json::json!(other))
+    });
+    expect_invalid(&relabelled, &[".corrections` has shape", "expected"]);
 }

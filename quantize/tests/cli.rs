@@ -192,6 +192,27 @@ fn rejects_bad_granularity_tie_and_objective() {
 }
 
 #[test]
+fn rejects_bad_corrections() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, model) = (dir.path().join("x.safetensors"), gguf());
+    for (args, needle) in [
+        (&["--corrections", "8"][..], "the stored 8-bit codes need none"),
+        (&["--corrections", "1"], "bit-width 1 is outside 2..=8"),
+        (&["--corrections", "4", "--correction-granularity", "column"], "unknown correction granularity \"column\""),
+        (&["--correction-granularity", "group"], "--correction-granularity without --corrections"),
+    ] {
+        let mut argv = vec!["--model", s(&model), "--out", s(&out)];
+        argv.extend_from_slice(args);
+        let output = drq_quantize(argv);
+        assert_refused(&output, &[needle], dir.path(), &out);
+    }
+    let recipe = dir.path().join("recipe.toml");
+    std::fs::write(&recipe, "corrections = [4]\ncorrection_granularity = \"cols\"").unwrap();
+    let output = drq_quantize(["--model", s(&gguf()), "--config", s(&recipe), "--out", s(&out)]);
+    assert_refused(&output, &["correction_granularity", "cols"], dir.path(), &out);
+}
+
+#[test]
 fn rejects_bad_recipes() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.safetensors");

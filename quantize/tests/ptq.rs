@@ -2,6 +2,7 @@
 //! `cargo bench -p quantize --bench ptq`.
 
 use kernels::{first_round, second_round, Granularity, QuantizedWeight, ScaleLayout, TieRule};
+use model::checkpoint::CorrectionGranularity;
 use quantize::{quantize_weight, reconstruction_error, Grid, PtqError, QuantSpec, SearchObjective};
 
 #[path = "support/random.rs"]
@@ -307,11 +308,12 @@ fn max_negative_grid_uses_the_extra_level() {
     assert!("negative".parse::<Grid>().is_err());
 }
 
-/// Row corrections fitted to the output over calibration inputs lower every row's output error
-/// `(w − αŵ) H (w − αŵ)ᵀ` against the uncorrected row, and with `H = I` they are the weight-space
-/// least-squares factors.
+/// Corrections fitted to the output over calibration inputs (or, with `H = I`, to the weight)
+/// lower every row's output error `(w − ŵ) H (w − ŵ)ᵀ` against the uncorrected row; per group
+/// they lower it further than per row; and they are the minimum: moving any one factor by 1%
+/// makes the total error larger.
 #[test]
-fn row_corrections_minimise_the_output_error() {
+fn corrections_minimise_the_output_error() {
     let (rows, cols) = (16, 64);
     let mut state = 9u64;
     let mut next = move || {
@@ -334,33 +336,52 @@ fn row_corrections_minimise_the_output_error() {
         }
     }
     let moments = quantize::gptq::InputMoments { gram: gram.clone(), dim: cols, rows: 256 };
-    let out_err = |row: &[f32], served: &[f32], alpha: f64| -> f64 {
-        let d: Vec<f64> = row.iter().zip(served).map(|(&x, &y)| f64::from(x) - alpha * f64::from(y)).collect();
+    let out_err = |row: &[f32], served: &[f32], h: bool| -> f64 {
+        let d: Vec<f64> = row.iter().zip(served).map(|(&x, &y)| f64::from(x) - f64::from(y)).collect();
+        if !h {
+            return d.iter().map(|x| x * x).sum();
+        }
         (0..cols).map(|i| (0..cols).map(|j| d[i] * gram[i * cols + j] * d[j]).sum::<f64>()).sum()
     };
+    let total = |qw: &QuantizedWeight, bits: u32, h: bool| -> Vec<f64> {
+        let served = qw.dequantize(bits, TieRule::HalfEven).unwrap();
+        (0..rows).map(|r| out_err(&w[r * cols..(r + 1) * cols], &served[r * cols..(r + 1) * cols], h)).collect()
+    };
     for moments in [Some(&moments), None] {
-        let fitted = quantize::corrections::fit_row_corrections(&w, &q, &[4, 2], TieRule::HalfEven, moments).unwrap();
-        for (&bits, alpha) in &fitted {
-            let served = q.dequantize(bits, TieRule::HalfEven).unwrap();
-            let (mut better, mut total_before, mut total_after) = (0, 0.0, 0.0);
-            for (r, &a) in alpha.iter().enumerate() {
-                let span = r * cols..(r + 1) * cols;
-                let (row, s) = (&w[span.clone()], &served[span]);
-                let (before, after) = match moments {
-                    Some(_) => (out_err(row, s, 1.0), out_err(row, s, f64::from(a))),
-                    None => {
-                        let e = |a: f64| {
-                            row.iter().zip(s).map(|(&x, &y)| (f64::from(x) - a * f64::from(y)).powi(2)).sum::<f64>()
-                        };
-                        (e(1.0), e(f64::from(a)))
+        let h = moments.is_some();
+        let mut per_granularity = Vec::new();
+        for granularity in [CorrectionGranularity::Row, CorrectionGranularity::Group] {
+            let fitted =
+                quantize::corrections::fit_corrections(&w, &q, &[4, 2], TieRule::HalfEven, moments, granularity)
+                    .unwrap();
+            let mut corrected = q.clone();
+            corrected.corrections = fitted.clone();
+            let mut sums = Vec::new();
+            for &bits in fitted.keys() {
+                let (before, after) = (total(&q, bits, h), total(&corrected, bits, h));
+                for r in 0..rows {
+                    assert!(
+                        after[r] <= before[r] * 1.0001,
+                        "{granularity} bits {bits} row {r}: {after:?} > {before:?}"
+                    );
+                }
+                let sum: f64 = after.iter().sum();
+                assert!(sum < before.iter().sum::<f64>(), "{granularity} bits {bits}");
+                // Any one factor moved by 1% either way makes the error larger.
+                for index in [0, fitted[&bits].len() / 2, fitted[&bits].len() - 1] {
+                    for factor in [0.99, 1.01] {
+                        let mut moved = corrected.clone();
+                        moved.corrections.get_mut(&bits).unwrap()[index] *= factor;
+                        let moved_sum: f64 = total(&moved, bits, h).iter().sum();
+                        assert!(moved_sum > sum, "{granularity} bits {bits} factor {index} × {factor}");
                     }
-                };
-                assert!(after <= before * 1.0001, "bits {bits} row {r}: {after} > {before}");
-                better += usize::from(after < before);
-                total_before += before;
-                total_after += after;
+                }
+                sums.push(sum);
             }
-            assert!(better > rows / 2 && total_after < total_before, "bits {bits}: {total_after} vs {total_before}");
+            per_granularity.push(sums);
+        }
+        for (row, group) in per_granularity[0].iter().zip(&per_granularity[1]) {
+            assert!(group < row, "per group {group} vs per row {row} (H: {h})");
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use drq_tests::tiny_model;
-use model::checkpoint::Checkpoint;
+use model::checkpoint::{Checkpoint, CorrectionGranularity};
 use model::{Architecture, Precision};
 use quantize::blockwise::BlockReport;
 
@@ -106,6 +106,20 @@ fn reconstructs_every_precision_and_resumes() {
     assert_ok(&run(&resumed));
     let second = Checkpoint::open(&again).unwrap().quantized("model.layers.1.mlp.down_proj.weight").unwrap();
     assert_eq!(first, second, "a resumed run retrains the missing block identically");
+
+    // A finished run resumed with other corrections: the same trained codes and scales, the
+    // corrections fitted anew (per group here).
+    let regrouped = dir.path().join("regrouped.safetensors");
+    let mut a = resumed.to_vec();
+    a[7] = s(&regrouped);
+    a.extend(["--corrections", "4", "--correction-granularity", "group"]);
+    assert_ok(&run(&a));
+    let ckpt = Checkpoint::open(&regrouped).unwrap();
+    assert_eq!(ckpt.quantization().corrected_bits, [4]);
+    assert_eq!(ckpt.quantization().correction_granularity, CorrectionGranularity::Group);
+    let third = ckpt.quantized("model.layers.1.mlp.down_proj.weight").unwrap();
+    assert_eq!((&third.codes, &third.scales), (&first.codes, &first.scales));
+    assert_eq!(third.correction(4).unwrap().len(), third.layout.n_scales());
 
     // Refusals, each before any work and leaving nothing behind.
     let other = dir.path().join("other.safetensors");

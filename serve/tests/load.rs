@@ -3,6 +3,7 @@
 
 use drq_tests::tiny_model;
 use kernels::Granularity;
+use model::checkpoint::CorrectionGranularity;
 use model::Architecture;
 use quantize::recipe::PtqSettings;
 use quantize::QuantSpec;
@@ -14,7 +15,12 @@ fn a_float_source_is_quantized_once_and_cached() {
     let hf = dir.path().join("hf");
     model::export::write_hf_dir(&tiny_model(Architecture::Qwen2, false, 4), &hf).unwrap();
     let cache = dir.path().join("cache");
-    let spec = PtqSettings { spec: QuantSpec::default(), keep_float: Vec::new(), corrections: Vec::new() };
+    let spec = PtqSettings {
+        spec: QuantSpec::default(),
+        keep_float: Vec::new(),
+        corrections: Vec::new(),
+        correction_granularity: CorrectionGranularity::Row,
+    };
     let first = open_or_quantize(hf.to_str().unwrap(), &spec, &cache).unwrap();
     let path = first.path().to_path_buf();
     assert!(path.starts_with(&cache));
@@ -32,11 +38,15 @@ fn a_float_source_is_quantized_once_and_cached() {
     let other = open_or_quantize(hf.to_str().unwrap(), &g32, &cache).unwrap();
     assert_ne!(other.path(), path);
     assert_eq!(other.quantization().granularity, "group:32");
-    // So are row corrections, which the checkpoint then carries.
+    // So are corrections, per row or per group, which the checkpoint then carries.
     let corrected = PtqSettings { corrections: vec![4, 2], ..spec.clone() };
     let third = open_or_quantize(hf.to_str().unwrap(), &corrected, &cache).unwrap();
     assert!(third.path() != path && third.path() != other.path());
     assert_eq!(third.quantization().corrected_bits, [4, 2]);
+    let per_group = PtqSettings { correction_granularity: CorrectionGranularity::Group, ..corrected.clone() };
+    let fourth = open_or_quantize(hf.to_str().unwrap(), &per_group, &cache).unwrap();
+    assert!(fourth.path() != third.path());
+    assert_eq!(fourth.quantization().correction_granularity, CorrectionGranularity::Group);
 
     // A damaged cache entry is replaced, not served.
     std::fs::write(&path, b"garbage").unwrap();

@@ -122,7 +122,7 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use crate::double_rounding::{check_bits, KernelError, QuantizedWeight, ScaleLayout, TieRule};
+use crate::double_rounding::{check_bits, corrected_scales, KernelError, QuantizedWeight, ScaleLayout, TieRule};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
@@ -366,9 +366,9 @@ pub struct PlanarWeight {
     planes: Vec<u64>,
     has_d: bool,
     scales: Vec<f32>,
-    /// Per-precision row corrections (see [`QuantizedWeight::corrections`]), applied to every
-    /// output row after its dot product.
-    corrections: BTreeMap<u32, Vec<f32>>,
+    /// The scales of each corrected precision ([`crate::corrected_scales`]): what the kernels
+    /// read at that precision instead of `scales`.
+    corrected: BTreeMap<u32, Vec<f32>>,
 }
 
 fn mismatch(what: &'static str, expected: usize, got: usize) -> KernelError {
@@ -424,7 +424,7 @@ impl PlanarWeight {
             planes,
             has_d,
             scales: w.scales.clone(),
-            corrections: w.corrections.clone(),
+            corrected: w.corrections.iter().map(|(&b, a)| (b, corrected_scales(&w.scales, a, &layout))).collect(),
         })
     }
 
@@ -454,9 +454,10 @@ impl PlanarWeight {
         &self.scales
     }
 
-    /// The row corrections of `bits`, if it has them.
-    pub fn correction(&self, bits: u32) -> Option<&[f32]> {
-        self.corrections.get(&bits).map(Vec::as_slice)
+    /// The scales served at `bits`: [`Self::scales`], or their corrected values where the
+    /// checkpoint corrects `bits` (same layout).
+    pub fn scales_at(&self, bits: u32) -> &[f32] {
+        self.corrected.get(&bits).map_or(&self.scales, Vec::as_slice)
     }
 
     /// Whether the d plane is stored (HalfEven with at least one adjusted code).
@@ -479,7 +480,7 @@ impl PlanarWeight {
     /// Bytes held: planes (with the gaps between large planes, see [`PLANE_GAP_WORDS`]) plus f32
     /// scales and row corrections.
     pub fn resident_bytes(&self) -> usize {
-        self.planes.len() * 8 + self.scales.len() * 4 + self.corrections.values().map(|a| a.len() * 4).sum::<usize>()
+        self.planes.len() * 8 + self.scales.len() * 4 + self.corrected.values().map(|a| a.len() * 4).sum::<usize>()
     }
 
     /// Planes read at `bits`: `bits + 1` below 8; at 8 the 8 planes of `u` plus d if stored.
@@ -497,7 +498,7 @@ impl PlanarWeight {
     /// All bytes one pass at `bits` reads: [`Self::plane_bytes_read`] plus the f32 scales and
     /// that precision's row corrections.
     pub fn bytes_read(&self, bits: u32) -> Result<usize, KernelError> {
-        Ok(self.plane_bytes_read(bits)? + self.scales.len() * 4 + self.correction(bits).map_or(0, |a| a.len() * 4))
+        Ok(self.plane_bytes_read(bits)? + self.scales_at(bits).len() * 4)
     }
 
     /// Starts fetching the first [`START_PREFETCH_BYTES`] of every plane read at `bits`, so that
@@ -601,18 +602,15 @@ impl PlanarWeight {
             return Ok(());
         }
         let mut q = vec![0u8; self.cols_padded() + SLACK];
-        let alpha = self.correction(bits);
+        let scales = self.scales_at(bits);
         for (&r, dst) in rows.iter().zip(out.chunks_exact_mut(cols)) {
             scalar::decode_row(self, r, prec, true, &mut q);
             for g in 0..self.layout.n_groups() {
-                let s = self.scales[r * self.layout.n_groups() + g];
+                let s = scales[r * self.layout.n_groups() + g];
                 let range = self.layout.group_cols(g);
                 for (o, &v) in dst[range.clone()].iter_mut().zip(&q[range]) {
                     *o = f32::from(v as i8) * prec.step * s;
                 }
-            }
-            if let Some(alpha) = alpha {
-                dst.iter_mut().for_each(|o| *o *= alpha[r]);
             }
         }
         Ok(())
@@ -677,6 +675,7 @@ impl PlanarWeight {
         }
         let job = Job {
             w: self,
+            scales: self.scales_at(bits),
             prec,
             acts: &acts,
             backend: cfg.backend,
@@ -690,13 +689,6 @@ impl PlanarWeight {
                 let mut out = shares[t].lock().unwrap_or_else(|e| e.into_inner());
                 job.run(bounds[t].clone(), &mut out);
             });
-        }
-        // The precision's row corrections scale whole output rows: after the dot products, the
-        // same for every backend, path, batch size and thread count.
-        if let Some(alpha) = self.correction(bits) {
-            for yb in y.chunks_exact_mut(rows) {
-                yb.iter_mut().zip(alpha).for_each(|(o, &a)| *o *= a);
-            }
         }
         Ok(())
     }
@@ -872,6 +864,8 @@ fn round_ties_even_small(y: f32) -> f32 {
 #[derive(Clone, Copy)]
 pub(crate) struct Job<'a> {
     pub w: &'a PlanarWeight,
+    /// The scales of this precision ([`PlanarWeight::scales_at`]).
+    pub scales: &'a [f32],
     pub prec: Prec,
     pub acts: &'a Acts,
     pub backend: Backend,
@@ -903,7 +897,7 @@ impl Job<'_> {
     /// Scale of row `r`, group `g`.
     #[inline(always)]
     pub fn scale(&self, r: usize, g: usize) -> f32 {
-        self.w.scales[r * self.w.layout.n_groups() + g]
+        self.scales[r * self.w.layout.n_groups() + g]
     }
 }
 

@@ -335,59 +335,64 @@ fn check_weight(rng: &mut Rng, qw: &QuantizedWeight, tie: TieRule, batches: &[us
     }
 }
 
-/// Row corrections at some precisions and scales of both signs (the max-negative grid): the
-/// kernels serve `α_b[r] · q_b · 2^Δ · s` like `dequantize`, on every path, and the embedding
-/// lookup too.
+/// Corrections per row and per group at some precisions, and scales of both signs (the
+/// max-negative grid): the kernels serve `q_b · 2^Δ · (s[r, g] · α_b)` like `dequantize`, on
+/// every path, and the embedding lookup too.
 #[test]
-fn kernels_apply_row_corrections_and_negative_scales() {
+fn kernels_apply_corrections_and_negative_scales() {
     let mut rng = Rng(77);
     for (rows, cols, gran) in [(9, 130, Granularity::Group(32)), (12, 64, Granularity::Channel)] {
-        for tie in TIES {
-            let mut qw = random_weight(&mut rng, rows, cols, gran);
-            for s in qw.scales.iter_mut() {
-                if rng.next().is_multiple_of(2) {
-                    *s = -*s;
+        for per_group in [false, true] {
+            for tie in TIES {
+                let mut qw = random_weight(&mut rng, rows, cols, gran);
+                for s in qw.scales.iter_mut() {
+                    if rng.next().is_multiple_of(2) {
+                        *s = -*s;
+                    }
                 }
-            }
-            for bits in [2, 4, 7] {
-                qw.corrections.insert(bits, (0..rows).map(|_| 1.0 + 0.5 * rng.f32()).collect());
-            }
-            check_weight(&mut rng, &qw, tie, &[1, 3, 5]);
-            let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
-            let plain = QuantizedWeight::new(qw.codes.clone(), qw.scales.clone(), qw.layout);
-            for bits in 2..=8 {
-                let (with, without) = (qw.dequantize(bits, tie).unwrap(), plain.dequantize(bits, tie).unwrap());
-                for r in 0..rows {
-                    let a = qw.correction(bits).map_or(1.0, |a| a[r]);
-                    let span = r * cols..(r + 1) * cols;
-                    assert!(with[span.clone()].iter().zip(&without[span]).all(|(w, p)| *w == p * a), "bits {bits}");
+                let n = if per_group { qw.layout.n_scales() } else { rows };
+                for bits in [2, 4, 7] {
+                    qw.corrections.insert(bits, (0..n).map(|_| 1.0 + 0.5 * rng.f32()).collect());
                 }
-                let mut rows_out = vec![0f32; rows * cols];
-                pw.dequantize_rows(bits, &(0..rows).collect::<Vec<_>>(), &mut rows_out).unwrap();
-                assert!(rows_out.iter().zip(&with).all(|(a, b)| a.to_bits() == b.to_bits()), "bits {bits}");
+                check_weight(&mut rng, &qw, tie, &[1, 3, 5]);
+                let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+                let ng = qw.layout.n_groups();
+                for bits in 2..=8 {
+                    // The corrected scale of row r, group g is s[r, g] · α[r] or · α[r, g].
+                    let scales = pw.scales_at(bits);
+                    for (i, (&c, &s)) in scales.iter().zip(&qw.scales).enumerate() {
+                        let a = qw.correction(bits).map_or(1.0, |a| a[if per_group { i } else { i / ng }]);
+                        assert_eq!(c.to_bits(), (s * a).to_bits(), "bits {bits} scale {i}");
+                    }
+                    let served = QuantizedWeight::new(qw.codes.clone(), scales.to_vec(), qw.layout);
+                    let with = qw.dequantize(bits, tie).unwrap();
+                    assert_eq!(with, served.dequantize(bits, tie).unwrap(), "bits {bits}");
+                    let mut rows_out = vec![0f32; rows * cols];
+                    pw.dequantize_rows(bits, &(0..rows).collect::<Vec<_>>(), &mut rows_out).unwrap();
+                    assert!(rows_out.iter().zip(&with).all(|(a, b)| a.to_bits() == b.to_bits()), "bits {bits}");
+                }
+                // A corrected precision reads its own scales instead of the stored ones: no more bytes.
+                assert_eq!(
+                    pw.bytes_read(4).unwrap(),
+                    pw.bytes_read(5).unwrap() - pw.plane_bytes_read(5).unwrap() + pw.plane_bytes_read(4).unwrap()
+                );
             }
-            assert_eq!(pw.correction(4), qw.correction(4));
-            assert_eq!(
-                pw.bytes_read(4).unwrap(),
-                pw.bytes_read(5).unwrap() - pw.plane_bytes_read(5).unwrap()
-                    + pw.plane_bytes_read(4).unwrap()
-                    + 4 * rows
-            );
         }
     }
     // Bad corrections are refused when the layout is built.
-    let mut qw = random_weight(&mut rng, 4, 64, Granularity::Channel);
-    qw.corrections.insert(4, vec![1.0; 3]);
+    let mut qw = random_weight(&mut rng, 4, 130, Granularity::Group(64));
+    qw.corrections.insert(4, vec![1.0; 5]);
     assert_eq!(
         PlanarWeight::from_quantized(&qw, TieRule::HalfEven),
-        Err(KernelError::LengthMismatch { what: "corrections", expected: 4, got: 3 })
+        Err(KernelError::CorrectionCount { bits: 4, rows: 4, groups: 12, got: 5 })
     );
     qw.corrections.insert(4, vec![1.0, 0.0, 1.0, 1.0]);
     assert_eq!(
         PlanarWeight::from_quantized(&qw, TieRule::HalfEven),
-        Err(KernelError::BadCorrection { bits: 4, row: 1 })
+        Err(KernelError::BadCorrection { bits: 4, index: 1 })
     );
-    qw.corrections.clear();
+    qw.corrections.insert(4, vec![1.0; 12]);
+    assert!(PlanarWeight::from_quantized(&qw, TieRule::HalfEven).is_ok(), "one per group");
     qw.corrections.insert(9, vec![1.0; 4]);
     assert_eq!(PlanarWeight::from_quantized(&qw, TieRule::HalfEven), Err(KernelError::InvalidBits(9)));
 }

@@ -460,7 +460,7 @@ unsafe fn int8_rows4(
     let w = job.w;
     let (cp, ng, n) = (w.cols_padded(), w.layout.n_groups(), out.len());
     assert!(bytes.len() >= nr * cp && xq.len() >= n * stride && stride >= cp);
-    assert!(w.scales.len() >= (r0 + nr) * ng && scale.len() >= n * ng && sum.len() >= n * ng);
+    assert!(job.scales.len() >= (r0 + nr) * ng && scale.len() >= n * ng && sum.len() >= n * ng);
     let half = job.prec.half as i32;
     let step = _mm_set1_ps(job.prec.step);
     let mut k = 0;
@@ -481,10 +481,10 @@ unsafe fn int8_rows4(
                 let t = _mm_sub_epi32(t, _mm_set1_epi32(half * sum[bb * ng + g] as i32));
                 // Indices asserted above.
                 let s = _mm_setr_ps(
-                    w.scales[srow[0] + g],
-                    w.scales[srow[1] + g],
-                    w.scales[srow[2] + g],
-                    w.scales[srow[3] + g],
+                    job.scales[srow[0] + g],
+                    job.scales[srow[1] + g],
+                    job.scales[srow[2] + g],
+                    job.scales[srow[3] + g],
                 );
                 let sa = _mm_mul_ps(s, _mm_set1_ps(scale[bb * ng + g]));
                 facc[j] = _mm_add_ps(facc[j], _mm_mul_ps(_mm_cvtepi32_ps(t), sa));
@@ -810,7 +810,7 @@ unsafe fn f32_block(
     // Every pointer the passes derive stays inside these.
     let in_regs = ng <= 1 || group.is_multiple_of(16);
     assert!(bytes.len() >= nr * cp && (tile.len() >= nr * cp || (in_regs && n <= 3)));
-    assert!(w.scales.len() >= (r0 + nr) * geo.ng && ng == geo.ng);
+    assert!(job.scales.len() >= (r0 + nr) * geo.ng && ng == geo.ng);
     assert!(x.len() >= n * stride && *stride >= cp && stride.is_multiple_of(16));
     assert!(x.as_ptr().align_offset(64) == 0);
     let kchunk =
@@ -823,7 +823,7 @@ unsafe fn f32_block(
     let blk = F32Block {
         q: bytes.as_ptr().cast(),
         t: tile.as_mut_ptr(),
-        s: w.scales[r0 * ng..].as_ptr(),
+        s: job.scales[r0 * ng..].as_ptr(),
         x: x.as_ptr(),
         stride: *stride,
         a: accs.as_mut_ptr(),
@@ -918,7 +918,7 @@ unsafe fn int8_rows8_matvec(
     let w = job.w;
     let (cp, wpr, ng) = (w.cols_padded(), w.wpr, w.layout.n_groups());
     assert!(bytes.len() >= nr * cp && xq.len() >= cp && out.len() == 1);
-    assert!(w.scales.len() >= (r0 + nr) * ng && scale.len() >= ng && sum.len() >= ng);
+    assert!(job.scales.len() >= (r0 + nr) * ng && scale.len() >= ng && sum.len() >= ng);
     let half = job.prec.half as i32;
     let step = _mm256_set1_ps(job.prec.step);
     let px = xq.as_ptr();
@@ -955,14 +955,14 @@ unsafe fn int8_rows8_matvec(
             let t = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 0, 1, 4, 5), t);
             let t = _mm256_sub_epi32(_mm512_castsi512_si256(t), _mm256_set1_epi32(half * sum[g] as i32));
             let s = _mm256_setr_ps(
-                w.scales[(r0 + rows[0]) * ng + g],
-                w.scales[(r0 + rows[1]) * ng + g],
-                w.scales[(r0 + rows[2]) * ng + g],
-                w.scales[(r0 + rows[3]) * ng + g],
-                w.scales[(r0 + rows[4]) * ng + g],
-                w.scales[(r0 + rows[5]) * ng + g],
-                w.scales[(r0 + rows[6]) * ng + g],
-                w.scales[(r0 + rows[7]) * ng + g],
+                job.scales[(r0 + rows[0]) * ng + g],
+                job.scales[(r0 + rows[1]) * ng + g],
+                job.scales[(r0 + rows[2]) * ng + g],
+                job.scales[(r0 + rows[3]) * ng + g],
+                job.scales[(r0 + rows[4]) * ng + g],
+                job.scales[(r0 + rows[5]) * ng + g],
+                job.scales[(r0 + rows[6]) * ng + g],
+                job.scales[(r0 + rows[7]) * ng + g],
             );
             let sa = _mm256_mul_ps(s, _mm256_set1_ps(scale[g]));
             facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(t), sa));

@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kernels::{Granularity, TieRule};
+use model::checkpoint::CorrectionGranularity;
 use model::source::{self, ModelSource};
 use quantize::gptq::{GptqSpec, InputMoments};
 use quantize::profile::ProfileRules;
@@ -57,12 +58,17 @@ struct Args {
     /// much worse). Needs --calibration. Without it codes are rounded to nearest.
     #[arg(long)]
     gptq: Option<GptqSpec>,
-    /// Per-precision row corrections: for each of these bit-widths (below 8, e.g.
-    /// `7,6,5,4,3,2`), one f16 factor per output row, fitted to the layer's output over
-    /// --calibration text (to the weight itself without it). The codes do not change; the kernels
-    /// scale each output row after its dot product, and bits per weight count 16 bits per row.
+    /// Per-precision corrections: for each of these bit-widths (below 8, e.g. `4,3,2`), one f16
+    /// factor per output row or per scale group (--correction-granularity) that multiplies the
+    /// scales that precision is served with, fitted to the layer's output over --calibration text
+    /// (to the weight itself without it). The codes do not change and the kernels read corrected
+    /// scales instead of the stored ones; bits per weight count 16 bits per factor.
     #[arg(long, value_delimiter = ',')]
     corrections: Option<Vec<u32>>,
+    /// What one correction factor covers: `row` (16/cols bits per weight: +0.03 at 576 columns)
+    /// or `group` (one per scale group: +0.125 at group:128, and more of the error removed).
+    #[arg(long)]
+    correction_granularity: Option<CorrectionGranularity>,
     /// Calibration text for --gptq (or a recipe's `gptq`) and --corrections: `.txt` files or
     /// directories of them (never WikiText-2).
     #[arg(long)]
@@ -159,6 +165,14 @@ fn run(args: Args) -> Result<()> {
         }
         None => Vec::new(),
     };
+    if corrections.is_empty() && args.correction_granularity.is_some() {
+        bail!("--correction-granularity without --corrections (or a recipe's `corrections`)");
+    }
+    let granularity = match (args.correction_granularity, &recipe.correction_granularity) {
+        (Some(g), _) => g,
+        (None, Some(g)) => g.parse().context("recipe: correction_granularity")?,
+        (None, None) => CorrectionGranularity::default(),
+    };
     let calibration_files = if gptq.is_some() || !args.calibration.is_empty() {
         if args.calibration_seq < 2 || args.calibration_blocks == 0 {
             bail!("--calibration-seq must be at least 2 and --calibration-blocks at least 1");
@@ -195,10 +209,17 @@ fn run(args: Args) -> Result<()> {
     }
     if !corrections.is_empty() {
         let bar = cli::progress_bar(quantized.quantized.len() as u64, "corrections");
-        quantize::corrections::correct_model(&float, &mut quantized, &corrections, moments.as_ref(), |name| {
-            bar.set_prefix(name.to_string());
-            bar.inc(1);
-        })?;
+        quantize::corrections::correct_model(
+            &float,
+            &mut quantized,
+            &corrections,
+            granularity,
+            moments.as_ref(),
+            |name| {
+                bar.set_prefix(name.to_string());
+                bar.inc(1);
+            },
+        )?;
         bar.finish_and_clear();
     }
     for p in &profiles {

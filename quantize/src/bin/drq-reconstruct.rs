@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
+use model::checkpoint::CorrectionGranularity;
 use model::source::{self, ModelSource};
 use quantize::blockwise::{reconstruct, BlockInputs, BlockLoss, BlockwiseConfig};
 use quantize::model_ptq::write_checkpoint_as;
@@ -16,7 +17,7 @@ use quantize::profile::ProfileRules;
 use quantize::train::data::{collect_files, TokenBlocks};
 use quantize::train::AlrsPolicy;
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 #[command(
     name = "drq-reconstruct",
     version,
@@ -110,9 +111,13 @@ struct Args {
     /// precision's trained level (`true`/`false`).
     #[arg(long, help_heading = "Recipe")]
     refit_8bit: Option<bool>,
-    /// Per-precision row corrections fitted after the reconstruction (bit-widths below 8).
+    /// Per-precision corrections fitted after the reconstruction (bit-widths below 8) to each
+    /// layer's output on the calibration sequences.
     #[arg(long, value_delimiter = ',', help_heading = "Recipe")]
     corrections: Option<Vec<u32>>,
+    /// What one correction factor covers: `row` or `group` (one per scale group).
+    #[arg(long, help_heading = "Recipe")]
+    correction_granularity: Option<CorrectionGranularity>,
     /// Seed of the calibration draw and of the mini-batch order.
     #[arg(long, help_heading = "Recipe")]
     seed: Option<u64>,
@@ -150,6 +155,7 @@ impl Args {
             loss,
             refit_8bit,
             corrections,
+            correction_granularity,
             seed,
         );
         any
@@ -212,7 +218,8 @@ fn run(args: Args) -> Result<()> {
             cfg.batch,
             |_| {},
         )?;
-        quantize::corrections::correct_model(&float, &mut q, &cfg.corrections, Some(&moments), |_| {})?;
+        let granularity = cfg.correction_granularity;
+        quantize::corrections::correct_model(&float, &mut q, &cfg.corrections, granularity, Some(&moments), |_| {})?;
     }
     for p in &profiles {
         let bits = p.resolve(&q.quantization.quantized)?;
@@ -249,13 +256,24 @@ fn recipe(args: &Args) -> Result<BlockwiseConfig> {
     let saved = args.run_dir.join(RECIPE);
     let cfg = if args.resume {
         ensure!(saved.is_file(), "--resume: {} holds no run ({RECIPE})", args.run_dir.display());
-        if args.config.is_some() || args.apply(&mut BlockwiseConfig::default()) {
+        // The corrections are fitted after the blocks, so a finished run can be resumed to fit
+        // others; every other recipe setting is the saved one.
+        let blocks_only = Args { corrections: None, correction_granularity: None, ..args.clone() };
+        if args.config.is_some() || blocks_only.apply(&mut BlockwiseConfig::default()) {
             bail!(
-                "--resume continues the saved recipe ({}); recipe flags and --config cannot change it",
+                "--resume continues the saved recipe ({}); --config and recipe flags other than \
+                 --corrections and --correction-granularity cannot change it",
                 saved.display()
             );
         }
-        BlockwiseConfig::load(&saved)?
+        let mut cfg = BlockwiseConfig::load(&saved)?;
+        if let Some(bits) = &args.corrections {
+            cfg.corrections = bits.clone();
+        }
+        if let Some(g) = args.correction_granularity {
+            cfg.correction_granularity = g;
+        }
+        cfg
     } else {
         let mut cfg = match &args.config {
             Some(p) => BlockwiseConfig::load(p)?,

@@ -552,6 +552,7 @@ impl Trainer {
             quantized: quantized.keys().cloned().collect(),
             profiles: Default::default(),
             corrected_bits: Vec::new(),
+            correction_granularity: Default::default(),
         };
         Ok(QuantizedModel { quantization, quantized, float, report })
     }
