@@ -359,7 +359,8 @@ impl Transformer {
     }
 
     /// A float transformer (inference) whose linear layers show their inputs to `sink` on every
-    /// forward: calibration. A tied lm_head is the embedding and is not observed.
+    /// forward: calibration. A tied lm_head shows its inputs (the final hidden states, normed)
+    /// under the embedding's name.
     pub fn observed(config: &ModelConfig, weights: &Weights, sink: Arc<dyn InputObserver>) -> Result<Self> {
         Self::build(config, &ObservedSource { weights, sink }, OpsMode::Inference)
     }
@@ -417,7 +418,8 @@ impl Transformer {
         let (embed, lm_head) = match src.param(EMBED, &[config.vocab_size, h])? {
             Param::Float(table) => {
                 let head = if config.tie_word_embeddings {
-                    Linear::new(table.clone(), None)
+                    // Observed (calibration) under the embedding's name: its output role's inputs.
+                    Linear::Dense { weight: table.clone(), bias: None, observer: src.observer(EMBED) }
                 } else {
                     src.linear(lm_head_prefix(), config.vocab_size, h, false)?
                 };

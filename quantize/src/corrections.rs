@@ -165,10 +165,11 @@ fn stored_correction(a: f64) -> f32 {
     }
 }
 
-/// Fits corrections (per row or per group) for `bits` to every quantized weight of `q`: to its output over the
-/// calibration inputs where `moments` has the weight's (linear layers), else in weight space (a
-/// tied embedding, or no calibration). Records them in the metadata and refreshes the report's
-/// relative errors (which then include them). `on_weight` is called after each.
+/// Fits corrections (per row or per group) for `bits` to every quantized weight of `q`: to its
+/// output over the calibration inputs where `moments` has the weight's (linear layers, a tied
+/// embedding in its lm_head role), else in weight space (no calibration). Records them in the
+/// metadata and refreshes the report's relative errors (which then include them). `on_weight` is
+/// called after each.
 pub fn correct_model(
     float: &FloatModel,
     q: &mut QuantizedModel,

@@ -25,7 +25,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use kernels::{check_bits, code_index, second_round, QuantizedWeight, TieRule, STORED_BITS};
 use model::transformer::InputObserver;
-use model::weights::LM_HEAD;
+use model::weights::{EMBED, LM_HEAD};
 use model::{FloatModel, KvCache, ModelConfig, Transformer, Weights};
 
 use crate::model_ptq::QuantizedModel;
@@ -127,8 +127,9 @@ impl InputObserver for MomentCollector {
 }
 
 /// Runs the float model over `blocks` (token sequences of one length) in batches of `batch` and
-/// returns the input moments of each weight of `targets` that is a linear layer's (a tied
-/// embedding is not: it has no single input). `on_batch(blocks done)` reports progress.
+/// returns the input moments of each weight of `targets` that is a linear layer's, a tied
+/// embedding's being those of its lm_head role (the lookup has no input). `on_batch(blocks
+/// done)` reports progress.
 ///
 /// Every position counts, the first too, although as an attention sink its MLP input can carry
 /// 10⁵ times a typical token's energy and dominate a layer's moments: leaving it out lets GPTQ
@@ -148,7 +149,8 @@ pub fn collect_moments(
         Arc::new(MomentCollector { wanted: targets.iter().cloned().collect(), sums: Mutex::new(HashMap::new()) });
     let model = Transformer::observed(config, weights, collector.clone())?;
     // Only the inputs matter: an lm_head that is not a target need not see every position.
-    let logits_from = if targets.iter().any(|t| t == LM_HEAD) { 0 } else { seq - 1 };
+    let head = |t: &String| t == LM_HEAD || (config.tie_word_embeddings && t == EMBED);
+    let logits_from = if targets.iter().any(head) { 0 } else { seq - 1 };
     let mut done = 0;
     for chunk in blocks.chunks(batch.max(1)) {
         ensure!(chunk.iter().all(|b| b.len() == seq), "calibration blocks differ in length");
@@ -373,6 +375,11 @@ pub fn round_model(
     let bits = q.quantization.bits.clone();
     for layer in q.report.iter_mut() {
         let Some(m) = moments.get(&layer.name) else { continue };
+        // A tied embedding's codes also serve the lookup, which these moments (its lm_head
+        // role's) do not see: it keeps its nearest rounding.
+        if layer.name == EMBED {
+            continue;
+        }
         let weight =
             q.quantized.get_mut(&layer.name).with_context(|| format!("no quantized weight `{}`", layer.name))?;
         let w: Vec<f32> = float.weights.get(&layer.name, &[layer.rows, layer.cols])?.flatten_all()?.to_vec1()?;

@@ -243,8 +243,10 @@ fn a_rounded_model_records_its_rounding_and_gains_at_its_favoured_bits() {
     let blocks: Vec<&[u32]> = ids.chunks(33).collect();
     let moments =
         collect_moments(&float.config, &float.weights, &q.quantization.quantized, &blocks, 4, |_| {}).unwrap();
-    assert!(!moments.contains_key("model.embed_tokens.weight"), "a tied embedding has no single input");
-    assert_eq!(moments.len(), 14, "7 linear layers × 2 blocks");
+    // A tied embedding's moments are its lm_head role's: the final hidden states, every position.
+    let head = &moments["model.embed_tokens.weight"];
+    assert_eq!((head.dim, head.rows), (float.config.hidden_size, 8 * 33));
+    assert_eq!(moments.len(), 15, "7 linear layers × 2 blocks and the tied head");
     let before = q.quantized.clone();
     round_model(&float, &mut q, &moments, &"4,8".parse().unwrap(), |_| {}).unwrap();
     assert_eq!(q.quantization.rounding, "gptq:4,8");

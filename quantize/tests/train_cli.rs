@@ -306,3 +306,49 @@ fn bad_input_is_refused() {
         assert!(text.contains(flag), "--help lacks {flag}");
     }
 }
+
+/// `--init` continues from a checkpoint of the same model (here a finished run's): the new
+/// checkpoint records where it started; a checkpoint of another model, or `--init` with
+/// `--resume`, is refused before any training.
+#[test]
+fn a_run_starts_from_a_checkpoint_with_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, data) = fixture(dir.path());
+    let first = dir.path().join("first.safetensors");
+    let run1 = dir.path().join("run1");
+    let mut args = vec!["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run1), "--out", s(&first)];
+    args.extend(RECIPE);
+    assert_ok(&drq_train(&args));
+
+    let second = dir.path().join("second.safetensors");
+    let run2 = dir.path().join("run2");
+    let short = ["--steps", "2", "--batch", "2", "--seq-len", "12", "--heldout-blocks", "2", "--train", "scales"];
+    let mut cont = vec!["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run2), "--out", s(&second)];
+    cont.extend(["--init", s(&first)]);
+    cont.extend(short);
+    assert_ok(&drq_train(&cont));
+    let start = Checkpoint::open(&first).unwrap().quantization().scale_method.clone();
+    let method = Checkpoint::open(&second).unwrap().quantization().scale_method.clone();
+    assert!(method.starts_with(&format!("{start}+train:scales")), "{method}");
+
+    let other_dir = dir.path().join("other");
+    model::export::write_hf_dir(&tiny_model(Architecture::Llama, true, 4), &other_dir).unwrap();
+    let third = dir.path().join("third.safetensors");
+    for (model, extra, needle) in [
+        (s(&other_dir), vec![], "was made from another model"),
+        (s(&model_dir), vec!["--resume"], "--resume"),
+        (s(&model_dir), vec!["--init", s(&third)], "--init"),
+    ] {
+        let run3 = dir.path().join("run3");
+        let mut a = vec!["--model", model, "--data", s(&data), "--run-dir", s(&run3), "--out", s(&third)];
+        if extra.first() != Some(&"--init") {
+            a.extend(["--init", s(&first)]);
+        }
+        a.extend(extra.iter().copied());
+        a.extend(short);
+        let o = drq_train(&a);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(needle) && !stderr.contains("panicked"), "{needle}: {stderr}");
+        assert!(!third.exists());
+    }
+}

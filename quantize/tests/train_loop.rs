@@ -249,3 +249,57 @@ fn a_saved_and_resumed_run_equals_an_uninterrupted_one() {
             .contains("sha256"));
     }
 }
+
+/// A run started from a checkpoint (here a trained one, with norms that moved) serves at step 0
+/// exactly what the checkpoint serves at every precision, records where it started, trains on
+/// from there, and refuses checkpoints it cannot continue.
+#[test]
+fn a_run_starts_from_a_checkpoint_where_it_serves() {
+    let cfg = TrainConfig { granularity: "group:16".into(), ..tiny_config() };
+    let (t, _) = run(&cfg, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("start.safetensors");
+    let provenance = Provenance { source: "tiny".into(), sha256: "0".repeat(64) };
+    let mut q = t.quantized_model().unwrap();
+    write_checkpoint_as(&path, t.float_model(), &provenance, &q, "drq-train").unwrap();
+    let ckpt = Checkpoint::open(&path).unwrap();
+
+    let mut started = Trainer::from_checkpoint(model(), cfg.clone(), &ckpt, &Device::Cpu).unwrap();
+    assert_ne!(
+        started.float_tensor(NORM).unwrap(),
+        model().weights.get(NORM, &[64]).unwrap().to_vec1::<f32>().unwrap()
+    );
+    for b in [8, 4, 3, 2] {
+        let served = ckpt.weights_at(&Precision::Bits(b)).unwrap();
+        for (name, tensor) in started.weights_at(b, false).unwrap().iter() {
+            let s: Vec<f32> = served.get(name, tensor.dims()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(s, tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "W{b} `{name}`");
+        }
+    }
+    let data = overfit_data(cfg.seq_len);
+    let first = started.step(&data).unwrap();
+    assert!(first.loss.values().all(|l| l.is_finite()));
+    let method = started.quantized_model().unwrap().quantization.scale_method;
+    assert!(method.starts_with(&format!("{}+train:all", ckpt.quantization().scale_method)), "{method}");
+
+    // Another layout, or corrections, are refused.
+    let other = TrainConfig { granularity: "group:32".into(), ..cfg.clone() };
+    let err = Trainer::from_checkpoint(model(), other, &ckpt, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("granularity group:16") && err.contains("group:32"), "{err}");
+    quantize::corrections::correct_model(
+        t.float_model(),
+        &mut q,
+        &[4],
+        model::checkpoint::CorrectionGranularity::Row,
+        None,
+        |_| {},
+    )
+    .unwrap();
+    let corrected = dir.path().join("corrected.safetensors");
+    write_checkpoint_as(&corrected, t.float_model(), &provenance, &q, "drq-quantize").unwrap();
+    let err = Trainer::from_checkpoint(model(), cfg, &Checkpoint::open(&corrected).unwrap(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("corrections"), "{err}");
+}

@@ -58,7 +58,7 @@ struct Args {
     /// Bit-widths reconstructed jointly [recipe default: 8,4,2].
     #[arg(long, value_delimiter = ',', help_heading = "Recipe")]
     bits: Option<Vec<u32>>,
-    /// Loss weight of each bit-width, in the order of --bits [default: all 1].
+    /// Loss weight of each bit-width, in the order of --bits [default: 0.1 for 8 and 2 bits, 1 for the others].
     #[arg(long, value_delimiter = ',', help_heading = "Recipe")]
     bit_weights: Option<Vec<f64>>,
     /// Initial scales: `channel` or `group:N` [default: group:128].

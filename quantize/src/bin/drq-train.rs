@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use cli::write_atomically;
+use model::checkpoint::Checkpoint;
 use model::source::{self, ModelSource};
 use quantize::model_ptq::write_checkpoint_as;
 use quantize::profile::ProfileRules;
@@ -46,8 +47,13 @@ struct Args {
     #[arg(short, long)]
     out: PathBuf,
     /// Continue the run in --run-dir from its saved state (its recipe; no recipe flags).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "init")]
     resume: bool,
+    /// Start from this checkpoint of --model instead of the recipe's PTQ (e.g. a block-wise
+    /// reconstruction, then a short pass with `--train scales`): its codes, scales and norms.
+    /// Its granularity and tie rule must be the recipe's; it may not carry corrections.
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// Save the state and stop after this many steps (continue later with --resume).
     #[arg(long)]
     stop_at_step: Option<u64>,
@@ -193,10 +199,23 @@ fn run(args: Args) -> Result<()> {
 
     let source: ModelSource = args.model.parse()?;
     if matches!(source, ModelSource::Checkpoint(_)) {
-        bail!("--model {}: training starts from a float model, not a checkpoint", args.model);
+        bail!("--model {}: training starts from a float model, not a checkpoint (see --init)", args.model);
     }
+    // The starting checkpoint is opened (and validated) before the model is loaded.
+    let init = match &args.init {
+        Some(path) => Some(Checkpoint::open(path).with_context(|| format!("--init {}", path.display()))?),
+        None => None,
+    };
     tracing::info!("loading {source}");
     let (float, provenance) = source::load_float(&source)?;
+    if let Some(ckpt) = &init {
+        ensure!(
+            ckpt.provenance().source_sha256 == provenance.sha256,
+            "--init {} was made from another model than --model {}",
+            ckpt.path().display(),
+            args.model
+        );
+    }
     let eos = float.config.eos_token_ids.first().copied();
     tracing::info!("tokenizing {} file(s)", files.len());
     let blocks = TokenBlocks::from_files(&float.tokenizer, &files, eos, cfg.seq_len, cfg.heldout_blocks)?;
@@ -214,8 +233,20 @@ fn run(args: Args) -> Result<()> {
         tracing::info!("resuming at step {} of {}", t.step_count(), cfg.steps);
         t
     } else {
-        tracing::info!("initial scales: PTQ search ({})", cfg.quant_spec()?);
-        let t = Trainer::new(float, cfg.clone(), &device)?;
+        let t = match &init {
+            Some(ckpt) => {
+                tracing::info!(
+                    "initial codes and scales: {} ({})",
+                    ckpt.path().display(),
+                    ckpt.quantization().scale_method
+                );
+                Trainer::from_checkpoint(float, cfg.clone(), ckpt, &device)?
+            }
+            None => {
+                tracing::info!("initial scales: PTQ search ({})", cfg.quant_spec()?);
+                Trainer::new(float, cfg.clone(), &device)?
+            }
+        };
         write_atomically(&paths.log, b"")?;
         write_atomically(&paths.recipe, toml::to_string(&cfg)?.as_bytes())?;
         t

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use kernels::{ScaleLayout, TieRule};
-use model::checkpoint::QuantizationMeta;
+use model::checkpoint::{Checkpoint, QuantizationMeta};
 use model::{FloatModel, KvCache, OpsMode, Transformer, Weights};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -97,6 +97,9 @@ pub struct Trainer {
     /// Moments of the scales, by layer name: one map, or one per bit-width (`scale_moments`).
     adam_scales: Vec<BTreeMap<String, AdamState>>,
     step: u64,
+    /// How the initial codes and scales were made, when not by the recipe's PTQ search (the
+    /// `scale_method` of the checkpoint a run started from).
+    origin: Option<String>,
     teacher: Option<Transformer>,
     /// Where the model's tensors and the mini-batches live (the optimizer runs on the host).
     device: Device,
@@ -114,6 +117,8 @@ struct StateMeta {
     data_fingerprint: u64,
     source_sha256: String,
     adam_t: BTreeMap<String, u64>,
+    #[serde(default)]
+    origin: Option<String>,
 }
 
 impl Trainer {
@@ -128,6 +133,56 @@ impl Trainer {
             scales.insert(name, Tensor::from_vec(q.scales, (rows, q.layout.n_groups()), &Device::Cpu)?);
         }
         Self::build(float, cfg, scales, BTreeMap::new(), 0, device)
+    }
+
+    /// A run starting from a checkpoint of `float` (a block-wise reconstruction, say): its
+    /// scales, its 8-bit codes dequantized as the latent weights (so every precision starts
+    /// exactly where the checkpoint serves it) and its float tensors (norms, biases). The float
+    /// model stays the teacher. The checkpoint's layout and tie rule must be the recipe's, and
+    /// it may not carry corrections (training does not model them).
+    pub fn from_checkpoint(float: FloatModel, cfg: TrainConfig, ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let spec = cfg.quant_spec()?;
+        let q = ckpt.quantization();
+        let path = ckpt.path().display();
+        ensure!(ckpt.config() == &float.config, "{path} is a checkpoint of another model architecture");
+        ensure!(
+            q.granularity == spec.granularity.to_string() && q.tie()? == spec.tie,
+            "{path} has granularity {} and tie rule {}, the recipe {} and {}",
+            q.granularity,
+            q.tie_rule,
+            spec.granularity,
+            spec.tie
+        );
+        ensure!(
+            q.corrected_bits.is_empty(),
+            "{path} carries corrections at bits {:?}, which training does not model: start from the \
+             checkpoint without them and fit them afterwards",
+            q.corrected_bits
+        );
+        let targets = quantizable(&float.config, &cfg.keep_float);
+        let mut names: Vec<&String> = targets.iter().map(|(n, ..)| n).collect();
+        names.sort();
+        ensure!(
+            names.into_iter().eq(q.quantized.iter()),
+            "{path} quantizes other weights than the recipe (keep_float {:?})",
+            cfg.keep_float
+        );
+        let (mut scales, mut trained) = (BTreeMap::new(), BTreeMap::new());
+        for (name, rows, cols) in &targets {
+            let w = ckpt.quantized(name)?;
+            let latent = w.dequantize(kernels::STORED_BITS, spec.tie).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
+            trained.insert(name.clone(), Tensor::from_vec(latent, (*rows, *cols), &Device::Cpu)?);
+            scales.insert(name.clone(), Tensor::from_vec(w.scales, (*rows, w.layout.n_groups()), &Device::Cpu)?);
+        }
+        for (name, _) in float.weights.iter() {
+            if !ckpt.is_quantized(name) {
+                trained.insert(name.clone(), ckpt.float_tensor(name)?);
+            }
+        }
+        let mut trainer = Self::build(float, cfg, scales, trained, 0, device)?;
+        trainer.origin = Some(q.scale_method.clone());
+        Ok(trainer)
     }
 
     fn build(
@@ -200,7 +255,19 @@ impl Trainer {
         } else {
             None
         };
-        Ok(Self { tie: spec.tie, cfg, float, layers, floats, adam, adam_scales, step, teacher, device: device.clone() })
+        Ok(Self {
+            tie: spec.tie,
+            cfg,
+            float,
+            layers,
+            floats,
+            adam,
+            adam_scales,
+            step,
+            origin: None,
+            teacher,
+            device: device.clone(),
+        })
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -539,7 +606,7 @@ impl Trainer {
             rounding: "nearest".to_string(),
             scale_method: format!(
                 "{}+train:{}:alrs={}:loop={}:steps={}:kd={}",
-                spec.scale_method(),
+                self.origin.clone().unwrap_or_else(|| spec.scale_method()),
                 c.train,
                 c.alrs,
                 match c.loop_mode {
@@ -593,6 +660,7 @@ impl Trainer {
             data_fingerprint: data.fingerprint,
             source_sha256: source_sha256.to_string(),
             adam_t,
+            origin: self.origin.clone(),
         };
         let json = serde_json::to_vec(&meta)?;
         let n = json.len();
@@ -641,6 +709,7 @@ impl Trainer {
         let m = take("adam.m.");
         let v = take("adam.v.");
         let mut me = Self::build(float, meta.config, scales, trained, meta.step, device)?;
+        me.origin = meta.origin;
         let restore = |key: &str, st: &mut AdamState| -> Result<()> {
             let get = |map: &BTreeMap<String, Tensor>| -> Result<Vec<f32>> {
                 Ok(map
