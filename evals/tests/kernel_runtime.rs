@@ -234,17 +234,14 @@ fn round_to_nearest(float: &model::FloatModel, granularity: Granularity) -> quan
         .filter(|(n, _)| !quantized.contains_key(*n))
         .map(|(n, t)| (n.clone(), t.clone()))
         .collect();
-    let quantization = model::checkpoint::QuantizationMeta {
-        bits: vec![8, 4, 2],
-        granularity: granularity.to_string(),
-        tie_rule: TieRule::HalfEven.to_string(),
-        scale_method: "absmax".to_string(),
-        rounding: "nearest".to_string(),
-        quantized: quantized.keys().cloned().collect(),
-        profiles: Default::default(),
-        corrected_bits: Vec::new(),
-        correction_granularity: Default::default(),
-    };
+    let names = quantized.keys().cloned().collect();
+    let quantization = model::checkpoint::QuantizationMeta::nearest(
+        &[8, 4, 2],
+        granularity,
+        TieRule::HalfEven,
+        "absmax".into(),
+        names,
+    );
     quantize::QuantizedModel { quantization, quantized, float: float_tensors, report: Vec::new() }
 }
 

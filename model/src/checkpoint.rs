@@ -113,6 +113,28 @@ fn nearest_rounding() -> String {
 }
 
 impl QuantizationMeta {
+    /// Codes rounded to nearest on scales made by `scale_method`, as every quantizer first writes
+    /// them: no profiles and no corrections yet (the tools that make those add them).
+    pub fn nearest(
+        bits: &[u32],
+        granularity: Granularity,
+        tie: TieRule,
+        scale_method: String,
+        quantized: Vec<String>,
+    ) -> Self {
+        QuantizationMeta {
+            bits: bits.to_vec(),
+            granularity: granularity.to_string(),
+            tie_rule: tie.to_string(),
+            scale_method,
+            rounding: nearest_rounding(),
+            quantized,
+            profiles: Profiles::default(),
+            corrected_bits: Vec::new(),
+            correction_granularity: CorrectionGranularity::Row,
+        }
+    }
+
     pub fn tie(&self) -> Result<TieRule> {
         self.tie_rule.parse().map_err(|e| anyhow::anyhow!("checkpoint tie_rule: {e}"))
     }

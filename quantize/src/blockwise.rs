@@ -773,11 +773,11 @@ fn export(
         .filter(|(name, _)| !quantized.contains_key(*name))
         .map(|(name, t)| (name.clone(), trained.get(name).cloned().unwrap_or_else(|| t.clone())))
         .collect();
-    let quantization = QuantizationMeta {
-        bits: spec.bits.clone(),
-        granularity: spec.granularity.to_string(),
-        tie_rule: spec.tie.to_string(),
-        scale_method: format!(
+    let quantization = QuantizationMeta::nearest(
+        &spec.bits,
+        spec.granularity,
+        spec.tie,
+        format!(
             "{}+blockwise:samples={}x{}:epochs={}:inputs={}:loss={}:alrs={}",
             spec.scale_method(),
             cfg.samples,
@@ -787,12 +787,8 @@ fn export(
             cfg.loss,
             cfg.alrs.name()
         ),
-        rounding: "nearest".to_string(),
-        quantized: quantized.keys().cloned().collect(),
-        profiles: Default::default(),
-        corrected_bits: Vec::new(),
-        correction_granularity: Default::default(),
-    };
+        quantized.keys().cloned().collect(),
+    );
     Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
 }
 

@@ -62,17 +62,8 @@ pub fn quantize_model(
         .filter(|(name, _)| !quantized.contains_key(*name))
         .map(|(name, t)| (name.clone(), t.clone()))
         .collect();
-    let quantization = QuantizationMeta {
-        bits: spec.bits.clone(),
-        granularity: spec.granularity.to_string(),
-        tie_rule: spec.tie.to_string(),
-        scale_method: spec.scale_method(),
-        rounding: "nearest".to_string(),
-        quantized: quantized.keys().cloned().collect(),
-        profiles: Default::default(),
-        corrected_bits: Vec::new(),
-        correction_granularity: Default::default(),
-    };
+    let names = quantized.keys().cloned().collect();
+    let quantization = QuantizationMeta::nearest(&spec.bits, spec.granularity, spec.tie, spec.scale_method(), names);
     Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
 }
 

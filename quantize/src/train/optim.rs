@@ -37,25 +37,13 @@ impl AdamState {
     pub fn step(&mut self, p: &mut [f32], grad: &[f32], grad_scale: f32, lr: f64, wd: f64, h: &AdamParams) {
         assert_eq!(p.len(), grad.len());
         assert_eq!(p.len(), self.m.len());
-        self.t += 1;
-        let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
-        let bc1 = 1.0 - h.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - h.beta2.powi(self.t as i32);
-        // Folded as in PyTorch: step = lr/bc1, denominator √v/√bc2 + eps.
-        let step = (lr / bc1) as f32;
-        let sqrt_bc2 = bc2.sqrt() as f32;
-        let eps = h.eps as f32;
+        let update = self.begin(lr, h);
         let decay = (1.0 - lr * wd) as f32;
         for (((p, &g), m), v) in p.iter_mut().zip(grad).zip(&mut self.m).zip(&mut self.v) {
-            let g = g * grad_scale;
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *p = *p * decay - step * *m / (v.sqrt() / sqrt_bc2 + eps);
+            *p = *p * decay - update.apply(m, v, g * grad_scale, 1.0);
         }
     }
-}
 
-impl AdamState {
     /// One Adam step (no weight decay) whose size is measured per element in `unit`: element
     /// `i` moves by about `lr · unit[i]` (Adam's normalised step times its own unit), so
     /// parameters on different scales move at the same relative pace.
@@ -63,18 +51,45 @@ impl AdamState {
         assert_eq!(p.len(), grad.len());
         assert_eq!(p.len(), unit.len());
         assert_eq!(p.len(), self.m.len());
+        let update = self.begin(lr, h);
+        for ((((p, &g), m), v), &u) in p.iter_mut().zip(grad).zip(&mut self.m).zip(&mut self.v).zip(unit) {
+            *p -= update.apply(m, v, g, u);
+        }
+    }
+
+    /// Starts step `t + 1`: its bias corrections folded as in PyTorch (step = lr/bc1,
+    /// denominator √v/√bc2 + eps).
+    fn begin(&mut self, lr: f64, h: &AdamParams) -> Update {
         self.t += 1;
-        let (b1, b2) = (h.beta1 as f32, h.beta2 as f32);
         let bc1 = 1.0 - h.beta1.powi(self.t as i32);
         let bc2 = 1.0 - h.beta2.powi(self.t as i32);
-        let step = (lr / bc1) as f32;
-        let sqrt_bc2 = bc2.sqrt() as f32;
-        let eps = h.eps as f32;
-        for ((((p, &g), m), v), &u) in p.iter_mut().zip(grad).zip(&mut self.m).zip(&mut self.v).zip(unit) {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *p -= step * u * *m / (v.sqrt() / sqrt_bc2 + eps);
+        Update {
+            b1: h.beta1 as f32,
+            b2: h.beta2 as f32,
+            step: (lr / bc1) as f32,
+            sqrt_bc2: bc2.sqrt() as f32,
+            eps: h.eps as f32,
         }
+    }
+}
+
+/// The constants of one Adam step.
+struct Update {
+    b1: f32,
+    b2: f32,
+    step: f32,
+    sqrt_bc2: f32,
+    eps: f32,
+}
+
+impl Update {
+    /// Moves the moments `m`, `v` by the gradient `g` and returns the parameter's decrement,
+    /// `step · unit · m̂ / (√v̂ + eps)`.
+    #[inline]
+    fn apply(&self, m: &mut f32, v: &mut f32, g: f32, unit: f32) -> f32 {
+        *m = self.b1 * *m + (1.0 - self.b1) * g;
+        *v = self.b2 * *v + (1.0 - self.b2) * g * g;
+        self.step * unit * *m / (v.sqrt() / self.sqrt_bc2 + self.eps)
     }
 }
 

@@ -599,28 +599,20 @@ impl Trainer {
             .collect::<Result<_>>()?;
         let c = &self.cfg;
         let spec = c.quant_spec()?;
-        let quantization = QuantizationMeta {
-            bits: c.bits.clone(),
-            granularity: spec.granularity.to_string(),
-            tie_rule: self.tie.to_string(),
-            rounding: "nearest".to_string(),
-            scale_method: format!(
-                "{}+train:{}:alrs={}:loop={}:steps={}:kd={}",
-                self.origin.clone().unwrap_or_else(|| spec.scale_method()),
-                c.train,
-                c.alrs,
-                match c.loop_mode {
-                    LoopMode::PerPrecision => "per-precision",
-                    LoopMode::Summed => "summed",
-                },
-                self.step,
-                c.kd.weight
-            ),
-            quantized: quantized.keys().cloned().collect(),
-            profiles: Default::default(),
-            corrected_bits: Vec::new(),
-            correction_granularity: Default::default(),
-        };
+        let scale_method = format!(
+            "{}+train:{}:alrs={}:loop={}:steps={}:kd={}",
+            self.origin.clone().unwrap_or_else(|| spec.scale_method()),
+            c.train,
+            c.alrs,
+            match c.loop_mode {
+                LoopMode::PerPrecision => "per-precision",
+                LoopMode::Summed => "summed",
+            },
+            self.step,
+            c.kd.weight
+        );
+        let names = quantized.keys().cloned().collect();
+        let quantization = QuantizationMeta::nearest(&c.bits, spec.granularity, self.tie, scale_method, names);
         Ok(QuantizedModel { quantization, quantized, float, report })
     }
 
