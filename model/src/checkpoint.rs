@@ -246,7 +246,7 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         buffers.push((format!("{name}{SCALES_SUFFIX}"), Dtype::F16, vec![l.rows, l.n_groups()], scale_bytes));
         ensure!(
             t.corrections.keys().eq(q.corrected_bits.iter().collect::<std::collections::BTreeSet<_>>()),
-            "`{name}`: row corrections for bits {:?}, metadata lists {:?}",
+            "`{name}`: corrections for bits {:?}, metadata lists {:?}",
             t.corrections.keys().collect::<Vec<_>>(),
             q.corrected_bits
         );

@@ -478,7 +478,7 @@ impl PlanarWeight {
     }
 
     /// Bytes held: planes (with the gaps between large planes, see [`PLANE_GAP_WORDS`]) plus f32
-    /// scales and row corrections.
+    /// scales and the corrected scales of each corrected precision.
     pub fn resident_bytes(&self) -> usize {
         self.planes.len() * 8 + self.scales.len() * 4 + self.corrected.values().map(|a| a.len() * 4).sum::<usize>()
     }
@@ -495,8 +495,8 @@ impl PlanarWeight {
         Ok(self.planes_read(bits)? * self.rows() * self.wpr * 8)
     }
 
-    /// All bytes one pass at `bits` reads: [`Self::plane_bytes_read`] plus the f32 scales and
-    /// that precision's row corrections.
+    /// All bytes one pass at `bits` reads: [`Self::plane_bytes_read`] plus the f32 scales of that
+    /// precision (corrected or not, the same count).
     pub fn bytes_read(&self, bits: u32) -> Result<usize, KernelError> {
         Ok(self.plane_bytes_read(bits)? + self.scales_at(bits).len() * 4)
     }
