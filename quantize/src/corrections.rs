@@ -55,14 +55,14 @@ pub fn fit_corrections(
         CorrectionGranularity::Group => (0..layout.n_groups()).map(|g| layout.group_cols(g)).collect(),
     };
     let k = spans.len();
-    // Without corrections: each factor is fitted to the plain second rounding.
-    let plain = QuantizedWeight::new(q.codes.clone(), q.scales.clone(), layout);
     let w64: Vec<f64> = w.iter().map(|&x| f64::from(x)).collect();
     // w H (or w itself), shared by every bit-width.
     let hw = weighted(&w64, rows, cols, h.as_ref(), 0..cols)?;
     let mut out = BTreeMap::new();
     for &b in bits {
-        let served = plain.dequantize(b, tie).map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Without corrections: each factor is fitted to the plain second rounding (stored scales).
+        let mut served = vec![0f32; w.len()];
+        kernels::dequantize(&q.codes, &q.scales, &layout, b, tie, &mut served).map_err(|e| anyhow::anyhow!("{e}"))?;
         let p: Vec<f64> = served.iter().map(|&x| f64::from(x)).collect();
         // a[r][g][h] = p_g H p_hᵀ, c[r][g] = p_g H w_rᵀ.
         let mut a = vec![0f64; rows * k * k];
