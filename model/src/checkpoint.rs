@@ -146,6 +146,19 @@ impl QuantizationMeta {
         granularity.layout(rows, cols).map_err(|e| anyhow::anyhow!("{rows}x{cols} weight: {e}"))
     }
 
+    /// Bits a quantized `[rows, cols]` weight occupies when served at `bits`: its codes at that
+    /// bit-width, its f16 scales and, where that precision is corrected, its f16 corrections.
+    /// The one count behind `Checkpoint::bits_per_weight` and HASB's budgets.
+    pub fn matrix_bits(&self, rows: usize, cols: usize, bits: u32) -> Result<u64> {
+        let layout = self.layout(rows, cols)?;
+        let corrections = if self.corrected_bits.contains(&bits) {
+            16 * (rows * self.correction_granularity.per_row(&layout)) as u64
+        } else {
+            0
+        };
+        Ok((rows * cols) as u64 * u64::from(bits) + 16 * layout.n_scales() as u64 + corrections)
+    }
+
     /// Every precision this checkpoint can be run at: each bit-width from the lowest a second
     /// rounding derives up to the stored codes' own, then the profiles by name.
     pub fn precisions(&self) -> Vec<Precision> {
@@ -511,8 +524,41 @@ impl Checkpoint {
         self.quantization.add_profile(name, bits).with_context(|| format!("{}", self.path.display()))
     }
 
+    /// Drops a profile in memory; whether there was one of that name.
+    pub fn remove_profile(&mut self, name: &str) -> bool {
+        self.quantization.profiles.remove(name).is_some()
+    }
+
     pub fn provenance(&self) -> &ProvenanceMeta {
         &self.provenance
+    }
+
+    /// Writes this checkpoint, with whatever profiles were added in memory, to `path` (atomically,
+    /// so `path` may be the file it was opened from: the mapping keeps the old file alive).
+    pub fn save_as(&self, path: &Path) -> Result<()> {
+        let mut quantized = BTreeMap::new();
+        for name in &self.quantization.quantized {
+            quantized.insert(name.clone(), self.quantized(name)?);
+        }
+        let mut float = BTreeMap::new();
+        for (name, _) in Weights::expected_shapes(&self.config) {
+            if !self.is_quantized(&name) {
+                float.insert(name.clone(), self.float_tensor(&name)?);
+            }
+        }
+        write(
+            path,
+            &CheckpointContents {
+                config: &self.config,
+                tokenizer: &self.tokenizer()?,
+                add_bos: self.add_bos,
+                chat_template: self.chat_template.as_deref(),
+                quantization: &self.quantization,
+                provenance: &self.provenance,
+                quantized: &quantized,
+                float: &float,
+            },
+        )
     }
 
     pub fn add_bos(&self) -> bool {
@@ -585,13 +631,7 @@ impl Checkpoint {
                 let b = precision
                     .bits_for(&name, &self.quantization.profiles)?
                     .with_context(|| format!("precision `{precision}` has no bit-width for the quantized `{name}`"))?;
-                let layout = self.quantization.layout(rows, cols)?;
-                let corrections = if self.quantization.corrected_bits.contains(&b) {
-                    16.0 * (rows * self.quantization.correction_granularity.per_row(&layout)) as f64
-                } else {
-                    0.0
-                };
-                n * f64::from(b) + 16.0 * layout.n_scales() as f64 + corrections
+                self.quantization.matrix_bits(rows, cols, b)? as f64
             } else {
                 32.0 * n
             };

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A profile file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileRules {
     pub name: String,
@@ -23,7 +23,7 @@ pub struct ProfileRules {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// A substring of the weight name, e.g. `embed_tokens`, `self_attn`, `layers.0.`.
@@ -55,6 +55,27 @@ impl ProfileRules {
             kernels::check_bits(bits).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         Ok(())
+    }
+
+    /// The profile of an explicit bit-width per weight (e.g. an allocation): the most common
+    /// bit-width as the default, one rule per other weight by its full name.
+    pub fn explicit(name: &str, description: &str, bits: &BTreeMap<String, u32>) -> Self {
+        let mut counts = BTreeMap::new();
+        for &b in bits.values() {
+            *counts.entry(b).or_insert(0usize) += 1;
+        }
+        let default = counts.iter().max_by_key(|&(&b, &n)| (n, b)).map_or(kernels::STORED_BITS, |(&b, _)| b);
+        let rules = bits
+            .iter()
+            .filter(|&(_, &b)| b != default)
+            .map(|(w, &b)| Rule { pattern: w.clone(), bits: b })
+            .collect();
+        Self { name: name.to_string(), description: description.to_string(), default, rules }
+    }
+
+    /// The profile as a `configs/profiles/` file.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
     }
 
     /// A bit-width for each of `weights`. A rule that matches nothing is logged (a typo, or a
@@ -95,6 +116,15 @@ mod tests {
         .unwrap();
         let r = p.resolve(&names()).unwrap();
         assert_eq!(r.values().copied().collect::<Vec<_>>(), vec![8, 3, 3]);
+    }
+
+    #[test]
+    fn explicit_profiles_round_trip_through_toml() {
+        let bits: BTreeMap<String, u32> = names().into_iter().zip([8, 3, 3]).collect();
+        let p = ProfileRules::explicit("hasb-3.0", "an allocation", &bits);
+        assert_eq!((p.default, p.rules.len()), (3, 1));
+        let back: ProfileRules = toml::from_str(&p.to_toml().unwrap()).unwrap();
+        assert_eq!(back.resolve(&names()).unwrap(), bits);
     }
 
     #[test]

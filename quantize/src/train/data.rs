@@ -115,20 +115,25 @@ fn tokenize_file(tokenizer: &Tokenizer, path: &Path) -> Result<Vec<u32>> {
 /// A Fisher–Yates permutation of `0..n` from (seed, epoch), with splitmix64: the same on every
 /// platform and version (no dependency on a crate's generator).
 pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
-    let mut state = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut next = splitmix64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03);
     let mut p: Vec<u32> = (0..n as u32).collect();
     for i in (1..n).rev() {
         let j = (next() % (i as u64 + 1)) as usize;
         p.swap(i, j);
     }
     p
+}
+
+/// The splitmix64 generator from `state`: what every seeded draw of the crate uses (shuffles,
+/// Hutchinson probes, random allocations), so results do not depend on a crate's generator.
+pub fn splitmix64(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
 }
 
 fn fnv1a(ids: impl Iterator<Item = u32>) -> u64 {
