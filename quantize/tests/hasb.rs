@@ -8,7 +8,7 @@ use model::checkpoint::Checkpoint;
 use model::{Architecture, Precision};
 use quantize::hasb::allocate::Weighting;
 use quantize::hasb::traces::{hutchinson, model_traces, LossHessian, TraceConfig};
-use quantize::hasb::{quantization_errors, AllocationSpec, Problem};
+use quantize::hasb::{checkpoint_errors, AllocationSpec, Problem};
 use quantize::train::data::TokenBlocks;
 use quantize::{quantize_model, write_checkpoint, QuantSpec};
 
@@ -143,7 +143,7 @@ fn allocations_respect_budgets_floors_and_sensitivities() {
     write_checkpoint(&path, &float, &provenance, &q).unwrap();
     let mut ckpt = Checkpoint::open(&path).unwrap();
     let all = AllocationSpec::default();
-    let errors = quantization_errors(&ckpt, &float.weights, &all.bits).unwrap();
+    let errors = checkpoint_errors(&ckpt, &float.weights, &all.bits).unwrap();
     for (name, e) in &errors {
         assert!(e.windows(2).all(|w| w[0] >= w[1]), "{name}: errors {e:?} must fall with bits");
     }

@@ -584,9 +584,10 @@ fn pick_threads(
     Ok((threads, serde_json::json!({ "1": seconds[0], "2": seconds[1] })))
 }
 
-/// Perplexity (log scale) against bits per weight: a line per checkpoint through its precisions
-/// in order of size (each point labelled with its precision), the float model's perplexity as a
-/// dashed line, other tools' results as grey marks.
+/// Perplexity (log scale) against bits per weight: a line per checkpoint through its bit-widths
+/// in order of size, and one per family of its profiles (the name before the first `-`:
+/// `hasb-3.0` and `hasb-4.0` are one line, `random-3.0-s1` another), each point labelled with its
+/// precision; the float model's perplexity as a dashed line, other tools' results as grey marks.
 fn plot_perplexity_vs_bits(
     reports: &[PrecisionReport],
     storage_bits: &[(usize, f64)],
@@ -595,23 +596,29 @@ fn plot_perplexity_vs_bits(
     title: &str,
 ) -> String {
     let stored = &reports[reports.len() - storage_bits.len()..];
-    let series: Vec<Series> = names
-        .iter()
+    let mut lines: Vec<((usize, String), Vec<((f64, f64), String)>)> = Vec::new();
+    for (r, &(checkpoint, bits)) in stored.iter().zip(storage_bits) {
+        // The precision: the label's first word (the checkpoint's name follows).
+        let precision = r.label.split_whitespace().next().unwrap_or_default().to_string();
+        let family = match precision.parse::<u32>() {
+            Ok(_) => String::new(),
+            Err(_) => precision.split('-').next().unwrap_or_default().to_string(),
+        };
+        let key = (checkpoint, family);
+        let point = ((bits, r.perplexity), precision);
+        match lines.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, points)) => points.push(point),
+            None => lines.push((key, vec![point])),
+        }
+    }
+    let series: Vec<Series> = lines
+        .into_iter()
         .enumerate()
-        .map(|(i, name)| {
-            let mut labelled: Vec<((f64, f64), String)> = stored
-                .iter()
-                .zip(storage_bits)
-                .filter(|(_, (c, _))| *c == i)
-                .map(|(r, &(_, bits))| {
-                    // The precision: the label's first word (the checkpoint's name follows).
-                    let precision = r.label.split_whitespace().next().unwrap_or_default();
-                    ((bits, r.perplexity), precision.to_string())
-                })
-                .collect();
+        .map(|(i, ((checkpoint, family), mut labelled))| {
             labelled.sort_by(|a, b| a.0 .0.total_cmp(&b.0 .0));
             let (points, point_labels) = labelled.into_iter().unzip();
-            Series { label: name.clone(), color: COLORS[i % COLORS.len()], points, point_labels }
+            let label = if family.is_empty() { names[checkpoint].clone() } else { format!("{} {family}", names[checkpoint]) };
+            Series { label, color: COLORS[i % COLORS.len()], points, point_labels }
         })
         .collect();
     let reference = reports.iter().find(|r| r.label == "fp").map(|r| (r.perplexity, format!("fp {:.3}", r.perplexity)));

@@ -11,8 +11,11 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use cli::plot::{document, panel, Mark, Panel, Series, COLORS};
 use model::checkpoint::Checkpoint;
 use model::source::{self, ModelSource};
-use quantize::hasb::allocate::{parse_floor, profile_name, Allocation};
-use quantize::hasb::{quantization_errors, AllocationSpec, Problem, TraceConfig, TraceReport, Weighting};
+use quantize::hasb::allocate::parse_floor;
+use quantize::hasb::{
+    checkpoint_errors, hasb_profiles, AllocationSpec, NamedAllocation, Problem, ProfileRequest, TraceConfig,
+    TraceReport, Weighting,
+};
 use quantize::profile::ProfileRules;
 use quantize::train::data::{collect_files, TokenBlocks};
 
@@ -244,7 +247,6 @@ fn allocate(args: AllocateArgs) -> Result<()> {
     if let Some(dir) = &args.profiles_dir {
         ensure!(dir.is_dir(), "--profiles-dir {} is not a directory", dir.display());
     }
-    ensure!(model::precision::is_profile_name(&args.prefix), "--prefix `{}` is not a profile name", args.prefix);
     let mut ckpt = Checkpoint::open(&args.checkpoint)?;
     let traces = TraceReport::load(&args.traces)?;
     let recorded = ckpt.provenance().clone();
@@ -275,82 +277,69 @@ fn allocate(args: AllocateArgs) -> Result<()> {
         floors: args.floor.clone(),
         tie_inputs: args.tie_inputs,
     };
+    let request = ProfileRequest {
+        budgets: args.budgets.clone(),
+        prefix: args.prefix.clone(),
+        trace_free: args.trace_free,
+        random: args.random,
+        seed: args.seed,
+    };
     tracing::info!("quantization errors of {} matrices at bits {:?}", ckpt.quantization().quantized.len(), spec.bits);
-    let errors = quantization_errors(&ckpt, &float.weights, &spec.bits)?;
+    let errors = checkpoint_errors(&ckpt, &float.weights, &spec.bits)?;
     let meta = ckpt.quantization().clone();
-    let hasb = Problem::new(&meta, &float.config, &errors, |name| traces.sensitivity(name), &spec)?;
-    let trace_free = Problem::new(&meta, &float.config, &errors, |_| Ok(1.0), &spec)?;
-
-    let mut profiles: Vec<(String, Allocation, String)> = Vec::new();
-    for &budget in &args.budgets {
-        let description = format!("HASB at {budget} bits ({:?} budget, traces {})", spec.weighting, args.traces.display());
-        profiles.push((profile_name(&args.prefix, budget), hasb.allocate(budget)?, description));
-        if args.trace_free {
-            let description = format!("trace-free allocation at {budget} bits (the HASB solver, equal sensitivities)");
-            profiles.push((profile_name("tracefree", budget), trace_free.allocate(budget)?, description));
+    let (hasb, profiles) = hasb_profiles(&meta, &float.config, &errors, &traces, &spec, &request)?;
+    for p in &profiles {
+        if ckpt.quantization().profiles.contains_key(&p.name) {
+            ensure!(args.replace, "{} already holds a profile `{}` (pass --replace)", args.checkpoint.display(), p.name);
+            ckpt.remove_profile(&p.name);
         }
-        for k in 0..args.random {
-            let seed = args.seed + k as u64;
-            let name = format!("{}-s{seed}", profile_name("random", budget));
-            let description = format!("random allocation at {budget} bits (seed {seed})");
-            profiles.push((name, hasb.random(budget, seed)?, description));
-        }
-    }
-    for (name, allocation, _) in &profiles {
-        if ckpt.quantization().profiles.contains_key(name) {
-            ensure!(args.replace, "{} already holds a profile `{name}` (pass --replace)", args.checkpoint.display());
-            ckpt.remove_profile(name);
-        }
-        ckpt.add_profile(name, allocation.bits.clone())?;
+        ckpt.add_profile(&p.name, p.allocation.bits.clone())?;
     }
     print_allocations(&profiles, &hasb, &spec);
-    for (name, allocation, description) in &profiles {
-        let counted = ckpt.bits_per_weight(&model::Precision::Profile(name.clone()))?;
-        if spec.weighting == Weighting::Parameters && (counted - allocation.mean_bits).abs() > 1e-9 {
-            bail!("profile `{name}`: {counted} bits per weight counted, {} allocated", allocation.mean_bits);
+    for p in &profiles {
+        let counted = ckpt.bits_per_weight(&model::Precision::Profile(p.name.clone()))?;
+        if spec.weighting == Weighting::Parameters && (counted - p.allocation.mean_bits).abs() > 1e-9 {
+            bail!("profile `{}`: {counted} bits per weight counted, {} allocated", p.name, p.allocation.mean_bits);
         }
-        if let Some(dir) = &args.profiles_dir {
-            let toml = ProfileRules::explicit(name, description, &allocation.bits).to_toml()?;
-            cli::write_atomically(&dir.join(format!("{name}.toml")), toml.as_bytes())?;
-        }
+    }
+    if let Some(dir) = &args.profiles_dir {
+        write_profile_files(dir, &profiles, &args.traces)?;
     }
     ckpt.save_as(&out)?;
     tracing::info!("wrote {} profiles into {} in {:.1}s", profiles.len(), out.display(), started.elapsed().as_secs_f64());
     Ok(())
 }
 
+/// Each profile as a `configs/profiles/` TOML file in `dir`.
+fn write_profile_files(dir: &std::path::Path, profiles: &[NamedAllocation], traces: &std::path::Path) -> Result<()> {
+    for p in profiles {
+        let description = format!("{}, traces {}", p.description, traces.display());
+        let toml = ProfileRules::explicit(&p.name, &description, &p.allocation.bits).to_toml()?;
+        cli::write_atomically(&dir.join(format!("{}.toml", p.name)), toml.as_bytes())?;
+    }
+    Ok(())
+}
+
 /// A line per profile: its mean bits, its objective under the traces, and the share of weights
 /// at each bit-width.
-fn print_allocations(profiles: &[(String, Allocation, String)], hasb: &Problem, spec: &AllocationSpec) {
+fn print_allocations(profiles: &[NamedAllocation], hasb: &Problem, spec: &AllocationSpec) {
     let weights: BTreeMap<&str, u64> = hasb
         .items()
         .iter()
         .flat_map(|i| i.names.iter().map(String::as_str).zip(i.weights.iter().copied()))
         .collect();
+    let all: u64 = weights.values().sum();
     let header: String = spec.bits.iter().map(|b| format!("{:>6}", format!("{b}b"))).collect();
     println!("{:<22} {:>10} {:>12} {header}", "profile", "mean bits", "Σ s·‖ΔW‖²");
-    for (name, allocation, _) in profiles {
-        let objective = hasb_objective(hasb, allocation);
+    for p in profiles {
         let shares: String = spec
             .bits
             .iter()
             .map(|&b| {
-                let at: u64 = allocation.bits.iter().filter(|(_, &x)| x == b).map(|(n, _)| weights[n.as_str()]).sum();
-                let all: u64 = weights.values().sum();
+                let at: u64 = p.allocation.bits.iter().filter(|(_, &x)| x == b).map(|(n, _)| weights[n.as_str()]).sum();
                 format!("{:>5.1}%", 100.0 * at as f64 / all.max(1) as f64)
             })
             .collect();
-        println!("{name:<22} {:>10.4} {objective:>12.4e} {shares}", allocation.mean_bits);
+        println!("{:<22} {:>10.4} {:>12.4e} {shares}", p.name, p.allocation.mean_bits, hasb.objective(&p.allocation));
     }
-}
-
-/// An allocation's objective under the HASB costs (whatever problem chose it).
-fn hasb_objective(hasb: &Problem, allocation: &Allocation) -> f64 {
-    hasb.items()
-        .iter()
-        .map(|i| {
-            let b = allocation.bits[&i.names[0]];
-            i.candidates.iter().find(|c| c.bits == b).map_or(f64::NAN, |c| c.cost)
-        })
-        .sum()
 }

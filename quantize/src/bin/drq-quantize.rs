@@ -11,6 +11,8 @@ use kernels::{Granularity, TieRule};
 use model::checkpoint::CorrectionGranularity;
 use model::source::{self, ModelSource};
 use quantize::gptq::{GptqSpec, InputMoments};
+use quantize::hasb::allocate::quantization_errors;
+use quantize::hasb::{hasb_profiles, AllocationSpec, ProfileRequest, TraceReport};
 use quantize::profile::ProfileRules;
 use quantize::recipe::PtqRecipe;
 use quantize::train::data::{collect_files, TokenBlocks};
@@ -90,6 +92,15 @@ struct Args {
     /// and evaluated by name.
     #[arg(long)]
     profile: Vec<PathBuf>,
+    /// HASB: store a Hessian-aware profile `hasb-B` for each of --budgets, from these traces of
+    /// the model (`drq-hasb traces`; `drq-hasb allocate` does the same for any checkpoint, with
+    /// floors, tied inputs and baselines).
+    #[arg(long, requires = "budgets")]
+    hasb: Option<PathBuf>,
+    /// Budgets of --hasb in bits per weight as drq-eval counts them (scales and corrections
+    /// included), e.g. `2.5,3,3.5,4,5`.
+    #[arg(long, value_delimiter = ',', requires = "hasb")]
+    budgets: Vec<f64>,
     /// Output checkpoint (`.safetensors`).
     #[arg(short, long)]
     out: PathBuf,
@@ -181,10 +192,16 @@ fn run(args: Args) -> Result<()> {
     } else {
         Vec::new()
     };
+    let traces = args.hasb.as_deref().map(TraceReport::load).transpose()?;
     let source: ModelSource = args.model.parse()?;
     let started = Instant::now();
     tracing::info!("loading {source}");
     let (float, provenance) = source::load_float(&source)?;
+    if let Some(t) = &traces {
+        if t.source_sha256 != provenance.sha256 {
+            bail!("--hasb traces were measured on {} (sha256 {}), not on {source}", t.source, t.source_sha256);
+        }
+    }
     // The calibration text is read before any work, so a short one is refused at once.
     let calibration =
         if calibration_files.is_empty() { None } else { Some(calibration_blocks(&float, &calibration_files, &args)?) };
@@ -228,6 +245,9 @@ fn run(args: Args) -> Result<()> {
         let bits = p.resolve(&quantized.quantization.quantized)?;
         quantized.quantization.add_profile(&p.name, bits)?;
     }
+    if let Some(traces) = &traces {
+        add_hasb_profiles(&float, &mut quantized, traces, &args.budgets)?;
+    }
     write_checkpoint(&args.out, &float, &provenance, &quantized)?;
 
     print_report(&quantized.report, &spec.bits);
@@ -242,6 +262,32 @@ fn run(args: Args) -> Result<()> {
         quantized.quantized.len(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// A HASB profile per budget, over every bit-width the stored codes serve.
+fn add_hasb_profiles(
+    float: &model::FloatModel,
+    q: &mut QuantizedModel,
+    traces: &TraceReport,
+    budgets: &[f64],
+) -> Result<()> {
+    let spec = AllocationSpec::default();
+    let request =
+        ProfileRequest { budgets: budgets.to_vec(), prefix: "hasb".into(), trace_free: false, random: 0, seed: 0 };
+    let tie = q.quantization.tie()?;
+    let errors = quantization_errors(
+        &q.quantization.quantized,
+        |name| q.quantized.get(name).cloned().with_context(|| format!("`{name}` is not quantized")),
+        tie,
+        &float.weights,
+        &spec.bits,
+    )?;
+    let (_, profiles) = hasb_profiles(&q.quantization, &float.config, &errors, traces, &spec, &request)?;
+    for p in profiles {
+        tracing::info!("profile {}: {:.4} bits per weight", p.name, p.allocation.mean_bits);
+        q.quantization.add_profile(&p.name, p.allocation.bits)?;
+    }
     Ok(())
 }
 

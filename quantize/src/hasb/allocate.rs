@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Context, Result};
+use kernels::{QuantizedWeight, TieRule};
 use model::checkpoint::{Checkpoint, QuantizationMeta};
 use model::Weights;
 use rayon::prelude::*;
@@ -169,11 +170,16 @@ fn input_group(name: &str) -> String {
     name.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
 }
 
-/// ‖Q_b(W) − W‖² of every quantized matrix of `ckpt` against the float `weights`, for each of
-/// `bits` (served as the checkpoint serves them: second rounding, corrections included).
-pub fn quantization_errors(ckpt: &Checkpoint, weights: &Weights, bits: &[u32]) -> Result<BTreeMap<String, Vec<f64>>> {
-    let names = &ckpt.quantization().quantized;
-    let tie = ckpt.tie_rule();
+/// ‖Q_b(W) − W‖² of every quantized matrix (`quantized(name)`: its codes, scales and
+/// corrections) against the float `weights`, for each of `bits`, served as the checkpoint serves
+/// them (second rounding with `tie`, corrections included).
+pub fn quantization_errors(
+    names: &[String],
+    quantized: impl Fn(&str) -> Result<QuantizedWeight> + Sync,
+    tie: TieRule,
+    weights: &Weights,
+    bits: &[u32],
+) -> Result<BTreeMap<String, Vec<f64>>> {
     names
         .par_iter()
         .map(|name| {
@@ -184,7 +190,7 @@ pub fn quantization_errors(ckpt: &Checkpoint, weights: &Weights, bits: &[u32]) -
                 .1
                 .flatten_all()?
                 .to_vec1()?;
-            let q = ckpt.quantized(name)?;
+            let q = quantized(name)?;
             ensure!(q.codes.len() == w.len(), "`{name}`: the checkpoint's shape differs from the float model's");
             let errors = bits
                 .iter()
@@ -196,6 +202,11 @@ pub fn quantization_errors(ckpt: &Checkpoint, weights: &Weights, bits: &[u32]) -
             Ok((name.clone(), errors))
         })
         .collect()
+}
+
+/// [`quantization_errors`] of a checkpoint's weights.
+pub fn checkpoint_errors(ckpt: &Checkpoint, weights: &Weights, bits: &[u32]) -> Result<BTreeMap<String, Vec<f64>>> {
+    quantization_errors(&ckpt.quantization().quantized, |name| ckpt.quantized(name), ckpt.tie_rule(), weights, bits)
 }
 
 /// One bit-width per quantized matrix, and what it measures.
@@ -316,6 +327,18 @@ impl Problem {
         Ok(self.allocation(&solution.choices, solution.exact))
     }
 
+    /// The objective of any allocation (e.g. one a baseline chose) under this problem's costs;
+    /// NaN where it gives a matrix a bit-width this problem does not offer.
+    pub fn objective(&self, allocation: &Allocation) -> f64 {
+        self.items
+            .iter()
+            .map(|i| {
+                let b = allocation.bits.get(&i.names[0]).copied();
+                i.candidates.iter().find(|c| Some(c.bits) == b).map_or(f64::NAN, |c| c.cost)
+            })
+            .sum()
+    }
+
     /// A random allocation within `budget` that uses it as the solver does: every item starts at
     /// its most bits, then items drawn at random step down one bit-width until the budget holds.
     pub fn random(&self, budget: f64, seed: u64) -> Result<Allocation> {
@@ -333,6 +356,66 @@ impl Problem {
         }
         Ok(self.allocation(&choices, true))
     }
+}
+
+/// Which profiles to make at each budget.
+#[derive(Debug, Clone)]
+pub struct ProfileRequest {
+    pub budgets: Vec<f64>,
+    /// HASB's profiles are PREFIX-BUDGET.
+    pub prefix: String,
+    /// Also `tracefree-BUDGET`: the same solver with every matrix equally sensitive per weight.
+    pub trace_free: bool,
+    /// Also this many `random-BUDGET-sSEED`, seeds from `seed` on.
+    pub random: usize,
+    pub seed: u64,
+}
+
+/// A named allocation and a line saying what it is.
+#[derive(Debug, Clone)]
+pub struct NamedAllocation {
+    pub name: String,
+    pub description: String,
+    pub allocation: Allocation,
+}
+
+/// HASB's allocation at each budget of `request` (sensitivities from `traces`), with the
+/// baselines it asks for.
+pub fn hasb_profiles(
+    meta: &QuantizationMeta,
+    config: &model::ModelConfig,
+    errors: &BTreeMap<String, Vec<f64>>,
+    traces: &super::TraceReport,
+    spec: &AllocationSpec,
+    request: &ProfileRequest,
+) -> Result<(Problem, Vec<NamedAllocation>)> {
+    ensure!(model::precision::is_profile_name(&request.prefix), "prefix `{}` is not a profile name", request.prefix);
+    ensure!(!request.budgets.is_empty(), "no budgets");
+    let hasb = Problem::new(meta, config, errors, |name| traces.sensitivity(name), spec)?;
+    let trace_free = Problem::new(meta, config, errors, |_| Ok(1.0), spec)?;
+    let mut out = Vec::new();
+    for &budget in &request.budgets {
+        out.push(NamedAllocation {
+            name: profile_name(&request.prefix, budget),
+            description: format!("HASB at {budget} bits ({:?} budget)", spec.weighting),
+            allocation: hasb.allocate(budget)?,
+        });
+        if request.trace_free {
+            out.push(NamedAllocation {
+                name: profile_name("tracefree", budget),
+                description: format!("trace-free allocation at {budget} bits (the HASB solver, equal sensitivities)"),
+                allocation: trace_free.allocate(budget)?,
+            });
+        }
+        for seed in request.seed..request.seed + request.random as u64 {
+            out.push(NamedAllocation {
+                name: format!("{}-s{seed}", profile_name("random", budget)),
+                description: format!("random allocation at {budget} bits (seed {seed})"),
+                allocation: hasb.random(budget, seed)?,
+            });
+        }
+    }
+    Ok((hasb, out))
 }
 
 /// A profile's name for a budget: `PREFIX-3.0`, `PREFIX-2.5`.
