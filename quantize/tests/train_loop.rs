@@ -303,3 +303,71 @@ fn a_run_starts_from_a_checkpoint_where_it_serves() {
         .to_string();
     assert!(err.contains("corrections"), "{err}");
 }
+
+/// Hessian-aware bit-switching: no switching at σ = 0; with σ = 1, the share of switched layers
+/// grows over the run, and at its end sensitive layers draw bit-width b with probability b/Σb,
+/// the others uniformly. Bad settings are refused.
+#[test]
+fn bit_switching_draws_layer_bits_by_sensitivity() {
+    use quantize::hasb::traces::{LayerTrace, TraceReport};
+    let dir = tempfile::tempdir().unwrap();
+    let base = Trainer::new(model(), tiny_config(), &Device::Cpu).unwrap();
+    let names: Vec<String> = base.layer_names().into_iter().map(String::from).collect();
+    assert!(base.layer_bits(4, 0).iter().all(|&b| b == 4));
+    let sensitive = |name: &str| name.contains("layers.0.");
+    let layers = names
+        .iter()
+        .map(|name| {
+            let per_weight = if sensitive(name) { 1.0 } else { 1e-3 };
+            LayerTrace { name: name.clone(), params: 1, trace: per_weight, trace_se: 0.0, per_weight, per_weight_se: 0.0 }
+        })
+        .collect();
+    let report = TraceReport {
+        source: "tiny".into(),
+        source_sha256: "0".into(),
+        probes: 1,
+        converged: true,
+        tolerance: 0.1,
+        epsilon: 1e-3,
+        tokens_per_probe: 1,
+        seconds: 0.0,
+        layers,
+    };
+    let traces = dir.path().join("traces.json");
+    std::fs::write(&traces, serde_json::to_string(&report).unwrap()).unwrap();
+    let mut cfg = tiny_config();
+    cfg.steps = 12;
+    cfg.bit_switching.sigma = 1.0;
+    cfg.bit_switching.traces = traces.to_str().unwrap().into();
+    let (t, reports) = run(&cfg, 12);
+    let switched = |r: &quantize::train::StepReport| r.switched.values().sum::<usize>();
+    let early: usize = reports[..4].iter().map(switched).sum();
+    let late: usize = reports[8..].iter().map(switched).sum();
+    assert!(late > early, "switched layers: {early} in the first steps, {late} in the last");
+    // After the last step σ·(step+1)/steps ≥ 1: every layer draws. Count the draws.
+    let mut counts: BTreeMap<(bool, u32), f64> = BTreeMap::new();
+    let draws = 400;
+    for bi in 0..draws {
+        for (name, b) in names.iter().zip(t.layer_bits(4, bi)) {
+            *counts.entry((sensitive(name), b)).or_default() += 1.0;
+        }
+    }
+    let n_sensitive = names.iter().filter(|n| sensitive(n)).count() as f64 * draws as f64;
+    let n_other = names.len() as f64 * draws as f64 - n_sensitive;
+    for (b, expected) in [(8, 8.0 / 14.0), (4, 4.0 / 14.0), (2, 2.0 / 14.0)] {
+        let got = counts.get(&(true, b)).copied().unwrap_or(0.0) / n_sensitive;
+        assert!((got - expected).abs() < 0.04, "sensitive layers at {b} bits: {got} (expected {expected})");
+        let got = counts.get(&(false, b)).copied().unwrap_or(0.0) / n_other;
+        assert!((got - 1.0 / 3.0).abs() < 0.04, "other layers at {b} bits: {got} (expected 1/3)");
+    }
+
+    let mut bad = tiny_config();
+    bad.bit_switching.sigma = 0.5;
+    let err = Trainer::new(model(), bad.clone(), &Device::Cpu).err().expect("refused").to_string();
+    assert!(err.contains("traces"), "{err}");
+    bad.bit_switching.sigma = 1.5;
+    assert!(bad.validate().unwrap_err().to_string().contains("sigma"));
+    bad.bit_switching.sigma = 0.5;
+    bad.bit_switching.traces = dir.path().join("missing.json").to_str().unwrap().into();
+    assert!(Trainer::new(model(), bad, &Device::Cpu).is_err());
+}

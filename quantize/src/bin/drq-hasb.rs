@@ -173,6 +173,9 @@ fn traces(args: TracesArgs) -> Result<()> {
     let report = quantize::hasb::traces::trace_report(&float, &provenance, &names, &data, &cfg, &device, |n, worst| {
         bar.set_position(n as u64);
         bar.set_prefix(format!("worst relative error {worst:.3}"));
+        if n % 10 == 0 {
+            tracing::info!("{n} probes: worst relative standard error {worst:.3} (stops at {})", cfg.tolerance);
+        }
     })?;
     bar.finish_and_clear();
     cli::write_atomically(&args.out, serde_json::to_string_pretty(&report)?.as_bytes())?;

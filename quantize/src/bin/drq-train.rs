@@ -143,6 +143,13 @@ struct Args {
     /// Save the training state every N steps (0: at the end and on Ctrl-C only).
     #[arg(long, help_heading = "Recipe")]
     save_every: Option<u64>,
+    /// Hessian-aware bit-switching: the final probability that a layer draws its own
+    /// bit-width (0: off; needs --switch-traces).
+    #[arg(long, help_heading = "Recipe")]
+    switch_sigma: Option<f64>,
+    /// Traces of the float model (`drq-hasb traces`) telling bit-switching the sensitive layers.
+    #[arg(long, help_heading = "Recipe")]
+    switch_traces: Option<String>,
 }
 
 impl Args {
@@ -165,7 +172,8 @@ impl Args {
             alrs => cfg.alrs, loop_mode => cfg.loop_mode, scale_moments => cfg.scale_moments,
             kd_weight => cfg.kd.weight, kd_temperature => cfg.kd.temperature, kd_teacher => cfg.kd.teacher,
             seed => cfg.seed, eval_every => cfg.eval_every, heldout_blocks => cfg.heldout_blocks,
-            save_every => cfg.save_every,
+            save_every => cfg.save_every, switch_sigma => cfg.bit_switching.sigma,
+            switch_traces => cfg.bit_switching.traces,
         );
         any
     }

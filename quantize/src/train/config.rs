@@ -144,6 +144,25 @@ impl Default for KdConfig {
     }
 }
 
+/// Hessian-aware stochastic bit-switching (HASB, METHOD.md §3): at each step and bit-width b,
+/// each layer runs at b, or with probability σ·step/steps at a bit-width of its own drawn from
+/// the recipe's: sensitive layers (Tr(H_l)/n_l at least the mean over layers) draw b with
+/// probability b/Σb, the others uniformly. The checkpoint learns to run mixed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BitSwitching {
+    /// The final probability σ that a layer draws its own bit-width; 0 disables switching.
+    pub sigma: f64,
+    /// Traces of the float model (`drq-hasb traces`) that say which layers are sensitive.
+    pub traces: String,
+}
+
+impl Default for BitSwitching {
+    fn default() -> Self {
+        Self { sigma: 0.0, traces: String::new() }
+    }
+}
+
 /// A training recipe, fully resolved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -196,6 +215,7 @@ pub struct TrainConfig {
     pub heldout_blocks: usize,
     /// Save the training state every this many steps; 0: only at the end and on Ctrl-C.
     pub save_every: u64,
+    pub bit_switching: BitSwitching,
 }
 
 impl Default for TrainConfig {
@@ -228,6 +248,7 @@ impl Default for TrainConfig {
             eval_every: 100,
             heldout_blocks: 16,
             save_every: 200,
+            bit_switching: BitSwitching::default(),
         }
     }
 }
@@ -285,6 +306,12 @@ impl TrainConfig {
         ensure!(
             !(self.kd.weight > 0.0 && self.kd.teacher == Teacher::W8 && !self.bits.contains(&8)),
             "the w8 teacher needs 8 in the bit set"
+        );
+        let sw = &self.bit_switching;
+        ensure!((0.0..=1.0).contains(&sw.sigma), "bit_switching.sigma must be in [0, 1], not {}", sw.sigma);
+        ensure!(
+            sw.sigma == 0.0 || !sw.traces.is_empty(),
+            "bit_switching needs the float model's traces (`drq-hasb traces`) to tell sensitive layers"
         );
         Ok(())
     }

@@ -79,6 +79,9 @@ pub struct StepReport {
     pub weight_grad_norm: BTreeMap<u32, f64>,
     /// Tokens of this mini-batch (each seen once per bit-width).
     pub tokens: usize,
+    /// Per bit-width, the layers bit-switching ran at another bit-width (absent when none).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub switched: BTreeMap<u32, usize>,
 }
 
 /// Held-out next-token cross-entropy (nats per token) at each bit-width.
@@ -103,6 +106,8 @@ pub struct Trainer {
     teacher: Option<Transformer>,
     /// Where the model's tensors and the mini-batches live (the optimizer runs on the host).
     device: Device,
+    /// Per layer, whether bit-switching treats it as sensitive (empty without switching).
+    sensitive: Vec<bool>,
 }
 
 /// The tensor of the training state file that holds its metadata (JSON bytes).
@@ -250,6 +255,11 @@ impl Trainer {
         let adam_scales = (0..sets)
             .map(|_| layers.iter().map(|l| (l.name.clone(), AdamState::new(l.layout.n_scales()))).collect())
             .collect();
+        let sensitive = if cfg.bit_switching.sigma > 0.0 {
+            sensitive_layers(&cfg.bit_switching.traces, &layers)?
+        } else {
+            Vec::new()
+        };
         let teacher = if cfg.kd.weight > 0.0 && cfg.kd.teacher == Teacher::Float {
             Some(Transformer::new(&float.config, &float.weights, OpsMode::Inference)?)
         } else {
@@ -267,6 +277,7 @@ impl Trainer {
             origin: None,
             teacher,
             device: device.clone(),
+            sensitive,
         })
     }
 
@@ -303,6 +314,11 @@ impl Trainer {
         self.floats.get(name).with_context(|| format!("no float tensor `{name}`"))?.values()
     }
 
+    /// The quantized layers' names, in the order of [`Trainer::layer_bits`].
+    pub fn layer_names(&self) -> Vec<&str> {
+        self.layers.iter().map(|l| l.name.as_str()).collect()
+    }
+
     fn layer(&self, name: &str) -> Result<&QLayer> {
         self.layers.iter().find(|l| l.name == name).with_context(|| format!("`{name}` is not a quantized layer"))
     }
@@ -310,8 +326,13 @@ impl Trainer {
     /// The model's weights at `bits`: every quantized weight fake-quantized (recorded for
     /// backpropagation when `graph`; plain values otherwise).
     pub fn weights_at(&self, bits: u32, graph: bool) -> Result<Weights> {
+        self.weights_with(&vec![bits; self.layers.len()], graph)
+    }
+
+    /// The model's weights with each quantized layer at its own bit-width (in name order).
+    fn weights_with(&self, bits: &[u32], graph: bool) -> Result<Weights> {
         let mut weights = Weights::new();
-        for l in &self.layers {
+        for (l, &bits) in self.layers.iter().zip(bits) {
             let fq = FakeQuant::new(bits, self.tie, l.layout)?;
             let t = if graph {
                 fq.apply(&l.w.tensor, &l.s.tensor)?
@@ -407,11 +428,17 @@ impl Trainer {
             scale_grad_norm: BTreeMap::new(),
             weight_grad_norm: BTreeMap::new(),
             tokens: inputs.elem_count(),
+            switched: BTreeMap::new(),
         };
         let bits = self.cfg.bits.clone();
         let mut summed: Option<Grads> = None;
         for (bi, &b) in bits.iter().enumerate() {
-            let weights = self.weights_at(b, true)?;
+            let layer_bits = self.layer_bits(b, bi);
+            let switched = layer_bits.iter().filter(|&&x| x != b).count();
+            if switched > 0 {
+                report.switched.insert(b, switched);
+            }
+            let weights = self.weights_with(&layer_bits, true)?;
             let logits = self.logits(&weights, OpsMode::Differentiable, &inputs)?;
             let (loss, ce) = self.loss(&logits, &targets, teacher.as_ref())?;
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -445,6 +472,40 @@ impl Trainer {
         }
         self.step += 1;
         Ok(report)
+    }
+
+    /// Each quantized layer's bit-width (in [`Trainer::layer_names`] order) in the pass at `b`
+    /// (the `bi`-th of the step): `b`, or with
+    /// bit-switching, with probability σ·(step+1)/steps, one drawn for the layer (sensitive
+    /// layers favour high bits). A pure function of (seed, step, bi): a resumed run draws the same.
+    pub fn layer_bits(&self, b: u32, bi: usize) -> Vec<u32> {
+        let sw = &self.cfg.bit_switching;
+        if sw.sigma == 0.0 {
+            return vec![b; self.layers.len()];
+        }
+        let sigma = sw.sigma * (self.step + 1) as f64 / self.cfg.steps as f64;
+        let mut next = crate::train::data::splitmix64(
+            self.cfg.seed ^ self.step.wrapping_mul(0xA076_1D64_78BD_642F) ^ (bi as u64 + 1).wrapping_mul(0xE703_7ED1_A0B4_28DB),
+        );
+        let mut uniform = move || (next() >> 11) as f64 / (1u64 << 53) as f64;
+        let bit_set = &self.cfg.bits;
+        self.sensitive
+            .iter()
+            .map(|&sensitive| {
+                if uniform() >= sigma {
+                    return b;
+                }
+                let weight = |x: u32| if sensitive { f64::from(x) } else { 1.0 };
+                let mut u = uniform() * bit_set.iter().map(|&x| weight(x)).sum::<f64>();
+                for &x in bit_set {
+                    u -= weight(x);
+                    if u < 0.0 {
+                        return x;
+                    }
+                }
+                *bit_set.last().expect("a validated recipe has bits")
+            })
+            .collect()
     }
 
     /// The gradients of `loss` for every trainable tensor (zeros where the loss does not reach).
@@ -756,6 +817,15 @@ struct Update<'a> {
     decay: f64,
     /// Scales are kept positive after the step.
     scale: bool,
+}
+
+/// Which of `layers` are sensitive for bit-switching: Tr(H_l)/n_l (from the traces at `path`)
+/// at least the mean over the layers.
+fn sensitive_layers(path: &str, layers: &[QLayer]) -> Result<Vec<bool>> {
+    let traces = crate::hasb::TraceReport::load(Path::new(path)).context("bit_switching.traces")?;
+    let s: Vec<f64> = layers.iter().map(|l| traces.sensitivity(&l.name)).collect::<Result<_>>()?;
+    let mean = s.iter().sum::<f64>() / s.len().max(1) as f64;
+    Ok(s.iter().map(|&x| x >= mean).collect())
 }
 
 /// Gradients of one backward pass.
