@@ -65,11 +65,8 @@ impl ProfileRules {
             *counts.entry(b).or_insert(0usize) += 1;
         }
         let default = counts.iter().max_by_key(|&(&b, &n)| (n, b)).map_or(kernels::STORED_BITS, |(&b, _)| b);
-        let rules = bits
-            .iter()
-            .filter(|&(_, &b)| b != default)
-            .map(|(w, &b)| Rule { pattern: w.clone(), bits: b })
-            .collect();
+        let rules =
+            bits.iter().filter(|&(_, &b)| b != default).map(|(w, &b)| Rule { pattern: w.clone(), bits: b }).collect();
         Self { name: name.to_string(), description: description.to_string(), default, rules }
     }
 

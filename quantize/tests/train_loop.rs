@@ -319,7 +319,14 @@ fn bit_switching_draws_layer_bits_by_sensitivity() {
         .iter()
         .map(|name| {
             let per_weight = if sensitive(name) { 1.0 } else { 1e-3 };
-            LayerTrace { name: name.clone(), params: 1, trace: per_weight, trace_se: 0.0, per_weight, per_weight_se: 0.0 }
+            LayerTrace {
+                name: name.clone(),
+                params: 1,
+                trace: per_weight,
+                trace_se: 0.0,
+                per_weight,
+                per_weight_se: 0.0,
+            }
         })
         .collect();
     let report = TraceReport {

@@ -617,7 +617,8 @@ fn plot_perplexity_vs_bits(
         .map(|(i, ((checkpoint, family), mut labelled))| {
             labelled.sort_by(|a, b| a.0 .0.total_cmp(&b.0 .0));
             let (points, point_labels) = labelled.into_iter().unzip();
-            let label = if family.is_empty() { names[checkpoint].clone() } else { format!("{} {family}", names[checkpoint]) };
+            let label =
+                if family.is_empty() { names[checkpoint].clone() } else { format!("{} {family}", names[checkpoint]) };
             Series { label, color: COLORS[i % COLORS.len()], points, point_labels }
         })
         .collect();

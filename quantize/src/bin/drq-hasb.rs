@@ -170,13 +170,14 @@ fn traces(args: TracesArgs) -> Result<()> {
         cfg.tolerance
     );
     let bar = cli::progress_bar(cfg.max_probes as u64, "probes");
-    let report = quantize::hasb::traces::trace_report(&float, &provenance, &names, &data, &cfg, &device, |n, worst| {
-        bar.set_position(n as u64);
-        bar.set_prefix(format!("worst relative error {worst:.3}"));
-        if n % 10 == 0 {
-            tracing::info!("{n} probes: worst relative standard error {worst:.3} (stops at {})", cfg.tolerance);
-        }
-    })?;
+    let report =
+        quantize::hasb::traces::trace_report(&float, &provenance, &names, &data, &cfg, &device, |n, worst| {
+            bar.set_position(n as u64);
+            bar.set_prefix(format!("worst relative error {worst:.3}"));
+            if n % 10 == 0 {
+                tracing::info!("{n} probes: worst relative standard error {worst:.3} (stops at {})", cfg.tolerance);
+            }
+        })?;
     bar.finish_and_clear();
     cli::write_atomically(&args.out, serde_json::to_string_pretty(&report)?.as_bytes())?;
     print_traces(&report);
@@ -232,8 +233,7 @@ fn plot_traces(report: &TraceReport) -> String {
             points,
         })
         .collect();
-    let axes =
-        Panel { title: "Tr(H)/n per weight (log scale)", x_label: "block", log_y: true, reference: None, marks };
+    let axes = Panel { title: "Tr(H)/n per weight (log scale)", x_label: "block", log_y: true, reference: None, marks };
     let title = format!("Hessian traces, {} ({} probes)", report.source, report.probes);
     document(720.0, 460.0, &title, |svg| panel(svg, (70.0, 50.0, 600.0, 350.0), &axes, &series))
 }
@@ -293,7 +293,12 @@ fn allocate(args: AllocateArgs) -> Result<()> {
     let (hasb, profiles) = hasb_profiles(&meta, &float.config, &errors, &traces, &spec, &request)?;
     for p in &profiles {
         if ckpt.quantization().profiles.contains_key(&p.name) {
-            ensure!(args.replace, "{} already holds a profile `{}` (pass --replace)", args.checkpoint.display(), p.name);
+            ensure!(
+                args.replace,
+                "{} already holds a profile `{}` (pass --replace)",
+                args.checkpoint.display(),
+                p.name
+            );
             ckpt.remove_profile(&p.name);
         }
         ckpt.add_profile(&p.name, p.allocation.bits.clone())?;
@@ -309,7 +314,12 @@ fn allocate(args: AllocateArgs) -> Result<()> {
         write_profile_files(dir, &profiles, &args.traces)?;
     }
     ckpt.save_as(&out)?;
-    tracing::info!("wrote {} profiles into {} in {:.1}s", profiles.len(), out.display(), started.elapsed().as_secs_f64());
+    tracing::info!(
+        "wrote {} profiles into {} in {:.1}s",
+        profiles.len(),
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -326,11 +336,8 @@ fn write_profile_files(dir: &std::path::Path, profiles: &[NamedAllocation], trac
 /// A line per profile: its mean bits, its objective under the traces, and the share of weights
 /// at each bit-width.
 fn print_allocations(profiles: &[NamedAllocation], hasb: &Problem, spec: &AllocationSpec) {
-    let weights: BTreeMap<&str, u64> = hasb
-        .items()
-        .iter()
-        .flat_map(|i| i.names.iter().map(String::as_str).zip(i.weights.iter().copied()))
-        .collect();
+    let weights: BTreeMap<&str, u64> =
+        hasb.items().iter().flat_map(|i| i.names.iter().map(String::as_str).zip(i.weights.iter().copied())).collect();
     let all: u64 = weights.values().sum();
     let header: String = spec.bits.iter().map(|b| format!("{:>6}", format!("{b}b"))).collect();
     println!("{:<22} {:>10} {:>12} {header}", "profile", "mean bits", "Σ s·‖ΔW‖²");

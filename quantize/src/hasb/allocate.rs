@@ -70,8 +70,7 @@ pub fn solve(items: &[Item], capacity: u64) -> Result<Solution> {
         exact = false;
     }
     let width = width(unit) as usize;
-    let units: Vec<Vec<usize>> =
-        extra.iter().map(|e| e.iter().map(|&s| s.div_ceil(unit) as usize).collect()).collect();
+    let units: Vec<Vec<usize>> = extra.iter().map(|e| e.iter().map(|&s| s.div_ceil(unit) as usize).collect()).collect();
 
     // best[c]: the least cost of the items so far within c units; choice[i][c]: item i's pick.
     let mut best = vec![0f64; width];
@@ -302,7 +301,10 @@ impl Problem {
         ensure!(budget.is_finite() && budget > 0.0, "budget {budget} must be a positive number of bits");
         let total = (budget * self.denominator).floor() as u64;
         total.checked_sub(self.fixed).with_context(|| {
-            format!("budget {budget}: the matrices kept in float alone take {:.3}", self.fixed as f64 / self.denominator)
+            format!(
+                "budget {budget}: the matrices kept in float alone take {:.3}",
+                self.fixed as f64 / self.denominator
+            )
         })
     }
 

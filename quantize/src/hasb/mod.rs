@@ -5,5 +5,7 @@
 pub mod allocate;
 pub mod traces;
 
-pub use allocate::{checkpoint_errors, hasb_profiles, AllocationSpec, NamedAllocation, Problem, ProfileRequest, Weighting};
+pub use allocate::{
+    checkpoint_errors, hasb_profiles, AllocationSpec, NamedAllocation, Problem, ProfileRequest, Weighting,
+};
 pub use traces::{TraceConfig, TraceReport};

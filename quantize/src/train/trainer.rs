@@ -485,7 +485,9 @@ impl Trainer {
         }
         let sigma = sw.sigma * (self.step + 1) as f64 / self.cfg.steps as f64;
         let mut next = crate::train::data::splitmix64(
-            self.cfg.seed ^ self.step.wrapping_mul(0xA076_1D64_78BD_642F) ^ (bi as u64 + 1).wrapping_mul(0xE703_7ED1_A0B4_28DB),
+            self.cfg.seed
+                ^ self.step.wrapping_mul(0xA076_1D64_78BD_642F)
+                ^ (bi as u64 + 1).wrapping_mul(0xE703_7ED1_A0B4_28DB),
         );
         let mut uniform = move || (next() >> 11) as f64 / (1u64 << 53) as f64;
         let bit_set = &self.cfg.bits;
