@@ -19,14 +19,22 @@ fn hutchinson_estimates_each_block_trace_of_a_known_matrix() {
     let sizes = [5usize, 8, 3];
     let n: usize = sizes.iter().sum();
     let mut next = quantize::train::data::splitmix64(11);
-    let mut h = vec![vec![0f64; n]; n];
-    for i in 0..n {
-        for j in 0..=i {
-            let x = (next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
-            h[i][j] = if i == j { 2.0 + 4.0 * x } else { x };
-            h[j][i] = h[i][j];
-        }
-    }
+    // Entry (i, j) of the lower triangle is draw i(i+1)/2 + j; the matrix mirrors it.
+    let draws: Vec<f64> = (0..n * (n + 1) / 2).map(|_| (next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5).collect();
+    let h: Vec<Vec<f64>> = (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| {
+                    let x = draws[i.max(j) * (i.max(j) + 1) / 2 + i.min(j)];
+                    if i == j {
+                        2.0 + 4.0 * x
+                    } else {
+                        x
+                    }
+                })
+                .collect()
+        })
+        .collect();
     let mut offsets = vec![0];
     for s in sizes {
         offsets.push(offsets.last().unwrap() + s);
@@ -56,7 +64,7 @@ fn hutchinson_estimates_each_block_trace_of_a_known_matrix() {
 /// Column `k` of the Sylvester–Hadamard matrix of order `n` (a power of two): ±1 entries, and
 /// Σ_k h_k h_kᵀ = n·I, so (1/n)·Σ_k h_kᵀHh_k is exactly Tr(H).
 fn hadamard_column(n: usize, k: usize) -> Vec<f32> {
-    (0..n).map(|i| if (i & k).count_ones() % 2 == 0 { 1.0 } else { -1.0 }).collect()
+    (0..n).map(|i| if (i & k).count_ones().is_multiple_of(2) { 1.0 } else { -1.0 }).collect()
 }
 
 /// A tiny transformer: the trace of two matrices' Hessian blocks, exactly (through all n

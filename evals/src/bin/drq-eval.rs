@@ -596,7 +596,9 @@ fn plot_perplexity_vs_bits(
     title: &str,
 ) -> String {
     let stored = &reports[reports.len() - storage_bits.len()..];
-    let mut lines: Vec<((usize, String), Vec<((f64, f64), String)>)> = Vec::new();
+    // (checkpoint, family) → its labelled (bits per weight, perplexity) points.
+    type Line = ((usize, String), Vec<((f64, f64), String)>);
+    let mut lines: Vec<Line> = Vec::new();
     for (r, &(checkpoint, bits)) in stored.iter().zip(storage_bits) {
         // The precision: the label's first word (the checkpoint's name follows).
         let precision = r.label.split_whitespace().next().unwrap_or_default().to_string();
