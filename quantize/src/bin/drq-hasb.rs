@@ -253,15 +253,9 @@ fn allocate(args: AllocateArgs) -> Result<()> {
     let mut ckpt = Checkpoint::open(&args.checkpoint)?;
     let traces = TraceReport::load(&args.traces)?;
     let recorded = ckpt.provenance().clone();
-    ensure!(
-        traces.source_sha256 == recorded.source_sha256,
-        "{} were measured on a model with sha256 {}, but {} was made from {} ({})",
-        args.traces.display(),
-        traces.source_sha256,
-        args.checkpoint.display(),
-        recorded.source,
-        recorded.source_sha256
-    );
+    traces
+        .ensure_model(&recorded.source_sha256, &format!("{}'s model {}", args.checkpoint.display(), recorded.source))
+        .with_context(|| format!("--traces {}", args.traces.display()))?;
     let source: ModelSource = args.model.as_deref().unwrap_or(&recorded.source).parse()?;
     tracing::info!("loading {source}");
     let (float, provenance) = source::load_float(&source)?;

@@ -198,9 +198,7 @@ fn run(args: Args) -> Result<()> {
     tracing::info!("loading {source}");
     let (float, provenance) = source::load_float(&source)?;
     if let Some(t) = &traces {
-        if t.source_sha256 != provenance.sha256 {
-            bail!("--hasb traces were measured on {} (sha256 {}), not on {source}", t.source, t.source_sha256);
-        }
+        t.ensure_model(&provenance.sha256, &source.to_string()).context("--hasb")?;
     }
     // The calibration text is read before any work, so a short one is refused at once.
     let calibration =

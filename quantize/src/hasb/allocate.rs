@@ -264,18 +264,22 @@ impl Problem {
             let mut bits: Vec<u32> = spec.bits.iter().copied().filter(|&b| b >= floor).collect();
             bits.sort_unstable();
             bits.dedup();
+            let mut member_costs = Vec::with_capacity(members.len());
+            for (name, ..) in &members {
+                let s = sensitivity(name)?;
+                ensure!(s.is_finite(), "`{name}`: sensitivity {s} is not finite");
+                let e = errors.get(name).with_context(|| format!("no quantization error for `{name}`"))?;
+                member_costs.push((s, e));
+            }
             for b in bits {
                 let i = spec.bits.iter().position(|&x| x == b).expect("from the list");
                 let (mut size, mut cost) = (0u64, 0f64);
-                for (name, rows, cols) in &members {
+                for ((_, rows, cols), (s, errors)) in members.iter().zip(&member_costs) {
                     size += match spec.weighting {
                         Weighting::Parameters => meta.matrix_bits(*rows, *cols, b)?,
                         Weighting::Matrices => u64::from(b),
                     };
-                    let error = errors.get(name).with_context(|| format!("no quantization error for `{name}`"))?[i];
-                    let s = sensitivity(name)?;
-                    ensure!(s.is_finite(), "`{name}`: sensitivity {s} is not finite");
-                    cost += s * error;
+                    cost += s * errors[i];
                 }
                 candidates.push(Candidate { bits: b, size, cost });
             }
@@ -394,7 +398,8 @@ pub fn hasb_profiles(
     ensure!(model::precision::is_profile_name(&request.prefix), "prefix `{}` is not a profile name", request.prefix);
     ensure!(!request.budgets.is_empty(), "no budgets");
     let hasb = Problem::new(meta, config, errors, |name| traces.sensitivity(name), spec)?;
-    let trace_free = Problem::new(meta, config, errors, |_| Ok(1.0), spec)?;
+    let trace_free =
+        if request.trace_free { Some(Problem::new(meta, config, errors, |_| Ok(1.0), spec)?) } else { None };
     let mut out = Vec::new();
     for &budget in &request.budgets {
         out.push(NamedAllocation {
@@ -402,7 +407,7 @@ pub fn hasb_profiles(
             description: format!("HASB at {budget} bits ({:?} budget)", spec.weighting),
             allocation: hasb.allocate(budget)?,
         });
-        if request.trace_free {
+        if let Some(trace_free) = &trace_free {
             out.push(NamedAllocation {
                 name: profile_name("tracefree", budget),
                 description: format!("trace-free allocation at {budget} bits (the HASB solver, equal sensitivities)"),

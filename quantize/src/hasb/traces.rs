@@ -103,6 +103,17 @@ impl TraceReport {
         Ok(report)
     }
 
+    /// Refuses traces measured on another model than the one with `sha256` (`what` names it).
+    pub fn ensure_model(&self, sha256: &str, what: &str) -> Result<()> {
+        ensure!(
+            self.source_sha256 == sha256,
+            "the traces were measured on {} (sha256 {}), not on {what} (sha256 {sha256})",
+            self.source,
+            self.source_sha256
+        );
+        Ok(())
+    }
+
     /// The sensitivity per weight the allocation uses for `name`: Tr(H_l)/n_l, or its standard
     /// error where the estimate is smaller (a trace not distinguishable from zero, or negative:
     /// the loss is not at a minimum of every matrix, and a zero or negative cost would invite
@@ -149,12 +160,11 @@ impl Running {
     /// the absolute precision the others get).
     fn worst_relative_error(&self, sizes: &[usize]) -> f64 {
         let total: f64 = self.mean.iter().sum::<f64>().abs() / sizes.iter().sum::<usize>() as f64;
-        let per_weight = |x: f64, n: usize| x / n as f64;
         self.standard_errors()
             .iter()
             .zip(&self.mean)
             .zip(sizes)
-            .map(|((&se, &m), &n)| per_weight(se, n) / per_weight(m.abs(), n).max(total))
+            .map(|((&se, &m), &n)| (se / n as f64) / (m.abs() / n as f64).max(total))
             .fold(0.0, f64::max)
     }
 }
@@ -216,7 +226,9 @@ pub fn hutchinson(
 /// of a float model, by central differences of gradients through the one `Transformer` in
 /// differentiable mode.
 pub struct LossHessian<'a> {
-    float: &'a FloatModel,
+    config: &'a model::ModelConfig,
+    /// The float model's weights, on `device` once.
+    weights: Weights,
     names: Vec<String>,
     sizes: Vec<usize>,
     /// ε_l: each matrix's finite-difference step.
@@ -237,7 +249,8 @@ impl<'a> LossHessian<'a> {
             sizes.push(values.len());
             steps.push(epsilon * rms);
         }
-        Ok(Self { float, names: names.to_vec(), sizes, steps, device: device.clone() })
+        let weights = float.weights.to_device(device)?;
+        Ok(Self { config: &float.config, weights, names: names.to_vec(), sizes, steps, device: device.clone() })
     }
 
     pub fn sizes(&self) -> &[usize] {
@@ -273,18 +286,18 @@ impl<'a> LossHessian<'a> {
     fn gradient(&self, shift: &[Vec<f32>], inputs: &Tensor, targets: &Tensor) -> Result<Vec<Vec<f32>>> {
         let mut weights = Weights::new();
         let mut vars = Vec::with_capacity(self.names.len());
-        for (name, tensor) in self.float.weights.iter() {
+        for (name, tensor) in self.weights.iter() {
             match self.names.iter().position(|n| n == name) {
                 Some(l) => {
                     let delta = Tensor::from_slice(&shift[l], tensor.shape(), &self.device)?;
-                    let var = Var::from_tensor(&(tensor.to_device(&self.device)? + delta)?)?.into_inner();
+                    let var = Var::from_tensor(&(tensor + delta)?)?.into_inner();
                     vars.push((l, var.clone()));
                     weights.insert(name.clone(), var)?;
                 }
-                None => weights.insert(name.clone(), tensor.to_device(&self.device)?)?,
+                None => weights.insert(name.clone(), tensor.clone())?,
             }
         }
-        let config = &self.float.config;
+        let config = self.config;
         let t = Transformer::new(config, &weights, OpsMode::Differentiable)?;
         let (b, s) = inputs.dims2()?;
         let logits = t.forward(inputs, &mut KvCache::new(config), 0)?.reshape((b * s, config.vocab_size))?;
