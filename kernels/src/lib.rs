@@ -1,5 +1,6 @@
-//! Double Rounding integer math and weight kernels. Depends on no other drq crate.
+//! Double Rounding integer math, weight kernels and the element-wise ops of a step. Depends on no other drq crate.
 pub mod double_rounding;
+pub mod ops;
 pub mod planar;
 
 pub use double_rounding::{

@@ -90,12 +90,11 @@ fn run(args: Args) -> Result<()> {
     );
     let tokenizer = checkpoint.tokenizer()?;
     let text_ids = tokenizer.encode(TEXT, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
-    ensure!(
-        text_ids.len() >= args.prompt_tokens + args.batch,
-        "--prompt-tokens is larger than the built-in text ({} tokens)",
-        text_ids.len()
-    );
-    let prompts: Vec<Vec<u32>> = (0..args.batch).map(|b| text_ids[b..b + args.prompt_tokens].to_vec()).collect();
+    ensure!(!text_ids.is_empty(), "the built-in text has no tokens");
+    // Prompt b starts at token b of the text, which repeats as long as needed (pp128 and longer).
+    let prompts: Vec<Vec<u32>> = (0..args.batch)
+        .map(|b| (0..args.prompt_tokens).map(|i| text_ids[(b + i) % text_ids.len()]).collect())
+        .collect();
 
     let started = Instant::now();
     let resident = ResidentModel::from_checkpoint(&checkpoint)?;

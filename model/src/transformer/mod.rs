@@ -18,6 +18,8 @@ use crate::precision::Precision;
 use crate::resident::ResidentModel;
 use crate::weights::{Weights, EMBED, FINAL_NORM, LM_HEAD};
 
+mod fused;
+
 /// Which implementation of the element-wise ops to use. candle's fused RMSNorm, RoPE and
 /// softmax are fast but have no backward pass; training needs the composed versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +56,7 @@ pub enum Linear {
     /// its inputs shown to `observer` when there is one.
     Dense { weight: Tensor, bias: Option<Tensor>, observer: Option<Observer> },
     /// A resident bit-plane weight served at `bits` by the kernels (inference only).
-    Planar { weight: Arc<PlanarWeight>, bits: u32, kernel: KernelConfig, bias: Option<Tensor> },
+    Planar { weight: Arc<PlanarWeight>, bits: u32, kernel: KernelConfig, bias: Option<Vec<f32>> },
 }
 
 impl Linear {
@@ -67,9 +69,18 @@ impl Linear {
     pub fn planar(weight: Arc<PlanarWeight>, bits: u32, kernel: KernelConfig, bias: Option<Tensor>) -> Result<Self> {
         kernels::check_bits(bits)?;
         ensure!(kernel.backend.is_available(), "kernel backend {} is not supported by this CPU", kernel.backend);
-        if let Some(b) = &bias {
-            ensure!(b.dims() == [weight.rows()], "bias of shape {:?} for a weight of {} rows", b.dims(), weight.rows());
-        }
+        let bias = match bias {
+            Some(b) => {
+                ensure!(
+                    b.dims() == [weight.rows()],
+                    "bias of shape {:?} for a weight of {} rows",
+                    b.dims(),
+                    weight.rows()
+                );
+                Some(b.to_dtype(DType::F32)?.to_vec1()?)
+            }
+            None => None,
+        };
         Ok(Linear::Planar { weight, bits, kernel, bias })
     }
 
@@ -93,24 +104,51 @@ impl Linear {
         let dims = x.dims();
         let inner = *dims.last().expect("activations have at least one dimension");
         let rows = x.elem_count() / inner.max(1);
-        // The kernels take at most MAX_BATCH activation rows per call: longer inputs go in chunks.
-        let (y, bias) = match self {
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap() = self.out_features();
+        match self {
             Linear::Dense { weight, bias, observer } => {
                 let x = x.reshape((rows, inner))?;
                 if let Some(o) = observer {
                     o.sink.observe(&o.weight, &x)?;
                 }
-                (x.matmul(&weight.t()?)?, bias)
+                let y = x.matmul(&weight.t()?)?;
+                let y = match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                Ok(y.reshape(out_dims)?)
+            }
+            Linear::Planar { .. } => {
+                let x: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                let mut y = vec![0f32; rows * self.out_features()];
+                self.forward_rows(&x, rows, &mut y)?;
+                Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
+            }
+        }
+    }
+
+    /// `y = x·Wᵀ (+ b)` on plain rows: `x` is `[rows, in]`, `y` is `[rows, out]` (the fused
+    /// runtime's form; a dense weight goes through candle).
+    pub(crate) fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        let out = self.out_features();
+        ensure!(y.len() == rows * out, "output of {} values for {rows} rows of {out}", y.len());
+        match self {
+            Linear::Dense { weight, .. } => {
+                let inner = weight.dims()[1];
+                ensure!(x.len() == rows * inner, "activations of {} values for {rows} rows of {inner}", x.len());
+                let xt = Tensor::from_slice(x, (rows, inner), weight.device())?.to_dtype(weight.dtype())?;
+                let yt = self.forward(&xt)?.to_dtype(DType::F32)?.flatten_all()?.to_device(&Device::Cpu)?;
+                y.copy_from_slice(&yt.to_vec1::<f32>()?);
             }
             Linear::Planar { weight, bits, kernel, bias } => {
+                let inner = weight.cols();
                 ensure!(
-                    inner == weight.cols(),
-                    "activations of width {inner} for a weight of {} columns",
-                    weight.cols()
+                    x.len() == rows * inner,
+                    "activations of {} values for {rows} rows of a weight of {inner} columns",
+                    x.len()
                 );
-                let x: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                let out = weight.rows();
-                let mut y = vec![0f32; rows * out];
+                // The kernels take at most MAX_BATCH activation rows per call: longer inputs go in chunks.
                 for (xc, yc) in x.chunks(MAX_BATCH * inner.max(1)).zip(y.chunks_mut(MAX_BATCH * out.max(1))) {
                     let n = yc.len() / out.max(1);
                     if n == 1 {
@@ -119,16 +157,14 @@ impl Linear {
                         weight.matmul(*bits, xc, n, yc, kernel)?;
                     }
                 }
-                (Tensor::from_vec(y, (rows, out), &Device::Cpu)?, bias)
+                if let Some(b) = bias {
+                    for row in y.chunks_exact_mut(out.max(1)) {
+                        kernels::ops::add_assign(kernel.backend, row, b);
+                    }
+                }
             }
-        };
-        let y = match bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().unwrap() = self.out_features();
-        Ok(y.reshape(out_dims)?)
+        }
+        Ok(())
     }
 }
 
@@ -153,6 +189,22 @@ impl Embedding {
             }
         }
     }
+
+    /// Rows `ids` of the table as plain values, `[ids.len(), hidden]` (the fused runtime).
+    fn lookup_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Embedding::Dense(table) => {
+                let ids = Tensor::from_slice(ids, ids.len(), table.device())?;
+                Ok(self.lookup(&ids)?.to_dtype(DType::F32)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?)
+            }
+            Embedding::Planar { weight, bits } => {
+                let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+                let mut out = vec![0f32; rows.len() * weight.cols()];
+                weight.dequantize_rows(*bits, &rows, &mut out)?;
+                Ok(out)
+            }
+        }
+    }
 }
 
 /// A weight as a source hands it to the builder.
@@ -174,6 +226,11 @@ trait ParamSource {
             Param::Float(t) => Ok(t),
             Param::Planar(..) => bail!("`{name}` must be a float tensor, but it is quantized"),
         }
+    }
+
+    /// Whether the weights are a resident model's (served by the fused runtime).
+    fn resident(&self) -> bool {
+        false
     }
 
     /// Who sees the inputs of the float linear layer of weight `name` (calibration); none by default.
@@ -250,6 +307,10 @@ impl<F: Fn(&str) -> Option<u32>> ParamSource for ResidentSource<'_, F> {
     fn kernel(&self) -> KernelConfig {
         self.kernel
     }
+
+    fn resident(&self) -> bool {
+        true
+    }
 }
 
 struct Block {
@@ -264,15 +325,28 @@ struct Block {
     down_proj: Linear,
 }
 
-/// Keys and values of the tokens seen so far, per layer: `[batch, kv_heads, seq, head_dim]`.
+/// Keys and values of the tokens seen so far, per layer.
 ///
 /// Decoding appends one position per step; copying the whole cache each time (a `cat`) would
-/// make a sequence of n tokens cost O(n²) bytes moved. So the cache keeps a buffer with spare
-/// capacity along the sequence and writes new positions in place, doubling when full. The first
-/// append stores its tensors as they are (no copy, and gradients flow through them in training).
+/// make a sequence of n tokens cost O(n²) bytes moved, so both forms below keep spare capacity
+/// and write new positions in place. A cache starts empty and takes the form of the runtime that
+/// first fills it: candle tensors for float models, plain buffers for the fused runtime of
+/// resident weights ([`Transformer::from_resident`]); the other runtime refuses it.
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<LayerCache>>,
+    layers: usize,
+    store: CacheStore,
+}
+
+#[derive(Debug)]
+enum CacheStore {
+    Empty,
+    /// Per layer, `[batch, kv_heads, capacity, head_dim]` tensors valid up to `len`; the first
+    /// append stores its tensors as they are (no copy, and gradients flow through them in
+    /// training), later ones double the capacity when full.
+    Tensors(Vec<Option<LayerCache>>),
+    /// Per batch row, plain position-major buffers (the fused runtime).
+    Host(Vec<HostSequence>),
 }
 
 #[derive(Debug)]
@@ -283,14 +357,31 @@ struct LayerCache {
     len: usize,
 }
 
+/// One sequence's cache in the fused runtime, per layer: the keys transposed
+/// ([`kernels::ops::KeysT`]: `[kv_heads · head_dim, capacity]`, so scoring a query is a
+/// reduction-free pass over positions) and the values position-major (`[len, kv_heads ·
+/// head_dim]`, so weighting them is one pass over each position's contiguous values).
+#[derive(Debug)]
+pub(crate) struct HostSequence {
+    len: usize,
+    /// Positions each row of `keys` has room for (a multiple of 16).
+    capacity: usize,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
 impl KvCache {
     pub fn new(config: &ModelConfig) -> Self {
-        Self { layers: (0..config.num_hidden_layers).map(|_| None).collect() }
+        Self { layers: config.num_hidden_layers, store: CacheStore::Empty }
     }
 
     /// The number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers[0].as_ref().map_or(0, |l| l.len)
+        match &self.store {
+            CacheStore::Empty => 0,
+            CacheStore::Tensors(layers) => layers[0].as_ref().map_or(0, |l| l.len),
+            CacheStore::Host(seqs) => seqs[0].len,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -299,14 +390,26 @@ impl KvCache {
 
     /// The batch size of the cached sequences (`None` while empty).
     fn batch(&self) -> Option<usize> {
-        self.layers[0].as_ref().map(|l| l.k.dims()[0])
+        match &self.store {
+            CacheStore::Empty => None,
+            CacheStore::Tensors(layers) => layers[0].as_ref().map(|l| l.k.dims()[0]),
+            CacheStore::Host(seqs) => Some(seqs.len()),
+        }
     }
 
     /// Appends `k`, `v` (`[batch, kv_heads, t, head_dim]`) to `layer` and returns every cached
     /// position of it.
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if matches!(self.store, CacheStore::Empty) {
+            self.store = CacheStore::Tensors((0..self.layers).map(|_| None).collect());
+        }
+        let CacheStore::Tensors(layers) = &mut self.store else {
+            bail!(
+                "this cache was filled by the kernel runtime of a resident model; the float runtime cannot continue it"
+            );
+        };
         let t = k.dim(2)?;
-        let slot = &mut self.layers[layer];
+        let slot = &mut layers[layer];
         let Some(cache) = slot else {
             *slot = Some(LayerCache { k: k.clone(), v: v.clone(), len: t });
             return Ok((k, v));
@@ -329,6 +432,28 @@ impl KvCache {
         cache.len = needed;
         Ok((cache.k.narrow(2, 0, needed)?, cache.v.narrow(2, 0, needed)?))
     }
+
+    /// The per-row caches of the fused runtime for a batch of `batch` rows (made on first use).
+    fn host(&mut self, batch: usize) -> Result<&mut [HostSequence]> {
+        if matches!(self.store, CacheStore::Empty) {
+            let seq = || HostSequence {
+                len: 0,
+                capacity: 0,
+                keys: (0..self.layers).map(|_| Vec::new()).collect(),
+                values: (0..self.layers).map(|_| Vec::new()).collect(),
+            };
+            self.store = CacheStore::Host((0..batch).map(|_| seq()).collect());
+        }
+        match &mut self.store {
+            CacheStore::Host(seqs) => {
+                ensure!(seqs.len() == batch, "a cache of batch {} cannot take a batch of {batch}", seqs.len());
+                Ok(seqs)
+            }
+            _ => bail!(
+                "this cache was filled by the float runtime; the kernel runtime of a resident model cannot continue it"
+            ),
+        }
+    }
 }
 
 /// One sequence's share of a [`Transformer::forward_batch`] step.
@@ -349,6 +474,8 @@ pub struct Transformer {
     cos: Tensor,
     sin: Tensor,
     mode: OpsMode,
+    /// The plain-buffer runtime of a resident model (`None` for float weights).
+    fused: Option<fused::Fused>,
 }
 
 impl Transformer {
@@ -441,16 +568,12 @@ impl Transformer {
             Embedding::Planar { .. } => Device::Cpu,
         };
         let (cos, sin) = rope_tables(config, &device)?;
-        Ok(Self {
-            config: config.clone(),
-            embed,
-            blocks,
-            final_norm: src.float(FINAL_NORM, &[h])?,
-            lm_head,
-            cos,
-            sin,
-            mode,
-        })
+        let final_norm = src.float(FINAL_NORM, &[h])?;
+        let fused = match src.resident() {
+            true => Some(fused::Fused::new(&blocks, &final_norm, &cos, &sin, src.kernel())?),
+            false => None,
+        };
+        Ok(Self { config: config.clone(), embed, blocks, final_norm, lm_head, cos, sin, mode, fused })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -493,6 +616,16 @@ impl Transformer {
         self.check_ids(&ids.to_vec1::<u32>()?)?;
         if let Some(cached) = cache.batch() {
             ensure!(cached == batch, "a cache of batch {cached} cannot take a batch of {batch}");
+        }
+        if let Some(fused) = &self.fused {
+            let ids = ids.to_vec1::<u32>()?;
+            let mut seqs: Vec<fused::Sequence<'_>> = ids
+                .chunks_exact(seq)
+                .zip(cache.host(batch)?)
+                .map(|(tokens, cache)| fused::Sequence { tokens, cache, logits_from })
+                .collect();
+            let logits = self.fused_forward(fused, &mut seqs)?;
+            return Ok(logits.reshape((batch, seq - logits_from, self.config.vocab_size))?);
         }
         let mut x = self.embed.lookup(&ids)?.reshape((batch, seq, self.config.hidden_size))?;
         let cos = self.cos.narrow(0, start, seq)?;
@@ -558,6 +691,14 @@ impl Transformer {
             self.check_ids(step.tokens).with_context(|| format!("sequence {n}"))?;
             spans.push((ids.len(), step.tokens.len(), step.cache.len()));
             ids.extend_from_slice(step.tokens);
+        }
+        if let Some(fused) = &self.fused {
+            let mut seqs = Vec::with_capacity(steps.len());
+            for step in steps.iter_mut() {
+                let cache = &mut step.cache.host(1)?[0];
+                seqs.push(fused::Sequence { tokens: step.tokens, cache, logits_from: step.tokens.len() - 1 });
+            }
+            return self.fused_forward(fused, &mut seqs);
         }
         let total = ids.len();
         let device = Device::Cpu;
