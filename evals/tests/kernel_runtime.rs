@@ -386,3 +386,51 @@ fn forward_batch_equals_each_sequence_alone() {
         }
     }
 }
+
+/// The fused runtime decodes a sequence token by token (the mat-vec path, the cache growing past
+/// its first capacity of 64 positions, keys re-laid out) to the same bits as one prefill of the
+/// whole sequence (the 64-row matmul path), at both activation paths and with two threads.
+#[test]
+fn token_by_token_decoding_equals_one_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), Architecture::Qwen2, false, Granularity::Group(32));
+    let resident = ResidentModel::from_checkpoint(&checkpoint).unwrap();
+    let ids: Vec<u32> = tokens(1, 150, 21).flatten_all().unwrap().to_vec1().unwrap();
+    for (path, threads) in [(ActPath::F32, 1), (ActPath::Int8, 2)] {
+        let cfg = KernelConfig { threads, ..kernel(path) };
+        let t = Transformer::from_resident(&resident, &Precision::Bits(5), &cfg).unwrap();
+        let mut cache = KvCache::new(t.config());
+        let whole = t.forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut cache, 0);
+        let whole = whole.unwrap().squeeze(0).unwrap();
+        let mut cache = KvCache::new(t.config());
+        let mut steps = Vec::new();
+        for &id in &ids {
+            steps.push(t.forward_batch(&mut [SequenceStep { tokens: &[id], cache: &mut cache }]).unwrap());
+        }
+        assert_eq!(cache.len(), ids.len());
+        let stepped = Tensor::cat(&steps, 0).unwrap();
+        assert_eq!(rel_diff(&stepped, &whole), 0.0, "{path:?}: decoding token by token differs from one prefill");
+    }
+}
+
+/// A cache belongs to the runtime that filled it: handing it to the other is an error (not a
+/// panic), and the cache is left as it was.
+#[test]
+fn a_cache_cannot_change_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = tiny_checkpoint(dir.path(), Architecture::Llama, true, Granularity::Channel);
+    let resident = ResidentModel::from_checkpoint(&checkpoint).unwrap();
+    let planar = Transformer::from_resident(&resident, &Precision::Bits(8), &KernelConfig::default()).unwrap();
+    let float =
+        Transformer::new(checkpoint.config(), &checkpoint.weights_at(&Precision::Bits(8)).unwrap(), OpsMode::Inference)
+            .unwrap();
+    for (first, second) in [(&planar, &float), (&float, &planar)] {
+        let mut cache = KvCache::new(first.config());
+        first.forward(&tokens(1, 4, 5), &mut cache, 0).unwrap();
+        let err = second.forward(&tokens(1, 1, 6), &mut cache, 0).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot continue it"), "{err:#}");
+        assert_eq!(cache.len(), 4);
+        first.forward(&tokens(1, 1, 6), &mut cache, 0).unwrap();
+        assert_eq!(cache.len(), 5);
+    }
+}

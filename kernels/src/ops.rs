@@ -187,17 +187,16 @@ multiversion! {
             let g = h / rep;
             let qh = &q[h * d..(h + 1) * d];
             let kh = &keys.data[g * d * keys.stride..(g + 1) * d * keys.stride];
-            // 16 positions at a time: one multiply-add per dimension, no horizontal sums.
-            for (c, sc) in scores[..chunks * LANES].chunks_exact_mut(LANES).enumerate() {
-                let mut acc = [0f32; LANES];
-                for (i, &qi) in qh.iter().enumerate() {
-                    let k = &kh[i * keys.stride + c * LANES..][..LANES];
-                    for l in 0..LANES {
-                        acc[l] += qi * k[l];
-                    }
-                }
-                for l in 0..LANES {
-                    sc[l] = acc[l] * scale;
+            // 16 positions at a time: one multiply-add per dimension, no horizontal sums; four
+            // such chunks at once where there are four, so four independent chains hide latency.
+            let mut c = 0;
+            while c < chunks {
+                if chunks - c >= 4 {
+                    score_chunks::<4>(qh, kh, keys.stride, c, scale, scores);
+                    c += 4;
+                } else {
+                    score_chunks::<1>(qh, kh, keys.stride, c, scale, scores);
+                    c += 1;
                 }
             }
             let scores = &mut scores[..len];
@@ -225,16 +224,71 @@ multiversion! {
                 acc[l] += *s;
             }
             let inv = 1.0 / sum_lanes(acc);
+            // Each output value sums its positions in order; 64 (or 16) values at a time, in
+            // registers, so the chains are independent and nothing goes through memory.
             let oh = &mut out[h * d..(h + 1) * d];
-            oh.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                for (o, &v) in oh.iter_mut().zip(&values[j * kv_dim + g * d..][..d]) {
-                    *o += p * v;
+            let mut i0 = 0;
+            while i0 < d {
+                if d - i0 >= 4 * LANES {
+                    weigh_values::<4>(scores, values, kv_dim, g * d + i0, inv, &mut oh[i0..]);
+                    i0 += 4 * LANES;
+                } else if d - i0 >= LANES {
+                    weigh_values::<1>(scores, values, kv_dim, g * d + i0, inv, &mut oh[i0..]);
+                    i0 += LANES;
+                } else {
+                    for (i, o) in oh.iter_mut().enumerate().skip(i0) {
+                        let mut a = 0f32;
+                        for (j, &p) in scores.iter().enumerate() {
+                            a += p * values[j * kv_dim + g * d + i];
+                        }
+                        *o = a * inv;
+                    }
+                    break;
                 }
             }
-            for o in oh.iter_mut() {
-                *o *= inv;
+        }
+    }
+}
+
+/// Scores of the `N` 16-position chunks from chunk `c` of one head: `scores[p] = scale · Σ_i
+/// q[i] · k[i][p]`, each lane summing over `i` in order (`N` is a constant so the accumulators
+/// live in registers).
+#[inline(always)]
+fn score_chunks<const N: usize>(q: &[f32], k: &[f32], stride: usize, c: usize, scale: f32, scores: &mut [f32]) {
+    let mut acc = [[0f32; LANES]; N];
+    for (i, &qi) in q.iter().enumerate() {
+        let row = &k[i * stride + c * LANES..][..N * LANES];
+        for b in 0..N {
+            for l in 0..LANES {
+                acc[b][l] += qi * row[b * LANES + l];
             }
+        }
+    }
+    let out = &mut scores[c * LANES..][..N * LANES];
+    for b in 0..N {
+        for l in 0..LANES {
+            out[b * LANES + l] = acc[b][l] * scale;
+        }
+    }
+}
+
+/// `out[i] = inv · Σ_j p[j] · values[j · stride + at + i]` for `i < 16·N`, each summing over
+/// `j` in order.
+#[inline(always)]
+fn weigh_values<const N: usize>(p: &[f32], values: &[f32], stride: usize, at: usize, inv: f32, out: &mut [f32]) {
+    let mut acc = [[0f32; LANES]; N];
+    for (j, &pj) in p.iter().enumerate() {
+        let v = &values[j * stride + at..][..N * LANES];
+        for b in 0..N {
+            for l in 0..LANES {
+                acc[b][l] += pj * v[b * LANES + l];
+            }
+        }
+    }
+    let out = &mut out[..N * LANES];
+    for b in 0..N {
+        for l in 0..LANES {
+            out[b * LANES + l] = acc[b][l] * inv;
         }
     }
 }

@@ -102,9 +102,9 @@
 //! count (bit for bit, on both paths), so batched decoding is reproducible.
 //!
 //! Threads: [`KernelConfig::threads`] splits the weight rows into contiguous shares, at most one
-//! per [`MIN_SHARE_BYTES`] of work; the calling thread runs one and a small persistent pool (std
-//! only, started lazily, workers sleep on a condition variable) the others, because spawning
-//! threads per call costs about as much as a whole 576×576 mat-vec.
+//! per [`MIN_SHARE_BYTES`] of work, claimed by the calling thread and a small persistent pool (std
+//! only, started lazily; idle workers spin briefly, then sleep), because spawning threads per
+//! call costs about as much as a whole 576×576 mat-vec.
 //!
 //! Cost model (AVX-512 with VBMI + GFNI, int8, per 64 weights of one row at `l` bits): `l + 1`
 //! plane words loaded 8 at a time (plus the d word at 8 bits), 1.25 (`l = 2`) … 3 (`l ≥ 7`) byte
@@ -267,11 +267,11 @@ pub enum ActPath {
 pub struct KernelConfig {
     pub backend: Backend,
     pub path: ActPath,
-    /// Threads the weight rows are split across in contiguous equal shares: the calling thread
-    /// does one, the crate's persistent worker pool (started lazily, sleeping when idle) the
-    /// others. 0 counts as 1; at most one share per row, and at most one per [`MIN_SHARE_BYTES`]
-    /// of work (plane bytes read × activation rows): waking a worker costs more than it saves on
-    /// small mat-vecs. Results do not depend on the number of shares.
+    /// Threads the weight rows are split across in contiguous equal shares, claimed by the
+    /// calling thread and the crate's persistent worker pool (started lazily, spinning briefly
+    /// when idle). 0 counts as 1; at most one share per row, and at most one per
+    /// [`MIN_SHARE_BYTES`] of work (plane bytes read × activation rows): handing over a share
+    /// costs more than it saves on tiny mat-vecs. Results do not depend on the number of shares.
     pub threads: usize,
 }
 
@@ -694,11 +694,11 @@ impl PlanarWeight {
     }
 }
 
-/// Least work (plane bytes read × activation rows) per thread of a kernel call. Measured on a
-/// 2-vCPU Zen 5 (AVX-512 backend, DRAM-resident weights): 2 threads were 1.6× slower than 1 on
-/// 1536×576 (1 MB at 8 bits, ~36 µs) and 2–4× slower on 576×576, as waking a pool worker
-/// and joining costs tens of µs there; 4096×4096 (19 MB) ran the same with 1 or 2.
-pub const MIN_SHARE_BYTES: usize = 2 << 20;
+/// Least work (plane bytes read × activation rows) per thread of a kernel call. With the pool's
+/// spinning workers a share costs well under a microsecond to hand over; measured on a 2-vCPU
+/// Zen 5 (SmolLM2 decode, 2 threads, `drq-bench`): 64 KiB gave 1.4–1.7× one thread on the f32
+/// path (1.2–1.4× int8), 256 KiB and 2 MiB less (the 576×576 mat-vecs stayed on one thread).
+pub const MIN_SHARE_BYTES: usize = 64 << 10;
 
 /// Threads for a call: `threads` (0 counts as 1), at most one per row and, if `min_share > 0`,
 /// one per `min_share` bytes of `work`.

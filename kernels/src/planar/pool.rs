@@ -1,28 +1,67 @@
-//! A small persistent thread pool for the kernels: spawning threads per call (`thread::scope`)
-//! costs tens of µs, as much as a whole 576×576 mat-vec. Workers are started lazily (as many as
-//! the largest request asks for, minus the calling thread), sleep on a condition variable and live
-//! for the rest of the process. The calling thread always does share 0 itself.
+//! A small persistent thread pool for the kernels. A decode step is ~200 mat-vecs of 10–100 µs
+//! each, so handing a share to another core must cost well under a microsecond: workers that
+//! have just finished a share spin on an epoch counter for a while ([`SPIN`]) before they sleep
+//! on a condition variable, and the calling thread claims shares too, so a job never waits for a
+//! sleeping worker to wake up. Workers are started lazily (as many as the largest request asks
+//! for, minus the calling thread) and live for the rest of the process. One job runs on the
+//! workers at a time; a caller that finds the pool busy runs its shares itself.
 
-use std::collections::VecDeque;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
-type Task = Box<dyn FnOnce() + Send + 'static>;
+/// How long an idle worker spins before it sleeps: longer than the gaps between the mat-vecs
+/// of a step (attention, norms: microseconds), short enough not to burn a core between requests.
+const SPIN: Duration = Duration::from_micros(200);
 
 struct Pool {
-    state: Mutex<State>,
-    work: Condvar,
+    /// Held by the caller whose job runs on the workers.
+    busy: Mutex<()>,
+    /// The current job; workers take it when `epoch` moves.
+    job: Mutex<Option<Arc<Job>>>,
+    epoch: AtomicU64,
+    workers: Mutex<usize>,
+    sleepers: AtomicUsize,
+    sleep: Mutex<()>,
+    wake: Condvar,
 }
 
-struct State {
-    tasks: VecDeque<Task>,
-    workers: usize,
+/// One `run` call's shares, claimed one at a time by whoever is free.
+struct Job {
+    /// The caller's closure, its lifetime erased. Called only for a claimed share `< n`; the
+    /// caller does not return before every share has finished.
+    f: *const (dyn Fn(usize) + Sync),
+    n: usize,
+    next: AtomicUsize,
+    left: AtomicUsize,
+    panicked: AtomicBool,
 }
 
-/// Counts outstanding shares; shared by `Arc` so a finishing worker never touches freed memory.
-struct Latch {
-    left: Mutex<(usize, bool)>, // (shares still running, some share panicked)
-    done: Condvar,
+// SAFETY: `f` points to a `Sync` closure, called from several threads only while the `run`
+// that owns it waits for them; the other fields are atomics.
+unsafe impl Send for Job {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Job {}
+
+impl Job {
+    /// Claims and runs shares until none is left.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            if i >= self.n {
+                return;
+            }
+            // SAFETY: share `i < n` was claimed by this thread alone, so `run` is still waiting
+            // (it returns only once `left` reaches 0, which this share has not yet counted down):
+            // the closure is alive.
+            let f = unsafe { &*self.f };
+            if catch_unwind(AssertUnwindSafe(|| f(i))).is_err() {
+                self.panicked.store(true, Ordering::Relaxed);
+            }
+            self.left.fetch_sub(1, Ordering::Release);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -32,26 +71,48 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Pool { state: Mutex::new(State { tasks: VecDeque::new(), workers: 0 }), work: Condvar::new() })
+    POOL.get_or_init(|| Pool {
+        busy: Mutex::new(()),
+        job: Mutex::new(None),
+        epoch: AtomicU64::new(0),
+        workers: Mutex::new(0),
+        sleepers: AtomicUsize::new(0),
+        sleep: Mutex::new(()),
+        wake: Condvar::new(),
+    })
 }
 
 fn worker(pool: &'static Pool) {
+    let mut seen = pool.epoch.load(Ordering::Acquire);
     loop {
-        let task = {
-            let mut st = lock(&pool.state);
-            loop {
-                if let Some(t) = st.tasks.pop_front() {
-                    break t;
-                }
-                st = pool.work.wait(st).unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
+        let mut spins = 0u32;
+        while pool.epoch.load(Ordering::Acquire) == seen {
+            spins = spins.wrapping_add(1);
+            if spins % 64 != 0 || started.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
             }
-        };
-        task();
+            // Sleep. Counting this worker as a sleeper before the last look at `epoch` (both
+            // SeqCst, as is the caller's bump and its look at `sleepers`) means a caller either
+            // sees the sleeper and notifies, or this look sees the new epoch.
+            let mut guard = lock(&pool.sleep);
+            pool.sleepers.fetch_add(1, Ordering::SeqCst);
+            while pool.epoch.load(Ordering::SeqCst) == seen {
+                guard = pool.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+            }
+            pool.sleepers.fetch_sub(1, Ordering::SeqCst);
+        }
+        seen = pool.epoch.load(Ordering::Acquire);
+        let job = lock(&pool.job).clone();
+        if let Some(job) = job {
+            job.work();
+        }
     }
 }
 
-/// Runs `f(0), …, f(n − 1)`, `f(0)` on the calling thread and the others on pool workers, and
-/// returns when all have finished. A panic in any share is re-raised here after all finished.
+/// Runs `f(0), …, f(n − 1)` on the calling thread and pool workers, and returns when all have
+/// finished. A panic in any share is re-raised here after all finished.
 pub(crate) fn run<F: Fn(usize) + Sync>(n: usize, f: F) {
     if n <= 1 {
         if n == 1 {
@@ -60,56 +121,45 @@ pub(crate) fn run<F: Fn(usize) + Sync>(n: usize, f: F) {
         return;
     }
     let pool = pool();
-    let latch = Arc::new(Latch { left: Mutex::new((n - 1, false)), done: Condvar::new() });
-    let f_ref: &(dyn Fn(usize) + Sync) = &f;
-    // SAFETY: the erased reference is only used by the n − 1 tasks pushed below, and this
-    // function does not return (or unwind) before every one of them has finished with it: it
-    // waits on the latch unconditionally (a panic of f(0) is caught first), and each task counts
-    // the latch down only after its last use of `f`.
-    let f_static: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f_ref) };
+    let Ok(_busy) = pool.busy.try_lock() else {
+        // Another caller's job is on the workers: do this one here rather than wait.
+        (0..n).for_each(&f);
+        return;
+    };
     {
-        let mut st = lock(&pool.state);
-        while st.workers < n - 1 {
-            // If the OS refuses a thread, fewer workers serve the queue; still correct.
+        let mut workers = lock(&pool.workers);
+        while *workers < n - 1 {
+            // If the OS refuses a thread, fewer workers (or only this thread) do the shares.
             if std::thread::Builder::new().name("drq-kernels".into()).spawn(move || worker(pool)).is_err() {
                 break;
             }
-            st.workers += 1;
-        }
-        if st.workers == 0 {
-            drop(st);
-            for i in 0..n {
-                f(i);
-            }
-            return;
-        }
-        for i in 1..n {
-            let latch = Arc::clone(&latch);
-            st.tasks.push_back(Box::new(move || {
-                let ok = catch_unwind(AssertUnwindSafe(|| f_static(i))).is_ok();
-                let mut left = lock(&latch.left);
-                left.0 -= 1;
-                left.1 |= !ok;
-                if left.0 == 0 {
-                    latch.done.notify_all();
-                }
-            }));
+            *workers += 1;
         }
     }
-    for _ in 1..n {
-        pool.work.notify_one();
+    let f_ref: &(dyn Fn(usize) + Sync) = &f;
+    // SAFETY: only the lifetime is erased (same fat-pointer layout); the pointer is dereferenced
+    // only for claimed shares, and this function does not return (or unwind) before every share
+    // has finished: it waits for `left` to reach 0 unconditionally, panics being caught per share.
+    let f_erased: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f_ref) };
+    let job = Arc::new(Job {
+        f: f_erased,
+        n,
+        next: AtomicUsize::new(0),
+        left: AtomicUsize::new(n),
+        panicked: AtomicBool::new(false),
+    });
+    *lock(&pool.job) = Some(Arc::clone(&job));
+    pool.epoch.fetch_add(1, Ordering::SeqCst);
+    if pool.sleepers.load(Ordering::SeqCst) > 0 {
+        let _guard = lock(&pool.sleep);
+        pool.wake.notify_all();
     }
-    let first = catch_unwind(AssertUnwindSafe(|| f(0)));
-    let mut left = lock(&latch.left);
-    while left.0 > 0 {
-        left = latch.done.wait(left).unwrap_or_else(|e| e.into_inner());
+    job.work();
+    while job.left.load(Ordering::Acquire) > 0 {
+        std::hint::spin_loop();
     }
-    let panicked = left.1;
-    drop(left);
-    if let Err(p) = first {
-        resume_unwind(p);
-    }
-    if panicked {
-        panic!("a kernel worker thread panicked");
+    *lock(&pool.job) = None;
+    if job.panicked.load(Ordering::Relaxed) {
+        resume_unwind(Box::new("a kernel share panicked"));
     }
 }

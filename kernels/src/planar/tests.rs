@@ -773,7 +773,7 @@ fn concurrent_callers_share_the_pool() {
 fn threads_are_capped_by_rows_and_work() {
     assert_eq!(share_count(0, 10, 1 << 30, MIN_SHARE_BYTES), 1);
     assert_eq!(share_count(4, 3, 1 << 30, MIN_SHARE_BYTES), 3);
-    assert_eq!(share_count(4, 1000, 1 << 20, MIN_SHARE_BYTES), 1);
+    assert_eq!(share_count(4, 1000, MIN_SHARE_BYTES / 2, MIN_SHARE_BYTES), 1);
     assert_eq!(share_count(4, 1000, 5 * MIN_SHARE_BYTES, MIN_SHARE_BYTES), 4);
     assert_eq!(share_count(4, 1000, 2 * MIN_SHARE_BYTES, MIN_SHARE_BYTES), 2);
     assert_eq!(share_count(4, 1000, 0, 0), 4);
@@ -791,6 +791,13 @@ fn pool_propagates_panics_and_survives() {
         hits.fetch_add(1 << (4 * i), std::sync::atomic::Ordering::Relaxed);
     });
     assert_eq!(hits.into_inner(), 0x11111);
+    // Workers that went to sleep (idle longer than they spin) wake for the next job.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let hits = std::sync::atomic::AtomicUsize::new(0);
+    pool::run(3, |i| {
+        hits.fetch_add(1 << (4 * i), std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(hits.into_inner(), 0x111);
 }
 
 #[test]
