@@ -100,9 +100,19 @@ fn keep_freed_memory() {
     }
 }
 
+/// The default `--threads` of the tools that run the kernels: every core this process may use
+/// (the kernels' pool hands a mat-vec's shares over in well under a microsecond, so a single
+/// sequence gains from a second core; docs/BENCHMARKS.md).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// `--activations` of every tool that runs the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Activations {
+    /// int8 activations for weights at 4 bits and below (where the weights' rounding dominates:
+    /// +0.9% perplexity at 4 bits for ~1.4x decode speed), f32 above (int8 costs +1.0% at 8).
+    Auto,
     /// f32 activations: exactly the dequantized weights' products, up to summation order.
     F32,
     /// int8 activations (absmax per weight scale group), exact integer dot products: faster,
@@ -113,6 +123,7 @@ pub enum Activations {
 impl Activations {
     pub fn path(self) -> kernels::ActPath {
         match self {
+            Activations::Auto => kernels::ActPath::Auto,
             Activations::F32 => kernels::ActPath::F32,
             Activations::Int8 => kernels::ActPath::Int8,
         }
@@ -120,6 +131,7 @@ impl Activations {
 
     pub fn name(self) -> &'static str {
         match self {
+            Activations::Auto => "auto",
             Activations::F32 => "f32",
             Activations::Int8 => "int8",
         }

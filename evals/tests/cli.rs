@@ -291,7 +291,7 @@ fn evaluates_a_checkpoint_against_its_reference() {
     // Checkpoint precisions ran through the kernels, with a timed thread count.
     let runtime = &report["runtime"];
     assert_eq!(runtime["runtime"], "kernels", "{report:#}");
-    assert_eq!(runtime["activations"], "f32");
+    assert_eq!(runtime["activations"], "auto");
     assert!(matches!(runtime["threads"].as_u64(), Some(1 | 2)), "{report:#}");
     assert!(runtime["threads_timing_seconds"].is_object() || runtime["threads"] == 1, "{report:#}");
     assert!(results.iter().all(|r| r["seconds"].as_f64().is_some_and(|t| t > 0.0)), "{report:#}");

@@ -40,10 +40,10 @@ struct Args {
     /// Sequences decoded together (batched decoding, as the server does).
     #[arg(short, long, default_value_t = 1)]
     batch: usize,
-    /// Kernel threads.
-    #[arg(short, long, default_value_t = 1)]
+    /// Kernel threads (default: every core).
+    #[arg(short, long, default_value_t = cli::cores())]
     threads: usize,
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, value_enum, default_value = "auto")]
     activations: Activations,
     /// Runs per precision; the median is reported.
     #[arg(short, long, default_value_t = 3)]

@@ -120,7 +120,7 @@ struct PerplexityArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Activations of the kernels (--runtime kernels).
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, value_enum, default_value = "auto")]
     activations: Activations,
     /// Kernel threads (--runtime kernels). Default: 1 and 2 are timed on a few windows and the
     /// faster is used (logged, and recorded in --json).
@@ -233,7 +233,7 @@ impl Plan {
         }
         if args.runtime == RuntimeArg::Reference {
             ensure!(args.threads.is_none(), "--threads applies to --runtime kernels only");
-            ensure!(args.activations == Activations::F32, "--activations int8 needs --runtime kernels");
+            ensure!(args.activations != Activations::Int8, "--activations int8 needs --runtime kernels");
         }
         ensure!(args.threads != Some(0), "--threads must be at least 1");
         let device = cli::parse_device(&args.device)?;
@@ -560,7 +560,7 @@ fn pick_threads(
     kernel: KernelConfig,
     wins: &[Window],
 ) -> Result<(usize, serde_json::Value)> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = cli::cores();
     if cores < 2 {
         return Ok((1, serde_json::json!({ "cores": cores })));
     }

@@ -260,6 +260,25 @@ pub enum ActPath {
     /// int8 activations (absmax per weight scale group, quantized on the fly), exact integer dot
     /// products per scale group, f32 only to combine groups.
     Int8,
+    /// [`ActPath::Int8`] at [`INT8_MAX_BITS`] bits and below, [`ActPath::F32`] above: where the
+    /// weights' own rounding dominates, int8 activations cost little and buy speed (SmolLM2,
+    /// WikiText-2 slice: +0.9% perplexity at 4 bits against the weights' +62%, but +1.0% at 8
+    /// bits, where f32 stays; docs/RESULTS.md).
+    Auto,
+}
+
+/// Highest precision [`ActPath::Auto`] serves with int8 activations.
+pub const INT8_MAX_BITS: u32 = 4;
+
+impl ActPath {
+    /// The numeric path of a call at `bits`: [`ActPath::Auto`] resolved, the others as they are.
+    pub fn at(self, bits: u32) -> ActPath {
+        match self {
+            ActPath::Auto if bits <= INT8_MAX_BITS => ActPath::Int8,
+            ActPath::Auto => ActPath::F32,
+            path => path,
+        }
+    }
 }
 
 /// How a kernel call runs.
@@ -657,9 +676,9 @@ impl PlanarWeight {
             return Ok(());
         }
         self.prefetch_start(bits);
-        let acts = match cfg.path {
-            ActPath::F32 => Acts::f32(x, n, cols, self.cols_padded()),
+        let acts = match cfg.path.at(bits) {
             ActPath::Int8 => Acts::int8(x, n, &self.layout, self.cols_padded()),
+            _ => Acts::f32(x, n, cols, self.cols_padded()),
         };
         let work = self.plane_bytes_read(bits)?.saturating_mul(n);
         let threads = share_count(cfg.threads, rows, work, min_share);

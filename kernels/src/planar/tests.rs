@@ -837,3 +837,24 @@ fn dequantize_rows_matches_dequantize() {
     );
     assert_eq!(pw.dequantize_rows(1, &[0, 1], &mut out), Err(KernelError::InvalidBits(1)));
 }
+
+/// `ActPath::Auto` is the int8 path at `INT8_MAX_BITS` and below and the f32 path above, bit for bit.
+#[test]
+fn auto_activations_pick_int8_for_low_bits_only() {
+    let mut rng = Rng(12);
+    let (rows, cols) = (19, 200);
+    let qw = random_weight(&mut rng, rows, cols, Granularity::Group(64));
+    let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+    let x = random_x(&mut rng, 2 * cols);
+    let run = |bits, path| {
+        let mut y = vec![0f32; 2 * rows];
+        pw.matmul(bits, &x, 2, &mut y, &KernelConfig::new(Backend::best(), path, 1)).unwrap();
+        y
+    };
+    for bits in 2..=8 {
+        let want = if bits <= super::INT8_MAX_BITS { ActPath::Int8 } else { ActPath::F32 };
+        assert_eq!(ActPath::Auto.at(bits), want);
+        assert_eq!(run(bits, ActPath::Auto), run(bits, want), "bits {bits}");
+    }
+    assert_ne!(run(4, ActPath::Int8), run(4, ActPath::F32), "the two paths should differ somewhere");
+}

@@ -56,13 +56,14 @@ struct Args {
     /// Prompt tokens prefilled per step over all sequences (bounds the stall of running ones).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
-    /// Kernel threads.
-    #[arg(long, default_value_t = 1)]
+    /// Kernel threads (default: every core).
+    #[arg(long, default_value_t = cli::cores())]
     threads: usize,
-    /// Activations of the kernels: `f32` (exact products of the dequantized weights) or `int8`
-    /// (quantized on the fly, per row and scale group: faster, and costs accuracy: on WikiText-2
-    /// +3.4% perplexity at 8 bits per channel, see docs/RESULTS.md).
-    #[arg(long, value_enum, default_value = "f32")]
+    /// Activations of the kernels: `auto` (int8 for weights at 4 bits and below, f32 above),
+    /// `f32` (exact products of the dequantized weights) or `int8` (quantized on the fly per
+    /// scale group: faster, and costs accuracy: on WikiText-2 +1.0% perplexity at 8 bits with
+    /// group:128 scales, see docs/RESULTS.md).
+    #[arg(long, value_enum, default_value = "auto")]
     activations: Activations,
     /// Require `Authorization: Bearer <key>` on /v1 (also from DRQ_API_KEY).
     #[arg(long, env = "DRQ_API_KEY", hide_env_values = true)]

@@ -54,11 +54,11 @@ struct Args {
     /// Sequences decoded together in one step.
     #[arg(long, default_value_t = 32)]
     max_batch: usize,
-    /// Kernel threads.
-    #[arg(long, default_value_t = 1)]
+    /// Kernel threads (default: every core).
+    #[arg(long, default_value_t = cli::cores())]
     threads: usize,
     /// Activations of the kernels (see drq-serve --help).
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, value_enum, default_value = "auto")]
     activations: Activations,
     /// Output text file (written to a temporary name, then renamed).
     #[arg(short, long)]
