@@ -16,7 +16,7 @@
 #   (AMX off: these VMs advertise AMX but fault on tile instructions.)
 #   CHECKPOINT defaults to the default recipe's checkpoint of the shared GGUF.
 # Environment: THREADS (default "1 2"), ROUNDS (interleaved rounds, default 3), ACTIVATIONS (drq's
-# activation paths to bench, default "f32 int8"), SERVE=0 to skip the serving part, DURATION
+# activation paths to bench, default "auto f32": auto is the default, int8 at 4 and 2 bits), SERVE=0 to skip the serving part, DURATION
 # (seconds per serving point, default 15), CLIENTS (default "1 4 16"), OUT (default
 # target/bench-vs-llamacpp).
 set -euo pipefail
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 LLAMA=${1:?usage: scripts/bench-vs-llamacpp.sh LLAMA_BIN_DIR [CHECKPOINT]}
 THREADS=${THREADS:-1 2}
 ROUNDS=${ROUNDS:-3}
-ACTIVATIONS=${ACTIVATIONS:-f32 int8}
+ACTIVATIONS=${ACTIVATIONS:-auto f32}
 SERVE=${SERVE:-1}
 DURATION=${DURATION:-15}
 CLIENTS=${CLIENTS:-1 4 16}
