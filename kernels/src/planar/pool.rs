@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before it sleeps: longer than the gaps between the mat-vecs
 /// of a step (attention, norms: microseconds), short enough not to burn a core between requests.
-const SPIN: Duration = Duration::from_micros(200);
+const SPIN: Duration = Duration::from_micros(100);
+
+/// Spins of a caller waiting for the last shares before it yields its core (~10 µs).
+const YIELD_AFTER_SPINS: u32 = 1 << 12;
 
 struct Pool {
     /// Held by the caller whose job runs on the workers.
@@ -155,8 +158,16 @@ pub(crate) fn run<F: Fn(usize) + Sync>(n: usize, f: F) {
         pool.wake.notify_all();
     }
     job.work();
+    // The last shares are on other threads: spin a little, then let others run (a worker may be
+    // descheduled when the machine has more runnable threads than cores).
+    let mut spins = 0u32;
     while job.left.load(Ordering::Acquire) > 0 {
-        std::hint::spin_loop();
+        spins = spins.saturating_add(1);
+        if spins < YIELD_AFTER_SPINS {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
     }
     *lock(&pool.job) = None;
     if job.panicked.load(Ordering::Relaxed) {
