@@ -147,6 +147,7 @@ fn path_name(p: ActPath) -> &'static str {
     match p {
         ActPath::F32 => "f32",
         ActPath::Int8 => "int8",
+        ActPath::Auto => "auto",
     }
 }
 

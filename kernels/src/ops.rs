@@ -82,7 +82,7 @@ multiversion! {
     /// `out = x / sqrt(mean(x²) + eps) · weight`.
     pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         let h = weight.len();
-        assert!(h > 0 && x.len() % h == 0 && out.len() == x.len(), "rms_norm: rows of {h} values");
+        assert!(h > 0 && x.len().is_multiple_of(h) && out.len() == x.len(), "rms_norm: rows of {h} values");
         for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
             let mut acc = [0f32; LANES];
             let mut chunks = xr.chunks_exact(LANES);
@@ -129,7 +129,7 @@ multiversion! {
     /// `(x[i], x[i + head_dim/2])`.
     pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
         let half = head_dim / 2;
-        assert!(head_dim % 2 == 0 && head_dim > 0 && x.len() % head_dim == 0, "rope: heads of {head_dim} values");
+        assert!(head_dim.is_multiple_of(2) && head_dim > 0 && x.len().is_multiple_of(head_dim), "rope: heads of {head_dim} values");
         assert!(cos.len() == half && sin.len() == half, "rope: tables of {half} values");
         for head in x.chunks_exact_mut(head_dim) {
             let (a, b) = head.split_at_mut(half);
@@ -142,33 +142,29 @@ multiversion! {
     }
 }
 
-/// The keys of a cache, transposed so that scoring a query against consecutive positions is a
-/// contiguous, reduction-free multiply-add per dimension: value `i` of key/value head `g` at
-/// position `p` is `data[(g · head_dim + i) · stride + p]`. `stride` is a multiple of 16 (a
-/// whole number of 16-position chunks is read; what lies past the cached positions is ignored).
+/// A sequence's key/value cache as attention reads it: the first `len` positions of `keys`,
+/// transposed so that scoring a query against consecutive positions is a contiguous,
+/// reduction-free multiply-add per dimension (value `i` of key/value head `g` at position `p` is
+/// `keys[(g · head_dim + i) · stride + p]`; `stride` is a multiple of 16, and a whole number of
+/// 16-position chunks is read: what lies past `len` is ignored), and of `values`, position-major
+/// (`[≥ len, kv_heads · head_dim]`).
 #[derive(Debug, Clone, Copy)]
-pub struct KeysT<'a> {
-    pub data: &'a [f32],
+pub struct CacheView<'a> {
+    pub keys: &'a [f32],
     pub stride: usize,
+    pub values: &'a [f32],
+    pub len: usize,
 }
 
 multiversion! {
-    /// Scaled dot-product attention of one query position over the first `len` cached positions:
-    /// `q` holds the position's `heads · head_dim` (roped) query values, `keys` the cache's keys
-    /// transposed ([`KeysT`]), `values` its values position-major (`[≥ len, kv_heads ·
-    /// head_dim]`). For each head `h`: `out_h = Σ_j softmax_j(q_h · k_j / √head_dim) · v_j`.
-    /// `scores` is scratch of at least `len` rounded up to 16 values. Causal attention of
-    /// several new positions is this per position with its own `len`, so a position's output
-    /// never depends on how many were computed together.
-    pub fn attend(
-        shape: AttentionShape,
-        q: &[f32],
-        keys: KeysT<'_>,
-        values: &[f32],
-        len: usize,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
+    /// Scaled dot-product attention of one query position over the cached positions: `q` holds
+    /// the position's `heads · head_dim` (roped) query values. For each head `h`:
+    /// `out_h = Σ_j softmax_j(q_h · k_j / √head_dim) · v_j` over `j < cache.len`. `scores` is
+    /// scratch of at least `cache.len` rounded up to 16 values. Causal attention of several new
+    /// positions is this per position with its own `len`, so a position's output never depends
+    /// on how many were computed together.
+    pub fn attend(shape: AttentionShape, q: &[f32], cache: CacheView<'_>, scores: &mut [f32], out: &mut [f32]) {
+        let CacheView { keys, stride, values, len } = cache;
         let AttentionShape { heads, kv_heads, head_dim: d } = shape;
         let kv_dim = shape.kv_dim();
         let chunks = len.div_ceil(LANES);
@@ -176,9 +172,8 @@ multiversion! {
         assert!(q.len() == heads * d && out.len() == heads * d, "attend: q and out hold {heads}×{d} values");
         assert!(len > 0 && values.len() >= len * kv_dim, "attend: {len} cached positions");
         assert!(
-            keys.stride % LANES == 0 && keys.stride >= chunks * LANES && keys.data.len() >= kv_dim * keys.stride,
-            "attend: transposed keys of stride {} for {len} positions",
-            keys.stride
+            stride.is_multiple_of(LANES) && stride >= chunks * LANES && keys.len() >= kv_dim * stride,
+            "attend: transposed keys of stride {stride} for {len} positions"
         );
         assert!(scores.len() >= chunks * LANES, "attend: scores scratch of {} values", chunks * LANES);
         let rep = heads / kv_heads;
@@ -186,16 +181,16 @@ multiversion! {
         for h in 0..heads {
             let g = h / rep;
             let qh = &q[h * d..(h + 1) * d];
-            let kh = &keys.data[g * d * keys.stride..(g + 1) * d * keys.stride];
+            let kh = &keys[g * d * stride..(g + 1) * d * stride];
             // 16 positions at a time: one multiply-add per dimension, no horizontal sums; four
             // such chunks at once where there are four, so four independent chains hide latency.
             let mut c = 0;
             while c < chunks {
                 if chunks - c >= 4 {
-                    score_chunks::<4>(qh, kh, keys.stride, c, scale, scores);
+                    score_chunks::<4>(qh, kh, stride, c, scale, scores);
                     c += 4;
                 } else {
-                    score_chunks::<1>(qh, kh, keys.stride, c, scale, scores);
+                    score_chunks::<1>(qh, kh, stride, c, scale, scores);
                     c += 1;
                 }
             }
@@ -293,7 +288,7 @@ fn weigh_values<const N: usize>(p: &[f32], values: &[f32], stride: usize, at: us
     }
 }
 
-/// Writes position `pos` of a cache's transposed keys ([`KeysT`] layout, `stride` positions
+/// Writes position `pos` of a cache's transposed keys ([`CacheView`] layout, `stride` positions
 /// per row) from `k`, the position's `kv_heads · head_dim` key values.
 pub fn store_key(data: &mut [f32], stride: usize, pos: usize, k: &[f32]) {
     assert!(pos < stride && data.len() >= k.len() * stride, "store_key: position {pos} of {stride}");
@@ -337,7 +332,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     // The integer n sits in the low bits of `shifted` (offset by 2^22); |n| ≤ 127, so n + 127
     // is a valid biased exponent.
@@ -413,12 +408,12 @@ mod tests {
             for (pos, key) in k.chunks_exact(shape.kv_dim()).enumerate() {
                 store_key(&mut kt, stride, pos, key);
             }
-            let keys = KeysT { data: &kt, stride };
+            let cache = CacheView { keys: &kt, stride, values: &v, len };
             let mut outs = Vec::new();
             for backend in Backend::available() {
                 let mut out = vec![f32::NAN; shape.q_dim()];
                 let mut scores = vec![0f32; stride];
-                attend(backend, shape, &q, keys, &v, len, &mut scores, &mut out);
+                attend(backend, shape, &q, cache, &mut scores, &mut out);
                 for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
                     assert!(
                         (o as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
@@ -479,7 +474,7 @@ mod tests {
         // Scores of ±1e4 overflow a naive exp; the max subtraction keeps them finite.
         let shape = AttentionShape { heads: 1, kv_heads: 1, head_dim: 16 };
         let q = vec![100.0; 16];
-        let mut k = vec![0f32; 3 * 16];
+        let mut k = [0f32; 3 * 16];
         k[16..32].fill(100.0);
         k[32..48].fill(-100.0);
         let v: Vec<f32> = (0..48).map(|i| (i / 16) as f32).collect();
@@ -488,7 +483,8 @@ mod tests {
             store_key(&mut kt, 16, pos, key);
         }
         let mut out = vec![0f32; 16];
-        attend(Backend::best(), shape, &q, KeysT { data: &kt, stride: 16 }, &v, 3, &mut [0.0; 16], &mut out);
+        let cache = CacheView { keys: &kt, stride: 16, values: &v, len: 3 };
+        attend(Backend::best(), shape, &q, cache, &mut [0.0; 16], &mut out);
         assert!(out.iter().all(|&o| o == 1.0), "{out:?}");
     }
 }

@@ -92,7 +92,7 @@ fn worker(pool: &'static Pool) {
         let mut spins = 0u32;
         while pool.epoch.load(Ordering::Acquire) == seen {
             spins = spins.wrapping_add(1);
-            if spins % 64 != 0 || started.elapsed() < SPIN {
+            if !spins.is_multiple_of(64) || started.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }

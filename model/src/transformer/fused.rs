@@ -143,13 +143,12 @@ impl Transformer {
                 values.extend_from_slice(&b.v[offset * kv_dim..(offset + t) * kv_dim]);
                 for i in 0..t {
                     let row = offset + i;
+                    let cache = ops::CacheView { keys, stride, values, len: start + i + 1 };
                     ops::attend(
                         backend,
                         shape,
                         &b.q[row * q_dim..][..q_dim],
-                        ops::KeysT { data: keys, stride },
-                        values,
-                        start + i + 1,
+                        cache,
                         &mut b.scores,
                         &mut b.attn[row * q_dim..][..q_dim],
                     );

@@ -358,7 +358,7 @@ struct LayerCache {
 }
 
 /// One sequence's cache in the fused runtime, per layer: the keys transposed
-/// ([`kernels::ops::KeysT`]: `[kv_heads · head_dim, capacity]`, so scoring a query is a
+/// ([`kernels::ops::CacheView`]: `[kv_heads · head_dim, capacity]`, so scoring a query is a
 /// reduction-free pass over positions) and the values position-major (`[len, kv_heads ·
 /// head_dim]`, so weighting them is one pass over each position's contiguous values).
 #[derive(Debug)]
