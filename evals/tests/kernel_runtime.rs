@@ -434,3 +434,33 @@ fn a_cache_cannot_change_runtime() {
         assert_eq!(cache.len(), 5);
     }
 }
+
+/// Weights kept in float (`--keep-float embed_tokens` / `lm_head`) run through the fused runtime's
+/// dense path (candle matmul on plain rows, the embedding looked up from the float table) and
+/// match the reference path.
+#[test]
+fn kept_float_weights_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, tied, keep, name) in [
+        (Architecture::Llama, true, "embed_tokens", "model.embed_tokens.weight"),
+        (Architecture::Qwen2, false, "lm_head", "lm_head.weight"),
+    ] {
+        let float = tiny_model(arch, tied, 3);
+        let keep_float = [keep.to_string()];
+        let q = quantize_model(&float, &spec(Granularity::Group(32)), &keep_float, |_| {}).unwrap();
+        let path = dir.path().join(format!("{arch:?}-keep-{keep}.safetensors"));
+        write_checkpoint(&path, &float, &provenance(), &q).unwrap();
+        let checkpoint = Checkpoint::open(&path).unwrap();
+        assert!(!checkpoint.is_quantized(name) && checkpoint.is_quantized("model.layers.0.mlp.up_proj.weight"));
+        let resident = ResidentModel::from_checkpoint(&checkpoint).unwrap();
+        let planar = Transformer::from_resident(&resident, &Precision::Bits(4), &kernel(ActPath::F32)).unwrap();
+        let reference = Transformer::new(
+            checkpoint.config(),
+            &checkpoint.weights_at(&Precision::Bits(4)).unwrap(),
+            OpsMode::Inference,
+        )
+        .unwrap();
+        let d = rel_diff(&run(&planar), &run(&reference));
+        assert!(d < 1e-4, "{arch:?} keeping {keep} in float: kernels differ from the reference by {d:e}");
+    }
+}
