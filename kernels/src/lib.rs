@@ -7,4 +7,6 @@ pub use double_rounding::{
     carry, check_bits, check_corrections, code_index, corrected_scales, dequantize, first_round, floor_bits,
     level_table, second_round, Granularity, KernelError, QuantizedWeight, ScaleLayout, TieRule, MIN_BITS, STORED_BITS,
 };
-pub use planar::{decode_code, encode_code, ActPath, Backend, KernelConfig, PlanarWeight, MAX_BATCH, WORD_BITS};
+pub use planar::{
+    decode_code, encode_code, run_shares, ActPath, Backend, KernelConfig, PlanarWeight, MAX_BATCH, WORD_BITS,
+};

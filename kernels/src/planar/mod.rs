@@ -713,6 +713,14 @@ impl PlanarWeight {
     }
 }
 
+/// Runs `f(0), …, f(n − 1)` on the calling thread and the kernels' worker pool (the pool the
+/// mat-vecs split their rows over), returning when all have finished: for other per-step work
+/// that splits into independent shares, such as attention over many positions. A panic in a
+/// share is re-raised here.
+pub fn run_shares<F: Fn(usize) + Sync>(n: usize, f: F) {
+    pool::run(n, f)
+}
+
 /// Least work (plane bytes read × activation rows) per thread of a kernel call. With the pool's
 /// spinning workers a share costs well under a microsecond to hand over; measured on a 2-vCPU
 /// Zen 5 (SmolLM2 decode, 2 threads, `drq-bench`): 64 KiB gave 1.4–1.7× one thread on the f32

@@ -141,18 +141,9 @@ impl Transformer {
                     ops::store_key(keys, stride, start + i, &b.k[(offset + i) * kv_dim..][..kv_dim]);
                 }
                 values.extend_from_slice(&b.v[offset * kv_dim..(offset + t) * kv_dim]);
-                for i in 0..t {
-                    let row = offset + i;
-                    let cache = ops::CacheView { keys, stride, values, len: start + i + 1 };
-                    ops::attend(
-                        backend,
-                        shape,
-                        &b.q[row * q_dim..][..q_dim],
-                        cache,
-                        &mut b.scores,
-                        &mut b.attn[row * q_dim..][..q_dim],
-                    );
-                }
+                let cache = ops::CacheView { keys, stride, values, len: start };
+                let rows = offset * q_dim..(offset + t) * q_dim;
+                attend_positions(fused.kernel, shape, &b.q[rows.clone()], cache, &mut b.scores, &mut b.attn[rows]);
                 offset += t;
             }
             block.o_proj.forward_rows(&b.attn, rows, &mut b.normed)?;
@@ -178,6 +169,63 @@ impl Transformer {
         self.lm_head.forward_rows(&normed, out_rows, &mut logits)?;
         Ok(Tensor::from_vec(logits, (out_rows, c.vocab_size), &Device::Cpu)?)
     }
+}
+
+/// Causal attention of `q`'s consecutive new positions (`[t, heads · head_dim]`), the first
+/// after the `cache.len` positions before them (whose keys and values, and the new positions',
+/// are in `cache`), into `out`. Position `i` attends to the first `cache.len + i + 1` cached
+/// positions, computed alone, so the result does not depend on how positions are grouped or
+/// shared out. Many positions (a prefill, an evaluation window) are split over the kernel
+/// threads in contiguous shares of about equal work.
+fn attend_positions(
+    kernel: KernelConfig,
+    shape: AttentionShape,
+    q: &[f32],
+    cache: ops::CacheView<'_>,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let q_dim = shape.q_dim();
+    let (t, start) = (q.len() / q_dim, cache.len);
+    let attend = |i: usize, scores: &mut [f32], out: &mut [f32]| {
+        let cache = ops::CacheView { len: start + i + 1, ..cache };
+        ops::attend(kernel.backend, shape, &q[i * q_dim..][..q_dim], cache, scores, out);
+    };
+    // Below this many positions a second thread costs more than it saves.
+    const MIN_POSITIONS_TO_SPLIT: usize = 16;
+    let shares = if t >= MIN_POSITIONS_TO_SPLIT { kernel.threads.clamp(1, t) } else { 1 };
+    if shares == 1 {
+        for (i, o) in out.chunks_exact_mut(q_dim).enumerate() {
+            attend(i, scores, o);
+        }
+        return;
+    }
+    // Position i costs ~ start + i + 1: cut where the running cost passes each share's part.
+    let total: usize = (0..t).map(|i| start + i + 1).sum();
+    let mut bounds = vec![0];
+    let mut cost = 0;
+    for i in 0..t {
+        cost += start + i + 1;
+        if bounds.len() < shares && cost * shares >= total * bounds.len() {
+            bounds.push(i + 1);
+        }
+    }
+    bounds.push(t);
+    bounds.dedup();
+    let mut parts = Vec::with_capacity(bounds.len() - 1);
+    let mut rest = out;
+    for w in bounds.windows(2) {
+        let (head, tail) = rest.split_at_mut((w[1] - w[0]) * q_dim);
+        parts.push(std::sync::Mutex::new((head, vec![0f32; scores.len()])));
+        rest = tail;
+    }
+    kernels::run_shares(parts.len(), |s| {
+        let mut part = parts[s].lock().unwrap_or_else(|e| e.into_inner());
+        let (out, scores) = &mut *part;
+        for (k, o) in out.chunks_exact_mut(q_dim).enumerate() {
+            attend(bounds[s] + k, scores, o);
+        }
+    });
 }
 
 impl HostSequence {
