@@ -316,7 +316,7 @@ fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
 /// harmless in softmax and SiLU, where it is added to a number ≥ 1 or divided by a sum ≥ 1);
 /// NaN stays NaN.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

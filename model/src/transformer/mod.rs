@@ -180,12 +180,9 @@ impl Embedding {
     fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             Embedding::Dense(table) => Ok(table.index_select(ids, 0)?),
-            Embedding::Planar { weight, bits } => {
-                let rows: Vec<usize> =
-                    ids.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|i| i as usize).collect();
-                let mut out = vec![0f32; rows.len() * weight.cols()];
-                weight.dequantize_rows(*bits, &rows, &mut out)?;
-                Ok(Tensor::from_vec(out, (rows.len(), weight.cols()), &Device::Cpu)?)
+            Embedding::Planar { weight, .. } => {
+                let ids = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                Ok(Tensor::from_vec(self.lookup_rows(&ids)?, (ids.len(), weight.cols()), &Device::Cpu)?)
             }
         }
     }
