@@ -38,8 +38,13 @@ pub const TOKENIZER_TENSOR: &str = "drq.tokenizer_json";
 pub struct QuantizationMeta {
     /// The bit-widths the checkpoint was built for (the scale search minimised their summed error).
     pub bits: Vec<u32>,
-    /// `channel` or `group:N`.
+    /// `channel` or `group:N`: the scale layout of every quantized weight not named in
+    /// `granularity_overrides`.
     pub granularity: String,
+    /// Quantized weights laid out otherwise (full name → `channel` or `group:N`), e.g. a finer
+    /// grouping for the embedding. Absent when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub granularity_overrides: BTreeMap<String, String>,
     /// Tie rule of the second rounding: `even` or `up`.
     pub tie_rule: String,
     /// How the initial scales were chosen (e.g. `search:normalized`).
@@ -125,6 +130,7 @@ impl QuantizationMeta {
         QuantizationMeta {
             bits: bits.to_vec(),
             granularity: granularity.to_string(),
+            granularity_overrides: BTreeMap::new(),
             tie_rule: tie.to_string(),
             scale_method,
             rounding: nearest_rounding(),
@@ -139,18 +145,34 @@ impl QuantizationMeta {
         self.tie_rule.parse().map_err(|e| anyhow::anyhow!("checkpoint tie_rule: {e}"))
     }
 
-    /// The scale layout of a quantized `[rows, cols]` weight.
-    pub fn layout(&self, rows: usize, cols: usize) -> Result<ScaleLayout> {
-        let granularity: Granularity =
-            self.granularity.parse().map_err(|e| anyhow::anyhow!("checkpoint granularity: {e}"))?;
-        granularity.layout(rows, cols).map_err(|e| anyhow::anyhow!("{rows}x{cols} weight: {e}"))
+    /// The scale granularity of the quantized weight `name`.
+    pub fn granularity_of(&self, name: &str) -> Result<Granularity> {
+        let (text, field) = match self.granularity_overrides.get(name) {
+            Some(g) => (g, "granularity_overrides"),
+            None => (&self.granularity, "granularity"),
+        };
+        text.parse().map_err(|e| anyhow::anyhow!("checkpoint {field} of `{name}`: {e}"))
     }
 
-    /// Bits a quantized `[rows, cols]` weight occupies when served at `bits`: its codes at that
-    /// bit-width, its f16 scales and, where that precision is corrected, its f16 corrections.
-    /// The one count behind `Checkpoint::bits_per_weight` and HASB's budgets.
-    pub fn matrix_bits(&self, rows: usize, cols: usize, bits: u32) -> Result<u64> {
-        let layout = self.layout(rows, cols)?;
+    /// The scale layout of the quantized `[rows, cols]` weight `name`.
+    pub fn layout(&self, name: &str, rows: usize, cols: usize) -> Result<ScaleLayout> {
+        self.granularity_of(name)?.layout(rows, cols).map_err(|e| anyhow::anyhow!("`{name}` ({rows}x{cols}): {e}"))
+    }
+
+    /// The granularities written as one phrase: `group:128` or `group:128, embed_tokens group:32`.
+    pub fn granularity_summary(&self) -> String {
+        let mut text = self.granularity.clone();
+        for (name, g) in &self.granularity_overrides {
+            text.push_str(&format!(", {name} {g}"));
+        }
+        text
+    }
+
+    /// Bits the quantized `[rows, cols]` weight `name` occupies when served at `bits`: its codes
+    /// at that bit-width, its f16 scales and, where that precision is corrected, its f16
+    /// corrections. The one count behind `Checkpoint::bits_per_weight` and HASB's budgets.
+    pub fn matrix_bits(&self, name: &str, rows: usize, cols: usize, bits: u32) -> Result<u64> {
+        let layout = self.layout(name, rows, cols)?;
         let corrections = if self.corrected_bits.contains(&bits) {
             16 * (rows * self.correction_granularity.per_row(&layout)) as u64
         } else {
@@ -192,6 +214,21 @@ impl QuantizationMeta {
         Ok(())
     }
 
+    /// The granularity and every override parse, and each override names a quantized weight.
+    fn check_granularities(&self) -> Result<()> {
+        self.granularity
+            .parse::<Granularity>()
+            .map_err(|e| anyhow::anyhow!("metadata `quantization.granularity`: {e}"))?;
+        for name in self.granularity_overrides.keys() {
+            ensure!(
+                self.quantized.binary_search(name).is_ok(),
+                "metadata `quantization.granularity_overrides` names `{name}`, which is not a quantized weight"
+            );
+            self.granularity_of(name)?;
+        }
+        Ok(())
+    }
+
     fn check_profiles(&self) -> Result<()> {
         self.profiles.iter().try_for_each(|(name, bits)| self.check_profile(name, bits))
     }
@@ -226,6 +263,7 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         q.quantized.iter().eq(contents.quantized.keys()),
         "quantization metadata must list exactly the quantized tensors, in name order"
     );
+    q.check_granularities()?;
     q.check_profiles()?;
     let tokenizer_json = contents
         .tokenizer
@@ -240,10 +278,10 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
         ensure!(t.codes.len() == l.n_weights(), "`{name}`: {} codes for a {}x{} layout", t.codes.len(), l.rows, l.cols);
         ensure!(t.scales.len() == l.n_scales(), "`{name}`: {} scales, layout needs {}", t.scales.len(), l.n_scales());
         ensure!(
-            l == q.layout(l.rows, l.cols)?,
+            l == q.layout(name, l.rows, l.cols)?,
             "`{name}`: group {} disagrees with granularity {}",
             l.group,
-            q.granularity
+            q.granularity_of(name)?
         );
         let mut scale_bytes = Vec::with_capacity(t.scales.len() * 2);
         for &s in &t.scales {
@@ -447,7 +485,7 @@ impl Checkpoint {
             if quantized.contains(name.as_str()) {
                 ensure!(shape.len() == 2, "`{name}` is listed as quantized but is not a matrix");
                 let (rows, cols) = (shape[0], shape[1]);
-                let layout = quantization.layout(rows, cols)?;
+                let layout = quantization.layout(&name, rows, cols)?;
                 check_tensor(&st, &format!("{name}{CODES_SUFFIX}"), Dtype::I8, &[rows, cols])?;
                 check_tensor(&st, &format!("{name}{SCALES_SUFFIX}"), Dtype::F16, &[rows, layout.n_groups()])?;
                 // Scales are 1/cols of the codes at most: checking them all is cheap, and a zero
@@ -493,6 +531,7 @@ impl Checkpoint {
                 "`{q}` is listed as quantized but is not a weight of this model"
             );
         }
+        quantization.check_granularities()?;
         quantization.check_profiles()?;
         let tok = st.tensor(TOKENIZER_TENSOR).context("the tokenizer tensor is missing")?;
         ensure!(tok.dtype() == Dtype::U8, "`{TOKENIZER_TENSOR}` must be U8");
@@ -587,7 +626,7 @@ impl Checkpoint {
             st.tensor(&format!("{name}{CODES_SUFFIX}")).with_context(|| format!("`{name}` is not quantized"))?;
         let scales = st.tensor(&format!("{name}{SCALES_SUFFIX}"))?;
         let (rows, cols) = (codes.shape()[0], codes.shape()[1]);
-        let layout = self.quantization.layout(rows, cols)?;
+        let layout = self.quantization.layout(name, rows, cols)?;
         let codes: &[i8] = bytemuck::cast_slice(codes.data());
         let f16s = |bytes: &[u8]| -> Vec<f32> {
             bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
@@ -631,7 +670,7 @@ impl Checkpoint {
                 let b = precision
                     .bits_for(&name, &self.quantization.profiles)?
                     .with_context(|| format!("precision `{precision}` has no bit-width for the quantized `{name}`"))?;
-                self.quantization.matrix_bits(rows, cols, b)? as f64
+                self.quantization.matrix_bits(&name, rows, cols, b)? as f64
             } else {
                 32.0 * n
             };

@@ -134,6 +134,9 @@ pub struct BlockwiseConfig {
     pub bit_weights: Vec<f64>,
     /// Initial scales (PTQ search) and layout: as in `configs/ptq/`.
     pub granularity: String,
+    /// Name pattern → granularity for the weights laid out otherwise (as in `configs/ptq/`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub granularity_overrides: BTreeMap<String, String>,
     pub tie: String,
     pub objective: String,
     pub grid: String,
@@ -175,6 +178,7 @@ impl Default for BlockwiseConfig {
             bits: vec![8, 4, 2],
             bit_weights: Vec::new(),
             granularity: "group:128".into(),
+            granularity_overrides: BTreeMap::new(),
             tie: "even".into(),
             objective: "normalized".into(),
             grid: "max-negative".into(),
@@ -208,6 +212,8 @@ impl BlockwiseConfig {
         let spec = QuantSpec {
             bits: self.bits.clone(),
             granularity: self.granularity.parse().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
+            granularity_overrides: QuantSpec::parse_overrides(&self.granularity_overrides)
+                .map_err(|e| anyhow::anyhow!("recipe: granularity_overrides: {e}"))?,
             tie: self.tie.parse::<TieRule>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
             objective: self.objective.parse::<SearchObjective>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
             grid: self.grid.parse::<Grid>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
@@ -327,7 +333,8 @@ pub fn reconstruct(
     let mut quantized = BTreeMap::new();
     for (name, rows, cols) in &targets {
         let w: Vec<f32> = float.weights.get(name, &[*rows, *cols])?.flatten_all()?.to_vec1()?;
-        let q = quantize_weight(&w, *rows, *cols, &spec).with_context(|| format!("initial scales of `{name}`"))?;
+        let q = quantize_weight(&w, *rows, *cols, &spec.for_weight(name)?)
+            .with_context(|| format!("initial scales of `{name}`"))?;
         quantized.insert(name.clone(), q);
     }
     let tokens: Vec<u32> = samples.iter().flatten().copied().collect();
@@ -773,7 +780,7 @@ fn export(
         .filter(|(name, _)| !quantized.contains_key(*name))
         .map(|(name, t)| (name.clone(), trained.get(name).cloned().unwrap_or_else(|| t.clone())))
         .collect();
-    let quantization = QuantizationMeta::nearest(
+    let mut quantization = QuantizationMeta::nearest(
         &spec.bits,
         spec.granularity,
         spec.tie,
@@ -789,6 +796,7 @@ fn export(
         ),
         quantized.keys().cloned().collect(),
     );
+    quantization.granularity_overrides = spec.stored_overrides(quantized.keys())?;
     Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
 }
 

@@ -46,7 +46,8 @@ pub fn quantize_model(
     let mut report = Vec::with_capacity(targets.len());
     for (name, rows, cols) in &targets {
         let w: Vec<f32> = float.weights.get(name, &[*rows, *cols])?.flatten_all()?.to_vec1()?;
-        let q = quantize_weight(&w, *rows, *cols, spec).with_context(|| format!("quantizing `{name}`"))?;
+        let q = quantize_weight(&w, *rows, *cols, &spec.for_weight(name)?)
+            .with_context(|| format!("quantizing `{name}`"))?;
         let relative_error = spec
             .bits
             .iter()
@@ -63,7 +64,9 @@ pub fn quantize_model(
         .map(|(name, t)| (name.clone(), t.clone()))
         .collect();
     let names = quantized.keys().cloned().collect();
-    let quantization = QuantizationMeta::nearest(&spec.bits, spec.granularity, spec.tie, spec.scale_method(), names);
+    let mut quantization =
+        QuantizationMeta::nearest(&spec.bits, spec.granularity, spec.tie, spec.scale_method(), names);
+    quantization.granularity_overrides = spec.stored_overrides(quantized.keys())?;
     Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
 }
 

@@ -6,6 +6,7 @@
 //! (through the double-rounded path) is minimal. The first rounding is round half to even ([`kernels::first_round`]); ties have measure
 //! zero for float weights, so the choice only matters for exact reproducibility.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -91,6 +92,10 @@ pub struct QuantSpec {
     /// Served bit-widths, each in 2..=8, no duplicates (e.g. `[8, 4, 2]`).
     pub bits: Vec<u32>,
     pub granularity: Granularity,
+    /// Weights whose name contains the key get that granularity instead (e.g. `embed_tokens` →
+    /// `group:32`: the tied embedding is a fifth of SmolLM2's weights and its most sensitive
+    /// matrix at 4 bits). A name may match one key at most.
+    pub granularity_overrides: BTreeMap<String, Granularity>,
     pub tie: TieRule,
     pub objective: SearchObjective,
     pub grid: Grid,
@@ -101,6 +106,7 @@ impl Default for QuantSpec {
         QuantSpec {
             bits: vec![8, 4, 2],
             granularity: Granularity::default(),
+            granularity_overrides: BTreeMap::new(),
             tie: TieRule::default(),
             objective: SearchObjective::default(),
             grid: Grid::default(),
@@ -112,6 +118,9 @@ impl fmt::Display for QuantSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let bits: Vec<String> = self.bits.iter().map(u32::to_string).collect();
         write!(f, "bits {} {} tie {} objective {}", bits.join(","), self.granularity, self.tie, self.objective)?;
+        for (pattern, g) in &self.granularity_overrides {
+            write!(f, " {pattern} {g}")?;
+        }
         if self.grid != Grid::Symmetric {
             write!(f, " grid {}", self.grid)?;
         }
@@ -142,10 +151,67 @@ impl QuantSpec {
                 return Err(PtqError::Spec(format!("bit-width {b} listed twice")));
             }
         }
-        if self.granularity == Granularity::Group(0) {
+        if self.granularity == Granularity::Group(0)
+            || self.granularity_overrides.values().any(|g| *g == Granularity::Group(0))
+        {
             return Err(KernelError::ZeroGroup.into());
         }
+        if self.granularity_overrides.keys().any(String::is_empty) {
+            return Err(PtqError::Spec("a granularity override with an empty name pattern".into()));
+        }
         Ok(())
+    }
+
+    /// The granularity of the weight `name`: its override's, else the spec's.
+    pub fn granularity_of(&self, name: &str) -> Result<Granularity, PtqError> {
+        let mut matches = self.granularity_overrides.iter().filter(|(pattern, _)| name.contains(pattern.as_str()));
+        match (matches.next(), matches.next()) {
+            (None, _) => Ok(self.granularity),
+            (Some((_, &g)), None) => Ok(g),
+            (Some((a, _)), Some((b, _))) => {
+                Err(PtqError::Spec(format!("`{name}` matches the granularity overrides `{a}` and `{b}`")))
+            }
+        }
+    }
+
+    /// The spec that quantizes the weight `name`: its granularity resolved, no overrides left.
+    pub fn for_weight(&self, name: &str) -> Result<QuantSpec, PtqError> {
+        Ok(QuantSpec {
+            granularity: self.granularity_of(name)?,
+            granularity_overrides: BTreeMap::new(),
+            ..self.clone()
+        })
+    }
+
+    /// What a checkpoint of the weights `names` records: each weight whose granularity differs
+    /// from the spec's, by full name.
+    pub fn stored_overrides<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Result<BTreeMap<String, String>, PtqError> {
+        let mut stored = BTreeMap::new();
+        for name in names {
+            let g = self.granularity_of(name)?;
+            if g != self.granularity {
+                stored.insert(name.clone(), g.to_string());
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Parses a recipe's `granularity_overrides` table (name pattern → `channel` or `group:N`).
+    pub fn parse_overrides(table: &BTreeMap<String, String>) -> Result<BTreeMap<String, Granularity>, PtqError> {
+        table.iter().map(|(pattern, g)| Ok((pattern.clone(), g.parse::<Granularity>()?))).collect()
+    }
+
+    /// Parses `PATTERN=GRANULARITY` (the command lines' `--granularity-override`).
+    pub fn parse_override(text: &str) -> Result<(String, Granularity), PtqError> {
+        let (pattern, g) = text.split_once('=').filter(|(pattern, _)| !pattern.is_empty()).ok_or_else(|| {
+            PtqError::Parse(format!(
+                "granularity override {text:?} (expected NAME=GRANULARITY, e.g. embed_tokens=group:32)"
+            ))
+        })?;
+        Ok((pattern.to_string(), g.parse::<Granularity>()?))
     }
 }
 

@@ -1,6 +1,7 @@
 //! PTQ recipes: TOML files in `configs/ptq/` naming a quantization spec, so a result can be
 //! reproduced from a file instead of a command line. Command-line flags override the file.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -18,6 +19,9 @@ use crate::ptq::{Grid, QuantSpec, SearchObjective};
 pub struct PtqRecipe {
     pub bits: Option<Vec<u32>>,
     pub granularity: Option<String>,
+    /// Name pattern → granularity for the weights laid out otherwise, e.g.
+    /// `granularity_overrides = { embed_tokens = "group:32" }`.
+    pub granularity_overrides: Option<BTreeMap<String, String>>,
     pub tie: Option<String>,
     pub objective: Option<String>,
     /// `symmetric` or `max-negative` (see [`Grid`]).
@@ -85,6 +89,10 @@ impl PtqRecipe {
         }
         if let Some(g) = &self.granularity {
             spec.granularity = g.parse::<Granularity>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?;
+        }
+        if let Some(table) = &self.granularity_overrides {
+            spec.granularity_overrides =
+                QuantSpec::parse_overrides(table).map_err(|e| anyhow::anyhow!("recipe: granularity_overrides: {e}"))?;
         }
         if let Some(t) = &self.tie {
             spec.tie = t.parse::<TieRule>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?;

@@ -535,6 +535,34 @@ fn inconsistent_metadata_is_rejected() {
             Box::new(|r| r.set_meta("format_version", "one")),
             needles!["`format_version` `one` is not a number"],
         ),
+        // Granularity overrides: of quantized weights only, and agreeing with the stored scales.
+        (
+            "granularity-override-of-a-float-tensor",
+            Box::new(|r| {
+                r.edit_json("quantization", |q| {
+                    q["granularity_overrides"] = serde_json::json!({"model.norm.weight": "group:16"})
+                })
+            }),
+            needles!["granularity_overrides` names `model.norm.weight`, which is not a quantized weight"],
+        ),
+        (
+            "granularity-override-disagrees-with-scales",
+            Box::new(|r| {
+                r.edit_json("quantization", |q| {
+                    q["granularity_overrides"] = serde_json::json!({"model.layers.0.mlp.down_proj.weight": "group:16"})
+                })
+            }),
+            needles!["model.layers.0.mlp.down_proj.weight.scales"],
+        ),
+        (
+            "granularity-override-unparsable",
+            Box::new(|r| {
+                r.edit_json("quantization", |q| {
+                    q["granularity_overrides"] = serde_json::json!({"model.layers.0.mlp.down_proj.weight": "group:0"})
+                })
+            }),
+            needles!["granularity_overrides of `model.layers.0.mlp.down_proj.weight`"],
+        ),
         // Per-layer profiles: a bit-width for exactly the quantized weights, each in 2..=8.
         (
             "profile-missing-weight",
@@ -1046,6 +1074,50 @@ fn writer_rejects_inconsistent_contents() {
 
     assert!(!path.exists());
     assert!(tmp_files(dir.path()).is_empty());
+}
+
+/// A granularity override lays out the weights it names otherwise (here the embedding per 16
+/// columns, the rest per 32): recorded by full name, read back with that layout, decoded with it,
+/// counted in the bits per weight; two overrides matching one weight are refused.
+#[test]
+fn granularity_overrides_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec(&[8, 4, 2], Granularity::Group(32), TieRule::HalfEven);
+    s.granularity_overrides.insert("embed_tokens".into(), Granularity::Group(16));
+    let (float, q) = quantized(Architecture::Llama, true, &s, &[]);
+    let embedding = "model.embed_tokens.weight";
+    assert_eq!(q.quantization.granularity_overrides, [(embedding.to_string(), "group:16".to_string())].into());
+    assert_eq!(q.quantized[embedding].layout.group, 16);
+    let path = dir.path().join("overrides.safetensors");
+    write_checkpoint(&path, &float, &provenance(), &q).unwrap();
+    let ckpt = Checkpoint::open(&path).unwrap();
+    assert_eq!(ckpt.quantization(), &q.quantization);
+    for (name, w) in &q.quantized {
+        let read = ckpt.quantized(name).unwrap();
+        assert_eq!(read.layout, w.layout, "{name}");
+        assert_eq!(read.scales, w.scales, "{name}");
+    }
+    let w4 = ckpt.weights_at(&Precision::Bits(4)).unwrap();
+    let decoded = q.quantized[embedding].dequantize(4, TieRule::HalfEven).unwrap();
+    assert!(bits_eq(&flat(&w4.get(embedding, &[300, 64]).unwrap()), &decoded));
+    // Bits per weight at 4: every matrix's codes plus one f16 scale per group of its own size.
+    let (mut bits, mut weights) = (0.0, 0.0);
+    for (name, shape) in Weights::expected_shapes(ckpt.config()) {
+        let &[rows, cols] = shape.as_slice() else { continue };
+        let group = if name == embedding { 16 } else { 32 };
+        bits += (rows * cols * 4 + 16 * rows * cols.div_ceil(group)) as f64;
+        weights += (rows * cols) as f64;
+    }
+    assert!((ckpt.bits_per_weight(&Precision::Bits(4)).unwrap() - bits / weights).abs() < 1e-12);
+    // Without the override the checkpoint is smaller at every precision.
+    let (_, plain) =
+        quantized(Architecture::Llama, true, &spec(&[8, 4, 2], Granularity::Group(32), TieRule::HalfEven), &[]);
+    assert!(plain.quantized[embedding].scales.len() * 2 == q.quantized[embedding].scales.len());
+
+    let mut ambiguous = s.clone();
+    ambiguous.granularity_overrides.insert("embed".into(), Granularity::Channel);
+    let err = quantize_model(&float, &ambiguous, &[], |_| {}).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("matches the granularity overrides `embed` and `embed_tokens`"), "{err}");
 }
 
 #[test]

@@ -183,6 +183,9 @@ fn rejects_bad_granularity_tie_and_objective() {
         ("--granularity", "rows", "unknown granularity \"rows\""),
         ("--granularity", "group:", "unknown granularity \"group:\""),
         ("--granularity", "group:-8", "group:-8"),
+        ("--granularity-override", "embed_tokens", "expected NAME=GRANULARITY"),
+        ("--granularity-override", "=group:32", "expected NAME=GRANULARITY"),
+        ("--granularity-override", "embed_tokens=rows", "unknown granularity \"rows\""),
         ("--tie", "sideways", "unknown tie rule \"sideways\""),
         ("--objective", "best", "search objective \"best\""),
     ] {
@@ -224,6 +227,7 @@ fn rejects_bad_recipes() {
         ("bitz = [8]", "bitz"),
         ("bits = [8, 9]", "bit-width 9"),
         ("granularity = \"rows\"", "rows"),
+        ("granularity_overrides = { embed_tokens = \"group:0\" }", "granularity_overrides"),
         ("tie = \"sideways\"", "sideways"),
         ("bits = \"8,4\"", "invalid recipe"),
         ("not toml at all [", "invalid recipe"),

@@ -16,7 +16,7 @@ use quantize::hasb::{hasb_profiles, AllocationSpec, ProfileRequest, TraceReport}
 use quantize::profile::ProfileRules;
 use quantize::recipe::PtqRecipe;
 use quantize::train::data::{collect_files, TokenBlocks};
-use quantize::{quantize_model, write_checkpoint, Grid, QuantizedModel, SearchObjective};
+use quantize::{quantize_model, write_checkpoint, Grid, QuantSpec, QuantizedModel, SearchObjective};
 
 #[derive(Parser)]
 #[command(name = "drq-quantize", version, about = "Quantize a model into one INT8 Double Rounding checkpoint")]
@@ -37,6 +37,11 @@ struct Args {
     /// [default: group:128].
     #[arg(long)]
     granularity: Option<Granularity>,
+    /// Another granularity for the weights whose name contains NAME, as NAME=GRANULARITY;
+    /// repeatable. `embed_tokens=group:32`: the tied embedding (a fifth of SmolLM2's weights,
+    /// its output layer too) gets 4× finer scales for +0.08 bits per weight.
+    #[arg(long = "granularity-override", value_name = "NAME=GRANULARITY", value_parser = parse_granularity_override)]
+    granularity_overrides: Vec<(String, Granularity)>,
     /// Tie rule of the second rounding: `even` (round half to even) or `up` (add-and-shift)
     /// [default: even].
     #[arg(long)]
@@ -140,6 +145,7 @@ fn run(args: Args) -> Result<()> {
         spec.bits = bits;
     }
     spec.granularity = args.granularity.unwrap_or(spec.granularity);
+    spec.granularity_overrides.extend(args.granularity_overrides.iter().cloned());
     spec.tie = args.tie.unwrap_or(spec.tie);
     spec.objective = args.objective.unwrap_or(spec.objective);
     spec.grid = args.grid.unwrap_or(spec.grid);
@@ -364,4 +370,8 @@ fn print_report(report: &[quantize::LayerReport], bits: &[u32]) {
             println!("  W{b}: nearest {nearest:.3e}, GPTQ {gptq:.3e} ({:+.1}%)", 100.0 * (gptq / nearest - 1.0));
         }
     }
+}
+
+fn parse_granularity_override(text: &str) -> Result<(String, Granularity), String> {
+    QuantSpec::parse_override(text).map_err(|e| e.to_string())
 }

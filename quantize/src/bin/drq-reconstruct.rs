@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
+use kernels::Granularity;
 use model::checkpoint::CorrectionGranularity;
 use model::source::{self, ModelSource};
 use quantize::blockwise::{reconstruct, BlockInputs, BlockLoss, BlockwiseConfig};
@@ -64,6 +65,15 @@ struct Args {
     /// Initial scales: `channel` or `group:N` [default: group:128].
     #[arg(long, help_heading = "Recipe")]
     granularity: Option<String>,
+    /// Another initial granularity for the weights whose name contains NAME, as
+    /// NAME=GRANULARITY (e.g. `embed_tokens=group:32`); repeatable.
+    #[arg(
+        long = "granularity-override",
+        value_name = "NAME=GRANULARITY",
+        value_parser = parse_granularity_override,
+        help_heading = "Recipe"
+    )]
+    granularity_overrides: Vec<(String, Granularity)>,
     /// Second-rounding tie rule: `even` or `up`.
     #[arg(long, help_heading = "Recipe")]
     tie: Option<String>,
@@ -134,6 +144,10 @@ impl Args {
                     any = true;
                 }
             )*};
+        }
+        for (pattern, g) in &self.granularity_overrides {
+            cfg.granularity_overrides.insert(pattern.clone(), g.to_string());
+            any = true;
         }
         set!(
             bits,
@@ -387,4 +401,8 @@ fn print_summary(blocks: &[quantize::blockwise::BlockReport], layers: &[quantize
         })
         .collect();
     println!("mean relative weight error: {}", means.join(", "));
+}
+
+fn parse_granularity_override(text: &str) -> Result<(String, Granularity), String> {
+    quantize::QuantSpec::parse_override(text).map_err(|e| e.to_string())
 }

@@ -274,9 +274,9 @@ impl Problem {
             for b in bits {
                 let i = spec.bits.iter().position(|&x| x == b).expect("from the list");
                 let (mut size, mut cost) = (0u64, 0f64);
-                for ((_, rows, cols), (s, errors)) in members.iter().zip(&member_costs) {
+                for ((name, rows, cols), (s, errors)) in members.iter().zip(&member_costs) {
                     size += match spec.weighting {
-                        Weighting::Parameters => meta.matrix_bits(*rows, *cols, b)?,
+                        Weighting::Parameters => meta.matrix_bits(name, *rows, *cols, b)?,
                         Weighting::Matrices => u64::from(b),
                     };
                     cost += s * errors[i];

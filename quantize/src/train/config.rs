@@ -2,6 +2,7 @@
 //! `drq-train` flags override them. The resolved recipe is stored in the training state and
 //! in the run directory, so a run can be reproduced and resumed.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -171,6 +172,9 @@ pub struct TrainConfig {
     pub bits: Vec<u32>,
     /// Scale granularity: `channel` or `group:N`.
     pub granularity: String,
+    /// Name pattern → granularity for the weights laid out otherwise (as in `configs/ptq/`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub granularity_overrides: BTreeMap<String, String>,
     /// Second-rounding tie rule: `even` or `up`.
     pub tie: String,
     /// PTQ objective of the initial scales: `normalized` or `sum`.
@@ -223,6 +227,7 @@ impl Default for TrainConfig {
         Self {
             bits: vec![8, 4, 2],
             granularity: "channel".into(),
+            granularity_overrides: BTreeMap::new(),
             tie: "even".into(),
             objective: "normalized".into(),
             grid: "symmetric".into(),
@@ -265,6 +270,8 @@ impl TrainConfig {
         let spec = QuantSpec {
             bits: self.bits.clone(),
             granularity: self.granularity.parse::<Granularity>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
+            granularity_overrides: QuantSpec::parse_overrides(&self.granularity_overrides)
+                .map_err(|e| anyhow::anyhow!("recipe: granularity_overrides: {e}"))?,
             tie: self.tie.parse::<TieRule>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
             objective: self.objective.parse::<SearchObjective>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,
             grid: self.grid.parse::<Grid>().map_err(|e| anyhow::anyhow!("recipe: {e}"))?,

@@ -134,7 +134,8 @@ impl Trainer {
         let mut scales = BTreeMap::new();
         for (name, rows, cols) in quantizable(&float.config, &cfg.keep_float) {
             let w: Vec<f32> = float.weights.get(&name, &[rows, cols])?.flatten_all()?.to_vec1()?;
-            let q = quantize_weight(&w, rows, cols, &spec).with_context(|| format!("initial scales of `{name}`"))?;
+            let q = quantize_weight(&w, rows, cols, &spec.for_weight(&name)?)
+                .with_context(|| format!("initial scales of `{name}`"))?;
             scales.insert(name, Tensor::from_vec(q.scales, (rows, q.layout.n_groups()), &Device::Cpu)?);
         }
         Self::build(float, cfg, scales, BTreeMap::new(), 0, device)
@@ -151,12 +152,16 @@ impl Trainer {
         let q = ckpt.quantization();
         let path = ckpt.path().display();
         ensure!(ckpt.config() == &float.config, "{path} is a checkpoint of another model architecture");
+        let targets = quantizable(&float.config, &cfg.keep_float);
+        let names: Vec<String> = targets.iter().map(|(name, ..)| name.clone()).collect();
         ensure!(
-            q.granularity == spec.granularity.to_string() && q.tie()? == spec.tie,
+            q.granularity == spec.granularity.to_string()
+                && q.granularity_overrides == spec.stored_overrides(&names)?
+                && q.tie()? == spec.tie,
             "{path} has granularity {} and tie rule {}, the recipe {} and {}",
-            q.granularity,
+            q.granularity_summary(),
             q.tie_rule,
-            spec.granularity,
+            spec,
             spec.tie
         );
         ensure!(
@@ -165,11 +170,10 @@ impl Trainer {
              checkpoint without them and fit them afterwards",
             q.corrected_bits
         );
-        let targets = quantizable(&float.config, &cfg.keep_float);
-        let mut names: Vec<&String> = targets.iter().map(|(n, ..)| n).collect();
+        let mut names = names;
         names.sort();
         ensure!(
-            names.into_iter().eq(q.quantized.iter()),
+            names.iter().eq(q.quantized.iter()),
             "{path} quantizes other weights than the recipe (keep_float {:?})",
             cfg.keep_float
         );
@@ -208,7 +212,8 @@ impl Trainer {
         let targets = quantizable(&float.config, &cfg.keep_float);
         let mut layers = Vec::with_capacity(targets.len());
         for (name, rows, cols) in &targets {
-            let layout = spec.granularity.layout(*rows, *cols).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
+            let layout =
+                spec.granularity_of(name)?.layout(*rows, *cols).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
             let w = match trained.remove(name) {
                 Some(t) => t,
                 None => float.weights.get(name, &[*rows, *cols])?,
@@ -675,7 +680,8 @@ impl Trainer {
             c.kd.weight
         );
         let names = quantized.keys().cloned().collect();
-        let quantization = QuantizationMeta::nearest(&c.bits, spec.granularity, self.tie, scale_method, names);
+        let mut quantization = QuantizationMeta::nearest(&c.bits, spec.granularity, self.tie, scale_method, names);
+        quantization.granularity_overrides = spec.stored_overrides(quantized.keys())?;
         Ok(QuantizedModel { quantization, quantized, float, report })
     }
 
