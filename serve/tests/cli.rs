@@ -187,6 +187,8 @@ fn a_float_source_is_quantized_with_the_default_recipe_and_cached() {
     // The one default of every tool that quantizes without a recipe.
     let default = quantize::recipe::PtqRecipe::default_recipe().settings().unwrap();
     assert_eq!(checkpoint.quantization().granularity, default.spec.granularity.to_string());
+    let q = checkpoint.quantization();
+    assert_eq!(q.granularity_overrides, default.spec.stored_overrides(&q.quantized).unwrap());
     assert_eq!(checkpoint.quantization().scale_method, default.spec.scale_method());
     assert_eq!(checkpoint.quantization().bits, default.spec.bits);
 }

@@ -481,6 +481,7 @@ fn every_batch_size_gives_the_same_rows() {
         (13, 1000, Granularity::Group(128)),
         (21, 130, Granularity::Group(40)),
         (9, 64, Granularity::Group(16)),
+        (10, 208, Granularity::Group(16)),
         (11, 1600, Granularity::Channel),
         (6, 2100, Granularity::Group(32)),
     ] {

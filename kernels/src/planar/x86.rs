@@ -897,17 +897,18 @@ unsafe fn f32_block(
     }
 }
 
-/// [`int8_rows4`] for one activation row and whole-word groups (per-channel, groups a multiple of
-/// 64), 8 weight rows at a time: 8 independent `vpdpbusd` chains, two transposing reductions
-/// folded into one vector of 8 sums per group, and the f32 combination in 8 lanes (the same
-/// operations in the same order as [`super::combine_int`], so the same outputs bit for bit).
+/// [`int8_rows4`] for one activation row, 8 weight rows at a time: 8 independent `vpdpbusd`
+/// chains, two transposing reductions folded into one vector of 8 sums per group, and the f32
+/// combination in 8 lanes (the same operations in the same order as [`super::combine_int`], so
+/// the same outputs bit for bit). Whole-word groups (per-channel, multiples of 64) reduce once per
+/// group; groups of 32 or 16 once per word, which holds 2 or 4 of them in its 128-bit lanes.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI. Bounds are checked (panics otherwise).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn int8_rows8_matvec(
     job: &Job<'_>,
-    words: usize,
+    segs: Segments,
     bytes: &[u8],
     (r0, nr, i0): (usize, usize, usize),
     out: &mut [&mut [f32]],
@@ -930,8 +931,21 @@ unsafe fn int8_rows8_matvec(
         let rows: [usize; 8] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
         let u: [*const u8; 8] = rows.map(|j| bytes[j * cp..].as_ptr());
         let mut facc = _mm256_setzero_ps();
-        for g in 0..ng {
-            let (w0, w1) = (g * words, ((g + 1) * words).min(wpr));
+        // Index of each row's first scale: one gather loads a group's 8 scales.
+        let first = rows.map(|j| i32::try_from((r0 + j) * ng).expect("scale index fits i32"));
+        // SAFETY: `first` holds 8 i32 (32 bytes).
+        let first = unsafe { _mm256_loadu_si256(first.as_ptr().cast()) };
+        // Adds group g's term for the 8 rows, given their exact sums Σ u·x.
+        let mut combine = |g: usize, t: __m256i| {
+            let t = _mm256_sub_epi32(t, _mm256_set1_epi32(half * sum[g] as i32));
+            // SAFETY: (r0 + rows[j]) · ng + g < (r0 + nr) · ng ≤ job.scales.len() (asserted).
+            let s = unsafe { _mm256_i32gather_ps::<4>(job.scales.as_ptr().add(g), first) };
+            let sa = _mm256_mul_ps(s, _mm256_set1_ps(scale[g]));
+            facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(t), sa));
+        };
+        // The 8 rows' lane sums over words w0 .. w1: 128-bit lane L of the two results holds
+        // rows 0..4 and 4..8 summed over bytes 16L .. 16L + 16 of each word.
+        let lane_sums = |w0: usize, w1: usize| {
             let z = _mm512_setzero_si512();
             let mut acc = [z; 8];
             for wi in w0..w1 {
@@ -943,29 +957,57 @@ unsafe fn int8_rows8_matvec(
                     }
                 }
             }
-            let l0 = lane_sums4([acc[0], acc[1], acc[2], acc[3]]);
-            let l1 = lane_sums4([acc[4], acc[5], acc[6], acc[7]]);
-            // 128-bit lanes [l0.0 + l0.1, l0.2 + l0.3, l1.0 + l1.1, l1.2 + l1.3] …
-            let t = _mm512_add_epi32(
+            (lane_sums4([acc[0], acc[1], acc[2], acc[3]]), lane_sums4([acc[4], acc[5], acc[6], acc[7]]))
+        };
+        // 128-bit lanes [l0.0 + l0.1, l0.2 + l0.3, l1.0 + l1.1, l1.2 + l1.3]: the sums over
+        // each half word, rows 0..4 then 4..8.
+        let halves = |l0: __m512i, l1: __m512i| {
+            _mm512_add_epi32(
                 _mm512_shuffle_i64x2::<0b10_00_10_00>(l0, l1),
                 _mm512_shuffle_i64x2::<0b11_01_11_01>(l0, l1),
-            );
-            // … then [rows 0..4, rows 4..8] in the low 256 bits.
-            let t = _mm512_add_epi32(t, _mm512_shuffle_i64x2::<0b11_11_11_01>(t, t));
-            let t = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 0, 1, 4, 5), t);
-            let t = _mm256_sub_epi32(_mm512_castsi512_si256(t), _mm256_set1_epi32(half * sum[g] as i32));
-            let s = _mm256_setr_ps(
-                job.scales[(r0 + rows[0]) * ng + g],
-                job.scales[(r0 + rows[1]) * ng + g],
-                job.scales[(r0 + rows[2]) * ng + g],
-                job.scales[(r0 + rows[3]) * ng + g],
-                job.scales[(r0 + rows[4]) * ng + g],
-                job.scales[(r0 + rows[5]) * ng + g],
-                job.scales[(r0 + rows[6]) * ng + g],
-                job.scales[(r0 + rows[7]) * ng + g],
-            );
-            let sa = _mm256_mul_ps(s, _mm256_set1_ps(scale[g]));
-            facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(t), sa));
+            )
+        };
+        match segs {
+            Segments::Words { words } => {
+                for g in 0..ng {
+                    let (l0, l1) = lane_sums(g * words, ((g + 1) * words).min(wpr));
+                    let t = halves(l0, l1);
+                    // … then [rows 0..4, rows 4..8] in the low 256 bits.
+                    let t = _mm512_add_epi32(t, _mm512_shuffle_i64x2::<0b11_11_11_01>(t, t));
+                    let t = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 0, 1, 4, 5), t);
+                    combine(g, _mm512_castsi512_si256(t));
+                }
+            }
+            Segments::Sub { per_word: 2 } => {
+                for wi in 0..wpr {
+                    let (l0, l1) = lane_sums(wi, wi + 1);
+                    // [first half rows 0..8, second half rows 0..8].
+                    let t = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7), halves(l0, l1));
+                    for (h, t) in [_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64::<1>(t)].into_iter().enumerate()
+                    {
+                        if 2 * wi + h < ng {
+                            combine(2 * wi + h, t);
+                        }
+                    }
+                }
+            }
+            Segments::Sub { .. } => {
+                for wi in 0..wpr {
+                    let (l0, l1) = lane_sums(wi, wi + 1);
+                    // Lane L of l0 and l1: group 4·wi + L, rows 0..4 and 4..8.
+                    let quarters = [
+                        (_mm512_extracti32x4_epi32::<0>(l0), _mm512_extracti32x4_epi32::<0>(l1)),
+                        (_mm512_extracti32x4_epi32::<1>(l0), _mm512_extracti32x4_epi32::<1>(l1)),
+                        (_mm512_extracti32x4_epi32::<2>(l0), _mm512_extracti32x4_epi32::<2>(l1)),
+                        (_mm512_extracti32x4_epi32::<3>(l0), _mm512_extracti32x4_epi32::<3>(l1)),
+                    ];
+                    for (q, (lo, hi)) in quarters.into_iter().enumerate() {
+                        if 4 * wi + q < ng {
+                            combine(4 * wi + q, _mm256_set_m128i(hi, lo));
+                        }
+                    }
+                }
+            }
         }
         let y = _mm256_mul_ps(facc, step);
         let o = &mut out[i0 + k..i0 + k + nrow];
@@ -1134,7 +1176,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
         if let (Some(segs), Acts::Int8 { .. }) = (&segs, job.acts) {
             match *segs {
                 // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract).
-                Segments::Words { words } if n == 1 => unsafe { int8_rows8_matvec(job, words, &sc.bytes, rows, out) },
+                _ if n == 1 => unsafe { int8_rows8_matvec(job, *segs, &sc.bytes, rows, out) },
                 // SAFETY: as above.
                 _ => unsafe { int8_rows4(job, segs, &sc.bytes, rows, out) },
             }

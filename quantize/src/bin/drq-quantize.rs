@@ -26,7 +26,8 @@ struct Args {
     #[arg(short, long, default_value = "default")]
     model: String,
     /// PTQ recipe (TOML, see configs/ptq/); the flags below override it. Without one: every
-    /// tool's default (group:128, max-negative grid, bits 8,4,2).
+    /// tool's default (group:128, group:32 for the embedding and lm_head, max-negative grid, bits
+    /// 8,4,2).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Bit-widths the scales are searched for (comma-separated, 2..8; 8 is always stored)
