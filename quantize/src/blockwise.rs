@@ -804,6 +804,19 @@ fn export(
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_shipped_recipe_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/blockwise");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let cfg = BlockwiseConfig::load(&path).unwrap();
+            cfg.validate().unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            n += 1;
+        }
+        assert!(n >= 2, "expected the shipped recipes in {}", dir.display());
+    }
+
     /// The refit keeps every lower precision's served values bit for bit and brings each 8-bit
     /// code at least as close to the float weight (here: on random codes far from the weights).
     #[test]
