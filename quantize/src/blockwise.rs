@@ -27,12 +27,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use kernels::{QuantizedWeight, ScaleLayout, TieRule};
-use model::checkpoint::{CorrectionGranularity, QuantizationMeta};
+use model::checkpoint::CorrectionGranularity;
 use model::weights::BLOCK_LINEARS;
 use model::{FloatModel, OpsMode, Transformer, Weights};
 use serde::{Deserialize, Serialize};
 
-use crate::model_ptq::{quantizable, QuantizedModel};
+use crate::model_ptq::{quantizable, quantization_meta, QuantizedModel};
 use crate::ptq::{quantize_weight, reconstruction_error, Grid, QuantSpec, SearchObjective};
 use crate::report::LayerReport;
 use crate::train::alrs::AlrsPolicy;
@@ -780,23 +780,17 @@ fn export(
         .filter(|(name, _)| !quantized.contains_key(*name))
         .map(|(name, t)| (name.clone(), trained.get(name).cloned().unwrap_or_else(|| t.clone())))
         .collect();
-    let mut quantization = QuantizationMeta::nearest(
-        &spec.bits,
-        spec.granularity,
-        spec.tie,
-        format!(
-            "{}+blockwise:samples={}x{}:epochs={}:inputs={}:loss={}:alrs={}",
-            spec.scale_method(),
-            cfg.samples,
-            cfg.seq_len,
-            cfg.epochs,
-            cfg.inputs,
-            cfg.loss,
-            cfg.alrs.name()
-        ),
-        quantized.keys().cloned().collect(),
+    let scale_method = format!(
+        "{}+blockwise:samples={}x{}:epochs={}:inputs={}:loss={}:alrs={}",
+        spec.scale_method(),
+        cfg.samples,
+        cfg.seq_len,
+        cfg.epochs,
+        cfg.inputs,
+        cfg.loss,
+        cfg.alrs.name()
     );
-    quantization.granularity_overrides = spec.stored_overrides(quantized.keys())?;
+    let quantization = quantization_meta(spec, scale_method, quantized.keys().cloned().collect())?;
     Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
 }
 

@@ -63,11 +63,18 @@ pub fn quantize_model(
         .filter(|(name, _)| !quantized.contains_key(*name))
         .map(|(name, t)| (name.clone(), t.clone()))
         .collect();
-    let names = quantized.keys().cloned().collect();
-    let mut quantization =
-        QuantizationMeta::nearest(&spec.bits, spec.granularity, spec.tie, spec.scale_method(), names);
-    quantization.granularity_overrides = spec.stored_overrides(quantized.keys())?;
+    let quantization = quantization_meta(spec, spec.scale_method(), quantized.keys().cloned().collect())?;
     Ok(QuantizedModel { quantization, quantized, float: float_tensors, report })
+}
+
+/// The metadata of the weights `names` quantized by `spec` with nearest rounding, scales made by
+/// `scale_method`: what every quantizer first writes (the granularity overrides resolved to the
+/// weights they cover).
+pub fn quantization_meta(spec: &QuantSpec, scale_method: String, names: Vec<String>) -> Result<QuantizationMeta> {
+    let overrides = spec.stored_overrides(&names)?;
+    let mut meta = QuantizationMeta::nearest(&spec.bits, spec.granularity, spec.tie, scale_method, names);
+    meta.granularity_overrides = overrides;
+    Ok(meta)
 }
 
 /// Quantizes `float` as `settings` say, without calibration text: the scale search, then any

@@ -8,12 +8,12 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use kernels::{ScaleLayout, TieRule};
-use model::checkpoint::{Checkpoint, QuantizationMeta};
+use model::checkpoint::Checkpoint;
 use model::{FloatModel, KvCache, OpsMode, Transformer, Weights};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::model_ptq::{quantizable, QuantizedModel};
+use crate::model_ptq::{quantizable, quantization_meta, QuantizedModel};
 use crate::ptq::{quantize_weight, reconstruction_error};
 use crate::report::LayerReport;
 use crate::train::config::{LoopMode, ScaleMoments, Teacher, TrainConfig};
@@ -153,16 +153,15 @@ impl Trainer {
         let path = ckpt.path().display();
         ensure!(ckpt.config() == &float.config, "{path} is a checkpoint of another model architecture");
         let targets = quantizable(&float.config, &cfg.keep_float);
-        let names: Vec<String> = targets.iter().map(|(name, ..)| name.clone()).collect();
+        let mut names: Vec<String> = targets.iter().map(|(name, ..)| name.clone()).collect();
+        names.sort();
         ensure!(
             q.granularity == spec.granularity.to_string()
                 && q.granularity_overrides == spec.stored_overrides(&names)?
                 && q.tie()? == spec.tie,
-            "{path} has granularity {} and tie rule {}, the recipe {} and {}",
+            "{path} has granularity {} and tie rule {}, the recipe {spec}",
             q.granularity_summary(),
             q.tie_rule,
-            spec,
-            spec.tie
         );
         ensure!(
             q.corrected_bits.is_empty(),
@@ -170,8 +169,6 @@ impl Trainer {
              checkpoint without them and fit them afterwards",
             q.corrected_bits
         );
-        let mut names = names;
-        names.sort();
         ensure!(
             names.iter().eq(q.quantized.iter()),
             "{path} quantizes other weights than the recipe (keep_float {:?})",
@@ -679,9 +676,7 @@ impl Trainer {
             self.step,
             c.kd.weight
         );
-        let names = quantized.keys().cloned().collect();
-        let mut quantization = QuantizationMeta::nearest(&c.bits, spec.granularity, self.tie, scale_method, names);
-        quantization.granularity_overrides = spec.stored_overrides(quantized.keys())?;
+        let quantization = quantization_meta(&spec, scale_method, quantized.keys().cloned().collect())?;
         Ok(QuantizedModel { quantization, quantized, float, report })
     }
 
