@@ -28,8 +28,8 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use kernels::{QuantizedWeight, ScaleLayout, TieRule};
 use model::checkpoint::CorrectionGranularity;
-use model::weights::BLOCK_LINEARS;
-use model::{FloatModel, OpsMode, Transformer, Weights};
+use model::weights::{BLOCK_LINEARS, EMBED, LM_HEAD};
+use model::{FloatModel, ModelConfig, OpsMode, Transformer, Weights};
 use serde::{Deserialize, Serialize};
 
 use crate::model_ptq::{quantizable, quantization_meta, QuantizedModel};
@@ -165,6 +165,11 @@ pub struct BlockwiseConfig {
     /// that keep every lower precision's trained level: the lower precisions are unchanged and
     /// 8 bits gets back what training for them cost it.
     pub refit_8bit: bool,
+    /// Passes over the calibration sequences training the lm_head (a tied embedding in its
+    /// lm_head role) before the blocks: its latent weights and scales fitted so that the
+    /// next-token distribution at every bit-width matches the float model's on the float final
+    /// hidden states (KL, normalised and weighted per bit-width as the blocks). 0: PTQ.
+    pub head_epochs: usize,
     /// Per-precision corrections fitted after the reconstruction (bit-widths below 8).
     pub corrections: Vec<u32>,
     /// What one correction factor covers: an output row or a scale group.
@@ -194,6 +199,7 @@ impl Default for BlockwiseConfig {
             inputs: BlockInputs::Quantized,
             loss: BlockLoss::default(),
             refit_8bit: true,
+            head_epochs: 0,
             corrections: Vec::new(),
             correction_granularity: CorrectionGranularity::Row,
             seed: 0,
@@ -262,6 +268,11 @@ impl BlockwiseConfig {
     pub fn steps_per_block(&self) -> usize {
         self.epochs * self.samples.div_ceil(self.batch)
     }
+
+    /// Mini-batches of the lm_head stage.
+    pub fn head_steps(&self) -> usize {
+        self.head_epochs * self.samples.div_ceil(self.batch)
+    }
 }
 
 /// What training one block did, per bit-width: the output error (the recipe's loss) over every
@@ -275,10 +286,42 @@ pub struct BlockReport {
     pub seconds: f64,
 }
 
-/// Progress of a reconstruction, for a progress bar: `(block, step within the block)`.
-pub type Progress<'a> = &'a mut dyn FnMut(usize, usize);
+/// What the lm_head stage did, per bit-width: KL(float ‖ quantized) of the next-token
+/// distribution over every calibration position (float final hidden states), before (PTQ) and
+/// after (the weight as the checkpoint serves it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadReport {
+    pub weight: String,
+    pub kl_before: BTreeMap<u32, f64>,
+    pub kl_after: BTreeMap<u32, f64>,
+    pub seconds: f64,
+}
 
-/// One quantized linear layer of the block being trained.
+/// What a reconstruction did: the lm_head stage (when the recipe has one) and every block.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reconstruction {
+    pub head: Option<HeadReport>,
+    pub blocks: Vec<BlockReport>,
+}
+
+/// A stage of the reconstruction, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Head,
+    Block(usize),
+}
+
+/// Progress of a reconstruction, for a progress bar: `(stage, step within the stage)`.
+pub type Progress<'a> = &'a mut dyn FnMut(Stage, usize);
+
+/// The weight the lm_head stage trains: an untied lm_head, or a tied embedding (the same
+/// matrix), when it is quantized.
+pub fn head_weight(config: &ModelConfig, keep_float: &[String]) -> Option<String> {
+    let name = if config.tie_word_embeddings { EMBED } else { LM_HEAD };
+    quantizable(config, keep_float).iter().any(|(n, _, _)| n == name).then(|| name.to_string())
+}
+
+/// One quantized weight being trained: latent weights and scales.
 struct Layer {
     name: String,
     layout: ScaleLayout,
@@ -286,6 +329,59 @@ struct Layer {
     s: Var,
     adam_w: AdamState,
     adam_s: AdamState,
+}
+
+impl Layer {
+    /// Starts from the float weight and the scales of its PTQ `q`.
+    fn new(float: &FloatModel, name: &str, q: &QuantizedWeight) -> Result<Self> {
+        let (rows, cols) = (q.layout.rows, q.layout.cols);
+        Ok(Layer {
+            name: name.to_string(),
+            layout: q.layout,
+            w: Var::from_tensor(&float.weights.get(name, &[rows, cols])?)?,
+            s: Var::from_vec(q.scales.clone(), (rows, q.layout.n_groups()), &Device::Cpu)?,
+            adam_w: AdamState::new(q.layout.n_weights()),
+            adam_s: AdamState::new(q.layout.n_scales()),
+        })
+    }
+
+    /// `Ŵ_b` as the fake quantizer serves it, recorded for backpropagation.
+    fn fake_quantized(&self, bits: u32, tie: TieRule) -> Result<Tensor> {
+        FakeQuant::new(bits, tie, self.layout)?.apply(self.w.as_tensor(), self.s.as_tensor())
+    }
+
+    /// One Adam step on the summed gradients `gw` (weights) and `gs` (scales), the learning rates
+    /// relative (`cfg.weight_lr` of the group's 8-bit step, `cfg.scale_lr` of the scale) times
+    /// the schedule's `mult`.
+    fn update(&mut self, gw: &[f32], gs: &[f32], cfg: &BlockwiseConfig, mult: f64, adam: &AdamParams) -> Result<()> {
+        let l = self.layout;
+        let s: Vec<f32> = self.s.as_tensor().flatten_all()?.to_vec1()?;
+        // Per-weight units: its group's 8-bit step |s|.
+        let unit_w: Vec<f32> = (0..l.rows)
+            .flat_map(|r| (0..l.cols).map(move |c| (r, c)))
+            .map(|(r, c)| s[r * l.n_groups() + c / l.group].abs())
+            .collect();
+        let mut w: Vec<f32> = self.w.as_tensor().flatten_all()?.to_vec1()?;
+        self.adam_w.step_scaled(&mut w, gw, cfg.weight_lr * mult, &unit_w, adam);
+        let unit_s: Vec<f32> = s.iter().map(|x| x.abs()).collect();
+        let mut s_new = s.clone();
+        self.adam_s.step_scaled(&mut s_new, gs, cfg.scale_lr * mult, &unit_s, adam);
+        // A scale keeps its sign and stays away from zero.
+        for (x, &old) in s_new.iter_mut().zip(&s) {
+            if !x.is_finite() || x.signum() != old.signum() || x.abs() < 1e-3 * old.abs() {
+                *x = old;
+            }
+        }
+        self.w.set(&Tensor::from_vec(w, (l.rows, l.cols), &Device::Cpu)?)?;
+        self.s.set(&Tensor::from_vec(s_new, (l.rows, l.n_groups()), &Device::Cpu)?)?;
+        Ok(())
+    }
+
+    /// The trained tensors: latent weights (`NAME`) and scales (`NAME.scales`).
+    fn params(&self, out: &mut BTreeMap<String, Tensor>) {
+        out.insert(self.name.clone(), self.w.as_tensor().detach());
+        out.insert(format!("{}{SCALES}", self.name), self.s.as_tensor().detach());
+    }
 }
 
 /// A norm gain or bias of the block being trained.
@@ -311,15 +407,16 @@ impl<'s> Inputs<'s> {
 }
 
 /// The block-wise reconstruction of `float` on `samples` (token sequences of `cfg.seq_len`),
-/// saving each trained block in `run_dir` (and resuming from the blocks saved there). Returns
-/// the quantized model and a report per block.
+/// saving each trained stage (the lm_head when the recipe trains it, then every block) in
+/// `run_dir` and resuming from the stages saved there. Returns the quantized model and what each
+/// stage did.
 pub fn reconstruct(
     float: &FloatModel,
     cfg: &BlockwiseConfig,
     samples: &[Vec<u32>],
     run_dir: &Path,
     progress: Progress<'_>,
-) -> Result<(QuantizedModel, Vec<BlockReport>)> {
+) -> Result<(QuantizedModel, Reconstruction)> {
     cfg.validate()?;
     ensure!(samples.len() == cfg.samples, "{} calibration sequences for a recipe of {}", samples.len(), cfg.samples);
     ensure!(samples.iter().all(|s| s.len() == cfg.seq_len), "calibration sequences must have seq_len tokens");
@@ -340,6 +437,14 @@ pub fn reconstruct(
     let tokens: Vec<u32> = samples.iter().flatten().copied().collect();
     let tokens = Tensor::from_vec(tokens, (samples.len(), cfg.seq_len), &device)?;
     let float_model = Transformer::new(config, &float.weights, OpsMode::Inference)?;
+    // The lm_head first: a tied embedding's codes are also the blocks' first input.
+    let head = match head_weight(config, &cfg.keep_float) {
+        Some(name) if cfg.head_epochs > 0 => {
+            let stage = HeadStage { float, cfg, spec: &spec, name: &name, float_model: &float_model, run_dir };
+            Some(stage.run(&tokens, &mut quantized, progress)?)
+        }
+        _ => None,
+    };
     let mut stream_f = batched(cfg.batch, &tokens, |t| float_model.embed(t))?;
     // Quantized streams start at the embedding served at each bit-width.
     let mut streams: BTreeMap<u32, Stream> = BTreeMap::new();
@@ -363,16 +468,16 @@ pub fn reconstruct(
                 .with_context(|| format!("cannot read the saved block {}", saved.display()))?
                 .into_iter()
                 .collect();
-            export_block(float, cfg, &spec, block, &params, &mut quantized, &mut trained)?;
-            progress(block, cfg.steps_per_block());
-            read_report(run_dir, block)?
+            export_params(float, cfg, &spec, &params, &mut quantized, &mut trained)?;
+            progress(Stage::Block(block), cfg.steps_per_block());
+            read_json(&report_path(run_dir, block))?
         } else {
             let mut trainer = BlockTrainer::new(float, cfg, &spec, block, &quantized, &targets)?;
             let mse_before = trainer.mse_all(&inputs, &target)?;
-            trainer.train(&inputs, &target, &mse_before, &mut |step| progress(block, step))?;
+            trainer.train(&inputs, &target, &mse_before, &mut |step| progress(Stage::Block(block), step))?;
             let params = trainer.params()?;
             drop(trainer);
-            export_block(float, cfg, &spec, block, &params, &mut quantized, &mut trained)?;
+            export_params(float, cfg, &spec, &params, &mut quantized, &mut trained)?;
             let mut mse_after = BTreeMap::new();
             for &b in &cfg.bits {
                 let t = Transformer::new(
@@ -390,7 +495,7 @@ pub fn reconstruct(
                 mse_after.insert(b, total / x.dim(0)? as f64);
             }
             let report = BlockReport { block, mse_before, mse_after, seconds: started.elapsed().as_secs_f64() };
-            save_block(run_dir, block, &params, &report)?;
+            save_stage(&block_path(run_dir, block), &report_path(run_dir, block), &params, &report)?;
             report
         };
         tracing::info!(
@@ -415,18 +520,155 @@ pub fn reconstruct(
         stream_f = target;
         reports.push(report);
     }
-    Ok((export(float, cfg, &spec, &targets, quantized, &trained)?, reports))
+    let model = export(float, cfg, &spec, &targets, quantized, &trained)?;
+    Ok((model, Reconstruction { head, blocks: reports }))
 }
 
-/// Block `block` as the checkpoint stores it: codes re-derived from the trained latent weights
-/// (`NAME` in `params`) and scales (`NAME.scales`), exactly as the fake quantizer served them,
-/// 8-bit codes refitted if the recipe asks, into `quantized`; trained norms and biases into
-/// `trained`.
-fn export_block(
+/// The lm_head stage of a reconstruction (see [`BlockwiseConfig::head_epochs`]).
+struct HeadStage<'a> {
+    float: &'a FloatModel,
+    cfg: &'a BlockwiseConfig,
+    spec: &'a QuantSpec,
+    name: &'a str,
+    float_model: &'a Transformer,
+    run_dir: &'a Path,
+}
+
+impl HeadStage<'_> {
+    /// Trains the head weight (or takes it from the run directory), exports it into `quantized`
+    /// and reports what it did.
+    fn run(
+        &self,
+        tokens: &Tensor,
+        quantized: &mut BTreeMap<String, QuantizedWeight>,
+        progress: Progress<'_>,
+    ) -> Result<HeadReport> {
+        let (cfg, spec) = (self.cfg, self.spec);
+        let (saved, report_file) = (self.run_dir.join("head.safetensors"), self.run_dir.join("head.json"));
+        let mut unused = BTreeMap::new();
+        if saved.is_file() {
+            let params = candle_core::safetensors::load(&saved, &Device::Cpu)
+                .with_context(|| format!("cannot read the saved lm_head {}", saved.display()))?
+                .into_iter()
+                .collect();
+            export_params(self.float, cfg, spec, &params, quantized, &mut unused)?;
+            progress(Stage::Head, cfg.head_steps());
+            return read_json(&report_file);
+        }
+        let started = std::time::Instant::now();
+        let mut x = batched(cfg.batch, tokens, |t| self.float_model.embed(t))?;
+        for block in 0..self.float.config.num_hidden_layers {
+            x = batched(cfg.batch, &x, |h| self.float_model.block_forward(block, h))?;
+        }
+        let hidden = batched(cfg.batch, &x, |h| self.float_model.head_input(h))?;
+        drop(x);
+        let float_w = self.float.weights.get(self.name, &[quantized[self.name].layout.rows, hidden.dim(2)?])?;
+        let kl_before = self.kl_served(&hidden, &float_w, &quantized[self.name])?;
+        let mut layer = Layer::new(self.float, self.name, &quantized[self.name])?;
+        let adam = AdamParams::default();
+        let (n, total) = (hidden.dim(0)?, cfg.head_steps());
+        let mut step = 0;
+        for epoch in 0..cfg.head_epochs {
+            // Another seed stream than the blocks' (which take the block index in the high bits).
+            for chunk in permutation(n, cfg.seed ^ (u64::MAX << 32), epoch as u64).chunks(cfg.batch) {
+                let ids = Tensor::from_vec(chunk.to_vec(), chunk.len(), &Device::Cpu)?;
+                let h = hidden.index_select(&ids, 0)?.flatten_to(1)?;
+                let target = Target::new(&h, &float_w)?;
+                let mut gw = vec![0f32; layer.layout.n_weights()];
+                let mut gs = vec![0f32; layer.layout.n_scales()];
+                for (bi, &b) in cfg.bits.iter().enumerate() {
+                    if cfg.bit_weight(bi) == 0.0 {
+                        continue;
+                    }
+                    let kl = target.kl(&h.matmul(&layer.fake_quantized(b, spec.tie)?.t()?)?)?;
+                    let loss = (kl * (cfg.bit_weight(bi) / kl_before[&b].max(f64::MIN_POSITIVE)))?;
+                    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    ensure!(value.is_finite(), "lm_head stage: the loss at {b} bits is {value}");
+                    let grads = loss.backward()?;
+                    let get = |t: &Tensor| -> Result<Vec<f32>> {
+                        Ok(match grads.get(t) {
+                            Some(g) => g.flatten_all()?.to_vec1()?,
+                            None => vec![0.0; t.elem_count()],
+                        })
+                    };
+                    add(&mut gw, &get(layer.w.as_tensor())?, 1.0);
+                    add(&mut gs, &get(layer.s.as_tensor())?, cfg.alrs.scale_lr(1.0, b, &[]) as f32);
+                }
+                let mult = crate::train::optim::schedule(step as u64, 0, total as u64, 0.0);
+                layer.update(&gw, &gs, cfg, mult, &adam)?;
+                step += 1;
+                progress(Stage::Head, step);
+            }
+        }
+        let mut params = BTreeMap::new();
+        layer.params(&mut params);
+        drop(layer);
+        export_params(self.float, cfg, spec, &params, quantized, &mut unused)?;
+        let kl_after = self.kl_served(&hidden, &float_w, &quantized[self.name])?;
+        let report =
+            HeadReport { weight: self.name.to_string(), kl_before, kl_after, seconds: started.elapsed().as_secs_f64() };
+        save_stage(&saved, &report_file, &params, &report)?;
+        tracing::info!(
+            "lm_head ({}): KL to the float model {}",
+            self.name,
+            report
+                .kl_before
+                .iter()
+                .map(|(b, before)| format!("W{b} {before:.4} → {:.4}", report.kl_after[b]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(report)
+    }
+
+    /// KL(float ‖ `q` served at each bit-width) over every position of `hidden`.
+    fn kl_served(&self, hidden: &Tensor, float_w: &Tensor, q: &QuantizedWeight) -> Result<BTreeMap<u32, f64>> {
+        let mut out = BTreeMap::new();
+        for &b in &self.cfg.bits {
+            let values = q.dequantize(b, self.spec.tie).map_err(|e| anyhow::anyhow!("`{}`: {e}", self.name))?;
+            let w = Tensor::from_vec(values, (q.layout.rows, q.layout.cols), &Device::Cpu)?;
+            let n = hidden.dim(0)?;
+            let mut total = 0f64;
+            for i in (0..n).step_by(self.cfg.batch) {
+                let k = self.cfg.batch.min(n - i);
+                let h = hidden.narrow(0, i, k)?.flatten_to(1)?;
+                let kl = Target::new(&h, float_w)?.kl(&h.matmul(&w.t()?)?)?;
+                total += kl.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
+            }
+            out.insert(b, total / n as f64);
+        }
+        Ok(out)
+    }
+}
+
+/// The float model's next-token distribution at some positions (`[positions, vocab]`).
+struct Target {
+    log_p: Tensor,
+    p: Tensor,
+}
+
+impl Target {
+    /// From the lm_head inputs `h` (`[positions, hidden]`) and the float head weight.
+    fn new(h: &Tensor, float_w: &Tensor) -> Result<Self> {
+        let log_p = candle_nn::ops::log_softmax(&h.matmul(&float_w.t()?)?, candle_core::D::Minus1)?.detach();
+        Ok(Self { p: log_p.exp()?, log_p })
+    }
+
+    /// Mean over the positions of KL(p ‖ softmax(`logits`)), differentiable in `logits`.
+    fn kl(&self, logits: &Tensor) -> Result<Tensor> {
+        let log_q = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+        Ok((&self.p * (&self.log_p - log_q)?)?.sum(1)?.mean_all()?)
+    }
+}
+
+/// Trained tensors as the checkpoint stores them: codes re-derived from each trained latent
+/// weight (`NAME` in `params`) and its scales (`NAME.scales`), exactly as the fake quantizer
+/// served them, 8-bit codes refitted if the recipe asks, into `quantized`; trained norms and
+/// biases into `trained`.
+fn export_params(
     float: &FloatModel,
     cfg: &BlockwiseConfig,
     spec: &QuantSpec,
-    block: usize,
     params: &BTreeMap<String, Tensor>,
     quantized: &mut BTreeMap<String, QuantizedWeight>,
     trained: &mut BTreeMap<String, Tensor>,
@@ -441,10 +683,10 @@ fn export_block(
         };
         let scales: Vec<f32> = params
             .get(&format!("{name}{SCALES}"))
-            .with_context(|| format!("block {block}: no scales for `{name}`"))?
+            .with_context(|| format!("no saved scales for `{name}`"))?
             .flatten_all()?
             .to_vec1()?;
-        ensure!(scales.len() == q.layout.n_scales(), "block {block}: `{name}` has {} scales", scales.len());
+        ensure!(scales.len() == q.layout.n_scales(), "saved `{name}` has {} scales", scales.len());
         let mut exported = export_weight(&t.flatten_all()?.to_vec1()?, &scales, q.layout);
         if cfg.refit_8bit {
             let w: Vec<f32> = float.weights.get(name, &[q.layout.rows, q.layout.cols])?.flatten_all()?.to_vec1()?;
@@ -491,24 +733,29 @@ fn report_path(run_dir: &Path, block: usize) -> PathBuf {
     run_dir.join(format!("block-{block:03}.json"))
 }
 
-/// Saves a trained block (latent tensors and scales) and its report, each atomically; the
-/// report last, so a block counts as done only when both are complete.
-fn save_block(run_dir: &Path, block: usize, params: &BTreeMap<String, Tensor>, report: &BlockReport) -> Result<()> {
+/// Saves a trained stage (latent tensors and scales) and its report, each atomically; the
+/// report last, so a stage counts as done only when both are complete.
+fn save_stage(
+    tensors: &Path,
+    report_file: &Path,
+    params: &BTreeMap<String, Tensor>,
+    report: &impl Serialize,
+) -> Result<()> {
     let map: HashMap<String, Tensor> = params.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
-    model::checkpoint::write_through_tmp(&block_path(run_dir, block), |tmp| {
+    model::checkpoint::write_through_tmp(tensors, |tmp| {
         candle_core::safetensors::save(&map, tmp).with_context(|| format!("cannot write {}", tmp.display()))
     })?;
     let json = serde_json::to_string_pretty(report)?;
-    model::checkpoint::write_through_tmp(&report_path(run_dir, block), |tmp| {
+    model::checkpoint::write_through_tmp(report_file, |tmp| {
         std::fs::write(tmp, &json).with_context(|| format!("cannot write {}", tmp.display()))
     })
 }
 
-fn read_report(run_dir: &Path, block: usize) -> Result<BlockReport> {
-    let path = report_path(run_dir, block);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{} has a saved block {block} but no report: remove it to retrain", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a block report", path.display()))
+/// A saved stage's report.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{} is missing beside its saved tensors: remove them to retrain", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a stage report", path.display()))
 }
 
 /// `weights` with every quantized weight whose name passes `which` replaced by its value served
@@ -550,21 +797,11 @@ impl<'a> BlockTrainer<'a> {
         targets: &[(String, usize, usize)],
     ) -> Result<Self> {
         let prefix = format!("model.layers.{block}.");
-        let mut layers = Vec::new();
-        for (name, rows, cols) in targets.iter().filter(|(n, _, _)| n.starts_with(&prefix)) {
-            let q = &quantized[name];
-            let w = Var::from_tensor(&float.weights.get(name, &[*rows, *cols])?)?;
-            let s = Var::from_vec(q.scales.clone(), (*rows, q.layout.n_groups()), &Device::Cpu)?;
-            let (nw, ns) = (q.layout.n_weights(), q.layout.n_scales());
-            layers.push(Layer {
-                name: name.clone(),
-                layout: q.layout,
-                w,
-                s,
-                adam_w: AdamState::new(nw),
-                adam_s: AdamState::new(ns),
-            });
-        }
+        let layers = targets
+            .iter()
+            .filter(|(n, _, _)| n.starts_with(&prefix))
+            .map(|(name, _, _)| Layer::new(float, name, &quantized[name]))
+            .collect::<Result<Vec<_>>>()?;
         ensure!(
             layers.len() <= BLOCK_LINEARS.len(),
             "block {block}: {} quantized layers, a block has {}",
@@ -671,25 +908,7 @@ impl<'a> BlockTrainer<'a> {
                 }
                 let mult = crate::train::optim::schedule(self.step as u64, 0, total as u64, 0.0);
                 for (l, (gw, gs)) in self.layers.iter_mut().zip(gw.iter().zip(&gs)) {
-                    let s: Vec<f32> = l.s.as_tensor().flatten_all()?.to_vec1()?;
-                    // Per-weight units: its group's 8-bit step |s|.
-                    let unit_w: Vec<f32> = (0..l.layout.rows)
-                        .flat_map(|r| (0..l.layout.cols).map(move |c| (r, c)))
-                        .map(|(r, c)| s[r * l.layout.n_groups() + c / l.layout.group].abs())
-                        .collect();
-                    let mut w: Vec<f32> = l.w.as_tensor().flatten_all()?.to_vec1()?;
-                    l.adam_w.step_scaled(&mut w, gw, cfg.weight_lr * mult, &unit_w, &adam);
-                    let unit_s: Vec<f32> = s.iter().map(|x| x.abs()).collect();
-                    let mut s_new = s.clone();
-                    l.adam_s.step_scaled(&mut s_new, gs, cfg.scale_lr * mult, &unit_s, &adam);
-                    // A scale keeps its sign and stays away from zero.
-                    for (x, &old) in s_new.iter_mut().zip(&s) {
-                        if !x.is_finite() || x.signum() != old.signum() || x.abs() < 1e-3 * old.abs() {
-                            *x = old;
-                        }
-                    }
-                    l.w.set(&Tensor::from_vec(w, (l.layout.rows, l.layout.cols), &Device::Cpu)?)?;
-                    l.s.set(&Tensor::from_vec(s_new, (l.layout.rows, l.layout.n_groups()), &Device::Cpu)?)?;
+                    l.update(gw, gs, cfg, mult, &adam)?;
                 }
                 for (f, g) in self.floats.iter_mut().zip(&gf) {
                     let mut v: Vec<f32> = f.t.as_tensor().flatten_all()?.to_vec1()?;
@@ -708,8 +927,7 @@ impl<'a> BlockTrainer<'a> {
     fn params(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for l in &self.layers {
-            out.insert(l.name.clone(), l.w.as_tensor().detach());
-            out.insert(format!("{}{SCALES}", l.name), l.s.as_tensor().detach());
+            l.params(&mut out);
         }
         for f in &self.floats {
             out.insert(f.name.clone(), f.t.as_tensor().detach());

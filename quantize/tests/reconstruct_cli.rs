@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use drq_tests::tiny_model;
 use model::checkpoint::{Checkpoint, CorrectionGranularity};
 use model::{Architecture, Precision};
-use quantize::blockwise::BlockReport;
+use quantize::blockwise::{BlockReport, HeadReport};
 
 const BIN: &str = env!("CARGO_BIN_EXE_drq-reconstruct");
 
@@ -142,4 +142,51 @@ fn reconstructs_every_precision_and_resumes() {
     let o = run(&args.iter().map(|a| if *a == s(&out) { s(&other) } else { a }).collect::<Vec<_>>());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--resume") && err.contains("--force"), "{err}");
+}
+
+/// `--head-epochs`: the tied embedding is trained in its lm_head role before the blocks; its KL
+/// to the float model falls at the trained precisions as the checkpoint serves it, the run
+/// directory keeps it, and a resumed run takes it from there unchanged.
+#[test]
+fn trains_the_lm_head_first_and_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, data) = fixture(dir.path());
+    let (run_dir, out) = (dir.path().join("run"), dir.path().join("head.safetensors"));
+    let mut args = vec!["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_dir), "--out", s(&out)];
+    args.extend(RECIPE);
+    args.extend(["--head-epochs", "4"]);
+    assert_ok(&run(&args));
+
+    let text = std::fs::read_to_string(run_dir.join("head.json")).unwrap();
+    let head: HeadReport = serde_json::from_str(&text).unwrap();
+    assert_eq!(head.weight, "model.embed_tokens.weight");
+    let objective: f64 = [4, 2].iter().map(|b| head.kl_after[b] / head.kl_before[b]).sum();
+    assert!(objective < 1.9, "{:?} → {:?}", head.kl_before, head.kl_after);
+    assert!(head.kl_after[&4] < head.kl_before[&4], "{:?} → {:?}", head.kl_before, head.kl_after);
+
+    // The trained embedding differs from its PTQ (a run without the stage).
+    let (plain_dir, plain) = (dir.path().join("plain-run"), dir.path().join("plain.safetensors"));
+    let mut a = vec!["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&plain_dir), "--out", s(&plain)];
+    a.extend(RECIPE);
+    assert_ok(&run(&a));
+    let embed = |p: &Path| Checkpoint::open(p).unwrap().quantized("model.embed_tokens.weight").unwrap();
+    let trained = embed(&out);
+    assert_ne!(trained.codes, embed(&plain).codes, "the lm_head stage changed no code");
+
+    // Resumed with the last block removed: the saved head is taken as is.
+    std::fs::remove_file(run_dir.join("block-001.safetensors")).unwrap();
+    std::fs::remove_file(run_dir.join("block-001.json")).unwrap();
+    let again = dir.path().join("again.safetensors");
+    assert_ok(&run(&[
+        "--model",
+        s(&model_dir),
+        "--data",
+        s(&data),
+        "--run-dir",
+        s(&run_dir),
+        "--out",
+        s(&again),
+        "--resume",
+    ]));
+    assert_eq!(embed(&again), trained);
 }

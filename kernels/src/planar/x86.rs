@@ -1090,6 +1090,155 @@ unsafe fn seg_sums<const B: usize>(
     }
 }
 
+/// Activation rows from which the AVX-512 int8 path runs [`int8_gemm`] (weights repacked into
+/// 16-row panels) instead of 4 weight rows × 4 activation rows per pass.
+const GEMM_MIN_BATCH: usize = 4;
+
+/// Weight rows of one [`int8_gemm`] panel: the 16 i32 lanes of a vector.
+const PANEL: usize = 16;
+
+/// Whether [`int8_gemm`] takes `w`: every scale group a whole number of 4-column quads (one
+/// `vpdpbusd` lane each; per-channel rows end in zero-padded quads), its sums within i32.
+fn gemm_fits(w: &PlanarWeight) -> bool {
+    let (ng, group) = (w.layout.n_groups(), w.layout.group);
+    group.min(w.cols()) <= 64 * SEG_CHUNK && (ng <= 1 || group.is_multiple_of(4))
+}
+
+/// Repacks `np ≤ 16` decoded rows (`u_l` bytes, `cp` apart from `bytes[0]`) into a panel: the 4
+/// bytes of row j, quad q at `panel[64·q + 4·j ..]` (one gather per quad); lanes of missing rows
+/// repeat row 0.
+///
+/// # Safety
+/// The CPU must support AVX-512 F. Bounds are checked (panics otherwise).
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_panel(bytes: &[u8], cp: usize, np: usize, panel: &mut [u8]) {
+    assert!((1..=PANEL).contains(&np) && cp.is_multiple_of(4));
+    assert!(bytes.len() >= (np - 1) * cp + cp && panel.len() >= 16 * cp);
+    let offsets: [i32; PANEL] = std::array::from_fn(|j| if j < np { (j * cp) as i32 } else { 0 });
+    // SAFETY: 16 i32 are readable behind `offsets`.
+    let idx = unsafe { _mm512_loadu_si512(offsets.as_ptr().cast()) };
+    for q in 0..cp / 4 {
+        // SAFETY: every offset + 4q + 4 ≤ (np − 1)·cp + cp ≤ bytes.len() (asserted), and the panel
+        // holds 16·cp ≥ 64·q + 64 bytes.
+        unsafe {
+            let v = _mm512_i32gather_epi32::<1>(idx, bytes.as_ptr().add(4 * q).cast());
+            _mm512_storeu_si512(panel.as_mut_ptr().add(64 * q).cast(), v);
+        }
+    }
+}
+
+/// The int8-path outputs of rows `r0 .. r0 + nr` (decoded as `u_l` in `bytes`, `cp` apart;
+/// output index `i0` for row `r0`) for every activation row, as a GEMM: each panel of 16 rows is
+/// repacked ([`pack_panel`]) so that one vector holds a quad of columns of all 16 rows, and each
+/// `vpdpbusd` with a broadcast activation quad adds to 16 rows' exact group sums at once; up to 8
+/// activation rows share every weight load. No horizontal reduction: per group, the 16 sums
+/// go straight into the f32 combination of [`super::combine_int`] (same operations in the same
+/// order: the same outputs bit for bit as every other path).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI, and `w` must fit [`gemm_fits`]. Bounds are
+/// checked (panics otherwise).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn int8_gemm(
+    job: &Job<'_>,
+    bytes: &[u8],
+    (panel, svals): (&mut [u8], &mut [f32]),
+    (r0, nr, i0): (usize, usize, usize),
+    out: &mut [&mut [f32]],
+) {
+    let w = job.w;
+    let (cp, ng, n) = (w.cols_padded(), w.layout.n_groups(), out.len());
+    assert!(bytes.len() >= nr * cp && svals.len() >= PANEL * ng && job.scales.len() >= (r0 + nr) * ng);
+    let mut p0 = 0;
+    while p0 < nr {
+        let np = (nr - p0).min(PANEL);
+        // SAFETY: AVX-512 F is available (this function's contract); bounds asserted inside.
+        unsafe { pack_panel(&bytes[p0 * cp..], cp, np, panel) };
+        for g in 0..ng {
+            for j in 0..PANEL {
+                let r = r0 + p0 + if j < np { j } else { 0 };
+                svals[g * PANEL + j] = job.scales[r * ng + g];
+            }
+        }
+        let mut b = 0;
+        while b < n {
+            let nb = (n - b).min(8);
+            let tile = (b, np, i0 + p0);
+            // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract); the panel
+            // holds the 16 rows' quads of all `cp` columns.
+            unsafe {
+                match nb {
+                    8 => gemm_tile::<8>(job, panel, svals, tile, out),
+                    7 => gemm_tile::<7>(job, panel, svals, tile, out),
+                    6 => gemm_tile::<6>(job, panel, svals, tile, out),
+                    5 => gemm_tile::<5>(job, panel, svals, tile, out),
+                    4 => gemm_tile::<4>(job, panel, svals, tile, out),
+                    3 => gemm_tile::<3>(job, panel, svals, tile, out),
+                    2 => gemm_tile::<2>(job, panel, svals, tile, out),
+                    _ => gemm_tile::<1>(job, panel, svals, tile, out),
+                }
+            }
+            b += nb;
+        }
+        p0 += np;
+    }
+}
+
+/// One [`int8_gemm`] tile: the panel's 16 rows × activation rows `b .. b + B`, written to
+/// `out[b + j][o0 .. o0 + np]`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI; `panel` must hold `cp` packed bytes per row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn gemm_tile<const B: usize>(
+    job: &Job<'_>,
+    panel: &[u8],
+    svals: &[f32],
+    (b, np, o0): (usize, usize, usize),
+    out: &mut [&mut [f32]],
+) {
+    let Acts::Int8 { xq, stride, scale, sum } = job.acts else {
+        return;
+    };
+    let layout = &job.w.layout;
+    let (cp, ng) = (job.w.cols_padded(), layout.n_groups());
+    assert!(xq.len() >= (b + B) * stride && *stride >= cp && panel.len() >= 16 * cp);
+    assert!(scale.len() >= (b + B) * ng && sum.len() >= (b + B) * ng && svals.len() >= PANEL * ng);
+    let half = job.prec.half as i32;
+    let x: [*const i8; B] = std::array::from_fn(|j| xq[(b + j) * stride..].as_ptr());
+    let mut facc = [_mm512_setzero_ps(); B];
+    for g in 0..ng {
+        let cols = layout.group_cols(g);
+        let (q0, q1) = (cols.start / 4, cols.end.div_ceil(4));
+        let mut acc = [_mm512_setzero_si512(); B];
+        for q in q0..q1 {
+            // SAFETY: q < cp/4: 64·q + 64 ≤ 16·cp panel bytes, 4·q + 4 ≤ cp ≤ stride x bytes.
+            unsafe {
+                let wv = _mm512_loadu_si512(panel.as_ptr().add(64 * q).cast());
+                for j in 0..B {
+                    let xv = _mm512_set1_epi32(x[j].add(4 * q).cast::<i32>().read_unaligned());
+                    acc[j] = _mm512_dpbusd_epi32(acc[j], wv, xv);
+                }
+            }
+        }
+        // SAFETY: 16 f32 at svals[16·g ..] (asserted length).
+        let s = unsafe { _mm512_loadu_ps(svals.as_ptr().add(g * PANEL)) };
+        for j in 0..B {
+            let bb = b + j;
+            let t = _mm512_sub_epi32(acc[j], _mm512_set1_epi32(half * sum[bb * ng + g] as i32));
+            let sa = _mm512_mul_ps(s, _mm512_set1_ps(scale[bb * ng + g]));
+            facc[j] = _mm512_add_ps(facc[j], _mm512_mul_ps(_mm512_cvtepi32_ps(t), sa));
+        }
+    }
+    let step = _mm512_set1_ps(job.prec.step);
+    for (j, f) in facc.into_iter().enumerate() {
+        let o = &mut out[b + j][o0..o0 + np];
+        // SAFETY: `o` holds np ≤ 16 f32; the mask writes only those.
+        unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), ((1u32 << np) - 1) as u16, _mm512_mul_ps(f, step)) };
+    }
+}
+
 /// Bytes of decoded weight rows decoded at once by the AVX-512 backend (at least 8 rows, the unit
 /// of the int8 mat-vec kernel): small blocks keep the plane streams flowing between the decode and
 /// the dot phases (measured: 4 KiB beat 16 KiB on 1536×576).
@@ -1106,8 +1255,13 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
     let signed = matches!(job.acts, Acts::F32 { .. });
     // Rows are decoded a block at a time (the plane words of consecutive rows are contiguous),
     // into L1-resident scratch, then dotted with every activation row.
-    let block_rows = (BLOCK_BYTES / cp.max(1)).max(1).next_multiple_of(8).min(range.len());
+    let gemm = n >= GEMM_MIN_BATCH && !signed && gemm_fits(w);
+    let unit = if gemm { PANEL } else { 8 };
+    let block_rows = (BLOCK_BYTES / cp.max(1)).max(1).next_multiple_of(unit).min(range.len());
     let segs = Segments::of(w);
+    // int8 GEMM: one panel of repacked rows and its rows' scales per group.
+    let (mut panel, mut svals) =
+        if gemm { (vec![0u8; PANEL * cp], vec![0f32; PANEL * ng]) } else { (Vec::new(), Vec::new()) };
     let mut sc = Scratch::new(cp, n * ng);
     sc.bytes.resize(block_rows * cp + SLACK, 0);
     // f32 path: the block's dequantized rows (when more than 3 activation rows, or when the scale
@@ -1137,6 +1291,13 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
         if signed {
             // SAFETY: AVX-512 F and BW are available (this function's contract).
             unsafe { f32_block(job, &sc.bytes, (&mut tile, &mut accs), rows, out) };
+            r0 += nr;
+            continue;
+        }
+        if gemm {
+            // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract); `gemm`
+            // checked `gemm_fits`.
+            unsafe { int8_gemm(job, &sc.bytes, (&mut panel, &mut svals), rows, out) };
             r0 += nr;
             continue;
         }

@@ -667,7 +667,12 @@ impl Transformer {
     /// The logits of hidden states leaving the last block: final norm, then the lm_head.
     /// [`Self::forward`] is `logits` of every block's [`Self::block_forward`] of [`Self::embed`].
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.rms_norm(hidden, &self.final_norm)?)
+        self.lm_head.forward(&self.head_input(hidden)?)
+    }
+
+    /// The final norm of hidden states leaving the last block: the lm_head's input.
+    pub fn head_input(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.rms_norm(hidden, &self.final_norm)
     }
 
     /// One step over several independent sequences, each after the positions of its own cache:

@@ -12,7 +12,7 @@ use clap::Parser;
 use kernels::Granularity;
 use model::checkpoint::CorrectionGranularity;
 use model::source::{self, ModelSource};
-use quantize::blockwise::{reconstruct, BlockInputs, BlockLoss, BlockwiseConfig};
+use quantize::blockwise::{self, reconstruct, BlockInputs, BlockLoss, BlockwiseConfig, Reconstruction, Stage};
 use quantize::model_ptq::write_checkpoint_as;
 use quantize::profile::ProfileRules;
 use quantize::train::data::{collect_files, TokenBlocks};
@@ -121,6 +121,10 @@ struct Args {
     /// precision's trained level (`true`/`false`).
     #[arg(long, help_heading = "Recipe")]
     refit_8bit: Option<bool>,
+    /// Passes over the calibration sequences training the lm_head (a tied embedding in its
+    /// lm_head role: KL to the float model's next-token distribution) before the blocks; 0: PTQ.
+    #[arg(long, help_heading = "Recipe")]
+    head_epochs: Option<usize>,
     /// Per-precision corrections fitted after the reconstruction (bit-widths below 8) to each
     /// layer's output on the calibration sequences.
     #[arg(long, value_delimiter = ',', help_heading = "Recipe")]
@@ -168,6 +172,7 @@ impl Args {
             inputs,
             loss,
             refit_8bit,
+            head_epochs,
             corrections,
             correction_granularity,
             seed,
@@ -203,16 +208,24 @@ fn run(args: Args) -> Result<()> {
 
     let blocks = float.config.num_hidden_layers;
     let per_block = cfg.steps_per_block();
-    let bar = cli::progress_bar((blocks * per_block) as u64, "block 1");
-    let log_every = (per_block / 4).max(1);
+    let head = blockwise::head_weight(&float.config, &cfg.keep_float).filter(|_| cfg.head_epochs > 0);
+    let head_steps = if head.is_some() { cfg.head_steps() } else { 0 };
+    let bar = cli::progress_bar((head_steps + blocks * per_block) as u64, "");
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut progress = |block: usize, step: usize| {
-        bar.set_message(format!("block {}/{blocks}", block + 1));
-        bar.set_position((block * per_block + step) as u64);
-        if !terminal && step.is_multiple_of(log_every) {
-            tracing::info!("block {}/{blocks}: step {step}/{per_block}", block + 1);
+    let mut progress = |stage: Stage, step: usize| {
+        let (name, offset, steps) = match stage {
+            Stage::Head => ("lm_head".to_string(), 0, head_steps),
+            Stage::Block(b) => (format!("block {}/{blocks}", b + 1), head_steps + b * per_block, per_block),
+        };
+        bar.set_message(name.clone());
+        bar.set_position((offset + step) as u64);
+        if !terminal && step.is_multiple_of((steps / 4).max(1)) {
+            tracing::info!("{name}: step {step}/{steps}");
         }
     };
+    if let Some(name) = &head {
+        tracing::info!("training the lm_head ({name}) first: {} epochs, {head_steps} mini-batches", cfg.head_epochs);
+    }
     tracing::info!(
         "reconstructing {blocks} blocks: {} sequences of {} tokens, {} epochs of {per_block} mini-batches each, bits {:?}",
         cfg.samples,
@@ -361,7 +374,8 @@ fn trained_blocks(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let path = entry?.path();
-        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("block-")) {
+        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("block-") || n.starts_with("head."))
+        {
             out.push(path);
         }
     }
@@ -376,9 +390,15 @@ fn fingerprint(samples: &[Vec<u32>]) -> u64 {
     h
 }
 
-/// Per block, the output MSE before → after at each bit-width; then the weights' mean relative
-/// error (parameter-weighted) at each bit-width.
-fn print_summary(blocks: &[quantize::blockwise::BlockReport], layers: &[quantize::LayerReport], bits: &[u32]) {
+/// The lm_head's KL before → after, per block the output MSE before → after at each
+/// bit-width; then the weights' mean relative error (parameter-weighted) at each bit-width.
+fn print_summary(reports: &Reconstruction, layers: &[quantize::LayerReport], bits: &[u32]) {
+    if let Some(h) = &reports.head {
+        let cells: Vec<String> =
+            bits.iter().map(|b| format!("W{b} {:.4} → {:.4}", h.kl_before[b], h.kl_after[b])).collect();
+        println!("lm_head ({}) KL to the float model: {}", h.weight, cells.join(", "));
+    }
+    let blocks = &reports.blocks;
     println!(
         "{:>6} {}",
         "block",
