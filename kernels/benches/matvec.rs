@@ -58,7 +58,7 @@ const THREADED_SHAPES: [(usize, usize); 2] = [(1536, 576), (4096, 4096)];
 const THREADED_BITS: [u32; 3] = [8, 4, 2];
 /// Activation rows of the batched matmul.
 const BATCH: usize = 16;
-/// Activation rows of the large batched matmul (a prefill chunk; f32 path only).
+/// Activation rows of the large batched matmul (a prefill chunk).
 const BATCH_LARGE: usize = 64;
 /// Bytes of weight copies each benchmark rotates over: 8× the L3, 2.7× even at 2 bits (3 of 9
 /// planes read).
@@ -232,9 +232,11 @@ fn kernels_on(c: &mut Criterion, shape: (usize, usize), bits: &[u32]) {
             group.finish();
             let mut group = c.benchmark_group(format!("matmul{BATCH_LARGE}/{name}"));
             for &b in bits {
-                let id = format!("{gname}/f32/b{b}/t1");
-                let cfg = KernelConfig::new(Backend::best(), ActPath::F32, 1);
-                bench.run(&mut group, id, BATCH_LARGE, b, cfg);
+                for path in [ActPath::F32, ActPath::Int8] {
+                    let id = format!("{gname}/{}/b{b}/t1", path_name(path));
+                    let cfg = KernelConfig::new(Backend::best(), path, 1);
+                    bench.run(&mut group, id, BATCH_LARGE, b, cfg);
+                }
             }
             group.finish();
         }

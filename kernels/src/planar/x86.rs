@@ -11,9 +11,12 @@
 //! (`v = 2v − spread`) with saturation in the carry mask.
 //!
 //! The AVX-512 backend decodes a small block of rows (the plane words of consecutive rows are
-//! contiguous; software prefetch keeps the `l + 1` streams ahead), then its int8 path dots 4 weight
-//! rows × up to 4 activation rows at a time with `vpdpbusd`, and reduces the 4 rows' lanes of a
-//! scale group together (one transposing reduction instead of 4 horizontal sums); its f32 path
+//! contiguous; software prefetch keeps the `l + 1` streams ahead), then its int8 path dots 8 (one
+//! activation row) or 4 weight rows × up to 3 activation rows at a time with `vpdpbusd`, and reduces
+//! the rows' lanes of a scale group together (one transposing reduction instead of a horizontal sum
+//! per row); from 4 activation rows on it repacks 16 decoded rows into a panel whose vectors hold
+//! one column quad of all 16 rows, so that each `vpdpbusd` with a broadcast activation quad adds to
+//! 16 rows' sums and no reduction is needed ([`int8_gemm`]); its f32 path
 //! converts the codes to scaled f32 (in registers, and into an f32 tile when more than 3
 //! activation rows share them) and runs a register-blocked FMA microkernel ([`f32_acc`]) over all
 //! activation rows, in one summation order for every batch size.
