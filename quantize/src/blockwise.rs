@@ -585,12 +585,7 @@ impl HeadStage<'_> {
                     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     ensure!(value.is_finite(), "lm_head stage: the loss at {b} bits is {value}");
                     let grads = loss.backward()?;
-                    let get = |t: &Tensor| -> Result<Vec<f32>> {
-                        Ok(match grads.get(t) {
-                            Some(g) => g.flatten_all()?.to_vec1()?,
-                            None => vec![0.0; t.elem_count()],
-                        })
-                    };
+                    let get = |t: &Tensor| gradient(&grads, t);
                     add(&mut gw, &get(layer.w.as_tensor())?, 1.0);
                     add(&mut gs, &get(layer.s.as_tensor())?, cfg.alrs.scale_lr(1.0, b, &[]) as f32);
                 }
@@ -623,21 +618,28 @@ impl HeadStage<'_> {
 
     /// KL(float ‖ `q` served at each bit-width) over every position of `hidden`.
     fn kl_served(&self, hidden: &Tensor, float_w: &Tensor, q: &QuantizedWeight) -> Result<BTreeMap<u32, f64>> {
-        let mut out = BTreeMap::new();
-        for &b in &self.cfg.bits {
-            let values = q.dequantize(b, self.spec.tie).map_err(|e| anyhow::anyhow!("`{}`: {e}", self.name))?;
-            let w = Tensor::from_vec(values, (q.layout.rows, q.layout.cols), &Device::Cpu)?;
-            let n = hidden.dim(0)?;
-            let mut total = 0f64;
-            for i in (0..n).step_by(self.cfg.batch) {
-                let k = self.cfg.batch.min(n - i);
-                let h = hidden.narrow(0, i, k)?.flatten_to(1)?;
-                let kl = Target::new(&h, float_w)?.kl(&h.matmul(&w.t()?)?)?;
-                total += kl.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
+        let served = self
+            .cfg
+            .bits
+            .iter()
+            .map(|&b| {
+                let values = q.dequantize(b, self.spec.tie).map_err(|e| anyhow::anyhow!("`{}`: {e}", self.name))?;
+                Ok(Tensor::from_vec(values, (q.layout.rows, q.layout.cols), &Device::Cpu)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let n = hidden.dim(0)?;
+        let mut totals = vec![0f64; served.len()];
+        for i in (0..n).step_by(self.cfg.batch) {
+            let k = self.cfg.batch.min(n - i);
+            let h = hidden.narrow(0, i, k)?.flatten_to(1)?;
+            // The float distribution once per batch, for every bit-width.
+            let target = Target::new(&h, float_w)?;
+            for (total, w) in totals.iter_mut().zip(&served) {
+                let kl = target.kl(&h.matmul(&w.t()?)?)?;
+                *total += kl.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
             }
-            out.insert(b, total / n as f64);
         }
-        Ok(out)
+        Ok(self.cfg.bits.iter().copied().zip(totals.into_iter().map(|t| t / n as f64)).collect())
     }
 }
 
@@ -891,12 +893,7 @@ impl<'a> BlockTrainer<'a> {
                     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     ensure!(value.is_finite(), "block {}: the loss at {b} bits is {value}", self.block);
                     let grads = loss.backward()?;
-                    let get = |t: &Tensor| -> Result<Vec<f32>> {
-                        Ok(match grads.get(t) {
-                            Some(g) => g.flatten_all()?.to_vec1()?,
-                            None => vec![0.0; t.elem_count()],
-                        })
-                    };
+                    let get = |t: &Tensor| gradient(&grads, t);
                     let scale_weight = cfg.alrs.scale_lr(1.0, b, &[]) as f32;
                     for (l, (gw, gs)) in self.layers.iter().zip(gw.iter_mut().zip(gs.iter_mut())) {
                         add(gw, &get(l.w.as_tensor())?, 1.0);
@@ -934,6 +931,14 @@ impl<'a> BlockTrainer<'a> {
         }
         Ok(out)
     }
+}
+
+/// The gradient of `t` as a flat vector (zeros where the loss does not depend on it).
+fn gradient(grads: &candle_core::backprop::GradStore, t: &Tensor) -> Result<Vec<f32>> {
+    Ok(match grads.get(t) {
+        Some(g) => g.flatten_all()?.to_vec1()?,
+        None => vec![0.0; t.elem_count()],
+    })
 }
 
 fn add(acc: &mut [f32], g: &[f32], weight: f32) {
