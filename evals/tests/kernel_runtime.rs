@@ -18,7 +18,7 @@ use evals::perplexity::{evaluate, windows, Candidate, Protocol};
 use kernels::{ActPath, Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::Provenance;
-use model::{Architecture, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer, Weights};
+use model::{Architecture, Batch, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer, Weights};
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
 
 fn spec(granularity: Granularity) -> QuantSpec {
@@ -384,6 +384,116 @@ fn forward_batch_equals_each_sequence_alone() {
             assert!(format!("{err:#}").contains("sequence 1") && format!("{err:#}").contains("vocabulary"), "{err:#}");
             assert_eq!((ca.len(), cb.len()), (10, 7));
         }
+    }
+}
+
+/// A serving step across precisions (`Transformer::forward_batches`: transformers of one
+/// resident model at 8, 4, 3 and 2 bits, each linear layer one pass of the kernels for all of
+/// them) gives every sequence the bits `forward_batch` gives its precision alone, over a prefill
+/// step and a decode step, tied and untied, with biases, int8 and f32 activations, two threads.
+/// A float transformer among them runs on its own; a bad sequence is an error that names its
+/// batch and changes no cache.
+#[test]
+fn forward_batches_across_precisions_equal_each_precision_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, tied, granularity) in
+        [(Architecture::Llama, true, Granularity::Channel), (Architecture::Qwen2, false, Granularity::Group(32))]
+    {
+        let checkpoint = tiny_checkpoint(dir.path(), arch, tied, granularity);
+        let resident = ResidentModel::from_checkpoint(&checkpoint).unwrap();
+        let cfg = KernelConfig { threads: 2, ..kernel(ActPath::Auto) };
+        let bits = [8, 4, 3, 2];
+        let models: Vec<Transformer> =
+            bits.iter().map(|&b| Transformer::from_resident(&resident, &Precision::Bits(b), &cfg).unwrap()).collect();
+        let ids = |n: usize, seed: u32| -> Vec<u32> { tokens(1, n, seed).flatten_all().unwrap().to_vec1().unwrap() };
+        // Per precision, two sequences: a prompt of 5 + k tokens and one of 70 (two kernel chunks).
+        let prompts: Vec<[Vec<u32>; 2]> =
+            (0..bits.len() as u32).map(|k| [ids(5 + k as usize, k), ids(70, 40 + k)]).collect();
+        let next: Vec<[Vec<u32>; 2]> = (0..bits.len() as u32).map(|k| [ids(1, 80 + k), ids(1, 90 + k)]).collect();
+        let fresh = |t: &Transformer| [KvCache::new(t.config()), KvCache::new(t.config())];
+        // Each precision alone.
+        let mut expected = Vec::new();
+        for ((t, p), n) in models.iter().zip(&prompts).zip(&next) {
+            let [mut c0, mut c1] = fresh(t);
+            let first = t
+                .forward_batch(&mut [
+                    SequenceStep { tokens: &p[0], cache: &mut c0 },
+                    SequenceStep { tokens: &p[1], cache: &mut c1 },
+                ])
+                .unwrap();
+            let second = t
+                .forward_batch(&mut [
+                    SequenceStep { tokens: &n[0], cache: &mut c0 },
+                    SequenceStep { tokens: &n[1], cache: &mut c1 },
+                ])
+                .unwrap();
+            expected.push((first, second));
+        }
+        // All precisions in one step.
+        let mut caches: Vec<[KvCache; 2]> = models.iter().map(fresh).collect();
+        let together = |inputs: &[[Vec<u32>; 2]], caches: &mut [[KvCache; 2]]| -> Vec<Tensor> {
+            let mut steps: Vec<Vec<SequenceStep<'_>>> = inputs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(toks, [c0, c1])| {
+                    vec![SequenceStep { tokens: &toks[0], cache: c0 }, SequenceStep { tokens: &toks[1], cache: c1 }]
+                })
+                .collect();
+            let mut batches: Vec<Batch<'_, '_, '_>> =
+                models.iter().zip(steps.iter_mut()).map(|(transformer, steps)| Batch { transformer, steps }).collect();
+            Transformer::forward_batches(&mut batches).unwrap()
+        };
+        let first = together(&prompts, &mut caches);
+        let second = together(&next, &mut caches);
+        for (k, (want, (a, b))) in expected.iter().zip(first.iter().zip(&second)).enumerate() {
+            assert_eq!(
+                rel_diff(a, &want.0),
+                0.0,
+                "{arch:?} {} bits: prefill differs from the precision alone",
+                bits[k]
+            );
+            assert_eq!(rel_diff(b, &want.1), 0.0, "{arch:?} {} bits: decode differs from the precision alone", bits[k]);
+        }
+        for (k, [c0, c1]) in caches.iter().enumerate() {
+            assert_eq!((c0.len(), c1.len()), (6 + k, 71));
+        }
+
+        // A float transformer shares the step (it runs on its own) and gets its own logits.
+        let float = Transformer::new(
+            checkpoint.config(),
+            &checkpoint.weights_at(&Precision::Bits(4)).unwrap(),
+            OpsMode::Inference,
+        )
+        .unwrap();
+        let (mut cf, mut ck) = (KvCache::new(float.config()), KvCache::new(float.config()));
+        let want_float = float
+            .forward_batch(&mut [SequenceStep { tokens: &prompts[1][0], cache: &mut KvCache::new(float.config()) }])
+            .unwrap();
+        let (mut sf, mut sk) = (
+            [SequenceStep { tokens: &prompts[1][0], cache: &mut cf }],
+            [SequenceStep { tokens: &prompts[1][0], cache: &mut ck }],
+        );
+        let out = Transformer::forward_batches(&mut [
+            Batch { transformer: &float, steps: &mut sf },
+            Batch { transformer: &models[1], steps: &mut sk },
+        ])
+        .unwrap();
+        assert_eq!(rel_diff(&out[0], &want_float), 0.0);
+        assert!(rel_diff(&out[1], &expected[1].0.narrow(0, 0, 1).unwrap()) == 0.0);
+
+        // A bad token in the second batch: an error naming it, no cache moved.
+        let (mut c0, mut c1) = (KvCache::new(checkpoint.config()), KvCache::new(checkpoint.config()));
+        let (mut s0, mut s1) = (
+            [SequenceStep { tokens: &prompts[0][0], cache: &mut c0 }],
+            [SequenceStep { tokens: &[300], cache: &mut c1 }],
+        );
+        let err = Transformer::forward_batches(&mut [
+            Batch { transformer: &models[0], steps: &mut s0 },
+            Batch { transformer: &models[2], steps: &mut s1 },
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("batch 1") && format!("{err:#}").contains("vocabulary"), "{err:#}");
+        assert_eq!((c0.len(), c1.len()), (0, 0));
     }
 }
 

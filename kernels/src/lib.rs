@@ -8,5 +8,6 @@ pub use double_rounding::{
     level_table, second_round, Granularity, KernelError, QuantizedWeight, ScaleLayout, TieRule, MIN_BITS, STORED_BITS,
 };
 pub use planar::{
-    decode_code, encode_code, run_shares, ActPath, Backend, KernelConfig, PlanarWeight, MAX_BATCH, WORD_BITS,
+    decode_code, encode_code, run_shares, ActPath, Backend, KernelConfig, MatmulPart, PlanarWeight, MAX_BATCH,
+    WORD_BITS,
 };

@@ -15,5 +15,5 @@ pub use config::{Architecture, ModelConfig};
 pub use precision::Precision;
 pub use resident::ResidentModel;
 pub use source::{FloatModel, ModelSource};
-pub use transformer::{KvCache, Linear, OpsMode, SequenceStep, Transformer};
+pub use transformer::{Batch, KvCache, Linear, OpsMode, SequenceStep, Transformer};
 pub use weights::Weights;

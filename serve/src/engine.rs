@@ -3,11 +3,11 @@
 //!
 //! Requests wait in a bounded queue; between two steps the scheduler admits waiting requests
 //! into the running batch (each of a request's `n` choices is one sequence) and drops those whose
-//! client went away. One step runs every running sequence: for each precision present, one
-//! [`Transformer::forward_batch`] over its sequences (a prefill chunk or one decode token each),
-//! so every weight is read once per step and precision, whatever the number of sequences. The
-//! transformers of all precisions share the resident weights: serving 8, 4 and 2 bits at once
-//! costs no more memory than serving one.
+//! client went away. One step runs every running sequence (a prefill chunk or one decode token
+//! each) through [`Transformer::forward_batches`], one batch per precision present: each weight
+//! is read once per step for all sequences and precisions, the kernels serving every precision
+//! from the same pass over its planes. The transformers of all precisions share the resident
+//! weights: serving 8, 4 and 2 bits at once costs no more memory than serving one.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use kernels::KernelConfig;
 use model::checkpoint::Checkpoint;
-use model::{KvCache, ModelConfig, Precision, ResidentModel, SequenceStep, Transformer};
+use model::{Batch, KvCache, ModelConfig, Precision, ResidentModel, SequenceStep, Transformer};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -488,7 +488,7 @@ impl Scheduler {
         self.metrics.running.set(self.running.len() as i64);
     }
 
-    /// One forward pass per precision over the running sequences, then sampling.
+    /// One forward pass over the running sequences of every precision, then sampling.
     fn step(&mut self) {
         // Each sequence's input this step: a prompt chunk within the shared budget, or its last
         // token. A sequence left out (budget spent) waits for the next step.
@@ -507,37 +507,60 @@ impl Scheduler {
                 }
             })
             .collect();
-        let mut logits: Vec<Option<Result<Vec<f32>, String>>> = (0..self.running.len()).map(|_| None).collect();
-        for (precision, transformer) in &self.transformers {
-            let mut steps = Vec::new();
-            let mut members = Vec::new();
-            for (i, (seq, input)) in self.running.iter_mut().zip(&inputs).enumerate() {
-                if let (Some(tokens), true) = (input, &seq.request.precision == precision) {
-                    steps.push(SequenceStep { tokens, cache: &mut seq.cache });
-                    members.push(i);
+        // One batch per precision present, all run in one step.
+        let mut members: Vec<Vec<usize>> = Vec::new();
+        let mut steps: Vec<Vec<SequenceStep<'_>>> = Vec::new();
+        let mut precisions = Vec::new();
+        let mut by_precision: BTreeMap<&Precision, usize> = BTreeMap::new();
+        for (i, (seq, input)) in self.running.iter_mut().zip(&inputs).enumerate() {
+            let Some(tokens) = input else { continue };
+            let k = *by_precision.entry(&seq.request.precision).or_insert_with(|| {
+                precisions.push(seq.request.precision.clone());
+                members.push(Vec::new());
+                steps.push(Vec::new());
+                members.len() - 1
+            });
+            members[k].push(i);
+            steps[k].push(SequenceStep { tokens, cache: &mut seq.cache });
+        }
+        let mut logits: Vec<Option<Result<Vec<f32>, String>>> = (0..inputs.len()).map(|_| None).collect();
+        // Admission checked every precision against the transformers built at start; one that
+        // is not there fails its sequences rather than leaving them waiting.
+        let mut batches = Vec::with_capacity(steps.len());
+        let mut served = Vec::with_capacity(steps.len());
+        for ((precision, steps), members) in precisions.iter().zip(steps.iter_mut()).zip(&members) {
+            match self.transformers.get(precision) {
+                Some(transformer) => {
+                    batches.push(Batch { transformer, steps });
+                    served.push(members);
                 }
-            }
-            if steps.is_empty() {
-                continue;
-            }
-            let result = transformer
-                .forward_batch(&mut steps)
-                .and_then(|t| Ok(t.to_vec2::<f32>()?))
-                .with_context(|| format!("forward pass at precision {precision}"));
-            match result {
-                Ok(rows) => {
-                    for (i, row) in members.into_iter().zip(rows) {
-                        logits[i] = Some(Ok(row));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("{e:#}");
-                    for i in members {
-                        logits[i] = Some(Err(format!("{e:#}")));
+                None => {
+                    for &i in members {
+                        logits[i] = Some(Err(format!("precision {precision} is not served by this engine")));
                     }
                 }
             }
         }
+        let result = Transformer::forward_batches(&mut batches)
+            .and_then(|ts| ts.iter().map(|t| Ok(t.to_vec2::<f32>()?)).collect::<Result<Vec<_>>>())
+            .context("forward pass");
+        match result {
+            Ok(per_batch) => {
+                for (rows, members) in per_batch.into_iter().zip(&served) {
+                    for (&i, row) in members.iter().zip(rows) {
+                        logits[i] = Some(Ok(row));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("{e:#}");
+                for &i in served.iter().copied().flatten() {
+                    logits[i] = Some(Err(format!("{e:#}")));
+                }
+            }
+        }
+        drop(batches);
+        drop(steps);
         let mut done = vec![false; self.running.len()];
         for (i, (row, input)) in logits.into_iter().zip(&inputs).enumerate() {
             let (Some(row), Some(input)) = (row, input) else { continue };

@@ -12,7 +12,7 @@ use cli::Activations;
 use kernels::KernelConfig;
 use model::checkpoint::Checkpoint;
 use model::source::{self, ModelSource};
-use model::{precision, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer};
+use model::{precision, Batch, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -45,6 +45,13 @@ struct Args {
     threads: usize,
     #[arg(long, value_enum, default_value = "auto")]
     activations: Activations,
+    /// Also decode `--batch` sequences at every quantized precision listed, all in the same
+    /// steps, as a server with mixed requests does: two more rows, `mixed 8/4/2 (one pass)`
+    /// (`Transformer::forward_batches`: one pass of the kernels over each weight for every
+    /// precision, what `drq-serve` runs) and `(per precision)` (one `forward_batch` per
+    /// precision after the other); tokens/s are the aggregate of all sequences.
+    #[arg(long)]
+    mixed: bool,
     /// Runs per precision; the median is reported.
     #[arg(short, long, default_value_t = 3)]
     repeat: usize,
@@ -129,6 +136,28 @@ fn run(args: Args) -> Result<()> {
             ms_per_step: decode_s / steps * 1e3,
         });
     }
+    let quantized: Vec<&Precision> = precisions.iter().filter(|p| **p != Precision::Float).collect();
+    if args.mixed {
+        ensure!(quantized.len() >= 2, "--mixed needs at least two quantized precisions");
+        let transformers =
+            quantized.iter().map(|p| Transformer::from_resident(&resident, p, &kernel)).collect::<Result<Vec<_>>>()?;
+        let label = quantized.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("/");
+        for (together, how) in [(true, "one pass"), (false, "per precision")] {
+            let mut runs: Vec<(f64, f64)> = (0..args.repeat)
+                .map(|_| decode_mixed(&transformers, &prompts, args.gen_tokens, together))
+                .collect::<Result<_>>()?;
+            runs.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let (prefill, decode_s) = runs[runs.len() / 2];
+            let (steps, sequences) = ((args.gen_tokens - 1) as f64, (args.batch * transformers.len()) as f64);
+            rows.push(Row {
+                precision: format!("mixed {label} ({how})"),
+                batch: args.batch * transformers.len(),
+                prefill_tokens_per_s: sequences * args.prompt_tokens as f64 / prefill,
+                decode_tokens_per_s: steps * sequences / decode_s,
+                ms_per_step: decode_s / steps * 1e3,
+            });
+        }
+    }
     let peak = peak_rss_bytes();
     println!(
         "{} | {} prompt + {} generated tokens, batch {}, {} thread(s), {} activations, backend {}, median of {}",
@@ -141,10 +170,11 @@ fn run(args: Args) -> Result<()> {
         kernel.backend,
         args.repeat
     );
-    println!("{:>9} {:>14} {:>14} {:>11}", "precision", "prefill tok/s", "decode tok/s", "ms/step");
+    let width = rows.iter().map(|r| r.precision.len()).max().unwrap_or(0).max(9);
+    println!("{:>width$} {:>14} {:>14} {:>11}", "precision", "prefill tok/s", "decode tok/s", "ms/step");
     for r in &rows {
         println!(
-            "{:>9} {:>14.1} {:>14.1} {:>11.2}",
+            "{:>width$} {:>14.1} {:>14.1} {:>11.2}",
             r.precision, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.ms_per_step
         );
     }
@@ -180,6 +210,44 @@ fn decode(t: &Transformer, prompts: &[Vec<u32>], gen: usize) -> Result<(f64, f64
         let mut steps: Vec<SequenceStep> =
             inputs.iter().zip(caches.iter_mut()).map(|(i, cache)| SequenceStep { tokens: i, cache }).collect();
         next = argmax_rows(&t.forward_batch(&mut steps)?)?;
+    }
+    Ok((prefill, started.elapsed().as_secs_f64()))
+}
+
+/// [`decode`] for the same prompts at every transformer's precision, all sequences in the same
+/// steps: `together`, one `forward_batches` per step; otherwise one `forward_batch` per
+/// precision after the other.
+fn decode_mixed(ts: &[Transformer], prompts: &[Vec<u32>], gen: usize, together: bool) -> Result<(f64, f64)> {
+    let mut caches: Vec<Vec<KvCache>> =
+        ts.iter().map(|t| prompts.iter().map(|_| KvCache::new(t.config())).collect()).collect();
+    let mut inputs: Vec<Vec<Vec<u32>>> = ts.iter().map(|_| prompts.to_vec()).collect();
+    let step = |inputs: &mut Vec<Vec<Vec<u32>>>, caches: &mut Vec<Vec<KvCache>>| -> Result<()> {
+        let mut steps: Vec<Vec<SequenceStep>> = inputs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(toks, cs)| {
+                toks.iter().zip(cs.iter_mut()).map(|(t, cache)| SequenceStep { tokens: t, cache }).collect()
+            })
+            .collect();
+        let logits = if together {
+            let mut batches: Vec<Batch> =
+                ts.iter().zip(steps.iter_mut()).map(|(transformer, steps)| Batch { transformer, steps }).collect();
+            Transformer::forward_batches(&mut batches)?
+        } else {
+            ts.iter().zip(steps.iter_mut()).map(|(t, s)| t.forward_batch(s)).collect::<Result<Vec<_>>>()?
+        };
+        drop(steps);
+        for (toks, l) in inputs.iter_mut().zip(&logits) {
+            *toks = argmax_rows(l)?.into_iter().map(|id| vec![id]).collect();
+        }
+        Ok(())
+    };
+    let started = Instant::now();
+    step(&mut inputs, &mut caches)?;
+    let prefill = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for _ in 1..gen {
+        step(&mut inputs, &mut caches)?;
     }
     Ok((prefill, started.elapsed().as_secs_f64()))
 }

@@ -646,6 +646,17 @@ impl PlanarWeight {
         self.matmul_impl(bits, x, n, y, cfg, (true, MIN_SHARE_BYTES))
     }
 
+    /// `Y_i = X_i · Ŵ_{bits_i}ᵀ` for several activation batches, each at its own precision, in one
+    /// pass over the weight: every thread walks its share of the rows a block at a time and
+    /// serves every part from the block's plane words while they are in cache, so the planes are
+    /// read from memory once for all precisions (not once per precision) and the worker pool is
+    /// handed one job. Each part's results are bit for bit those of [`Self::matmul`] on it alone
+    /// (an output depends only on its weight row and activation row). Parts may repeat a
+    /// precision; each takes 1..=64 activation rows.
+    pub fn matmul_multi(&self, parts: &mut [MatmulPart<'_>], cfg: &KernelConfig) -> Result<(), KernelError> {
+        self.multi_impl(parts, cfg, (true, MIN_SHARE_BYTES))
+    }
+
     /// [`Self::matmul`] with `(fast_decode, min_share)`: `fast_decode: false` keeps the AVX-512
     /// backend on its AVX-512 F + BW decoder even where VBMI and GFNI are available, and
     /// `min_share` is the least work per thread (0: split as asked), so tests cover every path.
@@ -656,62 +667,131 @@ impl PlanarWeight {
         n: usize,
         y: &mut [f32],
         cfg: &KernelConfig,
+        tuning: (bool, usize),
+    ) -> Result<(), KernelError> {
+        self.multi_impl(&mut [MatmulPart { bits, x, n, y }], cfg, tuning)
+    }
+
+    /// [`Self::matmul_multi`] with the tuning of [`Self::matmul_impl`].
+    pub(crate) fn multi_impl(
+        &self,
+        parts: &mut [MatmulPart<'_>],
+        cfg: &KernelConfig,
         (fast_decode, min_share): (bool, usize),
     ) -> Result<(), KernelError> {
-        let prec = Prec::new(bits)?;
-        if !(1..=MAX_BATCH).contains(&n) {
-            return Err(KernelError::InvalidBatch(n));
-        }
         if !cfg.backend.is_available() {
             return Err(KernelError::BackendUnavailable(cfg.backend.name()));
         }
         let (rows, cols) = (self.rows(), self.cols());
-        if x.len() != n * cols {
-            return Err(mismatch("x", n * cols, x.len()));
+        let mut precs = Vec::with_capacity(parts.len());
+        let mut work = 0usize;
+        for part in parts.iter() {
+            let prec = Prec::new(part.bits)?;
+            if !(1..=MAX_BATCH).contains(&part.n) {
+                return Err(KernelError::InvalidBatch(part.n));
+            }
+            if part.x.len() != part.n * cols {
+                return Err(mismatch("x", part.n * cols, part.x.len()));
+            }
+            if part.y.len() != part.n * rows {
+                return Err(mismatch("y", part.n * rows, part.y.len()));
+            }
+            precs.push(prec);
+            work = work.saturating_add(self.plane_bytes_read(part.bits)?.saturating_mul(part.n));
         }
-        if y.len() != n * rows {
-            return Err(mismatch("y", n * rows, y.len()));
-        }
+        let Some(widest) = parts.iter().map(|p| p.bits).max() else {
+            return Ok(());
+        };
         if rows == 0 {
             return Ok(());
         }
-        self.prefetch_start(bits);
-        let acts = match cfg.path.at(bits) {
-            ActPath::Int8 => Acts::int8(x, n, &self.layout, self.cols_padded()),
-            _ => Acts::f32(x, n, cols, self.cols_padded()),
-        };
-        let work = self.plane_bytes_read(bits)?.saturating_mul(n);
+        self.prefetch_start(widest);
+        let acts: Vec<Acts> = parts
+            .iter()
+            .map(|p| match cfg.path.at(p.bits) {
+                ActPath::Int8 => Acts::int8(p.x, p.n, &self.layout, self.cols_padded()),
+                _ => Acts::f32(p.x, p.n, cols, self.cols_padded()),
+            })
+            .collect();
+        let fast_decode = fast_decode && cfg.backend == Backend::Avx512 && vbmi_gfni();
+        let jobs: Vec<Job<'_>> = parts
+            .iter()
+            .zip(&precs)
+            .zip(&acts)
+            .map(|((p, &prec), acts)| Job {
+                w: self,
+                scales: self.scales_at(p.bits),
+                prec,
+                acts,
+                backend: cfg.backend,
+                fast_decode,
+            })
+            .collect();
         let threads = share_count(cfg.threads, rows, work, min_share);
         let bounds: Vec<Range<usize>> = (0..threads).map(|t| t * rows / threads..(t + 1) * rows / threads).collect();
-        let mut outs: Vec<Vec<&mut [f32]>> = (0..threads).map(|_| Vec::with_capacity(n)).collect();
-        for yb in y.chunks_exact_mut(rows) {
-            let mut rest = yb;
-            for (out, range) in outs.iter_mut().zip(&bounds) {
-                let (head, tail) = rest.split_at_mut(range.len());
-                out.push(head);
-                rest = tail;
+        // outs[t][part][b]: thread t's rows of activation row b of the part.
+        let mut outs: Vec<Vec<Vec<&mut [f32]>>> = (0..threads).map(|_| Vec::with_capacity(parts.len())).collect();
+        for part in parts.iter_mut() {
+            for out in outs.iter_mut() {
+                out.push(Vec::with_capacity(part.n));
+            }
+            for yb in part.y.chunks_exact_mut(rows) {
+                let mut rest = yb;
+                for (out, range) in outs.iter_mut().zip(&bounds) {
+                    let (head, tail) = rest.split_at_mut(range.len());
+                    out.last_mut().expect("pushed above").push(head);
+                    rest = tail;
+                }
             }
         }
-        let job = Job {
-            w: self,
-            scales: self.scales_at(bits),
-            prec,
-            acts: &acts,
-            backend: cfg.backend,
-            fast_decode: fast_decode && cfg.backend == Backend::Avx512 && vbmi_gfni(),
+        // One part: the kernels' own blocking over the whole share. Several: blocks whose plane
+        // words stay in L2 while every part reads them.
+        let block = if jobs.len() == 1 {
+            rows
+        } else {
+            let row_bytes = self.planes_read(widest)? * self.wpr * 8;
+            (MULTI_BLOCK_BYTES / row_bytes.max(1)).max(1).next_multiple_of(16)
+        };
+        let run = |range: Range<usize>, out: &mut [Vec<&mut [f32]>]| {
+            let mut r0 = range.start;
+            while r0 < range.end {
+                let r1 = (r0 + block).min(range.end);
+                let (lo, hi) = (r0 - range.start, r1 - range.start);
+                for (job, part) in jobs.iter().zip(out.iter_mut()) {
+                    let mut sub: Vec<&mut [f32]> = part.iter_mut().map(|o| &mut o[lo..hi]).collect();
+                    job.run(r0..r1, &mut sub);
+                }
+                r0 = r1;
+            }
         };
         if threads == 1 {
-            job.run(bounds[0].clone(), &mut outs[0]);
+            run(bounds[0].clone(), &mut outs[0]);
         } else {
-            let shares: Vec<std::sync::Mutex<Vec<&mut [f32]>>> = outs.into_iter().map(std::sync::Mutex::new).collect();
+            let shares: Vec<std::sync::Mutex<Vec<Vec<&mut [f32]>>>> =
+                outs.into_iter().map(std::sync::Mutex::new).collect();
             pool::run(threads, |t| {
                 let mut out = shares[t].lock().unwrap_or_else(|e| e.into_inner());
-                job.run(bounds[t].clone(), &mut out);
+                run(bounds[t].clone(), &mut out);
             });
         }
         Ok(())
     }
 }
+
+/// One batch of activation rows of a [`PlanarWeight::matmul_multi`] call, served at `bits`: `x`
+/// is row-major `[n, cols]`, `y` receives `[n, rows]`.
+#[derive(Debug)]
+pub struct MatmulPart<'a> {
+    pub bits: u32,
+    pub x: &'a [f32],
+    pub n: usize,
+    pub y: &'a mut [f32],
+}
+
+/// Plane bytes per row block of a several-precision [`PlanarWeight::matmul_multi`]: every part
+/// runs over a block before the next, so its plane words are read from memory once; 64 KiB stay
+/// in L2 (and mostly in L1) while the parts run.
+const MULTI_BLOCK_BYTES: usize = 64 << 10;
 
 /// Runs `f(0), …, f(n − 1)` on the calling thread and the kernels' worker pool (the pool the
 /// mat-vecs split their rows over), returning when all have finished: for other per-step work

@@ -747,6 +747,51 @@ fn results_do_not_depend_on_batch_or_threads() {
     }
 }
 
+/// Several precisions in one pass over the weight give every part exactly what a call of its
+/// own gives, whatever the parts, blocks, decoder and threads.
+#[test]
+fn multi_precision_pass_matches_separate_calls() {
+    let mut rng = Rng(21);
+    // 200 rows of 1000 columns: several 16-row blocks per thread at 64 KiB of planes per block.
+    for (rows, cols, gran) in [(200, 1000, Granularity::Group(64)), (37, 300, Granularity::Channel)] {
+        let qw = random_weight(&mut rng, rows, cols, gran);
+        let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+        let plan: [(u32, usize); 5] = [(8, 3), (4, 6), (2, 1), (4, 2), (3, 64)];
+        let xs: Vec<Vec<f32>> = plan.iter().map(|&(_, n)| random_x(&mut rng, n * cols)).collect();
+        for backend in Backend::available() {
+            for path in [ActPath::F32, ActPath::Int8, ActPath::Auto] {
+                for (threads, fast) in [(1, true), (3, true), (2, false)] {
+                    let cfg = KernelConfig::new(backend, path, threads);
+                    let mut ys: Vec<Vec<f32>> = plan.iter().map(|&(_, n)| vec![f32::NAN; n * rows]).collect();
+                    let mut parts: Vec<MatmulPart<'_>> = plan
+                        .iter()
+                        .zip(&xs)
+                        .zip(ys.iter_mut())
+                        .map(|((&(bits, n), x), y)| MatmulPart { bits, x, n, y })
+                        .collect();
+                    pw.multi_impl(&mut parts, &cfg, (fast, 0)).unwrap();
+                    for ((&(bits, n), x), y) in plan.iter().zip(&xs).zip(&ys) {
+                        let mut want = vec![0f32; n * rows];
+                        pw.matmul_impl(bits, x, n, &mut want, &KernelConfig::new(backend, path, 1), (fast, 0)).unwrap();
+                        let same = want.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{rows}x{cols} {backend} {path:?} threads={threads} bits={bits} n={n}");
+                    }
+                }
+            }
+        }
+        // A bad part is an error, and nothing is computed.
+        let x = random_x(&mut rng, cols);
+        let (mut y1, mut y2) = (vec![0f32; rows], vec![0f32; rows + 1]);
+        let mut parts =
+            [MatmulPart { bits: 4, x: &x, n: 1, y: &mut y1 }, MatmulPart { bits: 2, x: &x, n: 1, y: &mut y2 }];
+        assert!(pw.matmul_multi(&mut parts, &KernelConfig::default()).is_err());
+        assert!(y1.iter().all(|&v| v == 0.0));
+        let mut parts = [MatmulPart { bits: 9, x: &x, n: 1, y: &mut y1 }];
+        assert!(pw.matmul_multi(&mut parts, &KernelConfig::default()).is_err());
+        assert!(pw.matmul_multi(&mut [], &KernelConfig::default()).is_ok());
+    }
+}
+
 #[test]
 fn concurrent_callers_share_the_pool() {
     let mut rng = Rng(9);

@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use kernels::ops::{self, AttentionShape};
 use kernels::KernelConfig;
 
-use super::{Block, HostSequence, Transformer};
+use super::{forward_rows_mixed, Block, HostSequence, Linear, Transformer};
 
 /// What the fused runtime keeps beside the transformer's weights: the norms and the RoPE tables
 /// as plain values.
@@ -73,67 +73,109 @@ struct Buffers {
     scores: Vec<f32>,
 }
 
+/// The sequences one transformer runs in a fused step. Several segments share a step when
+/// they are transformers of one resident model at different precisions: their linear layers
+/// then make one pass over each weight for all of them.
+pub(super) struct Segment<'t, 's, 'a> {
+    pub model: &'t Transformer,
+    pub fused: &'t Fused,
+    pub seqs: &'s mut [Sequence<'a>],
+}
+
 impl Transformer {
     /// Runs every sequence's new tokens through the model, appending their keys and values to
     /// the sequences' caches, and returns the logits of the positions asked for, sequence after
     /// sequence, `[rows, vocab]`. Callers have checked the tokens and positions. On an error
     /// the caches are left as they were.
     pub(super) fn fused_forward(&self, fused: &Fused, seqs: &mut [Sequence<'_>]) -> Result<Tensor> {
-        let starts: Vec<usize> = seqs.iter().map(|s| s.cache.len).collect();
-        let result = self.fused_steps(fused, seqs);
-        for (s, &start) in seqs.iter_mut().zip(&starts) {
+        let mut logits = fused_forward(&mut [Segment { model: self, fused, seqs }])?;
+        Ok(logits.pop().expect("one segment, one result"))
+    }
+}
+
+/// [`Transformer::fused_forward`] for several segments (transformers of one configuration) in
+/// one step: the logits of each segment, in order.
+pub(super) fn fused_forward(segments: &mut [Segment<'_, '_, '_>]) -> Result<Vec<Tensor>> {
+    let starts: Vec<Vec<usize>> = segments.iter().map(|g| g.seqs.iter().map(|s| s.cache.len).collect()).collect();
+    let result = fused_steps(segments);
+    for (g, starts) in segments.iter_mut().zip(&starts) {
+        let c = &g.model.config;
+        for (s, &start) in g.seqs.iter_mut().zip(starts) {
             match result {
                 Ok(_) => s.cache.len = start + s.tokens.len(),
                 // Keys past `len` are never read; the values are cut back.
                 Err(_) => {
-                    let kv_dim = self.config.num_key_value_heads * self.config.head_dim;
+                    let kv_dim = c.num_key_value_heads * c.head_dim;
                     for buf in s.cache.values.iter_mut() {
                         buf.truncate(start * kv_dim);
                     }
                 }
             }
         }
-        result
     }
+    result
+}
 
-    fn fused_steps(&self, fused: &Fused, seqs: &mut [Sequence<'_>]) -> Result<Tensor> {
-        let c = &self.config;
-        let shape =
-            AttentionShape { heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
-        let (h, m, half) = (c.hidden_size, c.intermediate_size, c.head_dim / 2);
-        let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
-        let backend = fused.kernel.backend;
-        let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
-        for s in seqs.iter_mut() {
+fn fused_steps(segments: &mut [Segment<'_, '_, '_>]) -> Result<Vec<Tensor>> {
+    // The segments' models, apart from their sequences (which the step mutates).
+    let models: Vec<(&Transformer, &Fused)> = segments.iter().map(|g| (g.model, g.fused)).collect();
+    let Some(&(first, first_fused)) = models.first() else { return Ok(Vec::new()) };
+    let c = &first.config;
+    ensure!(
+        models.iter().all(|(t, _)| t.config == *c),
+        "the transformers of one step must share one model configuration"
+    );
+    let shape = AttentionShape { heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
+    let (h, m, half) = (c.hidden_size, c.intermediate_size, c.head_dim / 2);
+    let (q_dim, kv_dim) = (shape.q_dim(), shape.kv_dim());
+    let eps = c.rms_norm_eps as f32;
+    // Rows of each segment (its sequences' new tokens), consecutive in the step's buffers.
+    let seg_rows: Vec<usize> = segments.iter().map(|g| g.seqs.iter().map(|s| s.tokens.len()).sum()).collect();
+    let rows: usize = seg_rows.iter().sum();
+    let mut x = Vec::with_capacity(rows * h);
+    let mut longest = 0;
+    for g in segments.iter_mut() {
+        for s in g.seqs.iter_mut() {
             s.cache.reserve(s.cache.len + s.tokens.len(), kv_dim);
+            longest = longest.max(s.cache.capacity);
         }
-        let longest = seqs.iter().map(|s| s.cache.capacity).max().unwrap_or(0);
-        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let mut b = Buffers {
-            x: self.embed.lookup_rows(&ids)?,
-            normed: vec![0.0; rows * h],
-            q: vec![0.0; rows * q_dim],
-            k: vec![0.0; rows * kv_dim],
-            v: vec![0.0; rows * kv_dim],
-            attn: vec![0.0; rows * q_dim],
-            gate: vec![0.0; rows * m],
-            up: vec![0.0; rows * m],
-            scores: vec![0.0; longest],
+        let ids: Vec<u32> = g.seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        x.extend(g.model.embed.lookup_rows(&ids)?);
+    }
+    ensure!(x.len() == rows * h, "embedding rows of {} values, expected {h}", x.len() / rows.max(1));
+    let mut b = Buffers {
+        x,
+        normed: vec![0.0; rows * h],
+        q: vec![0.0; rows * q_dim],
+        k: vec![0.0; rows * kv_dim],
+        v: vec![0.0; rows * kv_dim],
+        attn: vec![0.0; rows * q_dim],
+        gate: vec![0.0; rows * m],
+        up: vec![0.0; rows * m],
+        scores: vec![0.0; longest],
+    };
+    let backend = first_fused.kernel.backend;
+    for layer in 0..c.num_hidden_layers {
+        norm_rows(&models, &seg_rows, h, eps, |f| &f.norms[layer][0], &b.x, &mut b.normed);
+        let linear = |pick: fn(&Block) -> &Linear| -> Vec<(&Linear, usize)> {
+            models.iter().zip(&seg_rows).map(|((t, _), &n)| (pick(&t.blocks[layer]), n)).collect()
         };
-        ensure!(b.x.len() == rows * h, "embedding rows of {} values, expected {h}", b.x.len() / rows.max(1));
-        for (layer, (block, [input_norm, post_norm])) in self.blocks.iter().zip(&fused.norms).enumerate() {
-            ops::rms_norm(backend, &b.x, input_norm, c.rms_norm_eps as f32, &mut b.normed);
-            block.q_proj.forward_rows(&b.normed, rows, &mut b.q)?;
-            block.k_proj.forward_rows(&b.normed, rows, &mut b.k)?;
-            block.v_proj.forward_rows(&b.normed, rows, &mut b.v)?;
-            let mut offset = 0;
-            for s in seqs.iter_mut() {
+        let (q, k, v) = (linear(|b| &b.q_proj), linear(|b| &b.k_proj), linear(|b| &b.v_proj));
+        let (o, gate, up, down) =
+            (linear(|b| &b.o_proj), linear(|b| &b.gate_proj), linear(|b| &b.up_proj), linear(|b| &b.down_proj));
+        forward_rows_mixed(&q, &b.normed, &mut b.q)?;
+        forward_rows_mixed(&k, &b.normed, &mut b.k)?;
+        forward_rows_mixed(&v, &b.normed, &mut b.v)?;
+        let mut offset = 0;
+        for g in segments.iter_mut() {
+            let fused = g.fused;
+            for s in g.seqs.iter_mut() {
                 let (start, t) = (s.cache.len, s.tokens.len());
                 for i in 0..t {
                     let (row, pos) = (offset + i, start + i);
                     let (cos, sin) = (&fused.cos[pos * half..][..half], &fused.sin[pos * half..][..half]);
-                    ops::rope(backend, &mut b.q[row * q_dim..][..q_dim], c.head_dim, cos, sin);
-                    ops::rope(backend, &mut b.k[row * kv_dim..][..kv_dim], c.head_dim, cos, sin);
+                    ops::rope(fused.kernel.backend, &mut b.q[row * q_dim..][..q_dim], c.head_dim, cos, sin);
+                    ops::rope(fused.kernel.backend, &mut b.k[row * kv_dim..][..kv_dim], c.head_dim, cos, sin);
                 }
                 let stride = s.cache.capacity;
                 let (keys, values) = (&mut s.cache.keys[layer], &mut s.cache.values[layer]);
@@ -146,28 +188,60 @@ impl Transformer {
                 attend_positions(fused.kernel, shape, &b.q[rows.clone()], cache, &mut b.scores, &mut b.attn[rows]);
                 offset += t;
             }
-            block.o_proj.forward_rows(&b.attn, rows, &mut b.normed)?;
-            ops::add_assign(backend, &mut b.x, &b.normed);
-            ops::rms_norm(backend, &b.x, post_norm, c.rms_norm_eps as f32, &mut b.normed);
-            block.gate_proj.forward_rows(&b.normed, rows, &mut b.gate)?;
-            block.up_proj.forward_rows(&b.normed, rows, &mut b.up)?;
-            ops::silu_mul(backend, &mut b.gate, &b.up);
-            block.down_proj.forward_rows(&b.gate, rows, &mut b.normed)?;
-            ops::add_assign(backend, &mut b.x, &b.normed);
         }
-        // The final norm and the lm_head only for the positions whose logits are wanted.
-        let mut last = Vec::new();
-        let mut offset = 0;
-        for s in seqs.iter() {
+        forward_rows_mixed(&o, &b.attn, &mut b.normed)?;
+        ops::add_assign(backend, &mut b.x, &b.normed);
+        norm_rows(&models, &seg_rows, h, eps, |f| &f.norms[layer][1], &b.x, &mut b.normed);
+        forward_rows_mixed(&gate, &b.normed, &mut b.gate)?;
+        forward_rows_mixed(&up, &b.normed, &mut b.up)?;
+        ops::silu_mul(backend, &mut b.gate, &b.up);
+        forward_rows_mixed(&down, &b.gate, &mut b.normed)?;
+        ops::add_assign(backend, &mut b.x, &b.normed);
+    }
+    // The final norm and the lm_head only for the positions whose logits are wanted.
+    let mut last = Vec::new();
+    let mut out_rows = Vec::with_capacity(segments.len());
+    let mut offset = 0;
+    for g in segments.iter() {
+        let before = last.len();
+        for s in g.seqs.iter() {
             last.extend_from_slice(&b.x[(offset + s.logits_from) * h..(offset + s.tokens.len()) * h]);
             offset += s.tokens.len();
         }
-        let out_rows = last.len() / h;
-        let mut normed = vec![0.0; last.len()];
-        ops::rms_norm(backend, &last, &fused.final_norm, c.rms_norm_eps as f32, &mut normed);
-        let mut logits = vec![0.0; out_rows * c.vocab_size];
-        self.lm_head.forward_rows(&normed, out_rows, &mut logits)?;
-        Ok(Tensor::from_vec(logits, (out_rows, c.vocab_size), &Device::Cpu)?)
+        out_rows.push((last.len() - before) / h);
+    }
+    let mut normed = vec![0.0; last.len()];
+    norm_rows(&models, &out_rows, h, eps, |f| &f.final_norm, &last, &mut normed);
+    let at: usize = out_rows.iter().sum();
+    let heads: Vec<(&Linear, usize)> = models.iter().zip(&out_rows).map(|((t, _), &n)| (&t.lm_head, n)).collect();
+    let mut logits = vec![0.0; at * c.vocab_size];
+    forward_rows_mixed(&heads, &normed, &mut logits)?;
+    let mut out = Vec::with_capacity(segments.len());
+    let mut rest = logits;
+    for &n in &out_rows {
+        let tail = rest.split_off(n * c.vocab_size);
+        out.push(Tensor::from_vec(rest, (n, c.vocab_size), &Device::Cpu)?);
+        rest = tail;
+    }
+    Ok(out)
+}
+
+/// RMSNorm of each segment's `rows[i]` consecutive rows of `x` into `out`, with the weight
+/// `weight` picks from the segment's fused runtime.
+fn norm_rows(
+    models: &[(&Transformer, &Fused)],
+    rows: &[usize],
+    width: usize,
+    eps: f32,
+    weight: impl Fn(&Fused) -> &[f32],
+    x: &[f32],
+    out: &mut [f32],
+) {
+    let mut offset = 0;
+    for ((_, fused), &n) in models.iter().zip(rows) {
+        let r = offset * width..(offset + n) * width;
+        ops::rms_norm(fused.kernel.backend, &x[r.clone()], weight(fused), eps, &mut out[r]);
+        offset += n;
     }
 }
 

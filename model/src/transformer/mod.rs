@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use kernels::{KernelConfig, PlanarWeight, MAX_BATCH};
+use kernels::{KernelConfig, MatmulPart, PlanarWeight, MAX_BATCH};
 
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::precision::Precision;
@@ -166,6 +166,63 @@ impl Linear {
         }
         Ok(())
     }
+}
+
+/// `y = x·Wᵀ (+ b)` for consecutive row ranges each served by its own layer: `parts[i] = (layer,
+/// n_i)` takes the next `n_i` rows of `x` (`[Σ n_i, in]`) into the same rows of `y`. When every
+/// layer serves one resident weight with one kernel configuration (the same layer of
+/// transformers at different precisions), the kernels make one pass over it for all of them
+/// ([`PlanarWeight::matmul_multi`]); the rows get the same bits as each layer alone.
+pub(crate) fn forward_rows_mixed(parts: &[(&Linear, usize)], x: &[f32], y: &mut [f32]) -> Result<()> {
+    let Some(&(first, _)) = parts.first() else { return Ok(()) };
+    let (inner, out) = match first {
+        Linear::Dense { weight, .. } => (weight.dims()[1], weight.dims()[0]),
+        Linear::Planar { weight, .. } => (weight.cols(), weight.rows()),
+    };
+    let total: usize = parts.iter().map(|&(_, n)| n).sum();
+    ensure!(x.len() == total * inner, "activations of {} values for {total} rows of {inner}", x.len());
+    ensure!(y.len() == total * out, "output of {} values for {total} rows of {out}", y.len());
+    let shared = match first {
+        Linear::Planar { weight, kernel, .. } if parts.len() > 1 => parts.iter().all(
+            |(l, _)| matches!(l, Linear::Planar { weight: w, kernel: k, .. } if Arc::ptr_eq(w, weight) && k == kernel),
+        ),
+        _ => false,
+    };
+    if !shared {
+        let (mut xs, mut ys) = (x, &mut *y);
+        for &(layer, n) in parts {
+            let (xh, xt) = xs.split_at(n * inner);
+            let (yh, yt) = ys.split_at_mut(n * out);
+            layer.forward_rows(xh, n, yh)?;
+            (xs, ys) = (xt, yt);
+        }
+        return Ok(());
+    }
+    let Linear::Planar { weight, kernel, .. } = first else { unreachable!("checked shared above") };
+    let mut calls = Vec::new();
+    let (mut xs, mut ys) = (x, &mut *y);
+    for &(layer, n) in parts {
+        let Linear::Planar { bits, .. } = layer else { unreachable!("checked shared above") };
+        // At most MAX_BATCH activation rows per part.
+        let (xh, xt) = xs.split_at(n * inner);
+        let (yh, yt) = ys.split_at_mut(n * out);
+        for (xc, yc) in xh.chunks(MAX_BATCH * inner.max(1)).zip(yh.chunks_mut(MAX_BATCH * out.max(1))) {
+            calls.push(MatmulPart { bits: *bits, x: xc, n: yc.len() / out.max(1), y: yc });
+        }
+        (xs, ys) = (xt, yt);
+    }
+    weight.matmul_multi(&mut calls, kernel)?;
+    let mut ys = y;
+    for &(layer, n) in parts {
+        let (yh, yt) = ys.split_at_mut(n * out);
+        if let Linear::Planar { bias: Some(b), kernel, .. } = layer {
+            for row in yh.chunks_exact_mut(out.max(1)) {
+                kernels::ops::add_assign(kernel.backend, row, b);
+            }
+        }
+        ys = yt;
+    }
+    Ok(())
 }
 
 /// The token embedding: a float table, or a resident weight whose rows are decoded on lookup.
@@ -461,6 +518,24 @@ pub struct SequenceStep<'a> {
     pub cache: &'a mut KvCache,
 }
 
+/// The sequences one transformer runs in a [`Transformer::forward_batches`] step.
+pub struct Batch<'t, 's, 'a> {
+    pub transformer: &'t Transformer,
+    pub steps: &'s mut [SequenceStep<'a>],
+}
+
+/// The fused runtime's view of checked steps: each sequence's host cache, logits of its last
+/// new position.
+fn fused_sequences<'s>(steps: &'s mut [SequenceStep<'_>]) -> Result<Vec<fused::Sequence<'s>>> {
+    steps
+        .iter_mut()
+        .map(|step| {
+            let cache = &mut step.cache.host(1)?[0];
+            Ok(fused::Sequence { tokens: step.tokens, cache, logits_from: step.tokens.len() - 1 })
+        })
+        .collect()
+}
+
 /// A decoder-only transformer over float [`Weights`] or a [`ResidentModel`].
 pub struct Transformer {
     config: ModelConfig,
@@ -681,26 +756,15 @@ impl Transformer {
     /// logits of each sequence's last new position, `[steps.len(), vocab]`. Continuous batching
     /// is built on this: sequences of any length and progress share a step.
     pub fn forward_batch(&self, steps: &mut [SequenceStep<'_>]) -> Result<Tensor> {
-        ensure!(!steps.is_empty(), "forward_batch needs at least one sequence");
+        self.check_steps(steps)?;
+        if let Some(fused) = &self.fused {
+            return self.fused_forward(fused, &mut fused_sequences(steps)?);
+        }
         let mut ids = Vec::new();
         let mut spans = Vec::with_capacity(steps.len());
-        for (n, step) in steps.iter().enumerate() {
-            ensure!(!step.tokens.is_empty(), "sequence {n} of the batch has no new tokens");
-            if let Some(cached) = step.cache.batch() {
-                ensure!(cached == 1, "sequence {n}: forward_batch needs caches of batch 1, not {cached}");
-            }
-            self.check_positions(step.cache.len(), step.tokens.len()).with_context(|| format!("sequence {n}"))?;
-            self.check_ids(step.tokens).with_context(|| format!("sequence {n}"))?;
+        for step in steps.iter() {
             spans.push((ids.len(), step.tokens.len(), step.cache.len()));
             ids.extend_from_slice(step.tokens);
-        }
-        if let Some(fused) = &self.fused {
-            let mut seqs = Vec::with_capacity(steps.len());
-            for step in steps.iter_mut() {
-                let cache = &mut step.cache.host(1)?[0];
-                seqs.push(fused::Sequence { tokens: step.tokens, cache, logits_from: step.tokens.len() - 1 });
-            }
-            return self.fused_forward(fused, &mut seqs);
         }
         let total = ids.len();
         let device = Device::Cpu;
@@ -737,6 +801,52 @@ impl Transformer {
         let x = x.squeeze(0)?.index_select(&Tensor::from_vec(last, n, &device)?, 0)?;
         let x = self.rms_norm(&x, &self.final_norm)?;
         self.lm_head.forward(&x)
+    }
+
+    /// One step over several batches, each through its own transformer: the precisions a
+    /// server offers, built from one [`ResidentModel`]. Every batch gets what
+    /// [`Self::forward_batch`] gives it alone (bit for bit), but the step runs once: each linear
+    /// layer is one pass of the kernels over its resident weight for the rows of every precision
+    /// (the planes read once, not once per precision), the other ops over all rows at once.
+    /// Transformers that are not resident, or whose configurations differ, run one after the
+    /// other. Returns each batch's logits, `[steps.len(), vocab]`, in order.
+    pub fn forward_batches(batches: &mut [Batch<'_, '_, '_>]) -> Result<Vec<Tensor>> {
+        for (i, batch) in batches.iter().enumerate() {
+            batch.transformer.check_steps(batch.steps).with_context(|| format!("batch {i}"))?;
+        }
+        let shared = batches
+            .iter()
+            .all(|b| b.transformer.fused.is_some() && b.transformer.config == batches[0].transformer.config);
+        if !shared {
+            return batches.iter_mut().map(|b| b.transformer.forward_batch(b.steps)).collect();
+        }
+        let models: Vec<&Transformer> = batches.iter().map(|b| b.transformer).collect();
+        let mut seqs = batches.iter_mut().map(|b| fused_sequences(b.steps)).collect::<Result<Vec<_>>>()?;
+        let mut segments: Vec<fused::Segment<'_, '_, '_>> = models
+            .into_iter()
+            .zip(seqs.iter_mut())
+            .map(|(model, seqs)| fused::Segment {
+                model,
+                fused: model.fused.as_ref().expect("checked resident above"),
+                seqs,
+            })
+            .collect();
+        fused::fused_forward(&mut segments)
+    }
+
+    /// The checks of a [`Self::forward_batch`] step: at least one sequence, each with new tokens
+    /// in the vocabulary, within the context, and a cache of batch 1.
+    fn check_steps(&self, steps: &[SequenceStep<'_>]) -> Result<()> {
+        ensure!(!steps.is_empty(), "forward_batch needs at least one sequence");
+        for (n, step) in steps.iter().enumerate() {
+            ensure!(!step.tokens.is_empty(), "sequence {n} of the batch has no new tokens");
+            if let Some(cached) = step.cache.batch() {
+                ensure!(cached == 1, "sequence {n}: forward_batch needs caches of batch 1, not {cached}");
+            }
+            self.check_positions(step.cache.len(), step.tokens.len()).with_context(|| format!("sequence {n}"))?;
+            self.check_ids(step.tokens).with_context(|| format!("sequence {n}"))?;
+        }
+        Ok(())
     }
 
     fn check_positions(&self, start: usize, seq: usize) -> Result<()> {
