@@ -166,6 +166,8 @@ fn fused_steps(segments: &mut [Segment<'_, '_, '_>]) -> Result<Vec<Tensor>> {
         forward_rows_mixed(&q, &b.normed, &mut b.q)?;
         forward_rows_mixed(&k, &b.normed, &mut b.k)?;
         forward_rows_mixed(&v, &b.normed, &mut b.v)?;
+        // RoPE and the new keys and values into each sequence's cache, then attention of every
+        // new position of the step over its own prefix, split over the kernel threads.
         let mut offset = 0;
         for g in segments.iter_mut() {
             let fused = g.fused;
@@ -183,12 +185,18 @@ fn fused_steps(segments: &mut [Segment<'_, '_, '_>]) -> Result<Vec<Tensor>> {
                     ops::store_key(keys, stride, start + i, &b.k[(offset + i) * kv_dim..][..kv_dim]);
                 }
                 values.extend_from_slice(&b.v[offset * kv_dim..(offset + t) * kv_dim]);
-                let cache = ops::CacheView { keys, stride, values, len: start };
-                let rows = offset * q_dim..(offset + t) * q_dim;
-                attend_positions(fused.kernel, shape, &b.q[rows.clone()], cache, &mut b.scores, &mut b.attn[rows]);
                 offset += t;
             }
         }
+        let caches: Vec<(ops::CacheView<'_>, usize)> = segments
+            .iter()
+            .flat_map(|g| g.seqs.iter())
+            .map(|s| {
+                let (keys, values) = (&s.cache.keys[layer], &s.cache.values[layer]);
+                (ops::CacheView { keys, stride: s.cache.capacity, values, len: s.cache.len }, s.tokens.len())
+            })
+            .collect();
+        attend_rows(first_fused.kernel, shape, &b.q, &caches, &mut b.scores, &mut b.attn);
         forward_rows_mixed(&o, &b.attn, &mut b.normed)?;
         ops::add_assign(backend, &mut b.x, &b.normed);
         norm_rows(&models, &seg_rows, h, eps, |f| &f.norms[layer][1], &b.x, &mut b.normed);
@@ -245,60 +253,64 @@ fn norm_rows(
     }
 }
 
-/// Causal attention of `q`'s consecutive new positions (`[t, heads · head_dim]`), the first
-/// after the `cache.len` positions before them (whose keys and values, and the new positions',
-/// are in `cache`), into `out`. Position `i` attends to the first `cache.len + i + 1` cached
-/// positions, computed alone, so the result does not depend on how positions are grouped or
-/// shared out. Many positions (a prefill, an evaluation window) are split over the kernel
-/// threads in contiguous shares of about equal work.
-fn attend_positions(
+/// Causal attention of every new position of a step: `caches[i]` is sequence `i`'s cache (its
+/// `len` the positions before this step's, whose keys and values it already holds too) and its
+/// number of new positions, whose queries are the next rows of `q` (`[rows, heads · head_dim]`,
+/// sequence after sequence); the outputs go to the same rows of `out`; `scores` is scratch for
+/// the longest cache. Position `j` of a
+/// sequence attends to the first `len + j + 1` cached positions, computed alone, so the result
+/// depends neither on the other sequences nor on how the rows are shared out: many rows (the
+/// sequences of a batched decode step, a prefill) are split over the kernel threads in
+/// contiguous shares of about equal work.
+fn attend_rows(
     kernel: KernelConfig,
     shape: AttentionShape,
     q: &[f32],
-    cache: ops::CacheView<'_>,
+    caches: &[(ops::CacheView<'_>, usize)],
     scores: &mut [f32],
     out: &mut [f32],
 ) {
     let q_dim = shape.q_dim();
-    let (t, start) = (q.len() / q_dim, cache.len);
-    let attend = |i: usize, scores: &mut [f32], out: &mut [f32]| {
-        let cache = ops::CacheView { len: start + i + 1, ..cache };
-        ops::attend(kernel.backend, shape, &q[i * q_dim..][..q_dim], cache, scores, out);
-    };
-    // Below this many positions a second thread costs more than it saves.
-    const MIN_POSITIONS_TO_SPLIT: usize = 16;
-    let shares = if t >= MIN_POSITIONS_TO_SPLIT { kernel.threads.clamp(1, t) } else { 1 };
-    if shares == 1 {
-        for (i, o) in out.chunks_exact_mut(q_dim).enumerate() {
-            attend(i, scores, o);
+    // Each row's cache view (the positions it attends to) and cost.
+    let rows: Vec<ops::CacheView<'_>> = caches
+        .iter()
+        .flat_map(|&(cache, t)| (0..t).map(move |i| ops::CacheView { len: cache.len + i + 1, ..cache }))
+        .collect();
+    let attend = |first: usize, out: &mut [f32], scores: &mut [f32]| {
+        for (k, o) in out.chunks_exact_mut(q_dim).enumerate() {
+            let r = first + k;
+            ops::attend(kernel.backend, shape, &q[r * q_dim..][..q_dim], rows[r], scores, o);
         }
+    };
+    let total: usize = rows.iter().map(|c| c.len).sum();
+    // Below this many cached positions attended in all, a second thread costs more than it saves.
+    const MIN_POSITIONS_TO_SPLIT: usize = 256;
+    let shares = if total >= MIN_POSITIONS_TO_SPLIT { kernel.threads.clamp(1, rows.len().max(1)) } else { 1 };
+    if shares == 1 {
+        attend(0, out, scores);
         return;
     }
-    // Position i costs ~ start + i + 1: cut where the running cost passes each share's part.
-    let total: usize = (0..t).map(|i| start + i + 1).sum();
+    // Cut where the running cost passes each share's part.
     let mut bounds = vec![0];
     let mut cost = 0;
-    for i in 0..t {
-        cost += start + i + 1;
+    for (r, c) in rows.iter().enumerate() {
+        cost += c.len;
         if bounds.len() < shares && cost * shares >= total * bounds.len() {
-            bounds.push(i + 1);
+            bounds.push(r + 1);
         }
     }
-    bounds.push(t);
+    bounds.push(rows.len());
     bounds.dedup();
     let mut parts = Vec::with_capacity(bounds.len() - 1);
     let mut rest = out;
     for w in bounds.windows(2) {
         let (head, tail) = rest.split_at_mut((w[1] - w[0]) * q_dim);
-        parts.push(std::sync::Mutex::new((head, vec![0f32; scores.len()])));
+        parts.push(std::sync::Mutex::new(head));
         rest = tail;
     }
     kernels::run_shares(parts.len(), |s| {
         let mut part = parts[s].lock().unwrap_or_else(|e| e.into_inner());
-        let (out, scores) = &mut *part;
-        for (k, o) in out.chunks_exact_mut(q_dim).enumerate() {
-            attend(bounds[s] + k, scores, o);
-        }
+        attend(bounds[s], &mut part, &mut vec![0f32; scores.len()]);
     });
 }
 
