@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end speed of SmolLM2-135M from one checkpoint, as recorded in docs/BENCHMARKS.md:
 #   1. drq-bench: greedy decode tokens/s at 8, 4, 2 bits (32-token prompt, 128 generated),
-#      batch 1, 4 and 16, f32 and int8 activations, with peak memory;
+#      batch 1, 4 and 16, f32 and int8 activations, with peak memory; then 5 sequences at each
+#      of 8, 4 and 2 bits in the same steps (--mixed: one pass of the kernels for every
+#      precision, as drq-serve runs, against one pass per precision);
 #   2. drq-serve + drq-loadgen: N = 1, 4, 16 streaming clients mixing 8/4/2 for DURATION s each.
 # Usage: scripts/bench-serving.sh [CHECKPOINT] (default: quantizes ../shared's GGUF per channel).
 # Run it on a quiet machine; it takes about 10 minutes with the defaults.
@@ -26,6 +28,8 @@ for act in f32 int8; do
             --json "$OUT/decode-$act-b$batch.json"
     done
 done
+echo "== drq-bench --mixed --batch 5"
+"$BIN/drq-bench" --model "$CKPT" --precision 8,4,2 --mixed --batch 5 --json "$OUT/decode-mixed-b5.json"
 
 "$BIN/drq-serve" --model "$CKPT" --port "$PORT" --max-batch 16 &
 SERVER=$!
