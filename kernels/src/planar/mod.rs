@@ -752,26 +752,14 @@ impl PlanarWeight {
             let row_bytes = self.planes_read(widest)? * self.wpr * 8;
             (MULTI_BLOCK_BYTES / row_bytes.max(1)).max(1).next_multiple_of(16)
         };
-        // With the VBMI decoder, a block's stored codes are decoded once and every part derives
-        // its precision's codes from them (a few byte ops per 64 weights instead of a transpose
-        // of its planes).
-        let share_decode = jobs.len() > 1 && fast_decode;
         let run = |range: Range<usize>, out: &mut [Vec<&mut [f32]>]| {
-            let mut stored =
-                if share_decode { vec![0u8; block.min(range.len()) * self.cols_padded()] } else { Vec::new() };
             let mut r0 = range.start;
             while r0 < range.end {
                 let r1 = (r0 + block).min(range.end);
                 let (lo, hi) = (r0 - range.start, r1 - range.start);
-                #[cfg(target_arch = "x86_64")]
-                if share_decode {
-                    // SAFETY: `fast_decode` is only set when AVX-512 (the backend, checked
-                    // available) with VBMI and GFNI is.
-                    unsafe { x86::decode_u_vbmi(self, r0 * self.wpr, (r1 - r0) * self.wpr, &mut stored) };
-                }
                 for (job, part) in jobs.iter().zip(out.iter_mut()) {
                     let mut sub: Vec<&mut [f32]> = part.iter_mut().map(|o| &mut o[lo..hi]).collect();
-                    job.run(r0..r1, &mut sub, share_decode.then_some(&stored[..]));
+                    job.run(r0..r1, &mut sub);
                 }
                 r0 = r1;
             }
@@ -993,20 +981,16 @@ pub(crate) struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Computes rows `range` for every activation row: `out[b][i]` = row `range.start + i`. With
-    /// `stored` (the AVX-512 backend with `fast_decode` only), the rows' codes are derived from
-    /// their stored codes `u` (row `range.start` first, `cols_padded` apart; from
-    /// `x86::decode_u_vbmi`) rather than decoded from the planes.
-    fn run(&self, range: Range<usize>, out: &mut [&mut [f32]], stored: Option<&[u8]>) {
+    /// Computes rows `range` for every activation row: `out[b][i]` = row `range.start + i`.
+    fn run(&self, range: Range<usize>, out: &mut [&mut [f32]]) {
         if range.is_empty() {
             return;
         }
-        debug_assert!(stored.is_none() || (self.backend == Backend::Avx512 && self.fast_decode));
         match self.backend {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => {
                 // SAFETY: `matmul` checked `Backend::Avx512.is_available()`.
-                unsafe { x86::run_avx512(self, range, out, stored) }
+                unsafe { x86::run_avx512(self, range, out) }
             }
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => {

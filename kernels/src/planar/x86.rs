@@ -155,7 +155,7 @@ fn transpose8(p: &[__m512i; 8], m: usize) -> [__m512i; 8] {
 /// The CPU must support AVX-512 F, BW, VBMI and GFNI. Bounds are checked (panics otherwise).
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
 #[inline]
-unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool, const ADD_D: bool>(
+unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool>(
     w: &PlanarWeight,
     f0: usize,
     nwords: usize,
@@ -167,7 +167,7 @@ unsafe fn decode_words_vbmi_n<const L: usize, const SIGNED: bool, const ADD_D: b
     assert!(w.planes.len() >= w.n_planes() * stride);
     let m = if L < 8 { L + 1 } else { 8 };
     let lo = if L < 8 { 7 - L } else { 0 };
-    let has_d = ADD_D && L == 8 && w.has_d;
+    let has_d = L == 8 && w.has_d;
     let base = w.planes.as_ptr();
     // Plane p spans words p·stride .. p·stride + per_plane, and every load below is masked to
     // f0 + f + (< nb) < f0 + nwords ≤ per_plane (asserted above).
@@ -235,113 +235,20 @@ unsafe fn decode_words_vbmi(w: &PlanarWeight, f0: usize, nwords: usize, prec: Pr
     // SAFETY: the same CPU features as this function's (its contract).
     unsafe {
         match (prec.bits, signed) {
-            (2, false) => decode_words_vbmi_n::<2, false, true>(w, f0, nwords, out),
-            (3, false) => decode_words_vbmi_n::<3, false, true>(w, f0, nwords, out),
-            (4, false) => decode_words_vbmi_n::<4, false, true>(w, f0, nwords, out),
-            (5, false) => decode_words_vbmi_n::<5, false, true>(w, f0, nwords, out),
-            (6, false) => decode_words_vbmi_n::<6, false, true>(w, f0, nwords, out),
-            (7, false) => decode_words_vbmi_n::<7, false, true>(w, f0, nwords, out),
-            (_, false) => decode_words_vbmi_n::<8, false, true>(w, f0, nwords, out),
-            (2, true) => decode_words_vbmi_n::<2, true, true>(w, f0, nwords, out),
-            (3, true) => decode_words_vbmi_n::<3, true, true>(w, f0, nwords, out),
-            (4, true) => decode_words_vbmi_n::<4, true, true>(w, f0, nwords, out),
-            (5, true) => decode_words_vbmi_n::<5, true, true>(w, f0, nwords, out),
-            (6, true) => decode_words_vbmi_n::<6, true, true>(w, f0, nwords, out),
-            (7, true) => decode_words_vbmi_n::<7, true, true>(w, f0, nwords, out),
-            (_, true) => decode_words_vbmi_n::<8, true, true>(w, f0, nwords, out),
-        }
-    }
-}
-
-/// The stored offset-binary codes `u` (all 8 planes, without the d plane) of plane words
-/// `f0 .. f0 + nwords` into `out[64·i ..]`: what every precision's codes derive from
-/// ([`derive_words`]), decoded once for all precisions of a
-/// [`super::PlanarWeight::matmul_multi`] block.
-///
-/// # Safety
-/// The CPU must support AVX-512 F, BW, VBMI and GFNI. Bounds are checked (panics otherwise).
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,gfni")]
-pub(super) unsafe fn decode_u_vbmi(w: &PlanarWeight, f0: usize, nwords: usize, out: &mut [u8]) {
-    // SAFETY: the same CPU features as this function's (its contract).
-    unsafe { decode_words_vbmi_n::<8, false, false>(w, f0, nwords, out) }
-}
-
-/// The codes at precision `L` of plane words `f0 .. f0 + nwords` from their stored codes `u`
-/// ([`decode_u_vbmi`], `u[64·i ..]` for word `f0 + i`), into `out[64·i ..]` exactly as
-/// [`decode_words_vbmi_n`] decodes them from the planes: below 8 bits `u_l = min((v + 1) >> 1,
-/// 2^l − 1)` on the top `l + 1` bits `v = u >> (7 − l)`, at 8 bits the d bit added; `q_l` as i8
-/// bytes when `SIGNED`.
-///
-/// # Safety
-/// The CPU must support AVX-512 F and BW. Bounds are checked (panics otherwise).
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn derive_words_n<const L: usize, const SIGNED: bool>(
-    w: &PlanarWeight,
-    u: &[u8],
-    f0: usize,
-    nwords: usize,
-    out: &mut [u8],
-) {
-    let per_plane = w.rows() * w.wpr;
-    assert!(f0 + nwords <= per_plane && u.len() >= 64 * nwords && out.len() >= 64 * nwords);
-    let d_plane = (L == 8).then(|| w.plane(8)).flatten();
-    let z = _mm512_setzero_si512();
-    let lim = _mm512_set1_epi8(((1u32 << L) - 1) as u8 as i8);
-    // The top l + 1 bits of each byte: a 16-bit shift, then the bits shifted in from the
-    // neighbouring byte masked off.
-    let keep = _mm512_set1_epi8((0xFFu32 >> (7 - L.min(7))) as u8 as i8);
-    let one = _mm512_set1_epi8(1);
-    let off = _mm512_set1_epi8(if SIGNED { (1u32 << (L - 1)) as u8 as i8 } else { 0 });
-    for i in 0..nwords {
-        // SAFETY: 64 · i + 64 ≤ u.len() (asserted).
-        let mut v = unsafe { _mm512_loadu_si512(u.as_ptr().add(64 * i).cast()) };
-        if L < 8 {
-            let shifted = match 7 - L {
-                0 => v,
-                1 => _mm512_srli_epi16::<1>(v),
-                2 => _mm512_srli_epi16::<2>(v),
-                3 => _mm512_srli_epi16::<3>(v),
-                4 => _mm512_srli_epi16::<4>(v),
-                _ => _mm512_srli_epi16::<5>(v),
-            };
-            let top = _mm512_and_si512(shifted, keep);
-            v = _mm512_min_epu8(_mm512_avg_epu8(top, z), lim);
-        } else if let Some(d) = d_plane {
-            v = _mm512_mask_add_epi8(v, d[f0 + i], v, one);
-        }
-        if SIGNED {
-            v = _mm512_sub_epi8(v, off);
-        }
-        // SAFETY: 64 · i + 64 ≤ out.len() (asserted).
-        unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(64 * i).cast(), v) };
-    }
-}
-
-/// [`derive_words_n`] for `prec.bits`.
-///
-/// # Safety
-/// The CPU must support AVX-512 F and BW.
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn derive_words(w: &PlanarWeight, u: &[u8], f0: usize, nwords: usize, prec: Prec, signed: bool, out: &mut [u8]) {
-    // SAFETY: the same CPU features as this function's (its contract).
-    unsafe {
-        match (prec.bits, signed) {
-            (2, false) => derive_words_n::<2, false>(w, u, f0, nwords, out),
-            (3, false) => derive_words_n::<3, false>(w, u, f0, nwords, out),
-            (4, false) => derive_words_n::<4, false>(w, u, f0, nwords, out),
-            (5, false) => derive_words_n::<5, false>(w, u, f0, nwords, out),
-            (6, false) => derive_words_n::<6, false>(w, u, f0, nwords, out),
-            (7, false) => derive_words_n::<7, false>(w, u, f0, nwords, out),
-            (_, false) => derive_words_n::<8, false>(w, u, f0, nwords, out),
-            (2, true) => derive_words_n::<2, true>(w, u, f0, nwords, out),
-            (3, true) => derive_words_n::<3, true>(w, u, f0, nwords, out),
-            (4, true) => derive_words_n::<4, true>(w, u, f0, nwords, out),
-            (5, true) => derive_words_n::<5, true>(w, u, f0, nwords, out),
-            (6, true) => derive_words_n::<6, true>(w, u, f0, nwords, out),
-            (7, true) => derive_words_n::<7, true>(w, u, f0, nwords, out),
-            (_, true) => derive_words_n::<8, true>(w, u, f0, nwords, out),
+            (2, false) => decode_words_vbmi_n::<2, false>(w, f0, nwords, out),
+            (3, false) => decode_words_vbmi_n::<3, false>(w, f0, nwords, out),
+            (4, false) => decode_words_vbmi_n::<4, false>(w, f0, nwords, out),
+            (5, false) => decode_words_vbmi_n::<5, false>(w, f0, nwords, out),
+            (6, false) => decode_words_vbmi_n::<6, false>(w, f0, nwords, out),
+            (7, false) => decode_words_vbmi_n::<7, false>(w, f0, nwords, out),
+            (_, false) => decode_words_vbmi_n::<8, false>(w, f0, nwords, out),
+            (2, true) => decode_words_vbmi_n::<2, true>(w, f0, nwords, out),
+            (3, true) => decode_words_vbmi_n::<3, true>(w, f0, nwords, out),
+            (4, true) => decode_words_vbmi_n::<4, true>(w, f0, nwords, out),
+            (5, true) => decode_words_vbmi_n::<5, true>(w, f0, nwords, out),
+            (6, true) => decode_words_vbmi_n::<6, true>(w, f0, nwords, out),
+            (7, true) => decode_words_vbmi_n::<7, true>(w, f0, nwords, out),
+            (_, true) => decode_words_vbmi_n::<8, true>(w, f0, nwords, out),
         }
     }
 }
@@ -1343,7 +1250,7 @@ const BLOCK_BYTES: usize = 4 << 10;
 /// # Safety
 /// The CPU must support AVX-512 F, BW and VNNI, and VBMI and GFNI if `job.fast_decode`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&mut [f32]], stored: Option<&[u8]>) {
+pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&mut [f32]]) {
     let w = job.w;
     let cp = w.cols_padded();
     let ng = w.layout.n_groups();
@@ -1374,11 +1281,7 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
     let mut r0 = range.start;
     while r0 < range.end {
         let nr = block_rows.min(range.end - r0);
-        if let Some(u) = stored {
-            let u = &u[(r0 - range.start) * cp..];
-            // SAFETY: AVX-512 F and BW are available (this function's contract).
-            unsafe { derive_words(w, u, r0 * w.wpr, nr * w.wpr, job.prec, signed, &mut sc.bytes) };
-        } else if job.fast_decode {
+        if job.fast_decode {
             // SAFETY: `fast_decode` is only set when VBMI and GFNI are available.
             unsafe { decode_words_vbmi(w, r0 * w.wpr, nr * w.wpr, job.prec, signed, &mut sc.bytes) };
         } else {
