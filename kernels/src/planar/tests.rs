@@ -752,11 +752,14 @@ fn results_do_not_depend_on_batch_or_threads() {
 #[test]
 fn multi_precision_pass_matches_separate_calls() {
     let mut rng = Rng(21);
-    // 200 rows of 1000 columns: several 16-row blocks per thread at 64 KiB of planes per block.
-    for (rows, cols, gran) in [(200, 1000, Granularity::Group(64)), (37, 300, Granularity::Channel)] {
+    // 2000 rows of 1000 columns: several blocks of 1 MiB of planes per thread.
+    for (rows, cols, gran, tie) in
+        [(2000, 1000, Granularity::Group(64), TieRule::HalfEven), (37, 300, Granularity::Channel, TieRule::HalfUp)]
+    {
         let qw = random_weight(&mut rng, rows, cols, gran);
-        let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
-        let plan: [(u32, usize); 5] = [(8, 3), (4, 6), (2, 1), (4, 2), (3, 64)];
+        let pw = PlanarWeight::from_quantized(&qw, tie).unwrap();
+        // Every precision, one twice; batches on every kernel path (mat-vec, 4 × 4, GEMM, f32).
+        let plan = [(8, 3), (4, 6), (2, 1), (4, 2), (3, 64), (5, 2), (6, 1), (7, 5)];
         let xs: Vec<Vec<f32>> = plan.iter().map(|&(_, n)| random_x(&mut rng, n * cols)).collect();
         for backend in Backend::available() {
             for path in [ActPath::F32, ActPath::Int8, ActPath::Auto] {
