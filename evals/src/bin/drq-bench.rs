@@ -123,8 +123,9 @@ fn run(args: Args) -> Result<()> {
             (Precision::Float, None) => bail!("`fp` needs --reference"),
             (p, _) => Transformer::from_resident(&resident, p, &kernel)?,
         };
-        let mut runs: Vec<(f64, f64)> =
-            (0..args.repeat).map(|_| decode(&transformer, &prompts, args.gen_tokens)).collect::<Result<_>>()?;
+        let mut runs: Vec<(f64, f64)> = (0..args.repeat)
+            .map(|_| decode(&[&transformer], &prompts, args.gen_tokens, false))
+            .collect::<Result<_>>()?;
         runs.sort_by(|a, b| a.1.total_cmp(&b.1));
         let (prefill, decode_s) = runs[runs.len() / 2];
         let steps = (args.gen_tokens - 1) as f64;
@@ -141,11 +142,11 @@ fn run(args: Args) -> Result<()> {
         ensure!(quantized.len() >= 2, "--mixed needs at least two quantized precisions");
         let transformers =
             quantized.iter().map(|p| Transformer::from_resident(&resident, p, &kernel)).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Transformer> = transformers.iter().collect();
         let label = quantized.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("/");
         for (together, how) in [(true, "one pass"), (false, "per precision")] {
-            let mut runs: Vec<(f64, f64)> = (0..args.repeat)
-                .map(|_| decode_mixed(&transformers, &prompts, args.gen_tokens, together))
-                .collect::<Result<_>>()?;
+            let mut runs: Vec<(f64, f64)> =
+                (0..args.repeat).map(|_| decode(&refs, &prompts, args.gen_tokens, together)).collect::<Result<_>>()?;
             runs.sort_by(|a, b| a.1.total_cmp(&b.1));
             let (prefill, decode_s) = runs[runs.len() / 2];
             let (steps, sequences) = ((args.gen_tokens - 1) as f64, (args.batch * transformers.len()) as f64);
@@ -194,30 +195,11 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Prefills every prompt in one step, then decodes greedily `gen - 1` more steps. Returns the
-/// seconds of the prefill (which yields the first token) and of the decode steps.
-fn decode(t: &Transformer, prompts: &[Vec<u32>], gen: usize) -> Result<(f64, f64)> {
-    let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(t.config())).collect();
-    let started = Instant::now();
-    let mut steps: Vec<SequenceStep> =
-        prompts.iter().zip(caches.iter_mut()).map(|(p, cache)| SequenceStep { tokens: p, cache }).collect();
-    let mut next = argmax_rows(&t.forward_batch(&mut steps)?)?;
-    drop(steps);
-    let prefill = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    for _ in 1..gen {
-        let inputs: Vec<[u32; 1]> = next.iter().map(|&id| [id]).collect();
-        let mut steps: Vec<SequenceStep> =
-            inputs.iter().zip(caches.iter_mut()).map(|(i, cache)| SequenceStep { tokens: i, cache }).collect();
-        next = argmax_rows(&t.forward_batch(&mut steps)?)?;
-    }
-    Ok((prefill, started.elapsed().as_secs_f64()))
-}
-
-/// [`decode`] for the same prompts at every transformer's precision, all sequences in the same
-/// steps: `together`, one `forward_batches` per step; otherwise one `forward_batch` per
-/// precision after the other.
-fn decode_mixed(ts: &[Transformer], prompts: &[Vec<u32>], gen: usize, together: bool) -> Result<(f64, f64)> {
+/// Prefills every prompt in one step at every transformer's precision, then decodes greedily
+/// `gen - 1` more steps, all sequences in the same steps: `together`, one `forward_batches` per
+/// step; otherwise one `forward_batch` per precision after the other. Returns the seconds of
+/// the prefill (which yields the first token) and of the decode steps.
+fn decode(ts: &[&Transformer], prompts: &[Vec<u32>], gen: usize, together: bool) -> Result<(f64, f64)> {
     let mut caches: Vec<Vec<KvCache>> =
         ts.iter().map(|t| prompts.iter().map(|_| KvCache::new(t.config())).collect()).collect();
     let mut inputs: Vec<Vec<Vec<u32>>> = ts.iter().map(|_| prompts.to_vec()).collect();
@@ -231,7 +213,7 @@ fn decode_mixed(ts: &[Transformer], prompts: &[Vec<u32>], gen: usize, together: 
             .collect();
         let logits = if together {
             let mut batches: Vec<Batch> =
-                ts.iter().zip(steps.iter_mut()).map(|(transformer, steps)| Batch { transformer, steps }).collect();
+                ts.iter().zip(steps.iter_mut()).map(|(&transformer, steps)| Batch { transformer, steps }).collect();
             Transformer::forward_batches(&mut batches)?
         } else {
             ts.iter().zip(steps.iter_mut()).map(|(t, s)| t.forward_batch(s)).collect::<Result<Vec<_>>>()?

@@ -9,7 +9,7 @@
 //! computed alone, over its own prefix of the cache), so a sequence decodes to the same bits
 //! whatever else shares its step.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use kernels::ops::{self, AttentionShape};
 use kernels::KernelConfig;
@@ -77,8 +77,8 @@ struct Buffers {
 /// they are transformers of one resident model at different precisions: their linear layers
 /// then make one pass over each weight for all of them.
 pub(super) struct Segment<'t, 's, 'a> {
+    /// A resident transformer (one with a fused runtime).
     pub model: &'t Transformer,
-    pub fused: &'t Fused,
     pub seqs: &'s mut [Sequence<'a>],
 }
 
@@ -87,8 +87,8 @@ impl Transformer {
     /// the sequences' caches, and returns the logits of the positions asked for, sequence after
     /// sequence, `[rows, vocab]`. Callers have checked the tokens and positions. On an error
     /// the caches are left as they were.
-    pub(super) fn fused_forward(&self, fused: &Fused, seqs: &mut [Sequence<'_>]) -> Result<Tensor> {
-        let mut logits = fused_forward(&mut [Segment { model: self, fused, seqs }])?;
+    pub(super) fn fused_forward(&self, seqs: &mut [Sequence<'_>]) -> Result<Tensor> {
+        let mut logits = fused_forward(&mut [Segment { model: self, seqs }])?;
         Ok(logits.pop().expect("one segment, one result"))
     }
 }
@@ -118,7 +118,10 @@ pub(super) fn fused_forward(segments: &mut [Segment<'_, '_, '_>]) -> Result<Vec<
 
 fn fused_steps(segments: &mut [Segment<'_, '_, '_>]) -> Result<Vec<Tensor>> {
     // The segments' models, apart from their sequences (which the step mutates).
-    let models: Vec<(&Transformer, &Fused)> = segments.iter().map(|g| (g.model, g.fused)).collect();
+    let models = segments
+        .iter()
+        .map(|g| Ok((g.model, g.model.fused.as_ref().context("a fused step needs resident transformers")?)))
+        .collect::<Result<Vec<(&Transformer, &Fused)>>>()?;
     let Some(&(first, first_fused)) = models.first() else { return Ok(Vec::new()) };
     let c = &first.config;
     ensure!(
@@ -169,8 +172,7 @@ fn fused_steps(segments: &mut [Segment<'_, '_, '_>]) -> Result<Vec<Tensor>> {
         // RoPE and the new keys and values into each sequence's cache, then attention of every
         // new position of the step over its own prefix, split over the kernel threads.
         let mut offset = 0;
-        for g in segments.iter_mut() {
-            let fused = g.fused;
+        for (g, &(_, fused)) in segments.iter_mut().zip(&models) {
             for s in g.seqs.iter_mut() {
                 let (start, t) = (s.cache.len, s.tokens.len());
                 for i in 0..t {

@@ -689,14 +689,14 @@ impl Transformer {
         if let Some(cached) = cache.batch() {
             ensure!(cached == batch, "a cache of batch {cached} cannot take a batch of {batch}");
         }
-        if let Some(fused) = &self.fused {
+        if self.fused.is_some() {
             let ids = ids.to_vec1::<u32>()?;
             let mut seqs: Vec<fused::Sequence<'_>> = ids
                 .chunks_exact(seq)
                 .zip(cache.host(batch)?)
                 .map(|(tokens, cache)| fused::Sequence { tokens, cache, logits_from })
                 .collect();
-            let logits = self.fused_forward(fused, &mut seqs)?;
+            let logits = self.fused_forward(&mut seqs)?;
             return Ok(logits.reshape((batch, seq - logits_from, self.config.vocab_size))?);
         }
         let mut x = self.embed.lookup(&ids)?.reshape((batch, seq, self.config.hidden_size))?;
@@ -757,8 +757,8 @@ impl Transformer {
     /// is built on this: sequences of any length and progress share a step.
     pub fn forward_batch(&self, steps: &mut [SequenceStep<'_>]) -> Result<Tensor> {
         self.check_steps(steps)?;
-        if let Some(fused) = &self.fused {
-            return self.fused_forward(fused, &mut fused_sequences(steps)?);
+        if self.fused.is_some() {
+            return self.fused_forward(&mut fused_sequences(steps)?);
         }
         let mut ids = Vec::new();
         let mut spans = Vec::with_capacity(steps.len());
@@ -822,15 +822,8 @@ impl Transformer {
         }
         let models: Vec<&Transformer> = batches.iter().map(|b| b.transformer).collect();
         let mut seqs = batches.iter_mut().map(|b| fused_sequences(b.steps)).collect::<Result<Vec<_>>>()?;
-        let mut segments: Vec<fused::Segment<'_, '_, '_>> = models
-            .into_iter()
-            .zip(seqs.iter_mut())
-            .map(|(model, seqs)| fused::Segment {
-                model,
-                fused: model.fused.as_ref().expect("checked resident above"),
-                seqs,
-            })
-            .collect();
+        let mut segments: Vec<fused::Segment<'_, '_, '_>> =
+            models.into_iter().zip(seqs.iter_mut()).map(|(model, seqs)| fused::Segment { model, seqs }).collect();
         fused::fused_forward(&mut segments)
     }
 
