@@ -15,16 +15,24 @@ pub fn init_logging() {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
-/// The device a `--device` flag names: `cpu`, `cuda` (the first GPU) or `cuda:N`. A CUDA device
-/// needs a binary built with the `cuda` feature and a GPU; without either this is an error.
-pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
-    let ordinal = match name {
-        "cpu" => return Ok(candle_core::Device::Cpu),
-        "cuda" => 0,
+/// The GPU a `--device` flag names: `None` for `cpu`, `Some(0)` for `cuda` (the first GPU),
+/// `Some(N)` for `cuda:N`.
+pub fn gpu_ordinal(name: &str) -> anyhow::Result<Option<usize>> {
+    match name {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
         _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => n,
+            Some(Ok(n)) => Ok(Some(n)),
             _ => anyhow::bail!("--device {name}: expected `cpu`, `cuda` or `cuda:N`"),
         },
+    }
+}
+
+/// The candle device a `--device` flag names (see [`gpu_ordinal`]). A CUDA device needs a binary
+/// built with the `cuda` feature and a GPU; without either this is an error.
+pub fn parse_device(name: &str) -> anyhow::Result<candle_core::Device> {
+    let Some(ordinal) = gpu_ordinal(name)? else {
+        return Ok(candle_core::Device::Cpu);
     };
     if !candle_core::utils::cuda_is_available() {
         anyhow::bail!("--device {name}: this binary was built without CUDA (build with `--features cuda`)");

@@ -1,4 +1,5 @@
 //! Double Rounding integer math, weight kernels and the element-wise ops of a step. Depends on no other drq crate.
+pub mod cuda;
 pub mod double_rounding;
 pub mod ops;
 pub mod planar;

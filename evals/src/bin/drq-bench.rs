@@ -1,7 +1,8 @@
 //! `drq-bench`: greedy decoding speed of a checkpoint at several precisions through the serving
 //! runtime (`Transformer::forward_batch`, what `drq-serve` runs), from one resident copy, with
 //! the process's peak resident memory. Optionally the float model on candle as a baseline in the
-//! same run.
+//! same run. With `--kernels`, the matmul kernels alone on the checkpoint's weight shapes, on the
+//! CPU or (`--device cuda`) on a GPU (`evals::kernel_bench`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -9,6 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use clap::Parser;
 use cli::Activations;
+use evals::kernel_bench;
 use kernels::KernelConfig;
 use model::checkpoint::Checkpoint;
 use model::source::{self, ModelSource};
@@ -22,9 +24,9 @@ use serde::Serialize;
     about = "Greedy decoding tokens/s per precision from one resident checkpoint, and peak memory"
 )]
 struct Args {
-    /// A drq checkpoint.
+    /// A drq checkpoint (optional with --kernels).
     #[arg(short, long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Float model (any source) for an `fp` baseline row on candle.
     #[arg(long)]
     reference: Option<String>,
@@ -55,6 +57,20 @@ struct Args {
     /// Runs per precision; the median is reported.
     #[arg(short, long, default_value_t = 3)]
     repeat: usize,
+    /// Measure the matmul kernels alone instead of decoding: every distinct weight shape of the
+    /// checkpoint (or of `--shapes` without one) and a 4096x4096 weight, at each precision with
+    /// `--batch` activation rows (≤ 64): µs per call and GB/s of plane bytes read.
+    #[arg(long)]
+    kernels: bool,
+    /// `--kernels` without a checkpoint: weight shapes `ROWSxCOLS`, random codes, scales per 128
+    /// columns (default: SmolLM2-135M's projections and lm_head).
+    #[arg(long, default_value = "576x576,192x576,1536x576,576x1536,49152x576")]
+    shapes: String,
+    /// Where `--kernels` runs: `cpu`, or `cuda` / `cuda:N` (the GPU kernels, each result checked
+    /// against the CPU's, and a device-to-device copy timed as the bandwidth baseline; needs only
+    /// the NVIDIA driver). Decoding on the GPU is not built yet.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -88,7 +104,22 @@ fn run(args: Args) -> Result<()> {
     );
     ensure!(args.threads >= 1, "--threads must be at least 1");
     let precisions = precision::parse_list(&args.precision)?;
-    let checkpoint = Checkpoint::open(&args.model)?;
+    let gpu = cli::gpu_ordinal(&args.device)?;
+    ensure!(
+        args.kernels || gpu.is_none(),
+        "--device {}: decoding on the GPU is not built yet; `--kernels --device {}` measures the GPU kernels",
+        args.device,
+        args.device
+    );
+    if let Some(path) = &args.json {
+        cli::check_output_dir("--json", path)?;
+    }
+    let kernel = KernelConfig { path: args.activations.path(), threads: args.threads, ..KernelConfig::default() };
+    if args.kernels {
+        return bench_kernels(&args, &precisions, gpu, &kernel);
+    }
+    let Some(model) = &args.model else { bail!("--model is required (except with --kernels)") };
+    let checkpoint = Checkpoint::open(model)?;
     let config = checkpoint.config().clone();
     ensure!(
         args.prompt_tokens + args.gen_tokens <= config.max_position_embeddings,
@@ -111,7 +142,6 @@ fn run(args: Args) -> Result<()> {
         resident.resident_bytes() as f64 / (1 << 20) as f64,
         started.elapsed().as_secs_f64()
     );
-    let kernel = KernelConfig { path: args.activations.path(), threads: args.threads, ..KernelConfig::default() };
     let float = match &args.reference {
         Some(src) => Some(source::load_float(&src.parse::<ModelSource>()?)?.0),
         None => None,
@@ -162,7 +192,7 @@ fn run(args: Args) -> Result<()> {
     let peak = peak_rss_bytes();
     println!(
         "{} | {} prompt + {} generated tokens, batch {}, {} thread(s), {} activations, backend {}, median of {}",
-        args.model.display(),
+        model.display(),
         args.prompt_tokens,
         args.gen_tokens,
         args.batch,
@@ -187,9 +217,76 @@ fn run(args: Args) -> Result<()> {
     }
     if let Some(path) = &args.json {
         let json = serde_json::json!({
-            "model": args.model, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "batch": args.batch,
+            "model": model, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "batch": args.batch,
             "threads": args.threads, "backend": kernel.backend.name(), "repeat": args.repeat, "rows": rows, "peak_rss_bytes": peak,
         });
+        cli::write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `--kernels`: the matmul kernels on the checkpoint's weight shapes, on the CPU or a GPU.
+fn bench_kernels(args: &Args, precisions: &[Precision], gpu: Option<usize>, kernel: &KernelConfig) -> Result<()> {
+    let bits = precisions
+        .iter()
+        .map(|p| match p {
+            Precision::Bits(b) => Ok(*b),
+            other => bail!("--kernels measures bit-widths; {other} is not one"),
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    ensure!((1..=kernels::MAX_BATCH).contains(&args.batch), "--kernels: --batch must be 1..={}", kernels::MAX_BATCH);
+    let (source, weights) = match &args.model {
+        Some(path) => {
+            let resident = ResidentModel::from_checkpoint(&Checkpoint::open(path)?)?;
+            (path.display().to_string(), kernel_bench::weights(&resident)?)
+        }
+        None => {
+            ("random weights".to_string(), kernel_bench::synthetic_weights(&kernel_bench::parse_shapes(&args.shapes)?)?)
+        }
+    };
+    const MIN_SECONDS: f64 = 0.2;
+    let (device, copy, rows) = match gpu {
+        None => {
+            let rows = kernel_bench::run_cpu(&weights, &bits, args.batch, kernel, MIN_SECONDS)?;
+            (
+                format!(
+                    "CPU, {} backend, {} thread(s), {} activations",
+                    kernel.backend,
+                    args.threads,
+                    args.activations.name()
+                ),
+                None,
+                rows,
+            )
+        }
+        Some(ordinal) => {
+            let run = kernel_bench::run_cuda(&weights, &bits, args.batch, ordinal, kernel, MIN_SECONDS)?;
+            (format!("{}, f32 activations", run.device), Some(run.copy_gb_per_s), run.rows)
+        }
+    };
+    println!("{source} | matmul kernels, batch {} | {device}", args.batch);
+    if let Some(copy) = copy {
+        println!("device-to-device copy: {copy:.0} GB/s (bytes read + written)");
+    }
+    let width = rows.iter().map(|r| r.weight.len()).max().unwrap_or(0).max(6);
+    println!(
+        "{:>width$} {:>11} {:>4} {:>10} {:>9} {:>12}",
+        "weight", "rows x cols", "bits", "µs/call", "GB/s", "err vs CPU"
+    );
+    for r in &rows {
+        let err = r.max_rel_err.map_or("-".to_string(), |e| format!("{e:.1e}"));
+        println!(
+            "{:>width$} {:>11} {:>4} {:>10.2} {:>9.1} {:>12}",
+            r.weight,
+            format!("{}x{}", r.rows, r.cols),
+            r.bits,
+            r.us_per_call,
+            r.gb_per_s,
+            err
+        );
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({ "model": source, "device": device, "batch": args.batch, "copy_gb_per_s": copy, "rows": rows });
         cli::write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
     Ok(())

@@ -118,7 +118,7 @@
 mod pool;
 mod scalar;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -477,6 +477,17 @@ impl PlanarWeight {
     /// checkpoint corrects `bits` (same layout).
     pub fn scales_at(&self, bits: u32) -> &[f32] {
         self.corrected.get(&bits).map_or(&self.scales, Vec::as_slice)
+    }
+
+    /// The precisions the checkpoint corrects (whose [`Self::scales_at`] are not [`Self::scales`]).
+    pub fn corrected_precisions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.corrected.keys().copied()
+    }
+
+    /// Every plane word, planes one after the other (each `rows · cols_padded / 64` words, then
+    /// its gap, see [`PLANE_GAP_WORDS`]): what a GPU upload copies.
+    pub fn plane_words(&self) -> &[u64] {
+        &self.planes
     }
 
     /// Whether the d plane is stored (HalfEven with at least one adjusted code).

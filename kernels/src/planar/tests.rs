@@ -4,10 +4,10 @@ use crate::double_rounding::{second_round, Granularity};
 const TIES: [TieRule; 2] = [TieRule::HalfEven, TieRule::HalfUp];
 
 /// splitmix64: a tiny deterministic generator (the crate has no dependencies).
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -16,7 +16,7 @@ impl Rng {
     }
 
     /// Uniform in [−1, 1).
-    fn f32(&mut self) -> f32 {
+    pub(crate) fn f32(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 
@@ -30,7 +30,7 @@ impl Rng {
     }
 }
 
-fn random_weight(rng: &mut Rng, rows: usize, cols: usize, gran: Granularity) -> QuantizedWeight {
+pub(crate) fn random_weight(rng: &mut Rng, rows: usize, cols: usize, gran: Granularity) -> QuantizedWeight {
     let layout = gran.layout(rows, cols).unwrap();
     let codes = (0..layout.n_weights()).map(|_| rng.code()).collect();
     let scales = (0..layout.n_scales()).map(|_| 1e-3 + 2e-2 * (rng.f32() + 1.0)).collect();
@@ -38,7 +38,7 @@ fn random_weight(rng: &mut Rng, rows: usize, cols: usize, gran: Granularity) -> 
 }
 
 /// Activations in [−1, 1) with an occasional outlier of ±20.
-fn random_x(rng: &mut Rng, len: usize) -> Vec<f32> {
+pub(crate) fn random_x(rng: &mut Rng, len: usize) -> Vec<f32> {
     (0..len)
         .map(|_| {
             let v = rng.f32();
@@ -52,7 +52,7 @@ fn random_x(rng: &mut Rng, len: usize) -> Vec<f32> {
 }
 
 /// Naive `y[b][r] = Σ_c w[r][c] · x[b][c]` in f64, and `Σ_c |w[r][c] · x[b][c]|`.
-fn naive(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> (Vec<f64>, Vec<f64>) {
+pub(crate) fn naive(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> (Vec<f64>, Vec<f64>) {
     let mut y = vec![0f64; n * rows];
     let mut mag = vec![0f64; n * rows];
     for b in 0..n {
@@ -73,7 +73,7 @@ fn naive(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> (Vec<f64>,
 /// `(cols / 8 + 4) · ε · Σ|w·x|` of the exact sum and two of them within `(cols / 4 + 8)`; we
 /// allow `min(cols, cols / 4 + 16) · ε · Σ|w·x|` (at most the `cols · ε` of a plain recursive
 /// sum).
-fn f32_tol(cols: usize, mag: f64) -> f64 {
+pub(crate) fn f32_tol(cols: usize, mag: f64) -> f64 {
     let k = cols.clamp(1, cols / 4 + 16);
     (k as f64) * f64::from(f32::EPSILON) * mag + 1e-30
 }

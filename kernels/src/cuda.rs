@@ -1,0 +1,325 @@
+//! The bit-plane kernels on an NVIDIA GPU, through `cudarc` (driver API only).
+//!
+//! The kernels are CUDA C (`kernels/cuda/*.cu`), compiled to PTX by `scripts/cuda-ptx.py` with a
+//! pinned NVRTC and committed; the PTX is embedded in the binary and JIT-compiled by the driver
+//! when a [`CudaRuntime`] starts. So building needs nothing of CUDA, and running needs only the
+//! NVIDIA driver: `libcuda` is loaded at run time, and where it is missing (or there is no GPU)
+//! [`CudaRuntime::new`] is an error, never a panic.
+//!
+//! A [`CudaPlanarWeight`] is a [`PlanarWeight`] uploaded once: its planes as 32-bit words (the
+//! unit a warp loads, coalesced), its scales and the corrected scales of each corrected precision;
+//! like the CPU layout it serves every precision 2..=8, precision `l` reading `l + 1` planes.
+//! [`CudaRuntime::matmul`] computes `Y = X · Ŵ_lᵀ` on the GPU, equal to the CPU's
+//! [`crate::ActPath::F32`] path up to f32 summation order (the kernel sums `q · x` over a 32-column
+//! word and multiplies by `2^Δ · s` once per word where the word lies in one scale group).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+pub use cudarc::driver::{CudaSlice, DevicePtr};
+
+use crate::double_rounding::{check_bits, KernelError};
+use crate::planar::{PlanarWeight, MAX_BATCH};
+
+/// The PTX of `kernels/cuda/planar.cu` (generated; see the module docs).
+const PLANAR_PTX: &str = include_str!("../cuda/planar.ptx");
+/// Weight rows per thread block (one warp each): `WARPS` in `planar.cu`.
+const WARPS: u32 = 8;
+/// Activation rows one launch serves: `MAX_ROWS` in `planar.cu`. Larger batches take one launch
+/// per chunk.
+pub const LAUNCH_ROWS: usize = 8;
+/// The driver library names tried, most specific first (Linux).
+const DRIVER_LIBRARIES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
+
+/// What can go wrong on the GPU path.
+#[derive(Debug)]
+pub enum CudaError {
+    /// No NVIDIA driver library could be loaded.
+    NoDriver,
+    /// A CUDA driver call failed (no device at that ordinal, out of memory, a bad launch, …).
+    Driver { what: &'static str, error: String },
+    /// Shapes, lengths or precisions the kernels reject.
+    Kernel(KernelError),
+    /// A weight too large for the kernels' 32-bit word indices.
+    TooLarge { rows: usize, cols: usize },
+}
+
+impl fmt::Display for CudaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CudaError::NoDriver => write!(
+                f,
+                "no NVIDIA driver: none of {} could be loaded (a GPU machine needs the driver; no CUDA toolkit is needed)",
+                DRIVER_LIBRARIES.join(", ")
+            ),
+            CudaError::Driver { what, error } => write!(f, "CUDA {what} failed: {error}"),
+            CudaError::Kernel(e) => write!(f, "{e}"),
+            CudaError::TooLarge { rows, cols } => {
+                write!(f, "a {rows}x{cols} weight is too large for the GPU kernels' 32-bit indices")
+            }
+        }
+    }
+}
+
+impl std::error::Error for CudaError {}
+
+impl From<KernelError> for CudaError {
+    fn from(e: KernelError) -> Self {
+        CudaError::Kernel(e)
+    }
+}
+
+fn driver(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
+    move |e| CudaError::Driver { what, error: e.to_string() }
+}
+
+/// Whether the NVIDIA driver library can be loaded. `cudarc` panics on first use where it cannot,
+/// so this is checked before any driver call.
+pub fn driver_available() -> bool {
+    DRIVER_LIBRARIES.iter().any(|name| {
+        // SAFETY: loading libcuda runs its initialisers, which have no preconditions on our side;
+        // the handle is dropped at once (cudarc loads its own).
+        unsafe { libloading::Library::new(*name) }.is_ok()
+    })
+}
+
+/// One GPU (a CUDA context and stream) with the kernels loaded.
+pub struct CudaRuntime {
+    stream: Arc<CudaStream>,
+    /// `planar_matmul_f32_b{bits}` at index `bits − 2`.
+    matmul: Vec<CudaFunction>,
+    name: String,
+}
+
+impl fmt::Debug for CudaRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CudaRuntime").field("device", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl CudaRuntime {
+    /// Opens GPU `ordinal` and loads the kernels (the driver JIT-compiles the PTX).
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        if !driver_available() {
+            return Err(CudaError::NoDriver);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver("context creation"))?;
+        let name = ctx.name().map_err(driver("device query"))?;
+        let module = ctx.load_module(PLANAR_PTX.into()).map_err(driver("loading the kernels' PTX"))?;
+        let matmul = (2..=8)
+            .map(|bits| module.load_function(&format!("planar_matmul_f32_b{bits}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(driver("loading a kernel"))?;
+        Ok(CudaRuntime { stream: ctx.default_stream(), matmul, name })
+    }
+
+    /// The GPU's name as the driver reports it.
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Uploads a weight (planes, scales, corrected scales).
+    pub fn upload(&self, w: &PlanarWeight) -> Result<CudaPlanarWeight, CudaError> {
+        let words = device_words(w)?;
+        let layout = *w.layout();
+        let mut corrected = BTreeMap::new();
+        for bits in w.corrected_precisions() {
+            corrected.insert(bits, self.upload_f32(w.scales_at(bits))?);
+        }
+        Ok(CudaPlanarWeight {
+            rows: layout.rows,
+            cols: layout.cols,
+            group: layout.group.min(layout.cols.max(1)),
+            n_groups: layout.n_groups(),
+            wpr: words.wpr,
+            plane_stride: words.plane_stride,
+            has_d: w.has_d_plane(),
+            planes: self.stream.clone_htod(&words.words).map_err(driver("upload"))?,
+            scales: self.upload_f32(w.scales())?,
+            corrected,
+            bytes_per_plane: w.rows() * words.wpr * 4,
+        })
+    }
+
+    /// Copies host values to a new device buffer.
+    pub fn upload_f32(&self, values: &[f32]) -> Result<CudaSlice<f32>, CudaError> {
+        self.stream.clone_htod(values).map_err(driver("upload"))
+    }
+
+    /// A zeroed device buffer of `len` values.
+    pub fn zeros_f32(&self, len: usize) -> Result<CudaSlice<f32>, CudaError> {
+        self.stream.alloc_zeros(len).map_err(driver("allocation"))
+    }
+
+    /// Copies a device buffer into `out` (same length) and waits for it.
+    pub fn download(&self, values: &CudaSlice<f32>, out: &mut [f32]) -> Result<(), CudaError> {
+        if out.len() != values.len() {
+            return Err(KernelError::LengthMismatch { what: "out", expected: values.len(), got: out.len() }.into());
+        }
+        self.stream.memcpy_dtoh(values, out).map_err(driver("download"))?;
+        self.synchronize()
+    }
+
+    /// Copies `src` into `dst` on the device (same length): the bandwidth baseline of the benches.
+    pub fn copy(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<(), CudaError> {
+        if src.len() != dst.len() {
+            return Err(KernelError::LengthMismatch { what: "dst", expected: src.len(), got: dst.len() }.into());
+        }
+        self.stream.memcpy_dtod(src, dst).map_err(driver("device copy"))
+    }
+
+    /// Waits until everything queued on the runtime's stream has run.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(driver("synchronize"))
+    }
+
+    /// `Y = X · Ŵ_bitsᵀ` for `n ∈ 1..=64` activation rows on the device: `x` is `[n, cols]`, `y` is
+    /// `[n, rows]`, both row-major (as [`PlanarWeight::matmul`]). Queued on the runtime's stream;
+    /// [`Self::download`] or [`Self::synchronize`] waits for it.
+    pub fn matmul(
+        &self,
+        w: &CudaPlanarWeight,
+        bits: u32,
+        x: &CudaSlice<f32>,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        check_bits(bits)?;
+        if !(1..=MAX_BATCH).contains(&n) {
+            return Err(KernelError::InvalidBatch(n).into());
+        }
+        if x.len() != n * w.cols {
+            return Err(KernelError::LengthMismatch { what: "x", expected: n * w.cols, got: x.len() }.into());
+        }
+        if y.len() != n * w.rows {
+            return Err(KernelError::LengthMismatch { what: "y", expected: n * w.rows, got: y.len() }.into());
+        }
+        if w.rows == 0 {
+            return Ok(());
+        }
+        let func = &self.matmul[bits as usize - 2];
+        let scales = w.corrected.get(&bits).unwrap_or(&w.scales);
+        let cfg = launch_config(w.rows);
+        let [plane_stride, wpr, n_groups, group, rows, cols] =
+            [w.plane_stride, w.wpr, w.n_groups, w.group, w.rows, w.cols].map(|v| v as u32);
+        let has_d = i32::from(w.has_d);
+        for (start, len) in batch_chunks(n) {
+            let x_chunk = x.slice(start * w.cols..(start + len) * w.cols);
+            let mut y_chunk = y.slice_mut(start * w.rows..(start + len) * w.rows);
+            let len = len as u32;
+            let mut launch = self.stream.launch_builder(func);
+            launch
+                .arg(&w.planes)
+                .arg(&plane_stride)
+                .arg(&wpr)
+                .arg(scales)
+                .arg(&n_groups)
+                .arg(&group)
+                .arg(&rows)
+                .arg(&cols)
+                .arg(&has_d)
+                .arg(&x_chunk)
+                .arg(&len)
+                .arg(&mut y_chunk);
+            // SAFETY: the arguments match `planar_matmul_f32_b{bits}`'s parameters in number, order
+            // and type; the buffers hold what the launch reads and writes: `planes` every plane
+            // the weight stores (`upload` checked the sizes fit the kernel's 32-bit indices),
+            // `scales` `rows · n_groups` values, `x_chunk` `len · cols` and `y_chunk` `len · rows`
+            // (lengths checked above), with `len ≤ LAUNCH_ROWS` as the kernel requires.
+            unsafe { launch.launch(cfg) }.map_err(driver("kernel launch"))?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::matmul`] on host buffers: uploads `x`, runs, downloads into `y` (tests, checks).
+    pub fn matmul_host(
+        &self,
+        w: &CudaPlanarWeight,
+        bits: u32,
+        x: &[f32],
+        n: usize,
+        y: &mut [f32],
+    ) -> Result<(), CudaError> {
+        if y.len() != n * w.rows {
+            return Err(KernelError::LengthMismatch { what: "y", expected: n * w.rows, got: y.len() }.into());
+        }
+        let x_dev = self.upload_f32(x)?;
+        let mut y_dev = self.zeros_f32(y.len())?;
+        self.matmul(w, bits, &x_dev, n, &mut y_dev)?;
+        self.download(&y_dev, y)
+    }
+}
+
+/// A [`PlanarWeight`] resident on a GPU (see [`CudaRuntime::upload`]).
+pub struct CudaPlanarWeight {
+    rows: usize,
+    cols: usize,
+    /// Columns per scale group, at most `cols` (per channel: `cols`).
+    group: usize,
+    n_groups: usize,
+    /// 32-bit words per row of a plane.
+    wpr: usize,
+    /// 32-bit words from one plane to the next.
+    plane_stride: usize,
+    has_d: bool,
+    planes: CudaSlice<u32>,
+    scales: CudaSlice<f32>,
+    corrected: BTreeMap<u32, CudaSlice<f32>>,
+    bytes_per_plane: usize,
+}
+
+impl CudaPlanarWeight {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of planes one matmul at `bits` reads (without the gaps between planes), as
+    /// [`PlanarWeight::plane_bytes_read`].
+    pub fn plane_bytes_read(&self, bits: u32) -> Result<usize, KernelError> {
+        check_bits(bits)?;
+        let planes = if bits == 8 { 8 + usize::from(self.has_d) } else { bits as usize + 1 };
+        Ok(planes * self.bytes_per_plane)
+    }
+}
+
+/// The planes of a weight as the GPU kernels index them.
+#[derive(Debug)]
+pub(crate) struct DeviceWords {
+    /// Every plane, each `rows · wpr` words then the CPU layout's gap: 64-bit word `w` of the CPU
+    /// layout becomes words `2w` (weights `64w ..`) and `2w + 1` (weights `64w + 32 ..`).
+    pub words: Vec<u32>,
+    /// 32-bit words per row.
+    pub wpr: usize,
+    /// 32-bit words from one plane to the next.
+    pub plane_stride: usize,
+}
+
+/// Splits the CPU layout's 64-bit plane words into the 32-bit words the kernels load (explicitly,
+/// low half first, so the result does not depend on the host's byte order).
+pub(crate) fn device_words(w: &PlanarWeight) -> Result<DeviceWords, CudaError> {
+    let words: Vec<u32> = w.plane_words().iter().flat_map(|&v| [v as u32, (v >> 32) as u32]).collect();
+    if u32::try_from(words.len()).is_err() || u32::try_from(w.layout().n_scales()).is_err() {
+        return Err(CudaError::TooLarge { rows: w.rows(), cols: w.cols() });
+    }
+    let planes = w.n_planes();
+    Ok(DeviceWords { plane_stride: words.len() / planes, wpr: w.cols_padded() / 32, words })
+}
+
+/// The launch shape of a matmul over `rows` weight rows: one warp per row, [`WARPS`] per block.
+pub(crate) fn launch_config(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((rows as u32).div_ceil(WARPS), 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `(first row, rows)` of each launch of an `n`-row batch: chunks of [`LAUNCH_ROWS`].
+pub(crate) fn batch_chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(LAUNCH_ROWS).map(move |start| (start, LAUNCH_ROWS.min(n - start)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,213 @@
+use super::*;
+use crate::double_rounding::{Granularity, TieRule};
+use crate::planar::tests::{f32_tol, naive, random_weight, random_x, Rng};
+use crate::{dequantize, ActPath, Backend, KernelConfig};
+
+/// `q_l` of weight `(r, c)` read from the device words exactly as `planar.cu` decodes it: the top
+/// `bits` planes most significant first, the carry from the rounding plane masked where the top
+/// bits are all ones (below 8 bits) or the d plane (8 bits).
+fn device_code(d: &DeviceWords, has_d: bool, r: usize, c: usize, bits: u32) -> i32 {
+    let (w, j) = (c / 32, c % 32);
+    let word = |p: usize| d.words[p * d.plane_stride + r * d.wpr + w];
+    let mut all_ones = !0u32;
+    let mut u = 0i32;
+    for k in 0..bits as usize {
+        let top = word(7 - k);
+        all_ones &= top;
+        u = (u << 1) | ((top >> j) & 1) as i32;
+    }
+    let carry = if bits < 8 {
+        word(7 - bits as usize) & !all_ones
+    } else if has_d {
+        word(8)
+    } else {
+        0
+    };
+    u + ((carry >> j) & 1) as i32 - (1 << (bits - 1))
+}
+
+/// `planar.cu`'s arithmetic on the host: per 32-column word, `Σ q · x` times `2^Δ · s` where the
+/// word lies in one scale group, else each weight scaled on its own (the group index clamped).
+fn device_matmul(w: &PlanarWeight, d: &DeviceWords, bits: u32, x: &[f32], n: usize) -> Vec<f32> {
+    let (rows, cols) = (w.rows(), w.cols());
+    let layout = w.layout();
+    let group = layout.group.min(cols);
+    let n_groups = layout.n_groups();
+    let scales = w.scales_at(bits);
+    let step = (1u32 << (8 - bits)) as f32;
+    let mut y = vec![0f32; n * rows];
+    for b in 0..n {
+        for r in 0..rows {
+            let mut acc = 0f32;
+            for word in 0..d.wpr {
+                let c0 = word * 32;
+                let xs = |c: usize| if c < cols { x[b * cols + c] } else { 0.0 };
+                let q = |c: usize| device_code(d, w.has_d_plane(), r, c, bits) as f32;
+                let last = (c0 + 31).min(cols - 1);
+                if c0 / group == last / group {
+                    let part = (c0..c0 + 32).fold(0f32, |p, c| q(c).mul_add(xs(c), p));
+                    acc = part.mul_add(scales[r * n_groups + c0 / group] * step, acc);
+                } else {
+                    for c in c0..c0 + 32 {
+                        let s = scales[r * n_groups + (c / group).min(n_groups - 1)];
+                        acc = (q(c) * step * s).mul_add(xs(c), acc);
+                    }
+                }
+            }
+            y[b * rows + r] = acc;
+        }
+    }
+    y
+}
+
+/// Weights of every layout the kernels meet: per channel, groups narrower than, equal to, wider
+/// than and straddling a 32-column word, columns not a multiple of 32, and (512 × 1024) planes
+/// large enough to carry the CPU layout's gap.
+fn shapes() -> Vec<(usize, usize, Granularity)> {
+    vec![
+        (5, 100, Granularity::Channel),
+        (7, 96, Granularity::Group(16)),
+        (9, 130, Granularity::Group(48)),
+        (4, 256, Granularity::Group(64)),
+        (3, 576, Granularity::Group(128)),
+        (512, 1024, Granularity::Group(128)),
+    ]
+}
+
+#[test]
+fn device_words_decode_every_code_at_every_precision() {
+    let mut rng = Rng(71);
+    for (rows, cols, gran) in shapes() {
+        for tie in [TieRule::HalfEven, TieRule::HalfUp] {
+            let qw = random_weight(&mut rng, rows, cols, gran);
+            let w = PlanarWeight::from_quantized(&qw, tie).unwrap();
+            let d = device_words(&w).unwrap();
+            assert_eq!(d.wpr * 32, w.cols_padded());
+            assert_eq!(d.plane_stride * w.n_planes(), d.words.len());
+            for bits in 2..=8 {
+                let want = w.codes_at(bits).unwrap();
+                for r in 0..rows {
+                    for c in 0..w.cols_padded() {
+                        let got = device_code(&d, w.has_d_plane(), r, c, bits);
+                        // Padding columns decode to 0 at every precision.
+                        let expected = if c < cols { i32::from(want[r * cols + c]) } else { 0 };
+                        assert_eq!(got, expected, "{rows}x{cols} {gran} {tie} bits {bits} ({r}, {c})");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn device_arithmetic_matches_the_cpu_kernels() {
+    let mut rng = Rng(72);
+    let cfg = KernelConfig::new(Backend::Scalar, ActPath::F32, 1);
+    for (rows, cols, gran) in shapes().into_iter().filter(|s| s.0 < 100) {
+        let mut qw = random_weight(&mut rng, rows, cols, gran);
+        let n_scales = qw.layout.n_scales();
+        qw.corrections.insert(3, (0..n_scales).map(|_| 1.0 + 0.5 * rng.f32()).collect());
+        let w = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+        let d = device_words(&w).unwrap();
+        for bits in 2..=8 {
+            let mut reference = vec![0f32; rows * cols];
+            let scales = qw.served_scales(bits).unwrap();
+            dequantize(&qw.codes, &scales, &qw.layout, bits, TieRule::HalfEven, &mut reference).unwrap();
+            for n in [1, 3, 9] {
+                let x = random_x(&mut rng, n * cols);
+                let got = device_matmul(&w, &d, bits, &x, n);
+                let mut cpu = vec![0f32; n * rows];
+                w.matmul(bits, &x, n, &mut cpu, &cfg).unwrap();
+                let (exact, mag) = naive(&reference, rows, cols, &x, n);
+                for i in 0..n * rows {
+                    let tol = 2.0 * f32_tol(cols, mag[i]);
+                    assert!(
+                        (f64::from(got[i]) - exact[i]).abs() <= tol && (got[i] - cpu[i]).abs() as f64 <= 2.0 * tol,
+                        "{rows}x{cols} {gran} bits {bits} n {n} [{i}]: device {} cpu {} exact {}",
+                        got[i],
+                        cpu[i],
+                        exact[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn launches_cover_every_row_and_activation_row() {
+    for rows in [1, 7, 8, 9, 576, 1537] {
+        let cfg = launch_config(rows);
+        let warps = cfg.grid_dim.0 as usize * (cfg.block_dim.0 / 32) as usize;
+        assert!(warps >= rows && warps < rows + WARPS as usize, "rows {rows}: {warps} warps");
+    }
+    for n in 1..=MAX_BATCH {
+        let chunks: Vec<_> = batch_chunks(n).collect();
+        let mut next = 0;
+        for &(start, len) in &chunks {
+            assert_eq!(start, next);
+            assert!((1..=LAUNCH_ROWS).contains(&len));
+            next += len;
+        }
+        assert_eq!(next, n);
+    }
+}
+
+#[test]
+fn the_ptx_declares_every_kernel_the_runtime_loads() {
+    assert!(PLANAR_PTX.contains(".target sm_80"), "PTX for the virtual architecture compute_80");
+    for bits in 2..=8 {
+        assert!(PLANAR_PTX.contains(&format!(".entry planar_matmul_f32_b{bits}(")), "bits {bits}");
+    }
+}
+
+/// Without a driver the runtime is a clear error; with one, a bad ordinal is an error and GPU 0
+/// (if it opens) computes what the CPU does. `DRQ_EXPECT_GPU=1` (scripts/gpu-check.sh) makes a
+/// missing GPU a failure.
+#[test]
+fn the_runtime_is_an_error_without_a_gpu_and_matches_the_cpu_with_one() {
+    let expect_gpu = std::env::var("DRQ_EXPECT_GPU").is_ok_and(|v| v == "1");
+    if expect_gpu {
+        assert!(driver_available(), "DRQ_EXPECT_GPU=1 but {}", CudaError::NoDriver);
+    }
+    if !driver_available() {
+        let err = CudaRuntime::new(0).unwrap_err();
+        assert!(matches!(err, CudaError::NoDriver));
+        assert!(err.to_string().contains("libcuda.so.1"), "{err}");
+        return;
+    }
+    assert!(matches!(CudaRuntime::new(4096), Err(CudaError::Driver { .. })));
+    let rt = match CudaRuntime::new(0) {
+        Ok(rt) => rt,
+        // A driver without a usable GPU (a container without devices) is an error as well.
+        Err(e) => return assert!(!expect_gpu && matches!(e, CudaError::Driver { .. }), "{e}"),
+    };
+    let mut rng = Rng(73);
+    let cfg = KernelConfig::new(Backend::Scalar, ActPath::F32, 1);
+    for (rows, cols, gran) in shapes() {
+        let qw = random_weight(&mut rng, rows, cols, gran);
+        let w = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+        let dw = rt.upload(&w).unwrap();
+        for bits in 2..=8 {
+            for n in [1, 9] {
+                let x = random_x(&mut rng, n * cols);
+                let mut gpu = vec![0f32; n * rows];
+                rt.matmul_host(&dw, bits, &x, n, &mut gpu).unwrap();
+                let want = device_matmul(&w, &device_words(&w).unwrap(), bits, &x, n);
+                let mut cpu = vec![0f32; n * rows];
+                w.matmul(bits, &x, n, &mut cpu, &cfg).unwrap();
+                for i in 0..n * rows {
+                    let tol = 1e-4 * (1.0 + cpu[i].abs());
+                    assert!(
+                        (gpu[i] - want[i]).abs() <= tol,
+                        "{rows}x{cols} bits {bits} [{i}]: {} vs {}",
+                        gpu[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+        let mut y = vec![0f32; 2];
+        assert!(matches!(rt.matmul_host(&dw, 9, &[0.0; 0], 1, &mut y), Err(CudaError::Kernel(_))));
+    }
+}
