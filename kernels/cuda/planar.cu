@@ -19,24 +19,50 @@
 // columns are walked in tiles of 32 words (1024 columns), lane i taking word i of the tile, so the
 // warp's plane loads are coalesced (32 consecutive words, 128 bytes per plane). The tile's
 // activations (up to MAX_ROWS activation rows) are staged in shared memory, zero past the last
-// column (padding codes decode to q = 0 anyway). Lane i reads its 32 columns starting at
-// column (j + i) mod 32, so the 32 lanes of a warp hit 32 different shared-memory banks.
+// column (padding codes decode to q = 0 anyway).
+//
+// Decoding, 4 weights at a time (no per-weight bit loop): nibble t of each plane word is spread
+// to the low bit of 4 bytes by one multiply (spread4), the planes are accumulated most significant
+// first (u = 2·u + spread4), so byte i of u is u_l of column 4t + i (< 256: every byte stays
+// below 128 before its last doubling, and u_8 + d ≤ 255). Each byte becomes a float by placing it
+// in the mantissa of 2^23 (one byte permute) and subtracting 2^23 + 2^(l−1): q_l exactly, without
+// an integer-to-float conversion. Lane i visits its 8 nibbles starting at (t + i) mod 8, so the
+// 128-bit shared-memory loads of its 4 activations hit distinct banks within each quarter-warp.
 
 #define WARPS 8
 #define TILE_WORDS 32
 #define TILE_COLS (TILE_WORDS * 32)
 #define MAX_ROWS 8
 
+// Bits 0..3 of `nibble` to bit 0 of bytes 0..3.
+__device__ __forceinline__ unsigned spread4(unsigned nibble) { return (nibble * 0x00204081u) & 0x01010101u; }
+
+// u_l of columns 4t .. 4t+3 of a word, one per byte.
+template <int BITS>
+__device__ __forceinline__ unsigned decode4(const unsigned (&top)[BITS], unsigned carry, unsigned t) {
+    const unsigned shift = 4 * t;
+    unsigned u = 0;
+#pragma unroll
+    for (int k = 0; k < BITS; k++) u = 2 * u + spread4((top[k] >> shift) & 15u);
+    return u + spread4((carry >> shift) & 15u);
+}
+
+// Byte i of u as 2^23 + byte (the float whose mantissa holds it).
+__device__ __forceinline__ float byte_as_float(unsigned u, unsigned i) {
+    return __int_as_float(__byte_perm(u, 0x4B000000u, 0x7540u | i));
+}
+
 template <int BITS>
 __device__ __forceinline__ void planar_matmul(const unsigned *__restrict__ planes, unsigned plane_stride,
                                               unsigned wpr, const float *__restrict__ scales, unsigned n_groups,
                                               unsigned group, unsigned rows, unsigned cols, int has_d,
                                               const float *__restrict__ x, unsigned n, float *__restrict__ y) {
-    __shared__ float xs[MAX_ROWS][TILE_COLS];
+    __shared__ __align__(16) float xs[MAX_ROWS][TILE_COLS];
     const unsigned lane = threadIdx.x & 31;
     const unsigned row = blockIdx.x * WARPS + (threadIdx.x >> 5);
     const bool active = row < rows;
-    const int half = 1 << (BITS - 1);
+    // 2^23 + 2^(l−1): byte_as_float(u_l) minus this is q_l.
+    const float offset = 8388608.0f + (float)(1 << (BITS - 1));
     const float step = (float)(1 << (8 - BITS));
     const unsigned *base = planes + (size_t)row * wpr;
     const float *srow = scales + (size_t)row * n_groups;
@@ -71,40 +97,37 @@ __device__ __forceinline__ void planar_matmul(const unsigned *__restrict__ plane
 
         const unsigned c0 = w * 32;
         const unsigned last = min(c0 + 31, cols - 1);
-        const float *xt = &xs[0][lane * 32];
-        if (c0 / group == last / group) {
-            // One scale group for the whole word: integer-valued partial sums, one scale.
-            float part[MAX_ROWS];
+        const bool one_group = c0 / group == last / group;
+        float part[MAX_ROWS];
 #pragma unroll
-            for (int b = 0; b < MAX_ROWS; b++) part[b] = 0.0f;
-#pragma unroll 8
-            for (unsigned jj = 0; jj < 32; jj++) {
-                const unsigned j = (jj + lane) & 31;
-                int u = 0;
+        for (int b = 0; b < MAX_ROWS; b++) part[b] = 0.0f;
 #pragma unroll
-                for (int k = 0; k < BITS; k++) u = (u << 1) | ((top[k] >> j) & 1);
-                const float q = (float)(u + (int)((carry >> j) & 1) - half);
+        for (unsigned tt = 0; tt < 8; tt++) {
+            const unsigned t = (tt + lane) & 7;
+            const unsigned u = decode4<BITS>(top, carry, t);
+            float q[4];
 #pragma unroll
-                for (int b = 0; b < MAX_ROWS; b++)
-                    if (b < (int)n) part[b] = fmaf(q, xt[b * TILE_COLS + j], part[b]);
+            for (unsigned i = 0; i < 4; i++) q[i] = byte_as_float(u, i) - offset;
+            if (!one_group) {
+                // Groups narrower than a word (or straddling one): each weight scaled on its own.
+#pragma unroll
+                for (unsigned i = 0; i < 4; i++) q[i] *= step * srow[min((c0 + 4 * t + i) / group, n_groups - 1)];
             }
-            const float s = srow[c0 / group] * step;
 #pragma unroll
-            for (int b = 0; b < MAX_ROWS; b++) acc[b] = fmaf(part[b], s, acc[b]);
-        } else {
-            // Groups narrower than a word (or straddling one): a scale per column.
-            for (unsigned jj = 0; jj < 32; jj++) {
-                const unsigned j = (jj + lane) & 31;
-                int u = 0;
-#pragma unroll
-                for (int k = 0; k < BITS; k++) u = (u << 1) | ((top[k] >> j) & 1);
-                const float q = (float)(u + (int)((carry >> j) & 1) - half);
-                const float wq = q * step * srow[min((c0 + j) / group, n_groups - 1)];
-#pragma unroll
-                for (int b = 0; b < MAX_ROWS; b++)
-                    if (b < (int)n) acc[b] = fmaf(wq, xt[b * TILE_COLS + j], acc[b]);
+            for (int b = 0; b < MAX_ROWS; b++) {
+                if (b < (int)n) {
+                    const float4 xv = *reinterpret_cast<const float4 *>(&xs[b][lane * 32 + 4 * t]);
+                    part[b] = fmaf(q[0], xv.x, part[b]);
+                    part[b] = fmaf(q[1], xv.y, part[b]);
+                    part[b] = fmaf(q[2], xv.z, part[b]);
+                    part[b] = fmaf(q[3], xv.w, part[b]);
+                }
             }
         }
+        // One scale group for the whole word: the integer-valued partial sums take it once.
+        const float s = one_group ? srow[c0 / group] * step : 1.0f;
+#pragma unroll
+        for (int b = 0; b < MAX_ROWS; b++) acc[b] = fmaf(part[b], s, acc[b]);
     }
 
 #pragma unroll

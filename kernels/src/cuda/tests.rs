@@ -3,18 +3,20 @@ use crate::double_rounding::{Granularity, TieRule};
 use crate::planar::tests::{f32_tol, naive, random_weight, random_x, Rng};
 use crate::{dequantize, ActPath, Backend, KernelConfig};
 
-/// `q_l` of weight `(r, c)` read from the device words exactly as `planar.cu` decodes it: the top
-/// `bits` planes most significant first, the carry from the rounding plane masked where the top
-/// bits are all ones (below 8 bits) or the d plane (8 bits).
-fn device_code(d: &DeviceWords, has_d: bool, r: usize, c: usize, bits: u32) -> i32 {
-    let (w, j) = (c / 32, c % 32);
+/// `spread4` of `planar.cu`: bits 0..3 of `nibble` to bit 0 of bytes 0..3.
+fn spread4(nibble: u32) -> u32 {
+    nibble.wrapping_mul(0x0020_4081) & 0x0101_0101
+}
+
+/// `decode4` of `planar.cu`: `u_l` of columns `4t .. 4t + 3` of word `w` of row `r`, one per byte.
+fn decode4(d: &DeviceWords, has_d: bool, r: usize, w: usize, bits: u32, t: u32) -> u32 {
     let word = |p: usize| d.words[p * d.plane_stride + r * d.wpr + w];
     let mut all_ones = !0u32;
-    let mut u = 0i32;
+    let mut u = 0u32;
     for k in 0..bits as usize {
         let top = word(7 - k);
         all_ones &= top;
-        u = (u << 1) | ((top >> j) & 1) as i32;
+        u = 2 * u + spread4((top >> (4 * t)) & 15);
     }
     let carry = if bits < 8 {
         word(7 - bits as usize) & !all_ones
@@ -23,11 +25,24 @@ fn device_code(d: &DeviceWords, has_d: bool, r: usize, c: usize, bits: u32) -> i
     } else {
         0
     };
-    u + ((carry >> j) & 1) as i32 - (1 << (bits - 1))
+    u + spread4((carry >> (4 * t)) & 15)
 }
 
-/// `planar.cu`'s arithmetic on the host: per 32-column word, `Σ q · x` times `2^Δ · s` where the
-/// word lies in one scale group, else each weight scaled on its own (the group index clamped).
+/// `byte_as_float(u, i) − (2^23 + 2^(l−1))` of `planar.cu`: byte `i` placed in the mantissa of 2^23.
+fn byte_q(u: u32, i: u32, bits: u32) -> f32 {
+    let with_mantissa = 0x4B00_0000 | ((u >> (8 * i)) & 0xFF);
+    f32::from_bits(with_mantissa) - (8_388_608.0 + (1u32 << (bits - 1)) as f32)
+}
+
+/// `q_l` of weight `(r, c)` decoded from the device words as `planar.cu` does.
+fn device_code(d: &DeviceWords, has_d: bool, r: usize, c: usize, bits: u32) -> i32 {
+    let (w, j) = (c / 32, (c % 32) as u32);
+    byte_q(decode4(d, has_d, r, w, bits, j / 4), j % 4, bits) as i32
+}
+
+/// `planar.cu`'s arithmetic on the host: per 32-column word, nibbles visited from `(t + lane) mod
+/// 8` (lane = the word's index in its tile), `Σ q · x` times `2^Δ · s` once where the word lies in
+/// one scale group, else each weight scaled on its own (the group index clamped).
 fn device_matmul(w: &PlanarWeight, d: &DeviceWords, bits: u32, x: &[f32], n: usize) -> Vec<f32> {
     let (rows, cols) = (w.rows(), w.cols());
     let layout = w.layout();
@@ -42,17 +57,23 @@ fn device_matmul(w: &PlanarWeight, d: &DeviceWords, bits: u32, x: &[f32], n: usi
             for word in 0..d.wpr {
                 let c0 = word * 32;
                 let xs = |c: usize| if c < cols { x[b * cols + c] } else { 0.0 };
-                let q = |c: usize| device_code(d, w.has_d_plane(), r, c, bits) as f32;
                 let last = (c0 + 31).min(cols - 1);
-                if c0 / group == last / group {
-                    let part = (c0..c0 + 32).fold(0f32, |p, c| q(c).mul_add(xs(c), p));
-                    acc = part.mul_add(scales[r * n_groups + c0 / group] * step, acc);
-                } else {
-                    for c in c0..c0 + 32 {
-                        let s = scales[r * n_groups + (c / group).min(n_groups - 1)];
-                        acc = (q(c) * step * s).mul_add(xs(c), acc);
+                let one_group = c0 / group == last / group;
+                let mut part = 0f32;
+                for tt in 0..8 {
+                    let t = (tt + word as u32 % 32) & 7;
+                    let u = decode4(d, w.has_d_plane(), r, word, bits, t);
+                    for i in 0..4 {
+                        let c = c0 + (4 * t + i) as usize;
+                        let mut q = byte_q(u, i, bits);
+                        if !one_group {
+                            q *= step * scales[r * n_groups + (c / group).min(n_groups - 1)];
+                        }
+                        part = q.mul_add(xs(c), part);
                     }
                 }
+                let s = if one_group { scales[r * n_groups + c0 / group] * step } else { 1.0 };
+                acc = part.mul_add(s, acc);
             }
             y[b * rows + r] = acc;
         }
