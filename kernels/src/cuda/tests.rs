@@ -40,9 +40,10 @@ fn device_code(d: &DeviceWords, has_d: bool, r: usize, c: usize, bits: u32) -> i
     byte_q(decode4(d, has_d, r, w, bits, j / 4), j % 4, bits) as i32
 }
 
-/// `planar.cu`'s arithmetic on the host: per 32-column word, nibbles visited from `(t + lane) mod
-/// 8` (lane = the word's index in its tile), `Σ q · x` times `2^Δ · s` once where the word lies in
-/// one scale group, else each weight scaled on its own (the group index clamped).
+/// `planar.cu`'s arithmetic on the host, in its order: lane `i` of a row's warp takes word `i` of
+/// each 32-word tile, visits its nibbles from `(t + i) mod 8`, sums `q · x` and multiplies by
+/// `2^Δ · s` once where the word lies in one scale group (else each weight is scaled on its own,
+/// the group index clamped), and the 32 lanes' sums are added by the xor-shuffle tree.
 fn device_matmul(w: &PlanarWeight, d: &DeviceWords, bits: u32, x: &[f32], n: usize) -> Vec<f32> {
     let (rows, cols) = (w.rows(), w.cols());
     let layout = w.layout();
@@ -52,16 +53,16 @@ fn device_matmul(w: &PlanarWeight, d: &DeviceWords, bits: u32, x: &[f32], n: usi
     let step = (1u32 << (8 - bits)) as f32;
     let mut y = vec![0f32; n * rows];
     for b in 0..n {
+        let xs = |c: usize| if c < cols { x[b * cols + c] } else { 0.0 };
         for r in 0..rows {
-            let mut acc = 0f32;
+            let mut acc = [0f32; 32];
             for word in 0..d.wpr {
-                let c0 = word * 32;
-                let xs = |c: usize| if c < cols { x[b * cols + c] } else { 0.0 };
+                let (c0, lane) = (word * 32, word % 32);
                 let last = (c0 + 31).min(cols - 1);
                 let one_group = c0 / group == last / group;
                 let mut part = 0f32;
                 for tt in 0..8 {
-                    let t = (tt + word as u32 % 32) & 7;
+                    let t = (tt + lane as u32) & 7;
                     let u = decode4(d, w.has_d_plane(), r, word, bits, t);
                     for i in 0..4 {
                         let c = c0 + (4 * t + i) as usize;
@@ -73,17 +74,20 @@ fn device_matmul(w: &PlanarWeight, d: &DeviceWords, bits: u32, x: &[f32], n: usi
                     }
                 }
                 let s = if one_group { scales[r * n_groups + c0 / group] * step } else { 1.0 };
-                acc = part.mul_add(s, acc);
+                acc[lane] = part.mul_add(s, acc[lane]);
             }
-            y[b * rows + r] = acc;
+            for offset in [16, 8, 4, 2, 1] {
+                acc = std::array::from_fn(|l| acc[l] + acc[l ^ offset]);
+            }
+            y[b * rows + r] = acc[0];
         }
     }
     y
 }
 
 /// Weights of every layout the kernels meet: per channel, groups narrower than, equal to, wider
-/// than and straddling a 32-column word, columns not a multiple of 32, and (512 × 1024) planes
-/// large enough to carry the CPU layout's gap.
+/// than and straddling a 32-column word, columns not a multiple of 32, rows of several 1024-column
+/// tiles, and (512 × 1024) planes large enough to carry the CPU layout's gap.
 fn shapes() -> Vec<(usize, usize, Granularity)> {
     vec![
         (5, 100, Granularity::Channel),
@@ -91,6 +95,8 @@ fn shapes() -> Vec<(usize, usize, Granularity)> {
         (9, 130, Granularity::Group(48)),
         (4, 256, Granularity::Group(64)),
         (3, 576, Granularity::Group(128)),
+        (3, 1536, Granularity::Group(128)),
+        (2, 2200, Granularity::Channel),
         (512, 1024, Granularity::Group(128)),
     ]
 }
@@ -230,5 +236,86 @@ fn the_runtime_is_an_error_without_a_gpu_and_matches_the_cpu_with_one() {
         }
         let mut y = vec![0f32; 2];
         assert!(matches!(rt.matmul_host(&dw, 9, &[0.0; 0], 1, &mut y), Err(CudaError::Kernel(_))));
+    }
+}
+
+/// Builds `kernels/cuda/emulate/{name}.cpp` (the CUDA source with `cuda_shim.h`, run on the CPU)
+/// with the host C++ compiler (`$CXX`, else `c++`) into `dir`.
+pub(crate) fn build_emulator(name: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda/emulate").join(format!("{name}.cpp"));
+    let exe = dir.join(name);
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let out = std::process::Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("the CUDA emulation needs a C++20 compiler ({cxx}): {e}"));
+    assert!(out.status.success(), "{cxx} {}:\n{}", src.display(), String::from_utf8_lossy(&out.stderr));
+    exe
+}
+
+/// Runs an emulator built by [`build_emulator`] on `input`, returning its stdout.
+pub(crate) fn run_emulator(exe: &std::path::Path, input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(exe)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}: {}", exe.display(), String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+/// `planar.cu` itself, run on the CPU through `cuda_shim.h` with the launches `CudaRuntime::matmul`
+/// makes, gives bit for bit what the host replay of its arithmetic gives, for every layout,
+/// precision and batch chunking.
+#[test]
+fn the_cuda_source_run_on_the_cpu_matches_its_host_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_emulator("planar_main", dir.path());
+    let mut rng = Rng(74);
+    for (rows, cols, gran) in shapes() {
+        let mut qw = random_weight(&mut rng, rows, cols, gran);
+        let n_scales = qw.layout.n_scales();
+        qw.corrections.insert(4, (0..n_scales).map(|_| 1.0 + 0.5 * rng.f32()).collect());
+        let w = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+        let d = device_words(&w).unwrap();
+        // Each emulated block is 256 threads: the large weight (64 blocks) at one precision, batch 1.
+        let (precisions, batches): (&[u32], &[usize]) =
+            if rows > 100 { (&[4], &[1]) } else { (&[2, 3, 4, 5, 6, 7, 8], &[1, 9]) };
+        for &bits in precisions {
+            for &n in batches {
+                let x = random_x(&mut rng, n * cols);
+                let layout = w.layout();
+                let header = [
+                    bits,
+                    rows as u32,
+                    cols as u32,
+                    d.wpr as u32,
+                    d.plane_stride as u32,
+                    layout.n_groups() as u32,
+                    layout.group.min(cols) as u32,
+                    u32::from(w.has_d_plane()),
+                    n as u32,
+                    d.words.len() as u32,
+                ];
+                let mut input: Vec<u8> = header.iter().chain(&d.words).flat_map(|v| v.to_le_bytes()).collect();
+                input.extend(w.scales_at(bits).iter().chain(&x).flat_map(|v| v.to_le_bytes()));
+                let got = f32s(&run_emulator(&exe, &input));
+                let want = device_matmul(&w, &d, bits, &x, n);
+                assert_eq!(got.len(), want.len());
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), e.to_bits(), "{rows}x{cols} {gran} bits {bits} n {n} [{i}]: {g} vs {e}");
+                }
+            }
+        }
     }
 }
