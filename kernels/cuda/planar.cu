@@ -158,3 +158,57 @@ PLANAR_MATMUL_ENTRY(5)
 PLANAR_MATMUL_ENTRY(6)
 PLANAR_MATMUL_ENTRY(7)
 PLANAR_MATMUL_ENTRY(8)
+
+// Rows `ids[i]` of a weight served at BITS, dequantized exactly as the CPU's
+// PlanarWeight::dequantize_rows does ((q_l · 2^Δ) · s, bit for bit): an embedding lookup.
+// Launch: grid n (one block per id), any block size; out: [n, cols].
+template <int BITS>
+__device__ __forceinline__ void planar_rows(const unsigned *__restrict__ planes, unsigned plane_stride, unsigned wpr,
+                                            const float *__restrict__ scales, unsigned n_groups, unsigned group,
+                                            unsigned cols, int has_d, const unsigned *__restrict__ ids,
+                                            float *__restrict__ out) {
+    const unsigned row = ids[blockIdx.x];
+    const unsigned *base = planes + (size_t)row * wpr;
+    const float *srow = scales + (size_t)row * n_groups;
+    float *orow = out + (size_t)blockIdx.x * cols;
+    const float offset = 8388608.0f + (float)(1 << (BITS - 1));
+    const float step = (float)(1 << (8 - BITS));
+    for (unsigned w = threadIdx.x; w < wpr; w += blockDim.x) {
+        unsigned top[BITS];
+        unsigned all_ones = ~0u;
+#pragma unroll
+        for (int k = 0; k < BITS; k++) {
+            top[k] = __ldg(base + (size_t)(7 - k) * plane_stride + w);
+            all_ones &= top[k];
+        }
+        unsigned carry = 0;
+        if (BITS < 8) {
+            carry = __ldg(base + (size_t)(7 - BITS) * plane_stride + w) & ~all_ones;
+        } else if (has_d) {
+            carry = __ldg(base + (size_t)8 * plane_stride + w);
+        }
+        for (unsigned t = 0; t < 8; t++) {
+            const unsigned u = decode4<BITS>(top, carry, t);
+#pragma unroll
+            for (unsigned i = 0; i < 4; i++) {
+                const unsigned c = w * 32 + 4 * t + i;
+                if (c < cols) orow[c] = ((byte_as_float(u, i) - offset) * step) * srow[c / group];
+            }
+        }
+    }
+}
+
+#define PLANAR_ROWS_ENTRY(B)                                                                                  \
+    extern "C" __global__ void planar_rows_f32_b##B(const unsigned *planes, unsigned plane_stride, unsigned wpr, \
+                                                    const float *scales, unsigned n_groups, unsigned group,      \
+                                                    unsigned cols, int has_d, const unsigned *ids, float *out) {  \
+        planar_rows<B>(planes, plane_stride, wpr, scales, n_groups, group, cols, has_d, ids, out);              \
+    }
+
+PLANAR_ROWS_ENTRY(2)
+PLANAR_ROWS_ENTRY(3)
+PLANAR_ROWS_ENTRY(4)
+PLANAR_ROWS_ENTRY(5)
+PLANAR_ROWS_ENTRY(6)
+PLANAR_ROWS_ENTRY(7)
+PLANAR_ROWS_ENTRY(8)

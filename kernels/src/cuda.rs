@@ -23,8 +23,9 @@ pub use cudarc::driver::{CudaSlice, DevicePtr};
 use crate::double_rounding::{check_bits, KernelError};
 use crate::planar::{PlanarWeight, MAX_BATCH};
 
-/// The PTX of `kernels/cuda/planar.cu` (generated; see the module docs).
+/// The PTX of `kernels/cuda/planar.cu` and `ops.cu` (generated; see the module docs).
 const PLANAR_PTX: &str = include_str!("../cuda/planar.ptx");
+const OPS_PTX: &str = include_str!("../cuda/ops.ptx");
 /// Weight rows per thread block (one warp each): `WARPS` in `planar.cu`.
 const WARPS: u32 = 8;
 /// Activation rows one launch serves: `MAX_ROWS` in `planar.cu`. Larger batches take one launch
@@ -44,6 +45,10 @@ pub enum CudaError {
     Kernel(KernelError),
     /// A weight too large for the kernels' 32-bit word indices.
     TooLarge { rows: usize, cols: usize },
+    /// A step row outside the key/value cache.
+    OutOfCache { slot: usize, pos: usize, slots: usize, capacity: usize },
+    /// Shapes that do not fit together.
+    Shape(String),
 }
 
 impl fmt::Display for CudaError {
@@ -57,8 +62,13 @@ impl fmt::Display for CudaError {
             CudaError::Driver { what, error } => write!(f, "CUDA {what} failed: {error}"),
             CudaError::Kernel(e) => write!(f, "{e}"),
             CudaError::TooLarge { rows, cols } => {
-                write!(f, "a {rows}x{cols} weight is too large for the GPU kernels' 32-bit indices")
+                write!(f, "a {rows}x{cols} buffer is too large for the GPU kernels' 32-bit indices")
             }
+            CudaError::OutOfCache { slot, pos, slots, capacity } => write!(
+                f,
+                "position {pos} of slot {slot} is outside the key/value cache ({slots} slots of {capacity} positions)"
+            ),
+            CudaError::Shape(what) => write!(f, "shapes do not fit: {what}"),
         }
     }
 }
@@ -90,7 +100,24 @@ pub struct CudaRuntime {
     stream: Arc<CudaStream>,
     /// `planar_matmul_f32_b{bits}` at index `bits − 2`.
     matmul: Vec<CudaFunction>,
+    /// `planar_rows_f32_b{bits}` at index `bits − 2`.
+    planar_rows: Vec<CudaFunction>,
+    ops: OpsKernels,
     name: String,
+}
+
+/// The kernels of `ops.cu`.
+struct OpsKernels {
+    rms_norm: CudaFunction,
+    add_assign: CudaFunction,
+    add_bias: CudaFunction,
+    silu_mul: CudaFunction,
+    rope: CudaFunction,
+    store_kv: CudaFunction,
+    attend: CudaFunction,
+    dense_matmul: CudaFunction,
+    gather_rows: CudaFunction,
+    argmax_rows: CudaFunction,
 }
 
 impl fmt::Debug for CudaRuntime {
@@ -107,12 +134,33 @@ impl CudaRuntime {
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("context creation"))?;
         let name = ctx.name().map_err(driver("device query"))?;
-        let module = ctx.load_module(PLANAR_PTX.into()).map_err(driver("loading the kernels' PTX"))?;
-        let matmul = (2..=8)
-            .map(|bits| module.load_function(&format!("planar_matmul_f32_b{bits}")))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(driver("loading a kernel"))?;
-        Ok(CudaRuntime { stream: ctx.default_stream(), matmul, name })
+        let planar = ctx.load_module(PLANAR_PTX.into()).map_err(driver("loading planar.ptx"))?;
+        let ops = ctx.load_module(OPS_PTX.into()).map_err(driver("loading ops.ptx"))?;
+        let by_bits = |prefix: &str| {
+            (2..=8)
+                .map(|bits| planar.load_function(&format!("{prefix}_b{bits}")))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(driver("loading a kernel"))
+        };
+        let op = |name: &str| ops.load_function(name).map_err(driver("loading a kernel"));
+        Ok(CudaRuntime {
+            stream: ctx.default_stream(),
+            matmul: by_bits("planar_matmul_f32")?,
+            planar_rows: by_bits("planar_rows_f32")?,
+            ops: OpsKernels {
+                rms_norm: op("rms_norm")?,
+                add_assign: op("add_assign")?,
+                add_bias: op("add_bias")?,
+                silu_mul: op("silu_mul")?,
+                rope: op("rope")?,
+                store_kv: op("store_kv")?,
+                attend: op("attend")?,
+                dense_matmul: op("dense_matmul")?,
+                gather_rows: op("gather_rows")?,
+                argmax_rows: op("argmax_rows")?,
+            },
+            name,
+        })
     }
 
     /// The GPU's name as the driver reports it.
@@ -320,6 +368,9 @@ pub(crate) fn launch_config(rows: usize) -> LaunchConfig {
 pub(crate) fn batch_chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(LAUNCH_ROWS).map(move |start| (start, LAUNCH_ROWS.min(n - start)))
 }
+
+mod ops;
+pub use ops::{KvArena, StepRows};
 
 #[cfg(test)]
 mod tests;

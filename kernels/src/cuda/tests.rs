@@ -182,9 +182,28 @@ fn launches_cover_every_row_and_activation_row() {
 
 #[test]
 fn the_ptx_declares_every_kernel_the_runtime_loads() {
-    assert!(PLANAR_PTX.contains(".target sm_80"), "PTX for the virtual architecture compute_80");
+    for ptx in [PLANAR_PTX, OPS_PTX] {
+        assert!(ptx.contains(".target sm_80"), "PTX for the virtual architecture compute_80");
+    }
     for bits in 2..=8 {
-        assert!(PLANAR_PTX.contains(&format!(".entry planar_matmul_f32_b{bits}(")), "bits {bits}");
+        for kernel in ["planar_matmul_f32", "planar_rows_f32"] {
+            assert!(PLANAR_PTX.contains(&format!(".entry {kernel}_b{bits}(")), "{kernel} bits {bits}");
+        }
+    }
+    let ops = [
+        "rms_norm",
+        "add_assign",
+        "add_bias",
+        "silu_mul",
+        "rope",
+        "store_kv",
+        "attend",
+        "dense_matmul",
+        "gather_rows",
+        "argmax_rows",
+    ];
+    for op in ops {
+        assert!(OPS_PTX.contains(&format!(".entry {op}(")), "{op}");
     }
 }
 
@@ -316,6 +335,238 @@ fn the_cuda_source_run_on_the_cpu_matches_its_host_replay() {
                     assert_eq!(g.to_bits(), e.to_bits(), "{rows}x{cols} {gran} bits {bits} n {n} [{i}]: {g} vs {e}");
                 }
             }
+        }
+    }
+}
+
+/// An array handed to `ops_main` and back.
+#[derive(Debug, Clone)]
+enum Arr {
+    F(Vec<f32>),
+    U(Vec<u32>),
+}
+
+impl Arr {
+    fn f(&self) -> &[f32] {
+        match self {
+            Arr::F(v) => v,
+            Arr::U(_) => panic!("not an f32 array"),
+        }
+    }
+    fn u(&self) -> &[u32] {
+        match self {
+            Arr::U(v) => v,
+            Arr::F(_) => panic!("not a u32 array"),
+        }
+    }
+}
+
+/// Runs kernel `op` of `ops_main.cpp` (see its header) and returns its arrays as the kernel left them.
+fn emulate_op(exe: &std::path::Path, op: u32, scalars: &[u32], arrays: &[Arr]) -> Vec<Arr> {
+    let mut words = vec![op, scalars.len() as u32];
+    words.extend(scalars);
+    words.push(arrays.len() as u32);
+    for a in arrays {
+        match a {
+            Arr::F(v) => words.extend([0, v.len() as u32].into_iter().chain(v.iter().map(|x| x.to_bits()))),
+            Arr::U(v) => words.extend([1, v.len() as u32].into_iter().chain(v.iter().copied())),
+        }
+    }
+    let input: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let out = run_emulator(exe, &input);
+    let mut at = 0;
+    arrays
+        .iter()
+        .map(|a| {
+            let mut take = |len: usize| {
+                let v: Vec<u32> =
+                    out[at..at + 4 * len].chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect();
+                at += 4 * len;
+                v
+            };
+            match a {
+                Arr::F(v) => Arr::F(take(v.len()).into_iter().map(f32::from_bits).collect()),
+                Arr::U(v) => Arr::U(take(v.len())),
+            }
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], rel: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= rel * scale, "{what} [{i}]: {g} vs {w}");
+    }
+}
+
+/// `ops.cu` (and `planar.cu`'s row gather) run on the CPU through `cuda_shim.h` compute what the
+/// CPU ops compute: within f32 rounding where the order of sums or `exp` differ, bit for bit
+/// where they cannot.
+#[test]
+fn the_ops_source_run_on_the_cpu_matches_the_cpu_ops() {
+    use crate::ops::{self, AttentionShape, CacheView};
+    let dir = tempfile::tempdir().unwrap();
+    let exe = build_emulator("ops_main", dir.path());
+    let b = Backend::Scalar;
+    let mut rng = Rng(75);
+
+    for h in [100, 576] {
+        let (rows, eps) = (3, 1e-5f32);
+        let (x, w) = (random_x(&mut rng, rows * h), random_x(&mut rng, h));
+        let mut want = vec![0f32; rows * h];
+        ops::rms_norm(b, &x, &w, eps, &mut want);
+        let out = emulate_op(
+            &exe,
+            0,
+            &[rows as u32, h as u32, eps.to_bits()],
+            &[Arr::F(x), Arr::F(w), Arr::F(vec![0.0; rows * h])],
+        );
+        assert_close(out[2].f(), &want, 1e-5, "rms_norm");
+    }
+
+    let n = 1000;
+    let (x, y) = (random_x(&mut rng, n), random_x(&mut rng, n));
+    let mut want = x.clone();
+    ops::add_assign(b, &mut want, &y);
+    let out = emulate_op(&exe, 1, &[n as u32], &[Arr::F(x.clone()), Arr::F(y.clone())]);
+    assert_eq!(out[0].f(), &want[..], "add_assign");
+    let width = 40;
+    let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + y[i % width]).collect();
+    let out = emulate_op(&exe, 2, &[n as u32, width as u32], &[Arr::F(x.clone()), Arr::F(y[..width].to_vec())]);
+    assert_eq!(out[0].f(), &want[..], "add_bias");
+    let mut want = x.clone();
+    ops::silu_mul(b, &mut want, &y);
+    let out = emulate_op(&exe, 3, &[n as u32], &[Arr::F(x), Arr::F(y)]);
+    assert_close(out[0].f(), &want, 1e-5, "silu_mul");
+
+    let (heads, kv_heads, d, positions) = (9, 3, 64, 8);
+    let half = d / 2;
+    let (cos, sin) = (random_x(&mut rng, positions * half), random_x(&mut rng, positions * half));
+    let pos = vec![0u32, 7];
+    let x = random_x(&mut rng, 2 * heads * d);
+    let mut want = x.clone();
+    for (r, &p) in pos.iter().enumerate() {
+        let p = p as usize;
+        ops::rope(b, &mut want[r * heads * d..][..heads * d], d, &cos[p * half..][..half], &sin[p * half..][..half]);
+    }
+    let out = emulate_op(&exe, 4, &[2, heads as u32, d as u32], &[Arr::F(x), Arr::U(pos), Arr::F(cos), Arr::F(sin)]);
+    assert_close(out[0].f(), &want, 1e-6, "rope");
+
+    // Attention: slot 0 at position 5 (positions 0..5 already cached), slot 1 at positions 0 and
+    // 1 in the same step (the second sees the first's key and value).
+    let shape = AttentionShape { heads, kv_heads, head_dim: d };
+    let (kv_dim, capacity, slots) = (shape.kv_dim(), 20, 2);
+    let (slot, pos) = (vec![0u32, 1, 1], vec![5u32, 0, 1]);
+    let rows = slot.len();
+    let q = random_x(&mut rng, rows * heads * d);
+    let (k, v) = (random_x(&mut rng, rows * kv_dim), random_x(&mut rng, rows * kv_dim));
+    let (mut kcache, mut vcache) =
+        (random_x(&mut rng, slots * capacity * kv_dim), random_x(&mut rng, slots * capacity * kv_dim));
+    let scale = 1.0 / (d as f32).sqrt();
+    let out = emulate_op(
+        &exe,
+        5,
+        &[rows as u32, heads as u32, kv_heads as u32, d as u32, capacity as u32, scale.to_bits()],
+        &[
+            Arr::F(q.clone()),
+            Arr::F(k.clone()),
+            Arr::F(v.clone()),
+            Arr::U(slot.clone()),
+            Arr::U(pos.clone()),
+            Arr::F(kcache.clone()),
+            Arr::F(vcache.clone()),
+            Arr::F(vec![0.0; rows * heads * capacity]),
+            Arr::F(vec![0.0; rows * heads * d]),
+        ],
+    );
+    for r in 0..rows {
+        let at = (slot[r] as usize * capacity + pos[r] as usize) * kv_dim;
+        kcache[at..at + kv_dim].copy_from_slice(&k[r * kv_dim..][..kv_dim]);
+        vcache[at..at + kv_dim].copy_from_slice(&v[r * kv_dim..][..kv_dim]);
+    }
+    assert_eq!(out[5].f(), &kcache[..], "store_kv keys");
+    assert_eq!(out[6].f(), &vcache[..], "store_kv values");
+    for r in 0..rows {
+        let (len, stride) = (pos[r] as usize + 1, 32);
+        let base = slot[r] as usize * capacity * kv_dim;
+        let mut keys = vec![0f32; kv_dim * stride];
+        for p in 0..len {
+            ops::store_key(&mut keys, stride, p, &kcache[base + p * kv_dim..][..kv_dim]);
+        }
+        let values = &vcache[base..base + len * kv_dim];
+        let mut want = vec![0f32; heads * d];
+        let cache = CacheView { keys: &keys, stride, values, len };
+        ops::attend(b, shape, &q[r * heads * d..][..heads * d], cache, &mut vec![0f32; stride], &mut want);
+        assert_close(&out[8].f()[r * heads * d..][..heads * d], &want, 1e-5, &format!("attend row {r}"));
+    }
+
+    let (rows, cols, n) = (10, 100, 3);
+    let (w, x) = (random_x(&mut rng, rows * cols), random_x(&mut rng, n * cols));
+    let (want, _) = naive(&w, rows, cols, &x, n);
+    let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+    let out = emulate_op(
+        &exe,
+        6,
+        &[rows as u32, cols as u32, n as u32],
+        &[Arr::F(w), Arr::F(x), Arr::F(vec![0.0; n * rows])],
+    );
+    assert_close(out[2].f(), &want, 1e-5, "dense_matmul");
+
+    let (vocab, cols) = (7, 5);
+    let table = random_x(&mut rng, vocab * cols);
+    let ids = vec![6u32, 0, 3, 3];
+    let out = emulate_op(
+        &exe,
+        7,
+        &[ids.len() as u32, cols as u32],
+        &[Arr::F(table.clone()), Arr::U(ids.clone()), Arr::F(vec![0.0; ids.len() * cols])],
+    );
+    let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * cols..][..cols].to_vec()).collect();
+    assert_eq!(out[2].f(), &want[..], "gather_rows");
+
+    let vocab = 1000;
+    let mut logits = random_x(&mut rng, 2 * vocab);
+    logits[vocab + 17] = 50.0;
+    logits[vocab + 17 + 256] = 50.0; // a tie within one thread's share: the first index wins
+    logits[vocab + 900] = 50.0; // and across threads
+    let out = emulate_op(&exe, 8, &[2, vocab as u32], &[Arr::F(logits.clone()), Arr::U(vec![0; 2])]);
+    let first_max =
+        |row: &[f32]| row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best }) as u32;
+    assert_eq!(out[1].u(), &[first_max(&logits[..vocab]), 17], "argmax_rows");
+
+    for (rows, cols, gran) in shapes().into_iter().filter(|s| s.0 < 100) {
+        let qw = random_weight(&mut rng, rows, cols, gran);
+        let w = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+        let d = device_words(&w).unwrap();
+        let ids: Vec<u32> = vec![rows as u32 - 1, 0, (rows / 2) as u32];
+        for bits in 2..=8 {
+            let mut want = vec![0f32; ids.len() * cols];
+            let idx: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+            w.dequantize_rows(bits, &idx, &mut want).unwrap();
+            let layout = w.layout();
+            let scalars = [
+                bits,
+                ids.len() as u32,
+                d.plane_stride as u32,
+                d.wpr as u32,
+                layout.n_groups() as u32,
+                layout.group.min(cols) as u32,
+                cols as u32,
+                u32::from(w.has_d_plane()),
+            ];
+            let out = emulate_op(
+                &exe,
+                9,
+                &scalars,
+                &[
+                    Arr::U(d.words.clone()),
+                    Arr::F(w.scales_at(bits).to_vec()),
+                    Arr::U(ids.clone()),
+                    Arr::F(vec![0.0; ids.len() * cols]),
+                ],
+            );
+            assert_eq!(out[3].f(), &want[..], "planar_rows {rows}x{cols} {gran} bits {bits}");
         }
     }
 }

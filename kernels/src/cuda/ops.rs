@@ -1,0 +1,414 @@
+//! Launches of `kernels/cuda/ops.cu` (the rest of a decode step) and of `planar.cu`'s row gather.
+//! Every method checks the lengths of what the kernel will touch; the positions a step writes and
+//! reads are checked once, when its [`StepRows`] are built.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::{driver, CudaError, CudaPlanarWeight, CudaRuntime};
+use crate::double_rounding::{check_bits, KernelError};
+use crate::ops::AttentionShape;
+
+/// Threads per block of the element-wise kernels: `OPS_BLOCK` in `ops.cu`.
+const OPS_BLOCK: u32 = 256;
+/// Activation rows one `dense_matmul` launch serves.
+const DENSE_ROWS: usize = 8;
+
+fn check_len(what: &'static str, len: usize, needed: usize) -> Result<(), CudaError> {
+    if len < needed {
+        return Err(KernelError::LengthMismatch { what, expected: needed, got: len }.into());
+    }
+    Ok(())
+}
+
+fn grid(x: u32, y: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (x, y, 1), block_dim: (OPS_BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn elementwise(n: usize) -> LaunchConfig {
+    grid((n as u32).div_ceil(OPS_BLOCK), 1)
+}
+
+/// The key/value cache of every layer on the device: `slots` sequences × `capacity` positions ×
+/// `kv_dim` values per layer, position-major.
+pub struct KvArena {
+    keys: Vec<CudaSlice<f32>>,
+    values: Vec<CudaSlice<f32>>,
+    slots: usize,
+    capacity: usize,
+    kv_dim: usize,
+}
+
+impl KvArena {
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// Where each row of a step sits: its sequence's slot and its position, checked against an arena
+/// and uploaded once per step.
+pub struct StepRows {
+    slot: CudaSlice<u32>,
+    pos: CudaSlice<u32>,
+    rows: usize,
+    slots: usize,
+    capacity: usize,
+}
+
+impl StepRows {
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+}
+
+impl CudaRuntime {
+    /// A zeroed cache of `layers` layers for `slots` sequences of up to `capacity` positions.
+    pub fn kv_arena(&self, layers: usize, slots: usize, capacity: usize, kv_dim: usize) -> Result<KvArena, CudaError> {
+        let len = slots
+            .checked_mul(capacity)
+            .and_then(|v| v.checked_mul(kv_dim))
+            .filter(|&v| u32::try_from(v).is_ok())
+            .ok_or(CudaError::TooLarge { rows: slots * capacity, cols: kv_dim })?;
+        let alloc = || (0..layers).map(|_| self.zeros_f32(len)).collect::<Result<Vec<_>, _>>();
+        Ok(KvArena { keys: alloc()?, values: alloc()?, slots, capacity, kv_dim })
+    }
+
+    /// Uploads `(slot, position)` of each row of a step, checked against `arena`.
+    pub fn step_rows(&self, arena: &KvArena, rows: &[(usize, usize)]) -> Result<StepRows, CudaError> {
+        if let Some(&(slot, pos)) = rows.iter().find(|&&(s, p)| s >= arena.slots || p >= arena.capacity) {
+            return Err(CudaError::OutOfCache { slot, pos, slots: arena.slots, capacity: arena.capacity });
+        }
+        let slot: Vec<u32> = rows.iter().map(|r| r.0 as u32).collect();
+        let pos: Vec<u32> = rows.iter().map(|r| r.1 as u32).collect();
+        Ok(StepRows {
+            slot: self.upload_u32(&slot)?,
+            pos: self.upload_u32(&pos)?,
+            rows: rows.len(),
+            slots: arena.slots,
+            capacity: arena.capacity,
+        })
+    }
+
+    /// Copies host `u32` values to a new device buffer.
+    pub fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>, CudaError> {
+        self.stream.clone_htod(values).map_err(driver("upload"))
+    }
+
+    /// Copies a device buffer of `u32` into `out` (same length) and waits for it.
+    pub fn download_u32(&self, values: &CudaSlice<u32>, out: &mut [u32]) -> Result<(), CudaError> {
+        check_len("out", out.len(), values.len())?;
+        self.stream.memcpy_dtoh(values, &mut out[..values.len()]).map_err(driver("download"))?;
+        self.synchronize()
+    }
+
+    /// RMSNorm of `rows` rows of `weight.len()` values: `out = x / sqrt(mean(x²) + eps) · weight`.
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<f32>,
+        weight: &CudaSlice<f32>,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let h = weight.len();
+        check_len("x", x.len(), rows * h)?;
+        check_len("out", out.len(), rows * h)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let h32 = h as u32;
+        let mut l = self.stream.launch_builder(&self.ops.rms_norm);
+        l.arg(x).arg(weight).arg(&eps).arg(&h32).arg(out);
+        // SAFETY: `rms_norm(x, w, eps, h, out)`; x and out hold rows · h values, w h (checked).
+        unsafe { l.launch(grid(rows as u32, 1)) }.map_err(driver("rms_norm launch"))?;
+        Ok(())
+    }
+
+    /// `x[i] += y[i]` for `i < n`.
+    pub fn add_assign(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
+        check_len("x", x.len(), n)?;
+        check_len("y", y.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n32 = n as u32;
+        let mut l = self.stream.launch_builder(&self.ops.add_assign);
+        l.arg(x).arg(y).arg(&n32);
+        // SAFETY: `add_assign(x, y, n)`; both hold at least n values (checked).
+        unsafe { l.launch(elementwise(n)) }.map_err(driver("add_assign launch"))?;
+        Ok(())
+    }
+
+    /// `x[r][c] += bias[c]` for `rows` rows of `bias.len()` values.
+    pub fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize) -> Result<(), CudaError> {
+        let n = rows * bias.len();
+        check_len("x", x.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (n32, width) = (n as u32, bias.len() as u32);
+        let mut l = self.stream.launch_builder(&self.ops.add_bias);
+        l.arg(x).arg(bias).arg(&n32).arg(&width);
+        // SAFETY: `add_bias(x, bias, n, width)`; x holds n = rows · width values (checked).
+        unsafe { l.launch(elementwise(n)) }.map_err(driver("add_bias launch"))?;
+        Ok(())
+    }
+
+    /// `gate[i] = silu(gate[i]) · up[i]` for `i < n`.
+    pub fn silu_mul(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>, n: usize) -> Result<(), CudaError> {
+        check_len("gate", gate.len(), n)?;
+        check_len("up", up.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n32 = n as u32;
+        let mut l = self.stream.launch_builder(&self.ops.silu_mul);
+        l.arg(gate).arg(up).arg(&n32);
+        // SAFETY: `silu_mul(gate, up, n)`; both hold at least n values (checked).
+        unsafe { l.launch(elementwise(n)) }.map_err(driver("silu_mul launch"))?;
+        Ok(())
+    }
+
+    /// Rotate-half RoPE of each row's `heads` heads at the row's position, with tables of
+    /// `[positions, head_dim / 2]` values covering the arena's capacity.
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        heads: usize,
+        head_dim: usize,
+        rows: &StepRows,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        check_len("x", x.len(), rows.rows * heads * head_dim)?;
+        check_len("cos", cos.len(), rows.capacity * head_dim / 2)?;
+        check_len("sin", sin.len(), rows.capacity * head_dim / 2)?;
+        if rows.rows == 0 {
+            return Ok(());
+        }
+        let (h32, d32) = (heads as u32, head_dim as u32);
+        let mut l = self.stream.launch_builder(&self.ops.rope);
+        l.arg(x).arg(&h32).arg(&d32).arg(&rows.pos).arg(cos).arg(sin);
+        // SAFETY: `rope(x, heads, head_dim, pos, cos, sin)`; x holds rows · heads · head_dim values,
+        // every position is below the capacity the tables cover (checked here and by step_rows).
+        unsafe { l.launch(grid(rows.rows as u32, 1)) }.map_err(driver("rope launch"))?;
+        Ok(())
+    }
+
+    /// Writes each row's keys and values (`[rows, kv_dim]`) into layer `layer` of the arena at the
+    /// row's slot and position.
+    pub fn store_kv(
+        &self,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        rows: &StepRows,
+        arena: &mut KvArena,
+        layer: usize,
+    ) -> Result<(), CudaError> {
+        check_arena(rows, arena, layer)?;
+        let kv_dim = arena.kv_dim;
+        check_len("k", k.len(), rows.rows * kv_dim)?;
+        check_len("v", v.len(), rows.rows * kv_dim)?;
+        if rows.rows == 0 {
+            return Ok(());
+        }
+        let (kv32, cap32) = (kv_dim as u32, arena.capacity as u32);
+        let (keys, values) = (&mut arena.keys[layer], &mut arena.values[layer]);
+        let mut l = self.stream.launch_builder(&self.ops.store_kv);
+        l.arg(k).arg(v).arg(&kv32).arg(&rows.slot).arg(&rows.pos).arg(&cap32).arg(keys).arg(values);
+        // SAFETY: `store_kv(k, v, kv_dim, slot, pos, capacity, kcache, vcache)`; k and v hold
+        // rows · kv_dim values, and every (slot, pos) lies inside the arena (step_rows, checked).
+        unsafe { l.launch(grid(rows.rows as u32, 1)) }.map_err(driver("store_kv launch"))?;
+        Ok(())
+    }
+
+    /// Causal attention of each row over the first `pos + 1` positions of its slot in layer
+    /// `layer`: `q` is `[rows, heads · head_dim]`, `out` the same; `scores` scratch of `rows · heads
+    /// · capacity` values.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &self,
+        q: &CudaSlice<f32>,
+        shape: AttentionShape,
+        rows: &StepRows,
+        arena: &KvArena,
+        layer: usize,
+        scores: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        check_arena(rows, arena, layer)?;
+        if shape.kv_heads == 0 || shape.heads % shape.kv_heads != 0 || shape.kv_dim() != arena.kv_dim {
+            return Err(CudaError::Shape(format!(
+                "{} heads over {} key/value heads of {} for a cache of {} values per position",
+                shape.heads, shape.kv_heads, shape.head_dim, arena.kv_dim
+            )));
+        }
+        check_len("q", q.len(), rows.rows * shape.q_dim())?;
+        check_len("out", out.len(), rows.rows * shape.q_dim())?;
+        check_len("scores", scores.len(), rows.rows * shape.heads * arena.capacity)?;
+        if rows.rows == 0 {
+            return Ok(());
+        }
+        let [h32, kvh32, d32, cap32] = [shape.heads, shape.kv_heads, shape.head_dim, arena.capacity].map(|v| v as u32);
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let (keys, values) = (&arena.keys[layer], &arena.values[layer]);
+        let mut l = self.stream.launch_builder(&self.ops.attend);
+        l.arg(q)
+            .arg(&h32)
+            .arg(&kvh32)
+            .arg(&d32)
+            .arg(&rows.slot)
+            .arg(&rows.pos)
+            .arg(&cap32)
+            .arg(keys)
+            .arg(values)
+            .arg(&scale)
+            .arg(scores)
+            .arg(out);
+        // SAFETY: `attend(q, heads, kv_heads, head_dim, slot, pos, capacity, kcache, vcache,
+        // scale, scores, out)`; q and out hold rows · heads · head_dim values, scores rows · heads
+        // · capacity, every (slot, pos) lies inside the arena, whose layer holds slots · capacity
+        // · kv_heads · head_dim values (checked).
+        unsafe { l.launch(grid(rows.rows as u32, shape.heads as u32)) }.map_err(driver("attend launch"))?;
+        Ok(())
+    }
+
+    /// `y = x · wᵀ` for a float weight `w` (`[rows, cols]`, row-major) and `n` activation rows.
+    pub fn dense_matmul(
+        &self,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        x: &CudaSlice<f32>,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        check_len("w", w.len(), rows * cols)?;
+        check_len("x", x.len(), n * cols)?;
+        check_len("y", y.len(), n * rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (r32, c32) = (rows as u32, cols as u32);
+        for (start, len) in (0..n).step_by(DENSE_ROWS).map(|s| (s, DENSE_ROWS.min(n - s))) {
+            let x_chunk = x.slice(start * cols..(start + len) * cols);
+            let mut y_chunk = y.slice_mut(start * rows..(start + len) * rows);
+            let len32 = len as u32;
+            let mut l = self.stream.launch_builder(&self.ops.dense_matmul);
+            l.arg(w).arg(&r32).arg(&c32).arg(&x_chunk).arg(&len32).arg(&mut y_chunk);
+            let cfg = LaunchConfig { grid_dim: (r32.div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: `dense_matmul(w, rows, cols, x, n, y)` with n ≤ 8; w holds rows · cols values,
+            // the chunks len · cols and len · rows (checked).
+            unsafe { l.launch(cfg) }.map_err(driver("dense_matmul launch"))?;
+        }
+        Ok(())
+    }
+
+    /// Rows `ids` of a float table of `cols` columns (and `table.len() / cols` rows).
+    pub fn gather_rows(
+        &self,
+        table: &CudaSlice<f32>,
+        cols: usize,
+        ids: &[u32],
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let table_rows = table.len() / cols.max(1);
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= table_rows) {
+            return Err(KernelError::RowOutOfRange { row: id as usize, rows: table_rows }.into());
+        }
+        check_len("out", out.len(), ids.len() * cols)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let dev_ids = self.upload_u32(ids)?;
+        let c32 = cols as u32;
+        let mut l = self.stream.launch_builder(&self.ops.gather_rows);
+        l.arg(table).arg(&c32).arg(&dev_ids).arg(out);
+        // SAFETY: `gather_rows(table, cols, ids, out)`; every id is a row of the table, out holds
+        // ids · cols values (checked).
+        unsafe { l.launch(grid(ids.len() as u32, 1)) }.map_err(driver("gather_rows launch"))?;
+        Ok(())
+    }
+
+    /// Rows `ids` of a resident weight served at `bits`, dequantized (an embedding lookup), bit
+    /// for bit [`crate::PlanarWeight::dequantize_rows`].
+    pub fn planar_rows(
+        &self,
+        w: &CudaPlanarWeight,
+        bits: u32,
+        ids: &[u32],
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        check_bits(bits)?;
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= w.rows) {
+            return Err(KernelError::RowOutOfRange { row: id as usize, rows: w.rows }.into());
+        }
+        check_len("out", out.len(), ids.len() * w.cols)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let dev_ids = self.upload_u32(ids)?;
+        let scales = w.corrected.get(&bits).unwrap_or(&w.scales);
+        let [stride, wpr, n_groups, group, cols] =
+            [w.plane_stride, w.wpr, w.n_groups, w.group, w.cols].map(|v| v as u32);
+        let has_d = i32::from(w.has_d);
+        let mut l = self.stream.launch_builder(&self.planar_rows[bits as usize - 2]);
+        l.arg(&w.planes)
+            .arg(&stride)
+            .arg(&wpr)
+            .arg(scales)
+            .arg(&n_groups)
+            .arg(&group)
+            .arg(&cols)
+            .arg(&has_d)
+            .arg(&dev_ids)
+            .arg(out);
+        let cfg = LaunchConfig { grid_dim: (ids.len() as u32, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: `planar_rows_f32_b{bits}(planes, plane_stride, wpr, scales, n_groups, group,
+        // cols, has_d, ids, out)`; every id is a row of the weight, out holds ids · cols values.
+        unsafe { l.launch(cfg) }.map_err(driver("planar_rows launch"))?;
+        Ok(())
+    }
+
+    /// The index of each row's largest value (the first on ties) for `rows` rows of `vocab`.
+    pub fn argmax_rows(
+        &self,
+        logits: &CudaSlice<f32>,
+        rows: usize,
+        vocab: usize,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<(), CudaError> {
+        check_len("logits", logits.len(), rows * vocab)?;
+        check_len("out", out.len(), rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let v32 = vocab as u32;
+        let mut l = self.stream.launch_builder(&self.ops.argmax_rows);
+        l.arg(logits).arg(&v32).arg(out);
+        // SAFETY: `argmax_rows(logits, vocab, out)`; logits hold rows · vocab values, out rows.
+        unsafe { l.launch(grid(rows as u32, 1)) }.map_err(driver("argmax_rows launch"))?;
+        Ok(())
+    }
+}
+
+fn check_arena(rows: &StepRows, arena: &KvArena, layer: usize) -> Result<(), CudaError> {
+    if layer >= arena.keys.len() || rows.slots != arena.slots || rows.capacity != arena.capacity {
+        return Err(CudaError::Shape(format!(
+            "layer {layer} of a cache of {} layers, {} slots × {} positions (rows built for {} × {})",
+            arena.keys.len(),
+            arena.slots,
+            arena.capacity,
+            rows.slots,
+            rows.capacity
+        )));
+    }
+    Ok(())
+}
