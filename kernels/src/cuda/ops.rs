@@ -244,7 +244,7 @@ impl CudaRuntime {
         out: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         check_arena(rows, arena, layer)?;
-        if shape.kv_heads == 0 || shape.heads % shape.kv_heads != 0 || shape.kv_dim() != arena.kv_dim {
+        if shape.kv_heads == 0 || !shape.heads.is_multiple_of(shape.kv_heads) || shape.kv_dim() != arena.kv_dim {
             return Err(CudaError::Shape(format!(
                 "{} heads over {} key/value heads of {} for a cache of {} values per position",
                 shape.heads, shape.kv_heads, shape.head_dim, arena.kv_dim
