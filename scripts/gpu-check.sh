@@ -1,58 +1,100 @@
 #!/usr/bin/env bash
-# The GPU serving kernels on an NVIDIA machine that has only the driver (no CUDA toolkit, no
-# Rust), in well under 5 minutes: the kernels' tests (every precision and layout against the CPU
-# kernels), then `drq-bench --kernels --device cuda` (every result checked against the CPU, µs
-# per call and GB/s of plane bytes read per precision, a device-to-device copy as the bandwidth
-# baseline) at batch 1, 16 and 64 on SmolLM2-135M's shapes and a 4096x4096 weight, and the CPU
-# kernels of the same machine at batch 1 for scale; a summary table last.
+# The GPU serving path on an NVIDIA machine that has only the driver (no CUDA toolkit, no Rust),
+# in a few minutes: the kernels' tests on the device (every precision and layout against the CPU
+# kernels); `drq-bench --kernels --device cuda` (every result checked against the CPU, µs per
+# call and GB/s of plane bytes read, a device-to-device copy as the bandwidth baseline) at batch
+# 1, 16 and 64; then, on the shared SmolLM2 quantized there, greedy decoding on the GPU at 8, 4
+# and 2 bits (tokens/s at batch 1, 16 and 64, and the first sequence's tokens against the CPU's);
+# the CPU of the same machine for scale; a summary last. Results under $OUT (default .gpu/out).
 #
-#   scripts/gpu-check.sh --prepare   here (any machine with the workspace's Rust toolchain): builds
-#                                    the binaries into .gpu/ (stripped, ~30 MB; git ignores .gpu/)
-#   scripts/gpu-check.sh             there, from the repository root, with .gpu/ copied along (the
-#                                    device tool: carry [".gpu"]); results under $OUT (.gpu/out)
-#
-# Decoding on the GPU (and greedy text equal to the CPU's) is not built yet: see issue 17.
+# The device tool carries at most 64 MiB per call, so the binaries and the model travel apart:
+#   here:   scripts/gpu-check.sh --prepare      builds .gpu/bin (stripped binaries, ~30 MB) and
+#                                                splits the shared GGUF into .gpu/model/part-*
+#   there:  scripts/gpu-check.sh --receive      (one call per part, carry [".gpu/model/part-aa"],
+#                                                then [".gpu/model/part-ab"]: parts stay on the
+#                                                warm machine between calls)
+#           scripts/gpu-check.sh                (carry [".gpu/bin"]): the checks
+# Without the model parts the decode checks are skipped with a message; the kernel checks run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+GGUF=${GGUF:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 
-if [ "${1:-}" = "--prepare" ]; then
-    cargo build --release -p evals --bin drq-bench
+case "${1:-run}" in
+--prepare)
+    cargo build --release -p evals --bin drq-bench -p quantize --bin drq-quantize
     tests=$(cargo test --release -p kernels --lib --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "kernels":
         print(m["executable"])')
-    mkdir -p .gpu
-    strip -o .gpu/drq-bench target/release/drq-bench
-    strip -o .gpu/kernels-tests "$tests"
-    ls -la .gpu
+    rm -rf .gpu/bin .gpu/model
+    mkdir -p .gpu/bin .gpu/model
+    strip -o .gpu/bin/drq-bench target/release/drq-bench
+    strip -o .gpu/bin/drq-quantize target/release/drq-quantize
+    strip -o .gpu/bin/kernels-tests "$tests"
+    split -b 48M "$GGUF" .gpu/model/part-
+    (cd "$(dirname "$GGUF")" && sha256sum "$(basename "$GGUF")") | awk '{print $1"  model.gguf"}' >.gpu/bin/model.sha256
+    du -sh .gpu/bin .gpu/model/*
     exit 0
-fi
+    ;;
+--receive)
+    ls -la .gpu/model
+    exit 0
+    ;;
+run) ;;
+*)
+    echo "usage: scripts/gpu-check.sh [--prepare|--receive]" >&2
+    exit 2
+    ;;
+esac
 
-[ -x .gpu/drq-bench ] && [ -x .gpu/kernels-tests ] || { echo "error: run scripts/gpu-check.sh --prepare first" >&2; exit 1; }
+[ -x .gpu/bin/drq-bench ] && [ -x .gpu/bin/kernels-tests ] || {
+    echo "error: run scripts/gpu-check.sh --prepare here, then carry .gpu/bin" >&2
+    exit 1
+}
 OUT=${OUT:-.gpu/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt" || true
-echo "== kernel tests (GPU against the CPU kernels)"
-DRQ_EXPECT_GPU=1 .gpu/kernels-tests cuda:: --test-threads 1 2>&1 | tee "$OUT/tests.log"
+
+echo "== kernel tests on the GPU (against the CPU kernels)"
+DRQ_EXPECT_GPU=1 .gpu/bin/kernels-tests cuda:: --test-threads 1 2>&1 | tee "$OUT/tests.log"
 for b in 1 16 64; do
     echo "== GPU kernels, batch $b"
-    .gpu/drq-bench --kernels --device cuda -p 8,7,6,5,4,3,2 -b "$b" --json "$OUT/gpu-kernels-b$b.json" 2>&1 |
+    .gpu/bin/drq-bench --kernels --device cuda -p 8,7,6,5,4,3,2 -b "$b" --json "$OUT/gpu-kernels-b$b.json" 2>&1 |
         tee "$OUT/gpu-kernels-b$b.txt"
 done
-echo "== CPU kernels of this machine, batch 1, $(nproc) threads"
-.gpu/drq-bench --kernels --device cpu -p 8,4,2 -b 1 -t "$(nproc)" --json "$OUT/cpu-kernels-b1.json" 2>&1 |
-    tee "$OUT/cpu-kernels-b1.txt"
 
-echo "== summary: 4096x4096 (µs per call, GB/s; 8-bit time over each precision's)"
+if ls .gpu/model/part-* >/dev/null 2>&1; then
+    cat .gpu/model/part-* >/tmp/model.gguf
+    (cd /tmp && sha256sum -c "$OLDPWD/.gpu/bin/model.sha256")
+    .gpu/bin/drq-quantize --model /tmp/model.gguf --out /tmp/default.safetensors 2>&1 | tail -2
+    for b in 1 16 64; do
+        echo "== greedy decoding on the GPU, batch $b"
+        .gpu/bin/drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b "$b" --prompt-tokens 32 \
+            --gen-tokens 128 -r 3 --json "$OUT/gpu-decode-b$b.json" 2>&1 | tee "$OUT/gpu-decode-b$b.txt"
+    done
+    echo "== the same decoding on this machine's CPU, batch 1, $(nproc) threads"
+    .gpu/bin/drq-bench -m /tmp/default.safetensors -p 8,4,2 -b 1 -t "$(nproc)" -r 3 --json "$OUT/cpu-decode-b1.json" 2>&1 |
+        tee "$OUT/cpu-decode-b1.txt"
+else
+    echo "== no model parts in .gpu/model: decode checks skipped (see --receive)"
+fi
+
+echo "== summary"
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 for b in (1, 16, 64):
     run = json.loads((out / f"gpu-kernels-b{b}.json").read_text())
     rows = {r["bits"]: r for r in run["rows"] if r["weight"].startswith("synthetic")}
-    print(f"batch {b:>2} (copy {run['copy_gb_per_s']:.0f} GB/s): " + "  ".join(
-        f"W{k} {r['us_per_call']:.1f} µs {r['gb_per_s']:.0f} GB/s {rows[8]['us_per_call'] / r['us_per_call']:.2f}x"
+    print(f"kernels 4096x4096, batch {b:>2} (copy {run['copy_gb_per_s']:.0f} GB/s): " + "  ".join(
+        f"W{k} {r['us_per_call']:.1f} µs {r['gb_per_s']:.0f} GB/s ({rows[8]['us_per_call'] / r['us_per_call']:.2f}x W8)"
         for k, r in sorted(rows.items(), reverse=True)))
+for b in (1, 16, 64):
+    f = out / f"gpu-decode-b{b}.json"
+    if f.exists():
+        rows = json.loads(f.read_text())["rows"]
+        print(f"decode batch {b:>2}: " + "  ".join(
+            f"{r['precision']}: {r['decode_tokens_per_s']:.0f} tok/s (equal to CPU: {r['greedy_equal_to_cpu']})" for r in rows))
 PY

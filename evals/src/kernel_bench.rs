@@ -48,14 +48,15 @@ pub fn weights(resident: &ResidentModel) -> Result<Vec<(String, Arc<PlanarWeight
 }
 
 /// Random weights of the given `(rows, cols)` shapes (scales per [`SYNTHETIC_GROUP`] columns,
-/// HalfEven), then [`LARGE_SHAPE`].
+/// HalfEven).
 pub fn synthetic_weights(shapes: &[(usize, usize)]) -> Result<Vec<(String, Arc<PlanarWeight>)>> {
-    let mut out = shapes
+    shapes
         .iter()
-        .map(|&(rows, cols)| Ok((format!("{rows}x{cols}"), Arc::new(synthetic(rows, cols, TieRule::HalfEven)?))))
-        .collect::<Result<Vec<_>>>()?;
-    out.push(large(TieRule::HalfEven)?);
-    Ok(out)
+        .map(|&(rows, cols)| {
+            let name = if (rows, cols) == LARGE_SHAPE { "synthetic" } else { "random" };
+            Ok((format!("{name} {rows}x{cols}"), Arc::new(synthetic(rows, cols, TieRule::HalfEven)?)))
+        })
+        .collect()
 }
 
 fn large(tie: TieRule) -> Result<(String, Arc<PlanarWeight>)> {

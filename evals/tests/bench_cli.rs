@@ -63,10 +63,49 @@ fn reports_every_precision_and_refuses_bad_input() {
         (vec!["--precision", "fp"], "--reference"),
         (vec!["--batch", "0"], "at least 1"),
         (vec!["--prompt-tokens", "250", "--gen-tokens", "10"], "context"),
+        (vec!["--device", "cuda", "--mixed", "--precision", "8,2"], "--mixed runs on the CPU"),
     ] {
         let out = Command::new(BIN).arg("--model").arg(&ckpt).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.code().is_some_and(|c| c != 0 && c != 101), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+    // Decoding on a GPU: without a driver a clear error (on a GPU machine, scripts/gpu-check.sh).
+    let out =
+        Command::new(BIN).arg("--model").arg(&ckpt).args(["--device", "cuda", "--gen-tokens", "4"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+    if !kernels::cuda::driver_available() {
+        assert!(out.status.code() == Some(1) && stderr.contains("no NVIDIA driver"), "{stderr}");
+    }
+}
+
+#[test]
+fn kernels_mode_times_every_shape_and_the_gpu_is_a_clear_error_without_one() {
+    let out = Command::new(BIN)
+        .args(["--kernels", "--shapes", "16x64,8x100", "--precision", "8,2", "--batch", "2", "--threads", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["random 16x64", "random 8x100"] {
+        assert_eq!(stdout.lines().filter(|l| l.contains(row)).count(), 2, "{row} at 8 and 2 bits: {stdout}");
+    }
+    for args in [vec!["--kernels", "--shapes", "8x0"], vec!["--kernels", "--shapes", "8x16", "--batch", "65"]] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert!(out.status.code().is_some_and(|c| c != 0 && c != 101), "{args:?}");
+    }
+    // The GPU path: without a driver a clear error; with one, whatever it finds, never a panic.
+    let out = Command::new(BIN)
+        .args(["--kernels", "--device", "cuda", "--shapes", "16x64", "--precision", "4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+    if !kernels::cuda::driver_available() {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("no NVIDIA driver"), "{stderr}");
+    }
+    let out = Command::new(BIN).args(["--kernels", "--device", "tpu"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected `cpu`, `cuda` or `cuda:N`"));
 }

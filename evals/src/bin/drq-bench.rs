@@ -14,6 +14,7 @@ use evals::kernel_bench;
 use kernels::KernelConfig;
 use model::checkpoint::Checkpoint;
 use model::source::{self, ModelSource};
+use model::transformer::cuda::{CudaTransformer, GpuResident, GpuRow};
 use model::{precision, Batch, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer};
 use serde::Serialize;
 
@@ -63,12 +64,13 @@ struct Args {
     #[arg(long)]
     kernels: bool,
     /// `--kernels` without a checkpoint: weight shapes `ROWSxCOLS`, random codes, scales per 128
-    /// columns (default: SmolLM2-135M's projections and lm_head).
-    #[arg(long, default_value = "576x576,192x576,1536x576,576x1536,49152x576")]
+    /// columns (default: SmolLM2-135M's projections and lm_head, and 4096x4096).
+    #[arg(long, default_value = "576x576,192x576,1536x576,576x1536,49152x576,4096x4096")]
     shapes: String,
-    /// Where `--kernels` runs: `cpu`, or `cuda` / `cuda:N` (the GPU kernels, each result checked
-    /// against the CPU's, and a device-to-device copy timed as the bandwidth baseline; needs only
-    /// the NVIDIA driver). Decoding on the GPU is not built yet.
+    /// `cpu`, or `cuda` / `cuda:N`: decode on that GPU (the whole step on the device, f32
+    /// activations; the first sequence's greedy tokens compared with the CPU's), or with
+    /// `--kernels` time the GPU kernels (each result checked against the CPU's, a device-to-device
+    /// copy as the bandwidth baseline). Needs only the NVIDIA driver.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Also write the results as JSON here.
@@ -83,6 +85,9 @@ struct Row {
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: f64,
     ms_per_step: f64,
+    /// `--device cuda`: generated tokens of the first sequence equal to the CPU's greedy decode
+    /// before the first difference.
+    greedy_equal_to_cpu: Option<usize>,
 }
 
 /// Text the prompts are cut from (different offsets per sequence).
@@ -106,10 +111,8 @@ fn run(args: Args) -> Result<()> {
     let precisions = precision::parse_list(&args.precision)?;
     let gpu = cli::gpu_ordinal(&args.device)?;
     ensure!(
-        args.kernels || gpu.is_none(),
-        "--device {}: decoding on the GPU is not built yet; `--kernels --device {}` measures the GPU kernels",
-        args.device,
-        args.device
+        !(args.mixed && gpu.is_some()),
+        "--mixed runs on the CPU (one step across precisions is not built for the GPU)"
     );
     if let Some(path) = &args.json {
         cli::check_output_dir("--json", path)?;
@@ -146,16 +149,48 @@ fn run(args: Args) -> Result<()> {
         Some(src) => Some(source::load_float(&src.parse::<ModelSource>()?)?.0),
         None => None,
     };
+    let mut gpu = match gpu {
+        Some(ordinal) => {
+            ensure!(args.batch <= kernels::MAX_BATCH, "--device cuda: --batch must be at most {}", kernels::MAX_BATCH);
+            let rt = kernels::cuda::CudaRuntime::new(ordinal)?;
+            tracing::info!("GPU {ordinal}: {}", rt.device_name());
+            Some(GpuResident::new(std::sync::Arc::new(rt)))
+        }
+        None => None,
+    };
     let mut rows = Vec::new();
     for p in &precisions {
         let transformer = match (p, &float) {
+            (Precision::Float, _) if gpu.is_some() => {
+                bail!("--device cuda serves the checkpoint's precisions, not `fp`")
+            }
             (Precision::Float, Some(f)) => Transformer::new(&f.config, &f.weights, OpsMode::Inference)?,
             (Precision::Float, None) => bail!("`fp` needs --reference"),
             (p, _) => Transformer::from_resident(&resident, p, &kernel)?,
         };
-        let mut runs: Vec<(f64, f64)> = (0..args.repeat)
-            .map(|_| decode(&[&transformer], &prompts, args.gen_tokens, false))
-            .collect::<Result<_>>()?;
+        let mut agreement = None;
+        let mut runs: Vec<(f64, f64)> = match &mut gpu {
+            None => (0..args.repeat)
+                .map(|_| decode(&[&transformer], &prompts, args.gen_tokens, false))
+                .collect::<Result<_>>()?,
+            Some(gpu) => {
+                let on_gpu = transformer.to_cuda(gpu)?;
+                let mut runs = Vec::new();
+                let mut gpu_tokens = Vec::new();
+                for _ in 0..args.repeat {
+                    let (prefill, decode_s, tokens) = decode_gpu(&on_gpu, &prompts, args.gen_tokens)?;
+                    runs.push((prefill, decode_s));
+                    gpu_tokens = tokens;
+                }
+                // The GPU computes with f32 activations: compare with the CPU's f32 path.
+                let f32_kernel = KernelConfig { path: kernels::ActPath::F32, ..kernel };
+                let on_cpu = Transformer::from_resident(&resident, p, &f32_kernel)?;
+                let cpu_tokens = greedy_cpu(&on_cpu, &prompts[0], args.gen_tokens)?;
+                let same = gpu_tokens.iter().zip(&cpu_tokens).take_while(|(a, b)| a == b).count();
+                agreement = Some(same);
+                runs
+            }
+        };
         runs.sort_by(|a, b| a.1.total_cmp(&b.1));
         let (prefill, decode_s) = runs[runs.len() / 2];
         let steps = (args.gen_tokens - 1) as f64;
@@ -165,6 +200,7 @@ fn run(args: Args) -> Result<()> {
             prefill_tokens_per_s: (args.batch * args.prompt_tokens) as f64 / prefill,
             decode_tokens_per_s: steps * args.batch as f64 / decode_s,
             ms_per_step: decode_s / steps * 1e3,
+            greedy_equal_to_cpu: agreement,
         });
     }
     let quantized: Vec<&Precision> = precisions.iter().filter(|p| **p != Precision::Float).collect();
@@ -186,26 +222,34 @@ fn run(args: Args) -> Result<()> {
                 prefill_tokens_per_s: sequences * args.prompt_tokens as f64 / prefill,
                 decode_tokens_per_s: steps * sequences / decode_s,
                 ms_per_step: decode_s / steps * 1e3,
+                greedy_equal_to_cpu: None,
             });
         }
     }
     let peak = peak_rss_bytes();
+    let runtime = match &gpu {
+        Some(g) => format!("GPU {} (f32 activations)", g.runtime().device_name()),
+        None => {
+            format!("{} thread(s), {} activations, backend {}", args.threads, args.activations.name(), kernel.backend)
+        }
+    };
     println!(
-        "{} | {} prompt + {} generated tokens, batch {}, {} thread(s), {} activations, backend {}, median of {}",
+        "{} | {} prompt + {} generated tokens, batch {}, {runtime}, median of {}",
         model.display(),
         args.prompt_tokens,
         args.gen_tokens,
         args.batch,
-        args.threads,
-        args.activations.name(),
-        kernel.backend,
         args.repeat
     );
     let width = rows.iter().map(|r| r.precision.len()).max().unwrap_or(0).max(9);
     println!("{:>width$} {:>14} {:>14} {:>11}", "precision", "prefill tok/s", "decode tok/s", "ms/step");
     for r in &rows {
+        let agreement = r
+            .greedy_equal_to_cpu
+            .map(|n| format!("   greedy tokens equal to the CPU's: {n}/{}", args.gen_tokens))
+            .unwrap_or_default();
         println!(
-            "{:>width$} {:>14.1} {:>14.1} {:>11.2}",
+            "{:>width$} {:>14.1} {:>14.1} {:>11.2}{agreement}",
             r.precision, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.ms_per_step
         );
     }
@@ -223,6 +267,53 @@ fn run(args: Args) -> Result<()> {
         cli::write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
     Ok(())
+}
+
+/// Greedy decoding on the GPU of every prompt at once: the prompts' positions in steps of up to
+/// `MAX_BATCH` rows, then `gen - 1` steps of one row per sequence. Returns the seconds of the
+/// prefill and of the decode steps, and the tokens generated for the first sequence.
+fn decode_gpu(t: &CudaTransformer, prompts: &[Vec<u32>], gen: usize) -> Result<(f64, f64, Vec<u32>)> {
+    let prompt_len = prompts[0].len();
+    let mut arena = t.kv_arena(prompts.len(), prompt_len + gen)?;
+    let rows: Vec<GpuRow> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(slot, p)| {
+            p.iter().enumerate().map(move |(pos, &token)| GpuRow { slot, pos, token, pick: pos + 1 == p.len() })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut next = Vec::with_capacity(prompts.len());
+    for chunk in rows.chunks(kernels::MAX_BATCH) {
+        next.extend(t.step_greedy(&mut arena, chunk)?);
+    }
+    let prefill = started.elapsed().as_secs_f64();
+    let mut first = vec![next[0]];
+    let started = Instant::now();
+    for i in 1..gen {
+        let rows: Vec<GpuRow> = next
+            .iter()
+            .enumerate()
+            .map(|(slot, &token)| GpuRow { slot, pos: prompt_len + i - 1, token, pick: true })
+            .collect();
+        next = t.step_greedy(&mut arena, &rows)?;
+        first.push(next[0]);
+    }
+    Ok((prefill, started.elapsed().as_secs_f64(), first))
+}
+
+/// The `gen` greedy tokens after `prompt` on the CPU runtime.
+fn greedy_cpu(t: &Transformer, prompt: &[u32], gen: usize) -> Result<Vec<u32>> {
+    let mut cache = KvCache::new(t.config());
+    let mut input = prompt.to_vec();
+    let mut out = Vec::with_capacity(gen);
+    for _ in 0..gen {
+        let logits = t.forward_batch(&mut [SequenceStep { tokens: &input, cache: &mut cache }])?;
+        let id = argmax_rows(&logits)?[0];
+        out.push(id);
+        input = vec![id];
+    }
+    Ok(out)
 }
 
 /// `--kernels`: the matmul kernels on the checkpoint's weight shapes, on the CPU or a GPU.

@@ -96,6 +96,11 @@ impl CudaRuntime {
         })
     }
 
+    /// A zeroed device buffer of `len` `u32` values.
+    pub fn zeros_u32(&self, len: usize) -> Result<CudaSlice<u32>, CudaError> {
+        self.stream.alloc_zeros(len).map_err(driver("allocation"))
+    }
+
     /// Copies host `u32` values to a new device buffer.
     pub fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>, CudaError> {
         self.stream.clone_htod(values).map_err(driver("upload"))

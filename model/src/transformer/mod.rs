@@ -18,6 +18,7 @@ use crate::precision::Precision;
 use crate::resident::ResidentModel;
 use crate::weights::{Weights, EMBED, FINAL_NORM, LM_HEAD};
 
+pub mod cuda;
 mod fused;
 
 /// Which implementation of the element-wise ops to use. candle's fused RMSNorm, RoPE and
