@@ -74,6 +74,9 @@ if ls .gpu/model/part-* >/dev/null 2>&1; then
         .gpu/bin/drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b "$b" --prompt-tokens 32 \
             --gen-tokens 128 -r 3 --json "$OUT/gpu-decode-b$b.json" 2>&1 | tee "$OUT/gpu-decode-b$b.txt"
     done
+    echo "== greedy decoding on the GPU, batch 1, without CUDA graphs (one launch per kernel)"
+    DRQ_CUDA_GRAPHS=0 .gpu/bin/drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b 1 --prompt-tokens 32 \
+        --gen-tokens 128 -r 3 --json "$OUT/gpu-decode-b1-nographs.json" 2>&1 | tee "$OUT/gpu-decode-b1-nographs.txt"
     echo "== the same decoding on this machine's CPU, batch 1, $(nproc) threads"
     .gpu/bin/drq-bench -m /tmp/default.safetensors -p 8,4,2 -b 1 -t "$(nproc)" -r 3 --json "$OUT/cpu-decode-b1.json" 2>&1 |
         tee "$OUT/cpu-decode-b1.txt"
@@ -91,10 +94,10 @@ for b in (1, 16, 64):
     print(f"kernels 4096x4096, batch {b:>2} (copy {run['copy_gb_per_s']:.0f} GB/s): " + "  ".join(
         f"W{k} {r['us_per_call']:.1f} µs {r['gb_per_s']:.0f} GB/s ({rows[8]['us_per_call'] / r['us_per_call']:.2f}x W8)"
         for k, r in sorted(rows.items(), reverse=True)))
-for b in (1, 16, 64):
+for b in (1, 16, 64, "1-nographs"):
     f = out / f"gpu-decode-b{b}.json"
     if f.exists():
         rows = json.loads(f.read_text())["rows"]
-        print(f"decode batch {b:>2}: " + "  ".join(
+        print(f"decode batch {b}: " + "  ".join(
             f"{r['precision']}: {r['decode_tokens_per_s']:.0f} tok/s (equal to CPU: {r['greedy_equal_to_cpu']})" for r in rows))
 PY

@@ -133,7 +133,13 @@ impl CudaRuntime {
             return Err(CudaError::NoDriver);
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("context creation"))?;
+        // SAFETY: every buffer of the runtime is used on its one stream only, so the order of
+        // that stream is all the synchronization they need (and stream capture for CUDA graphs
+        // must not wait on events recorded outside it).
+        unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(driver("device query"))?;
+        // Its own stream: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(driver("stream creation"))?;
         let planar = ctx.load_module(PLANAR_PTX.into()).map_err(driver("loading planar.ptx"))?;
         let ops = ctx.load_module(OPS_PTX.into()).map_err(driver("loading ops.ptx"))?;
         let by_bits = |prefix: &str| {
@@ -144,7 +150,7 @@ impl CudaRuntime {
         };
         let op = |name: &str| ops.load_function(name).map_err(driver("loading a kernel"));
         Ok(CudaRuntime {
-            stream: ctx.default_stream(),
+            stream,
             matmul: by_bits("planar_matmul_f32")?,
             planar_rows: by_bits("planar_rows_f32")?,
             ops: OpsKernels {
@@ -218,13 +224,29 @@ impl CudaRuntime {
         self.stream.memcpy_dtod(src, dst).map_err(driver("device copy"))
     }
 
+    /// Records what `queue` launches on the runtime's stream into a CUDA graph instead of running
+    /// it (nothing may be allocated, copied from the host or waited for inside); replaying the
+    /// graph ([`CudaGraph::launch`]) runs the same launches on the same buffers, with whatever
+    /// they hold then, for one launch's overhead.
+    pub fn capture(&self, queue: impl FnOnce() -> Result<(), CudaError>) -> Result<CudaGraph, CudaError> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver("graph capture"))?;
+        let queued = queue();
+        // The capture ends whatever `queue` did, so the stream is usable again.
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0)).map_err(driver("graph capture"))?;
+        queued?;
+        graph.ok_or_else(|| CudaError::Shape("an empty graph was captured".to_string()))
+    }
+
     /// Waits until everything queued on the runtime's stream has run.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.stream.synchronize().map_err(driver("synchronize"))
     }
 
     /// `Y = X · Ŵ_bitsᵀ` for `n ∈ 1..=64` activation rows on the device: `x` is `[n, cols]`, `y` is
-    /// `[n, rows]`, both row-major (as [`PlanarWeight::matmul`]). Queued on the runtime's stream;
+    /// `[n, rows]`, both row-major (as [`PlanarWeight::matmul`]; longer buffers: their first rows). Queued on the runtime's stream;
     /// [`Self::download`] or [`Self::synchronize`] waits for it.
     pub fn matmul(
         &self,
@@ -238,10 +260,11 @@ impl CudaRuntime {
         if !(1..=MAX_BATCH).contains(&n) {
             return Err(KernelError::InvalidBatch(n).into());
         }
-        if x.len() != n * w.cols {
+        // Buffers may be longer (a step's preallocated rows): the first n rows are used.
+        if x.len() < n * w.cols {
             return Err(KernelError::LengthMismatch { what: "x", expected: n * w.cols, got: x.len() }.into());
         }
-        if y.len() != n * w.rows {
+        if y.len() < n * w.rows {
             return Err(KernelError::LengthMismatch { what: "y", expected: n * w.rows, got: y.len() }.into());
         }
         if w.rows == 0 {
@@ -370,7 +393,8 @@ pub(crate) fn batch_chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 mod ops;
-pub use ops::{KvArena, StepRows};
+pub use cudarc::driver::CudaGraph;
+pub use ops::{DeviceIds, KvArena, StepRows};
 
 #[cfg(test)]
 mod tests;

@@ -31,6 +31,8 @@ fn elementwise(n: usize) -> LaunchConfig {
 /// The key/value cache of every layer on the device: `slots` sequences × `capacity` positions ×
 /// `kv_dim` values per layer, position-major.
 pub struct KvArena {
+    /// Unique per arena of the process (what a captured graph was recorded on).
+    id: u64,
     keys: Vec<CudaSlice<f32>>,
     values: Vec<CudaSlice<f32>>,
     slots: usize,
@@ -39,6 +41,11 @@ pub struct KvArena {
 }
 
 impl KvArena {
+    /// An identifier no other arena of this process has.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     pub fn slots(&self) -> usize {
         self.slots
     }
@@ -49,7 +56,8 @@ impl KvArena {
 }
 
 /// Where each row of a step sits: its sequence's slot and its position, checked against an arena
-/// and uploaded once per step.
+/// when written ([`CudaRuntime::write_step_rows`]); device buffers of a fixed number of rows,
+/// reused step after step.
 pub struct StepRows {
     slot: CudaSlice<u32>,
     pos: CudaSlice<u32>,
@@ -68,6 +76,24 @@ impl StepRows {
     }
 }
 
+/// Row indices on the device (token ids, rows to gather), each checked below `bound` when written
+/// ([`CudaRuntime::write_ids`]), in a buffer of a fixed number of ids reused step after step.
+pub struct DeviceIds {
+    ids: CudaSlice<u32>,
+    len: usize,
+    bound: usize,
+}
+
+impl DeviceIds {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl CudaRuntime {
     /// A zeroed cache of `layers` layers for `slots` sequences of up to `capacity` positions.
     pub fn kv_arena(&self, layers: usize, slots: usize, capacity: usize, kv_dim: usize) -> Result<KvArena, CudaError> {
@@ -77,23 +103,56 @@ impl CudaRuntime {
             .filter(|&v| u32::try_from(v).is_ok())
             .ok_or(CudaError::TooLarge { rows: slots * capacity, cols: kv_dim })?;
         let alloc = || (0..layers).map(|_| self.zeros_f32(len)).collect::<Result<Vec<_>, _>>();
-        Ok(KvArena { keys: alloc()?, values: alloc()?, slots, capacity, kv_dim })
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(KvArena { id, keys: alloc()?, values: alloc()?, slots, capacity, kv_dim })
     }
 
-    /// Uploads `(slot, position)` of each row of a step, checked against `arena`.
-    pub fn step_rows(&self, arena: &KvArena, rows: &[(usize, usize)]) -> Result<StepRows, CudaError> {
+    /// Buffers for the rows of steps of up to `max_rows` rows (none written yet).
+    pub fn step_rows(&self, max_rows: usize) -> Result<StepRows, CudaError> {
+        Ok(StepRows { slot: self.zeros_u32(max_rows)?, pos: self.zeros_u32(max_rows)?, rows: 0, slots: 0, capacity: 0 })
+    }
+
+    /// Writes `(slot, position)` of each row of a step, checked against `arena` (and against the
+    /// buffers' size).
+    pub fn write_step_rows(
+        &self,
+        out: &mut StepRows,
+        arena: &KvArena,
+        rows: &[(usize, usize)],
+    ) -> Result<(), CudaError> {
+        check_len("step rows", out.slot.len(), rows.len())?;
         if let Some(&(slot, pos)) = rows.iter().find(|&&(s, p)| s >= arena.slots || p >= arena.capacity) {
             return Err(CudaError::OutOfCache { slot, pos, slots: arena.slots, capacity: arena.capacity });
         }
         let slot: Vec<u32> = rows.iter().map(|r| r.0 as u32).collect();
         let pos: Vec<u32> = rows.iter().map(|r| r.1 as u32).collect();
-        Ok(StepRows {
-            slot: self.upload_u32(&slot)?,
-            pos: self.upload_u32(&pos)?,
-            rows: rows.len(),
-            slots: arena.slots,
-            capacity: arena.capacity,
-        })
+        if !rows.is_empty() {
+            let (mut s, mut p) = (out.slot.slice_mut(..rows.len()), out.pos.slice_mut(..rows.len()));
+            self.stream.memcpy_htod(&slot, &mut s).map_err(driver("upload"))?;
+            self.stream.memcpy_htod(&pos, &mut p).map_err(driver("upload"))?;
+        }
+        (out.rows, out.slots, out.capacity) = (rows.len(), arena.slots, arena.capacity);
+        Ok(())
+    }
+
+    /// A buffer for up to `max` ids (none written yet).
+    pub fn device_ids(&self, max: usize) -> Result<DeviceIds, CudaError> {
+        Ok(DeviceIds { ids: self.zeros_u32(max)?, len: 0, bound: 0 })
+    }
+
+    /// Writes `ids`, each checked below `bound` (and their number against the buffer's size).
+    pub fn write_ids(&self, out: &mut DeviceIds, ids: &[u32], bound: usize) -> Result<(), CudaError> {
+        check_len("ids", out.ids.len(), ids.len())?;
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= bound) {
+            return Err(KernelError::RowOutOfRange { row: id as usize, rows: bound }.into());
+        }
+        if !ids.is_empty() {
+            let mut dst = out.ids.slice_mut(..ids.len());
+            self.stream.memcpy_htod(ids, &mut dst).map_err(driver("upload"))?;
+        }
+        (out.len, out.bound) = (ids.len(), bound);
+        Ok(())
     }
 
     /// A zeroed device buffer of `len` `u32` values.
@@ -106,10 +165,12 @@ impl CudaRuntime {
         self.stream.clone_htod(values).map_err(driver("upload"))
     }
 
-    /// Copies a device buffer of `u32` into `out` (same length) and waits for it.
-    pub fn download_u32(&self, values: &CudaSlice<u32>, out: &mut [u32]) -> Result<(), CudaError> {
-        check_len("out", out.len(), values.len())?;
-        self.stream.memcpy_dtoh(values, &mut out[..values.len()]).map_err(driver("download"))?;
+    /// Copies the first `out.len()` values of a device buffer of `u32` into `out` and waits for it.
+    pub fn download_u32_prefix(&self, values: &CudaSlice<u32>, out: &mut [u32]) -> Result<(), CudaError> {
+        check_len("values", values.len(), out.len())?;
+        if !out.is_empty() {
+            self.stream.memcpy_dtoh(&values.slice(..out.len()), out).map_err(driver("download"))?;
+        }
         self.synchronize()
     }
 
@@ -321,24 +382,23 @@ impl CudaRuntime {
         &self,
         table: &CudaSlice<f32>,
         cols: usize,
-        ids: &[u32],
+        ids: &DeviceIds,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         let table_rows = table.len() / cols.max(1);
-        if let Some(&id) = ids.iter().find(|&&i| i as usize >= table_rows) {
-            return Err(KernelError::RowOutOfRange { row: id as usize, rows: table_rows }.into());
+        if ids.bound > table_rows {
+            return Err(KernelError::RowOutOfRange { row: ids.bound - 1, rows: table_rows }.into());
         }
-        check_len("out", out.len(), ids.len() * cols)?;
-        if ids.is_empty() {
+        check_len("out", out.len(), ids.len * cols)?;
+        if ids.len == 0 {
             return Ok(());
         }
-        let dev_ids = self.upload_u32(ids)?;
         let c32 = cols as u32;
         let mut l = self.stream.launch_builder(&self.ops.gather_rows);
-        l.arg(table).arg(&c32).arg(&dev_ids).arg(out);
-        // SAFETY: `gather_rows(table, cols, ids, out)`; every id is a row of the table, out holds
-        // ids · cols values (checked).
-        unsafe { l.launch(grid(ids.len() as u32, 1)) }.map_err(driver("gather_rows launch"))?;
+        l.arg(table).arg(&c32).arg(&ids.ids).arg(out);
+        // SAFETY: `gather_rows(table, cols, ids, out)`; every id was checked below a bound of at
+        // most the table's rows (write_ids, checked), out holds len · cols values.
+        unsafe { l.launch(grid(ids.len as u32, 1)) }.map_err(driver("gather_rows launch"))?;
         Ok(())
     }
 
@@ -348,18 +408,17 @@ impl CudaRuntime {
         &self,
         w: &CudaPlanarWeight,
         bits: u32,
-        ids: &[u32],
+        ids: &DeviceIds,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         check_bits(bits)?;
-        if let Some(&id) = ids.iter().find(|&&i| i as usize >= w.rows) {
-            return Err(KernelError::RowOutOfRange { row: id as usize, rows: w.rows }.into());
+        if ids.bound > w.rows {
+            return Err(KernelError::RowOutOfRange { row: ids.bound - 1, rows: w.rows }.into());
         }
-        check_len("out", out.len(), ids.len() * w.cols)?;
-        if ids.is_empty() {
+        check_len("out", out.len(), ids.len * w.cols)?;
+        if ids.len == 0 {
             return Ok(());
         }
-        let dev_ids = self.upload_u32(ids)?;
         let scales = w.corrected.get(&bits).unwrap_or(&w.scales);
         let [stride, wpr, n_groups, group, cols] =
             [w.plane_stride, w.wpr, w.n_groups, w.group, w.cols].map(|v| v as u32);
@@ -373,11 +432,12 @@ impl CudaRuntime {
             .arg(&group)
             .arg(&cols)
             .arg(&has_d)
-            .arg(&dev_ids)
+            .arg(&ids.ids)
             .arg(out);
-        let cfg = LaunchConfig { grid_dim: (ids.len() as u32, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (ids.len as u32, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: `planar_rows_f32_b{bits}(planes, plane_stride, wpr, scales, n_groups, group,
-        // cols, has_d, ids, out)`; every id is a row of the weight, out holds ids · cols values.
+        // cols, has_d, ids, out)`; every id was checked below a bound of at most the weight's rows
+        // (write_ids, checked), out holds len · cols values.
         unsafe { l.launch(cfg) }.map_err(driver("planar_rows launch"))?;
         Ok(())
     }

@@ -8,13 +8,18 @@
 //! [`KvArena`] (decode: one row per sequence; prefill: consecutive positions of one, chunked).
 //! Rows of one sequence in one step attend causally to each other, so a prefill split into
 //! chunks gives what one step would.
+//!
+//! A step's ~300 kernel launches would cost more than its bytes: the buffers of a step are
+//! allocated once per arena, and the launches for each (rows, picked rows, arena) are captured
+//! once into a CUDA graph and replayed (`DRQ_CUDA_GRAPHS=0` launches them one by one instead). Only
+//! the rows' tokens, slots and positions are copied in before a step, and the picked tokens out.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use kernels::cuda::{CudaPlanarWeight, CudaRuntime, CudaSlice, KvArena};
+use kernels::cuda::{CudaGraph, CudaPlanarWeight, CudaRuntime, CudaSlice, DeviceIds, KvArena, StepRows};
 use kernels::ops::AttentionShape;
 use kernels::{PlanarWeight, MAX_BATCH};
 
@@ -79,30 +84,22 @@ impl GpuLinear {
         })
     }
 
-    fn rows(&self) -> usize {
-        match self {
-            GpuLinear::Planar { weight, .. } => weight.rows(),
-            GpuLinear::Dense { rows, .. } => *rows,
-        }
-    }
-
-    /// `y = x · Wᵀ (+ bias)` for `n ≤ MAX_BATCH` rows, into a new buffer.
-    fn forward(&self, rt: &CudaRuntime, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
-        let mut y = rt.zeros_f32(n * self.rows())?;
+    /// `y = x · Wᵀ (+ bias)` for the first `n ≤ MAX_BATCH` rows of `x` into those of `y`.
+    fn forward(&self, rt: &CudaRuntime, x: &CudaSlice<f32>, n: usize, y: &mut CudaSlice<f32>) -> Result<()> {
         let bias = match self {
             GpuLinear::Planar { weight, bits, bias } => {
-                rt.matmul(weight, *bits, x, n, &mut y)?;
+                rt.matmul(weight, *bits, x, n, y)?;
                 bias
             }
             GpuLinear::Dense { weight, rows, cols, bias } => {
-                rt.dense_matmul(weight, *rows, *cols, x, n, &mut y)?;
+                rt.dense_matmul(weight, *rows, *cols, x, n, y)?;
                 bias
             }
         };
         if let Some(b) = bias {
-            rt.add_bias(&mut y, b, n)?;
+            rt.add_bias(y, b, n)?;
         }
-        Ok(y)
+        Ok(())
     }
 }
 
@@ -134,6 +131,37 @@ pub struct CudaTransformer {
     sin: CudaSlice<f32>,
     /// Positions the RoPE tables cover.
     positions: usize,
+    /// Buffers of the last arena stepped, and the graphs captured on them.
+    steps: Mutex<Option<StepState>>,
+    use_graphs: bool,
+}
+
+/// Every buffer a step touches, for [`MAX_BATCH`] rows over one arena.
+struct StepBuffers {
+    arena: u64,
+    tokens: DeviceIds,
+    rows: StepRows,
+    picked: DeviceIds,
+    x: CudaSlice<f32>,
+    normed: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    attn: CudaSlice<f32>,
+    out: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    scores: CudaSlice<f32>,
+    last: CudaSlice<f32>,
+    last_normed: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    ids: CudaSlice<u32>,
+}
+
+struct StepState {
+    buffers: StepBuffers,
+    /// By (rows, picked rows).
+    graphs: HashMap<(usize, usize), CudaGraph>,
 }
 
 /// One row of a GPU step: `token` at position `pos` of the sequence in slot `slot`; `pick`: return
@@ -177,6 +205,8 @@ impl Transformer {
             cos: gpu.tensor(&self.cos)?,
             sin: gpu.tensor(&self.sin)?,
             positions: self.cos.dims()[0],
+            steps: Mutex::new(None),
+            use_graphs: std::env::var("DRQ_CUDA_GRAPHS").map_or(true, |v| v != "0"),
         })
     }
 }
@@ -204,56 +234,113 @@ impl CudaTransformer {
         let n = rows.len();
         ensure!((1..=MAX_BATCH).contains(&n), "a GPU step takes 1..={MAX_BATCH} rows, got {n}");
         let c = &self.config;
-        if let Some(r) = rows.iter().find(|r| r.token as usize >= c.vocab_size) {
-            anyhow::bail!("token {} is outside the vocabulary of {}", r.token, c.vocab_size);
-        }
         let rt = &*self.rt;
+        let mut state = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        if state.as_ref().is_none_or(|s| s.buffers.arena != arena.id()) {
+            // A new arena: new buffers (its capacity sizes the attention scratch), no graphs.
+            *state = None;
+            *state = Some(StepState { buffers: self.buffers(arena)?, graphs: HashMap::new() });
+        }
+        let StepState { buffers: b, graphs } = state.as_mut().expect("set above");
+        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        rt.write_ids(&mut b.tokens, &tokens, c.vocab_size).context("the step's tokens")?;
+        rt.write_step_rows(&mut b.rows, arena, &rows.iter().map(|r| (r.slot, r.pos)).collect::<Vec<_>>())?;
+        let picked: Vec<u32> = rows.iter().enumerate().filter(|(_, r)| r.pick).map(|(i, _)| i as u32).collect();
+        rt.write_ids(&mut b.picked, &picked, n)?;
+        if self.use_graphs {
+            let graph = match graphs.entry((n, picked.len())) {
+                std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(rt.capture(|| self.queue_step(b, arena, n, picked.len()).map_err(to_shape_error))?)
+                }
+            };
+            graph.launch().map_err(|e| anyhow::anyhow!("replaying the step's CUDA graph: {e}"))?;
+        } else {
+            self.queue_step(b, arena, n, picked.len())?;
+        }
+        let mut out = vec![0u32; picked.len()];
+        if !picked.is_empty() {
+            rt.download_u32_prefix(&b.ids, &mut out).context("the step's greedy tokens")?;
+        } else {
+            rt.synchronize()?;
+        }
+        Ok(out)
+    }
+
+    fn buffers(&self, arena: &KvArena) -> Result<StepBuffers> {
+        let (rt, c, n) = (&*self.rt, &self.config, MAX_BATCH);
+        let f = |len: usize| rt.zeros_f32(len);
+        let (h, m, q_dim, kv_dim) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        Ok(StepBuffers {
+            arena: arena.id(),
+            tokens: rt.device_ids(n)?,
+            rows: rt.step_rows(n)?,
+            picked: rt.device_ids(n)?,
+            x: f(n * h)?,
+            normed: f(n * h)?,
+            q: f(n * q_dim)?,
+            k: f(n * kv_dim)?,
+            v: f(n * kv_dim)?,
+            attn: f(n * q_dim)?,
+            out: f(n * h)?,
+            gate: f(n * m)?,
+            up: f(n * m)?,
+            scores: f(n * c.num_attention_heads * arena.capacity())?,
+            last: f(n * h)?,
+            last_normed: f(n * h)?,
+            logits: f(n * c.vocab_size)?,
+            ids: rt.zeros_u32(n)?,
+        })
+    }
+
+    /// Queues a step's launches on the runtime's stream (run now, or captured into a graph): `n`
+    /// rows whose tokens, slots and positions are in `b`, `picked` of them (indices in
+    /// `b.picked`) through the lm_head to their greedy token in `b.ids`.
+    fn queue_step(&self, b: &mut StepBuffers, arena: &mut KvArena, n: usize, picked: usize) -> Result<()> {
+        let (rt, c) = (&*self.rt, &self.config);
         let shape =
             AttentionShape { heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
         let (h, m, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps as f32);
-        let step_rows = rt.step_rows(arena, &rows.iter().map(|r| (r.slot, r.pos)).collect::<Vec<_>>())?;
-        let tokens: Vec<u32> = rows.iter().map(|r| r.token).collect();
-        let mut x = rt.zeros_f32(n * h)?;
         match &self.embed {
-            GpuEmbedding::Planar { weight, bits } => rt.planar_rows(weight, *bits, &tokens, &mut x)?,
-            GpuEmbedding::Dense { table } => rt.gather_rows(table, h, &tokens, &mut x)?,
+            GpuEmbedding::Planar { weight, bits } => rt.planar_rows(weight, *bits, &b.tokens, &mut b.x)?,
+            GpuEmbedding::Dense { table } => rt.gather_rows(table, h, &b.tokens, &mut b.x)?,
         }
-        let mut normed = rt.zeros_f32(n * h)?;
-        let mut attn = rt.zeros_f32(n * shape.q_dim())?;
-        let mut scores = rt.zeros_f32(n * shape.heads * arena.capacity())?;
-        for (layer, b) in self.blocks.iter().enumerate() {
-            rt.rms_norm(&x, &b.norms[0], eps, n, &mut normed)?;
-            let mut q = b.q.forward(rt, &normed, n)?;
-            let mut k = b.k.forward(rt, &normed, n)?;
-            let v = b.v.forward(rt, &normed, n)?;
-            rt.rope(&mut q, shape.heads, shape.head_dim, &step_rows, &self.cos, &self.sin)?;
-            rt.rope(&mut k, shape.kv_heads, shape.head_dim, &step_rows, &self.cos, &self.sin)?;
-            rt.store_kv(&k, &v, &step_rows, arena, layer)?;
-            rt.attend(&q, shape, &step_rows, arena, layer, &mut scores, &mut attn)?;
-            let o = b.o.forward(rt, &attn, n)?;
-            rt.add_assign(&mut x, &o, n * h)?;
-            rt.rms_norm(&x, &b.norms[1], eps, n, &mut normed)?;
-            let mut gate = b.gate.forward(rt, &normed, n)?;
-            let up = b.up.forward(rt, &normed, n)?;
-            rt.silu_mul(&mut gate, &up, n * m)?;
-            let down = b.down.forward(rt, &gate, n)?;
-            rt.add_assign(&mut x, &down, n * h)?;
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            rt.rms_norm(&b.x, &blk.norms[0], eps, n, &mut b.normed)?;
+            blk.q.forward(rt, &b.normed, n, &mut b.q)?;
+            blk.k.forward(rt, &b.normed, n, &mut b.k)?;
+            blk.v.forward(rt, &b.normed, n, &mut b.v)?;
+            rt.rope(&mut b.q, shape.heads, shape.head_dim, &b.rows, &self.cos, &self.sin)?;
+            rt.rope(&mut b.k, shape.kv_heads, shape.head_dim, &b.rows, &self.cos, &self.sin)?;
+            rt.store_kv(&b.k, &b.v, &b.rows, arena, layer)?;
+            rt.attend(&b.q, shape, &b.rows, arena, layer, &mut b.scores, &mut b.attn)?;
+            blk.o.forward(rt, &b.attn, n, &mut b.out)?;
+            rt.add_assign(&mut b.x, &b.out, n * h)?;
+            rt.rms_norm(&b.x, &blk.norms[1], eps, n, &mut b.normed)?;
+            blk.gate.forward(rt, &b.normed, n, &mut b.gate)?;
+            blk.up.forward(rt, &b.normed, n, &mut b.up)?;
+            rt.silu_mul(&mut b.gate, &b.up, n * m)?;
+            blk.down.forward(rt, &b.gate, n, &mut b.out)?;
+            rt.add_assign(&mut b.x, &b.out, n * h)?;
+        }
+        if picked == 0 {
+            return Ok(());
         }
         // The final norm and the lm_head only for the rows whose next token is wanted.
-        let picked: Vec<u32> = rows.iter().enumerate().filter(|(_, r)| r.pick).map(|(i, _)| i as u32).collect();
-        if picked.is_empty() {
-            rt.synchronize()?;
-            return Ok(Vec::new());
-        }
-        let mut last = rt.zeros_f32(picked.len() * h)?;
-        rt.gather_rows(&x, h, &picked, &mut last)?;
-        let mut last_normed = rt.zeros_f32(picked.len() * h)?;
-        rt.rms_norm(&last, &self.final_norm, eps, picked.len(), &mut last_normed)?;
-        let logits = self.lm_head.forward(rt, &last_normed, picked.len())?;
-        let mut ids = rt.zeros_u32(picked.len())?;
-        rt.argmax_rows(&logits, picked.len(), c.vocab_size, &mut ids)?;
-        let mut out = vec![0u32; picked.len()];
-        rt.download_u32(&ids, &mut out).context("the step's greedy tokens")?;
-        Ok(out)
+        rt.gather_rows(&b.x, h, &b.picked, &mut b.last)?;
+        rt.rms_norm(&b.last, &self.final_norm, eps, picked, &mut b.last_normed)?;
+        self.lm_head.forward(rt, &b.last_normed, picked, &mut b.logits)?;
+        rt.argmax_rows(&b.logits, picked, c.vocab_size, &mut b.ids)?;
+        Ok(())
     }
+}
+
+/// Errors inside a graph capture, carried out through the runtime's error type.
+fn to_shape_error(e: anyhow::Error) -> kernels::cuda::CudaError {
+    kernels::cuda::CudaError::Shape(format!("{e:#}"))
 }
