@@ -21,7 +21,7 @@ GGUF=${GGUF:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 
 case "${1:-run}" in
 --prepare)
-    cargo build --release -p evals --bin drq-bench -p quantize --bin drq-quantize
+    cargo build --release -p evals --bin drq-bench --bin drq-eval -p quantize --bin drq-quantize
     tests=$(cargo test --release -p kernels --lib --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
 for line in sys.stdin:
@@ -32,7 +32,9 @@ for line in sys.stdin:
     mkdir -p .gpu/bin .gpu/model
     strip -o .gpu/bin/drq-bench target/release/drq-bench
     strip -o .gpu/bin/drq-quantize target/release/drq-quantize
+    strip -o .gpu/bin/drq-eval target/release/drq-eval
     strip -o .gpu/bin/kernels-tests "$tests"
+    cp ../shared/data/wikitext-2-raw/wiki.test.raw .gpu/bin/
     split -b 48M "$GGUF" .gpu/model/part-
     (cd "$(dirname "$GGUF")" && sha256sum "$(basename "$GGUF")") | awk '{print $1"  model.gguf"}' >.gpu/bin/model.sha256
     du -sh .gpu/bin .gpu/model/*
@@ -77,6 +79,11 @@ if ls .gpu/model/part-* >/dev/null 2>&1; then
     echo "== greedy decoding on the GPU, batch 1, without CUDA graphs (one launch per kernel)"
     DRQ_CUDA_GRAPHS=0 .gpu/bin/drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b 1 --prompt-tokens 32 \
         --gen-tokens 128 -r 3 --json "$OUT/gpu-decode-b1-nographs.json" 2>&1 | tee "$OUT/gpu-decode-b1-nographs.txt"
+    echo "== perplexity through the GPU kernels against the CPU kernels (f32 activations), 20 windows"
+    for dev in cuda cpu; do
+        .gpu/bin/drq-eval perplexity -m /tmp/default.safetensors -p 8,4,2 -f .gpu/bin/wiki.test.raw --ctx 512 \
+            --max-windows 20 --activations f32 --device $dev --json "$OUT/ppl-$dev.json" 2>&1 | tail -5
+    done
     echo "== the same decoding on this machine's CPU, batch 1, $(nproc) threads"
     .gpu/bin/drq-bench -m /tmp/default.safetensors -p 8,4,2 -b 1 -t "$(nproc)" -r 3 --json "$OUT/cpu-decode-b1.json" 2>&1 |
         tee "$OUT/cpu-decode-b1.txt"
@@ -100,4 +107,8 @@ for b in (1, 16, 64, "1-nographs"):
         rows = json.loads(f.read_text())["rows"]
         print(f"decode batch {b}: " + "  ".join(
             f"{r['precision']}: {r['decode_tokens_per_s']:.0f} tok/s (equal to CPU: {r['greedy_equal_to_cpu']})" for r in rows))
+if (out / "ppl-cuda.json").exists() and (out / "ppl-cpu.json").exists():
+    gpu, cpu = (json.loads((out / f"ppl-{d}.json").read_text())["results"] for d in ("cuda", "cpu"))
+    print("perplexity GPU / CPU: " + "  ".join(
+        f"{g['label']}: {g['perplexity']:.4f} / {c['perplexity']:.4f}" for g, c in zip(gpu, cpu)))
 PY

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor, D};
+use kernels::cuda::KvArena;
+use model::transformer::cuda::{CudaTransformer, GpuRow};
 use model::{KvCache, Transformer};
 use serde::Serialize;
 
@@ -137,12 +139,38 @@ pub struct Candidate<'a> {
     /// How the results name it, e.g. `fp`, `4`, `4 group:128`.
     pub label: String,
     pub model: &'a Transformer,
+    /// The same transformer on a GPU (`kernels::cuda`): its logits are computed there instead.
+    pub gpu: Option<&'a CudaTransformer>,
+}
+
+impl<'a> Candidate<'a> {
+    /// A candidate that runs where its transformer is.
+    pub fn new(label: impl Into<String>, model: &'a Transformer) -> Self {
+        Candidate { label: label.into(), model, gpu: None }
+    }
+}
+
+/// Logits of positions `score_from..tokens.len()` of one window on the GPU, `[rows, vocab]` on
+/// the host: the window's positions in steps of up to `MAX_BATCH` rows in slot 0 of `arena`.
+fn gpu_window_logits(gpu: &CudaTransformer, arena: &mut KvArena, tokens: &[u32], score_from: usize) -> Result<Tensor> {
+    let rows: Vec<GpuRow> = tokens
+        .iter()
+        .enumerate()
+        .map(|(pos, &token)| GpuRow { slot: 0, pos, token, pick: pos >= score_from })
+        .collect();
+    let mut logits = Vec::with_capacity((tokens.len() - score_from) * gpu.config().vocab_size);
+    for chunk in rows.chunks(kernels::MAX_BATCH) {
+        logits.extend(gpu.step_logits(arena, chunk)?);
+    }
+    let vocab = gpu.config().vocab_size;
+    Ok(Tensor::from_vec(logits, (tokens.len() - score_from, vocab), &Device::Cpu)?)
 }
 
 /// Evaluates every candidate on every window. The candidate at index `reference` (normally the
 /// float model) is the baseline for KL and top-1 agreement. `on_window` is called after each
 /// window (progress reporting). All candidates run on one device (the CPU, or a GPU with the
-/// reference runtime); only per-token sums leave it.
+/// reference runtime; only per-token sums leave it), except candidates with `gpu`, whose
+/// logits come back from our GPU kernels.
 pub fn evaluate(
     candidates: &[Candidate],
     reference: Option<usize>,
@@ -152,34 +180,47 @@ pub fn evaluate(
     if let Some(r) = reference {
         ensure!(r < candidates.len(), "reference index out of range");
     }
-    let device = candidates.first().map_or(Device::Cpu, |c| c.model.device().clone());
+    // Candidates on a GPU of ours hand back host logits: they count as the CPU here.
+    let device_of = |c: &Candidate| if c.gpu.is_some() { Device::Cpu } else { c.model.device().clone() };
+    let device = candidates.first().map_or(Device::Cpu, device_of);
     ensure!(
-        candidates.iter().all(|c| c.model.device().same_device(&device)),
+        candidates.iter().all(|c| device_of(c).same_device(&device)),
         "the models to compare are on different devices"
     );
+    // One single-slot cache per GPU candidate, as long as the longest window.
+    let longest = windows.iter().map(|w| w.tokens.len()).max().unwrap_or(1);
+    let mut arenas: Vec<Option<KvArena>> =
+        candidates.iter().map(|c| c.gpu.map(|g| g.kv_arena(1, longest)).transpose()).collect::<Result<_>>()?;
     let mut sums = vec![Sums::default(); candidates.len()];
     for (wi, window) in windows.iter().enumerate() {
         let n = window.tokens.len();
         let input = Tensor::new(window.tokens.as_slice(), &device)?.unsqueeze(0)?;
         let targets: Vec<u32> = window.tokens[window.score_from + 1..].to_vec();
         let targets_t = Tensor::new(targets.as_slice(), &device)?.unsqueeze(1)?;
-        let log_probs = |c: &Candidate, seconds: &mut f64| -> Result<Tensor> {
+        let log_probs = |c: &Candidate, arena: &mut Option<KvArena>, seconds: &mut f64| -> Result<Tensor> {
             let started = Instant::now();
-            let mut cache = KvCache::new(c.model.config());
             // Logits of positions score_from..n-1 (the last position predicts nothing).
-            let logits = c.model.forward(&input.narrow(1, 0, n - 1)?, &mut cache, window.score_from)?;
+            let logits = match (c.gpu, arena) {
+                (Some(gpu), Some(arena)) => {
+                    gpu_window_logits(gpu, arena, &window.tokens[..n - 1], window.score_from)?.unsqueeze(0)?
+                }
+                _ => {
+                    let mut cache = KvCache::new(c.model.config());
+                    c.model.forward(&input.narrow(1, 0, n - 1)?, &mut cache, window.score_from)?
+                }
+            };
             let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?.to_dtype(DType::F32)?, D::Minus1)?;
             *seconds += started.elapsed().as_secs_f64();
             Ok(lp)
         };
         let reference_lp = match reference {
-            Some(r) => Some(log_probs(&candidates[r], &mut sums[r].seconds)?),
+            Some(r) => Some(log_probs(&candidates[r], &mut arenas[r], &mut sums[r].seconds)?),
             None => None,
         };
         for (ci, c) in candidates.iter().enumerate() {
             let lp = match (reference, &reference_lp) {
                 (Some(r), Some(ref_lp)) if r == ci => ref_lp.clone(),
-                _ => log_probs(c, &mut sums[ci].seconds)?,
+                _ => log_probs(c, &mut arenas[ci], &mut sums[ci].seconds)?,
             };
             let nll: Vec<f32> = lp.gather(&targets_t, 1)?.squeeze(1)?.neg()?.to_vec1()?;
             let s = &mut sums[ci];

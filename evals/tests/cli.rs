@@ -70,6 +70,8 @@ fn rejects_bad_runtime_options() {
         (&["--device", "tpu"][..], "expected `cpu`, `cuda` or `cuda:N`"),
         // No GPU where the tests run, whether or not the binary was built with `cuda`.
         (&["--runtime", "reference", "--device", "cuda"][..], "--device cuda: "),
+        (&["--device", "cuda", "--activations", "int8"][..], "the GPU kernels take f32 activations"),
+        (&["--device", "cuda", "--threads", "2"][..], "--threads applies to the CPU kernels"),
         (
             &["--plot", "/nonexistent-dir/p.svg"][..],
             "--plot /nonexistent-dir/p.svg: directory /nonexistent-dir does not exist",
@@ -79,6 +81,11 @@ fn rejects_bad_runtime_options() {
             ["--model", s(&gguf()), "--file", s(&text), "--precision", "8"].iter().copied().chain(args.iter().copied()),
         );
         assert_refused(&output, &[needle]);
+    }
+    // The GPU kernels without a driver: a clear error once the model is loaded.
+    if !kernels::cuda::driver_available() {
+        let output = drq_eval(["--model", s(&gguf()), "--file", s(&text), "--precision", "8", "--device", "cuda"]);
+        assert_refused(&output, &["no NVIDIA driver"]);
     }
 }
 

@@ -264,9 +264,7 @@ fn real_model_agrees(granularity: Granularity) {
     let mut wins = windows(&ids, 128, Protocol::LlamaCpp, bos).unwrap();
     wins.truncate(2);
     assert_eq!(wins.len(), 2);
-    let ppl = |m: &Transformer| {
-        evaluate(&[Candidate { label: String::new(), model: m }], None, &wins, |_| {}).unwrap()[0].perplexity
-    };
+    let ppl = |m: &Transformer| evaluate(&[Candidate::new("", m)], None, &wins, |_| {}).unwrap()[0].perplexity;
     for bits in [8, 4, 2] {
         let p = Precision::Bits(bits);
         let reference =

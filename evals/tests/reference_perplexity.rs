@@ -19,7 +19,7 @@ fn float_gguf_reproduces_reference_perplexity() {
     let w = windows(&ids, 301, Protocol::Strided { stride: 301 }, None).unwrap();
     assert_eq!(w.len(), 1);
     assert_eq!(w[0].scored(), 300);
-    let report = evaluate(&[Candidate { label: "fp".into(), model: &transformer }], None, &w, |_| {}).unwrap();
+    let report = evaluate(&[Candidate::new("fp", &transformer)], None, &w, |_| {}).unwrap();
     let ppl = report[0].perplexity;
     eprintln!("perplexity {ppl:.4}");
     assert!((ppl - 18.724).abs() / 18.724 < 0.001, "perplexity {ppl} is not within 0.1% of 18.724");

@@ -12,6 +12,7 @@ use evals::perplexity::{evaluate, windows, Candidate, PrecisionReport, Protocol,
 use kernels::{Granularity, KernelConfig, TieRule};
 use model::checkpoint::Checkpoint;
 use model::source::{self, FloatModel, ModelSource};
+use model::transformer::cuda::{CudaTransformer, GpuResident};
 use model::{precision, KvCache, ModelConfig, OpsMode, Precision, ResidentModel, Transformer};
 use quantize::profile::ProfileRules;
 use quantize::recipe::{PtqRecipe, PtqSettings};
@@ -115,8 +116,10 @@ struct PerplexityArgs {
     /// How checkpoint precisions run (`fp` always runs on candle).
     #[arg(long, value_enum, default_value = "kernels")]
     runtime: RuntimeArg,
-    /// Where the reference runtime and `fp` run: `cpu`, `cuda` or `cuda:N` (a GPU needs a build
-    /// with `--features cuda`).
+    /// Where the checkpoint precisions run: `cpu`, `cuda` or `cuda:N`. With the kernels runtime a
+    /// GPU runs our CUDA kernels (f32 activations; needs only the NVIDIA driver) and `fp` stays on
+    /// the CPU; with the reference runtime, candle's CUDA backend runs everything (a build with
+    /// `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Activations of the kernels (--runtime kernels).
@@ -223,6 +226,8 @@ struct Plan {
     text: String,
     profiles: Vec<ProfileRules>,
     device: candle_core::Device,
+    /// `--runtime kernels --device cuda[:N]`: the GPU the checkpoint precisions run on.
+    gpu: Option<usize>,
 }
 
 impl Plan {
@@ -236,12 +241,16 @@ impl Plan {
             ensure!(args.activations != Activations::Int8, "--activations int8 needs --runtime kernels");
         }
         ensure!(args.threads != Some(0), "--threads must be at least 1");
-        let device = cli::parse_device(&args.device)?;
-        ensure!(
-            device.is_cpu() || args.runtime == RuntimeArg::Reference,
-            "--device {}: the kernels run on the CPU; use --runtime reference on a GPU",
-            args.device
-        );
+        // The reference runtime runs on candle's device; the kernels on the CPU or on our GPU
+        // kernels (`fp` then stays on the CPU).
+        let (device, gpu) = match args.runtime {
+            RuntimeArg::Reference => (cli::parse_device(&args.device)?, None),
+            RuntimeArg::Kernels => (candle_core::Device::Cpu, cli::gpu_ordinal(&args.device)?),
+        };
+        if gpu.is_some() {
+            ensure!(args.activations != Activations::Int8, "--device cuda: the GPU kernels take f32 activations");
+            ensure!(args.threads.is_none(), "--threads applies to the CPU kernels");
+        }
         let text =
             std::fs::read(&args.file).with_context(|| format!("cannot read text file {}", args.file.display()))?;
         let text = String::from_utf8(text).with_context(|| format!("{} is not UTF-8 text", args.file.display()))?;
@@ -262,6 +271,7 @@ impl Plan {
             text,
             profiles,
             device,
+            gpu,
         })
     }
 }
@@ -391,6 +401,8 @@ fn score_windows(args: &PerplexityArgs, plan: &Plan, models: &Models) -> Result<
 /// One runtime per row of the results: `fp` first, then each checkpoint at each precision.
 struct Runs {
     models: Vec<(String, Transformer)>,
+    /// Beside each model, the same on a GPU (`--runtime kernels --device cuda`).
+    gpu: Vec<Option<CudaTransformer>>,
     /// (checkpoint index, bits per weight) of each checkpoint precision, in the order their models
     /// follow `fp`.
     storage_bits: Vec<(usize, f64)>,
@@ -402,6 +414,7 @@ impl Runs {
     fn build(args: &PerplexityArgs, plan: &Plan, models: &Models, wins: &[Window]) -> Result<Self> {
         let (checkpoints, config, device) = (&models.checkpoints, &models.config, &plan.device);
         let mut runs = Vec::new();
+        let mut gpu = Vec::new();
         if let (Some(f), true) = (&models.float, plan.wants_float) {
             runs.push((
                 "fp".to_string(),
@@ -449,6 +462,7 @@ impl Runs {
                 );
                 let (threads, timing) = match (args.threads, residents.first(), plan.int_precisions.first()) {
                     (Some(t), _, _) => (t, None),
+                    (None, _, _) if plan.gpu.is_some() => (1, None),
                     (None, Some(r), Some(p)) => {
                         let (t, timing) = pick_threads(r, p, kernel, wins)?;
                         (t, Some(timing))
@@ -467,8 +481,22 @@ impl Runs {
                         runs.push((label(c, p), Transformer::from_resident(r, p, &kernel)?));
                     }
                 }
+                if let Some(ordinal) = plan.gpu {
+                    let rt = std::sync::Arc::new(kernels::cuda::CudaRuntime::new(ordinal)?);
+                    tracing::info!("GPU {ordinal}: {} (f32 activations)", rt.device_name());
+                    // One upload per checkpoint serves all its precisions; `fp` stays on the CPU.
+                    let mut uploads: Vec<GpuResident> =
+                        checkpoints.iter().map(|_| GpuResident::new(rt.clone())).collect();
+                    let first_stored = runs.len() - checkpoints.len() * plan.int_precisions.len();
+                    gpu.resize_with(first_stored, || None);
+                    for (k, (_, t)) in runs.iter().enumerate().skip(first_stored) {
+                        let ci = (k - first_stored) / plan.int_precisions.len();
+                        gpu.push(Some(t.to_cuda(&mut uploads[ci])?));
+                    }
+                }
                 serde_json::json!({
                     "runtime": "kernels",
+                    "device": args.device,
                     "backend": kernel.backend.name(),
                     "activations": args.activations.name(),
                     "threads": threads,
@@ -477,15 +505,20 @@ impl Runs {
                 })
             }
         };
-        Ok(Self { models: runs, storage_bits, runtime_info })
+        gpu.resize_with(runs.len(), || None);
+        Ok(Self { models: runs, gpu, storage_bits, runtime_info })
     }
 }
 
 /// Every window through every runtime (the float logits computed once per window), with a
 /// progress bar; returns a report per runtime, bits per weight filled in, and the seconds taken.
 fn run_windows(plan: &Plan, models: &Models, runs: &Runs, wins: &[Window]) -> Result<(Vec<PrecisionReport>, f64)> {
-    let candidates: Vec<Candidate> =
-        runs.models.iter().map(|(label, m)| Candidate { label: label.clone(), model: m }).collect();
+    let candidates: Vec<Candidate> = runs
+        .models
+        .iter()
+        .zip(&runs.gpu)
+        .map(|((label, m), g)| Candidate { label: label.clone(), model: m, gpu: g.as_ref() })
+        .collect();
     let reference = (models.float.is_some() && plan.wants_float).then_some(0);
     let started = Instant::now();
     let bar = cli::progress_bar(wins.len() as u64, "perplexity");

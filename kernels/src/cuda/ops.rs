@@ -165,6 +165,15 @@ impl CudaRuntime {
         self.stream.clone_htod(values).map_err(driver("upload"))
     }
 
+    /// Copies the first `out.len()` values of a device buffer into `out` and waits for it.
+    pub fn download_f32_prefix(&self, values: &CudaSlice<f32>, out: &mut [f32]) -> Result<(), CudaError> {
+        check_len("values", values.len(), out.len())?;
+        if !out.is_empty() {
+            self.stream.memcpy_dtoh(&values.slice(..out.len()), out).map_err(driver("download"))?;
+        }
+        self.synchronize()
+    }
+
     /// Copies the first `out.len()` values of a device buffer of `u32` into `out` and waits for it.
     pub fn download_u32_prefix(&self, values: &CudaSlice<u32>, out: &mut [u32]) -> Result<(), CudaError> {
         check_len("values", values.len(), out.len())?;

@@ -231,6 +231,32 @@ impl CudaTransformer {
     /// Runs 1..=[`MAX_BATCH`] rows through the model, writing their keys and values into
     /// `arena`, and returns the greedy next token after each row with `pick`, in row order.
     pub fn step_greedy(&self, arena: &mut KvArena, rows: &[GpuRow]) -> Result<Vec<u32>> {
+        let mut out = vec![0u32; rows.iter().filter(|r| r.pick).count()];
+        self.step(arena, rows, |rt, b| {
+            rt.download_u32_prefix(&b.ids, &mut out).context("the step's greedy tokens")?;
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Self::step_greedy`], returning the logits of each row with `pick` instead
+    /// (`[picked, vocab]`, row-major), for sampling on the host and for perplexity.
+    pub fn step_logits(&self, arena: &mut KvArena, rows: &[GpuRow]) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; rows.iter().filter(|r| r.pick).count() * self.config.vocab_size];
+        self.step(arena, rows, |rt, b| {
+            rt.download_f32_prefix(&b.logits, &mut out).context("the step's logits")?;
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Runs a step (graph replay or launches) and hands its buffers to `read` (which waits).
+    fn step(
+        &self,
+        arena: &mut KvArena,
+        rows: &[GpuRow],
+        read: impl FnOnce(&CudaRuntime, &StepBuffers) -> Result<()>,
+    ) -> Result<()> {
         let n = rows.len();
         ensure!((1..=MAX_BATCH).contains(&n), "a GPU step takes 1..={MAX_BATCH} rows, got {n}");
         let c = &self.config;
@@ -258,13 +284,10 @@ impl CudaTransformer {
         } else {
             self.queue_step(b, arena, n, picked.len())?;
         }
-        let mut out = vec![0u32; picked.len()];
-        if !picked.is_empty() {
-            rt.download_u32_prefix(&b.ids, &mut out).context("the step's greedy tokens")?;
-        } else {
-            rt.synchronize()?;
+        if picked.is_empty() {
+            return Ok(rt.synchronize()?);
         }
-        Ok(out)
+        read(rt, b)
     }
 
     fn buffers(&self, arena: &KvArena) -> Result<StepBuffers> {
