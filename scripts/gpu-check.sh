@@ -21,20 +21,22 @@ GGUF=${GGUF:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 
 case "${1:-run}" in
 --prepare)
-    cargo build --release -p evals --bin drq-bench --bin drq-eval -p quantize --bin drq-quantize
+    cargo build --release -p evals --bin drq-bench --bin drq-eval -p quantize --bin drq-quantize \
+        -p serve --bin drq-serve --bin drq-loadgen
     tests=$(cargo test --release -p kernels --lib --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "kernels":
         print(m["executable"])')
-    rm -rf .gpu/bin .gpu/model
-    mkdir -p .gpu/bin .gpu/model
-    strip -o .gpu/bin/drq-bench target/release/drq-bench
-    strip -o .gpu/bin/drq-quantize target/release/drq-quantize
-    strip -o .gpu/bin/drq-eval target/release/drq-eval
-    strip -o .gpu/bin/kernels-tests "$tests"
-    cp ../shared/data/wikitext-2-raw/wiki.test.raw .gpu/bin/
+    rm -rf .gpu/bin .gpu/model .gpu/stage
+    mkdir -p .gpu/bin .gpu/model .gpu/stage
+    for b in drq-bench drq-quantize drq-eval drq-serve drq-loadgen; do strip -o ".gpu/stage/$b" "target/release/$b"; done
+    strip -o .gpu/stage/kernels-tests "$tests"
+    cp ../shared/data/wikitext-2-raw/wiki.test.raw .gpu/stage/
+    # Compressed: the binaries and the text together stay well under the transfer limit.
+    tar -C .gpu/stage -cJf .gpu/bin/bin.tar.xz .
+    rm -rf .gpu/stage
     split -b 48M "$GGUF" .gpu/model/part-
     (cd "$(dirname "$GGUF")" && sha256sum "$(basename "$GGUF")") | awk '{print $1"  model.gguf"}' >.gpu/bin/model.sha256
     du -sh .gpu/bin .gpu/model/*
@@ -51,41 +53,58 @@ run) ;;
     ;;
 esac
 
-[ -x .gpu/bin/drq-bench ] && [ -x .gpu/bin/kernels-tests ] || {
+[ -f .gpu/bin/bin.tar.xz ] || {
     echo "error: run scripts/gpu-check.sh --prepare here, then carry .gpu/bin" >&2
     exit 1
 }
+python3 -c 'import tarfile; tarfile.open(".gpu/bin/bin.tar.xz").extractall(".gpu/bin")'
+export PATH="$PWD/.gpu/bin:$PATH"
 OUT=${OUT:-.gpu/out}
 mkdir -p "$OUT"
+# Every check runs even when one before it failed: a lease is too short to rerun for the rest.
+set +e
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt" || true
 
 echo "== kernel tests on the GPU (against the CPU kernels)"
-DRQ_EXPECT_GPU=1 .gpu/bin/kernels-tests cuda:: --test-threads 1 2>&1 | tee "$OUT/tests.log"
+DRQ_EXPECT_GPU=1 kernels-tests cuda::tests::the_runtime_is_an_error_without_a_gpu_and_matches_the_cpu_with_one \
+    2>&1 | tee "$OUT/tests.log"
 for b in 1 16 64; do
     echo "== GPU kernels, batch $b"
-    .gpu/bin/drq-bench --kernels --device cuda -p 8,7,6,5,4,3,2 -b "$b" --json "$OUT/gpu-kernels-b$b.json" 2>&1 |
+    drq-bench --kernels --device cuda -p 8,7,6,5,4,3,2 -b "$b" --json "$OUT/gpu-kernels-b$b.json" 2>&1 |
         tee "$OUT/gpu-kernels-b$b.txt"
 done
 
 if ls .gpu/model/part-* >/dev/null 2>&1; then
     cat .gpu/model/part-* >/tmp/model.gguf
     (cd /tmp && sha256sum -c "$OLDPWD/.gpu/bin/model.sha256")
-    .gpu/bin/drq-quantize --model /tmp/model.gguf --out /tmp/default.safetensors 2>&1 | tail -2
+    drq-quantize --model /tmp/model.gguf --out /tmp/default.safetensors 2>&1 | tail -2
     for b in 1 16 64; do
         echo "== greedy decoding on the GPU, batch $b"
-        .gpu/bin/drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b "$b" --prompt-tokens 32 \
+        drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b "$b" --prompt-tokens 32 \
             --gen-tokens 128 -r 3 --json "$OUT/gpu-decode-b$b.json" 2>&1 | tee "$OUT/gpu-decode-b$b.txt"
     done
     echo "== greedy decoding on the GPU, batch 1, without CUDA graphs (one launch per kernel)"
-    DRQ_CUDA_GRAPHS=0 .gpu/bin/drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b 1 --prompt-tokens 32 \
+    DRQ_CUDA_GRAPHS=0 drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b 1 --prompt-tokens 32 \
         --gen-tokens 128 -r 3 --json "$OUT/gpu-decode-b1-nographs.json" 2>&1 | tee "$OUT/gpu-decode-b1-nographs.txt"
     echo "== perplexity through the GPU kernels against the CPU kernels (f32 activations), 20 windows"
     for dev in cuda cpu; do
-        .gpu/bin/drq-eval perplexity -m /tmp/default.safetensors -p 8,4,2 -f .gpu/bin/wiki.test.raw --ctx 512 \
+        drq-eval perplexity -m /tmp/default.safetensors -p 8,4,2 -f .gpu/bin/wiki.test.raw --ctx 512 \
             --max-windows 20 --activations f32 --device $dev --json "$OUT/ppl-$dev.json" 2>&1 | tail -5
     done
+    echo "== drq-serve on the GPU under drq-loadgen (precisions 8/4/2 mixed, 15 s per point)"
+    drq-serve --model /tmp/default.safetensors --device cuda --port 8181 --max-batch 64 >"$OUT/serve.log" 2>&1 &
+    server=$!
+    for _ in $(seq 120); do
+        python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8181/health")' 2>/dev/null && break
+        sleep 1
+    done
+    for c in 1 16 64; do
+        drq-loadgen --url http://127.0.0.1:8181 --clients "$c" --duration 15 --precisions 8,4,2 --max-tokens 64 \
+            --json "$OUT/serve-c$c.json" 2>&1 | tail -4
+    done
+    kill "$server" && wait "$server" || true
     echo "== the same decoding on this machine's CPU, batch 1, $(nproc) threads"
-    .gpu/bin/drq-bench -m /tmp/default.safetensors -p 8,4,2 -b 1 -t "$(nproc)" -r 3 --json "$OUT/cpu-decode-b1.json" 2>&1 |
+    drq-bench -m /tmp/default.safetensors -p 8,4,2 -b 1 -t "$(nproc)" -r 3 --json "$OUT/cpu-decode-b1.json" 2>&1 |
         tee "$OUT/cpu-decode-b1.txt"
 else
     echo "== no model parts in .gpu/model: decode checks skipped (see --receive)"
@@ -107,6 +126,11 @@ for b in (1, 16, 64, "1-nographs"):
         rows = json.loads(f.read_text())["rows"]
         print(f"decode batch {b}: " + "  ".join(
             f"{r['precision']}: {r['decode_tokens_per_s']:.0f} tok/s (equal to CPU: {r['greedy_equal_to_cpu']})" for r in rows))
+for c in (1, 16, 64):
+    f = out / f"serve-c{c}.json"
+    if f.exists():
+        r = json.loads(f.read_text())["all"]
+        print(f"serve {c:>2} clients: {r}")
 if (out / "ppl-cuda.json").exists() and (out / "ppl-cpu.json").exists():
     gpu, cpu = (json.loads((out / f"ppl-{d}.json").read_text())["results"] for d in ("cuda", "cpu"))
     print("perplexity GPU / CPU: " + "  ".join(

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaStream, LaunchConfig, PushKernelArg};
 pub use cudarc::driver::{CudaSlice, DevicePtr};
 
 use crate::double_rounding::{check_bits, KernelError};
@@ -228,7 +228,7 @@ impl CudaRuntime {
     /// it (nothing may be allocated, copied from the host or waited for inside); replaying the
     /// graph ([`CudaGraph::launch`]) runs the same launches on the same buffers, with whatever
     /// they hold then, for one launch's overhead.
-    pub fn capture(&self, queue: impl FnOnce() -> Result<(), CudaError>) -> Result<CudaGraph, CudaError> {
+    pub fn capture(&self, queue: impl FnOnce() -> Result<(), CudaError>) -> Result<StepGraph, CudaError> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -237,7 +237,7 @@ impl CudaRuntime {
         // The capture ends whatever `queue` did, so the stream is usable again.
         let graph = self.stream.end_capture(CUgraphInstantiate_flags(0)).map_err(driver("graph capture"))?;
         queued?;
-        graph.ok_or_else(|| CudaError::Shape("an empty graph was captured".to_string()))
+        graph.map(StepGraph).ok_or_else(|| CudaError::Shape("an empty graph was captured".to_string()))
     }
 
     /// Waits until everything queued on the runtime's stream has run.
@@ -323,6 +323,22 @@ impl CudaRuntime {
     }
 }
 
+/// A captured CUDA graph ([`CudaRuntime::capture`]), replayed on the runtime's stream.
+pub struct StepGraph(CudaGraph);
+
+// SAFETY: a graph is a pair of driver handles; the driver API may use them from any thread, and
+// cudarc makes the graph's context current on that thread before each call. Replays of one graph
+// are not concurrent: its owner replays it through `&self` from behind a lock (the step state of
+// `model::transformer::cuda`).
+unsafe impl Send for StepGraph {}
+
+impl StepGraph {
+    /// Replays the graph on the stream it was captured on.
+    pub fn launch(&self) -> Result<(), CudaError> {
+        self.0.launch().map_err(driver("graph launch"))
+    }
+}
+
 /// A [`PlanarWeight`] resident on a GPU (see [`CudaRuntime::upload`]).
 pub struct CudaPlanarWeight {
     rows: usize,
@@ -393,7 +409,6 @@ pub(crate) fn batch_chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 mod ops;
-pub use cudarc::driver::CudaGraph;
 pub use ops::{DeviceIds, KvArena, StepRows};
 
 #[cfg(test)]

@@ -8,6 +8,12 @@
 //! is read once per step for all sequences and precisions, the kernels serving every precision
 //! from the same pass over its planes. The transformers of all precisions share the resident
 //! weights: serving 8, 4 and 2 bits at once costs no more memory than serving one.
+//!
+//! With [`EngineOptions::gpu`] the steps run on an NVIDIA GPU instead
+//! ([`model::transformer::cuda`]): the weights uploaded once for every precision, each running
+//! sequence in a slot of one key/value arena (`max_batch` slots of `max_context` positions), one
+//! GPU step per precision present (in pieces of up to 64 rows), the logits copied back for
+//! sampling. Scheduling, sampling and streaming are the same code.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,8 +23,10 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use kernels::cuda::{CudaRuntime, KvArena};
 use kernels::KernelConfig;
 use model::checkpoint::Checkpoint;
+use model::transformer::cuda::{CudaTransformer, GpuResident, GpuRow};
 use model::{Batch, KvCache, ModelConfig, Precision, ResidentModel, SequenceStep, Transformer};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -43,6 +51,8 @@ pub struct EngineOptions {
     /// Precision of requests that name none.
     pub default_precision: Precision,
     pub kernel: KernelConfig,
+    /// Run the steps on this GPU (our CUDA kernels, f32 activations) instead of the CPU.
+    pub gpu: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -54,6 +64,7 @@ impl Default for EngineOptions {
             prefill_chunk: 256,
             default_precision: Precision::Bits(8),
             kernel: KernelConfig::default(),
+            gpu: None,
         }
     }
 }
@@ -301,10 +312,15 @@ impl Engine {
             vocab_size: config.vocab_size,
             max_batch: options.max_batch,
         };
+        let gpu = match options.gpu {
+            Some(ordinal) => Some(GpuServing::new(ordinal, &transformers, &options)?),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let scheduler = Scheduler {
             transformers,
+            gpu,
             config: config.clone(),
             tokenizer: tokenizer.clone(),
             options: options.clone(),
@@ -389,6 +405,16 @@ struct Queued {
     events: UnboundedSender<Event>,
 }
 
+impl Sequence {
+    /// The GPU slot the sequence holds, if it runs on the GPU.
+    fn slot(&self) -> Option<usize> {
+        match self.cache {
+            SeqCache::Gpu { slot, .. } => Some(slot),
+            SeqCache::Host(_) => None,
+        }
+    }
+}
+
 /// One choice of a request in the running batch.
 struct Sequence {
     request: Arc<GenerationRequest>,
@@ -396,7 +422,7 @@ struct Sequence {
     choice: usize,
     /// Prompt tokens already in the cache.
     prefilled: usize,
-    cache: KvCache,
+    cache: SeqCache,
     /// The last sampled token (the next step's input once the prompt is in).
     last: u32,
     generated: usize,
@@ -405,8 +431,74 @@ struct Sequence {
     last_token_at: Option<Instant>,
 }
 
+/// Where a sequence's keys and values are.
+enum SeqCache {
+    Host(KvCache),
+    /// A slot of the GPU arena and the positions written there.
+    Gpu {
+        slot: usize,
+        len: usize,
+    },
+}
+
+impl SeqCache {
+    fn len(&self) -> usize {
+        match self {
+            SeqCache::Host(c) => c.len(),
+            SeqCache::Gpu { len, .. } => *len,
+        }
+    }
+}
+
+/// The GPU side of an engine: every precision's transformer on the device over one upload of
+/// the weights, and one key/value arena whose slots the running sequences hold.
+struct GpuServing {
+    transformers: BTreeMap<Precision, CudaTransformer>,
+    arena: KvArena,
+    free_slots: Vec<usize>,
+}
+
+impl GpuServing {
+    fn new(ordinal: usize, transformers: &BTreeMap<Precision, Transformer>, options: &EngineOptions) -> Result<Self> {
+        let rt = Arc::new(CudaRuntime::new(ordinal)?);
+        tracing::info!("serving on GPU {ordinal}: {} (f32 activations)", rt.device_name());
+        let mut upload = GpuResident::new(rt);
+        let transformers = transformers
+            .iter()
+            .map(|(p, t)| Ok((p.clone(), t.to_cuda(&mut upload)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let any = transformers.values().next().context("no precision to serve")?;
+        let arena = any.kv_arena(options.max_batch, options.max_context)?;
+        Ok(GpuServing { transformers, arena, free_slots: (0..options.max_batch).rev().collect() })
+    }
+
+    /// The logits after the last token of each sequence's input, running `members` (sequence,
+    /// tokens, first position) at `precision` in GPU steps of up to 64 rows.
+    fn forward(&mut self, precision: &Precision, members: &[(usize, &[u32], usize)]) -> Result<Vec<Vec<f32>>> {
+        let t = self.transformers.get(precision).with_context(|| format!("precision {precision} is not served"))?;
+        let vocab = t.config().vocab_size;
+        let rows: Vec<GpuRow> = members
+            .iter()
+            .flat_map(|&(slot, tokens, start)| {
+                tokens.iter().enumerate().map(move |(i, &token)| GpuRow {
+                    slot,
+                    pos: start + i,
+                    token,
+                    pick: i + 1 == tokens.len(),
+                })
+            })
+            .collect();
+        let mut logits = Vec::with_capacity(members.len() * vocab);
+        for chunk in rows.chunks(kernels::MAX_BATCH) {
+            logits.extend(t.step_logits(&mut self.arena, chunk)?);
+        }
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
 struct Scheduler {
     transformers: BTreeMap<Precision, Transformer>,
+    gpu: Option<GpuServing>,
     config: ModelConfig,
     tokenizer: Arc<Tokenizer>,
     options: EngineOptions,
@@ -446,14 +538,24 @@ impl Scheduler {
             self.metrics.queue_depth.dec_by(gone as i64);
         }
         let metrics = &self.metrics;
+        let mut freed = Vec::new();
         self.running.retain(|s| {
             let open = !s.events.is_closed();
             if !open {
                 finished(metrics, &s.request.precision, "cancelled");
+                freed.extend(s.slot());
             }
             open
         });
+        self.release(freed);
         self.metrics.running.set(self.running.len() as i64);
+    }
+
+    /// Gives GPU slots of finished sequences back.
+    fn release(&mut self, slots: Vec<usize>) {
+        if let Some(gpu) = &mut self.gpu {
+            gpu.free_slots.extend(slots);
+        }
     }
 
     /// Moves waiting requests into the batch while their choices fit (first come, first served).
@@ -471,12 +573,26 @@ impl Scheduler {
             for choice in 0..n {
                 let sampling =
                     SamplingParams { seed: r.sampling.seed.wrapping_add(choice as u64), ..r.sampling.clone() };
+                let cache = match &mut self.gpu {
+                    None => SeqCache::Host(KvCache::new(&self.config)),
+                    // Requests ask for at most max_batch choices and at most max_batch run: a
+                    // slot is free for each (checked, not assumed).
+                    Some(gpu) => match gpu.free_slots.pop() {
+                        Some(slot) => SeqCache::Gpu { slot, len: 0 },
+                        None => {
+                            let message = "no free key/value slot on the GPU".to_string();
+                            let _ = q.events.send(Event::Failed { choice, message });
+                            finished(&self.metrics, &r.precision, "error");
+                            continue;
+                        }
+                    },
+                };
                 self.running.push(Sequence {
                     request: r.clone(),
                     events: q.events.clone(),
                     choice,
                     prefilled: 0,
-                    cache: KvCache::new(&self.config),
+                    cache,
                     last: 0,
                     generated: 0,
                     text: IncrementalText::new(self.tokenizer.clone(), r.stop.clone()),
@@ -490,23 +606,10 @@ impl Scheduler {
 
     /// One forward pass over the running sequences of every precision, then sampling.
     fn step(&mut self) {
-        // Each sequence's input this step: a prompt chunk within the shared budget, or its last
-        // token. A sequence left out (budget spent) waits for the next step.
-        let mut budget = self.options.prefill_chunk;
-        let inputs: Vec<Option<Vec<u32>>> = self
-            .running
-            .iter()
-            .map(|s| {
-                let prompt = &s.request.prompt;
-                if s.prefilled < prompt.len() {
-                    let take = (prompt.len() - s.prefilled).min(budget);
-                    budget -= take;
-                    (take > 0).then(|| prompt[s.prefilled..s.prefilled + take].to_vec())
-                } else {
-                    Some(vec![s.last])
-                }
-            })
-            .collect();
+        if self.gpu.is_some() {
+            return self.step_gpu();
+        }
+        let inputs = self.inputs();
         // One batch per precision present, all run in one step.
         let mut members: Vec<Vec<usize>> = Vec::new();
         let mut steps: Vec<Vec<SequenceStep<'_>>> = Vec::new();
@@ -521,7 +624,8 @@ impl Scheduler {
                 members.len() - 1
             });
             members[k].push(i);
-            steps[k].push(SequenceStep { tokens, cache: &mut seq.cache });
+            let SeqCache::Host(cache) = &mut seq.cache else { unreachable!("a CPU engine holds host caches") };
+            steps[k].push(SequenceStep { tokens, cache });
         }
         let mut logits: Vec<Option<Result<Vec<f32>, String>>> = (0..inputs.len()).map(|_| None).collect();
         // Admission checked every precision against the transformers built at start; one that
@@ -561,8 +665,73 @@ impl Scheduler {
         }
         drop(batches);
         drop(steps);
+        self.finish_step(logits, &inputs);
+    }
+
+    /// [`Self::step`] on the GPU: one GPU forward per precision present.
+    fn step_gpu(&mut self) {
+        let inputs = self.inputs();
+        let mut by_precision: BTreeMap<Precision, Vec<usize>> = BTreeMap::new();
+        for (i, (seq, input)) in self.running.iter().zip(&inputs).enumerate() {
+            if input.is_some() {
+                by_precision.entry(seq.request.precision.clone()).or_default().push(i);
+            }
+        }
+        let mut logits: Vec<Option<Result<Vec<f32>, String>>> = (0..inputs.len()).map(|_| None).collect();
+        let gpu = self.gpu.as_mut().expect("a GPU engine");
+        for (precision, members) in &by_precision {
+            let rows: Vec<(usize, &[u32], usize)> = members
+                .iter()
+                .map(|&i| match (&self.running[i].cache, &inputs[i]) {
+                    (SeqCache::Gpu { slot, len }, Some(tokens)) => (*slot, tokens.as_slice(), *len),
+                    _ => unreachable!("GPU sequences with an input this step"),
+                })
+                .collect();
+            match gpu.forward(precision, &rows).context("forward pass on the GPU") {
+                Ok(rows) => {
+                    for (&i, row) in members.iter().zip(rows) {
+                        logits[i] = Some(Ok(row));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    for &i in members {
+                        logits[i] = Some(Err(format!("{e:#}")));
+                    }
+                }
+            }
+        }
+        for (seq, (row, input)) in self.running.iter_mut().zip(logits.iter().zip(&inputs)) {
+            if let (SeqCache::Gpu { len, .. }, Some(Ok(_)), Some(tokens)) = (&mut seq.cache, row, input) {
+                *len += tokens.len();
+            }
+        }
+        self.finish_step(logits, &inputs);
+    }
+
+    /// Each sequence's input this step: a prompt chunk within the shared budget, or its last
+    /// token; `None` for one left out (budget spent), which waits for the next step.
+    fn inputs(&self) -> Vec<Option<Vec<u32>>> {
+        let mut budget = self.options.prefill_chunk;
+        self.running
+            .iter()
+            .map(|s| {
+                let prompt = &s.request.prompt;
+                if s.prefilled < prompt.len() {
+                    let take = (prompt.len() - s.prefilled).min(budget);
+                    budget -= take;
+                    (take > 0).then(|| prompt[s.prefilled..s.prefilled + take].to_vec())
+                } else {
+                    Some(vec![s.last])
+                }
+            })
+            .collect()
+    }
+
+    /// Samples (or fails) every sequence that ran this step and drops the finished ones.
+    fn finish_step(&mut self, logits: Vec<Option<Result<Vec<f32>, String>>>, inputs: &[Option<Vec<u32>>]) {
         let mut done = vec![false; self.running.len()];
-        for (i, (row, input)) in logits.into_iter().zip(&inputs).enumerate() {
+        for (i, (row, input)) in logits.into_iter().zip(inputs).enumerate() {
             let (Some(row), Some(input)) = (row, input) else { continue };
             done[i] = match row {
                 Ok(row) => self.advance(i, input.len(), row),
@@ -575,10 +744,15 @@ impl Scheduler {
             };
         }
         let mut i = 0;
-        self.running.retain(|_| {
+        let mut freed = Vec::new();
+        self.running.retain(|s| {
             i += 1;
+            if done[i - 1] {
+                freed.extend(s.slot());
+            }
             !done[i - 1]
         });
+        self.release(freed);
         self.metrics.running.set(self.running.len() as i64);
     }
 

@@ -30,6 +30,8 @@ fn bad_flags_are_clear_errors() {
         (vec!["--ctx", "100000"], "context 100000"),
         (vec!["--max-batch", "0"], "max batch"),
         (vec!["--host", "not a host"], "invalid --host"),
+        (vec!["--device", "tpu"], "expected `cpu`, `cuda` or `cuda:N`"),
+        (vec!["--device", "cuda", "--activations", "int8"], "the GPU kernels take f32 activations"),
     ] {
         let out = Command::new(BIN).arg("--model").arg(&checkpoint).args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?} should fail");
@@ -56,6 +58,13 @@ fn bad_flags_are_clear_errors() {
     let out = Command::new(BIN).args(["--model", "/nonexistent/model.gguf"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model.gguf"));
+    // Serving on a GPU without a driver: a clear error at start (on a GPU machine the server
+    // starts; scripts/gpu-check.sh covers that).
+    if !kernels::cuda::driver_available() {
+        let out = Command::new(BIN).arg("--model").arg(&checkpoint).args(["--device", "cuda"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("no NVIDIA driver") && !err.contains("panicked"), "{err}");
+    }
 }
 
 #[cfg(unix)]

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use kernels::cuda::{CudaGraph, CudaPlanarWeight, CudaRuntime, CudaSlice, DeviceIds, KvArena, StepRows};
+use kernels::cuda::{CudaPlanarWeight, CudaRuntime, CudaSlice, DeviceIds, KvArena, StepGraph, StepRows};
 use kernels::ops::AttentionShape;
 use kernels::{PlanarWeight, MAX_BATCH};
 
@@ -161,7 +161,7 @@ struct StepBuffers {
 struct StepState {
     buffers: StepBuffers,
     /// By (rows, picked rows).
-    graphs: HashMap<(usize, usize), CudaGraph>,
+    graphs: HashMap<(usize, usize), StepGraph>,
 }
 
 /// One row of a GPU step: `token` at position `pos` of the sequence in slot `slot`; `pick`: return
@@ -280,7 +280,7 @@ impl CudaTransformer {
                     slot.insert(rt.capture(|| self.queue_step(b, arena, n, picked.len()).map_err(to_shape_error))?)
                 }
             };
-            graph.launch().map_err(|e| anyhow::anyhow!("replaying the step's CUDA graph: {e}"))?;
+            graph.launch().context("replaying the step's CUDA graph")?;
         } else {
             self.queue_step(b, arena, n, picked.len())?;
         }

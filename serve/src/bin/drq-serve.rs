@@ -65,6 +65,10 @@ struct Args {
     /// group:128 scales, see docs/RESULTS.md).
     #[arg(long, value_enum, default_value = "auto")]
     activations: Activations,
+    /// Where the steps run: `cpu`, or `cuda` / `cuda:N` (our CUDA kernels, f32 activations, every
+    /// precision from one upload of the weights; needs only the NVIDIA driver).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Require `Authorization: Bearer <key>` on /v1 (also from DRQ_API_KEY).
     #[arg(long, env = "DRQ_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -87,6 +91,12 @@ fn run(args: Args) -> Result<()> {
         .with_context(|| format!("invalid --host/--port {}:{}", args.host, args.port))?;
     let default_precision: Precision =
         args.default_precision.parse().with_context(|| format!("default precision `{}`", args.default_precision))?;
+    let gpu = cli::gpu_ordinal(&args.device)?;
+    anyhow::ensure!(
+        gpu.is_none() || args.activations != Activations::Int8,
+        "--device {}: the GPU kernels take f32 activations",
+        args.device
+    );
     let profiles = ProfileRules::load_all(&args.profile)?;
     let mut checkpoint = serve::load::open_or_quantize(&args.model, &settings, &model::source::pypi::drq_cache_dir()?)?;
     for p in &profiles {
@@ -101,6 +111,7 @@ fn run(args: Args) -> Result<()> {
         prefill_chunk: args.prefill_chunk,
         default_precision,
         kernel: KernelConfig { threads: args.threads, path: args.activations.path(), ..KernelConfig::default() },
+        gpu,
     };
     let model_id = args.model_id.clone().unwrap_or_else(|| {
         let path = std::path::Path::new(&args.model);
