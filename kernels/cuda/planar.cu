@@ -47,6 +47,22 @@ __device__ __forceinline__ unsigned decode4(const unsigned (&top)[BITS], unsigne
     return u + spread4((carry >> shift) & 15u);
 }
 
+// Word w of a row (`base`: the row's first word of plane 0) at BITS: its top planes, most
+// significant first, into `top`; returns the carry word (the rounding bit where the top bits are
+// not all ones, below 8 bits; the d plane at 8).
+template <int BITS>
+__device__ __forceinline__ unsigned load_word(const unsigned *__restrict__ base, unsigned plane_stride, unsigned w,
+                                              int has_d, unsigned (&top)[BITS]) {
+    unsigned all_ones = ~0u;
+#pragma unroll
+    for (int k = 0; k < BITS; k++) {
+        top[k] = __ldg(base + (size_t)(7 - k) * plane_stride + w);
+        all_ones &= top[k];
+    }
+    if (BITS < 8) return __ldg(base + (size_t)(7 - BITS) * plane_stride + w) & ~all_ones;
+    return has_d ? __ldg(base + (size_t)8 * plane_stride + w) : 0u;
+}
+
 // Byte i of u as 2^23 + byte (the float whose mantissa holds it).
 __device__ __forceinline__ float byte_as_float(unsigned u, unsigned i) {
     return __int_as_float(__byte_perm(u, 0x4B000000u, 0x7540u | i));
@@ -82,18 +98,7 @@ __device__ __forceinline__ void planar_matmul(const unsigned *__restrict__ plane
         if (!active || w >= wpr) continue;
 
         unsigned top[BITS];
-        unsigned all_ones = ~0u;
-#pragma unroll
-        for (int k = 0; k < BITS; k++) {
-            top[k] = __ldg(base + (size_t)(7 - k) * plane_stride + w);
-            all_ones &= top[k];
-        }
-        unsigned carry = 0;
-        if (BITS < 8) {
-            carry = __ldg(base + (size_t)(7 - BITS) * plane_stride + w) & ~all_ones;
-        } else if (has_d) {
-            carry = __ldg(base + (size_t)8 * plane_stride + w);
-        }
+        const unsigned carry = load_word<BITS>(base, plane_stride, w, has_d, top);
 
         const unsigned c0 = w * 32;
         const unsigned last = min(c0 + 31, cols - 1);
@@ -175,18 +180,7 @@ __device__ __forceinline__ void planar_rows(const unsigned *__restrict__ planes,
     const float step = (float)(1 << (8 - BITS));
     for (unsigned w = threadIdx.x; w < wpr; w += blockDim.x) {
         unsigned top[BITS];
-        unsigned all_ones = ~0u;
-#pragma unroll
-        for (int k = 0; k < BITS; k++) {
-            top[k] = __ldg(base + (size_t)(7 - k) * plane_stride + w);
-            all_ones &= top[k];
-        }
-        unsigned carry = 0;
-        if (BITS < 8) {
-            carry = __ldg(base + (size_t)(7 - BITS) * plane_stride + w) & ~all_ones;
-        } else if (has_d) {
-            carry = __ldg(base + (size_t)8 * plane_stride + w);
-        }
+        const unsigned carry = load_word<BITS>(base, plane_stride, w, has_d, top);
         for (unsigned t = 0; t < 8; t++) {
             const unsigned u = decode4<BITS>(top, carry, t);
 #pragma unroll
