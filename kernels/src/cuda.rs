@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+pub use cudarc::driver::CudaSlice;
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaStream, LaunchConfig, PushKernelArg};
-pub use cudarc::driver::{CudaSlice, DevicePtr};
 
 use crate::double_rounding::{check_bits, KernelError};
 use crate::planar::{PlanarWeight, MAX_BATCH};
@@ -30,7 +30,7 @@ const OPS_PTX: &str = include_str!("../cuda/ops.ptx");
 const WARPS: u32 = 8;
 /// Activation rows one launch serves: `MAX_ROWS` in `planar.cu`. Larger batches take one launch
 /// per chunk.
-pub const LAUNCH_ROWS: usize = 8;
+pub(crate) const LAUNCH_ROWS: usize = 8;
 /// The driver library names tried, most specific first (Linux).
 const DRIVER_LIBRARIES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
 

@@ -160,11 +160,6 @@ impl CudaRuntime {
         self.stream.alloc_zeros(len).map_err(driver("allocation"))
     }
 
-    /// Copies host `u32` values to a new device buffer.
-    pub fn upload_u32(&self, values: &[u32]) -> Result<CudaSlice<u32>, CudaError> {
-        self.stream.clone_htod(values).map_err(driver("upload"))
-    }
-
     /// Copies the first `out.len()` values of a device buffer into `out` and waits for it.
     pub fn download_f32_prefix(&self, values: &CudaSlice<f32>, out: &mut [f32]) -> Result<(), CudaError> {
         check_len("values", values.len(), out.len())?;
