@@ -151,17 +151,14 @@ impl<'a> Candidate<'a> {
 }
 
 /// Logits of positions `score_from..tokens.len()` of one window on the GPU, `[rows, vocab]` on
-/// the host: the window's positions in steps of up to `MAX_BATCH` rows in slot 0 of `arena`.
+/// the host: the window's positions in slot 0 of `arena`.
 fn gpu_window_logits(gpu: &CudaTransformer, arena: &mut KvArena, tokens: &[u32], score_from: usize) -> Result<Tensor> {
     let rows: Vec<GpuRow> = tokens
         .iter()
         .enumerate()
         .map(|(pos, &token)| GpuRow { slot: 0, pos, token, pick: pos >= score_from })
         .collect();
-    let mut logits = Vec::with_capacity((tokens.len() - score_from) * gpu.config().vocab_size);
-    for chunk in rows.chunks(kernels::MAX_BATCH) {
-        logits.extend(gpu.step_logits(arena, chunk)?);
-    }
+    let logits = gpu.step_logits(arena, &rows)?;
     let vocab = gpu.config().vocab_size;
     Ok(Tensor::from_vec(logits, (tokens.len() - score_from, vocab), &Device::Cpu)?)
 }

@@ -473,25 +473,13 @@ impl GpuServing {
     }
 
     /// The logits after the last token of each sequence's input, running `members` (sequence,
-    /// tokens, first position) at `precision` in GPU steps of up to 64 rows.
+    /// tokens, first position) at `precision` on the GPU.
     fn forward(&mut self, precision: &Precision, members: &[(usize, &[u32], usize)]) -> Result<Vec<Vec<f32>>> {
         let t = self.transformers.get(precision).with_context(|| format!("precision {precision} is not served"))?;
         let vocab = t.config().vocab_size;
-        let rows: Vec<GpuRow> = members
-            .iter()
-            .flat_map(|&(slot, tokens, start)| {
-                tokens.iter().enumerate().map(move |(i, &token)| GpuRow {
-                    slot,
-                    pos: start + i,
-                    token,
-                    pick: i + 1 == tokens.len(),
-                })
-            })
-            .collect();
-        let mut logits = Vec::with_capacity(members.len() * vocab);
-        for chunk in rows.chunks(kernels::MAX_BATCH) {
-            logits.extend(t.step_logits(&mut self.arena, chunk)?);
-        }
+        let rows: Vec<GpuRow> =
+            members.iter().flat_map(|&(slot, tokens, start)| GpuRow::sequence(slot, start, tokens)).collect();
+        let logits = t.step_logits(&mut self.arena, &rows)?;
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 }

@@ -269,24 +269,15 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Greedy decoding on the GPU of every prompt at once: the prompts' positions in steps of up to
-/// `MAX_BATCH` rows, then `gen - 1` steps of one row per sequence. Returns the seconds of the
+/// Greedy decoding on the GPU of every prompt at once: the prompts' positions, then `gen - 1`
+/// steps of one row per sequence. Returns the seconds of the
 /// prefill and of the decode steps, and the tokens generated for the first sequence.
 fn decode_gpu(t: &CudaTransformer, prompts: &[Vec<u32>], gen: usize) -> Result<(f64, f64, Vec<u32>)> {
     let prompt_len = prompts[0].len();
     let mut arena = t.kv_arena(prompts.len(), prompt_len + gen)?;
-    let rows: Vec<GpuRow> = prompts
-        .iter()
-        .enumerate()
-        .flat_map(|(slot, p)| {
-            p.iter().enumerate().map(move |(pos, &token)| GpuRow { slot, pos, token, pick: pos + 1 == p.len() })
-        })
-        .collect();
+    let rows: Vec<GpuRow> = prompts.iter().enumerate().flat_map(|(slot, p)| GpuRow::sequence(slot, 0, p)).collect();
     let started = Instant::now();
-    let mut next = Vec::with_capacity(prompts.len());
-    for chunk in rows.chunks(kernels::MAX_BATCH) {
-        next.extend(t.step_greedy(&mut arena, chunk)?);
-    }
+    let mut next = t.step_greedy(&mut arena, &rows)?;
     let prefill = started.elapsed().as_secs_f64();
     let mut first = vec![next[0]];
     let started = Instant::now();

@@ -4,7 +4,7 @@
 //! as the CPU runtimes serve; a [`GpuResident`] uploads each resident weight once, so the
 //! transformers of every precision share one copy on the device, as on the host.
 //!
-//! A step takes up to [`MAX_BATCH`] rows: positions of any sequences, each in a slot of a
+//! A step runs up to [`MAX_BATCH`] rows (longer lists are run in pieces): positions of any sequences, each in a slot of a
 //! [`KvArena`] (decode: one row per sequence; prefill: consecutive positions of one, chunked).
 //! Rows of one sequence in one step attend causally to each other, so a prefill split into
 //! chunks gives what one step would.
@@ -174,6 +174,19 @@ pub struct GpuRow {
     pub pick: bool,
 }
 
+impl GpuRow {
+    /// The rows of one sequence's new `tokens`, from position `start` of slot `slot`, picking the
+    /// last (its next token).
+    pub fn sequence(slot: usize, start: usize, tokens: &[u32]) -> impl Iterator<Item = GpuRow> + '_ {
+        tokens.iter().enumerate().map(move |(i, &token)| GpuRow {
+            slot,
+            pos: start + i,
+            token,
+            pick: i + 1 == tokens.len(),
+        })
+    }
+}
+
 impl Transformer {
     /// This transformer on the GPU of `gpu`, its weights uploaded there once (shared with the
     /// other transformers built through the same [`GpuResident`]).
@@ -228,12 +241,15 @@ impl CudaTransformer {
         Ok(self.rt.kv_arena(c.num_hidden_layers, slots, capacity, c.num_key_value_heads * c.head_dim)?)
     }
 
-    /// Runs 1..=[`MAX_BATCH`] rows through the model, writing their keys and values into
-    /// `arena`, and returns the greedy next token after each row with `pick`, in row order.
+    /// Runs `rows` (at least one; steps of up to [`MAX_BATCH`]) through the model, writing their
+    /// keys and values into `arena`, and returns the greedy next token after each row with
+    /// `pick`, in row order.
     pub fn step_greedy(&self, arena: &mut KvArena, rows: &[GpuRow]) -> Result<Vec<u32>> {
-        let mut out = vec![0u32; rows.iter().filter(|r| r.pick).count()];
-        self.step(arena, rows, |rt, b| {
-            rt.download_u32_prefix(&b.ids, &mut out).context("the step's greedy tokens")?;
+        let mut out = Vec::with_capacity(rows.iter().filter(|r| r.pick).count());
+        self.steps(arena, rows, |rt, b, picked| {
+            let mut ids = vec![0u32; picked];
+            rt.download_u32_prefix(&b.ids, &mut ids).context("the step's greedy tokens")?;
+            out.extend(ids);
             Ok(())
         })?;
         Ok(out)
@@ -242,12 +258,31 @@ impl CudaTransformer {
     /// [`Self::step_greedy`], returning the logits of each row with `pick` instead
     /// (`[picked, vocab]`, row-major), for sampling on the host and for perplexity.
     pub fn step_logits(&self, arena: &mut KvArena, rows: &[GpuRow]) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; rows.iter().filter(|r| r.pick).count() * self.config.vocab_size];
-        self.step(arena, rows, |rt, b| {
-            rt.download_f32_prefix(&b.logits, &mut out).context("the step's logits")?;
+        let vocab = self.config.vocab_size;
+        let mut out = Vec::with_capacity(rows.iter().filter(|r| r.pick).count() * vocab);
+        self.steps(arena, rows, |rt, b, picked| {
+            let mut logits = vec![0f32; picked * vocab];
+            rt.download_f32_prefix(&b.logits, &mut logits).context("the step's logits")?;
+            out.extend(logits);
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// [`Self::step`] over `rows` in pieces of [`MAX_BATCH`] (one sequence's rows may span two
+    /// pieces: they attend causally), `read` called after each piece with its picked rows.
+    fn steps(
+        &self,
+        arena: &mut KvArena,
+        rows: &[GpuRow],
+        mut read: impl FnMut(&CudaRuntime, &StepBuffers, usize) -> Result<()>,
+    ) -> Result<()> {
+        ensure!(!rows.is_empty(), "a GPU step takes at least one row");
+        for chunk in rows.chunks(MAX_BATCH) {
+            let picked = chunk.iter().filter(|r| r.pick).count();
+            self.step(arena, chunk, |rt, b| read(rt, b, picked))?;
+        }
+        Ok(())
     }
 
     /// Runs a step (graph replay or launches) and hands its buffers to `read` (which waits).
