@@ -172,6 +172,8 @@ pub fn run_cuda(
     min_seconds: f64,
 ) -> Result<GpuRun> {
     let rt = CudaRuntime::new(ordinal)?;
+    // The GPU kernels take f32 activations: the reference is the CPU's f32 path.
+    let cpu = &KernelConfig { path: kernels::ActPath::F32, ..*cpu };
     tracing::info!("GPU {ordinal}: {}", rt.device_name());
     let copy_len = 64 << 20; // f32 values: 256 MiB
     let src = rt.upload_f32(&vec![1.0f32; copy_len])?;
