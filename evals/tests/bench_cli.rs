@@ -64,12 +64,44 @@ fn reports_every_precision_and_refuses_bad_input() {
         (vec!["--batch", "0"], "at least 1"),
         (vec!["--prompt-tokens", "250", "--gen-tokens", "10"], "context"),
         (vec!["--device", "cuda", "--mixed", "--precision", "8,2"], "--mixed runs on the CPU"),
+        (vec!["--candle", "q8_0"], "--candle needs --reference"),
+        (vec!["--candle", "q3"], "q3"),
     ] {
         let out = Command::new(BIN).arg("--model").arg(&ckpt).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.code().is_some_and(|c| c != 0 && c != 101), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+    // candle's models as baselines in the same run: its float Llama over the reference's weights;
+    // its quantized Llama needs a GGUF file.
+    let hf = dir.path().join("hf");
+    model::export::write_hf_dir(&float, &hf).unwrap();
+    let out = Command::new(BIN)
+        .arg("--model")
+        .arg(&ckpt)
+        .arg("--reference")
+        .arg(&hf)
+        .args(["--candle", "f32", "--precision", "4", "--prompt-tokens", "4", "--gen-tokens", "4", "--batch", "2"])
+        .args(["--repeat", "1", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let candle = &report["rows"][1];
+    assert_eq!(candle["precision"], "candle f32");
+    assert!(candle["decode_tokens_per_s"].as_f64().unwrap() > 0.0 && candle["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let out = Command::new(BIN)
+        .arg("--model")
+        .arg(&ckpt)
+        .arg("--reference")
+        .arg(&hf)
+        .args(["--candle", "q8_0", "--gen-tokens", "4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("reads a GGUF file"), "{stderr}");
     // Decoding on a GPU: without a driver a clear error (on a GPU machine, scripts/gpu-check.sh).
     let out =
         Command::new(BIN).arg("--model").arg(&ckpt).args(["--device", "cuda", "--gen-tokens", "4"]).output().unwrap();

@@ -1,7 +1,8 @@
 //! `drq-bench`: greedy decoding speed of a checkpoint at several precisions through the serving
 //! runtime (`Transformer::forward_batch`, what `drq-serve` runs), from one resident copy, with
 //! the process's peak resident memory. Optionally the float model on candle as a baseline in the
-//! same run. With `--kernels`, the matmul kernels alone on the checkpoint's weight shapes, on the
+//! same run, and candle's own Llama and quantized Llama (`--candle`, on the CPU or a GPU) as
+//! baselines. With `--kernels`, the matmul kernels alone on the checkpoint's weight shapes, on the
 //! CPU or (`--device cuda`) on a GPU (`evals::kernel_bench`).
 
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use clap::Parser;
 use cli::Activations;
+use evals::candle_baseline::{CandleModel, CandleWeights};
 use evals::kernel_bench;
 use kernels::KernelConfig;
 use model::checkpoint::Checkpoint;
@@ -73,6 +75,14 @@ struct Args {
     /// copy as the bandwidth baseline). Needs only the NVIDIA driver.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// candle's own models as baselines in the same run, a row each: `f32`, `f16`, `bf16`
+    /// (candle-transformers' Llama over `--reference`'s weights) or `q8_0`, `q4_0`, `q4_1` (its
+    /// quantized Llama and `QMatMul` kernels over `--reference`, a GGUF file, re-quantized by
+    /// candle), decoding the same prompts on `--device` (a GPU needs candle's CUDA backend: a
+    /// binary from scripts/build-cuda.sh). candle's CPU threads follow RAYON_NUM_THREADS, set to
+    /// `--threads` when unset.
+    #[arg(long, value_delimiter = ',')]
+    candle: Vec<CandleWeights>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -82,7 +92,8 @@ struct Args {
 struct Row {
     precision: String,
     batch: usize,
-    prefill_tokens_per_s: f64,
+    /// `None`: the prompts could not be prefilled in one step (candle's quantized Llama, batch > 1).
+    prefill_tokens_per_s: Option<f64>,
     decode_tokens_per_s: f64,
     ms_per_step: f64,
     /// `--device cuda`: generated tokens of the first sequence equal to the CPU's greedy decode
@@ -117,6 +128,17 @@ fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.json {
         cli::check_output_dir("--json", path)?;
     }
+    let candle_device = if args.candle.is_empty() {
+        None
+    } else {
+        ensure!(!args.kernels, "--candle decodes with candle's models; --kernels times drq's kernels alone");
+        ensure!(args.reference.is_some(), "--candle needs --reference (the float model, a GGUF file for q8_0/q4_0/q4_1)");
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            // Read by candle when its thread pool starts (the first candle op, after this).
+            std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+        }
+        Some(cli::parse_device(&args.device)?)
+    };
     let kernel = KernelConfig { path: args.activations.path(), threads: args.threads, ..KernelConfig::default() };
     if args.kernels {
         return bench_kernels(&args, &precisions, gpu, &kernel);
@@ -197,11 +219,17 @@ fn run(args: Args) -> Result<()> {
         rows.push(Row {
             precision: p.to_string(),
             batch: args.batch,
-            prefill_tokens_per_s: (args.batch * args.prompt_tokens) as f64 / prefill,
+            prefill_tokens_per_s: Some((args.batch * args.prompt_tokens) as f64 / prefill),
             decode_tokens_per_s: steps * args.batch as f64 / decode_s,
             ms_per_step: decode_s / steps * 1e3,
             greedy_equal_to_cpu: agreement,
         });
+    }
+    if let Some(device) = &candle_device {
+        let reference = args.reference.as_deref().expect("checked with --candle");
+        for &weights in &args.candle {
+            rows.push(candle_row(reference, float.as_ref(), weights, device, &prompts, &args)?);
+        }
     }
     let quantized: Vec<&Precision> = precisions.iter().filter(|p| **p != Precision::Float).collect();
     if args.mixed {
@@ -219,7 +247,7 @@ fn run(args: Args) -> Result<()> {
             rows.push(Row {
                 precision: format!("mixed {label} ({how})"),
                 batch: args.batch * transformers.len(),
-                prefill_tokens_per_s: sequences * args.prompt_tokens as f64 / prefill,
+                prefill_tokens_per_s: Some(sequences * args.prompt_tokens as f64 / prefill),
                 decode_tokens_per_s: steps * sequences / decode_s,
                 ms_per_step: decode_s / steps * 1e3,
                 greedy_equal_to_cpu: None,
@@ -248,9 +276,10 @@ fn run(args: Args) -> Result<()> {
             .greedy_equal_to_cpu
             .map(|n| format!("   greedy tokens equal to the CPU's: {n}/{}", args.gen_tokens))
             .unwrap_or_default();
+        let prefill = r.prefill_tokens_per_s.map_or("—".to_string(), |v| format!("{v:.1}"));
         println!(
-            "{:>width$} {:>14.1} {:>14.1} {:>11.2}{agreement}",
-            r.precision, r.prefill_tokens_per_s, r.decode_tokens_per_s, r.ms_per_step
+            "{:>width$} {prefill:>14} {:>14.1} {:>11.2}{agreement}",
+            r.precision, r.decode_tokens_per_s, r.ms_per_step
         );
     }
     if let Some(peak) = peak {
@@ -267,6 +296,42 @@ fn run(args: Args) -> Result<()> {
         cli::write_atomically(path, serde_json::to_string_pretty(&json)?.as_bytes())?;
     }
     Ok(())
+}
+
+/// A row for candle's model with `weights` (see `--candle`) decoding `prompts` on `device`.
+fn candle_row(
+    reference: &str,
+    float: Option<&model::source::FloatModel>,
+    weights: CandleWeights,
+    device: &candle_core::Device,
+    prompts: &[Vec<u32>],
+    args: &Args,
+) -> Result<Row> {
+    let started = Instant::now();
+    let mut candle = match weights {
+        CandleWeights::F32 | CandleWeights::F16 | CandleWeights::Bf16 => {
+            let Some(float) = float else { bail!("--candle {}: needs --reference", weights.name()) };
+            CandleModel::float(float, weights, device)?
+        }
+        _ => match reference.parse::<ModelSource>()? {
+            ModelSource::Gguf(path) => CandleModel::quantized(&path, weights, device)?,
+            _ => bail!("--candle {}: candle's quantized Llama reads a GGUF file; --reference {reference} is not one", weights.name()),
+        },
+    };
+    tracing::info!("candle {} on {device:?}: loaded in {:.1}s", weights.name(), started.elapsed().as_secs_f64());
+    let mut runs =
+        (0..args.repeat).map(|_| candle.greedy(prompts, args.gen_tokens)).collect::<Result<Vec<_>>>()?;
+    runs.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let (prefill, decode_s, _) = runs[runs.len() / 2];
+    let steps = (args.gen_tokens - 1) as f64;
+    Ok(Row {
+        precision: format!("candle {}", weights.name()),
+        batch: args.batch,
+        prefill_tokens_per_s: prefill.map(|s| (args.batch * args.prompt_tokens) as f64 / s),
+        decode_tokens_per_s: steps * args.batch as f64 / decode_s,
+        ms_per_step: decode_s / steps * 1e3,
+        greedy_equal_to_cpu: None,
+    })
 }
 
 /// Greedy decoding on the GPU of every prompt at once: the prompts' positions, then `gen - 1`
