@@ -5,6 +5,8 @@
 # call and GB/s of plane bytes read, a device-to-device copy as the bandwidth baseline) at batch
 # 1, 16 and 64; then, on the shared SmolLM2 quantized there, greedy decoding on the GPU at 8, 4
 # and 2 bits (tokens/s at batch 1, 16 and 64, and the first sequence's tokens against the CPU's);
+# candle's own CUDA path on the same model in the same run (its Q8_0 QMatMul and f16 Llama, from
+# a drq-bench built by scripts/build-cuda.sh, when --prepare finds one);
 # the CPU of the same machine for scale; a summary last. Results under $OUT (default .gpu/out).
 #
 # The device tool carries at most 64 MiB per call, so the binaries and the model travel apart:
@@ -33,6 +35,13 @@ for line in sys.stdin:
     mkdir -p .gpu/bin .gpu/model .gpu/stage
     for b in drq-bench drq-quantize drq-eval drq-serve drq-loadgen; do strip -o ".gpu/stage/$b" "target/release/$b"; done
     strip -o .gpu/stage/kernels-tests "$tests"
+    # candle's CUDA path as the baseline (drq-bench --candle): a drq-bench built with candle's CUDA
+    # backend by scripts/build-cuda.sh (25 minutes here; it needs CUDA 13's libraries there).
+    if [ -x target/cuda/release/drq-bench ]; then
+        strip -o .gpu/stage/drq-bench-candle target/cuda/release/drq-bench
+    else
+        echo "warning: no target/cuda/release/drq-bench (scripts/build-cuda.sh): the candle baseline will be skipped" >&2
+    fi
     cp ../shared/data/wikitext-2-raw/wiki.test.raw .gpu/stage/
     # Compressed: the binaries and the text together stay well under the transfer limit.
     tar -C .gpu/stage -cJf .gpu/bin/bin.tar.xz .
@@ -103,6 +112,20 @@ if ls .gpu/model/part-* >/dev/null 2>&1; then
             --json "$OUT/serve-c$c.json" 2>&1 | tail -4
     done
     kill "$server" && wait "$server" || true
+    if [ -x .gpu/bin/drq-bench-candle ]; then
+        # candle's CUDA backend links CUDA 13's cuBLAS, cuRAND, NVRTC and runtime: find them.
+        libdirs=$( (ldconfig -p | awk '/lib(cublas|cublasLt|nvrtc|cudart)\.so\.13|libcurand\.so\.10/ {print $NF}'
+            find /usr/local/cuda*/ /opt /usr/lib -name 'lib*.so.1[03]' \( -name 'libcublas*' -o -name 'libcurand*' \
+                -o -name 'libnvrtc*' -o -name 'libcudart*' \) 2>/dev/null) | xargs -r -n1 dirname | sort -u | paste -sd:)
+        for b in 1 16 64; do
+            echo "== candle's CUDA path (its Q8_0 QMatMul, f16 Llama) against drq W8 on the GPU, same run, batch $b"
+            LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}" drq-bench-candle -m /tmp/default.safetensors \
+                --reference /tmp/model.gguf --device cuda -p 8 --candle q8_0,f16 -b "$b" --prompt-tokens 32 \
+                --gen-tokens 128 -r 3 --json "$OUT/candle-b$b.json" 2>&1 | tee "$OUT/candle-b$b.txt"
+        done
+    else
+        echo "== no drq-bench-candle in .gpu/bin: candle baseline skipped (scripts/build-cuda.sh, then --prepare)"
+    fi
     echo "== the same decoding on this machine's CPU, batch 1, $(nproc) threads"
     drq-bench -m /tmp/default.safetensors -p 8,4,2 -b 1 -t "$(nproc)" -r 3 --json "$OUT/cpu-decode-b1.json" 2>&1 |
         tee "$OUT/cpu-decode-b1.txt"
@@ -126,6 +149,13 @@ for b in (1, 16, 64, "1-nographs"):
         rows = json.loads(f.read_text())["rows"]
         print(f"decode batch {b}: " + "  ".join(
             f"{r['precision']}: {r['decode_tokens_per_s']:.0f} tok/s (equal to CPU: {r['greedy_equal_to_cpu']})" for r in rows))
+for b in (1, 16, 64):
+    f = out / f"candle-b{b}.json"
+    if f.exists():
+        rows = {r["precision"]: r["decode_tokens_per_s"] for r in json.loads(f.read_text())["rows"]}
+        q8 = rows.get("candle q8_0")
+        print(f"batch {b:>2} decode, same run: drq W8 {rows.get('8', 0):.0f} tok/s, candle q8_0 {q8 or 0:.0f}, "
+              f"candle f16 {rows.get('candle f16', 0):.0f}" + (f"  (drq W8 / candle q8_0: {rows['8'] / q8:.2f}x)" if q8 and "8" in rows else ""))
 for c in (1, 16, 64):
     f = out / f"serve-c{c}.json"
     if f.exists():
