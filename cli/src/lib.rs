@@ -118,14 +118,18 @@ pub fn cores() -> usize {
 /// `--activations` of every tool that runs the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Activations {
-    /// int8 activations for weights at 4 bits and below (where the weights' rounding dominates:
-    /// +0.9% perplexity at 4 bits for ~1.4x decode speed), f32 above (int8 costs +1.0% at 8).
+    /// int8 activations: one scale per weight group at 4 bits and below (where the weights'
+    /// rounding dominates: +0.9% perplexity at 4 bits for ~1.4x decode speed), one per 16 columns
+    /// above (+0.12% at 8 bits, faster than f32).
     Auto,
     /// f32 activations: exactly the dequantized weights' products, up to summation order.
     F32,
     /// int8 activations (absmax per weight scale group), exact integer dot products: faster,
     /// and less accurate (docs/RESULTS.md).
     Int8,
+    /// int8 activations with one absmax scale per 16 columns (SmolLM2's outlier channels stay
+    /// resolved), exact integer dot products per 16 columns combined in f32.
+    Int8Fine,
 }
 
 impl Activations {
@@ -134,6 +138,7 @@ impl Activations {
             Activations::Auto => kernels::ActPath::Auto,
             Activations::F32 => kernels::ActPath::F32,
             Activations::Int8 => kernels::ActPath::Int8,
+            Activations::Int8Fine => kernels::ActPath::Int8Fine,
         }
     }
 
@@ -142,6 +147,7 @@ impl Activations {
             Activations::Auto => "auto",
             Activations::F32 => "f32",
             Activations::Int8 => "int8",
+            Activations::Int8Fine => "int8-fine",
         }
     }
 }

@@ -90,7 +90,9 @@ fn reports_every_precision_and_refuses_bad_input() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let candle = &report["rows"][1];
     assert_eq!(candle["precision"], "candle f32");
-    assert!(candle["decode_tokens_per_s"].as_f64().unwrap() > 0.0 && candle["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        candle["decode_tokens_per_s"].as_f64().unwrap() > 0.0 && candle["prefill_tokens_per_s"].as_f64().unwrap() > 0.0
+    );
     let out = Command::new(BIN)
         .arg("--model")
         .arg(&ckpt)

@@ -132,7 +132,10 @@ fn run(args: Args) -> Result<()> {
         None
     } else {
         ensure!(!args.kernels, "--candle decodes with candle's models; --kernels times drq's kernels alone");
-        ensure!(args.reference.is_some(), "--candle needs --reference (the float model, a GGUF file for q8_0/q4_0/q4_1)");
+        ensure!(
+            args.reference.is_some(),
+            "--candle needs --reference (the float model, a GGUF file for q8_0/q4_0/q4_1)"
+        );
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             // Read by candle when its thread pool starts (the first candle op, after this).
             std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
@@ -315,12 +318,14 @@ fn candle_row(
         }
         _ => match reference.parse::<ModelSource>()? {
             ModelSource::Gguf(path) => CandleModel::quantized(&path, weights, device)?,
-            _ => bail!("--candle {}: candle's quantized Llama reads a GGUF file; --reference {reference} is not one", weights.name()),
+            _ => bail!(
+                "--candle {}: candle's quantized Llama reads a GGUF file; --reference {reference} is not one",
+                weights.name()
+            ),
         },
     };
     tracing::info!("candle {} on {device:?}: loaded in {:.1}s", weights.name(), started.elapsed().as_secs_f64());
-    let mut runs =
-        (0..args.repeat).map(|_| candle.greedy(prompts, args.gen_tokens)).collect::<Result<Vec<_>>>()?;
+    let mut runs = (0..args.repeat).map(|_| candle.greedy(prompts, args.gen_tokens)).collect::<Result<Vec<_>>>()?;
     runs.sort_by(|a, b| a.1.total_cmp(&b.1));
     let (prefill, decode_s, _) = runs[runs.len() / 2];
     let steps = (args.gen_tokens - 1) as f64;

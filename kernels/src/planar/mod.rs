@@ -83,6 +83,14 @@
 //!   with `vpmaddubsw` on `|q_l|` and `sign(x_q, q_l)` (no saturation since `|x_q| ≤ 127`) — and
 //!   `y = 2^Δ · Σ_g T_g · (s_g · a_g)` in f32 in a fixed order. All backends therefore return
 //!   bit-identical results on this path.
+//! - [`ActPath::Int8Fine`]: int8 activations with one absmax scale per 16 columns, whatever the
+//!   weight groups (SmolLM2's outlier channels need them: +0.2% perplexity at 8 bits where one
+//!   scale per 128 columns costs +0.8%). Per 16-column block `k` the exact `T_k` as above, then
+//!   `Y_{k mod 4} += (T_k · a_k) · s_{g(k)}` (a fused multiply-add) in f32 over the blocks in order and
+//!   `y = 2^Δ · ((Y_0 + Y_2) + (Y_1 + Y_3))`: four accumulators, because the AVX-512 kernel
+//!   holds the four blocks of a 64-column word of four weight rows in one vector. Bit-identical
+//!   across backends. Weights whose groups are not a multiple of 16 columns take
+//!   [`ActPath::Int8`].
 //!
 //! Weight rows are decoded once per call into small L1-resident scratch (the AVX-512 backend a
 //! block of ~4 KiB, at least 8 rows, at once: the plane words of consecutive rows are contiguous,
@@ -260,10 +268,15 @@ pub enum ActPath {
     /// int8 activations (absmax per weight scale group, quantized on the fly), exact integer dot
     /// products per scale group, f32 only to combine groups.
     Int8,
-    /// [`ActPath::Int8`] at [`INT8_MAX_BITS`] bits and below, [`ActPath::F32`] above: where the
-    /// weights' own rounding dominates, int8 activations cost little and buy speed (SmolLM2,
-    /// WikiText-2 slice: +0.9% perplexity at 4 bits against the weights' +62%, but +1.0% at 8
-    /// bits, where f32 stays; docs/RESULTS.md).
+    /// int8 activations with one absmax scale per 16 columns whatever the weight groups, exact
+    /// integer dot products per 16 columns combined in f32 ([`ActPath::Int8`] for weights whose
+    /// groups are not a multiple of 16 columns).
+    Int8Fine,
+    /// [`ActPath::Int8`] at [`INT8_MAX_BITS`] bits and below, where the weights' own rounding
+    /// dominates (SmolLM2, WikiText-2 slice: +0.9% perplexity at 4 bits for ~1.4× decode speed);
+    /// [`ActPath::Int8Fine`] above, where one activation scale per weight group would cost +0.8%
+    /// at 8 bits and 16-column blocks cost +0.12%, 1.07–1.16× the f32 path's speed
+    /// (docs/RESULTS.md, docs/BENCHMARKS.md).
     Auto,
 }
 
@@ -275,7 +288,7 @@ impl ActPath {
     pub fn at(self, bits: u32) -> ActPath {
         match self {
             ActPath::Auto if bits <= INT8_MAX_BITS => ActPath::Int8,
-            ActPath::Auto => ActPath::F32,
+            ActPath::Auto => ActPath::Int8Fine,
             path => path,
         }
     }
@@ -458,6 +471,23 @@ impl PlanarWeight {
     /// Columns rounded up to a multiple of 64 (the plane word).
     pub fn cols_padded(&self) -> usize {
         self.wpr * WORD_BITS
+    }
+
+    /// Whether [`ActPath::Int8Fine`] serves this weight: every 16-column activation block inside
+    /// one scale group.
+    pub(crate) fn fine_blocks_fit(&self) -> bool {
+        self.layout.n_groups() <= 1 || self.layout.group.is_multiple_of(FINE_BLOCK)
+    }
+
+    /// The scale group of 16-column block `k` on [`ActPath::Int8Fine`] (blocks in the padding
+    /// take the last column's group: they add `(0 · 0) · s`).
+    #[inline(always)]
+    pub(crate) fn fine_block_group(&self, k: usize) -> usize {
+        if self.layout.n_groups() <= 1 {
+            0
+        } else {
+            (FINE_BLOCK * k).min(self.layout.cols.saturating_sub(1)) / self.layout.group
+        }
     }
 
     pub fn layout(&self) -> &ScaleLayout {
@@ -719,8 +749,12 @@ impl PlanarWeight {
         self.prefetch_start(widest);
         let acts: Vec<Acts> = parts
             .iter()
-            .map(|p| match cfg.path.at(p.bits) {
-                ActPath::Int8 => Acts::int8(p.x, p.n, &self.layout, self.cols_padded()),
+            .zip(&precs)
+            .map(|(p, prec)| match cfg.path.at(p.bits) {
+                ActPath::Int8Fine if self.fine_blocks_fit() => {
+                    Acts::int8_fine(p.x, p.n, cols, self.cols_padded(), prec.half)
+                }
+                ActPath::Int8 | ActPath::Int8Fine => Acts::int8(p.x, p.n, &self.layout, self.cols_padded()),
                 _ => Acts::f32(p.x, p.n, cols, self.cols_padded()),
             })
             .collect();
@@ -845,6 +879,9 @@ fn vbmi_gfni() -> bool {
     }
 }
 
+/// Columns per activation scale on [`ActPath::Int8Fine`].
+pub(crate) const FINE_BLOCK: usize = 16;
+
 /// Activations prepared once per call, shared by all threads. Rows are `stride` apart, zero
 /// padded from `cols` to `stride = cols_padded + SLACK`.
 pub(crate) enum Acts {
@@ -862,6 +899,20 @@ pub(crate) enum Acts {
         scale: Vec<f32>,
         /// `Σ x_q` per row per group, `[n, n_groups]`.
         sum: Vec<i64>,
+    },
+    /// [`ActPath::Int8Fine`]: per activation row, one scale per 16-column block `k`, laid out as
+    /// the AVX-512 kernel reads them: for 64-column word `w`, block `4w + L` at `16w + 4L + e`
+    /// for `e` in 0..4 (repeated for the 4 weight rows of a vector), `cols_padded / 4` per row.
+    Int8Fine {
+        /// Quantized activations in `[−127, 127]`.
+        xq: Vec<i8>,
+        stride: usize,
+        /// The block's activation scale (absmax / 127; NaN for a non-finite block, 0 for an
+        /// all-zero one), `[n, cols_padded / 4]`.
+        scale: Vec<f32>,
+        /// `2^(l−1) · Σ x_q` of the block (what `Σ u_l · x_q` exceeds the signed sum by),
+        /// `[n, cols_padded / 4]`.
+        offset: Vec<i32>,
     },
 }
 
@@ -889,37 +940,97 @@ impl Acts {
                     let range = layout.group_cols(g);
                     let xs = &src[range.clone()];
                     let dst = &mut xq[b * stride..][range];
-                    let Some(absmax) = finite_absmax(xs) else {
-                        scale[b * ng + g] = f32::NAN;
-                        continue;
-                    };
-                    if absmax == 0.0 {
-                        continue;
-                    }
-                    let inv = 127.0 / absmax;
-                    let mut s = 0i64;
-                    // Branch-free lanes (the loops vectorize); i32 sums per 2^16 values are exact.
-                    for (dc, xc) in dst.chunks_mut(1 << 16).zip(xs.chunks(1 << 16)) {
-                        let mut s32 = 0i32;
-                        for (o, &v) in dc.iter_mut().zip(xc) {
-                            // |v · inv| ≤ 127 (1 + ε) and finite: the clamp never sees a NaN.
-                            let y = round_ties_even_small(v * inv);
-                            let y = if y > 127.0 { 127.0 } else { y };
-                            let y = if y < -127.0 { -127.0 } else { y };
-                            // SAFETY: y is an integer in [−127, 127].
-                            let q = unsafe { y.to_int_unchecked::<i32>() };
-                            *o = q as i8;
-                            s32 += q;
-                        }
-                        s += i64::from(s32);
-                    }
-                    scale[b * ng + g] = absmax / 127.0;
+                    let (a, s) = quantize_absmax(xs, dst);
+                    scale[b * ng + g] = a;
                     sum[b * ng + g] = s;
                 }
             }
         }
         Acts::Int8 { xq, stride, scale, sum }
     }
+
+    /// Absmax int8 quantization per row per 16 columns ([`Acts::Int8Fine`]); `half` = 2^(l−1)
+    /// of the call's precision.
+    fn int8_fine(x: &[f32], n: usize, cols: usize, cols_padded: usize, half: u8) -> Self {
+        let stride = cols_padded + SLACK;
+        let per_row = cols_padded / 4;
+        let mut xq = vec![0i8; n * stride];
+        let mut scale = vec![0f32; n * per_row];
+        let mut offset = vec![0i32; n * per_row];
+        if cols > 0 {
+            for (b, src) in x.chunks_exact(cols).enumerate() {
+                for (k, xs) in src.chunks(FINE_BLOCK).enumerate() {
+                    let dst = &mut xq[b * stride + FINE_BLOCK * k..][..xs.len()];
+                    let (a, s) = match <&[f32; FINE_BLOCK]>::try_from(xs) {
+                        Ok(whole) => quantize_block16(whole, dst.try_into().expect("as long as xs")),
+                        Err(_) => quantize_absmax(xs, dst),
+                    };
+                    // |Σ x_q| ≤ 16 · 127: the product fits i32.
+                    let o = i32::from(half) * s as i32;
+                    let at = b * per_row + 16 * (k / 4) + 4 * (k % 4);
+                    scale[at..at + 4].fill(a);
+                    offset[at..at + 4].fill(o);
+                }
+            }
+        }
+        Acts::Int8Fine { xq, stride, scale, offset }
+    }
+}
+
+/// [`quantize_absmax`] of one whole 16-column block, in fixed-size lanes (the per-call overhead
+/// of the general loop dominated at this size).
+#[inline]
+fn quantize_block16(xs: &[f32; FINE_BLOCK], dst: &mut [i8; FINE_BLOCK]) -> (f32, i64) {
+    let abs = xs.map(f32::abs);
+    // NaN and ±inf fail `a <= MAX`.
+    if !abs.iter().all(|&a| a <= f32::MAX) {
+        return (f32::NAN, 0);
+    }
+    let absmax = abs.iter().fold(0f32, |m, &a| if a > m { a } else { m });
+    if absmax == 0.0 {
+        return (0.0, 0);
+    }
+    let inv = 127.0 / absmax;
+    let mut s = 0i32;
+    for (o, &v) in dst.iter_mut().zip(xs) {
+        let y = round_ties_even_small(v * inv);
+        let y = if y > 127.0 { 127.0 } else { y };
+        let y = if y < -127.0 { -127.0 } else { y };
+        // SAFETY: y is an integer in [−127, 127].
+        let q = unsafe { y.to_int_unchecked::<i32>() };
+        *o = q as i8;
+        s += q;
+    }
+    (absmax / 127.0, i64::from(s))
+}
+
+/// Quantizes `xs` into `dst` with one absmax scale: returns the scale (absmax / 127; NaN if a
+/// value is not finite, leaving `dst` zero; 0 for all zeros) and `Σ x_q`.
+fn quantize_absmax(xs: &[f32], dst: &mut [i8]) -> (f32, i64) {
+    let Some(absmax) = finite_absmax(xs) else {
+        return (f32::NAN, 0);
+    };
+    if absmax == 0.0 {
+        return (0.0, 0);
+    }
+    let inv = 127.0 / absmax;
+    let mut s = 0i64;
+    // Branch-free lanes (the loops vectorize); i32 sums per 2^16 values are exact.
+    for (dc, xc) in dst.chunks_mut(1 << 16).zip(xs.chunks(1 << 16)) {
+        let mut s32 = 0i32;
+        for (o, &v) in dc.iter_mut().zip(xc) {
+            // |v · inv| ≤ 127 (1 + ε) and finite: the clamp never sees a NaN.
+            let y = round_ties_even_small(v * inv);
+            let y = if y > 127.0 { 127.0 } else { y };
+            let y = if y < -127.0 { -127.0 } else { y };
+            // SAFETY: y is an integer in [−127, 127].
+            let q = unsafe { y.to_int_unchecked::<i32>() };
+            *o = q as i8;
+            s32 += q;
+        }
+        s += i64::from(s32);
+    }
+    (absmax / 127.0, s)
 }
 
 /// A zeroed f32 buffer whose first element is 64-byte aligned (a cache line, an AVX-512 vector).
@@ -1053,6 +1164,20 @@ pub(crate) fn combine_int(job: &Job<'_>, r: usize, ascale: &[f32], mut t: impl F
         acc += t(g) as f32 * (job.scale(r, g) * a);
     }
     acc * job.prec.step
+}
+
+/// The [`ActPath::Int8Fine`] output of row `r` for one activation row, from the exact block sums
+/// `t(k) = Σ_{j ∈ block k} q_l[j] · x_q[j]` and the row's block scales `ascale` (the
+/// [`Acts::Int8Fine`] layout): `Y_{k mod 4} += (t(k) · a_k) · s_{g(k)}` (one fused multiply-add), then
+/// `((Y_0 + Y_2) + (Y_1 + Y_3)) · 2^Δ`, the order the AVX-512 kernel keeps in its lanes.
+#[inline(always)]
+pub(crate) fn combine_fine(job: &Job<'_>, r: usize, ascale: &[f32], mut t: impl FnMut(usize) -> i32) -> f32 {
+    let mut acc = [0f32; 4];
+    for k in 0..job.w.cols_padded() / FINE_BLOCK {
+        let a = ascale[16 * (k / 4) + 4 * (k % 4)];
+        acc[k % 4] = (t(k) as f32 * a).mul_add(job.scale(r, job.w.fine_block_group(k)), acc[k % 4]);
+    }
+    ((acc[0] + acc[2]) + (acc[1] + acc[3])) * job.prec.step
 }
 
 /// Zero-initialised scratch of one thread: a decoded row (bytes), a dequantized row (f32) and the

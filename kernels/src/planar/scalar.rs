@@ -1,7 +1,9 @@
 //! Portable kernels (the reference): SWAR decoding 8 weights at a time, i64 integer dot
 //! products, f32 dot products with 8 independent partial sums.
 
-use super::{by_bits, combine_int, dequant_row, Acts, Job, PlanarWeight, Prec, Scratch, WORD_BITS};
+use super::{
+    by_bits, combine_fine, combine_int, dequant_row, Acts, Job, PlanarWeight, Prec, Scratch, FINE_BLOCK, WORD_BITS,
+};
 use std::ops::Range;
 
 /// `SPREAD[b]` has bit `k` of `b` in the low bit of byte `k`.
@@ -80,6 +82,16 @@ pub(super) fn run(job: &Job<'_>, range: Range<usize>, out: &mut [&mut [f32]]) {
                     let xb = &xq[b * stride..(b + 1) * stride];
                     o[i] = combine_int(job, r, &scale[b * ng..(b + 1) * ng], |g| {
                         dot_i8(&sc.bytes, xb, w.layout.group_cols(g))
+                    });
+                }
+            }
+            Acts::Int8Fine { xq, stride, scale, .. } => {
+                let per_row = cp / 4;
+                for (b, o) in out.iter_mut().enumerate() {
+                    let xb = &xq[b * stride..(b + 1) * stride];
+                    o[i] = combine_fine(job, r, &scale[b * per_row..(b + 1) * per_row], |k| {
+                        // |Σ| ≤ 16 · 128 · 127: exact in i32.
+                        dot_i8(&sc.bytes, xb, FINE_BLOCK * k..FINE_BLOCK * (k + 1)) as i32
                     });
                 }
             }

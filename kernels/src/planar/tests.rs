@@ -306,6 +306,27 @@ fn check_weight(rng: &mut Rng, qw: &QuantizedWeight, tie: TieRule, batches: &[us
                 assert!(err <= tol, "{what} int8 vs exact at {i}: {err} > {tol}");
             }
         }
+        // Blocks of 16 columns: within the same kind of bound per block; weights whose groups are
+        // not a multiple of 16 take the per-group int8 path.
+        let fine_ref = run(Backend::Scalar, ActPath::Int8Fine, 1);
+        if pw.fine_blocks_fit() {
+            for b in 0..n {
+                for r in 0..rows {
+                    let mut bound = 0f64;
+                    for (xs, ws) in x[b * cols..(b + 1) * cols].chunks(16).zip(wd[r * cols..(r + 1) * cols].chunks(16))
+                    {
+                        let a = f64::from(xs.iter().fold(0f32, |m, v| m.max(v.abs()))) / 127.0;
+                        bound += ws.iter().map(|v| f64::from(v.abs())).sum::<f64>() * a / 2.0;
+                    }
+                    let i = b * rows + r;
+                    let err = (f64::from(fine_ref[i]) - exact[i]).abs();
+                    let tol = bound * 1.001 + 2.0 * f32_tol(cols, mag[i] + bound) + 1e-6 * exact[i].abs();
+                    assert!(err <= tol, "{what} int8 per 16 vs exact at {i}: {err} > {tol}");
+                }
+            }
+        } else {
+            assert!(fine_ref.iter().zip(&int_ref).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: not per group");
+        }
         // (backend, fast decoder allowed): the AVX-512 backend also without VBMI + GFNI.
         let variants = backends.iter().flat_map(|&b| {
             let slow = (b == Backend::Avx512).then_some((b, false));
@@ -324,6 +345,14 @@ fn check_weight(rng: &mut Rng, qw: &QuantizedWeight, tie: TieRule, batches: &[us
                 assert!(
                     y.iter().zip(&int_ref).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{what} {backend} t={threads}: int8 path differs from scalar"
+                );
+                let y = run(backend.0, ActPath::Int8Fine, threads);
+                let first = y.iter().zip(&fine_ref).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert!(
+                    first.is_none(),
+                    "{what} {backend} t={threads}: int8 per 16 differs from scalar at {first:?}: {} vs {}",
+                    y[first.unwrap_or(0)],
+                    fine_ref[first.unwrap_or(0)]
                 );
                 let y = run(backend.0, ActPath::F32, threads);
                 for i in 0..n * rows {
@@ -489,7 +518,7 @@ fn every_batch_size_gives_the_same_rows() {
         let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
         let x = random_x(&mut rng, MAX_BATCH * cols);
         for backend in Backend::available() {
-            for path in [ActPath::F32, ActPath::Int8] {
+            for path in [ActPath::F32, ActPath::Int8, ActPath::Int8Fine] {
                 for bits in 2..=8 {
                     let one = |b: usize| {
                         let mut y = vec![0f32; rows];
@@ -590,21 +619,75 @@ fn int8_activation_quantization_matches_reference() {
     }
 }
 
+/// The 16-column blocks of [`ActPath::Int8Fine`]: each block quantized like the per-group path
+/// quantizes a group (a partial last block too), its scale and `2^(l−1) · Σ x_q` repeated for the
+/// four weight rows of a vector at `16w + 4L + e`.
+#[test]
+fn int8_fine_blocks_match_the_group_quantization() {
+    let mut rng = Rng(22);
+    let (n, cols) = (3usize, 100usize);
+    let cp = cols.div_ceil(64) * 64;
+    let mut x = random_x(&mut rng, n * cols);
+    x[20..36].fill(0.0);
+    x[cols + 50] = f32::NAN;
+    let Acts::Int8Fine { xq, stride, scale, offset } = Acts::int8_fine(&x, n, cols, cp, 8) else { unreachable!() };
+    let layout = Granularity::Group(16).layout(1, cols).unwrap();
+    let Acts::Int8 { xq: gq, stride: gs, scale: gscale, sum: gsum } = Acts::int8(&x, n, &layout, cp) else {
+        unreachable!()
+    };
+    let ng = layout.n_groups();
+    for b in 0..n {
+        assert_eq!(xq[b * stride..b * stride + cp], gq[b * gs..b * gs + cp], "row {b}");
+        for k in 0..cp / 16 {
+            let (want_a, want_o) = if k < ng { (gscale[b * ng + k], 8 * gsum[b * ng + k] as i32) } else { (0.0, 0) };
+            for e in 0..4 {
+                let at = b * (cp / 4) + 16 * (k / 4) + 4 * (k % 4) + e;
+                assert_eq!(scale[at].to_bits(), want_a.to_bits(), "b={b} k={k}");
+                assert_eq!(offset[at], want_o, "b={b} k={k}");
+            }
+        }
+    }
+}
+
 #[test]
 fn int8_path_handles_zero_and_non_finite_activations() {
     let mut rng = Rng(5);
     let qw = random_weight(&mut rng, 3, 100, Granularity::Group(32));
     let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
-    for backend in Backend::available() {
-        let cfg = KernelConfig::new(backend, ActPath::Int8, 1);
+    for (backend, path) in Backend::available().into_iter().flat_map(|b| [(b, ActPath::Int8), (b, ActPath::Int8Fine)]) {
+        let cfg = KernelConfig::new(backend, path, 1);
         let mut y = vec![1f32; 3];
         pw.matvec(4, &[0f32; 100], &mut y, &cfg).unwrap();
         assert_eq!(y, [0.0; 3]);
         let mut x = vec![0.5f32; 100];
         x[40] = f32::INFINITY;
         pw.matvec(4, &x, &mut y, &cfg).unwrap();
-        assert!(y.iter().all(|v| v.is_nan()), "{backend}: {y:?}");
+        assert!(y.iter().all(|v| v.is_nan()), "{backend} {path:?}: {y:?}");
     }
+}
+
+/// What the 16-column activation blocks are for: an outlier channel (SmolLM2's hidden states have
+/// a few, ~100× the rest) costs every other column of its block its resolution, so finer blocks
+/// keep the product much closer to the f32 one than one scale per 128-column weight group.
+#[test]
+fn int8_per_16_columns_resolves_outlier_channels() {
+    let mut rng = Rng(21);
+    let (rows, cols) = (64, 576);
+    let qw = random_weight(&mut rng, rows, cols, Granularity::Group(128));
+    let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+    let mut x = random_x(&mut rng, cols);
+    for c in [7, 300] {
+        x[c] *= 200.0;
+    }
+    let run = |path| {
+        let mut y = vec![0f32; rows];
+        pw.matvec(8, &x, &mut y, &KernelConfig::new(Backend::best(), path, 1)).unwrap();
+        y
+    };
+    let exact = run(ActPath::F32);
+    let err = |y: &[f32]| y.iter().zip(&exact).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
+    let (group, fine) = (err(&run(ActPath::Int8)), err(&run(ActPath::Int8Fine)));
+    assert!(fine * 2.0 < group, "per 16 columns {fine:.3e} vs per group {group:.3e}");
 }
 
 #[test]
@@ -702,7 +785,7 @@ fn empty_shapes() {
         let qw = QuantizedWeight::new(vec![0; rows * cols], vec![1.0; layout.n_scales()], layout);
         let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
         for backend in Backend::available() {
-            for path in [ActPath::F32, ActPath::Int8] {
+            for path in [ActPath::F32, ActPath::Int8, ActPath::Int8Fine] {
                 let mut y = vec![1f32; rows];
                 pw.matvec(3, &vec![1.0; cols], &mut y, &KernelConfig::new(backend, path, 4)).unwrap();
                 assert!(y.iter().all(|&v| v == 0.0));
@@ -730,7 +813,7 @@ fn results_do_not_depend_on_batch_or_threads() {
     let n = 11;
     let x = random_x(&mut rng, n * cols);
     for backend in Backend::available() {
-        for path in [ActPath::F32, ActPath::Int8] {
+        for path in [ActPath::F32, ActPath::Int8, ActPath::Int8Fine] {
             for bits in [2, 5, 8] {
                 let mut y = vec![0f32; n * rows];
                 let cfg = KernelConfig::new(backend, path, 4);
@@ -762,7 +845,7 @@ fn multi_precision_pass_matches_separate_calls() {
         let plan = [(8, 3), (4, 6), (2, 1), (4, 2), (3, 64), (5, 2), (6, 1), (7, 5)];
         let xs: Vec<Vec<f32>> = plan.iter().map(|&(_, n)| random_x(&mut rng, n * cols)).collect();
         for backend in Backend::available() {
-            for path in [ActPath::F32, ActPath::Int8, ActPath::Auto] {
+            for path in [ActPath::F32, ActPath::Int8, ActPath::Int8Fine, ActPath::Auto] {
                 for (threads, fast) in [(1, true), (3, true), (2, false)] {
                     let cfg = KernelConfig::new(backend, path, threads);
                     let mut ys: Vec<Vec<f32>> = plan.iter().map(|&(_, n)| vec![f32::NAN; n * rows]).collect();
@@ -887,7 +970,8 @@ fn dequantize_rows_matches_dequantize() {
     assert_eq!(pw.dequantize_rows(1, &[0, 1], &mut out), Err(KernelError::InvalidBits(1)));
 }
 
-/// `ActPath::Auto` is the int8 path at `INT8_MAX_BITS` and below and the f32 path above, bit for bit.
+/// `ActPath::Auto` is the int8 path at `INT8_MAX_BITS` and below and the 16-column int8 path above,
+/// bit for bit.
 #[test]
 fn auto_activations_pick_int8_for_low_bits_only() {
     let mut rng = Rng(12);
@@ -901,9 +985,9 @@ fn auto_activations_pick_int8_for_low_bits_only() {
         y
     };
     for bits in 2..=8 {
-        let want = if bits <= super::INT8_MAX_BITS { ActPath::Int8 } else { ActPath::F32 };
+        let want = if bits <= super::INT8_MAX_BITS { ActPath::Int8 } else { ActPath::Int8Fine };
         assert_eq!(ActPath::Auto.at(bits), want);
         assert_eq!(run(bits, ActPath::Auto), run(bits, want), "bits {bits}");
     }
-    assert_ne!(run(4, ActPath::Int8), run(4, ActPath::F32), "the two paths should differ somewhere");
+    assert_ne!(run(4, ActPath::Int8), run(4, ActPath::Int8Fine), "the two paths should differ somewhere");
 }

@@ -16,13 +16,18 @@
 //! the rows' lanes of a scale group together (one transposing reduction instead of a horizontal sum
 //! per row); from 4 activation rows on it repacks 16 decoded rows into a panel whose vectors hold
 //! one column quad of all 16 rows, so that each `vpdpbusd` with a broadcast activation quad adds to
-//! 16 rows' sums and no reduction is needed ([`int8_gemm`]); its f32 path
+//! 16 rows' sums and no reduction is needed ([`int8_gemm`]). With one activation scale per 16
+//! columns (`Int8Fine`) the same two shapes reduce per word instead ([`int8_fine_rows4`]: the four
+//! blocks of 4 rows in one vector) or per 16-column block of the panel ([`fine_gemm_tile`]), and
+//! combine in f32 lane by lane, blocks of the same position in their word in one accumulator (the
+//! AVX2 backend runs the portable code for it); its f32 path
 //! converts the codes to scaled f32 (in registers, and into an f32 tile when more than 3
 //! activation rows share them) and runs a register-blocked FMA microkernel ([`f32_acc`]) over all
 //! activation rows, in one summation order for every batch size.
 
 use super::{
-    by_bits, combine_int, dequant_row, Acts, AlignedF32, Job, PlanarWeight, Prec, Scratch, INT_CHUNK, SLACK, WORD_BITS,
+    by_bits, combine_int, dequant_row, scalar, Acts, AlignedF32, Job, PlanarWeight, Prec, Scratch, INT_CHUNK, SLACK,
+    WORD_BITS,
 };
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -515,6 +520,203 @@ unsafe fn int8_rows4(
                         *d = v;
                     }
                 }
+            }
+            b += nb;
+        }
+        k += 4;
+    }
+}
+
+/// How [`int8_fine_rows4`] gets the weight scales of a 64-column word's four 16-column blocks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FineScales {
+    /// One scale group per word (per channel, or groups a multiple of 64 columns).
+    Word,
+    /// Groups of 16 or 32 columns: 4 or 2 consecutive scales of each row.
+    Sub16,
+    Sub32,
+    /// Other multiples of 16: block by block.
+    Blocks,
+}
+
+/// Lanes (L, e) ← (e, L) of a 4 × 4 matrix held as 16 lanes (`4L + e` ← `4e + L`).
+const TRANSPOSE4: [i32; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+/// Lanes (L, e) ← element L / 2 of 128-bit lane e (the two scales of each row, per block pair).
+const PAIRS4: [i32; 16] = [0, 4, 8, 12, 0, 4, 8, 12, 1, 5, 9, 13, 1, 5, 9, 13];
+
+/// The weight scales of word `wi`'s four blocks for 4 rows (scale index of row e's first group:
+/// `srow[e]`): lane `4L + e` = the scale of row e's group of block `4wi + L`
+/// ([`PlanarWeight::fine_block_group`]).
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `srow[e] + ng ≤ job.scales.len()`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn fine_wscales(job: &Job<'_>, srow: [usize; 4], wi: usize, kind: FineScales) -> __m512 {
+    let w = job.w;
+    let sp = job.scales.as_ptr();
+    // A last word with padding blocks takes the padding's clamped group, block by block.
+    let kind = if 64 * (wi + 1) > w.layout.cols && kind != FineScales::Word { FineScales::Blocks } else { kind };
+    // SAFETY: every index is `srow[e] + g` with g < ng: a block of a word inside the columns
+    // (Sub16: groups 4wi + L < ng; Sub32: 2wi + 1 < ng), or `fine_block_group` (< ng).
+    unsafe {
+        match kind {
+            FineScales::Word => {
+                let g = w.fine_block_group(4 * wi);
+                let v =
+                    _mm_setr_ps(*sp.add(srow[0] + g), *sp.add(srow[1] + g), *sp.add(srow[2] + g), *sp.add(srow[3] + g));
+                _mm512_broadcast_f32x4(v)
+            }
+            FineScales::Sub16 => {
+                let r: [__m128; 4] = std::array::from_fn(|e| _mm_loadu_ps(sp.add(srow[e] + 4 * wi)));
+                let v = _mm512_insertf32x4::<3>(
+                    _mm512_insertf32x4::<2>(_mm512_insertf32x4::<1>(_mm512_castps128_ps512(r[0]), r[1]), r[2]),
+                    r[3],
+                );
+                _mm512_permutexvar_ps(_mm512_loadu_si512(TRANSPOSE4.as_ptr().cast()), v)
+            }
+            FineScales::Sub32 => {
+                let r: [__m128; 4] =
+                    std::array::from_fn(|e| _mm_castpd_ps(_mm_load_sd(sp.add(srow[e] + 2 * wi).cast::<f64>())));
+                let v = _mm512_insertf32x4::<3>(
+                    _mm512_insertf32x4::<2>(_mm512_insertf32x4::<1>(_mm512_castps128_ps512(r[0]), r[1]), r[2]),
+                    r[3],
+                );
+                _mm512_permutexvar_ps(_mm512_loadu_si512(PAIRS4.as_ptr().cast()), v)
+            }
+            FineScales::Blocks => {
+                let mut t = [0f32; 16];
+                for l in 0..4 {
+                    let g = w.fine_block_group(4 * wi + l);
+                    for e in 0..4 {
+                        t[4 * l + e] = *sp.add(srow[e] + g);
+                    }
+                }
+                _mm512_loadu_ps(t.as_ptr())
+            }
+        }
+    }
+}
+
+/// Per-lane f32 sums of [`int8_fine_rows4`] for 4 weight rows (decoded `u_l` behind `u`, 64 · wpr
+/// bytes each) and `B` activation rows (`x`, with their [`Acts::Int8Fine`] block scales and
+/// offsets): for each word, the rows' `vpdpbusd` lanes reduced to the word's four block sums
+/// ([`lane_sums4`]: 128-bit lane L = block L, element e = row e), made exact signed sums by the
+/// offsets, then `Y += (T · a) · s` in f32, lane by lane.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI; `u`, `x` with 64 · wpr readable bytes, `a` and
+/// `off` with 16 · wpr values, `srow[e] + ng ≤ job.scales.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn fine_tile<const B: usize>(
+    job: &Job<'_>,
+    (u, srow, kind): ([*const u8; 4], [usize; 4], FineScales),
+    x: [*const i8; B],
+    a: [*const f32; B],
+    off: [*const i32; B],
+) -> [__m512; B] {
+    let z = _mm512_setzero_si512();
+    let mut y = [_mm512_setzero_ps(); B];
+    let mut ws = _mm512_setzero_ps();
+    let mut ws_group = usize::MAX;
+    for wi in 0..job.w.wpr {
+        // SAFETY: wi < wpr, and this function's contract.
+        unsafe {
+            if kind != FineScales::Word {
+                ws = fine_wscales(job, srow, wi, kind);
+            } else if job.w.fine_block_group(4 * wi) != ws_group {
+                ws_group = job.w.fine_block_group(4 * wi);
+                ws = fine_wscales(job, srow, wi, kind);
+            }
+            let uv: [__m512i; 4] = std::array::from_fn(|r| _mm512_loadu_si512(u[r].add(64 * wi).cast()));
+            for j in 0..B {
+                let xv = _mm512_loadu_si512(x[j].add(64 * wi).cast());
+                let t = lane_sums4(uv.map(|v| _mm512_dpbusd_epi32(z, v, xv)));
+                let t = _mm512_sub_epi32(t, _mm512_loadu_si512(off[j].add(16 * wi).cast()));
+                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(t), _mm512_loadu_ps(a[j].add(16 * wi)));
+                y[j] = _mm512_fmadd_ps(f, ws, y[j]);
+            }
+        }
+    }
+    y
+}
+
+/// The [`super::ActPath::Int8Fine`] outputs of rows `r0 .. r0 + nr` (decoded as `u_l` in `bytes`,
+/// `cp` apart; output index `i0` for row `r0`), 4 weight rows × up to 4 activation rows at a
+/// time ([`fine_tile`]), for every batch size: the f32 operations of [`super::combine_fine`] in
+/// its order, the four block accumulators in the four 128-bit lanes (bit for bit the same).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI. Bounds are checked (panics otherwise).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn int8_fine_rows4(job: &Job<'_>, bytes: &[u8], (r0, nr, i0): (usize, usize, usize), out: &mut [&mut [f32]]) {
+    let Acts::Int8Fine { xq, stride, scale, offset } = job.acts else {
+        return;
+    };
+    let w = job.w;
+    let (cp, ng, n, stride) = (w.cols_padded(), w.layout.n_groups(), out.len(), *stride);
+    let per_row = cp / 4;
+    assert!(w.fine_blocks_fit() && bytes.len() >= nr * cp && xq.len() >= n * stride && stride >= cp);
+    assert!(scale.len() >= n * per_row && offset.len() >= n * per_row && job.scales.len() >= (r0 + nr) * ng);
+    let kind = match w.layout.group {
+        _ if ng <= 1 || w.layout.group.is_multiple_of(64) => FineScales::Word,
+        16 => FineScales::Sub16,
+        32 => FineScales::Sub32,
+        _ => FineScales::Blocks,
+    };
+    let step = _mm_set1_ps(job.prec.step);
+    let mut k = 0;
+    while k < nr {
+        let nrow = (nr - k).min(4);
+        // Missing rows of the last quad repeat row k (computed, not stored).
+        let rows: [usize; 4] = std::array::from_fn(|j| k + if j < nrow { j } else { 0 });
+        let quad = (rows.map(|j| bytes[j * cp..].as_ptr()), rows.map(|j| (r0 + j) * ng), kind);
+        let mut b = 0;
+        while b < n {
+            let nb = (n - b).min(4);
+            let xp = |j: usize| xq[(b + j) * stride..].as_ptr();
+            let ap = |j: usize| scale[(b + j) * per_row..].as_ptr();
+            let op = |j: usize| offset[(b + j) * per_row..].as_ptr();
+            let mut y = [_mm512_setzero_ps(); 4];
+            // SAFETY: every row pointer has cp = 64 · wpr bytes, every x row `stride ≥ cp`, every
+            // scale and offset row cp / 4 = 16 · wpr values (asserted).
+            unsafe {
+                match nb {
+                    4 => {
+                        y = fine_tile::<4>(
+                            job,
+                            quad,
+                            std::array::from_fn(xp),
+                            std::array::from_fn(ap),
+                            std::array::from_fn(op),
+                        )
+                    }
+                    3 => y[..3].copy_from_slice(&fine_tile::<3>(
+                        job,
+                        quad,
+                        std::array::from_fn(xp),
+                        std::array::from_fn(ap),
+                        std::array::from_fn(op),
+                    )),
+                    2 => y[..2].copy_from_slice(&fine_tile::<2>(
+                        job,
+                        quad,
+                        std::array::from_fn(xp),
+                        std::array::from_fn(ap),
+                        std::array::from_fn(op),
+                    )),
+                    _ => y[0] = fine_tile::<1>(job, quad, [xp(0)], [ap(0)], [op(0)])[0],
+                }
+            }
+            for (j, v) in y.into_iter().enumerate().take(nb) {
+                let even = _mm_add_ps(_mm512_extractf32x4_ps::<0>(v), _mm512_extractf32x4_ps::<2>(v));
+                let odd = _mm_add_ps(_mm512_extractf32x4_ps::<1>(v), _mm512_extractf32x4_ps::<3>(v));
+                let r = _mm_mul_ps(_mm_add_ps(even, odd), step);
+                let mut t = [0f32; 4];
+                // SAFETY: 16 bytes.
+                unsafe { _mm_storeu_ps(t.as_mut_ptr(), r) };
+                out[b + j][i0 + k..i0 + k + nrow].copy_from_slice(&t[..nrow]);
             }
             b += nb;
         }
@@ -1163,6 +1365,25 @@ unsafe fn int8_gemm(
                 svals[g * PANEL + j] = job.scales[r * ng + g];
             }
         }
+        if let Acts::Int8Fine { .. } = job.acts {
+            let mut b = 0;
+            while b < n {
+                let nb = (n - b).min(4);
+                let tile = (b, np, i0 + p0);
+                // SAFETY: as for the int8 tiles below; `w` fits `fine_blocks_fit` (asserted inside).
+                unsafe {
+                    match nb {
+                        4 => fine_gemm_tile::<4>(job, panel, svals, tile, out),
+                        3 => fine_gemm_tile::<3>(job, panel, svals, tile, out),
+                        2 => fine_gemm_tile::<2>(job, panel, svals, tile, out),
+                        _ => fine_gemm_tile::<1>(job, panel, svals, tile, out),
+                    }
+                }
+                b += nb;
+            }
+            p0 += np;
+            continue;
+        }
         let mut b = 0;
         while b < n {
             let nb = (n - b).min(8);
@@ -1242,6 +1463,74 @@ unsafe fn gemm_tile<const B: usize>(
     }
 }
 
+/// One [`int8_gemm`] tile on [`super::ActPath::Int8Fine`]: the panel's 16 rows × activation rows
+/// `b .. b + B`, written to `out[b + j][o0 .. o0 + np]`. Per 16-column block the 4 quads' exact
+/// sums of the 16 rows in one vector, then [`super::combine_fine`]'s f32 operations with one
+/// accumulator per block position in its word, lane by lane (bit for bit the same).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VNNI; `panel` must hold `cp` packed bytes per row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn fine_gemm_tile<const B: usize>(
+    job: &Job<'_>,
+    panel: &[u8],
+    svals: &[f32],
+    (b, np, o0): (usize, usize, usize),
+    out: &mut [&mut [f32]],
+) {
+    let Acts::Int8Fine { xq, stride, scale, offset } = job.acts else {
+        return;
+    };
+    let w = job.w;
+    let (cp, ng) = (w.cols_padded(), w.layout.n_groups());
+    let per_row = cp / 4;
+    assert!(w.fine_blocks_fit() && xq.len() >= (b + B) * stride && *stride >= cp && panel.len() >= 16 * cp);
+    assert!(scale.len() >= (b + B) * per_row && offset.len() >= (b + B) * per_row && svals.len() >= PANEL * ng);
+    let x: [*const i8; B] = std::array::from_fn(|j| xq[(b + j) * stride..].as_ptr());
+    // Block k of the panel into `$y`, the accumulators of its position in the word (a macro, not
+    // a closure: each set of accumulators stays in registers).
+    macro_rules! block {
+        ($k:expr, $y:ident) => {{
+            let k = $k;
+            // SAFETY: fine_block_group(k) < ng: 16 f32 at svals[16·g ..] (asserted length).
+            let ws = unsafe { _mm512_loadu_ps(svals.as_ptr().add(PANEL * w.fine_block_group(k))) };
+            let at = 16 * (k / 4) + 4 * (k % 4);
+            // Starting from −offset, the sums come out signed and exact.
+            let mut acc: [__m512i; B] = std::array::from_fn(|j| _mm512_set1_epi32(-offset[(b + j) * per_row + at]));
+            for q in 4 * k..4 * k + 4 {
+                // SAFETY: q < cp/4: 64·q + 64 ≤ 16·cp panel bytes, 4·q + 4 ≤ cp ≤ stride x bytes.
+                unsafe {
+                    let wv = _mm512_loadu_si512(panel.as_ptr().add(64 * q).cast());
+                    for j in 0..B {
+                        let xv = _mm512_set1_epi32(x[j].add(4 * q).cast::<i32>().read_unaligned());
+                        acc[j] = _mm512_dpbusd_epi32(acc[j], wv, xv);
+                    }
+                }
+            }
+            for j in 0..B {
+                let f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_set1_ps(scale[(b + j) * per_row + at]));
+                $y[j] = _mm512_fmadd_ps(f, ws, $y[j]);
+            }
+        }};
+    }
+    let (mut y0, mut y1, mut y2, mut y3) =
+        ([_mm512_setzero_ps(); B], [_mm512_setzero_ps(); B], [_mm512_setzero_ps(); B], [_mm512_setzero_ps(); B]);
+    for wi in 0..cp / 64 {
+        block!(4 * wi, y0);
+        block!(4 * wi + 1, y1);
+        block!(4 * wi + 2, y2);
+        block!(4 * wi + 3, y3);
+    }
+    let step = _mm512_set1_ps(job.prec.step);
+    for j in 0..B {
+        let v = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(y0[j], y2[j]), _mm512_add_ps(y1[j], y3[j])), step);
+        let o = &mut out[b + j][o0..o0 + np];
+        // SAFETY: `o` holds np ≤ 16 f32; the mask writes only those.
+        unsafe { _mm512_mask_storeu_ps(o.as_mut_ptr(), ((1u32 << np) - 1) as u16, v) };
+    }
+}
+
 /// Bytes of decoded weight rows decoded at once by the AVX-512 backend (at least 8 rows, the unit
 /// of the int8 mat-vec kernel): small blocks keep the plane streams flowing between the decode and
 /// the dot phases (measured: 4 KiB beat 16 KiB on 1536×576).
@@ -1294,6 +1583,12 @@ pub(super) unsafe fn run_avx512(job: &Job<'_>, range: Range<usize>, out: &mut [&
         if signed {
             // SAFETY: AVX-512 F and BW are available (this function's contract).
             unsafe { f32_block(job, &sc.bytes, (&mut tile, &mut accs), rows, out) };
+            r0 += nr;
+            continue;
+        }
+        if let (Acts::Int8Fine { .. }, false) = (job.acts, gemm) {
+            // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract).
+            unsafe { int8_fine_rows4(job, &sc.bytes, rows, out) };
             r0 += nr;
             continue;
         }
@@ -1520,6 +1815,10 @@ unsafe fn dot_f32_avx2<const B: usize>(w: &[f32], xs: [&[f32]; B]) -> [f32; B] {
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mut [f32]]) {
+    if let Acts::Int8Fine { .. } = job.acts {
+        // No AVX2 kernel of its own: the portable one gives the same bits.
+        return scalar::run(job, range, out);
+    }
     let w = job.w;
     let cp = w.cols_padded();
     let ng = w.layout.n_groups();
@@ -1549,6 +1848,8 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
                     }
                 }
             }
+            // Served by `scalar::run` above.
+            Acts::Int8Fine { .. } => {}
             Acts::Int8 { xq, stride, scale, .. } => {
                 let xrow = |b: usize| &xq[b * stride..(b + 1) * stride];
                 for g in 0..ng {

@@ -59,10 +59,11 @@ struct Args {
     /// Kernel threads (default: every core).
     #[arg(long, default_value_t = cli::cores())]
     threads: usize,
-    /// Activations of the kernels: `auto` (int8 for weights at 4 bits and below, f32 above),
-    /// `f32` (exact products of the dequantized weights) or `int8` (quantized on the fly per
-    /// scale group: faster, and costs accuracy: on WikiText-2 +1.0% perplexity at 8 bits with
-    /// group:128 scales, see docs/RESULTS.md).
+    /// Activations of the kernels: `auto` (int8 per weight scale group at 4 bits and below, int8
+    /// per 16 columns above), `f32` (exact products of the dequantized weights), `int8` (quantized
+    /// on the fly per scale group: fastest, and costs accuracy: on WikiText-2 +0.8% perplexity at
+    /// 8 bits with group:128 scales) or `int8-fine` (per 16 columns: +0.12% at 8 bits; see
+    /// docs/RESULTS.md).
     #[arg(long, value_enum, default_value = "auto")]
     activations: Activations,
     /// Where the steps run: `cpu`, or `cuda` / `cuda:N` (our CUDA kernels, f32 activations, every
