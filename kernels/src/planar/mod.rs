@@ -993,15 +993,22 @@ fn quantize_block16(xs: &[f32; FINE_BLOCK], dst: &mut [i8; FINE_BLOCK]) -> (f32,
     let inv = 127.0 / absmax;
     let mut s = 0i32;
     for (o, &v) in dst.iter_mut().zip(xs) {
-        let y = round_ties_even_small(v * inv);
-        let y = if y > 127.0 { 127.0 } else { y };
-        let y = if y < -127.0 { -127.0 } else { y };
-        // SAFETY: y is an integer in [−127, 127].
-        let q = unsafe { y.to_int_unchecked::<i32>() };
+        let q = quantize_value(v, inv);
         *o = q as i8;
         s += q;
     }
     (absmax / 127.0, i64::from(s))
+}
+
+/// `round(v · inv)` clamped to [−127, 127], branch-free (the loops over it vectorize), for a
+/// finite `v` with `|v · inv| ≤ 127 (1 + ε)`: the clamp never sees a NaN.
+#[inline(always)]
+fn quantize_value(v: f32, inv: f32) -> i32 {
+    let y = round_ties_even_small(v * inv);
+    let y = if y > 127.0 { 127.0 } else { y };
+    let y = if y < -127.0 { -127.0 } else { y };
+    // SAFETY: y is an integer in [−127, 127].
+    unsafe { y.to_int_unchecked::<i32>() }
 }
 
 /// Quantizes `xs` into `dst` with one absmax scale: returns the scale (absmax / 127; NaN if a
@@ -1019,12 +1026,7 @@ fn quantize_absmax(xs: &[f32], dst: &mut [i8]) -> (f32, i64) {
     for (dc, xc) in dst.chunks_mut(1 << 16).zip(xs.chunks(1 << 16)) {
         let mut s32 = 0i32;
         for (o, &v) in dc.iter_mut().zip(xc) {
-            // |v · inv| ≤ 127 (1 + ε) and finite: the clamp never sees a NaN.
-            let y = round_ties_even_small(v * inv);
-            let y = if y > 127.0 { 127.0 } else { y };
-            let y = if y < -127.0 { -127.0 } else { y };
-            // SAFETY: y is an integer in [−127, 127].
-            let q = unsafe { y.to_int_unchecked::<i32>() };
+            let q = quantize_value(v, inv);
             *o = q as i8;
             s32 += q;
         }

@@ -599,23 +599,28 @@ unsafe fn fine_wscales(job: &Job<'_>, srow: [usize; 4], wi: usize, kind: FineSca
 }
 
 /// Per-lane f32 sums of [`int8_fine_rows4`] for 4 weight rows (decoded `u_l` behind `u`, 64 · wpr
-/// bytes each) and `B` activation rows (`x`, with their [`Acts::Int8Fine`] block scales and
+/// bytes each) and activation rows `b .. b + B` (with their [`Acts::Int8Fine`] block scales and
 /// offsets): for each word, the rows' `vpdpbusd` lanes reduced to the word's four block sums
 /// ([`lane_sums4`]: 128-bit lane L = block L, element e = row e), made exact signed sums by the
 /// offsets, then `Y += (T · a) · s` in f32, lane by lane.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW and VNNI; `u`, `x` with 64 · wpr readable bytes, `a` and
-/// `off` with 16 · wpr values, `srow[e] + ng ≤ job.scales.len()`.
+/// The CPU must support AVX-512 F, BW and VNNI; `u` with 64 · wpr readable bytes, activation rows
+/// `b + B ≤ n` with `stride ≥ cp`, `srow[e] + ng ≤ job.scales.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
 unsafe fn fine_tile<const B: usize>(
     job: &Job<'_>,
     (u, srow, kind): ([*const u8; 4], [usize; 4], FineScales),
-    x: [*const i8; B],
-    a: [*const f32; B],
-    off: [*const i32; B],
+    b: usize,
 ) -> [__m512; B] {
+    let Acts::Int8Fine { xq, stride, scale, offset } = job.acts else {
+        return [_mm512_setzero_ps(); B];
+    };
+    let per_row = job.w.cols_padded() / 4;
+    let x: [*const i8; B] = std::array::from_fn(|j| xq[(b + j) * stride..].as_ptr());
+    let a: [*const f32; B] = std::array::from_fn(|j| scale[(b + j) * per_row..].as_ptr());
+    let off: [*const i32; B] = std::array::from_fn(|j| offset[(b + j) * per_row..].as_ptr());
     let z = _mm512_setzero_si512();
     let mut y = [_mm512_setzero_ps(); B];
     let mut ws = _mm512_setzero_ps();
@@ -675,38 +680,15 @@ unsafe fn int8_fine_rows4(job: &Job<'_>, bytes: &[u8], (r0, nr, i0): (usize, usi
         let mut b = 0;
         while b < n {
             let nb = (n - b).min(4);
-            let xp = |j: usize| xq[(b + j) * stride..].as_ptr();
-            let ap = |j: usize| scale[(b + j) * per_row..].as_ptr();
-            let op = |j: usize| offset[(b + j) * per_row..].as_ptr();
             let mut y = [_mm512_setzero_ps(); 4];
             // SAFETY: every row pointer has cp = 64 · wpr bytes, every x row `stride ≥ cp`, every
-            // scale and offset row cp / 4 = 16 · wpr values (asserted).
+            // scale and offset row cp / 4 = 16 · wpr values (asserted), b + nb ≤ n.
             unsafe {
                 match nb {
-                    4 => {
-                        y = fine_tile::<4>(
-                            job,
-                            quad,
-                            std::array::from_fn(xp),
-                            std::array::from_fn(ap),
-                            std::array::from_fn(op),
-                        )
-                    }
-                    3 => y[..3].copy_from_slice(&fine_tile::<3>(
-                        job,
-                        quad,
-                        std::array::from_fn(xp),
-                        std::array::from_fn(ap),
-                        std::array::from_fn(op),
-                    )),
-                    2 => y[..2].copy_from_slice(&fine_tile::<2>(
-                        job,
-                        quad,
-                        std::array::from_fn(xp),
-                        std::array::from_fn(ap),
-                        std::array::from_fn(op),
-                    )),
-                    _ => y[0] = fine_tile::<1>(job, quad, [xp(0)], [ap(0)], [op(0)])[0],
+                    4 => y = fine_tile::<4>(job, quad, b),
+                    3 => y[..3].copy_from_slice(&fine_tile::<3>(job, quad, b)),
+                    2 => y[..2].copy_from_slice(&fine_tile::<2>(job, quad, b)),
+                    _ => y[0] = fine_tile::<1>(job, quad, b)[0],
                 }
             }
             for (j, v) in y.into_iter().enumerate().take(nb) {
