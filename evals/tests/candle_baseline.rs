@@ -32,6 +32,6 @@ fn candle_q8_0_and_float_llama_decode_the_shared_model_alike() {
     // Type mix-ups are errors, not panics.
     assert!(CandleModel::quantized(&gguf, CandleWeights::F16, &Device::Cpu).is_err());
     assert!(CandleModel::float(&float, CandleWeights::Q4_0, &Device::Cpu).is_err());
-    let err = q8.greedy(&[vec![1, 2], vec![1]], 4).err().expect("unequal prompts");
+    let err = q8.greedy(&[vec![1, 2], vec![1]], 4).expect_err("unequal prompts");
     assert!(err.to_string().contains("equally long"), "{err}");
 }

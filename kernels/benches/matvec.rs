@@ -23,8 +23,8 @@
 //! call runs (criterion's `--quick` has no warm-up, and a first call may start the kernels' worker
 //! pool or allocate candle's scratch).
 //!
-//! Names: `matvec/{rows}x{cols}/{channel|g128|g32}/{f32|int8}/b{bits}/t{threads}` (one activation
-//! row, [`ActPath::F32`] or [`ActPath::Int8`]), `matmul16/1536x576/channel/{f32|int8}/b{bits}/t1`
+//! Names: `matvec/{rows}x{cols}/{channel|g128|g32}/{f32|int8|int8-fine}/b{bits}/t{threads}` (one activation
+//! row, [`ActPath::F32`], [`ActPath::Int8`] or [`ActPath::Int8Fine`]), `matmul16/1536x576/channel/{f32|int8|int8-fine}/b{bits}/t1`
 //! (16 rows, the weight read once for all), `matmul64/1536x576/channel/f32/b{bits}/t1` (64 rows,
 //! a prefill chunk), `baseline/read_bandwidth/t{1,2}`,
 //! `baseline/candle_{f32,q8_0,q4_k}/{rows}x{cols}` (Q4_K needs `cols % 256 == 0`: only 576x1536
@@ -147,6 +147,7 @@ fn path_name(p: ActPath) -> &'static str {
     match p {
         ActPath::F32 => "f32",
         ActPath::Int8 => "int8",
+        ActPath::Int8Fine => "int8-fine",
         ActPath::Auto => "auto",
     }
 }
@@ -207,7 +208,7 @@ fn kernels_on(c: &mut Criterion, shape: (usize, usize), bits: &[u32]) {
 
         let mut group = c.benchmark_group(format!("matvec/{name}"));
         for &b in bits {
-            for path in [ActPath::F32, ActPath::Int8] {
+            for path in [ActPath::F32, ActPath::Int8, ActPath::Int8Fine] {
                 let threaded = granularity == Granularity::Channel
                     && THREADED_SHAPES.contains(&shape)
                     && THREADED_BITS.contains(&b);
@@ -223,7 +224,7 @@ fn kernels_on(c: &mut Criterion, shape: (usize, usize), bits: &[u32]) {
         if shape == DETAIL_SHAPE && granularity == Granularity::Channel {
             let mut group = c.benchmark_group(format!("matmul{BATCH}/{name}"));
             for &b in bits {
-                for path in [ActPath::F32, ActPath::Int8] {
+                for path in [ActPath::F32, ActPath::Int8, ActPath::Int8Fine] {
                     let id = format!("{gname}/{}/b{b}/t1", path_name(path));
                     let cfg = KernelConfig::new(Backend::best(), path, 1);
                     bench.run(&mut group, id, BATCH, b, cfg);
@@ -232,7 +233,7 @@ fn kernels_on(c: &mut Criterion, shape: (usize, usize), bits: &[u32]) {
             group.finish();
             let mut group = c.benchmark_group(format!("matmul{BATCH_LARGE}/{name}"));
             for &b in bits {
-                for path in [ActPath::F32, ActPath::Int8] {
+                for path in [ActPath::F32, ActPath::Int8, ActPath::Int8Fine] {
                     let id = format!("{gname}/{}/b{b}/t1", path_name(path));
                     let cfg = KernelConfig::new(Backend::best(), path, 1);
                     bench.run(&mut group, id, BATCH_LARGE, b, cfg);
