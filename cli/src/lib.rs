@@ -120,7 +120,7 @@ pub fn cores() -> usize {
 pub enum Activations {
     /// int8 activations: one scale per weight group at 4 bits and below (where the weights'
     /// rounding dominates: +0.9% perplexity at 4 bits for ~1.4x decode speed), one per 16 columns
-    /// above (+0.12% at 8 bits, faster than f32).
+    /// above on AVX-512 CPUs (+0.12% at 8 bits, faster than f32; f32 on the others).
     Auto,
     /// f32 activations: exactly the dequantized weights' products, up to summation order.
     F32,

@@ -274,9 +274,9 @@ pub enum ActPath {
     Int8Fine,
     /// [`ActPath::Int8`] at [`INT8_MAX_BITS`] bits and below, where the weights' own rounding
     /// dominates (SmolLM2, WikiText-2 slice: +0.9% perplexity at 4 bits for ~1.4× decode speed);
-    /// [`ActPath::Int8Fine`] above, where one activation scale per weight group would cost +0.8%
-    /// at 8 bits and 16-column blocks cost +0.12%, 1.07–1.16× the f32 path's speed
-    /// (docs/RESULTS.md, docs/BENCHMARKS.md).
+    /// [`ActPath::Int8Fine`] above on the AVX-512 backend, where one activation scale per weight
+    /// group would cost +0.8% at 8 bits and 16-column blocks cost +0.12%, 1.0–1.2× the f32 path's
+    /// speed (docs/RESULTS.md, docs/BENCHMARKS.md); [`ActPath::F32`] above on the others.
     Auto,
 }
 
@@ -284,11 +284,15 @@ pub enum ActPath {
 pub const INT8_MAX_BITS: u32 = 4;
 
 impl ActPath {
-    /// The numeric path of a call at `bits`: [`ActPath::Auto`] resolved, the others as they are.
-    pub fn at(self, bits: u32) -> ActPath {
+    /// The numeric path of a call at `bits` on `backend`: [`ActPath::Auto`] resolved, the others as
+    /// they are. Above [`INT8_MAX_BITS`] only the AVX-512 backend has a kernel of its own for
+    /// [`ActPath::Int8Fine`]; the others run the portable code for it, slower than their f32 path,
+    /// so there `Auto` stays [`ActPath::F32`].
+    pub fn at(self, bits: u32, backend: Backend) -> ActPath {
         match self {
             ActPath::Auto if bits <= INT8_MAX_BITS => ActPath::Int8,
-            ActPath::Auto => ActPath::Int8Fine,
+            ActPath::Auto if backend == Backend::Avx512 => ActPath::Int8Fine,
+            ActPath::Auto => ActPath::F32,
             path => path,
         }
     }
@@ -750,7 +754,7 @@ impl PlanarWeight {
         let acts: Vec<Acts> = parts
             .iter()
             .zip(&precs)
-            .map(|(p, prec)| match cfg.path.at(p.bits) {
+            .map(|(p, prec)| match cfg.path.at(p.bits, cfg.backend) {
                 ActPath::Int8Fine if self.fine_blocks_fit() => {
                     Acts::int8_fine(p.x, p.n, cols, self.cols_padded(), prec.half)
                 }

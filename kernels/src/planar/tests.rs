@@ -970,8 +970,8 @@ fn dequantize_rows_matches_dequantize() {
     assert_eq!(pw.dequantize_rows(1, &[0, 1], &mut out), Err(KernelError::InvalidBits(1)));
 }
 
-/// `ActPath::Auto` is the int8 path at `INT8_MAX_BITS` and below and the 16-column int8 path above,
-/// bit for bit.
+/// `ActPath::Auto` is the int8 path at `INT8_MAX_BITS` and below and above it the 16-column int8
+/// path on AVX-512, the f32 path elsewhere, bit for bit.
 #[test]
 fn auto_activations_pick_int8_for_low_bits_only() {
     let mut rng = Rng(12);
@@ -979,15 +979,21 @@ fn auto_activations_pick_int8_for_low_bits_only() {
     let qw = random_weight(&mut rng, rows, cols, Granularity::Group(64));
     let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
     let x = random_x(&mut rng, 2 * cols);
-    let run = |bits, path| {
-        let mut y = vec![0f32; 2 * rows];
-        pw.matmul(bits, &x, 2, &mut y, &KernelConfig::new(Backend::best(), path, 1)).unwrap();
-        y
-    };
-    for bits in 2..=8 {
-        let want = if bits <= super::INT8_MAX_BITS { ActPath::Int8 } else { ActPath::Int8Fine };
-        assert_eq!(ActPath::Auto.at(bits), want);
-        assert_eq!(run(bits, ActPath::Auto), run(bits, want), "bits {bits}");
+    for backend in Backend::available() {
+        let run = |bits, path| {
+            let mut y = vec![0f32; 2 * rows];
+            pw.matmul(bits, &x, 2, &mut y, &KernelConfig::new(backend, path, 1)).unwrap();
+            y
+        };
+        for bits in 2..=8 {
+            let want = match bits {
+                b if b <= super::INT8_MAX_BITS => ActPath::Int8,
+                _ if backend == Backend::Avx512 => ActPath::Int8Fine,
+                _ => ActPath::F32,
+            };
+            assert_eq!(ActPath::Auto.at(bits, backend), want);
+            assert_eq!(run(bits, ActPath::Auto), run(bits, want), "{backend} bits {bits}");
+        }
+        assert_ne!(run(4, ActPath::Int8), run(4, ActPath::Int8Fine), "the two paths should differ somewhere");
     }
-    assert_ne!(run(4, ActPath::Int8), run(4, ActPath::Int8Fine), "the two paths should differ somewhere");
 }

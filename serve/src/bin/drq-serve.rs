@@ -60,7 +60,7 @@ struct Args {
     #[arg(long, default_value_t = cli::cores())]
     threads: usize,
     /// Activations of the kernels: `auto` (int8 per weight scale group at 4 bits and below, int8
-    /// per 16 columns above), `f32` (exact products of the dequantized weights), `int8` (quantized
+    /// per 16 columns above on AVX-512 CPUs, f32 on others), `f32` (exact products of the dequantized weights), `int8` (quantized
     /// on the fly per scale group: fastest, and costs accuracy: on WikiText-2 +0.8% perplexity at
     /// 8 bits with group:128 scales) or `int8-fine` (per 16 columns: +0.12% at 8 bits; see
     /// docs/RESULTS.md).
