@@ -101,6 +101,24 @@ struct Row {
     greedy_equal_to_cpu: Option<usize>,
 }
 
+impl Row {
+    /// The row of the median of `runs` (seconds of the prefill, `None` where it was not one step,
+    /// and of the decode steps) of `sequences` sequences decoded together.
+    fn median(precision: String, sequences: usize, args: &Args, mut runs: Vec<(Option<f64>, f64)>) -> Row {
+        runs.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let (prefill, decode_s) = runs[runs.len() / 2];
+        let steps = (args.gen_tokens - 1) as f64;
+        Row {
+            precision,
+            batch: sequences,
+            prefill_tokens_per_s: prefill.map(|s| (sequences * args.prompt_tokens) as f64 / s),
+            decode_tokens_per_s: steps * sequences as f64 / decode_s,
+            ms_per_step: decode_s / steps * 1e3,
+            greedy_equal_to_cpu: None,
+        }
+    }
+}
+
 /// Text the prompts are cut from (different offsets per sequence).
 const TEXT: &str = "The lighthouse stood at the edge of the world, where the grey sea met a sky that never \
 quite decided whether to rain. Every evening the keeper climbed the one hundred and twelve steps, \
@@ -194,7 +212,7 @@ fn run(args: Args) -> Result<()> {
             (p, _) => Transformer::from_resident(&resident, p, &kernel)?,
         };
         let mut agreement = None;
-        let mut runs: Vec<(f64, f64)> = match &mut gpu {
+        let runs: Vec<(f64, f64)> = match &mut gpu {
             None => (0..args.repeat)
                 .map(|_| decode(&[&transformer], &prompts, args.gen_tokens, false))
                 .collect::<Result<_>>()?,
@@ -216,17 +234,8 @@ fn run(args: Args) -> Result<()> {
                 runs
             }
         };
-        runs.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let (prefill, decode_s) = runs[runs.len() / 2];
-        let steps = (args.gen_tokens - 1) as f64;
-        rows.push(Row {
-            precision: p.to_string(),
-            batch: args.batch,
-            prefill_tokens_per_s: Some((args.batch * args.prompt_tokens) as f64 / prefill),
-            decode_tokens_per_s: steps * args.batch as f64 / decode_s,
-            ms_per_step: decode_s / steps * 1e3,
-            greedy_equal_to_cpu: agreement,
-        });
+        let runs = runs.into_iter().map(|(prefill, decode_s)| (Some(prefill), decode_s)).collect();
+        rows.push(Row { greedy_equal_to_cpu: agreement, ..Row::median(p.to_string(), args.batch, &args, runs) });
     }
     if let Some(device) = &candle_device {
         let reference = args.reference.as_deref().expect("checked with --candle");
@@ -242,19 +251,11 @@ fn run(args: Args) -> Result<()> {
         let refs: Vec<&Transformer> = transformers.iter().collect();
         let label = quantized.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("/");
         for (together, how) in [(true, "one pass"), (false, "per precision")] {
-            let mut runs: Vec<(f64, f64)> =
-                (0..args.repeat).map(|_| decode(&refs, &prompts, args.gen_tokens, together)).collect::<Result<_>>()?;
-            runs.sort_by(|a, b| a.1.total_cmp(&b.1));
-            let (prefill, decode_s) = runs[runs.len() / 2];
-            let (steps, sequences) = ((args.gen_tokens - 1) as f64, (args.batch * transformers.len()) as f64);
-            rows.push(Row {
-                precision: format!("mixed {label} ({how})"),
-                batch: args.batch * transformers.len(),
-                prefill_tokens_per_s: Some(sequences * args.prompt_tokens as f64 / prefill),
-                decode_tokens_per_s: steps * sequences / decode_s,
-                ms_per_step: decode_s / steps * 1e3,
-                greedy_equal_to_cpu: None,
-            });
+            let runs = (0..args.repeat)
+                .map(|_| decode(&refs, &prompts, args.gen_tokens, together).map(|(p, d)| (Some(p), d)))
+                .collect::<Result<_>>()?;
+            let label = format!("mixed {label} ({how})");
+            rows.push(Row::median(label, args.batch * transformers.len(), &args, runs));
         }
     }
     let peak = peak_rss_bytes();
@@ -325,18 +326,10 @@ fn candle_row(
         },
     };
     tracing::info!("candle {} on {device:?}: loaded in {:.1}s", weights.name(), started.elapsed().as_secs_f64());
-    let mut runs = (0..args.repeat).map(|_| candle.greedy(prompts, args.gen_tokens)).collect::<Result<Vec<_>>>()?;
-    runs.sort_by(|a, b| a.1.total_cmp(&b.1));
-    let (prefill, decode_s, _) = runs[runs.len() / 2];
-    let steps = (args.gen_tokens - 1) as f64;
-    Ok(Row {
-        precision: format!("candle {}", weights.name()),
-        batch: args.batch,
-        prefill_tokens_per_s: prefill.map(|s| (args.batch * args.prompt_tokens) as f64 / s),
-        decode_tokens_per_s: steps * args.batch as f64 / decode_s,
-        ms_per_step: decode_s / steps * 1e3,
-        greedy_equal_to_cpu: None,
-    })
+    let runs = (0..args.repeat)
+        .map(|_| candle.greedy(prompts, args.gen_tokens).map(|(p, d, _)| (p, d)))
+        .collect::<Result<_>>()?;
+    Ok(Row::median(format!("candle {}", weights.name()), args.batch, args, runs))
 }
 
 /// Greedy decoding on the GPU of every prompt at once: the prompts' positions, then `gen - 1`

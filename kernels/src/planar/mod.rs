@@ -84,7 +84,7 @@
 //!   `y = 2^Δ · Σ_g T_g · (s_g · a_g)` in f32 in a fixed order. All backends therefore return
 //!   bit-identical results on this path.
 //! - [`ActPath::Int8Fine`]: int8 activations with one absmax scale per 16 columns, whatever the
-//!   weight groups (SmolLM2's outlier channels need them: +0.2% perplexity at 8 bits where one
+//!   weight groups (SmolLM2's outlier channels need them: +0.12% perplexity at 8 bits where one
 //!   scale per 128 columns costs +0.8%). Per 16-column block `k` the exact `T_k` as above, then
 //!   `Y_{k mod 4} += (T_k · a_k) · s_{g(k)}` (a fused multiply-add) in f32 over the blocks in order and
 //!   `y = 2^Δ · ((Y_0 + Y_2) + (Y_1 + Y_3))`: four accumulators, because the AVX-512 kernel

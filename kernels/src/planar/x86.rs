@@ -628,10 +628,10 @@ unsafe fn fine_tile<const B: usize>(
     for wi in 0..job.w.wpr {
         // SAFETY: wi < wpr, and this function's contract.
         unsafe {
-            if kind != FineScales::Word {
-                ws = fine_wscales(job, srow, wi, kind);
-            } else if job.w.fine_block_group(4 * wi) != ws_group {
-                ws_group = job.w.fine_block_group(4 * wi);
+            // One group per word: the scales change only with the group.
+            let group = if kind == FineScales::Word { job.w.fine_block_group(4 * wi) } else { usize::MAX };
+            if kind != FineScales::Word || group != ws_group {
+                ws_group = group;
                 ws = fine_wscales(job, srow, wi, kind);
             }
             let uv: [__m512i; 4] = std::array::from_fn(|r| _mm512_loadu_si512(u[r].add(64 * wi).cast()));
@@ -1347,41 +1347,30 @@ unsafe fn int8_gemm(
                 svals[g * PANEL + j] = job.scales[r * ng + g];
             }
         }
-        if let Acts::Int8Fine { .. } = job.acts {
-            let mut b = 0;
-            while b < n {
-                let nb = (n - b).min(4);
-                let tile = (b, np, i0 + p0);
-                // SAFETY: as for the int8 tiles below; `w` fits `fine_blocks_fit` (asserted inside).
-                unsafe {
-                    match nb {
-                        4 => fine_gemm_tile::<4>(job, panel, svals, tile, out),
-                        3 => fine_gemm_tile::<3>(job, panel, svals, tile, out),
-                        2 => fine_gemm_tile::<2>(job, panel, svals, tile, out),
-                        _ => fine_gemm_tile::<1>(job, panel, svals, tile, out),
-                    }
-                }
-                b += nb;
-            }
-            p0 += np;
-            continue;
-        }
+        // Activation rows per tile: 8, or 4 with 16-column activation scales (four accumulator
+        // sets per row).
+        let fine = matches!(job.acts, Acts::Int8Fine { .. });
         let mut b = 0;
         while b < n {
-            let nb = (n - b).min(8);
+            let nb = (n - b).min(if fine { 4 } else { 8 });
             let tile = (b, np, i0 + p0);
             // SAFETY: AVX-512 F, BW and VNNI are available (this function's contract); the panel
-            // holds the 16 rows' quads of all `cp` columns.
+            // holds the 16 rows' quads of all `cp` columns; an `Int8Fine` weight fits
+            // `fine_blocks_fit` (asserted inside).
             unsafe {
-                match nb {
-                    8 => gemm_tile::<8>(job, panel, svals, tile, out),
-                    7 => gemm_tile::<7>(job, panel, svals, tile, out),
-                    6 => gemm_tile::<6>(job, panel, svals, tile, out),
-                    5 => gemm_tile::<5>(job, panel, svals, tile, out),
-                    4 => gemm_tile::<4>(job, panel, svals, tile, out),
-                    3 => gemm_tile::<3>(job, panel, svals, tile, out),
-                    2 => gemm_tile::<2>(job, panel, svals, tile, out),
-                    _ => gemm_tile::<1>(job, panel, svals, tile, out),
+                match (fine, nb) {
+                    (true, 4) => fine_gemm_tile::<4>(job, panel, svals, tile, out),
+                    (true, 3) => fine_gemm_tile::<3>(job, panel, svals, tile, out),
+                    (true, 2) => fine_gemm_tile::<2>(job, panel, svals, tile, out),
+                    (true, _) => fine_gemm_tile::<1>(job, panel, svals, tile, out),
+                    (false, 8) => gemm_tile::<8>(job, panel, svals, tile, out),
+                    (false, 7) => gemm_tile::<7>(job, panel, svals, tile, out),
+                    (false, 6) => gemm_tile::<6>(job, panel, svals, tile, out),
+                    (false, 5) => gemm_tile::<5>(job, panel, svals, tile, out),
+                    (false, 4) => gemm_tile::<4>(job, panel, svals, tile, out),
+                    (false, 3) => gemm_tile::<3>(job, panel, svals, tile, out),
+                    (false, 2) => gemm_tile::<2>(job, panel, svals, tile, out),
+                    (false, _) => gemm_tile::<1>(job, panel, svals, tile, out),
                 }
             }
             b += nb;
