@@ -9,6 +9,6 @@ pub use double_rounding::{
     level_table, second_round, Granularity, KernelError, QuantizedWeight, ScaleLayout, TieRule, MIN_BITS, STORED_BITS,
 };
 pub use planar::{
-    decode_code, encode_code, run_shares, ActPath, Backend, KernelConfig, MatmulPart, PlanarWeight, MAX_BATCH,
-    WORD_BITS,
+    decode_code, encode_code, matmul_group, run_shares, ActPath, Backend, KernelConfig, MatmulPart, PlanarWeight,
+    WeightParts, MAX_BATCH, WORD_BITS,
 };

@@ -722,15 +722,18 @@ impl PlanarWeight {
         &self,
         parts: &mut [MatmulPart<'_>],
         cfg: &KernelConfig,
-        (fast_decode, min_share): (bool, usize),
+        tuning: (bool, usize),
     ) -> Result<(), KernelError> {
-        if !cfg.backend.is_available() {
-            return Err(KernelError::BackendUnavailable(cfg.backend.name()));
-        }
+        group_impl(&mut [WeightParts { weight: self, parts }], cfg, tuning)
+    }
+
+    /// Checks `parts` against this weight; returns each part's precision and the work of all
+    /// (plane bytes read × activation rows).
+    fn check_parts(&self, parts: &[MatmulPart<'_>]) -> Result<(Vec<Prec>, usize), KernelError> {
         let (rows, cols) = (self.rows(), self.cols());
         let mut precs = Vec::with_capacity(parts.len());
         let mut work = 0usize;
-        for part in parts.iter() {
+        for part in parts {
             let prec = Prec::new(part.bits)?;
             if !(1..=MAX_BATCH).contains(&part.n) {
                 return Err(KernelError::InvalidBatch(part.n));
@@ -744,16 +747,15 @@ impl PlanarWeight {
             precs.push(prec);
             work = work.saturating_add(self.plane_bytes_read(part.bits)?.saturating_mul(part.n));
         }
-        let Some(widest) = parts.iter().map(|p| p.bits).max() else {
-            return Ok(());
-        };
-        if rows == 0 {
-            return Ok(());
-        }
-        self.prefetch_start(widest);
-        let acts: Vec<Acts> = parts
+        Ok((precs, work))
+    }
+
+    /// The activations of every part, prepared once for all threads.
+    fn prepare_acts(&self, parts: &[MatmulPart<'_>], precs: &[Prec], cfg: &KernelConfig) -> Vec<Acts> {
+        let cols = self.cols();
+        parts
             .iter()
-            .zip(&precs)
+            .zip(precs)
             .map(|(p, prec)| match cfg.path.at(p.bits, cfg.backend) {
                 ActPath::Int8Fine if self.fine_blocks_fit() => {
                     Acts::int8_fine(p.x, p.n, cols, self.cols_padded(), prec.half)
@@ -761,52 +763,137 @@ impl PlanarWeight {
                 ActPath::Int8 | ActPath::Int8Fine => Acts::int8(p.x, p.n, &self.layout, self.cols_padded()),
                 _ => Acts::f32(p.x, p.n, cols, self.cols_padded()),
             })
-            .collect();
-        let fast_decode = fast_decode && cfg.backend == Backend::Avx512 && vbmi_gfni();
-        let jobs: Vec<Job<'_>> = parts
-            .iter()
-            .zip(&precs)
-            .zip(&acts)
-            .map(|((p, &prec), acts)| Job {
-                w: self,
-                scales: self.scales_at(p.bits),
-                prec,
-                acts,
-                backend: cfg.backend,
-                fast_decode,
-            })
-            .collect();
-        let threads = share_count(cfg.threads, rows, work, min_share);
-        let bounds: Vec<Range<usize>> = (0..threads).map(|t| t * rows / threads..(t + 1) * rows / threads).collect();
-        // outs[t][part][b]: thread t's rows of activation row b of the part.
-        let mut outs: Vec<Vec<Vec<&mut [f32]>>> = (0..threads).map(|_| Vec::with_capacity(parts.len())).collect();
-        for part in parts.iter_mut() {
+            .collect()
+    }
+}
+
+/// One weight of a [`matmul_group`] call and its activation batches (as for
+/// [`PlanarWeight::matmul_multi`]).
+#[derive(Debug)]
+pub struct WeightParts<'w, 'p, 'a> {
+    pub weight: &'w PlanarWeight,
+    pub parts: &'p mut [MatmulPart<'a>],
+}
+
+/// [`PlanarWeight::matmul_multi`] for several weights in one hand-over to the worker pool: the
+/// threads split the weights' rows taken end to end, so weights that share their input (a
+/// layer's q, k and v, or its gate and up) cost one hand-over instead of one each, and a weight
+/// too small to split on its own (SmolLM2's 192-row k and v at low precision) no longer runs on
+/// one thread while the others wait. Every output is bit for bit that of the weight's own call.
+pub fn matmul_group(calls: &mut [WeightParts<'_, '_, '_>], cfg: &KernelConfig) -> Result<(), KernelError> {
+    group_impl(calls, cfg, (true, MIN_SHARE_BYTES))
+}
+
+/// [`matmul_group`] with the tuning of [`PlanarWeight::matmul_impl`].
+pub(crate) fn group_impl(
+    calls: &mut [WeightParts<'_, '_, '_>],
+    cfg: &KernelConfig,
+    (fast_decode, min_share): (bool, usize),
+) -> Result<(), KernelError> {
+    if !cfg.backend.is_available() {
+        return Err(KernelError::BackendUnavailable(cfg.backend.name()));
+    }
+    let checked: Vec<(Vec<Prec>, usize)> =
+        calls.iter().map(|c| c.weight.check_parts(c.parts)).collect::<Result<_, _>>()?;
+    let fast_decode = fast_decode && cfg.backend == Backend::Avx512 && vbmi_gfni();
+    // The weights with something to compute, in the row order the threads split.
+    struct Active {
+        call: usize,
+        /// First row in the threads' row order.
+        start: usize,
+        rows: usize,
+        /// Rows per block of a several-precision call.
+        block: usize,
+        widest: u32,
+    }
+    let mut active = Vec::new();
+    let (mut total_rows, mut work) = (0usize, 0usize);
+    for (i, (call, (_, w))) in calls.iter().zip(&checked).enumerate() {
+        let (Some(widest), rows) = (call.parts.iter().map(|p| p.bits).max(), call.weight.rows()) else { continue };
+        if rows == 0 {
+            continue;
+        }
+        // One part: the kernels' own blocking over the whole share. Several: blocks whose
+        // planes stay in cache while every part reads them.
+        let block = if call.parts.len() == 1 {
+            rows
+        } else {
+            let row_bytes = call.weight.planes_read(widest)? * call.weight.wpr * 8;
+            (MULTI_BLOCK_BYTES / row_bytes.max(1)).max(1).next_multiple_of(16)
+        };
+        active.push(Active { call: i, start: total_rows, rows, block, widest });
+        total_rows += rows;
+        work = work.saturating_add(*w);
+    }
+    let Some(first) = active.first() else {
+        return Ok(());
+    };
+    calls[first.call].weight.prefetch_start(first.widest);
+    let acts: Vec<Vec<Acts>> =
+        calls.iter().zip(&checked).map(|(c, (precs, _))| c.weight.prepare_acts(c.parts, precs, cfg)).collect();
+    let jobs: Vec<Vec<Job<'_>>> = calls
+        .iter()
+        .zip(&checked)
+        .zip(&acts)
+        .map(|((c, (precs, _)), acts)| {
+            c.parts
+                .iter()
+                .zip(precs)
+                .zip(acts)
+                .map(|((p, &prec), acts)| Job {
+                    w: c.weight,
+                    scales: c.weight.scales_at(p.bits),
+                    prec,
+                    acts,
+                    backend: cfg.backend,
+                    fast_decode,
+                })
+                .collect()
+        })
+        .collect();
+    let threads = share_count(cfg.threads, total_rows, work, min_share);
+    let bounds: Vec<Range<usize>> =
+        (0..threads).map(|t| t * total_rows / threads..(t + 1) * total_rows / threads).collect();
+    // Thread t's rows of an active weight, in the weight's own row numbers (maybe none).
+    let local = |t: usize, a: &Active| {
+        let lo = bounds[t].start.clamp(a.start, a.start + a.rows);
+        let hi = bounds[t].end.clamp(lo, a.start + a.rows);
+        lo - a.start..hi - a.start
+    };
+    // outs[t][a][part][b]: thread t's rows of activation row b of a part of active weight a.
+    type ThreadOuts<'y> = Vec<Vec<Vec<&'y mut [f32]>>>;
+    let mut outs: Vec<ThreadOuts<'_>> = (0..threads).map(|_| Vec::with_capacity(active.len())).collect();
+    let mut calls_left: Vec<Option<&mut WeightParts<'_, '_, '_>>> = calls.iter_mut().map(Some).collect();
+    for a in &active {
+        let call = calls_left[a.call].take().expect("each weight once");
+        for out in outs.iter_mut() {
+            out.push(Vec::with_capacity(call.parts.len()));
+        }
+        for part in call.parts.iter_mut() {
             for out in outs.iter_mut() {
-                out.push(Vec::with_capacity(part.n));
+                out.last_mut().expect("pushed above").push(Vec::with_capacity(part.n));
             }
-            for yb in part.y.chunks_exact_mut(rows) {
+            for yb in part.y.chunks_exact_mut(a.rows) {
                 let mut rest = yb;
-                for (out, range) in outs.iter_mut().zip(&bounds) {
-                    let (head, tail) = rest.split_at_mut(range.len());
-                    out.last_mut().expect("pushed above").push(head);
+                for (t, out) in outs.iter_mut().enumerate() {
+                    let (head, tail) = rest.split_at_mut(local(t, a).len());
+                    out.last_mut().and_then(|w| w.last_mut()).expect("pushed above").push(head);
                     rest = tail;
                 }
             }
         }
-        // One part: the kernels' own blocking over the whole share. Several: blocks whose planes
-        // stay in cache while every part reads them.
-        let block = if jobs.len() == 1 {
-            rows
-        } else {
-            let row_bytes = self.planes_read(widest)? * self.wpr * 8;
-            (MULTI_BLOCK_BYTES / row_bytes.max(1)).max(1).next_multiple_of(16)
-        };
-        let run = |range: Range<usize>, out: &mut [Vec<&mut [f32]>]| {
+    }
+    let run = |t: usize, out: &mut [Vec<Vec<&mut [f32]>>]| {
+        for (a, out) in active.iter().zip(out.iter_mut()) {
+            let (jobs, range, block) = (&jobs[a.call], local(t, a), a.block);
+            if range.is_empty() {
+                continue;
+            }
             if range.len() <= block {
                 for (job, part) in jobs.iter().zip(out.iter_mut()) {
                     job.run(range.clone(), part);
                 }
-                return;
+                continue;
             }
             let mut r0 = range.start;
             while r0 < range.end {
@@ -818,19 +905,18 @@ impl PlanarWeight {
                 }
                 r0 = r1;
             }
-        };
-        if threads == 1 {
-            run(bounds[0].clone(), &mut outs[0]);
-        } else {
-            let shares: Vec<std::sync::Mutex<Vec<Vec<&mut [f32]>>>> =
-                outs.into_iter().map(std::sync::Mutex::new).collect();
-            pool::run(threads, |t| {
-                let mut out = shares[t].lock().unwrap_or_else(|e| e.into_inner());
-                run(bounds[t].clone(), &mut out);
-            });
         }
-        Ok(())
+    };
+    if threads == 1 {
+        run(0, &mut outs[0]);
+    } else {
+        let shares: Vec<std::sync::Mutex<ThreadOuts<'_>>> = outs.into_iter().map(std::sync::Mutex::new).collect();
+        pool::run(threads, |t| {
+            let mut out = shares[t].lock().unwrap_or_else(|e| e.into_inner());
+            run(t, &mut out);
+        });
     }
+    Ok(())
 }
 
 /// One batch of activation rows of a [`PlanarWeight::matmul_multi`] call, served at `bits`: `x`

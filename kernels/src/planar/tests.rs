@@ -997,3 +997,71 @@ fn auto_activations_pick_int8_for_low_bits_only() {
         assert_ne!(run(4, ActPath::Int8), run(4, ActPath::Int8Fine), "the two paths should differ somewhere");
     }
 }
+
+/// Several weights in one call (threads splitting their rows end to end, so a thread's share may
+/// start in one weight and end in the next) give every part exactly what a call of its own gives.
+#[test]
+fn weight_group_matches_separate_calls() {
+    let mut rng = Rng(22);
+    // q, k, v of a layer (one input), a weight with no parts, a tiny one, and one with other columns.
+    let shapes = [(576, 576, 2), (192, 576, 2), (192, 576, 1), (40, 576, 0), (3, 576, 1), (300, 130, 2)];
+    let pws: Vec<PlanarWeight> = shapes
+        .iter()
+        .map(|&(rows, cols, _)| {
+            let qw = random_weight(&mut rng, rows, cols, Granularity::Group(64));
+            PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap()
+        })
+        .collect();
+    let x576 = random_x(&mut rng, 5 * 576);
+    let x130 = random_x(&mut rng, 2 * 130);
+    // Per weight, its parts: (bits, rows of x).
+    let plans: Vec<Vec<(u32, usize)>> =
+        shapes.iter().map(|&(_, _, k)| [(4, 2), (8, 1), (2, 5)][..k].to_vec()).collect();
+    let input = |cols: usize, n: usize| if cols == 576 { &x576[..n * cols] } else { &x130[..n * cols] };
+    for backend in Backend::available() {
+        for path in [ActPath::F32, ActPath::Int8, ActPath::Int8Fine] {
+            for (threads, min_share) in [(1, 0), (2, 0), (3, 0), (2, MIN_SHARE_BYTES)] {
+                let cfg = KernelConfig::new(backend, path, threads);
+                let mut ys: Vec<Vec<Vec<f32>>> = plans
+                    .iter()
+                    .zip(&shapes)
+                    .map(|(plan, &(rows, ..))| plan.iter().map(|&(_, n)| vec![f32::NAN; n * rows]).collect())
+                    .collect();
+                let mut parts: Vec<Vec<MatmulPart<'_>>> = plans
+                    .iter()
+                    .zip(&shapes)
+                    .zip(ys.iter_mut())
+                    .map(|((plan, &(_, cols, _)), ys)| {
+                        plan.iter()
+                            .zip(ys.iter_mut())
+                            .map(|(&(bits, n), y)| MatmulPart { bits, x: input(cols, n), n, y })
+                            .collect()
+                    })
+                    .collect();
+                let mut calls: Vec<WeightParts<'_, '_, '_>> =
+                    pws.iter().zip(parts.iter_mut()).map(|(weight, parts)| WeightParts { weight, parts }).collect();
+                group_impl(&mut calls, &cfg, (true, min_share)).unwrap();
+                for ((pw, plan), ys) in pws.iter().zip(&plans).zip(&ys) {
+                    for (&(bits, n), y) in plan.iter().zip(ys) {
+                        let mut want = vec![0f32; n * pw.rows()];
+                        let alone = KernelConfig::new(backend, path, 1);
+                        pw.matmul(bits, input(pw.cols(), n), n, &mut want, &alone).unwrap();
+                        let same = want.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{}x{} {backend} {path:?} threads={threads} bits={bits}", pw.rows(), pw.cols());
+                    }
+                }
+            }
+        }
+    }
+    // A bad part anywhere is an error before anything is computed.
+    let mut y0 = vec![0f32; 576];
+    let mut y1 = vec![0f32; 191];
+    let (mut p0, mut p1) = (
+        [MatmulPart { bits: 4, x: &x576[..576], n: 1, y: &mut y0 }],
+        [MatmulPart { bits: 4, x: &x576[..576], n: 1, y: &mut y1 }],
+    );
+    let mut calls = [WeightParts { weight: &pws[0], parts: &mut p0 }, WeightParts { weight: &pws[1], parts: &mut p1 }];
+    assert!(matmul_group(&mut calls, &KernelConfig::default()).is_err());
+    assert!(y0.iter().all(|&v| v == 0.0));
+    assert!(matmul_group(&mut [], &KernelConfig::default()).is_ok());
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use kernels::{KernelConfig, MatmulPart, PlanarWeight, MAX_BATCH};
+use kernels::{KernelConfig, MatmulPart, PlanarWeight, WeightParts, MAX_BATCH};
 
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::precision::Precision;
@@ -175,36 +175,107 @@ impl Linear {
 /// transformers at different precisions), the kernels make one pass over it for all of them
 /// ([`PlanarWeight::matmul_multi`]); the rows get the same bits as each layer alone.
 pub(crate) fn forward_rows_mixed(parts: &[(&Linear, usize)], x: &[f32], y: &mut [f32]) -> Result<()> {
-    let Some(&(first, _)) = parts.first() else { return Ok(()) };
+    forward_rows_grouped(&mut [(parts, y)], x)
+}
+
+/// One layer group of [`forward_rows_grouped`]: its `(layer, rows)` parts as for
+/// [`forward_rows_mixed`], and its output.
+pub(crate) type LayerRows<'l, 'y> = (&'l [(&'l Linear, usize)], &'y mut [f32]);
+
+/// [`forward_rows_mixed`] for several layers that read the same input `x` (a block's q, k and
+/// v, or its gate and up), each into its own output: the resident weights among them, each
+/// served with one kernel configuration, in one call of the kernels' threads when they share
+/// it ([`kernels::matmul_group`]); every output gets the same bits as its layer alone.
+pub(crate) fn forward_rows_grouped(layers: &mut [LayerRows<'_, '_>], x: &[f32]) -> Result<()> {
+    let mut shapes = Vec::with_capacity(layers.len());
+    for (parts, y) in layers.iter() {
+        shapes.push(check_rows(parts, x, y.len())?);
+    }
+    let shared: Vec<Option<(&Arc<PlanarWeight>, &KernelConfig)>> =
+        layers.iter().map(|(parts, _)| shared_weight(parts)).collect();
+    let mut calls = Vec::new();
+    for (((parts, y), &(inner, out)), sh) in layers.iter_mut().zip(&shapes).zip(&shared) {
+        match sh {
+            Some((weight, kernel)) => calls.push((*weight, *kernel, planar_parts(parts, x, (inner, out), y))),
+            // Layer by layer (float weights, or several resident ones): each adds its own bias.
+            None => {
+                let (mut xs, mut ys) = (x, &mut **y);
+                for &(layer, n) in parts.iter() {
+                    let (xh, xt) = xs.split_at(n * inner);
+                    let (yh, yt) = ys.split_at_mut(n * out);
+                    layer.forward_rows(xh, n, yh)?;
+                    (xs, ys) = (xt, yt);
+                }
+            }
+        }
+    }
+    if calls.windows(2).all(|c| c[0].1 == c[1].1) {
+        if let Some(&(_, kernel, _)) = calls.first() {
+            let mut group: Vec<WeightParts<'_, '_, '_>> = calls
+                .iter_mut()
+                .map(|(weight, _, parts)| WeightParts { weight: Arc::as_ref(*weight), parts: parts.as_mut_slice() })
+                .collect();
+            kernels::matmul_group(&mut group, kernel)?;
+        }
+    } else {
+        for (weight, kernel, parts) in calls.iter_mut() {
+            weight.matmul_multi(parts, kernel)?;
+        }
+    }
+    drop(calls);
+    for (((parts, y), &(_, out)), sh) in layers.iter_mut().zip(&shapes).zip(&shared) {
+        if sh.is_none() {
+            continue;
+        }
+        let mut ys = &mut **y;
+        for &(layer, n) in parts.iter() {
+            let (yh, yt) = ys.split_at_mut(n * out);
+            if let Linear::Planar { bias: Some(b), kernel, .. } = layer {
+                for row in yh.chunks_exact_mut(out.max(1)) {
+                    kernels::ops::add_assign(kernel.backend, row, b);
+                }
+            }
+            ys = yt;
+        }
+    }
+    Ok(())
+}
+
+/// The `(in, out)` features of a layer group of [`forward_rows_grouped`] (its first layer's), checked
+/// against `x` and an output of `y_len` values.
+fn check_rows(parts: &[(&Linear, usize)], x: &[f32], y_len: usize) -> Result<(usize, usize)> {
+    let Some(&(first, _)) = parts.first() else { return Ok((0, 0)) };
     let (inner, out) = match first {
         Linear::Dense { weight, .. } => (weight.dims()[1], weight.dims()[0]),
         Linear::Planar { weight, .. } => (weight.cols(), weight.rows()),
     };
     let total: usize = parts.iter().map(|&(_, n)| n).sum();
     ensure!(x.len() == total * inner, "activations of {} values for {total} rows of {inner}", x.len());
-    ensure!(y.len() == total * out, "output of {} values for {total} rows of {out}", y.len());
-    let shared = match first {
-        Linear::Planar { weight, kernel, .. } if parts.len() > 1 => parts.iter().all(
-            |(l, _)| matches!(l, Linear::Planar { weight: w, kernel: k, .. } if Arc::ptr_eq(w, weight) && k == kernel),
-        ),
-        _ => false,
-    };
-    if !shared {
-        let (mut xs, mut ys) = (x, &mut *y);
-        for &(layer, n) in parts {
-            let (xh, xt) = xs.split_at(n * inner);
-            let (yh, yt) = ys.split_at_mut(n * out);
-            layer.forward_rows(xh, n, yh)?;
-            (xs, ys) = (xt, yt);
-        }
-        return Ok(());
-    }
-    let Linear::Planar { weight, kernel, .. } = first else { unreachable!("checked shared above") };
+    ensure!(y_len == total * out, "output of {y_len} values for {total} rows of {out}");
+    Ok((inner, out))
+}
+
+/// The resident weight and kernel configuration every layer of a group serves, if they share one.
+fn shared_weight<'l>(parts: &[(&'l Linear, usize)]) -> Option<(&'l Arc<PlanarWeight>, &'l KernelConfig)> {
+    let Some(&(Linear::Planar { weight, kernel, .. }, _)) = parts.first() else { return None };
+    parts
+        .iter()
+        .all(|(l, _)| matches!(l, Linear::Planar { weight: w, kernel: k, .. } if Arc::ptr_eq(w, weight) && k == kernel))
+        .then_some((weight, kernel))
+}
+
+/// The kernels' parts of a group whose layers share one resident weight: each layer's rows at
+/// its precision, at most [`MAX_BATCH`] activation rows per part.
+fn planar_parts<'a>(
+    parts: &[(&Linear, usize)],
+    x: &'a [f32],
+    (inner, out): (usize, usize),
+    y: &'a mut [f32],
+) -> Vec<MatmulPart<'a>> {
     let mut calls = Vec::new();
-    let (mut xs, mut ys) = (x, &mut *y);
+    let (mut xs, mut ys) = (x, y);
     for &(layer, n) in parts {
-        let Linear::Planar { bits, .. } = layer else { unreachable!("checked shared above") };
-        // At most MAX_BATCH activation rows per part.
+        let Linear::Planar { bits, .. } = layer else { continue };
         let (xh, xt) = xs.split_at(n * inner);
         let (yh, yt) = ys.split_at_mut(n * out);
         for (xc, yc) in xh.chunks(MAX_BATCH * inner.max(1)).zip(yh.chunks_mut(MAX_BATCH * out.max(1))) {
@@ -212,18 +283,7 @@ pub(crate) fn forward_rows_mixed(parts: &[(&Linear, usize)], x: &[f32], y: &mut 
         }
         (xs, ys) = (xt, yt);
     }
-    weight.matmul_multi(&mut calls, kernel)?;
-    let mut ys = y;
-    for &(layer, n) in parts {
-        let (yh, yt) = ys.split_at_mut(n * out);
-        if let Linear::Planar { bias: Some(b), kernel, .. } = layer {
-            for row in yh.chunks_exact_mut(out.max(1)) {
-                kernels::ops::add_assign(kernel.backend, row, b);
-            }
-        }
-        ys = yt;
-    }
-    Ok(())
+    calls
 }
 
 /// The token embedding: a float table, or a resident weight whose rows are decoded on lookup.
