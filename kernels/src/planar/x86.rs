@@ -21,14 +21,13 @@
 //! columns (`Int8Fine`) the same two shapes reduce per word instead ([`int8_fine_rows4`]: the four
 //! blocks of 4 rows in one vector) or per 16-column block of the panel ([`fine_gemm_tile`]), and
 //! combine in f32 lane by lane, blocks of the same position in their word in one accumulator (the
-//! AVX2 backend runs the portable code for it); its f32 path
+//! AVX2 backend one weight row at a time, [`fine_row_avx2`]); its f32 path
 //! converts the codes to scaled f32 (in registers, and into an f32 tile when more than 3
 //! activation rows share them) and runs a register-blocked FMA microkernel ([`f32_acc`]) over all
 //! activation rows, in one summation order for every batch size.
 
 use super::{
-    by_bits, combine_int, dequant_row, scalar, Acts, AlignedF32, Job, PlanarWeight, Prec, Scratch, INT_CHUNK, SLACK,
-    WORD_BITS,
+    by_bits, combine_int, dequant_row, Acts, AlignedF32, Job, PlanarWeight, Prec, Scratch, INT_CHUNK, SLACK, WORD_BITS,
 };
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -1663,6 +1662,49 @@ fn hsum_epi32_avx2(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
+/// The [`ActPath::Int8Fine`] accumulators of one weight row (signed codes `q`) and one
+/// activation row `x`, as [`super::combine_fine`] orders them: `[Y_0, Y_2, Y_1, Y_3]`. Per 64-column
+/// word the four 16-column block sums are exact (`vpmaddubsw(|q|, sign(x, q))`, `vpmaddwd` by 1,
+/// two horizontal adds give blocks 4w, 4w + 2, 4w + 1, 4w + 3 in one vector), then in f32
+/// `Y ← fma(t · a, s, Y)` lane by lane, with `ascale` and `wscale` the blocks' activation and
+/// weight scales in that order (4 per word).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA. Bounds are checked (panics otherwise).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn fine_row_avx2(q: &[u8], x: &[i8], ascale: &[f32], wscale: &[f32]) -> [f32; 4] {
+    let words = ascale.len() / 4;
+    assert!(wscale.len() == 4 * words && q.len() >= WORD_BITS * words && x.len() >= WORD_BITS * words);
+    let (pq, px) = (q.as_ptr(), x.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm_setzero_ps();
+    for wi in 0..words {
+        let j = WORD_BITS * wi;
+        // SAFETY: j + 64 ≤ 64 · words ≤ both lengths (asserted above).
+        let (q0, q1, x0, x1) = unsafe {
+            (
+                _mm256_loadu_si256(pq.add(j).cast()),
+                _mm256_loadu_si256(pq.add(j + 32).cast()),
+                _mm256_loadu_si256(px.add(j).cast()),
+                _mm256_loadu_si256(px.add(j + 32).cast()),
+            )
+        };
+        // Sums of 4 columns: lanes 0–3 of m0 block 4w, 4–7 block 4w + 1; m1 blocks 4w + 2, 4w + 3.
+        let m0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(x0, q0)), ones);
+        let m1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(x1, q1)), ones);
+        let h = _mm256_hadd_epi32(m0, m1);
+        let t = _mm_hadd_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        // SAFETY: 4 · wi + 4 ≤ 4 · words = both lengths.
+        let (a, s) = unsafe { (_mm_loadu_ps(ascale.as_ptr().add(4 * wi)), _mm_loadu_ps(wscale.as_ptr().add(4 * wi))) };
+        acc = _mm_fmadd_ps(_mm_mul_ps(_mm_cvtepi32_ps(t), a), s, acc);
+    }
+    let mut y = [0f32; 4];
+    // SAFETY: 4 floats into 4.
+    unsafe { _mm_storeu_ps(y.as_mut_ptr(), acc) };
+    y
+}
+
 /// `Σ_j q[j] · x_b[j]` over `range` for `B` activation rows at once (both signed, `|x| ≤ 127`),
 /// exactly: `vpmaddubsw(|q|, sign(x, q))` (pairs ≤ 2 · 128 · 127 < 2^15, no saturation),
 /// `vpmaddwd` by 1 to i32. Loads may read up to 31 bytes past `range.end` (the activations are
@@ -1761,15 +1803,23 @@ unsafe fn dot_f32_avx2<const B: usize>(w: &[f32], xs: [&[f32]; B]) -> [f32; B] {
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mut [f32]]) {
-    if let Acts::Int8Fine { .. } = job.acts {
-        // No AVX2 kernel of its own: the portable one gives the same bits.
-        return scalar::run(job, range, out);
-    }
     let w = job.w;
     let cp = w.cols_padded();
     let ng = w.layout.n_groups();
     let n = out.len();
     let mut sc = Scratch::new(cp, n * ng);
+    // Int8Fine: every activation row's block scales, and each weight row's, in the order
+    // `fine_word_avx2` takes them (blocks 4w, 4w + 2, 4w + 1, 4w + 3 of word w).
+    let words = cp / WORD_BITS;
+    let fine_order = |k: usize| 4 * (k / 4) + [0, 2, 1, 3][k % 4];
+    let ascales: Vec<f32> = match job.acts {
+        Acts::Int8Fine { scale, .. } => (0..n)
+            .flat_map(|b| (0..4 * words).map(move |k| (b, fine_order(k))))
+            .map(|(b, k)| scale[b * (cp / 4) + 16 * (k / 4) + 4 * (k % 4)])
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut wscales = vec![0f32; 4 * words];
     for (i, r) in range.enumerate() {
         // SAFETY: AVX2 and FMA are available (this function's contract), as for every call below;
         // the callees check their bounds.
@@ -1794,8 +1844,17 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
                     }
                 }
             }
-            // Served by `scalar::run` above.
-            Acts::Int8Fine { .. } => {}
+            Acts::Int8Fine { xq, stride, .. } => {
+                for (k, s) in wscales.iter_mut().enumerate() {
+                    *s = job.scale(r, w.fine_block_group(fine_order(k)));
+                }
+                for (b, o) in out.iter_mut().enumerate() {
+                    let (xb, ab) = (&xq[b * stride..(b + 1) * stride], &ascales[b * 4 * words..][..4 * words]);
+                    // SAFETY: as above.
+                    let y = unsafe { fine_row_avx2(&sc.bytes, xb, ab, &wscales) };
+                    o[i] = ((y[0] + y[1]) + (y[2] + y[3])) * job.prec.step;
+                }
+            }
             Acts::Int8 { xq, stride, scale, .. } => {
                 let xrow = |b: usize| &xq[b * stride..(b + 1) * stride];
                 for g in 0..ng {
