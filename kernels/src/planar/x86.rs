@@ -1809,7 +1809,7 @@ pub(super) unsafe fn run_avx2(job: &Job<'_>, range: Range<usize>, out: &mut [&mu
     let n = out.len();
     let mut sc = Scratch::new(cp, n * ng);
     // Int8Fine: every activation row's block scales, and each weight row's, in the order
-    // `fine_word_avx2` takes them (blocks 4w, 4w + 2, 4w + 1, 4w + 3 of word w).
+    // `fine_row_avx2` takes them (blocks 4w, 4w + 2, 4w + 1, 4w + 3 of word w).
     let words = cp / WORD_BITS;
     let fine_order = |k: usize| 4 * (k / 4) + [0, 2, 1, 3][k % 4];
     let ascales: Vec<f32> = match job.acts {
