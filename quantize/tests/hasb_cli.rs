@@ -92,8 +92,8 @@ fn traces_then_profiles_in_the_checkpoint_and_as_files() {
     }
 
     // drq-hasb allocate on that checkpoint: baselines, floors, tied inputs, TOML files.
-    let profiles_dir = d.join("profiles");
-    std::fs::create_dir(&profiles_dir).unwrap();
+    // A directory that does not exist yet is created.
+    let profiles_dir = d.join("profiles").join("new");
     let out = d.join("tiny-more.safetensors");
     let args = [
         "allocate",

@@ -112,7 +112,7 @@ struct AllocateArgs {
     trace_free: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Also write each profile as a TOML file (as in configs/profiles/) into this directory.
+    /// Also write each profile as a TOML file (as in configs/profiles/) into this directory (created if missing).
     #[arg(long)]
     profiles_dir: Option<PathBuf>,
     /// Write the checkpoint with its new profiles here [default: over the input, atomically].
@@ -248,7 +248,8 @@ fn allocate(args: AllocateArgs) -> Result<()> {
     );
     cli::check_output_dir("--out", &out)?;
     if let Some(dir) = &args.profiles_dir {
-        ensure!(dir.is_dir(), "--profiles-dir {} is not a directory", dir.display());
+        // Created before the long work, so a path that cannot be one fails first.
+        std::fs::create_dir_all(dir).with_context(|| format!("--profiles-dir {}", dir.display()))?;
     }
     let mut ckpt = Checkpoint::open(&args.checkpoint)?;
     let traces = TraceReport::load(&args.traces)?;
