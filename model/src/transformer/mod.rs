@@ -275,7 +275,7 @@ fn planar_parts<'a>(
     let mut calls = Vec::new();
     let (mut xs, mut ys) = (x, y);
     for &(layer, n) in parts {
-        let Linear::Planar { bits, .. } = layer else { continue };
+        let Linear::Planar { bits, .. } = layer else { unreachable!("called for groups of one resident weight") };
         let (xh, xt) = xs.split_at(n * inner);
         let (yh, yt) = ys.split_at_mut(n * out);
         for (xc, yc) in xh.chunks(MAX_BATCH * inner.max(1)).zip(yh.chunks_mut(MAX_BATCH * out.max(1))) {
