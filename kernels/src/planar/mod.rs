@@ -863,9 +863,9 @@ pub(crate) fn group_impl(
     // outs[t][a][part][b]: thread t's rows of activation row b of a part of active weight a.
     type ThreadOuts<'y> = Vec<Vec<Vec<&'y mut [f32]>>>;
     let mut outs: Vec<ThreadOuts<'_>> = (0..threads).map(|_| Vec::with_capacity(active.len())).collect();
-    let mut calls_left: Vec<Option<&mut WeightParts<'_, '_, '_>>> = calls.iter_mut().map(Some).collect();
-    for a in &active {
-        let call = calls_left[a.call].take().expect("each weight once");
+    // `active` is in call order, one entry per call at most.
+    for (i, call) in calls.iter_mut().enumerate() {
+        let Some(a) = active.iter().find(|a| a.call == i) else { continue };
         for out in outs.iter_mut() {
             out.push(Vec::with_capacity(call.parts.len()));
         }
