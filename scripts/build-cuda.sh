@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Builds drq-train, drq-eval and drq-bench with CUDA (candle's CUDA backend) on a machine WITHOUT a CUDA
+# Builds drq-train, drq-reconstruct, drq-eval and drq-bench with CUDA (candle's CUDA backend) on a machine WITHOUT a CUDA
 # toolkit or GPU, for a GPU machine that has the driver and the CUDA 13 libraries (cuBLAS, cuRAND,
 # NVRTC, cudart): nvcc comes from NVIDIA's PyPI wheels, and the libraries the binaries link to are
 # replaced at link time by stubs that carry only their names and symbols (the real ones are loaded
 # at run time). Where a CUDA toolkit is installed, plain
-#   CUDA_COMPUTE_CAP=90 cargo build --release --features quantize/cuda,evals/cuda --bin drq-train --bin drq-eval
+#   CUDA_COMPUTE_CAP=90 cargo build --release --features quantize/cuda,evals/cuda --bin drq-train --bin drq-reconstruct --bin drq-eval
 # does the same.
 #
-# Output: target/cuda/release/{drq-train,drq-eval,drq-bench}. Run them with LD_LIBRARY_PATH holding the
+# Output: target/cuda/release/{drq-train,drq-reconstruct,drq-eval,drq-bench}. Run them with LD_LIBRARY_PATH holding the
 # directories of libcuda.so.1, libcublas.so.13, libcublasLt.so.13, libcurand.so.10,
 # libnvrtc.so.13 and libcudart.so.13. About 25 minutes on 2 cores (candle-kernels compiles
 # llama.cpp's quantized matmul kernels with nvcc).
@@ -51,13 +51,14 @@ stubs() { # $1: file of undefined symbol names (empty: no symbols)
 # 1. Link once against symbol-less stubs, leaving the CUDA symbols unresolved, to learn them.
 stubs /dev/null
 cargo rustc --release -j "$JOBS" -p quantize --features cuda --bin drq-train -- -C link-arg=-Wl,--unresolved-symbols=ignore-all
+cargo rustc --release -j "$JOBS" -p quantize --features cuda --bin drq-reconstruct -- -C link-arg=-Wl,--unresolved-symbols=ignore-all
 cargo rustc --release -j "$JOBS" -p evals --features cuda --bin drq-eval -- -C link-arg=-Wl,--unresolved-symbols=ignore-all
 cargo rustc --release -j "$JOBS" -p evals --features cuda --bin drq-bench -- -C link-arg=-Wl,--unresolved-symbols=ignore-all
 undefined=$(mktemp)
-nm -D --undefined-only "$CARGO_TARGET_DIR"/release/drq-{train,eval,bench} | awk '{print $2}' | sed 's/@.*//' | sort -u >"$undefined"
+nm -D --undefined-only "$CARGO_TARGET_DIR"/release/drq-{train,reconstruct,eval,bench} | awk '{print $2}' | sed 's/@.*//' | sort -u >"$undefined"
 # 2. Stubs defining exactly those symbols, and the real link.
 stubs "$undefined"
 rm -f "$undefined"
-cargo build --release -j "$JOBS" --features quantize/cuda,evals/cuda --bin drq-train --bin drq-eval --bin drq-bench
+cargo build --release -j "$JOBS" --features quantize/cuda,evals/cuda --bin drq-train --bin drq-reconstruct --bin drq-eval --bin drq-bench
 readelf -d "$CARGO_TARGET_DIR/release/drq-train" | grep NEEDED
-ls -la "$CARGO_TARGET_DIR"/release/drq-{train,eval,bench}
+ls -la "$CARGO_TARGET_DIR"/release/drq-{train,reconstruct,eval,bench}

@@ -170,6 +170,10 @@ pub struct BlockwiseConfig {
     /// next-token distribution at every bit-width matches the float model's on the float final
     /// hidden states (KL, normalised and weighted per bit-width as the blocks). 0: PTQ.
     pub head_epochs: usize,
+    /// Sequences per mini-batch of the lm_head stage; absent: `batch`. Its steps cost a
+    /// vocabulary-wide softmax per position, so it may take other mini-batches than the blocks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head_batch: Option<usize>,
     /// Per-precision corrections fitted after the reconstruction (bit-widths below 8).
     pub corrections: Vec<u32>,
     /// What one correction factor covers: an output row or a scale group.
@@ -200,6 +204,7 @@ impl Default for BlockwiseConfig {
             loss: BlockLoss::default(),
             refit_8bit: true,
             head_epochs: 0,
+            head_batch: None,
             corrections: Vec::new(),
             correction_granularity: CorrectionGranularity::Row,
             seed: 0,
@@ -241,6 +246,13 @@ impl BlockwiseConfig {
         ensure!(self.samples >= 1 && self.seq_len >= 2, "samples must be at least 1 and seq_len at least 2");
         ensure!(self.epochs >= 1 && self.batch >= 1, "epochs and batch must be at least 1");
         ensure!(self.batch <= self.samples, "batch ({}) exceeds samples ({})", self.batch, self.samples);
+        if let Some(b) = self.head_batch {
+            ensure!(
+                (1..=self.samples).contains(&b),
+                "head_batch ({b}) must be between 1 and samples ({})",
+                self.samples
+            );
+        }
         for (name, lr) in [("weight_lr", self.weight_lr), ("scale_lr", self.scale_lr), ("norm_lr", self.norm_lr)] {
             ensure!(lr.is_finite() && lr >= 0.0, "{name} must be ≥ 0");
         }
@@ -269,9 +281,14 @@ impl BlockwiseConfig {
         self.epochs * self.samples.div_ceil(self.batch)
     }
 
+    /// Sequences per mini-batch of the lm_head stage.
+    pub fn head_batch(&self) -> usize {
+        self.head_batch.unwrap_or(self.batch)
+    }
+
     /// Mini-batches of the lm_head stage.
     pub fn head_steps(&self) -> usize {
-        self.head_epochs * self.samples.div_ceil(self.batch)
+        self.head_epochs * self.samples.div_ceil(self.head_batch())
     }
 }
 
@@ -333,13 +350,13 @@ struct Layer {
 
 impl Layer {
     /// Starts from the float weight and the scales of its PTQ `q`.
-    fn new(float: &FloatModel, name: &str, q: &QuantizedWeight) -> Result<Self> {
+    fn new(float: &FloatModel, name: &str, q: &QuantizedWeight, device: &Device) -> Result<Self> {
         let (rows, cols) = (q.layout.rows, q.layout.cols);
         Ok(Layer {
             name: name.to_string(),
             layout: q.layout,
             w: Var::from_tensor(&float.weights.get(name, &[rows, cols])?)?,
-            s: Var::from_vec(q.scales.clone(), (rows, q.layout.n_groups()), &Device::Cpu)?,
+            s: Var::from_vec(q.scales.clone(), (rows, q.layout.n_groups()), device)?,
             adam_w: AdamState::new(q.layout.n_weights()),
             adam_s: AdamState::new(q.layout.n_scales()),
         })
@@ -372,8 +389,9 @@ impl Layer {
                 *x = old;
             }
         }
-        self.w.set(&Tensor::from_vec(w, (l.rows, l.cols), &Device::Cpu)?)?;
-        self.s.set(&Tensor::from_vec(s_new, (l.rows, l.n_groups()), &Device::Cpu)?)?;
+        let device = self.w.as_tensor().device();
+        self.w.set(&Tensor::from_vec(w, (l.rows, l.cols), device)?)?;
+        self.s.set(&Tensor::from_vec(s_new, (l.rows, l.n_groups()), device)?)?;
         Ok(())
     }
 
@@ -408,13 +426,17 @@ impl<'s> Inputs<'s> {
 
 /// The block-wise reconstruction of `float` on `samples` (token sequences of `cfg.seq_len`),
 /// saving each trained stage (the lm_head when the recipe trains it, then every block) in
-/// `run_dir` and resuming from the stages saved there. Returns the quantized model and what each
-/// stage did.
+/// `run_dir` and resuming from the stages saved there. Returns the quantized model (its tensors
+/// on the CPU) and what each stage did.
+///
+/// Training runs on `device`, where `float`'s weights must be (`Weights::to_device`); the
+/// optimizer steps, the export and the saved stages stay on the host.
 pub fn reconstruct(
     float: &FloatModel,
     cfg: &BlockwiseConfig,
     samples: &[Vec<u32>],
     run_dir: &Path,
+    device: &Device,
     progress: Progress<'_>,
 ) -> Result<(QuantizedModel, Reconstruction)> {
     cfg.validate()?;
@@ -423,7 +445,10 @@ pub fn reconstruct(
     let spec = cfg.quant_spec()?;
     let config = &float.config;
     let targets = quantizable(config, &cfg.keep_float);
-    let device = Device::Cpu;
+    ensure!(
+        float.weights.iter().all(|(_, t)| t.device().same_device(device)),
+        "the float weights are not on {device:?}"
+    );
     std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
 
     // The initial scales of every quantized weight (the embedding and an untied lm_head keep them).
@@ -435,12 +460,12 @@ pub fn reconstruct(
         quantized.insert(name.clone(), q);
     }
     let tokens: Vec<u32> = samples.iter().flatten().copied().collect();
-    let tokens = Tensor::from_vec(tokens, (samples.len(), cfg.seq_len), &device)?;
+    let tokens = Tensor::from_vec(tokens, (samples.len(), cfg.seq_len), device)?;
     let float_model = Transformer::new(config, &float.weights, OpsMode::Inference)?;
     // The lm_head first: a tied embedding's codes are also the blocks' first input.
     let head = match head_weight(config, &cfg.keep_float) {
         Some(name) if cfg.head_epochs > 0 => {
-            let stage = HeadStage { float, cfg, spec: &spec, name: &name, float_model: &float_model, run_dir };
+            let stage = HeadStage { float, cfg, spec: &spec, name: &name, float_model: &float_model, run_dir, device };
             Some(stage.run(&tokens, &mut quantized, progress)?)
         }
         _ => None,
@@ -450,7 +475,8 @@ pub fn reconstruct(
     let mut streams: BTreeMap<u32, Stream> = BTreeMap::new();
     if cfg.inputs == BlockInputs::Quantized {
         for &b in &cfg.bits {
-            let weights = with_served(&float.weights, &quantized, b, spec.tie, |n| !n.starts_with("model.layers."))?;
+            let weights =
+                with_served(&float.weights, &quantized, b, spec.tie, device, |n| !n.starts_with("model.layers."))?;
             let t = Transformer::new(config, &weights, OpsMode::Inference)?;
             streams.insert(b, batched(cfg.batch, &tokens, |x| t.embed(x))?);
         }
@@ -464,7 +490,7 @@ pub fn reconstruct(
         let inputs = Inputs { quantized: &streams, float: &stream_f };
         let saved = block_path(run_dir, block);
         let report = if saved.is_file() {
-            let params: BTreeMap<String, Tensor> = candle_core::safetensors::load(&saved, &device)
+            let params: BTreeMap<String, Tensor> = candle_core::safetensors::load(&saved, device)
                 .with_context(|| format!("cannot read the saved block {}", saved.display()))?
                 .into_iter()
                 .collect();
@@ -472,7 +498,7 @@ pub fn reconstruct(
             progress(Stage::Block(block), cfg.steps_per_block());
             read_json(&report_path(run_dir, block))?
         } else {
-            let mut trainer = BlockTrainer::new(float, cfg, &spec, block, &quantized, &targets)?;
+            let mut trainer = BlockTrainer::new(float, cfg, &spec, block, &quantized, &targets, device)?;
             let mse_before = trainer.mse_all(&inputs, &target)?;
             trainer.train(&inputs, &target, &mse_before, &mut |step| progress(Stage::Block(block), step))?;
             let params = trainer.params()?;
@@ -482,7 +508,7 @@ pub fn reconstruct(
             for &b in &cfg.bits {
                 let t = Transformer::new(
                     config,
-                    &served_block(float, &trained, &quantized, block, b, spec.tie)?,
+                    &served_block(float, &trained, &quantized, block, b, spec.tie, device)?,
                     OpsMode::Inference,
                 )?;
                 let x = inputs.at(b);
@@ -512,7 +538,7 @@ pub fn reconstruct(
         for (&b, stream) in streams.iter_mut() {
             let t = Transformer::new(
                 config,
-                &served_block(float, &trained, &quantized, block, b, spec.tie)?,
+                &served_block(float, &trained, &quantized, block, b, spec.tie, device)?,
                 OpsMode::Inference,
             )?;
             *stream = batched(cfg.batch, stream, |x| t.block_forward(block, x))?;
@@ -532,6 +558,7 @@ struct HeadStage<'a> {
     name: &'a str,
     float_model: &'a Transformer,
     run_dir: &'a Path,
+    device: &'a Device,
 }
 
 impl HeadStage<'_> {
@@ -547,7 +574,7 @@ impl HeadStage<'_> {
         let (saved, report_file) = (self.run_dir.join("head.safetensors"), self.run_dir.join("head.json"));
         let mut unused = BTreeMap::new();
         if saved.is_file() {
-            let params = candle_core::safetensors::load(&saved, &Device::Cpu)
+            let params = candle_core::safetensors::load(&saved, self.device)
                 .with_context(|| format!("cannot read the saved lm_head {}", saved.display()))?
                 .into_iter()
                 .collect();
@@ -556,22 +583,23 @@ impl HeadStage<'_> {
             return read_json(&report_file);
         }
         let started = std::time::Instant::now();
-        let mut x = batched(cfg.batch, tokens, |t| self.float_model.embed(t))?;
+        let batch = cfg.head_batch();
+        let mut x = batched(batch, tokens, |t| self.float_model.embed(t))?;
         for block in 0..self.float.config.num_hidden_layers {
-            x = batched(cfg.batch, &x, |h| self.float_model.block_forward(block, h))?;
+            x = batched(batch, &x, |h| self.float_model.block_forward(block, h))?;
         }
-        let hidden = batched(cfg.batch, &x, |h| self.float_model.head_input(h))?;
+        let hidden = batched(batch, &x, |h| self.float_model.head_input(h))?;
         drop(x);
         let float_w = self.float.weights.get(self.name, &[quantized[self.name].layout.rows, hidden.dim(2)?])?;
         let kl_before = self.kl_served(&hidden, &float_w, &quantized[self.name])?;
-        let mut layer = Layer::new(self.float, self.name, &quantized[self.name])?;
+        let mut layer = Layer::new(self.float, self.name, &quantized[self.name], self.device)?;
         let adam = AdamParams::default();
         let (n, total) = (hidden.dim(0)?, cfg.head_steps());
         let mut step = 0;
         for epoch in 0..cfg.head_epochs {
             // Another seed stream than the blocks' (which take the block index in the high bits).
-            for chunk in permutation(n, cfg.seed ^ (u64::MAX << 32), epoch as u64).chunks(cfg.batch) {
-                let ids = Tensor::from_vec(chunk.to_vec(), chunk.len(), &Device::Cpu)?;
+            for chunk in permutation(n, cfg.seed ^ (u64::MAX << 32), epoch as u64).chunks(batch) {
+                let ids = Tensor::from_vec(chunk.to_vec(), chunk.len(), self.device)?;
                 let h = hidden.index_select(&ids, 0)?.flatten_to(1)?;
                 let target = Target::new(&h, &float_w)?;
                 let mut gw = vec![0f32; layer.layout.n_weights()];
@@ -624,13 +652,14 @@ impl HeadStage<'_> {
             .iter()
             .map(|&b| {
                 let values = q.dequantize(b, self.spec.tie).map_err(|e| anyhow::anyhow!("`{}`: {e}", self.name))?;
-                Ok(Tensor::from_vec(values, (q.layout.rows, q.layout.cols), &Device::Cpu)?)
+                Ok(Tensor::from_vec(values, (q.layout.rows, q.layout.cols), self.device)?)
             })
             .collect::<Result<Vec<_>>>()?;
         let n = hidden.dim(0)?;
         let mut totals = vec![0f64; served.len()];
-        for i in (0..n).step_by(self.cfg.batch) {
-            let k = self.cfg.batch.min(n - i);
+        let batch = self.cfg.head_batch();
+        for i in (0..n).step_by(batch) {
+            let k = batch.min(n - i);
             let h = hidden.narrow(0, i, k)?.flatten_to(1)?;
             // The float distribution once per batch, for every bit-width.
             let target = Target::new(&h, float_w)?;
@@ -708,13 +737,14 @@ fn served_block(
     block: usize,
     bits: u32,
     tie: TieRule,
+    device: &Device,
 ) -> Result<Weights> {
     let prefix = format!("model.layers.{block}.");
     let mut weights = float.weights.clone();
     for (name, t) in trained.iter().filter(|(n, _)| n.starts_with(&prefix)) {
         weights.insert(name.clone(), t.clone())?;
     }
-    with_served(&weights, quantized, bits, tie, |n| n.starts_with(&prefix))
+    with_served(&weights, quantized, bits, tie, device, |n| n.starts_with(&prefix))
 }
 
 /// `f` over `input` in chunks of `batch` along the first dimension, concatenated.
@@ -743,7 +773,10 @@ fn save_stage(
     params: &BTreeMap<String, Tensor>,
     report: &impl Serialize,
 ) -> Result<()> {
-    let map: HashMap<String, Tensor> = params.iter().map(|(n, t)| (n.clone(), t.clone())).collect();
+    let map = params
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?)))
+        .collect::<Result<HashMap<String, Tensor>>>()?;
     model::checkpoint::write_through_tmp(tensors, |tmp| {
         candle_core::safetensors::save(&map, tmp).with_context(|| format!("cannot write {}", tmp.display()))
     })?;
@@ -767,12 +800,13 @@ fn with_served(
     quantized: &BTreeMap<String, QuantizedWeight>,
     bits: u32,
     tie: TieRule,
+    device: &Device,
     which: impl Fn(&str) -> bool,
 ) -> Result<Weights> {
     let mut out = weights.clone();
     for (name, q) in quantized.iter().filter(|(n, _)| which(n)) {
         let values = q.dequantize(bits, tie).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
-        out.insert(name.clone(), Tensor::from_vec(values, (q.layout.rows, q.layout.cols), &Device::Cpu)?)?;
+        out.insert(name.clone(), Tensor::from_vec(values, (q.layout.rows, q.layout.cols), device)?)?;
     }
     Ok(out)
 }
@@ -797,12 +831,13 @@ impl<'a> BlockTrainer<'a> {
         block: usize,
         quantized: &BTreeMap<String, QuantizedWeight>,
         targets: &[(String, usize, usize)],
+        device: &Device,
     ) -> Result<Self> {
         let prefix = format!("model.layers.{block}.");
         let layers = targets
             .iter()
             .filter(|(n, _, _)| n.starts_with(&prefix))
-            .map(|(name, _, _)| Layer::new(float, name, &quantized[name]))
+            .map(|(name, _, _)| Layer::new(float, name, &quantized[name], device))
             .collect::<Result<Vec<_>>>()?;
         ensure!(
             layers.len() <= BLOCK_LINEARS.len(),
@@ -875,7 +910,7 @@ impl<'a> BlockTrainer<'a> {
         for epoch in 0..cfg.epochs {
             let order = permutation(n, cfg.seed ^ ((self.block as u64) << 32), epoch as u64);
             for chunk in order.chunks(cfg.batch) {
-                let ids = Tensor::from_vec(chunk.to_vec(), chunk.len(), &Device::Cpu)?;
+                let ids = Tensor::from_vec(chunk.to_vec(), chunk.len(), target.device())?;
                 let y = target.index_select(&ids, 0)?;
                 let mut gw: Vec<Vec<f32>> = self.layers.iter().map(|l| vec![0.0; l.layout.n_weights()]).collect();
                 let mut gs: Vec<Vec<f32>> = self.layers.iter().map(|l| vec![0.0; l.layout.n_scales()]).collect();
@@ -911,7 +946,7 @@ impl<'a> BlockTrainer<'a> {
                     let mut v: Vec<f32> = f.t.as_tensor().flatten_all()?.to_vec1()?;
                     let ones = vec![1f32; v.len()];
                     f.adam.step_scaled(&mut v, g, cfg.norm_lr * mult, &ones, &adam);
-                    f.t.set(&Tensor::from_vec(v, f.t.shape(), &Device::Cpu)?)?;
+                    f.t.set(&Tensor::from_vec(v, f.t.shape(), f.t.device())?)?;
                 }
                 self.step += 1;
                 progress(self.step);
@@ -1001,8 +1036,8 @@ fn export(
         .weights
         .iter()
         .filter(|(name, _)| !quantized.contains_key(*name))
-        .map(|(name, t)| (name.clone(), trained.get(name).cloned().unwrap_or_else(|| t.clone())))
-        .collect();
+        .map(|(name, t)| Ok((name.clone(), trained.get(name).unwrap_or(t).to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
     let scale_method = format!(
         "{}+blockwise:samples={}x{}:epochs={}:inputs={}:loss={}:alrs={}",
         spec.scale_method(),
@@ -1032,6 +1067,26 @@ mod tests {
             n += 1;
         }
         assert!(n >= 2, "expected the shipped recipes in {}", dir.display());
+    }
+
+    /// The lm_head stage takes its own mini-batches when the recipe says so, the blocks' otherwise,
+    /// and a recipe naming it keeps it through a save and load.
+    #[test]
+    fn head_batch_sets_the_head_steps_only() {
+        let mut cfg = BlockwiseConfig { samples: 128, batch: 1, epochs: 1, head_epochs: 2, ..Default::default() };
+        assert_eq!((cfg.steps_per_block(), cfg.head_steps()), (128, 256));
+        cfg.head_batch = Some(4);
+        assert_eq!((cfg.steps_per_block(), cfg.head_steps()), (128, 64));
+        cfg.validate().unwrap();
+        let text = toml::to_string(&cfg).unwrap();
+        assert!(text.contains("head_batch = 4"), "{text}");
+        assert_eq!(toml::from_str::<BlockwiseConfig>(&text).unwrap(), cfg);
+        assert!(!toml::to_string(&BlockwiseConfig::default()).unwrap().contains("head_batch"));
+        for bad in [0, 129] {
+            cfg.head_batch = Some(bad);
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("head_batch"), "{bad}: {err}");
+        }
     }
 
     /// The refit keeps every lower precision's served values bit for bit and brings each 8-bit

@@ -130,6 +130,8 @@ fn reconstructs_every_precision_and_resumes() {
         (vec!["--corrections", "8"], "corrections: 8 bits"),
         (vec!["--samples", "100000"], "the recipe asks for 100000"),
         (vec!["--inputs", "sideways"], "inputs \"sideways\""),
+        (vec!["--head-epochs", "1", "--head-batch", "0"], "head_batch (0) must be between 1 and samples"),
+        (vec!["--device", "cuda:7"], "--device cuda:7"),
     ] {
         let mut a = vec!["--model", s(&model_dir), "--data", s(&data), "--run-dir", s(&run_dir), "--out", s(&other)];
         a.extend(extra.iter().copied());

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
+use candle_core::Device;
 use clap::Parser;
 use kernels::Granularity;
 use model::checkpoint::CorrectionGranularity;
@@ -55,6 +56,11 @@ struct Args {
     /// Also write the per-weight reconstruction errors as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Where the blocks and the lm_head train: `cpu`, `cuda` or `cuda:N` (a GPU needs a build
+    /// with `--features cuda`; the optimizer steps, the corrections and the checkpoint stay on
+    /// the host). Not part of the recipe: a resumed run may change it.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 
     /// Bit-widths reconstructed jointly [recipe default: 8,4,2].
     #[arg(long, value_delimiter = ',', help_heading = "Recipe")]
@@ -125,6 +131,9 @@ struct Args {
     /// lm_head role: KL to the float model's next-token distribution) before the blocks; 0: PTQ.
     #[arg(long, help_heading = "Recipe")]
     head_epochs: Option<usize>,
+    /// Sequences per mini-batch of the lm_head stage [recipe default: --batch].
+    #[arg(long, help_heading = "Recipe")]
+    head_batch: Option<usize>,
     /// Per-precision corrections fitted after the reconstruction (bit-widths below 8) to each
     /// layer's output on the calibration sequences.
     #[arg(long, value_delimiter = ',', help_heading = "Recipe")]
@@ -151,6 +160,10 @@ impl Args {
         }
         for (pattern, g) in &self.granularity_overrides {
             cfg.granularity_overrides.insert(pattern.clone(), g.to_string());
+            any = true;
+        }
+        if let Some(b) = self.head_batch {
+            cfg.head_batch = Some(b);
             any = true;
         }
         set!(
@@ -196,13 +209,14 @@ fn run(args: Args) -> Result<()> {
         cli::check_output_dir("--report", report)?;
     }
     let cfg = recipe(&args)?;
+    let device = cli::parse_device(&args.device)?;
     let files = collect_files(&args.data)?;
     let source: ModelSource = args.model.parse()?;
     if matches!(source, ModelSource::Checkpoint(_)) {
         bail!("--model {}: reconstruction starts from a float model, not a checkpoint", args.model);
     }
     tracing::info!("loading {source}");
-    let (float, provenance) = source::load_float(&source)?;
+    let (mut float, provenance) = source::load_float(&source)?;
     let samples = calibration(&float, &files, &cfg)?;
     prepare_run_dir(&args, &cfg, &provenance.sha256, &samples)?;
 
@@ -233,7 +247,9 @@ fn run(args: Args) -> Result<()> {
         cfg.epochs,
         cfg.bits
     );
-    let (mut q, reports) = reconstruct(&float, &cfg, &samples, &args.run_dir, &mut progress)?;
+    float.weights = float.weights.to_device(&device)?;
+    let (mut q, reports) = reconstruct(&float, &cfg, &samples, &args.run_dir, &device, &mut progress)?;
+    float.weights = float.weights.to_device(&Device::Cpu)?;
     bar.finish_and_clear();
     if !cfg.corrections.is_empty() {
         let sequences: Vec<&[u32]> = samples.iter().map(Vec::as_slice).collect();
