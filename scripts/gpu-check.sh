@@ -17,6 +17,11 @@
 #                                                warm machine between calls)
 #           scripts/gpu-check.sh                (carry [".gpu/bin"]): the checks
 # Without the model parts the decode checks are skipped with a message; the kernel checks run.
+#           scripts/gpu-check.sh --reconstruct  (carry [".gpu/bin"], model parts received): instead of
+#                                                the checks, the block-wise W4 recipe
+#                                                (configs/blockwise/w4-best.toml) trained on the GPU by
+#                                                a drq-reconstruct from scripts/build-cuda.sh, then its
+#                                                perplexity at 8, 4, 3, 2 bits on 20 windows
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF=${GGUF:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -42,6 +47,14 @@ for line in sys.stdin:
     else
         echo "warning: no target/cuda/release/drq-bench (scripts/build-cuda.sh): the candle baseline will be skipped" >&2
     fi
+    # The block-wise recipe on the GPU (--reconstruct): the same build's drq-reconstruct.
+    if [ -x target/cuda/release/drq-reconstruct ]; then
+        strip -o .gpu/stage/drq-reconstruct-cuda target/cuda/release/drq-reconstruct
+        cp configs/blockwise/w4-best.toml .gpu/stage/
+        cp -r ../shared/data/austen .gpu/stage/austen
+    else
+        echo "warning: no target/cuda/release/drq-reconstruct (scripts/build-cuda.sh): --reconstruct will not run" >&2
+    fi
     cp ../shared/data/wikitext-2-raw/wiki.test.raw .gpu/stage/
     # Compressed: the binaries and the text together stay well under the transfer limit.
     tar -C .gpu/stage -cJf .gpu/bin/bin.tar.xz .
@@ -55,9 +68,9 @@ for line in sys.stdin:
     ls -la .gpu/model
     exit 0
     ;;
-run) ;;
+run | --reconstruct) ;;
 *)
-    echo "usage: scripts/gpu-check.sh [--prepare|--receive]" >&2
+    echo "usage: scripts/gpu-check.sh [--prepare|--receive|--reconstruct]" >&2
     exit 2
     ;;
 esac
@@ -70,9 +83,36 @@ python3 -c 'import tarfile; tarfile.open(".gpu/bin/bin.tar.xz").extractall(".gpu
 export PATH="$PWD/.gpu/bin:$PATH"
 OUT=${OUT:-.gpu/out}
 mkdir -p "$OUT"
+# candle's CUDA backend links CUDA 13's cuBLAS, cuRAND, NVRTC and runtime: their directories here.
+cuda13_libdirs() {
+    (ldconfig -p | awk '/lib(cublas|cublasLt|nvrtc|cudart)\.so\.13|libcurand\.so\.10/ {print $NF}'
+        find /usr/local/cuda*/ /opt /usr/lib -name 'lib*.so.1[03]' \( -name 'libcublas*' -o -name 'libcurand*' \
+            -o -name 'libnvrtc*' -o -name 'libcudart*' \) 2>/dev/null) | xargs -r -n1 dirname | sort -u | paste -sd:
+}
 # Every check runs even when one before it failed: a lease is too short to rerun for the rest.
 set +e
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt" || true
+
+if [ "${1:-run}" = --reconstruct ]; then
+    [ -x .gpu/bin/drq-reconstruct-cuda ] && ls .gpu/model/part-* >/dev/null 2>&1 || {
+        echo "error: --reconstruct needs drq-reconstruct-cuda in .gpu/bin (scripts/build-cuda.sh, then --prepare) and the model parts (--receive)" >&2
+        exit 1
+    }
+    cat .gpu/model/part-* >/tmp/model.gguf
+    (cd /tmp && sha256sum -c "$OLDPWD/.gpu/bin/model.sha256")
+    echo "== block-wise reconstruction on the GPU (configs/blockwise/w4-best.toml)"
+    rm -rf /tmp/bw
+    start=$(date +%s)
+    LD_LIBRARY_PATH="$(cuda13_libdirs):${LD_LIBRARY_PATH:-}" drq-reconstruct-cuda --model /tmp/model.gguf \
+        --config .gpu/bin/w4-best.toml --data .gpu/bin/austen --run-dir /tmp/bw --out /tmp/bw.safetensors \
+        --device cuda 2>&1 | tee "$OUT/reconstruct.log"
+    echo "reconstruction: $(($(date +%s) - start)) s" | tee -a "$OUT/reconstruct.log"
+    mkdir -p "$OUT/run" && cp /tmp/bw/*.json /tmp/bw/recipe.toml "$OUT/run/"
+    echo "== its perplexity on the GPU kernels, WikiText-2 first 20 windows (f32 activations)"
+    drq-eval perplexity -m /tmp/bw.safetensors -p 8,4,3,2 -f .gpu/bin/wiki.test.raw --ctx 512 --max-windows 20 \
+        --activations f32 --device cuda --json "$OUT/reconstruct-slice.json" 2>&1 | tail -6
+    exit 0
+fi
 
 echo "== kernel tests on the GPU (against the CPU kernels)"
 DRQ_EXPECT_GPU=1 kernels-tests cuda::tests::the_runtime_is_an_error_without_a_gpu_and_matches_the_cpu_with_one \
@@ -113,10 +153,7 @@ if ls .gpu/model/part-* >/dev/null 2>&1; then
     done
     kill "$server" && wait "$server" || true
     if [ -x .gpu/bin/drq-bench-candle ]; then
-        # candle's CUDA backend links CUDA 13's cuBLAS, cuRAND, NVRTC and runtime: find them.
-        libdirs=$( (ldconfig -p | awk '/lib(cublas|cublasLt|nvrtc|cudart)\.so\.13|libcurand\.so\.10/ {print $NF}'
-            find /usr/local/cuda*/ /opt /usr/lib -name 'lib*.so.1[03]' \( -name 'libcublas*' -o -name 'libcurand*' \
-                -o -name 'libnvrtc*' -o -name 'libcudart*' \) 2>/dev/null) | xargs -r -n1 dirname | sort -u | paste -sd:)
+        libdirs=$(cuda13_libdirs)
         for b in 1 16 64; do
             echo "== candle's CUDA path (its Q8_0 QMatMul, f16 Llama) against drq W8 on the GPU, same run, batch $b"
             LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}" drq-bench-candle -m /tmp/default.safetensors \
