@@ -170,8 +170,9 @@ pub struct BlockwiseConfig {
     /// next-token distribution at every bit-width matches the float model's on the float final
     /// hidden states (KL, normalised and weighted per bit-width as the blocks). 0: PTQ.
     pub head_epochs: usize,
-    /// Sequences per mini-batch of the lm_head stage; absent: `batch`. Its steps cost a
-    /// vocabulary-wide softmax per position, so it may take other mini-batches than the blocks.
+    /// Sequences per mini-batch of the lm_head stage; absent: `batch`. The two stages' step
+    /// counts are set apart: the blocks measured best at one sequence per step, while the lm_head
+    /// stage was only measured at four.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub head_batch: Option<usize>,
     /// Per-precision corrections fitted after the reconstruction (bit-widths below 8).
