@@ -16,12 +16,12 @@
 #                                                then [".gpu/model/part-ab"]: parts stay on the
 #                                                warm machine between calls)
 #           scripts/gpu-check.sh                (carry [".gpu/bin"]): the checks
-# Without the model parts the decode checks are skipped with a message; the kernel checks run.
 #           scripts/gpu-check.sh --reconstruct  (carry [".gpu/bin"], model parts received): instead of
 #                                                the checks, the block-wise W4 recipe
 #                                                (configs/blockwise/w4-best.toml) trained on the GPU by
 #                                                a drq-reconstruct from scripts/build-cuda.sh, then its
 #                                                perplexity at 8, 4, 3, 2 bits on 20 windows
+# Without the model parts the decode checks are skipped with a message; the kernel checks run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF=${GGUF:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -89,6 +89,11 @@ cuda13_libdirs() {
         find /usr/local/cuda*/ /opt /usr/lib -name 'lib*.so.1[03]' \( -name 'libcublas*' -o -name 'libcurand*' \
             -o -name 'libnvrtc*' -o -name 'libcudart*' \) 2>/dev/null) | xargs -r -n1 dirname | sort -u | paste -sd:
 }
+# The shared GGUF from its received parts, checked against the checksum --prepare took.
+assemble_model() {
+    cat .gpu/model/part-* >/tmp/model.gguf
+    (cd /tmp && sha256sum -c "$OLDPWD/.gpu/bin/model.sha256")
+}
 # Every check runs even when one before it failed: a lease is too short to rerun for the rest.
 set +e
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt" || true
@@ -98,10 +103,9 @@ if [ "${1:-run}" = --reconstruct ]; then
         echo "error: --reconstruct needs drq-reconstruct-cuda in .gpu/bin (scripts/build-cuda.sh, then --prepare) and the model parts (--receive)" >&2
         exit 1
     }
-    cat .gpu/model/part-* >/tmp/model.gguf
-    (cd /tmp && sha256sum -c "$OLDPWD/.gpu/bin/model.sha256")
+    assemble_model
     echo "== block-wise reconstruction on the GPU (configs/blockwise/w4-best.toml)"
-    rm -rf /tmp/bw
+    rm -rf /tmp/bw /tmp/bw.safetensors
     start=$(date +%s)
     LD_LIBRARY_PATH="$(cuda13_libdirs):${LD_LIBRARY_PATH:-}" drq-reconstruct-cuda --model /tmp/model.gguf \
         --config .gpu/bin/w4-best.toml --data .gpu/bin/austen --run-dir /tmp/bw --out /tmp/bw.safetensors \
@@ -124,8 +128,7 @@ for b in 1 16 64; do
 done
 
 if ls .gpu/model/part-* >/dev/null 2>&1; then
-    cat .gpu/model/part-* >/tmp/model.gguf
-    (cd /tmp && sha256sum -c "$OLDPWD/.gpu/bin/model.sha256")
+    assemble_model
     drq-quantize --model /tmp/model.gguf --out /tmp/default.safetensors 2>&1 | tail -2
     for b in 1 16 64; do
         echo "== greedy decoding on the GPU, batch $b"
