@@ -165,6 +165,10 @@ pub struct BlockwiseConfig {
     /// that keep every lower precision's trained level: the lower precisions are unchanged and
     /// 8 bits gets back what training for them cost it.
     pub refit_8bit: bool,
+    /// After the blocks (before the corrections, with the same calibration inputs), re-round the
+    /// 8-bit codes by GPTQ towards each layer's float output, each code kept within every lower
+    /// trained precision's level: only 8 bits (and the untrained 7..5) change.
+    pub gptq_8bit: bool,
     /// Passes over the calibration sequences training the lm_head (a tied embedding in its
     /// lm_head role) before the blocks: its latent weights and scales fitted so that the
     /// next-token distribution at every bit-width matches the float model's on the float final
@@ -204,6 +208,7 @@ impl Default for BlockwiseConfig {
             inputs: BlockInputs::Quantized,
             loss: BlockLoss::default(),
             refit_8bit: true,
+            gptq_8bit: false,
             head_epochs: 0,
             head_batch: None,
             corrections: Vec::new(),

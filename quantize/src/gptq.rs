@@ -252,6 +252,25 @@ pub fn round_weight(
     spec: &GptqSpec,
     tie: TieRule,
 ) -> Result<()> {
+    round_weight_within(w, q, moments, spec, tie, &[])
+}
+
+/// [`round_weight`], each code kept among those that serve its current level at every bit-width
+/// of `keep`: after block-wise reconstruction trained the lower precisions' levels, the 8-bit
+/// codes (order `8`) move only inside them, towards the float layer's output instead of the
+/// nearest float weight.
+pub fn round_weight_within(
+    w: &[f32],
+    q: &mut QuantizedWeight,
+    moments: &InputMoments,
+    spec: &GptqSpec,
+    tie: TieRule,
+    keep: &[u32],
+) -> Result<()> {
+    for &b in keep {
+        check_bits(b)?;
+    }
+    let kept: Vec<Levels> = keep.iter().filter(|&&b| b < STORED_BITS).map(|&b| Levels::new(b, tie)).collect();
     let layout = q.layout;
     let (rows, cols) = (layout.rows, layout.cols);
     ensure!(w.len() == rows * cols && q.codes.len() == rows * cols, "weight of {} values for {rows}x{cols}", w.len());
@@ -282,7 +301,12 @@ pub fn round_weight(
                 let d = u_row[j];
                 for (r, copy) in copies.iter_mut().enumerate() {
                     let s = scales[(first_row + r) * n_groups + col / layout.group];
-                    let code = if s != 0.0 { pick_code(&levels, copy, j, s) } else { 0 };
+                    let current = i32::from(codes[r * cols + col]);
+                    let (lo, hi) = kept.iter().fold((-128, 127), |(lo, hi), lv| {
+                        let slot = (lv.level(current) - lv.min) as usize;
+                        (lo.max(lv.first[slot]), hi.min(lv.last[slot]))
+                    });
+                    let code = if s != 0.0 { pick_code(&levels, copy, j, s, (lo, hi)) } else { 0.clamp(lo, hi) };
                     codes[r * cols + col] = code as i8;
                     for (lv, row) in levels.iter().zip(copy.iter_mut()) {
                         let err = (row[j] - lv.level(code) as f32 * lv.step * s) / d;
@@ -297,10 +321,9 @@ pub fn round_weight(
     Ok(())
 }
 
-/// The code of column `j`: each bit-width in turn picks its level nearest its own copy among the
-/// codes the previous ones left.
-fn pick_code(levels: &[Levels], copy: &[Vec<f32>], j: usize, s: f32) -> i32 {
-    let (mut lo, mut hi) = (-128i32, 127i32);
+/// The code of column `j` within `[lo, hi]`: each bit-width in turn picks its level nearest its
+/// own copy among the codes the previous ones left.
+fn pick_code(levels: &[Levels], copy: &[Vec<f32>], j: usize, s: f32, (mut lo, mut hi): (i32, i32)) -> i32 {
     for (lv, row) in levels.iter().zip(copy) {
         let target = (row[j] / (lv.step * s)).round();
         let (min, max) = (lv.level(lo), lv.level(hi));
@@ -363,12 +386,14 @@ impl<'a> OutputErrorMeter<'a> {
 
 /// Re-rounds every quantized weight of `q` that has input moments (every linear layer; a tied
 /// embedding keeps its nearest rounding) and records, per weight and bit-width of the spec, the
-/// relative output error of nearest and of GPTQ rounding. `on_weight` is called after each.
+/// relative output error of the rounding before and of GPTQ's. Each code is kept within its level
+/// at every bit-width of `keep` ([`round_weight_within`]). `on_weight` is called after each.
 pub fn round_model(
     float: &FloatModel,
     q: &mut QuantizedModel,
     moments: &HashMap<String, InputMoments>,
     spec: &GptqSpec,
+    keep: &[u32],
     mut on_weight: impl FnMut(&str),
 ) -> Result<()> {
     let tie = q.quantization.tie()?;
@@ -385,7 +410,8 @@ pub fn round_model(
         let w: Vec<f32> = float.weights.get(&layer.name, &[layer.rows, layer.cols])?.flatten_all()?.to_vec1()?;
         let meter = OutputErrorMeter::new(&w, m)?;
         let nearest = bits.iter().map(|&b| meter.relative(weight, b, tie)).collect::<Result<Vec<_>>>()?;
-        round_weight(&w, weight, m, spec, tie).with_context(|| format!("GPTQ rounding of `{}`", layer.name))?;
+        round_weight_within(&w, weight, m, spec, tie, keep)
+            .with_context(|| format!("GPTQ rounding of `{}`", layer.name))?;
         let gptq = bits.iter().map(|&b| meter.relative(weight, b, tie)).collect::<Result<Vec<_>>>()?;
         layer.relative_error = bits
             .iter()

@@ -12,13 +12,14 @@ pub struct LayerReport {
     pub cols: usize,
     /// `(bits, ‖Ŵ_b − W‖² / ‖W‖²)` for every bit-width of the spec.
     pub relative_error: Vec<(u32, f64)>,
-    /// Output error over calibration inputs, nearest against GPTQ rounding (GPTQ-rounded weights only).
+    /// Output error over calibration inputs, the codes before GPTQ (nearest rounding, or
+    /// block-wise reconstruction's) against GPTQ's (GPTQ-rounded weights only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_error: Option<OutputError>,
 }
 
 /// A layer's relative output error over the calibration inputs, `(bits, tr(ΔW H ΔWᵀ) / tr(W H Wᵀ))`,
-/// with nearest and with GPTQ rounding.
+/// with the codes before GPTQ and with GPTQ's.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutputError {
     pub nearest: Vec<(u32, f64)>,

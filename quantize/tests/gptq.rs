@@ -7,7 +7,10 @@ use candle_core::{Device, Tensor};
 use drq_tests::tiny_model;
 use kernels::{first_round, second_round, Granularity, QuantizedWeight, TieRule};
 use model::{Architecture, KvCache, OpsMode, Transformer};
-use quantize::gptq::{collect_moments, round_model, round_weight, GptqSpec, InputMoments, OutputErrorMeter};
+use quantize::blockwise::refit_stored_codes;
+use quantize::gptq::{
+    collect_moments, round_model, round_weight, round_weight_within, GptqSpec, InputMoments, OutputErrorMeter,
+};
 use quantize::{quantize_model, quantize_weight, QuantSpec, SearchObjective};
 
 /// A deterministic N(0, 1) stream (splitmix64 + Box–Muller).
@@ -187,6 +190,45 @@ fn correlated_inputs_lower_the_favoured_precisions_output_error() {
 }
 
 #[test]
+fn within_levels_only_8_bits_move_and_their_output_error_falls() {
+    let (rows, cols) = (16, 128);
+    let w = normals(7, rows * cols);
+    let x = correlated_inputs(400, cols, 8);
+    let m = moments_of(&x, cols);
+    let tie = TieRule::HalfEven;
+    // Levels as training leaves them: one weight in five moved a 4-bit level off its nearest,
+    // then each 8-bit code the nearest to its weight inside its 4- and 2-bit levels.
+    let mut trained = quantize_weight(&w, rows, cols, &spec(&[8, 4, 2])).unwrap();
+    for (i, c) in trained.codes.iter_mut().enumerate() {
+        if i % 5 == 0 {
+            *c = if i % 2 == 0 { c.saturating_add(16) } else { c.saturating_sub(16) };
+        }
+    }
+    refit_stored_codes(&mut trained, &w, &[8, 4, 2], tie);
+    let meter = OutputErrorMeter::new(&w, &m).unwrap();
+    let err = |q: &QuantizedWeight, bits| meter.relative(q, bits, tie).unwrap();
+
+    let mut within = trained.clone();
+    round_weight_within(&w, &mut within, &m, &"8".parse().unwrap(), tie, &[8, 4, 2]).unwrap();
+    for bits in [4, 2] {
+        assert_eq!(within.dequantize(bits, tie).unwrap(), trained.dequantize(bits, tie).unwrap(), "W{bits} changed");
+    }
+    assert_ne!(within.codes, trained.codes, "no 8-bit code moved");
+    assert!(err(&within, 8) < 0.7 * err(&trained, 8), "W8: GPTQ {} vs refit {}", err(&within, 8), err(&trained, 8));
+
+    // Without levels to keep it is plain GPTQ at 8 bits, which moves the 4-bit levels back.
+    let mut free = trained.clone();
+    round_weight_within(&w, &mut free, &m, &"8".parse().unwrap(), tie, &[]).unwrap();
+    assert_ne!(free.dequantize(4, tie).unwrap(), trained.dequantize(4, tie).unwrap());
+    assert!(
+        err(&free, 8) < err(&within, 8),
+        "keeping the levels cost 8 bits nothing: {} vs {}",
+        err(&free, 8),
+        err(&within, 8)
+    );
+}
+
+#[test]
 fn moments_are_the_layers_inputs() {
     let float = tiny_model(Architecture::Llama, false, 11);
     let config = &float.config;
@@ -248,7 +290,7 @@ fn a_rounded_model_records_its_rounding_and_gains_at_its_favoured_bits() {
     assert_eq!((head.dim, head.rows), (float.config.hidden_size, 8 * 33));
     assert_eq!(moments.len(), 15, "7 linear layers × 2 blocks and the tied head");
     let before = q.quantized.clone();
-    round_model(&float, &mut q, &moments, &"4,8".parse().unwrap(), |_| {}).unwrap();
+    round_model(&float, &mut q, &moments, &"4,8".parse().unwrap(), &[], |_| {}).unwrap();
     assert_eq!(q.quantization.rounding, "gptq:4,8");
     assert_eq!(
         q.quantized["model.embed_tokens.weight"], before["model.embed_tokens.weight"],

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use drq_tests::tiny_model;
+use kernels::TieRule;
 use model::checkpoint::{Checkpoint, CorrectionGranularity};
 use model::{Architecture, Precision};
 use quantize::blockwise::{BlockReport, HeadReport};
@@ -120,6 +121,22 @@ fn reconstructs_every_precision_and_resumes() {
     let third = ckpt.quantized("model.layers.1.mlp.down_proj.weight").unwrap();
     assert_eq!((&third.codes, &third.scales), (&first.codes, &first.scales));
     assert_eq!(third.correction(4).unwrap().len(), third.layout.n_scales());
+
+    // ... and with its 8-bit codes re-rounded by GPTQ: every trained precision served as before,
+    // 8 bits moved, and the checkpoint says how its codes were rounded.
+    let rerounded = dir.path().join("rerounded.safetensors");
+    let mut a = resumed.to_vec();
+    a[7] = s(&rerounded);
+    a.extend(["--gptq-8bit", "true"]);
+    assert_ok(&run(&a));
+    let ckpt = Checkpoint::open(&rerounded).unwrap();
+    assert_eq!(ckpt.quantization().rounding, "gptq:8");
+    let fourth = ckpt.quantized("model.layers.1.mlp.down_proj.weight").unwrap();
+    let tie = TieRule::HalfEven;
+    for b in [4, 2] {
+        assert_eq!(fourth.dequantize(b, tie).unwrap(), first.dequantize(b, tie).unwrap(), "W{b} changed");
+    }
+    assert_ne!(fourth.codes, first.codes, "no 8-bit code moved");
 
     // Refusals, each before any work and leaving nothing behind.
     let other = dir.path().join("other.safetensors");

@@ -225,7 +225,7 @@ fn run(args: Args) -> Result<()> {
         // GPTQ leaves a tied embedding (whose moments serve the corrections) to nearest rounding.
         let rounded = moments.keys().filter(|name| name.as_str() != model::weights::EMBED).count();
         let bar = cli::progress_bar(rounded as u64, "GPTQ");
-        quantize::gptq::round_model(&float, &mut quantized, moments, g, |name| {
+        quantize::gptq::round_model(&float, &mut quantized, moments, g, &[], |name| {
             bar.set_prefix(name.to_string());
             bar.inc(1);
         })?;

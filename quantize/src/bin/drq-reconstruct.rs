@@ -127,6 +127,10 @@ struct Args {
     /// precision's trained level (`true`/`false`).
     #[arg(long, help_heading = "Recipe")]
     refit_8bit: Option<bool>,
+    /// After the blocks, re-round the 8-bit codes by GPTQ towards each layer's float output on
+    /// the calibration sequences, within every lower trained precision's level (`true`/`false`).
+    #[arg(long, help_heading = "Recipe")]
+    gptq_8bit: Option<bool>,
     /// Passes over the calibration sequences training the lm_head (a tied embedding in its
     /// lm_head role: KL to the float model's next-token distribution) before the blocks; 0: PTQ.
     #[arg(long, help_heading = "Recipe")]
@@ -185,6 +189,7 @@ impl Args {
             inputs,
             loss,
             refit_8bit,
+            gptq_8bit,
             head_epochs,
             corrections,
             correction_granularity,
@@ -251,7 +256,7 @@ fn run(args: Args) -> Result<()> {
     let (mut q, reports) = reconstruct(&float, &cfg, &samples, &args.run_dir, &device, &mut progress)?;
     float.weights = float.weights.to_device(&Device::Cpu)?;
     bar.finish_and_clear();
-    if !cfg.corrections.is_empty() {
+    if cfg.gptq_8bit || !cfg.corrections.is_empty() {
         let sequences: Vec<&[u32]> = samples.iter().map(Vec::as_slice).collect();
         let moments = quantize::gptq::collect_moments(
             &float.config,
@@ -261,6 +266,11 @@ fn run(args: Args) -> Result<()> {
             cfg.batch,
             |_| {},
         )?;
+        if cfg.gptq_8bit {
+            tracing::info!("re-rounding the 8-bit codes by GPTQ within the levels of bits {:?}", cfg.bits);
+            let spec = quantize::gptq::GptqSpec::new(vec![kernels::STORED_BITS])?;
+            quantize::gptq::round_model(&float, &mut q, &moments, &spec, &cfg.bits, |_| {})?;
+        }
         let granularity = cfg.correction_granularity;
         quantize::corrections::correct_model(&float, &mut q, &cfg.corrections, granularity, Some(&moments), |_| {})?;
     }
@@ -299,17 +309,20 @@ fn recipe(args: &Args) -> Result<BlockwiseConfig> {
     let saved = args.run_dir.join(RECIPE);
     let cfg = if args.resume {
         ensure!(saved.is_file(), "--resume: {} holds no run ({RECIPE})", args.run_dir.display());
-        // The corrections are fitted after the blocks, so a finished run can be resumed to fit
-        // others; every other recipe setting is the saved one.
-        let blocks_only = Args { corrections: None, correction_granularity: None, ..args.clone() };
+        // The GPTQ re-rounding and the corrections run after the blocks, so a finished run can
+        // be resumed to change them; every other recipe setting is the saved one.
+        let blocks_only = Args { gptq_8bit: None, corrections: None, correction_granularity: None, ..args.clone() };
         if args.config.is_some() || blocks_only.apply(&mut BlockwiseConfig::default()) {
             bail!(
                 "--resume continues the saved recipe ({}); --config and recipe flags other than \
-                 --corrections and --correction-granularity cannot change it",
+                 --gptq-8bit, --corrections and --correction-granularity cannot change it",
                 saved.display()
             );
         }
         let mut cfg = BlockwiseConfig::load(&saved)?;
+        if let Some(on) = args.gptq_8bit {
+            cfg.gptq_8bit = on;
+        }
         if let Some(bits) = &args.corrections {
             cfg.corrections = bits.clone();
         }
