@@ -196,6 +196,71 @@ pub fn code_index(q: i8) -> usize {
     (i16::from(q) + 128) as usize
 }
 
+/// The second rounding at one bit-width as a table: the level of every stored code and, since
+/// rounding is monotonic, the first and last code of every level. Lets a stored code move without
+/// changing what this precision serves.
+#[derive(Debug, Clone)]
+pub struct LevelCodes {
+    bits: u32,
+    of_code: [i8; 256],
+    /// First and last code of each level, indexed by `level − min_level`.
+    codes: Vec<(i8, i8)>,
+}
+
+impl LevelCodes {
+    /// # Panics
+    /// If `bits` is outside `2..=8` (see [`check_bits`]).
+    pub fn new(bits: u32, tie: TieRule) -> Self {
+        let mut of_code = [0i8; 256];
+        let mut codes = vec![(i8::MAX, i8::MIN); 1 << bits];
+        let min = -(1i32 << (bits - 1));
+        for c in i8::MIN..=i8::MAX {
+            let level = second_round(c, bits, tie);
+            of_code[code_index(c)] = level;
+            let slot = &mut codes[(i32::from(level) - min) as usize];
+            *slot = (slot.0.min(c), slot.1.max(c));
+        }
+        LevelCodes { bits, of_code, codes }
+    }
+
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// `2^Δ`: one level in units of the stored scale.
+    pub fn step(&self) -> f32 {
+        (1u32 << (STORED_BITS - self.bits)) as f32
+    }
+
+    /// The level `code` is served at.
+    pub fn level(&self, code: i8) -> i8 {
+        self.of_code[code_index(code)]
+    }
+
+    /// The lowest and highest level.
+    pub fn level_range(&self) -> (i8, i8) {
+        let min = -(1i32 << (self.bits - 1));
+        (min as i8, (-min - 1) as i8)
+    }
+
+    /// The first and last code served at `level`.
+    ///
+    /// # Panics
+    /// If `level` is outside [`LevelCodes::level_range`].
+    pub fn codes_of(&self, level: i8) -> (i8, i8) {
+        self.codes[(i32::from(level) - i32::from(self.level_range().0)) as usize]
+    }
+}
+
+/// The first and last code served at the same level as `code` at every bit-width of `tables`:
+/// where a code may move when those precisions must serve exactly what they did.
+pub fn codes_keeping(code: i8, tables: &[LevelCodes]) -> (i8, i8) {
+    tables.iter().fold((i8::MIN, i8::MAX), |(lo, hi), t| {
+        let (a, z) = t.codes_of(t.level(code));
+        (lo.max(a), hi.min(z))
+    })
+}
+
 /// `q_l · 2^Δ` for every stored code, indexed by [`code_index`]: the bit-`bits` value of each
 /// code in units of the stored scale, so `Ŵ_l = table[code_index(q_h)] · s`.
 pub fn level_table(bits: u32, tie: TieRule) -> Result<[f32; 256], KernelError> {
@@ -605,5 +670,37 @@ mod tests {
             assert_eq!(table[code_index(q)], f32::from(second_round(q, 3, TieRule::HalfUp)) * 32.0);
         }
         assert_eq!(level_table(1, TieRule::HalfEven), Err(KernelError::InvalidBits(1)));
+    }
+
+    #[test]
+    fn level_codes_are_exactly_the_codes_of_each_level() {
+        for bits in MIN_BITS..=STORED_BITS {
+            for tie in [TieRule::HalfEven, TieRule::HalfUp] {
+                let t = LevelCodes::new(bits, tie);
+                let (min, max) = t.level_range();
+                for level in min..=max {
+                    let (first, last) = t.codes_of(level);
+                    let inside: Vec<i8> =
+                        (i8::MIN..=i8::MAX).filter(|&c| second_round(c, bits, tie) == level).collect();
+                    assert_eq!((inside[0], *inside.last().unwrap()), (first, last), "bits {bits} {tie} level {level}");
+                    assert_eq!(inside.len(), (i16::from(last) - i16::from(first) + 1) as usize, "not consecutive");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn codes_keeping_serve_the_same_level_at_every_table() {
+        let tie = TieRule::HalfEven;
+        let tables = [LevelCodes::new(4, tie), LevelCodes::new(2, tie)];
+        for code in i8::MIN..=i8::MAX {
+            let (lo, hi) = codes_keeping(code, &tables);
+            assert!(lo <= code && code <= hi);
+            for c in i8::MIN..=i8::MAX {
+                let same = [4, 2].iter().all(|&b| second_round(c, b, tie) == second_round(code, b, tie));
+                assert_eq!(same, (lo..=hi).contains(&c), "code {code}, candidate {c}");
+            }
+        }
+        assert_eq!(codes_keeping(5, &[]), (i8::MIN, i8::MAX));
     }
 }

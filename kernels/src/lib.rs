@@ -5,8 +5,9 @@ pub mod ops;
 pub mod planar;
 
 pub use double_rounding::{
-    carry, check_bits, check_corrections, code_index, corrected_scales, dequantize, first_round, floor_bits,
-    level_table, second_round, Granularity, KernelError, QuantizedWeight, ScaleLayout, TieRule, MIN_BITS, STORED_BITS,
+    carry, check_bits, check_corrections, code_index, codes_keeping, corrected_scales, dequantize, first_round,
+    floor_bits, level_table, second_round, Granularity, KernelError, LevelCodes, QuantizedWeight, ScaleLayout, TieRule,
+    MIN_BITS, STORED_BITS,
 };
 pub use planar::{
     decode_code, encode_code, matmul_group, run_shares, ActPath, Backend, KernelConfig, MatmulPart, PlanarWeight,

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use kernels::{QuantizedWeight, ScaleLayout, TieRule};
+use kernels::{LevelCodes, QuantizedWeight, ScaleLayout, TieRule};
 use model::checkpoint::CorrectionGranularity;
 use model::weights::{BLOCK_LINEARS, EMBED, LM_HEAD};
 use model::{FloatModel, ModelConfig, OpsMode, Transformer, Weights};
@@ -991,27 +991,12 @@ fn add(acc: &mut [f32], g: &[f32], weight: f32) {
 /// precisions serve exactly what they did, and the stored 8-bit codes get as close to the float
 /// weights as that allows.
 pub fn refit_stored_codes(q: &mut QuantizedWeight, w: &[f32], bits: &[u32], tie: TieRule) {
-    let lower: Vec<u32> = bits.iter().copied().filter(|&b| b < kernels::STORED_BITS).collect();
-    // For each lower bit-width and level: the first and last code that rounds to it.
-    let ranges: Vec<[(i8, i8); 256]> = lower
-        .iter()
-        .map(|&b| {
-            let mut r = [(i8::MAX, i8::MIN); 256];
-            for c in i8::MIN..=i8::MAX {
-                let slot = &mut r[kernels::code_index(kernels::second_round(c, b, tie))];
-                *slot = (slot.0.min(c), slot.1.max(c));
-            }
-            r
-        })
-        .collect();
+    let lower: Vec<LevelCodes> =
+        bits.iter().filter(|&&b| b < kernels::STORED_BITS).map(|&b| LevelCodes::new(b, tie)).collect();
     let (cols, ng) = (q.layout.cols, q.layout.n_groups());
     for (i, code) in q.codes.iter_mut().enumerate() {
         let s = q.scales[(i / cols) * ng + (i % cols) / q.layout.group];
-        let (mut lo, mut hi) = (i8::MIN, i8::MAX);
-        for (&b, r) in lower.iter().zip(&ranges) {
-            let (a, z) = r[kernels::code_index(kernels::second_round(*code, b, tie))];
-            (lo, hi) = (lo.max(a), hi.min(z));
-        }
+        let (lo, hi) = kernels::codes_keeping(*code, &lower);
         *code = kernels::first_round(w[i] / s).clamp(lo, hi);
     }
 }

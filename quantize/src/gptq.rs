@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use kernels::{check_bits, code_index, second_round, QuantizedWeight, TieRule, STORED_BITS};
+use kernels::{check_bits, codes_keeping, LevelCodes, QuantizedWeight, TieRule, STORED_BITS};
 use model::transformer::InputObserver;
 use model::weights::{EMBED, LM_HEAD};
 use model::{FloatModel, KvCache, ModelConfig, Transformer, Weights};
@@ -208,38 +208,6 @@ fn inverse_factor(moments: &InputMoments, spec: &GptqSpec) -> Result<(Vec<usize>
     Ok((order, u))
 }
 
-/// For one bit-width: the level of every int8 code, and the first and last code of every level.
-struct Levels {
-    bits: u32,
-    /// `2^Δ`: one level in units of the stored scale.
-    step: f32,
-    of_code: [i32; 256],
-    first: Vec<i32>,
-    last: Vec<i32>,
-    min: i32,
-}
-
-impl Levels {
-    fn new(bits: u32, tie: TieRule) -> Self {
-        let min = -(1i32 << (bits - 1));
-        let count = 1usize << bits;
-        let (mut first, mut last) = (vec![i32::MAX; count], vec![i32::MIN; count]);
-        let mut of_code = [0i32; 256];
-        for c in -128i32..=127 {
-            let level = i32::from(second_round(c as i8, bits, tie));
-            of_code[code_index(c as i8)] = level;
-            let slot = (level - min) as usize;
-            first[slot] = first[slot].min(c);
-            last[slot] = last[slot].max(c);
-        }
-        Levels { bits, step: (1u32 << (STORED_BITS - bits)) as f32, of_code, first, last, min }
-    }
-
-    fn level(&self, code: i32) -> i32 {
-        self.of_code[(code + 128) as usize]
-    }
-}
-
 /// Rows rounded together: U's row is read once per tile (it stays in cache across the tile).
 const ROW_TILE: usize = 16;
 
@@ -270,7 +238,7 @@ pub fn round_weight_within(
     for &b in keep {
         check_bits(b)?;
     }
-    let kept: Vec<Levels> = keep.iter().filter(|&&b| b < STORED_BITS).map(|&b| Levels::new(b, tie)).collect();
+    let kept: Vec<LevelCodes> = keep.iter().filter(|&&b| b < STORED_BITS).map(|&b| LevelCodes::new(b, tie)).collect();
     let layout = q.layout;
     let (rows, cols) = (layout.rows, layout.cols);
     ensure!(w.len() == rows * cols && q.codes.len() == rows * cols, "weight of {} values for {rows}x{cols}", w.len());
@@ -282,7 +250,7 @@ pub fn round_weight_within(
         bail!("the GPTQ order must end with 8");
     }
     let (order, u) = inverse_factor(moments, spec)?;
-    let levels: Vec<Levels> = spec.order.iter().map(|&b| Levels::new(b, tie)).collect();
+    let levels: Vec<LevelCodes> = spec.order.iter().map(|&b| LevelCodes::new(b, tie)).collect();
     let n_groups = layout.n_groups();
     let scales = &q.scales;
     q.codes.par_chunks_mut(ROW_TILE * cols).zip(w.par_chunks(ROW_TILE * cols)).enumerate().for_each(
@@ -301,15 +269,11 @@ pub fn round_weight_within(
                 let d = u_row[j];
                 for (r, copy) in copies.iter_mut().enumerate() {
                     let s = scales[(first_row + r) * n_groups + col / layout.group];
-                    let current = i32::from(codes[r * cols + col]);
-                    let (lo, hi) = kept.iter().fold((-128, 127), |(lo, hi), lv| {
-                        let slot = (lv.level(current) - lv.min) as usize;
-                        (lo.max(lv.first[slot]), hi.min(lv.last[slot]))
-                    });
+                    let (lo, hi) = codes_keeping(codes[r * cols + col], &kept);
                     let code = if s != 0.0 { pick_code(&levels, copy, j, s, (lo, hi)) } else { 0.clamp(lo, hi) };
-                    codes[r * cols + col] = code as i8;
+                    codes[r * cols + col] = code;
                     for (lv, row) in levels.iter().zip(copy.iter_mut()) {
-                        let err = (row[j] - lv.level(code) as f32 * lv.step * s) / d;
+                        let err = (row[j] - f32::from(lv.level(code)) * lv.step() * s) / d;
                         for (x, &h) in row[j + 1..].iter_mut().zip(&u_row[j + 1..]) {
                             *x -= err * h;
                         }
@@ -323,15 +287,15 @@ pub fn round_weight_within(
 
 /// The code of column `j` within `[lo, hi]`: each bit-width in turn picks its level nearest its
 /// own copy among the codes the previous ones left.
-fn pick_code(levels: &[Levels], copy: &[Vec<f32>], j: usize, s: f32, (mut lo, mut hi): (i32, i32)) -> i32 {
+fn pick_code(levels: &[LevelCodes], copy: &[Vec<f32>], j: usize, s: f32, (mut lo, mut hi): (i8, i8)) -> i8 {
     for (lv, row) in levels.iter().zip(copy) {
-        let target = (row[j] / (lv.step * s)).round();
+        let target = (row[j] / (lv.step() * s)).round();
         let (min, max) = (lv.level(lo), lv.level(hi));
-        let level = if target.is_nan() { 0.clamp(min, max) } else { (target.clamp(min as f32, max as f32)) as i32 };
-        let slot = (level - lv.min) as usize;
-        lo = lo.max(lv.first[slot]);
-        hi = hi.min(lv.last[slot]);
-        debug_assert!(lo <= hi, "bits {}: empty code interval", lv.bits);
+        let level =
+            if target.is_nan() { 0.clamp(min, max) } else { target.clamp(f32::from(min), f32::from(max)) as i8 };
+        let (first, last) = lv.codes_of(level);
+        (lo, hi) = (lo.max(first), hi.min(last));
+        debug_assert!(lo <= hi, "bits {}: empty code interval", lv.bits());
     }
     lo
 }
