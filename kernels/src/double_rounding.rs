@@ -203,11 +203,13 @@ pub fn code_index(q: i8) -> usize {
 pub struct LevelCodes {
     bits: u32,
     of_code: [i8; 256],
-    /// First and last code of each level, indexed by `level − min_level`.
+    /// First and last code of each level, indexed by `level − level_range().0`.
     codes: Vec<(i8, i8)>,
 }
 
 impl LevelCodes {
+    /// The table of `bits` under `tie`.
+    ///
     /// # Panics
     /// If `bits` is outside `2..=8` (see [`check_bits`]).
     pub fn new(bits: u32, tie: TieRule) -> Self {
