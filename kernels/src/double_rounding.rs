@@ -203,7 +203,7 @@ pub fn code_index(q: i8) -> usize {
 pub struct LevelCodes {
     bits: u32,
     of_code: [i8; 256],
-    /// First and last code of each level, indexed by `level − level_range().0`.
+    /// First and last code of each level, at `slot(level)`.
     codes: Vec<(i8, i8)>,
 }
 
@@ -213,16 +213,20 @@ impl LevelCodes {
     /// # Panics
     /// If `bits` is outside `2..=8` (see [`check_bits`]).
     pub fn new(bits: u32, tie: TieRule) -> Self {
-        let mut of_code = [0i8; 256];
-        let mut codes = vec![(i8::MAX, i8::MIN); 1 << bits];
-        let min = -(1i32 << (bits - 1));
+        let mut table = LevelCodes { bits, of_code: [0; 256], codes: vec![(i8::MAX, i8::MIN); 1 << bits] };
         for c in i8::MIN..=i8::MAX {
             let level = second_round(c, bits, tie);
-            of_code[code_index(c)] = level;
-            let slot = &mut codes[(i32::from(level) - min) as usize];
-            *slot = (slot.0.min(c), slot.1.max(c));
+            table.of_code[code_index(c)] = level;
+            let slot = table.slot(level);
+            let range = &mut table.codes[slot];
+            *range = (range.0.min(c), range.1.max(c));
         }
-        LevelCodes { bits, of_code, codes }
+        table
+    }
+
+    /// Where `level`'s first and last code sit in `codes`.
+    fn slot(&self, level: i8) -> usize {
+        (i32::from(level) - i32::from(self.level_range().0)) as usize
     }
 
     pub fn bits(&self) -> u32 {
@@ -250,7 +254,7 @@ impl LevelCodes {
     /// # Panics
     /// If `level` is outside [`LevelCodes::level_range`].
     pub fn codes_of(&self, level: i8) -> (i8, i8) {
-        self.codes[(i32::from(level) - i32::from(self.level_range().0)) as usize]
+        self.codes[self.slot(level)]
     }
 }
 
