@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor, D};
 use drq_tests::tiny_model;
 use evals::perplexity::{evaluate, windows, Candidate, Protocol};
 use kernels::{ActPath, Granularity, KernelConfig, TieRule};
-use model::checkpoint::Checkpoint;
+use model::checkpoint::{Checkpoint, WideRowsSpec};
 use model::source::Provenance;
 use model::{Architecture, Batch, KvCache, OpsMode, Precision, ResidentModel, SequenceStep, Transformer, Weights};
 use quantize::{quantize_model, write_checkpoint, QuantSpec, SearchObjective};
@@ -123,6 +123,55 @@ fn tiny_models_match_the_reference_at_every_precision() {
         "worst relative logit difference: f32 {worst_f32:e}, int8 {worst_int8:e}; worst int8 argmax agreement {:.1}%",
         worst_agree * 100.0
     );
+}
+
+/// Wide lm_head rows (the first 100 of 300 two bits wider): the kernels split the head (and a tied
+/// embedding's lookup) at that row and match the reference decoded the same way, which differs
+/// from the plain precision below 8 bits.
+#[test]
+fn wide_rows_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let wide = WideRowsSpec::Head { rows: 100, extra_bits: 2 };
+    for (arch, tied) in [(Architecture::Llama, true), (Architecture::Qwen2, false)] {
+        let plain = tiny_checkpoint(dir.path(), arch, tied, Granularity::Group(32));
+        let mut ckpt = Checkpoint::open(plain.path()).unwrap();
+        ckpt.widen_rows(&wide).unwrap();
+        let head = if tied { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        assert_eq!(ckpt.quantization().wide_rows.as_ref().map(|w| w.weight.as_str()), Some(head));
+        let (resident, plain_resident) =
+            (ResidentModel::from_checkpoint(&ckpt).unwrap(), ResidentModel::from_checkpoint(&plain).unwrap());
+        for bits in [2, 3, 4, 7, 8] {
+            let p = Precision::Bits(bits);
+            let case = format!("{arch:?} tied={tied} {bits} bits");
+            let weights = ckpt.weights_at(&p).unwrap();
+            // The reference decodes the head's first rows at the wider bits, the others at `bits`.
+            let wider = plain.weights_at(&Precision::Bits((bits + 2).min(8))).unwrap();
+            let narrow = plain.weights_at(&p).unwrap();
+            let rows = |w: &Weights, r: std::ops::Range<usize>| {
+                w.get(head, &[300, 64]).unwrap().narrow(0, r.start, r.len()).unwrap()
+            };
+            assert_eq!(rel_diff(&rows(&weights, 0..100), &rows(&wider, 0..100)), 0.0, "{case}");
+            assert_eq!(rel_diff(&rows(&weights, 100..300), &rows(&narrow, 100..300)), 0.0, "{case}");
+
+            let want = run(&Transformer::new(ckpt.config(), &weights, OpsMode::Inference).unwrap());
+            let got = run(&Transformer::from_resident(&resident, &p, &kernel(ActPath::F32)).unwrap());
+            let d = rel_diff(&got, &want);
+            assert!(d < 1e-4, "{case}: f32 kernels differ from the reference by {d:e} (relative)");
+            let without = run(&Transformer::from_resident(&plain_resident, &p, &kernel(ActPath::F32)).unwrap());
+            match bits {
+                8 => assert_eq!(rel_diff(&got, &without), 0.0, "{case}: nothing to widen at 8 bits"),
+                7 => assert!(rel_diff(&got, &without) > 0.0, "{case}: rows at 8 bits changed nothing"),
+                _ => assert!(rel_diff(&got, &without) > 1e-3, "{case}: wide rows changed nothing"),
+            }
+        }
+        // Counted: 100 rows × 64 columns × 2 bits more at 4 bits, nothing at 8.
+        let (rows, cols) = (300usize, 64usize);
+        let added = |b: u32| {
+            ckpt.quantization().matrix_bits(head, rows, cols, b).unwrap()
+                - plain.quantization().matrix_bits(head, rows, cols, b).unwrap()
+        };
+        assert_eq!((added(4), added(7), added(8)), (100 * 64 * 2, 100 * 64, 0));
+    }
 }
 
 /// A per-layer mix (layer 0 at 3 bits, layer 1 at 6, embedding 8, lm_head 4) through
@@ -397,7 +446,12 @@ fn forward_batches_across_precisions_equal_each_precision_alone() {
     for (arch, tied, granularity) in
         [(Architecture::Llama, true, Granularity::Channel), (Architecture::Qwen2, false, Granularity::Group(32))]
     {
-        let checkpoint = tiny_checkpoint(dir.path(), arch, tied, granularity);
+        let mut checkpoint = tiny_checkpoint(dir.path(), arch, tied, granularity);
+        if tied {
+            // Wide lm_head rows: the precisions' heads split their rows at the same row (8 bits
+            // has none), and one step serves them all.
+            checkpoint.widen_rows(&WideRowsSpec::Head { rows: 100, extra_bits: 1 }).unwrap();
+        }
         let resident = ResidentModel::from_checkpoint(&checkpoint).unwrap();
         let cfg = KernelConfig { threads: 2, ..kernel(ActPath::Auto) };
         let bits = [8, 4, 3, 2];

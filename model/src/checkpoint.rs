@@ -65,6 +65,98 @@ pub struct QuantizationMeta {
     /// What one correction factor covers: an output row or one scale group of it.
     #[serde(default, skip_serializing_if = "CorrectionGranularity::is_row")]
     pub correction_granularity: CorrectionGranularity,
+    /// The leading rows of one weight served wider than the rest of it (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wide_rows: Option<WideRows>,
+}
+
+/// Rows `0..rows` of the quantized weight `weight` served at `extra_bits` more than a precision
+/// gives the weight (at most the stored 8), in every role the weight has. Meant for the weight
+/// that computes the logits (the embedding when tied): a BPE vocabulary lists its tokens in merge
+/// order, most frequent first, and the lm_head rows of the frequent tokens carry most of what a
+/// low precision loses (docs/RESULTS.md, "Wider lm_head rows for the frequent tokens").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WideRows {
+    pub weight: String,
+    pub rows: usize,
+    pub extra_bits: u32,
+}
+
+/// How many leading rows of the weight that computes the logits a quantizer widens, and by how
+/// many bits: `ROWS:+BITS` (e.g. `4096:+1`), or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WideRowsSpec {
+    None,
+    Head { rows: usize, extra_bits: u32 },
+}
+
+impl WideRowsSpec {
+    /// What the quantizers write unless told otherwise: the 4,096 first rows one bit wider
+    /// (SmolLM2, WikiText-2: W3 −23%, W4 −6% for +0.017 bits per weight; docs/RESULTS.md).
+    pub const DEFAULT: WideRowsSpec = WideRowsSpec::Head { rows: 4096, extra_bits: 1 };
+
+    /// The wide rows of a model with `config` whose weights `quantized` are quantized: on the
+    /// embedding when tied, else on the lm_head, at most its rows; none when that weight is float.
+    pub fn resolve(&self, config: &ModelConfig, quantized: &[String]) -> Option<WideRows> {
+        let WideRowsSpec::Head { rows, extra_bits } = *self else { return None };
+        let weight = if config.tie_word_embeddings { crate::weights::EMBED } else { crate::weights::LM_HEAD };
+        quantized.iter().any(|q| q == weight).then(|| WideRows {
+            weight: weight.to_string(),
+            rows: rows.min(config.vocab_size),
+            extra_bits,
+        })
+    }
+}
+
+impl std::str::FromStr for WideRowsSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s == "none" {
+            return Ok(WideRowsSpec::None);
+        }
+        let parsed = s.split_once(":+").and_then(|(rows, bits)| Some((rows.parse().ok()?, bits.parse().ok()?)));
+        let Some((rows, extra_bits)) = parsed else {
+            bail!("wide rows {s:?}: expected ROWS:+BITS (e.g. 4096:+1) or none")
+        };
+        ensure!(
+            (1..=dr::STORED_BITS - dr::MIN_BITS).contains(&extra_bits),
+            "wide rows {s:?}: {extra_bits} extra bits (1..={})",
+            dr::STORED_BITS - dr::MIN_BITS
+        );
+        Ok(if rows == 0 { WideRowsSpec::None } else { WideRowsSpec::Head { rows, extra_bits } })
+    }
+}
+
+impl Serialize for WideRowsSpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for WideRowsSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
+
+impl std::fmt::Display for WideRowsSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WideRowsSpec::None => f.write_str("none"),
+            WideRowsSpec::Head { rows, extra_bits } => write!(f, "{rows}:+{extra_bits}"),
+        }
+    }
+}
+
+/// Rows `0..rows` of a weight served at `bits` (the rest at the weight's own bit-width): a
+/// [`WideRows`] at one precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeadingRows {
+    pub rows: usize,
+    pub bits: u32,
 }
 
 /// What one per-precision correction factor covers (see `kernels::QuantizedWeight::corrections`).
@@ -138,7 +230,54 @@ impl QuantizationMeta {
             profiles: Profiles::default(),
             corrected_bits: Vec::new(),
             correction_granularity: CorrectionGranularity::Row,
+            wide_rows: None,
         }
+    }
+
+    /// The rows of the quantized weight `name` served wider when the weight is at `bits`, if any.
+    pub fn leading_rows(&self, name: &str, bits: u32) -> Option<LeadingRows> {
+        let w = self.wide_rows.as_ref().filter(|w| w.weight == name && w.rows > 0)?;
+        let wide = (bits + w.extra_bits).min(dr::STORED_BITS);
+        (wide > bits).then_some(LeadingRows { rows: w.rows, bits: wide })
+    }
+
+    /// Sets the wide rows `spec` gives a model with `config` (clears them for `none`), checked
+    /// against the model's weight shapes.
+    pub fn widen_rows(&mut self, spec: &WideRowsSpec, config: &ModelConfig) -> Result<()> {
+        let wide_rows = spec.resolve(config, &self.quantized);
+        let old = std::mem::replace(&mut self.wide_rows, wide_rows);
+        if let Err(e) = self.check_wide_rows(config) {
+            self.wide_rows = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The wide rows name a quantized weight, fit inside it and widen by 1..=6 bits.
+    fn check_wide_rows(&self, config: &ModelConfig) -> Result<()> {
+        let Some(w) = &self.wide_rows else { return Ok(()) };
+        ensure!(
+            self.quantized.binary_search(&w.weight).is_ok(),
+            "metadata `quantization.wide_rows` names `{}`, which is not a quantized weight",
+            w.weight
+        );
+        let rows = Weights::expected_shapes(config)
+            .into_iter()
+            .find(|(name, _)| *name == w.weight)
+            .map_or(0, |(_, shape)| shape[0]);
+        ensure!(
+            w.rows <= rows,
+            "metadata `quantization.wide_rows`: {} rows of `{}`, which has {rows}",
+            w.rows,
+            w.weight
+        );
+        ensure!(
+            (1..=dr::STORED_BITS - dr::MIN_BITS).contains(&w.extra_bits),
+            "metadata `quantization.wide_rows`: {} extra bits (1..={})",
+            w.extra_bits,
+            dr::STORED_BITS - dr::MIN_BITS
+        );
+        Ok(())
     }
 
     pub fn tie(&self) -> Result<TieRule> {
@@ -170,7 +309,8 @@ impl QuantizationMeta {
 
     /// Bits the quantized `[rows, cols]` weight `name` occupies when served at `bits`: its codes
     /// at that bit-width, its f16 scales and, where that precision is corrected, its f16
-    /// corrections. The one count behind `Checkpoint::bits_per_weight` and HASB's budgets.
+    /// corrections, and the extra bits of its wide rows. The one count behind
+    /// `Checkpoint::bits_per_weight` and HASB's budgets.
     pub fn matrix_bits(&self, name: &str, rows: usize, cols: usize, bits: u32) -> Result<u64> {
         let layout = self.layout(name, rows, cols)?;
         let corrections = if self.corrected_bits.contains(&bits) {
@@ -178,7 +318,9 @@ impl QuantizationMeta {
         } else {
             0
         };
-        Ok((rows * cols) as u64 * u64::from(bits) + 16 * layout.n_scales() as u64 + corrections)
+        let wide =
+            self.leading_rows(name, bits).map_or(0, |l| (l.rows.min(rows) * cols) as u64 * u64::from(l.bits - bits));
+        Ok((rows * cols) as u64 * u64::from(bits) + 16 * layout.n_scales() as u64 + corrections + wide)
     }
 
     /// Every precision this checkpoint can be run at: each bit-width from the lowest a second
@@ -265,6 +407,7 @@ pub fn write(path: &Path, contents: &CheckpointContents) -> Result<()> {
     );
     q.check_granularities()?;
     q.check_profiles()?;
+    q.check_wide_rows(contents.config)?;
     let tokenizer_json = contents
         .tokenizer
         .to_string(false)
@@ -533,6 +676,7 @@ impl Checkpoint {
         }
         quantization.check_granularities()?;
         quantization.check_profiles()?;
+        quantization.check_wide_rows(&config)?;
         let tok = st.tensor(TOKENIZER_TENSOR).context("the tokenizer tensor is missing")?;
         ensure!(tok.dtype() == Dtype::U8, "`{TOKENIZER_TENSOR}` must be U8");
         expected_names.insert(TOKENIZER_TENSOR.to_string());
@@ -561,6 +705,13 @@ impl Checkpoint {
     /// Adds a named per-layer profile in memory (the file is not changed), checked as on open.
     pub fn add_profile(&mut self, name: &str, bits: BTreeMap<String, u32>) -> Result<()> {
         self.quantization.add_profile(name, bits).with_context(|| format!("{}", self.path.display()))
+    }
+
+    /// Sets the wide rows `spec` gives this model in memory (the file is not changed), checked
+    /// as on open.
+    pub fn widen_rows(&mut self, spec: &WideRowsSpec) -> Result<()> {
+        let config = self.config.clone();
+        self.quantization.widen_rows(spec, &config).with_context(|| format!("{}", self.path.display()))
     }
 
     /// Drops a profile in memory; whether there was one of that name.
@@ -688,8 +839,13 @@ impl Checkpoint {
                 let bits = precision.bits_for(&name, &self.quantization.profiles)?.with_context(|| {
                     format!("{}: precision `{precision}` is not available from a checkpoint (it stores no float copy of quantized weights)", self.path.display())
                 })?;
-                let out =
-                    self.quantized(&name)?.dequantize(bits, self.tie).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
+                let w = self.quantized(&name)?;
+                let mut out = w.dequantize(bits, self.tie).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
+                if let Some(lead) = self.quantization.leading_rows(&name, bits) {
+                    let wide = w.dequantize(lead.bits, self.tie).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
+                    let n = lead.rows * w.layout.cols;
+                    out[..n].copy_from_slice(&wide[..n]);
+                }
                 weights.insert(name, Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?)?;
             } else {
                 let tensor = self.float_tensor(&name)?;

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use kernels::{PlanarWeight, TieRule};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, LeadingRows, QuantizationMeta};
 use crate::config::ModelConfig;
 use crate::precision::Profiles;
 use crate::weights::Weights;
@@ -22,7 +22,8 @@ pub struct ResidentModel {
     tie: TieRule,
     planar: BTreeMap<String, Arc<PlanarWeight>>,
     float: BTreeMap<String, Tensor>,
-    profiles: Profiles,
+    /// The checkpoint's quantization metadata: its profiles and wide rows.
+    quantization: QuantizationMeta,
 }
 
 impl ResidentModel {
@@ -74,7 +75,7 @@ impl ResidentModel {
                 result.with_context(|| format!("{}: building the resident weights", checkpoint.path().display()))?,
             );
         }
-        Ok(Self { config, tie, planar, float, profiles: checkpoint.quantization().profiles.clone() })
+        Ok(Self { config, tie, planar, float, quantization: checkpoint.quantization().clone() })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -83,7 +84,12 @@ impl ResidentModel {
 
     /// The checkpoint's named per-layer profiles.
     pub fn profiles(&self) -> &Profiles {
-        &self.profiles
+        &self.quantization.profiles
+    }
+
+    /// The rows of the quantized weight `name` served wider when it is at `bits`, if any.
+    pub fn leading_rows(&self, name: &str, bits: u32) -> Option<LeadingRows> {
+        self.quantization.leading_rows(name, bits)
     }
 
     /// The tie rule of the second rounding, baked into the planes.

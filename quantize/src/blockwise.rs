@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use kernels::{LevelCodes, QuantizedWeight, ScaleLayout, TieRule};
-use model::checkpoint::CorrectionGranularity;
+use model::checkpoint::{CorrectionGranularity, WideRowsSpec};
 use model::weights::{BLOCK_LINEARS, EMBED, LM_HEAD};
 use model::{FloatModel, ModelConfig, OpsMode, Transformer, Weights};
 use serde::{Deserialize, Serialize};
@@ -183,6 +183,9 @@ pub struct BlockwiseConfig {
     pub corrections: Vec<u32>,
     /// What one correction factor covers: an output row or a scale group.
     pub correction_granularity: CorrectionGranularity,
+    /// The leading lm_head rows served wider (`ROWS:+BITS` or `none`), written with the
+    /// checkpoint: nothing trains for them.
+    pub wide_rows: WideRowsSpec,
     pub seed: u64,
 }
 
@@ -213,6 +216,7 @@ impl Default for BlockwiseConfig {
             head_batch: None,
             corrections: Vec::new(),
             correction_granularity: CorrectionGranularity::Row,
+            wide_rows: WideRowsSpec::DEFAULT,
             seed: 0,
         }
     }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use kernels::{Granularity, TieRule};
 use serde::Deserialize;
 
-use model::checkpoint::CorrectionGranularity;
+use model::checkpoint::{CorrectionGranularity, WideRowsSpec};
 
 use crate::gptq::GptqSpec;
 use crate::ptq::{Grid, QuantSpec, SearchObjective};
@@ -35,6 +35,9 @@ pub struct PtqRecipe {
     pub corrections: Option<Vec<u32>>,
     /// `row` or `group`: what one correction factor covers (default `row`).
     pub correction_granularity: Option<String>,
+    /// The leading lm_head rows served wider, `ROWS:+BITS` or `none` (the default; see
+    /// [`WideRowsSpec`]).
+    pub wide_rows: Option<WideRowsSpec>,
 }
 
 /// A PTQ recipe resolved: the scale search, the weights kept in float, and the corrections
@@ -45,6 +48,7 @@ pub struct PtqSettings {
     pub keep_float: Vec<String>,
     pub corrections: Vec<u32>,
     pub correction_granularity: CorrectionGranularity,
+    pub wide_rows: WideRowsSpec,
 }
 
 impl std::fmt::Display for PtqSettings {
@@ -57,6 +61,9 @@ impl std::fmt::Display for PtqSettings {
             let bits: Vec<String> = self.corrections.iter().map(u32::to_string).collect();
             write!(f, " corrections {} per {}", bits.join(","), self.correction_granularity)?;
         }
+        if self.wide_rows != WideRowsSpec::None {
+            write!(f, " wide_rows {}", self.wide_rows)?;
+        }
         Ok(())
     }
 }
@@ -65,7 +72,8 @@ impl PtqRecipe {
     /// The recipe of every tool that quantizes a float model it was given no recipe for
     /// (`drq-quantize`, `drq-serve`, `drq-synth`, `drq-eval`): scales per group of 128 columns (of
     /// 32 for the embedding and an lm_head: on SmolLM2 W4 −8% and W3 −36% in perplexity for +0.07
-    /// bits per weight) on the max-negative grid for bits 8, 4, 2, nearest rounding. The best of what needs no
+    /// bits per weight) on the max-negative grid for bits 8, 4, 2, nearest rounding, the lm_head's
+    /// 4,096 first rows one bit wider ([`WideRowsSpec::DEFAULT`]). The best of what needs no
     /// calibration text on SmolLM2 (docs/RESULTS.md, "Low-bit quality"); GPTQ and block-wise
     /// reconstruction are one flag or one `configs/` file away.
     pub fn default_recipe() -> Self {
@@ -77,6 +85,7 @@ impl PtqRecipe {
                     .into(),
             ),
             grid: Some("max-negative".to_string()),
+            wide_rows: Some(WideRowsSpec::DEFAULT),
             ..PtqRecipe::default()
         }
     }
@@ -125,7 +134,8 @@ impl PtqRecipe {
             Some(g) => g.parse().context("recipe: correction_granularity")?,
             None => CorrectionGranularity::default(),
         };
-        Ok(PtqSettings { spec, keep_float, corrections, correction_granularity })
+        let wide_rows = self.wide_rows.unwrap_or(WideRowsSpec::None);
+        Ok(PtqSettings { spec, keep_float, corrections, correction_granularity, wide_rows })
     }
 
     /// The recipe's GPTQ settings, if it asks for Hessian-aware rounding.

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use drq_tests::tiny_model;
 use kernels::{Granularity, TieRule};
 use model::checkpoint::{
-    Checkpoint, CorrectionGranularity, CODES_SUFFIX, FORMAT, FORMAT_VERSION, SCALES_SUFFIX, TOKENIZER_TENSOR,
+    Checkpoint, CorrectionGranularity, WideRows, WideRowsSpec, CODES_SUFFIX, FORMAT, FORMAT_VERSION, SCALES_SUFFIX,
+    TOKENIZER_TENSOR,
 };
 use model::source::{FloatModel, Provenance};
 use model::{Architecture, ModelSource, Precision, Weights};
@@ -562,6 +563,41 @@ fn inconsistent_metadata_is_rejected() {
                 })
             }),
             needles!["granularity_overrides of `model.layers.0.mlp.down_proj.weight`"],
+        ),
+        // Wide rows: of a quantized weight, inside it, 1..=6 bits wider.
+        (
+            "wide-rows-of-a-float-tensor",
+            Box::new(|r| {
+                r.edit_json("quantization", |q| {
+                    q["wide_rows"] = serde_json::json!({"weight": "model.norm.weight", "rows": 4, "extra_bits": 1})
+                })
+            }),
+            needles!["wide_rows` names `model.norm.weight`, which is not a quantized weight"],
+        ),
+        (
+            "wide-rows-past-the-weight",
+            Box::new(|r| {
+                r.edit_json("quantization", |q| {
+                    q["wide_rows"] =
+                        serde_json::json!({"weight": "model.embed_tokens.weight", "rows": 301, "extra_bits": 1})
+                })
+            }),
+            needles!["301 rows of `model.embed_tokens.weight`, which has 300"],
+        ),
+        (
+            "wide-rows-extra-bits",
+            Box::new(|r| {
+                r.edit_json("quantization", |q| {
+                    q["wide_rows"] =
+                        serde_json::json!({"weight": "model.embed_tokens.weight", "rows": 8, "extra_bits": 7})
+                })
+            }),
+            needles!["7 extra bits (1..=6)"],
+        ),
+        (
+            "wide-rows-malformed",
+            Box::new(|r| r.edit_json("quantization", |q| q["wide_rows"] = serde_json::json!({"rows": 8}))),
+            needles!["quantization"],
         ),
         // Per-layer profiles: a bit-width for exactly the quantized weights, each in 2..=8.
         (
@@ -1177,6 +1213,57 @@ fn profiles_round_trip_and_decode_per_weight() {
     q.quantization.profiles.get_mut("mix").unwrap().pop_first();
     let err = write_checkpoint(&dir.path().join("bad.safetensors"), &float, &provenance(), &q).unwrap_err().to_string();
     assert!(err.contains("exactly the quantized weights"), "{err}");
+}
+
+/// Wide rows are stored, read back, decoded by the reference path (the first rows wider) and
+/// counted in bits per weight; `none` clears them, and the writer refuses bad ones.
+#[test]
+fn wide_rows_round_trip_and_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (float, mut q) =
+        quantized(Architecture::Llama, true, &spec(&[8, 4, 2], Granularity::Group(32), TieRule::HalfEven), &[]);
+    let plain_path = dir.path().join("plain.safetensors");
+    write_checkpoint(&plain_path, &float, &provenance(), &q).unwrap();
+    q.widen_rows(&"4096:+1".parse().unwrap(), &float.config).unwrap();
+    let embed = "model.embed_tokens.weight";
+    // At most the vocabulary (300 here), on the tied embedding.
+    let want = WideRows { weight: embed.into(), rows: 300, extra_bits: 1 };
+    assert_eq!(q.quantization.wide_rows, Some(want));
+    q.widen_rows(&"64:+2".parse().unwrap(), &float.config).unwrap();
+    let path = dir.path().join("wide.safetensors");
+    write_checkpoint(&path, &float, &provenance(), &q).unwrap();
+    let (ckpt, plain) = (Checkpoint::open(&path).unwrap(), Checkpoint::open(&plain_path).unwrap());
+    assert_eq!(ckpt.quantization().wide_rows, Some(WideRows { weight: embed.into(), rows: 64, extra_bits: 2 }));
+    let at = |c: &Checkpoint, b: u32| flat(&c.weights_at(&Precision::Bits(b)).unwrap().get(embed, &[300, 64]).unwrap());
+    let (w3, p3, p5) = (at(&ckpt, 3), at(&plain, 3), at(&plain, 5));
+    assert!(bits_eq(&w3[..64 * 64], &p5[..64 * 64]) && bits_eq(&w3[64 * 64..], &p3[64 * 64..]));
+    assert!(!bits_eq(&w3, &p3));
+    // Bits per weight: 64 rows × 64 columns × 2 bits more over every matrix's weights, at 8 none.
+    let weights: usize = Weights::expected_shapes(ckpt.config())
+        .iter()
+        .filter(|(_, s)| s.len() == 2)
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    let added = |b: u32| {
+        ckpt.bits_per_weight(&Precision::Bits(b)).unwrap() - plain.bits_per_weight(&Precision::Bits(b)).unwrap()
+    };
+    assert!((added(3) - (64 * 64 * 2) as f64 / weights as f64).abs() < 1e-12, "{}", added(3));
+    assert_eq!(added(8), 0.0);
+    // `none` clears them in memory; the writer refuses rows past the weight.
+    let mut reopened = Checkpoint::open(&path).unwrap();
+    reopened.widen_rows(&"none".parse().unwrap()).unwrap();
+    assert_eq!(reopened.quantization().wide_rows, None);
+    q.quantization.wide_rows = Some(WideRows { weight: embed.into(), rows: 301, extra_bits: 1 });
+    let err = write_checkpoint(&dir.path().join("bad.safetensors"), &float, &provenance(), &q).unwrap_err();
+    assert!(format!("{err:#}").contains("301 rows of `model.embed_tokens.weight`"), "{err:#}");
+    // Bad specs are clear errors.
+    for (bad, needle) in [("4096", "expected ROWS:+BITS"), ("4096:+7", "7 extra bits"), ("x:+1", "expected ROWS:+BITS")]
+    {
+        let err = format!("{:#}", bad.parse::<WideRowsSpec>().unwrap_err());
+        assert!(err.contains(needle), "{bad}: {err}");
+    }
+    assert_eq!("0:+1".parse::<WideRowsSpec>().unwrap(), WideRowsSpec::None);
+    assert_eq!(WideRowsSpec::DEFAULT.to_string().parse::<WideRowsSpec>().unwrap(), WideRowsSpec::DEFAULT);
 }
 
 /// Corrections per row and per group (fitted in weight space) and the max-negative grid's

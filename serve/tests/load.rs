@@ -3,7 +3,7 @@
 
 use drq_tests::tiny_model;
 use kernels::Granularity;
-use model::checkpoint::CorrectionGranularity;
+use model::checkpoint::{CorrectionGranularity, WideRows, WideRowsSpec};
 use model::Architecture;
 use quantize::recipe::PtqSettings;
 use quantize::QuantSpec;
@@ -20,6 +20,7 @@ fn a_float_source_is_quantized_once_and_cached() {
         keep_float: Vec::new(),
         corrections: Vec::new(),
         correction_granularity: CorrectionGranularity::Row,
+        wide_rows: WideRowsSpec::None,
     };
     let first = open_or_quantize(hf.to_str().unwrap(), &spec, &cache).unwrap();
     let path = first.path().to_path_buf();
@@ -47,6 +48,14 @@ fn a_float_source_is_quantized_once_and_cached() {
     let fourth = open_or_quantize(hf.to_str().unwrap(), &per_group, &cache).unwrap();
     assert!(fourth.path() != third.path());
     assert_eq!(fourth.quantization().correction_granularity, CorrectionGranularity::Group);
+    // And wide lm_head rows (on the lm_head of this untied model, at most its vocabulary).
+    assert_eq!(fourth.quantization().wide_rows, None);
+    let wide = PtqSettings { wide_rows: WideRowsSpec::DEFAULT, ..spec.clone() };
+    let fifth = open_or_quantize(hf.to_str().unwrap(), &wide, &cache).unwrap();
+    assert!(fifth.path() != path && fifth.path() != other.path() && fifth.path() != third.path());
+    let vocab = fifth.config().vocab_size;
+    let want = WideRows { weight: "lm_head.weight".into(), rows: vocab.min(4096), extra_bits: 1 };
+    assert_eq!(fifth.quantization().wide_rows, Some(want));
 
     // A damaged cache entry is replaced, not served.
     std::fs::write(&path, b"garbage").unwrap();

@@ -10,7 +10,7 @@ use cli::plot::{document, panel, Mark, Panel, Series, COLORS};
 use cli::Activations;
 use evals::perplexity::{evaluate, windows, Candidate, PrecisionReport, Protocol, Window};
 use kernels::{Granularity, KernelConfig, TieRule};
-use model::checkpoint::Checkpoint;
+use model::checkpoint::{Checkpoint, WideRowsSpec};
 use model::source::{self, FloatModel, ModelSource};
 use model::transformer::cuda::{CudaTransformer, GpuResident};
 use model::{precision, KvCache, ModelConfig, OpsMode, Precision, ResidentModel, Transformer};
@@ -67,6 +67,11 @@ struct PerplexityArgs {
     /// to every checkpoint evaluated (the files are not changed); repeatable.
     #[arg(long)]
     profile: Vec<PathBuf>,
+    /// The leading lm_head rows served wider, ROWS:+BITS or `none` (see drq-quantize --help),
+    /// instead of what each checkpoint stores (in memory; the files are not changed) and of the
+    /// in-memory quantization's recipe.
+    #[arg(long)]
+    wide_rows: Option<WideRowsSpec>,
     /// Text file to score (UTF-8), e.g. WikiText-2's wiki.test.raw.
     #[arg(short, long)]
     file: PathBuf,
@@ -321,6 +326,9 @@ impl Models {
             bail!("integer precisions need a checkpoint or a float model to quantize");
         }
         for c in &mut checkpoints {
+            if let Some(w) = &args.wide_rows {
+                c.widen_rows(w)?;
+            }
             for p in &plan.profiles {
                 let bits = p.resolve(&c.quantization().quantized)?;
                 c.add_profile(&p.name, bits)?;
@@ -372,6 +380,7 @@ fn in_memory_settings(args: &PerplexityArgs) -> Result<PtqSettings> {
     spec.tie = args.tie.unwrap_or(spec.tie);
     spec.objective = args.objective.unwrap_or(spec.objective);
     spec.validate()?;
+    settings.wide_rows = args.wide_rows.unwrap_or(settings.wide_rows);
     Ok(settings)
 }
 

@@ -565,22 +565,24 @@ impl PlanarWeight {
         Ok(self.plane_bytes_read(bits)? + self.scales_at(bits).len() * 4)
     }
 
-    /// Starts fetching the first [`START_PREFETCH_BYTES`] of every plane read at `bits`, so that
-    /// the DRAM latency of a call's first plane words overlaps the activation preparation.
+    /// Starts fetching the first [`START_PREFETCH_BYTES`] from row `first` of every plane read at
+    /// `bits`, so that the DRAM latency of a call's first plane words overlaps the activation
+    /// preparation.
     #[inline]
-    fn prefetch_start(&self, bits: u32) {
+    fn prefetch_start(&self, bits: u32, first: usize) {
         #[cfg(target_arch = "x86_64")]
         {
             let per_plane = self.rows() * self.wpr;
             let stride = plane_stride(per_plane);
-            let lines = (per_plane * 8).min(START_PREFETCH_BYTES).div_ceil(64);
+            let start = first.min(self.rows()) * self.wpr;
+            let lines = ((per_plane - start) * 8).min(START_PREFETCH_BYTES).div_ceil(64);
             let lo = if bits < 8 { 7 - bits as usize } else { 0 };
             let hi = if bits == 8 { self.n_planes() } else { 8 };
             for p in lo..hi {
-                let base = self.planes[p * stride..].as_ptr().cast::<u8>();
+                let base = self.planes[p * stride + start..].as_ptr().cast::<u8>();
                 for l in 0..lines {
                     // SAFETY: prefetching never faults; the addresses stay inside plane p anyway
-                    // (l · 64 < per_plane · 8 rounded up to a line).
+                    // (l · 64 < (per_plane − start) · 8 rounded up to a line).
                     unsafe {
                         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
                         _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(64 * l).cast());
@@ -589,7 +591,7 @@ impl PlanarWeight {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = bits;
+        let _ = (bits, first);
     }
 
     /// Plane `p`, row `r`.
@@ -724,13 +726,16 @@ impl PlanarWeight {
         cfg: &KernelConfig,
         tuning: (bool, usize),
     ) -> Result<(), KernelError> {
-        group_impl(&mut [WeightParts { weight: self, parts }], cfg, tuning)
+        group_impl(&mut [WeightParts::all(self, parts)], cfg, tuning)
     }
 
     /// Checks `parts` against this weight; returns each part's precision and the work of all
     /// (plane bytes read × activation rows).
-    fn check_parts(&self, parts: &[MatmulPart<'_>]) -> Result<(Vec<Prec>, usize), KernelError> {
-        let (rows, cols) = (self.rows(), self.cols());
+    fn check_parts(&self, rows: &Range<usize>, parts: &[MatmulPart<'_>]) -> Result<(Vec<Prec>, usize), KernelError> {
+        if rows.start > rows.end || rows.end > self.rows() {
+            return Err(KernelError::RowOutOfRange { row: rows.end.max(rows.start), rows: self.rows() });
+        }
+        let (rows, cols) = (rows.len(), self.cols());
         let mut precs = Vec::with_capacity(parts.len());
         let mut work = 0usize;
         for part in parts {
@@ -745,7 +750,8 @@ impl PlanarWeight {
                 return Err(mismatch("y", part.n * rows, part.y.len()));
             }
             precs.push(prec);
-            work = work.saturating_add(self.plane_bytes_read(part.bits)?.saturating_mul(part.n));
+            let bytes = self.plane_bytes_read(part.bits)?.saturating_mul(rows) / self.rows().max(1);
+            work = work.saturating_add(bytes.saturating_mul(part.n));
         }
         Ok((precs, work))
     }
@@ -768,11 +774,21 @@ impl PlanarWeight {
 }
 
 /// One weight of a [`matmul_group`] call and its activation batches (as for
-/// [`PlanarWeight::matmul_multi`]).
+/// [`PlanarWeight::matmul_multi`]), over the weight's rows `rows` only: each part's `y` is
+/// `[n, rows.len()]` (the outputs of those rows). A weight may appear several times over
+/// disjoint row ranges, each at its own precisions (a head whose leading rows are served wider).
 #[derive(Debug)]
 pub struct WeightParts<'w, 'p, 'a> {
     pub weight: &'w PlanarWeight,
+    pub rows: Range<usize>,
     pub parts: &'p mut [MatmulPart<'a>],
+}
+
+impl<'w, 'p, 'a> WeightParts<'w, 'p, 'a> {
+    /// Every row of `weight`.
+    pub fn all(weight: &'w PlanarWeight, parts: &'p mut [MatmulPart<'a>]) -> Self {
+        WeightParts { weight, rows: 0..weight.rows(), parts }
+    }
 }
 
 /// [`PlanarWeight::matmul_multi`] for several weights in one hand-over to the worker pool: the
@@ -794,13 +810,15 @@ pub(crate) fn group_impl(
         return Err(KernelError::BackendUnavailable(cfg.backend.name()));
     }
     let checked: Vec<(Vec<Prec>, usize)> =
-        calls.iter().map(|c| c.weight.check_parts(c.parts)).collect::<Result<_, _>>()?;
+        calls.iter().map(|c| c.weight.check_parts(&c.rows, c.parts)).collect::<Result<_, _>>()?;
     let fast_decode = fast_decode && cfg.backend == Backend::Avx512 && vbmi_gfni();
     // The weights with something to compute, in the row order the threads split.
     struct Active {
         call: usize,
         /// First row in the threads' row order.
         start: usize,
+        /// The weight's own number of the first row computed.
+        first: usize,
         rows: usize,
         /// Rows per block of a several-precision call.
         block: usize,
@@ -809,7 +827,7 @@ pub(crate) fn group_impl(
     let mut active = Vec::new();
     let (mut total_rows, mut work) = (0usize, 0usize);
     for (i, (call, (_, w))) in calls.iter().zip(&checked).enumerate() {
-        let (Some(widest), rows) = (call.parts.iter().map(|p| p.bits).max(), call.weight.rows()) else { continue };
+        let (Some(widest), rows) = (call.parts.iter().map(|p| p.bits).max(), call.rows.len()) else { continue };
         if rows == 0 {
             continue;
         }
@@ -821,14 +839,14 @@ pub(crate) fn group_impl(
             let row_bytes = call.weight.planes_read(widest)? * call.weight.wpr * 8;
             (MULTI_BLOCK_BYTES / row_bytes.max(1)).max(1).next_multiple_of(16)
         };
-        active.push(Active { call: i, start: total_rows, rows, block, widest });
+        active.push(Active { call: i, start: total_rows, first: call.rows.start, rows, block, widest });
         total_rows += rows;
         work = work.saturating_add(*w);
     }
     let Some(first) = active.first() else {
         return Ok(());
     };
-    calls[first.call].weight.prefetch_start(first.widest);
+    calls[first.call].weight.prefetch_start(first.widest, first.first);
     let acts: Vec<Vec<Acts>> =
         calls.iter().zip(&checked).map(|(c, (precs, _))| c.weight.prepare_acts(c.parts, precs, cfg)).collect();
     let jobs: Vec<Vec<Job<'_>>> = calls
@@ -858,7 +876,7 @@ pub(crate) fn group_impl(
     let local = |t: usize, a: &Active| {
         let lo = bounds[t].start.clamp(a.start, a.start + a.rows);
         let hi = bounds[t].end.clamp(lo, a.start + a.rows);
-        lo - a.start..hi - a.start
+        lo - a.start + a.first..hi - a.start + a.first
     };
     // outs[t][a][part][b]: thread t's rows of activation row b of a part of active weight a.
     type ThreadOuts<'y> = Vec<Vec<Vec<&'y mut [f32]>>>;

@@ -1039,7 +1039,7 @@ fn weight_group_matches_separate_calls() {
                     })
                     .collect();
                 let mut calls: Vec<WeightParts<'_, '_, '_>> =
-                    pws.iter().zip(parts.iter_mut()).map(|(weight, parts)| WeightParts { weight, parts }).collect();
+                    pws.iter().zip(parts.iter_mut()).map(|(weight, parts)| WeightParts::all(weight, parts)).collect();
                 group_impl(&mut calls, &cfg, (true, min_share)).unwrap();
                 for ((pw, plan), ys) in pws.iter().zip(&plans).zip(&ys) {
                     for (&(bits, n), y) in plan.iter().zip(ys) {
@@ -1060,8 +1060,57 @@ fn weight_group_matches_separate_calls() {
         [MatmulPart { bits: 4, x: &x576[..576], n: 1, y: &mut y0 }],
         [MatmulPart { bits: 4, x: &x576[..576], n: 1, y: &mut y1 }],
     );
-    let mut calls = [WeightParts { weight: &pws[0], parts: &mut p0 }, WeightParts { weight: &pws[1], parts: &mut p1 }];
+    let mut calls = [WeightParts::all(&pws[0], &mut p0), WeightParts::all(&pws[1], &mut p1)];
     assert!(matmul_group(&mut calls, &KernelConfig::default()).is_err());
     assert!(y0.iter().all(|&v| v == 0.0));
     assert!(matmul_group(&mut [], &KernelConfig::default()).is_ok());
+}
+
+/// A weight split into row ranges, each at its own precision in one group call (a head whose
+/// leading rows are served wider), gives each range's rows exactly what a whole-weight call at
+/// that precision gives them; ranges outside the weight are errors.
+#[test]
+fn row_ranges_match_whole_weight_calls() {
+    let mut rng = Rng(23);
+    let (rows, cols) = (300, 576);
+    let qw = random_weight(&mut rng, rows, cols, Granularity::Group(64));
+    let pw = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
+    let x = random_x(&mut rng, 3 * cols);
+    for backend in Backend::available() {
+        for path in [ActPath::F32, ActPath::Int8, ActPath::Int8Fine] {
+            for (threads, min_share) in [(1, 0), (2, 0), (3, 0), (2, MIN_SHARE_BYTES)] {
+                let cfg = KernelConfig::new(backend, path, threads);
+                for (split, (wide, narrow), n) in [(64, (4, 3), 1), (1, (8, 2), 3), (299, (5, 4), 2), (0, (4, 3), 1)] {
+                    let (mut y_wide, mut y_narrow) = (vec![f32::NAN; n * split], vec![f32::NAN; n * (rows - split)]);
+                    let mut pa = [MatmulPart { bits: wide, x: &x[..n * cols], n, y: &mut y_wide }];
+                    let mut pb = [MatmulPart { bits: narrow, x: &x[..n * cols], n, y: &mut y_narrow }];
+                    let mut calls = [
+                        WeightParts { weight: &pw, rows: 0..split, parts: &mut pa },
+                        WeightParts { weight: &pw, rows: split..rows, parts: &mut pb },
+                    ];
+                    group_impl(&mut calls, &cfg, (true, min_share)).unwrap();
+                    let alone = KernelConfig::new(backend, path, 1);
+                    for (bits, range, got) in [(wide, 0..split, &y_wide), (narrow, split..rows, &y_narrow)] {
+                        let mut want = vec![0f32; n * rows];
+                        pw.matmul(bits, &x[..n * cols], n, &mut want, &alone).unwrap();
+                        for b in 0..n {
+                            let want = &want[b * rows..][range.clone()];
+                            let got = &got[b * range.len()..(b + 1) * range.len()];
+                            let same = want.iter().zip(got).all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(same, "{backend} {path:?} threads={threads} rows {range:?} at {bits} bits");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut y = vec![0f32; 10];
+    for bad in [295..305, Range { start: 10, end: 0 }] {
+        let mut p = [MatmulPart { bits: 4, x: &x[..cols], n: 1, y: &mut y }];
+        let err = matmul_group(
+            &mut [WeightParts { weight: &pw, rows: bad.clone(), parts: &mut p }],
+            &KernelConfig::default(),
+        );
+        assert!(matches!(err, Err(KernelError::RowOutOfRange { .. })), "{bad:?}: {err:?}");
+    }
 }

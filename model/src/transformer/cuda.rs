@@ -17,13 +17,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use kernels::cuda::{CudaPlanarWeight, CudaRuntime, CudaSlice, DeviceIds, KvArena, StepGraph, StepRows};
 use kernels::ops::AttentionShape;
 use kernels::{PlanarWeight, MAX_BATCH};
 
 use super::{Block, Embedding, Linear, Transformer};
+use crate::checkpoint::LeadingRows;
 use crate::config::ModelConfig;
 
 /// The resident weights of one model on one GPU: each [`PlanarWeight`] uploaded once, whatever
@@ -67,6 +68,7 @@ enum GpuLinear {
 impl GpuLinear {
     fn new(gpu: &mut GpuResident, linear: &Linear) -> Result<Self> {
         Ok(match linear {
+            Linear::Planar { lead: Some(l), .. } => bail!("{}", no_wide_rows(l)),
             Linear::Planar { weight, bits, bias, .. } => GpuLinear::Planar {
                 weight: gpu.planar(weight)?,
                 bits: *bits,
@@ -204,7 +206,8 @@ impl Transformer {
             })
         };
         let embed = match &self.embed {
-            Embedding::Planar { weight, bits } => GpuEmbedding::Planar { weight: gpu.planar(weight)?, bits: *bits },
+            Embedding::Planar { lead: Some(l), .. } => bail!("{}", no_wide_rows(l)),
+            Embedding::Planar { weight, bits, .. } => GpuEmbedding::Planar { weight: gpu.planar(weight)?, bits: *bits },
             Embedding::Dense(table) => GpuEmbedding::Dense { table: gpu.tensor(table)? },
         };
         let blocks = self.blocks.iter().map(|b| block(b, gpu)).collect::<Result<Vec<_>>>()?;
@@ -401,4 +404,13 @@ impl CudaTransformer {
 /// Errors inside a graph capture, carried out through the runtime's error type.
 fn to_shape_error(e: anyhow::Error) -> kernels::cuda::CudaError {
     kernels::cuda::CudaError::Shape(format!("{e:#}"))
+}
+
+/// Why a weight with wider leading rows cannot go to the GPU yet.
+fn no_wide_rows(lead: &LeadingRows) -> String {
+    format!(
+        "the GPU kernels do not serve wide rows yet (this checkpoint serves its first {} lm_head rows at {} bits); \
+         serve it on the CPU, or without them (`--wide-rows none`)",
+        lead.rows, lead.bits
+    )
 }

@@ -7,12 +7,14 @@
 //! quantized weights of a [`ResidentModel`] through the bit-plane kernels at any precision,
 //! sharing the resident copy. Only [`Linear`] and the embedding lookup differ between the two.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use kernels::{KernelConfig, MatmulPart, PlanarWeight, WeightParts, MAX_BATCH};
 
+use crate::checkpoint::LeadingRows;
 use crate::config::{Llama3RopeScaling, ModelConfig};
 use crate::precision::Precision;
 use crate::resident::ResidentModel;
@@ -56,8 +58,15 @@ pub enum Linear {
     /// A float weight `[out, in]`, multiplied by candle (differentiable; the reference path),
     /// its inputs shown to `observer` when there is one.
     Dense { weight: Tensor, bias: Option<Tensor>, observer: Option<Observer> },
-    /// A resident bit-plane weight served at `bits` by the kernels (inference only).
-    Planar { weight: Arc<PlanarWeight>, bits: u32, kernel: KernelConfig, bias: Option<Vec<f32>> },
+    /// A resident bit-plane weight served at `bits` by the kernels (inference only), its
+    /// `lead`ing rows wider when the checkpoint says so.
+    Planar {
+        weight: Arc<PlanarWeight>,
+        bits: u32,
+        lead: Option<LeadingRows>,
+        kernel: KernelConfig,
+        bias: Option<Vec<f32>>,
+    },
 }
 
 impl Linear {
@@ -66,9 +75,20 @@ impl Linear {
         Linear::Dense { weight, bias, observer: None }
     }
 
-    /// A linear layer served by the kernels from a resident weight at `bits`.
-    pub fn planar(weight: Arc<PlanarWeight>, bits: u32, kernel: KernelConfig, bias: Option<Tensor>) -> Result<Self> {
+    /// A linear layer served by the kernels from a resident weight at `bits`, rows
+    /// `0..lead.rows` at `lead.bits` when there is a `lead`.
+    pub fn planar(
+        weight: Arc<PlanarWeight>,
+        bits: u32,
+        lead: Option<LeadingRows>,
+        kernel: KernelConfig,
+        bias: Option<Tensor>,
+    ) -> Result<Self> {
         kernels::check_bits(bits)?;
+        if let Some(l) = lead {
+            kernels::check_bits(l.bits)?;
+            ensure!(l.rows <= weight.rows(), "{} leading rows of a weight of {} rows", l.rows, weight.rows());
+        }
         ensure!(kernel.backend.is_available(), "kernel backend {} is not supported by this CPU", kernel.backend);
         let bias = match bias {
             Some(b) => {
@@ -82,7 +102,7 @@ impl Linear {
             }
             None => None,
         };
-        Ok(Linear::Planar { weight, bits, kernel, bias })
+        Ok(Linear::Planar { weight, bits, lead, kernel, bias })
     }
 
     /// Output features (rows of the weight).
@@ -142,30 +162,27 @@ impl Linear {
                 let yt = self.forward(&xt)?.to_dtype(DType::F32)?.flatten_all()?.to_device(&Device::Cpu)?;
                 y.copy_from_slice(&yt.to_vec1::<f32>()?);
             }
-            Linear::Planar { weight, bits, kernel, bias } => {
-                let inner = weight.cols();
-                ensure!(
-                    x.len() == rows * inner,
-                    "activations of {} values for {rows} rows of a weight of {inner} columns",
-                    x.len()
-                );
-                // The kernels take at most MAX_BATCH activation rows per call: longer inputs go in chunks.
-                for (xc, yc) in x.chunks(MAX_BATCH * inner.max(1)).zip(y.chunks_mut(MAX_BATCH * out.max(1))) {
-                    let n = yc.len() / out.max(1);
-                    if n == 1 {
-                        weight.matvec(*bits, xc, yc, kernel)?;
-                    } else {
-                        weight.matmul(*bits, xc, n, yc, kernel)?;
-                    }
-                }
-                if let Some(b) = bias {
-                    for row in y.chunks_exact_mut(out.max(1)) {
-                        kernels::ops::add_assign(kernel.backend, row, b);
-                    }
-                }
-            }
+            Linear::Planar { .. } => forward_rows_mixed(&[(self, rows)], x, y)?,
         }
         Ok(())
+    }
+
+    /// Where this layer's rows change precision: `Some(k)` when rows `0..k` are served wider
+    /// than the rest (`0 < k < rows`).
+    fn split_row(&self) -> Option<usize> {
+        match self {
+            Linear::Planar { weight, lead: Some(l), .. } if l.rows > 0 && l.rows < weight.rows() => Some(l.rows),
+            _ => None,
+        }
+    }
+
+    /// The bit-width of row `row` of a planar layer.
+    fn bits_of_row(&self, row: usize) -> u32 {
+        match self {
+            Linear::Planar { lead: Some(l), .. } if row < l.rows => l.bits,
+            Linear::Planar { bits, .. } => *bits,
+            Linear::Dense { .. } => unreachable!("asked for planar layers only"),
+        }
     }
 }
 
@@ -191,12 +208,34 @@ pub(crate) fn forward_rows_grouped(layers: &mut [LayerRows<'_, '_>], x: &[f32]) 
     for (parts, y) in layers.iter() {
         shapes.push(check_rows(parts, x, y.len())?);
     }
-    let shared: Vec<Option<(&Arc<PlanarWeight>, &KernelConfig)>> =
+    let shared: Vec<Option<(&Arc<PlanarWeight>, &KernelConfig, Option<usize>)>> =
         layers.iter().map(|(parts, _)| shared_weight(parts)).collect();
+    // A group whose rows change precision at a split row computes the rows on each side into
+    // its own buffer, copied into the output after.
+    let mut split_outputs: Vec<[Vec<f32>; 2]> = shapes
+        .iter()
+        .zip(&shared)
+        .map(|(&(inner, out), sh)| match sh {
+            Some((.., Some(k))) => {
+                let n = x.len() / inner.max(1);
+                [vec![0f32; n * k], vec![0f32; n * (out - k)]]
+            }
+            _ => [Vec::new(), Vec::new()],
+        })
+        .collect();
     let mut calls = Vec::new();
-    for (((parts, y), &(inner, out)), sh) in layers.iter_mut().zip(&shapes).zip(&shared) {
+    for ((((parts, y), &(inner, out)), sh), split_out) in
+        layers.iter_mut().zip(&shapes).zip(&shared).zip(split_outputs.iter_mut())
+    {
         match sh {
-            Some((weight, kernel)) => calls.push((*weight, *kernel, planar_parts(parts, x, (inner, out), y))),
+            Some((weight, kernel, None)) => {
+                calls.push((*weight, *kernel, 0..out, planar_parts(parts, x, inner, 0..out, y)))
+            }
+            Some((weight, kernel, Some(k))) => {
+                let [lo, hi] = split_out;
+                calls.push((*weight, *kernel, 0..*k, planar_parts(parts, x, inner, 0..*k, lo)));
+                calls.push((*weight, *kernel, *k..out, planar_parts(parts, x, inner, *k..out, hi)));
+            }
             // Layer by layer (float weights, or several resident ones): each adds its own bias.
             None => {
                 let (mut xs, mut ys) = (x, &mut **y);
@@ -209,23 +248,28 @@ pub(crate) fn forward_rows_grouped(layers: &mut [LayerRows<'_, '_>], x: &[f32]) 
             }
         }
     }
-    if calls.windows(2).all(|c| c[0].1 == c[1].1) {
-        if let Some(&(_, kernel, _)) = calls.first() {
-            let mut group: Vec<WeightParts<'_, '_, '_>> = calls
-                .iter_mut()
-                .map(|(weight, _, parts)| WeightParts { weight: Arc::as_ref(*weight), parts: parts.as_mut_slice() })
-                .collect();
-            kernels::matmul_group(&mut group, kernel)?;
-        }
-    } else {
-        for (weight, kernel, parts) in calls.iter_mut() {
-            weight.matmul_multi(parts, kernel)?;
+    let mut groups: Vec<(&KernelConfig, Vec<WeightParts<'_, '_, '_>>)> = Vec::new();
+    for (weight, kernel, rows, parts) in calls.iter_mut() {
+        let call = WeightParts { weight: Arc::as_ref(*weight), rows: rows.clone(), parts: parts.as_mut_slice() };
+        match groups.last_mut() {
+            Some((k, group)) if *k == *kernel => group.push(call),
+            _ => groups.push((*kernel, vec![call])),
         }
     }
+    for (kernel, group) in groups.iter_mut() {
+        kernels::matmul_group(group, kernel)?;
+    }
+    drop(groups);
     drop(calls);
-    for (((parts, y), &(_, out)), sh) in layers.iter_mut().zip(&shapes).zip(&shared) {
+    for ((((parts, y), &(_, out)), sh), [lo, hi]) in layers.iter_mut().zip(&shapes).zip(&shared).zip(&split_outputs) {
         if sh.is_none() {
             continue;
+        }
+        if let Some((.., Some(k))) = sh {
+            for ((row, lo), hi) in y.chunks_exact_mut(out).zip(lo.chunks_exact(*k)).zip(hi.chunks_exact(out - k)) {
+                row[..*k].copy_from_slice(lo);
+                row[*k..].copy_from_slice(hi);
+            }
         }
         let mut ys = &mut **y;
         for &(layer, n) in parts.iter() {
@@ -255,42 +299,53 @@ fn check_rows(parts: &[(&Linear, usize)], x: &[f32], y_len: usize) -> Result<(us
     Ok((inner, out))
 }
 
-/// The resident weight and kernel configuration every layer of a group serves, if they share one.
-fn shared_weight<'l>(parts: &[(&'l Linear, usize)]) -> Option<(&'l Arc<PlanarWeight>, &'l KernelConfig)> {
+/// The resident weight and kernel configuration every layer of a group serves, if they share one,
+/// and the row where their precision changes, if one does (they must agree on it).
+fn shared_weight<'l>(
+    parts: &[(&'l Linear, usize)],
+) -> Option<(&'l Arc<PlanarWeight>, &'l KernelConfig, Option<usize>)> {
     let Some(&(Linear::Planar { weight, kernel, .. }, _)) = parts.first() else { return None };
-    parts
-        .iter()
-        .all(|(l, _)| matches!(l, Linear::Planar { weight: w, kernel: k, .. } if Arc::ptr_eq(w, weight) && k == kernel))
-        .then_some((weight, kernel))
+    let mut splits = parts.iter().filter_map(|(l, _)| l.split_row());
+    let split = splits.next();
+    let one_split = splits.all(|k| Some(k) == split);
+    (one_split
+        && parts.iter().all(
+            |(l, _)| matches!(l, Linear::Planar { weight: w, kernel: k, .. } if Arc::ptr_eq(w, weight) && k == kernel),
+        ))
+    .then_some((weight, kernel, split))
 }
 
-/// The kernels' parts of a group whose layers share one resident weight: each layer's rows at
-/// its precision, at most [`MAX_BATCH`] activation rows per part.
+/// The kernels' parts of a group whose layers share one resident weight, for the weight's rows
+/// `rows` (`y` is `[Σ n, rows.len()]`): each layer's rows at its precision there, at most
+/// [`MAX_BATCH`] activation rows per part.
 fn planar_parts<'a>(
     parts: &[(&Linear, usize)],
     x: &'a [f32],
-    (inner, out): (usize, usize),
+    inner: usize,
+    rows: Range<usize>,
     y: &'a mut [f32],
 ) -> Vec<MatmulPart<'a>> {
+    let out = rows.len();
     let mut calls = Vec::new();
     let (mut xs, mut ys) = (x, y);
     for &(layer, n) in parts {
-        let Linear::Planar { bits, .. } = layer else { unreachable!("called for groups of one resident weight") };
+        let bits = layer.bits_of_row(rows.start);
         let (xh, xt) = xs.split_at(n * inner);
         let (yh, yt) = ys.split_at_mut(n * out);
         for (xc, yc) in xh.chunks(MAX_BATCH * inner.max(1)).zip(yh.chunks_mut(MAX_BATCH * out.max(1))) {
-            calls.push(MatmulPart { bits: *bits, x: xc, n: yc.len() / out.max(1), y: yc });
+            calls.push(MatmulPart { bits, x: xc, n: yc.len() / out.max(1), y: yc });
         }
         (xs, ys) = (xt, yt);
     }
     calls
 }
 
-/// The token embedding: a float table, or a resident weight whose rows are decoded on lookup.
+/// The token embedding: a float table, or a resident weight whose rows are decoded on lookup
+/// (rows `0..lead.rows` at `lead.bits` when there is a `lead`).
 #[derive(Debug, Clone)]
 enum Embedding {
     Dense(Tensor),
-    Planar { weight: Arc<PlanarWeight>, bits: u32 },
+    Planar { weight: Arc<PlanarWeight>, bits: u32, lead: Option<LeadingRows> },
 }
 
 impl Embedding {
@@ -312,10 +367,20 @@ impl Embedding {
                 let ids = Tensor::from_slice(ids, ids.len(), table.device())?;
                 Ok(self.lookup(&ids)?.to_dtype(DType::F32)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?)
             }
-            Embedding::Planar { weight, bits } => {
-                let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-                let mut out = vec![0f32; rows.len() * weight.cols()];
-                weight.dequantize_rows(*bits, &rows, &mut out)?;
+            Embedding::Planar { weight, bits, lead } => {
+                let cols = weight.cols();
+                let mut out = vec![0f32; ids.len() * cols];
+                let lead = lead.unwrap_or(LeadingRows { rows: 0, bits: *bits });
+                // Runs of ids on one side of the lead decode in one call each.
+                let mut start = 0;
+                while start < ids.len() {
+                    let wide = (ids[start] as usize) < lead.rows;
+                    let len = ids[start..].iter().take_while(|&&i| ((i as usize) < lead.rows) == wide).count();
+                    let rows: Vec<usize> = ids[start..start + len].iter().map(|&i| i as usize).collect();
+                    let at = if wide { lead.bits } else { *bits };
+                    weight.dequantize_rows(at, &rows, &mut out[start * cols..(start + len) * cols])?;
+                    start += len;
+                }
                 Ok(out)
             }
         }
@@ -325,7 +390,8 @@ impl Embedding {
 /// A weight as a source hands it to the builder.
 enum Param {
     Float(Tensor),
-    Planar(Arc<PlanarWeight>, u32),
+    /// A resident weight at its bits, with its wider leading rows if any.
+    Planar(Arc<PlanarWeight>, u32, Option<LeadingRows>),
 }
 
 /// Where [`Transformer::build`] takes its weights from.
@@ -358,7 +424,7 @@ trait ParamSource {
         let name = format!("{prefix}.weight");
         match self.param(&name, &[out, inp])? {
             Param::Float(weight) => Ok(Linear::Dense { weight, bias, observer: self.observer(&name) }),
-            Param::Planar(weight, bits) => Linear::planar(weight, bits, self.kernel(), bias),
+            Param::Planar(weight, bits, lead) => Linear::planar(weight, bits, lead, self.kernel(), bias),
         }
     }
 }
@@ -412,7 +478,7 @@ impl<F: Fn(&str) -> Option<u32>> ParamSource for ResidentSource<'_, F> {
             let bits = (self.bits)(name).with_context(|| {
                 format!("no bit-width for the quantized weight `{name}` (a checkpoint stores no float copy of its quantized weights)")
             })?;
-            return Ok(Param::Planar(w.clone(), bits));
+            return Ok(Param::Planar(w.clone(), bits, self.model.leading_rows(name, bits)));
         }
         let t = self.model.float(name).with_context(|| format!("missing tensor `{name}`"))?;
         ensure!(t.dims() == shape, "tensor `{name}` has shape {:?}, expected {shape:?}", t.dims());
@@ -685,14 +751,14 @@ impl Transformer {
                 };
                 (Embedding::Dense(table), head)
             }
-            Param::Planar(weight, bits) => {
+            Param::Planar(weight, bits, lead) => {
                 let head = if config.tie_word_embeddings {
                     // The tied head is the resident embedding itself, at the embedding's bits.
-                    Linear::planar(weight.clone(), bits, src.kernel(), None)?
+                    Linear::planar(weight.clone(), bits, lead, src.kernel(), None)?
                 } else {
                     src.linear(lm_head_prefix(), config.vocab_size, h, false)?
                 };
-                (Embedding::Planar { weight, bits }, head)
+                (Embedding::Planar { weight, bits, lead }, head)
             }
         };
         // The tables live where the activations will: a float model may sit on a GPU (training).
@@ -723,7 +789,7 @@ impl Transformer {
     /// is the embedding again when tied); empty on the float path.
     pub fn planar_weights(&self) -> Vec<(&Arc<PlanarWeight>, u32)> {
         let mut out = Vec::new();
-        if let Embedding::Planar { weight, bits } = &self.embed {
+        if let Embedding::Planar { weight, bits, .. } = &self.embed {
             out.push((weight, *bits));
         }
         for b in &self.blocks {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kernels::{Granularity, TieRule};
-use model::checkpoint::CorrectionGranularity;
+use model::checkpoint::{CorrectionGranularity, WideRowsSpec};
 use model::source::{self, ModelSource};
 use quantize::gptq::{GptqSpec, InputMoments};
 use quantize::hasb::allocate::quantization_errors;
@@ -107,6 +107,12 @@ struct Args {
     /// included), e.g. `2.5,3,3.5,4,5`.
     #[arg(long, value_delimiter = ',', requires = "hasb")]
     budgets: Vec<f64>,
+    /// The leading rows of the lm_head (the embedding when tied) served wider than the rest, as
+    /// ROWS:+BITS, or `none`: a BPE vocabulary lists its frequent tokens first, and their rows
+    /// carry most of what low precisions lose (SmolLM2: `4096:+1` takes W3 −23% and W4 −6% in
+    /// perplexity for +0.017 bits per weight) [default: the recipe's; without one 4096:+1].
+    #[arg(long)]
+    wide_rows: Option<WideRowsSpec>,
     /// Output checkpoint (`.safetensors`).
     #[arg(short, long)]
     out: PathBuf,
@@ -142,6 +148,10 @@ fn run(args: Args) -> Result<()> {
         None => PtqRecipe::default_recipe(),
     };
     let (mut spec, mut keep_float) = recipe.resolve()?;
+    let wide_rows = match args.wide_rows {
+        Some(w) => w,
+        None => recipe.settings()?.wide_rows,
+    };
     if let Some(bits) = args.bits.clone() {
         spec.bits = bits;
     }
@@ -217,6 +227,7 @@ fn run(args: Args) -> Result<()> {
         bar.inc(1);
     })?;
     bar.finish_and_clear();
+    quantized.widen_rows(&wide_rows, &float.config)?;
     let moments = match &calibration {
         Some(blocks) => Some(input_moments(&float, &quantized, blocks, &args)?),
         None => None,

@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
 use clap::Parser;
 use kernels::Granularity;
-use model::checkpoint::CorrectionGranularity;
+use model::checkpoint::{CorrectionGranularity, WideRowsSpec};
 use model::source::{self, ModelSource};
 use quantize::blockwise::{self, reconstruct, BlockInputs, BlockLoss, BlockwiseConfig, Reconstruction, Stage};
 use quantize::model_ptq::write_checkpoint_as;
@@ -145,6 +145,10 @@ struct Args {
     /// What one correction factor covers: `row` or `group` (one per scale group).
     #[arg(long, help_heading = "Recipe")]
     correction_granularity: Option<CorrectionGranularity>,
+    /// The leading lm_head rows served wider, ROWS:+BITS or `none` (see drq-quantize --help)
+    /// [recipe default: 4096:+1].
+    #[arg(long, help_heading = "Recipe")]
+    wide_rows: Option<WideRowsSpec>,
     /// Seed of the calibration draw and of the mini-batch order.
     #[arg(long, help_heading = "Recipe")]
     seed: Option<u64>,
@@ -193,6 +197,7 @@ impl Args {
             head_epochs,
             corrections,
             correction_granularity,
+            wide_rows,
             seed,
         );
         any
@@ -274,6 +279,7 @@ fn run(args: Args) -> Result<()> {
         let granularity = cfg.correction_granularity;
         quantize::corrections::correct_model(&float, &mut q, &cfg.corrections, granularity, Some(&moments), |_| {})?;
     }
+    q.widen_rows(&cfg.wide_rows, &float.config)?;
     for p in &profiles {
         let bits = p.resolve(&q.quantization.quantized)?;
         q.quantization.add_profile(&p.name, bits)?;
@@ -309,13 +315,14 @@ fn recipe(args: &Args) -> Result<BlockwiseConfig> {
     let saved = args.run_dir.join(RECIPE);
     let cfg = if args.resume {
         ensure!(saved.is_file(), "--resume: {} holds no run ({RECIPE})", args.run_dir.display());
-        // The GPTQ re-rounding and the corrections run after the blocks, so a finished run can
-        // be resumed to change them; every other recipe setting is the saved one.
-        let blocks_only = Args { gptq_8bit: None, corrections: None, correction_granularity: None, ..args.clone() };
+        // The GPTQ re-rounding, the corrections and the wide rows come after the blocks, so a
+        // finished run can be resumed to change them; every other recipe setting is the saved one.
+        let blocks_only =
+            Args { gptq_8bit: None, corrections: None, correction_granularity: None, wide_rows: None, ..args.clone() };
         if args.config.is_some() || blocks_only.apply(&mut BlockwiseConfig::default()) {
             bail!(
                 "--resume continues the saved recipe ({}); --config and recipe flags other than \
-                 --gptq-8bit, --corrections and --correction-granularity cannot change it",
+                 --gptq-8bit, --corrections, --correction-granularity and --wide-rows cannot change it",
                 saved.display()
             );
         }
@@ -328,6 +335,9 @@ fn recipe(args: &Args) -> Result<BlockwiseConfig> {
         }
         if let Some(g) = args.correction_granularity {
             cfg.correction_granularity = g;
+        }
+        if let Some(w) = args.wide_rows {
+            cfg.wide_rows = w;
         }
         cfg
     } else {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use cli::write_atomically;
-use model::checkpoint::Checkpoint;
+use model::checkpoint::{Checkpoint, WideRowsSpec};
 use model::source::{self, ModelSource};
 use quantize::model_ptq::write_checkpoint_as;
 use quantize::profile::ProfileRules;
@@ -43,6 +43,9 @@ struct Args {
     /// Run directory: training state, recipe, log.jsonl, plot.svg.
     #[arg(long)]
     run_dir: PathBuf,
+    /// The leading lm_head rows served wider, ROWS:+BITS or `none` (see drq-quantize --help).
+    #[arg(long, default_value_t = WideRowsSpec::DEFAULT)]
+    wide_rows: WideRowsSpec,
     /// Output checkpoint (`.safetensors`), written when the run completes.
     #[arg(short, long)]
     out: PathBuf,
@@ -273,6 +276,7 @@ fn run(args: Args) -> Result<()> {
     }
 
     let mut q = trainer.quantized_model()?;
+    q.widen_rows(&args.wide_rows, &trainer.float_model().config)?;
     for p in &profiles {
         let bits = p.resolve(&q.quantization.quantized)?;
         q.quantization.add_profile(&p.name, bits)?;

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use cli::Activations;
 use kernels::KernelConfig;
+use model::checkpoint::WideRowsSpec;
 use model::Precision;
 use quantize::profile::ProfileRules;
 use serve::engine::{Engine, EngineOptions};
@@ -36,6 +37,11 @@ struct Args {
     /// those the checkpoint stores; repeatable.
     #[arg(long)]
     profile: Vec<PathBuf>,
+    /// The leading lm_head rows served wider, ROWS:+BITS or `none` (see drq-quantize --help),
+    /// instead of what the checkpoint stores (the file is not changed) or the recipe gives
+    /// [default: the checkpoint's; for other sources the recipe's, 4096:+1 without one].
+    #[arg(long)]
+    wide_rows: Option<WideRowsSpec>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -86,7 +92,8 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    let settings = serve::load::ptq_settings(args.config.as_deref())?;
+    let mut settings = serve::load::ptq_settings(args.config.as_deref())?;
+    settings.wide_rows = args.wide_rows.unwrap_or(settings.wide_rows);
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("invalid --host/--port {}:{}", args.host, args.port))?;
@@ -100,6 +107,9 @@ fn run(args: Args) -> Result<()> {
     );
     let profiles = ProfileRules::load_all(&args.profile)?;
     let mut checkpoint = serve::load::open_or_quantize(&args.model, &settings, &model::source::pypi::drq_cache_dir()?)?;
+    if let Some(w) = &args.wide_rows {
+        checkpoint.widen_rows(w)?;
+    }
     for p in &profiles {
         let bits = p.resolve(&checkpoint.quantization().quantized)?;
         checkpoint.add_profile(&p.name, bits)?;
