@@ -6,7 +6,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use model::checkpoint::Checkpoint;
+use model::checkpoint::{Checkpoint, WideRows, WideRowsSpec};
 use model::Weights;
 
 const BIN: &str = env!("CARGO_BIN_EXE_drq-quantize");
@@ -101,6 +101,14 @@ fn quantizes_the_real_model_with_a_report() {
     assert_eq!(q.scale_method, "search:normalized:max-negative");
     assert_eq!(q.quantized.len(), 30 * 7 + 1, "every block linear and the tied embedding");
     assert!(q.quantized.iter().any(|n| n == "model.embed_tokens.weight"));
+    // The tied embedding's first 4,096 rows one bit wider: counted in bits per weight.
+    let want = WideRows { weight: "model.embed_tokens.weight".into(), rows: 4096, extra_bits: 1 };
+    assert_eq!(q.wide_rows, Some(want));
+    let mut narrow = Checkpoint::open(&out).unwrap();
+    narrow.widen_rows(&WideRowsSpec::None).unwrap();
+    let added = ckpt.bits_per_weight(&model::Precision::Bits(4)).unwrap()
+        - narrow.bits_per_weight(&model::Precision::Bits(4)).unwrap();
+    assert!((0.016..0.018).contains(&added), "{added}");
     let p = ckpt.provenance();
     assert_eq!(p.source, gguf().display().to_string());
     assert_eq!(p.source_sha256, model::source::sha256_files(&[gguf()]).unwrap());
@@ -188,6 +196,8 @@ fn rejects_bad_granularity_tie_and_objective() {
         ("--granularity-override", "embed_tokens=rows", "unknown granularity \"rows\""),
         ("--tie", "sideways", "unknown tie rule \"sideways\""),
         ("--objective", "best", "search objective \"best\""),
+        ("--wide-rows", "4096", "expected ROWS:+BITS"),
+        ("--wide-rows", "4096:+7", "7 extra bits (1..=6)"),
     ] {
         let output = drq_quantize(["--model", s(&gguf()), flag, value, "--out", s(&out)]);
         assert_refused(&output, &[needle, flag], dir.path(), &out);

@@ -279,9 +279,10 @@ impl Engine {
         for (name, bits) in resident.profiles() {
             let (mut weights, mut weighted) = (0usize, 0usize);
             for (w, planar) in resident.planar_weights() {
-                let n = planar.rows() * planar.cols();
+                let (n, b) = (planar.rows() * planar.cols(), bits[w]);
+                let wide = resident.leading_rows(w, b).map_or(0, |l| l.rows * planar.cols() * (l.bits - b) as usize);
                 weights += n;
-                weighted += n * bits[w] as usize;
+                weighted += n * b as usize + wide;
             }
             profiles.push(ProfileInfo { name: name.clone(), mean_bits: weighted as f64 / weights.max(1) as f64 });
         }
