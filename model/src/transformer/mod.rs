@@ -208,19 +208,18 @@ pub(crate) fn forward_rows_grouped(layers: &mut [LayerRows<'_, '_>], x: &[f32]) 
     for (parts, y) in layers.iter() {
         shapes.push(check_rows(parts, x, y.len())?);
     }
-    let shared: Vec<Option<(&Arc<PlanarWeight>, &KernelConfig, Option<usize>)>> =
-        layers.iter().map(|(parts, _)| shared_weight(parts)).collect();
+    let shared: Vec<Option<SharedWeight<'_>>> = layers.iter().map(|(parts, _)| shared_weight(parts)).collect();
     // A group whose rows change precision at a split row computes the rows on each side into
     // its own buffer, copied into the output after.
     let mut split_outputs: Vec<[Vec<f32>; 2]> = shapes
         .iter()
         .zip(&shared)
-        .map(|(&(inner, out), sh)| match sh {
-            Some((.., Some(k))) => {
+        .map(|(&(inner, out), sh)| match sh.as_ref().and_then(|sh| sh.split) {
+            Some(k) => {
                 let n = x.len() / inner.max(1);
                 [vec![0f32; n * k], vec![0f32; n * (out - k)]]
             }
-            _ => [Vec::new(), Vec::new()],
+            None => [Vec::new(), Vec::new()],
         })
         .collect();
     let mut calls = Vec::new();
@@ -228,10 +227,10 @@ pub(crate) fn forward_rows_grouped(layers: &mut [LayerRows<'_, '_>], x: &[f32]) 
         layers.iter_mut().zip(&shapes).zip(&shared).zip(split_outputs.iter_mut())
     {
         match sh {
-            Some((weight, kernel, None)) => {
+            Some(SharedWeight { weight, kernel, split: None }) => {
                 calls.push((*weight, *kernel, 0..out, planar_parts(parts, x, inner, 0..out, y)))
             }
-            Some((weight, kernel, Some(k))) => {
+            Some(SharedWeight { weight, kernel, split: Some(k) }) => {
                 let [lo, hi] = split_out;
                 calls.push((*weight, *kernel, 0..*k, planar_parts(parts, x, inner, 0..*k, lo)));
                 calls.push((*weight, *kernel, *k..out, planar_parts(parts, x, inner, *k..out, hi)));
@@ -265,7 +264,7 @@ pub(crate) fn forward_rows_grouped(layers: &mut [LayerRows<'_, '_>], x: &[f32]) 
         if sh.is_none() {
             continue;
         }
-        if let Some((.., Some(k))) = sh {
+        if let Some(SharedWeight { split: Some(k), .. }) = sh {
             for ((row, lo), hi) in y.chunks_exact_mut(out).zip(lo.chunks_exact(*k)).zip(hi.chunks_exact(out - k)) {
                 row[..*k].copy_from_slice(lo);
                 row[*k..].copy_from_slice(hi);
@@ -299,11 +298,17 @@ fn check_rows(parts: &[(&Linear, usize)], x: &[f32], y_len: usize) -> Result<(us
     Ok((inner, out))
 }
 
+/// The resident weight every layer of a group of [`forward_rows_grouped`] serves.
+struct SharedWeight<'l> {
+    weight: &'l Arc<PlanarWeight>,
+    kernel: &'l KernelConfig,
+    /// The row where the layers' precision changes, if it does.
+    split: Option<usize>,
+}
+
 /// The resident weight and kernel configuration every layer of a group serves, if they share one,
 /// and the row where their precision changes, if one does (they must agree on it).
-fn shared_weight<'l>(
-    parts: &[(&'l Linear, usize)],
-) -> Option<(&'l Arc<PlanarWeight>, &'l KernelConfig, Option<usize>)> {
+fn shared_weight<'l>(parts: &[(&'l Linear, usize)]) -> Option<SharedWeight<'l>> {
     let Some(&(Linear::Planar { weight, kernel, .. }, _)) = parts.first() else { return None };
     let mut splits = parts.iter().filter_map(|(l, _)| l.split_row());
     let split = splits.next();
@@ -312,7 +317,7 @@ fn shared_weight<'l>(
         && parts.iter().all(
             |(l, _)| matches!(l, Linear::Planar { weight: w, kernel: k, .. } if Arc::ptr_eq(w, weight) && k == kernel),
         ))
-    .then_some((weight, kernel, split))
+    .then_some(SharedWeight { weight, kernel, split })
 }
 
 /// The kernels' parts of a group whose layers share one resident weight, for the weight's rows
