@@ -272,7 +272,7 @@ fn run(args: Args) -> Result<()> {
     }
     let size = std::fs::metadata(&args.out)?.len();
     tracing::info!(
-        "wrote {} ({:.1} MB, {} quantized weights, {spec}) in {:.1}s",
+        "wrote {} ({:.1} MB, {} quantized weights, {spec}, wide rows {wide_rows}) in {:.1}s",
         args.out.display(),
         size as f64 / 1e6,
         quantized.quantized.len(),
