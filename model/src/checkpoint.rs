@@ -92,7 +92,7 @@ pub enum WideRowsSpec {
 
 impl WideRowsSpec {
     /// What the quantizers write unless told otherwise: the 4,096 first rows one bit wider
-    /// (SmolLM2, WikiText-2: W3 −23%, W4 −6% for +0.017 bits per weight; docs/RESULTS.md).
+    /// (SmolLM2, WikiText-2: W3 −22 to −23%, W4 −3 to −6% for +0.017 bits per weight; docs/RESULTS.md).
     pub const DEFAULT: WideRowsSpec = WideRowsSpec::Head { rows: 4096, extra_bits: 1 };
 
     /// The wide rows of a model with `config` whose weights `quantized` are quantized: on the

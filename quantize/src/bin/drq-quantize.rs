@@ -109,8 +109,9 @@ struct Args {
     budgets: Vec<f64>,
     /// The leading rows of the lm_head (the embedding when tied) served wider than the rest, as
     /// ROWS:+BITS, or `none`: a BPE vocabulary lists its frequent tokens first, and their rows
-    /// carry most of what low precisions lose (SmolLM2: `4096:+1` takes W3 −23% and W4 −6% in
-    /// perplexity for +0.017 bits per weight) [default: the recipe's; without one 4096:+1].
+    /// carry most of what low precisions lose (SmolLM2: `4096:+1` takes W3 −23% and W4 −4% in
+    /// perplexity for +0.017 bits per weight) [default: 4096:+1; with --config, the recipe's
+    /// `wide_rows`, none when it has none].
     #[arg(long)]
     wide_rows: Option<WideRowsSpec>,
     /// Output checkpoint (`.safetensors`).
