@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use kernels::QuantizedWeight;
-use model::checkpoint::{self, CheckpointContents, ProvenanceMeta, QuantizationMeta, WideRowsSpec};
+use model::checkpoint::{self, CheckpointContents, ProvenanceMeta, QuantizationMeta};
 use model::source::{FloatModel, Provenance};
 use model::Weights;
 
@@ -20,14 +20,6 @@ pub struct QuantizedModel {
     pub quantized: BTreeMap<String, QuantizedWeight>,
     pub float: BTreeMap<String, Tensor>,
     pub report: Vec<LayerReport>,
-}
-
-impl QuantizedModel {
-    /// Serves the leading rows of the weight that computes the logits wider, as `spec` says (no
-    /// wide rows for `none`, or when that weight is kept in float).
-    pub fn widen_rows(&mut self, spec: &WideRowsSpec, config: &model::ModelConfig) -> Result<()> {
-        self.quantization.widen_rows(spec, config)
-    }
 }
 
 /// Which weights are quantized: every matrix, except those whose name contains one of
@@ -94,7 +86,7 @@ pub fn quantize_with(
     on_weight: impl FnMut(&str),
 ) -> Result<QuantizedModel> {
     let mut q = quantize_model(float, &settings.spec, &settings.keep_float, on_weight)?;
-    q.widen_rows(&settings.wide_rows, &float.config)?;
+    q.quantization.widen_rows(&settings.wide_rows, &float.config)?;
     if !settings.corrections.is_empty() {
         let granularity = settings.correction_granularity;
         crate::corrections::correct_model(float, &mut q, &settings.corrections, granularity, None, |_| {})?;

@@ -1224,12 +1224,12 @@ fn wide_rows_round_trip_and_count() {
         quantized(Architecture::Llama, true, &spec(&[8, 4, 2], Granularity::Group(32), TieRule::HalfEven), &[]);
     let plain_path = dir.path().join("plain.safetensors");
     write_checkpoint(&plain_path, &float, &provenance(), &q).unwrap();
-    q.widen_rows(&"4096:+1".parse().unwrap(), &float.config).unwrap();
+    q.quantization.widen_rows(&"4096:+1".parse().unwrap(), &float.config).unwrap();
     let embed = "model.embed_tokens.weight";
     // At most the vocabulary (300 here), on the tied embedding.
     let want = WideRows { weight: embed.into(), rows: 300, extra_bits: 1 };
     assert_eq!(q.quantization.wide_rows, Some(want));
-    q.widen_rows(&"64:+2".parse().unwrap(), &float.config).unwrap();
+    q.quantization.widen_rows(&"64:+2".parse().unwrap(), &float.config).unwrap();
     let path = dir.path().join("wide.safetensors");
     write_checkpoint(&path, &float, &provenance(), &q).unwrap();
     let (ckpt, plain) = (Checkpoint::open(&path).unwrap(), Checkpoint::open(&plain_path).unwrap());

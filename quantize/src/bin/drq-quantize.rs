@@ -228,7 +228,7 @@ fn run(args: Args) -> Result<()> {
         bar.inc(1);
     })?;
     bar.finish_and_clear();
-    quantized.widen_rows(&wide_rows, &float.config)?;
+    quantized.quantization.widen_rows(&wide_rows, &float.config)?;
     let moments = match &calibration {
         Some(blocks) => Some(input_moments(&float, &quantized, blocks, &args)?),
         None => None,

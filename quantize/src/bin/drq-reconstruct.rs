@@ -279,7 +279,7 @@ fn run(args: Args) -> Result<()> {
         let granularity = cfg.correction_granularity;
         quantize::corrections::correct_model(&float, &mut q, &cfg.corrections, granularity, Some(&moments), |_| {})?;
     }
-    q.widen_rows(&cfg.wide_rows, &float.config)?;
+    q.quantization.widen_rows(&cfg.wide_rows, &float.config)?;
     for p in &profiles {
         let bits = p.resolve(&q.quantization.quantized)?;
         q.quantization.add_profile(&p.name, bits)?;

@@ -276,7 +276,7 @@ fn run(args: Args) -> Result<()> {
     }
 
     let mut q = trainer.quantized_model()?;
-    q.widen_rows(&args.wide_rows, &trainer.float_model().config)?;
+    q.quantization.widen_rows(&args.wide_rows, &trainer.float_model().config)?;
     for p in &profiles {
         let bits = p.resolve(&q.quantization.quantized)?;
         q.quantization.add_profile(&p.name, bits)?;
