@@ -113,9 +113,8 @@ if [ "${1:-run}" = --reconstruct ]; then
     echo "reconstruction: $(($(date +%s) - start)) s" | tee -a "$OUT/reconstruct.log"
     mkdir -p "$OUT/run" && cp /tmp/bw/*.json /tmp/bw/recipe.toml "$OUT/run/"
     echo "== its perplexity on the GPU kernels, WikiText-2 first 20 windows (f32 activations)"
-    # The GPU kernels do not serve wide lm_head rows yet: measured without them.
     drq-eval perplexity -m /tmp/bw.safetensors -p 8,4,3,2 -f .gpu/bin/wiki.test.raw --ctx 512 --max-windows 20 \
-        --wide-rows none --activations f32 --device cuda --json "$OUT/reconstruct-slice.json" 2>&1 | tail -6
+        --activations f32 --device cuda --json "$OUT/reconstruct-slice.json" 2>&1 | tail -6
     exit 0
 fi
 
@@ -130,8 +129,8 @@ done
 
 if ls .gpu/model/part-* >/dev/null 2>&1; then
     assemble_model
-    # The GPU kernels do not serve wide lm_head rows yet: the default recipe without them.
-    drq-quantize --model /tmp/model.gguf --wide-rows none --out /tmp/default.safetensors 2>&1 | tail -2
+    # The default recipe, wide lm_head rows included (two launches of the head and the lookup).
+    drq-quantize --model /tmp/model.gguf --out /tmp/default.safetensors 2>&1 | tail -2
     for b in 1 16 64; do
         echo "== greedy decoding on the GPU, batch $b"
         drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b "$b" --prompt-tokens 32 \

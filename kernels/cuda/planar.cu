@@ -71,12 +71,13 @@ __device__ __forceinline__ float byte_as_float(unsigned u, unsigned i) {
 template <int BITS>
 __device__ __forceinline__ void planar_matmul(const unsigned *__restrict__ planes, unsigned plane_stride,
                                               unsigned wpr, const float *__restrict__ scales, unsigned n_groups,
-                                              unsigned group, unsigned rows, unsigned cols, int has_d,
-                                              const float *__restrict__ x, unsigned n, float *__restrict__ y) {
+                                              unsigned group, unsigned row_begin, unsigned row_end, unsigned rows,
+                                              unsigned cols, int has_d, const float *__restrict__ x, unsigned n,
+                                              float *__restrict__ y) {
     __shared__ __align__(16) float xs[MAX_ROWS][TILE_COLS];
     const unsigned lane = threadIdx.x & 31;
-    const unsigned row = blockIdx.x * WARPS + (threadIdx.x >> 5);
-    const bool active = row < rows;
+    const unsigned row = row_begin + blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const bool active = row < row_end;
     // 2^23 + 2^(l−1): byte_as_float(u_l) minus this is q_l.
     const float offset = 8388608.0f + (float)(1 << (BITS - 1));
     const float step = (float)(1 << (8 - BITS));
@@ -147,13 +148,17 @@ __device__ __forceinline__ void planar_matmul(const unsigned *__restrict__ plane
     }
 }
 
-// One entry point per precision, so the plane loops unroll. Launch: grid ceil(rows / WARPS),
-// block 32·WARPS threads, 1 ≤ n ≤ MAX_ROWS activation rows (x: [n, cols], y: [n, rows]).
-#define PLANAR_MATMUL_ENTRY(B)                                                                             \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) planar_matmul_f32_b##B(                       \
-        const unsigned *planes, unsigned plane_stride, unsigned wpr, const float *scales, unsigned n_groups, \
-        unsigned group, unsigned rows, unsigned cols, int has_d, const float *x, unsigned n, float *y) {     \
-        planar_matmul<B>(planes, plane_stride, wpr, scales, n_groups, group, rows, cols, has_d, x, n, y);    \
+// One entry point per precision, so the plane loops unroll. Computes the outputs of weight rows
+// row_begin .. row_end of `rows` (a weight whose leading rows are served at another precision takes
+// two launches). Launch: grid ceil((row_end − row_begin) / WARPS), block 32·WARPS threads,
+// 1 ≤ n ≤ MAX_ROWS activation rows (x: [n, cols], y: [n, rows]).
+#define PLANAR_MATMUL_ENTRY(B)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) planar_matmul_f32_b##B(                             \
+        const unsigned *planes, unsigned plane_stride, unsigned wpr, const float *scales, unsigned n_groups,       \
+        unsigned group, unsigned row_begin, unsigned row_end, unsigned rows, unsigned cols, int has_d,            \
+        const float *x, unsigned n, float *y) {                                                                   \
+        planar_matmul<B>(planes, plane_stride, wpr, scales, n_groups, group, row_begin, row_end, rows, cols, has_d, \
+                         x, n, y);                                                                                \
     }
 
 PLANAR_MATMUL_ENTRY(2)
@@ -165,14 +170,16 @@ PLANAR_MATMUL_ENTRY(7)
 PLANAR_MATMUL_ENTRY(8)
 
 // Rows `ids[i]` of a weight served at BITS, dequantized exactly as the CPU's
-// PlanarWeight::dequantize_rows does ((q_l · 2^Δ) · s, bit for bit): an embedding lookup.
-// Launch: grid n (one block per id), any block size; out: [n, cols].
+// PlanarWeight::dequantize_rows does ((q_l · 2^Δ) · s, bit for bit): an embedding lookup. Only
+// the ids within row_begin .. row_end are written (the others are left for the launch at their
+// own precision). Launch: grid n (one block per id), any block size; out: [n, cols].
 template <int BITS>
 __device__ __forceinline__ void planar_rows(const unsigned *__restrict__ planes, unsigned plane_stride, unsigned wpr,
                                             const float *__restrict__ scales, unsigned n_groups, unsigned group,
-                                            unsigned cols, int has_d, const unsigned *__restrict__ ids,
-                                            float *__restrict__ out) {
+                                            unsigned row_begin, unsigned row_end, unsigned cols, int has_d,
+                                            const unsigned *__restrict__ ids, float *__restrict__ out) {
     const unsigned row = ids[blockIdx.x];
+    if (row < row_begin || row >= row_end) return;
     const unsigned *base = planes + (size_t)row * wpr;
     const float *srow = scales + (size_t)row * n_groups;
     float *orow = out + (size_t)blockIdx.x * cols;
@@ -192,11 +199,12 @@ __device__ __forceinline__ void planar_rows(const unsigned *__restrict__ planes,
     }
 }
 
-#define PLANAR_ROWS_ENTRY(B)                                                                                  \
-    extern "C" __global__ void planar_rows_f32_b##B(const unsigned *planes, unsigned plane_stride, unsigned wpr, \
-                                                    const float *scales, unsigned n_groups, unsigned group,      \
-                                                    unsigned cols, int has_d, const unsigned *ids, float *out) {  \
-        planar_rows<B>(planes, plane_stride, wpr, scales, n_groups, group, cols, has_d, ids, out);              \
+#define PLANAR_ROWS_ENTRY(B)                                                                                     \
+    extern "C" __global__ void planar_rows_f32_b##B(                                                                \
+        const unsigned *planes, unsigned plane_stride, unsigned wpr, const float *scales, unsigned n_groups,         \
+        unsigned group, unsigned row_begin, unsigned row_end, unsigned cols, int has_d, const unsigned *ids,         \
+        float *out) {                                                                                               \
+        planar_rows<B>(planes, plane_stride, wpr, scales, n_groups, group, row_begin, row_end, cols, has_d, ids, out); \
     }
 
 PLANAR_ROWS_ENTRY(2)

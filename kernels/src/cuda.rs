@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 pub use cudarc::driver::CudaSlice;
@@ -256,7 +257,25 @@ impl CudaRuntime {
         n: usize,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
+        self.matmul_rows(w, 0..w.rows, bits, x, n, y)
+    }
+
+    /// [`Self::matmul`] for the weight rows `rows` only: the other outputs of each activation row
+    /// are left as they are, so a weight whose leading rows are served at another precision takes
+    /// one call per row range (as [`crate::WeightParts`]' `rows` on the CPU).
+    pub fn matmul_rows(
+        &self,
+        w: &CudaPlanarWeight,
+        rows: Range<usize>,
+        bits: u32,
+        x: &CudaSlice<f32>,
+        n: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
         check_bits(bits)?;
+        if rows.start > rows.end || rows.end > w.rows {
+            return Err(KernelError::RowOutOfRange { row: rows.end.max(rows.start), rows: w.rows }.into());
+        }
         if !(1..=MAX_BATCH).contains(&n) {
             return Err(KernelError::InvalidBatch(n).into());
         }
@@ -267,14 +286,14 @@ impl CudaRuntime {
         if y.len() < n * w.rows {
             return Err(KernelError::LengthMismatch { what: "y", expected: n * w.rows, got: y.len() }.into());
         }
-        if w.rows == 0 {
+        if rows.is_empty() {
             return Ok(());
         }
         let func = &self.matmul[bits as usize - 2];
         let scales = w.corrected.get(&bits).unwrap_or(&w.scales);
-        let cfg = launch_config(w.rows);
-        let [plane_stride, wpr, n_groups, group, rows, cols] =
-            [w.plane_stride, w.wpr, w.n_groups, w.group, w.rows, w.cols].map(|v| v as u32);
+        let cfg = launch_config(rows.len());
+        let [plane_stride, wpr, n_groups, group, row_begin, row_end, all_rows, cols] =
+            [w.plane_stride, w.wpr, w.n_groups, w.group, rows.start, rows.end, w.rows, w.cols].map(|v| v as u32);
         let has_d = i32::from(w.has_d);
         for (start, len) in batch_chunks(n) {
             let x_chunk = x.slice(start * w.cols..(start + len) * w.cols);
@@ -288,7 +307,9 @@ impl CudaRuntime {
                 .arg(scales)
                 .arg(&n_groups)
                 .arg(&group)
-                .arg(&rows)
+                .arg(&row_begin)
+                .arg(&row_end)
+                .arg(&all_rows)
                 .arg(&cols)
                 .arg(&has_d)
                 .arg(&x_chunk)
@@ -298,7 +319,8 @@ impl CudaRuntime {
             // and type; the buffers hold what the launch reads and writes: `planes` every plane
             // the weight stores (`upload` checked the sizes fit the kernel's 32-bit indices),
             // `scales` `rows · n_groups` values, `x_chunk` `len · cols` and `y_chunk` `len · rows`
-            // (lengths checked above), with `len ≤ LAUNCH_ROWS` as the kernel requires.
+            // (lengths checked above), with `len ≤ LAUNCH_ROWS` as the kernel requires; the
+            // launch covers `row_begin..row_end`, within the weight's rows (checked above).
             unsafe { launch.launch(cfg) }.map_err(driver("kernel launch"))?;
         }
         Ok(())

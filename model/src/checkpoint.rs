@@ -159,6 +159,16 @@ pub struct LeadingRows {
     pub bits: u32,
 }
 
+impl LeadingRows {
+    /// The non-empty row ranges of a weight of `rows` rows served at `bits` with `lead`, each with
+    /// its bit-width: `0..lead.rows` at `lead.bits`, then the rest at `bits`.
+    pub fn ranges(lead: Option<LeadingRows>, rows: usize, bits: u32) -> Vec<(std::ops::Range<usize>, u32)> {
+        let split = lead.map_or(0, |l| l.rows.min(rows));
+        let wide = lead.map_or(bits, |l| l.bits);
+        [(0..split, wide), (split..rows, bits)].into_iter().filter(|(r, _)| !r.is_empty()).collect()
+    }
+}
+
 /// What one per-precision correction factor covers (see `kernels::QuantizedWeight::corrections`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use drq_tests::tiny_model;
 use kernels::{Granularity, TieRule};
 use model::checkpoint::{
-    Checkpoint, CorrectionGranularity, WideRows, WideRowsSpec, CODES_SUFFIX, FORMAT, FORMAT_VERSION, SCALES_SUFFIX,
-    TOKENIZER_TENSOR,
+    Checkpoint, CorrectionGranularity, LeadingRows, WideRows, WideRowsSpec, CODES_SUFFIX, FORMAT, FORMAT_VERSION,
+    SCALES_SUFFIX, TOKENIZER_TENSOR,
 };
 use model::source::{FloatModel, Provenance};
 use model::{Architecture, ModelSource, Precision, Weights};
@@ -1264,6 +1264,18 @@ fn wide_rows_round_trip_and_count() {
     }
     assert_eq!("0:+1".parse::<WideRowsSpec>().unwrap(), WideRowsSpec::None);
     assert_eq!(WideRowsSpec::DEFAULT.to_string().parse::<WideRowsSpec>().unwrap(), WideRowsSpec::DEFAULT);
+}
+
+/// The row ranges a GPU launch per precision covers (`LeadingRows::ranges`): the leading rows at
+/// their bits, then the rest; empty ranges dropped, leading rows past the weight clamped.
+#[test]
+fn leading_rows_split_a_weight_into_ranges() {
+    let lead = |rows, bits| Some(LeadingRows { rows, bits });
+    assert_eq!(LeadingRows::ranges(None, 100, 3), vec![(0..100, 3)]);
+    assert_eq!(LeadingRows::ranges(lead(40, 4), 100, 3), vec![(0..40, 4), (40..100, 3)]);
+    assert_eq!(LeadingRows::ranges(lead(0, 4), 100, 3), vec![(0..100, 3)]);
+    assert_eq!(LeadingRows::ranges(lead(100, 4), 100, 3), vec![(0..100, 4)]);
+    assert_eq!(LeadingRows::ranges(lead(300, 4), 100, 3), vec![(0..100, 4)]);
 }
 
 /// Corrections per row and per group (fitted in weight space) and the max-negative grid's

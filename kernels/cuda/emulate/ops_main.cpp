@@ -79,13 +79,15 @@ int main() {
     case 8:  // argmax_rows: s = rows, vocab; a = logits, out
         emu::launch(dim3{s[0]}, block, [&] { argmax_rows(a[0].f(), s[1], a[1].u()); });
         break;
-    case 9: {  // planar_rows: s = bits, n, plane_stride, wpr, n_groups, group, cols, has_d; a = planes, scales, ids, out
-        using Entry = void (*)(const unsigned *, unsigned, unsigned, const float *, unsigned, unsigned, unsigned, int,
-                               const unsigned *, float *);
+    case 9: {  // planar_rows: s = bits, n, plane_stride, wpr, n_groups, group, cols, has_d, row_begin, row_end;
+               // a = planes, scales, ids, out
+        using Entry = void (*)(const unsigned *, unsigned, unsigned, const float *, unsigned, unsigned, unsigned,
+                               unsigned, unsigned, int, const unsigned *, float *);
         const Entry entries[] = {planar_rows_f32_b2, planar_rows_f32_b3, planar_rows_f32_b4, planar_rows_f32_b5,
                                  planar_rows_f32_b6, planar_rows_f32_b7, planar_rows_f32_b8};
         emu::launch(dim3{s[1]}, dim3{64}, [&] {
-            entries[s[0] - 2](a[0].u(), s[2], s[3], a[1].f(), s[4], s[5], s[6], (int)s[7], a[2].u(), a[3].f());
+            entries[s[0] - 2](a[0].u(), s[2], s[3], a[1].f(), s[4], s[5], s[8], s[9], s[6], (int)s[7], a[2].u(),
+                              a[3].f());
         });
         break;
     }

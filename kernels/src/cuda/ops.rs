@@ -2,6 +2,8 @@
 //! Every method checks the lengths of what the kernel will touch; the positions a step writes and
 //! reads are checked once, when its [`StepRows`] are built.
 
+use std::ops::Range;
+
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{driver, CudaError, CudaPlanarWeight, CudaRuntime};
@@ -407,10 +409,12 @@ impl CudaRuntime {
     }
 
     /// Rows `ids` of a resident weight served at `bits`, dequantized (an embedding lookup), bit
-    /// for bit [`crate::PlanarWeight::dequantize_rows`].
+    /// for bit [`crate::PlanarWeight::dequantize_rows`]. Only the ids within `rows` are written:
+    /// a weight whose leading rows are served at another precision takes one call per row range.
     pub fn planar_rows(
         &self,
         w: &CudaPlanarWeight,
+        rows: Range<usize>,
         bits: u32,
         ids: &DeviceIds,
         out: &mut CudaSlice<f32>,
@@ -419,13 +423,16 @@ impl CudaRuntime {
         if ids.bound > w.rows {
             return Err(KernelError::RowOutOfRange { row: ids.bound - 1, rows: w.rows }.into());
         }
+        if rows.start > rows.end || rows.end > w.rows {
+            return Err(KernelError::RowOutOfRange { row: rows.end.max(rows.start), rows: w.rows }.into());
+        }
         check_len("out", out.len(), ids.len * w.cols)?;
         if ids.len == 0 {
             return Ok(());
         }
         let scales = w.corrected.get(&bits).unwrap_or(&w.scales);
-        let [stride, wpr, n_groups, group, cols] =
-            [w.plane_stride, w.wpr, w.n_groups, w.group, w.cols].map(|v| v as u32);
+        let [stride, wpr, n_groups, group, row_begin, row_end, cols] =
+            [w.plane_stride, w.wpr, w.n_groups, w.group, rows.start, rows.end, w.cols].map(|v| v as u32);
         let has_d = i32::from(w.has_d);
         let mut l = self.stream.launch_builder(&self.planar_rows[bits as usize - 2]);
         l.arg(&w.planes)
@@ -434,14 +441,16 @@ impl CudaRuntime {
             .arg(scales)
             .arg(&n_groups)
             .arg(&group)
+            .arg(&row_begin)
+            .arg(&row_end)
             .arg(&cols)
             .arg(&has_d)
             .arg(&ids.ids)
             .arg(out);
         let cfg = LaunchConfig { grid_dim: (ids.len as u32, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: `planar_rows_f32_b{bits}(planes, plane_stride, wpr, scales, n_groups, group,
-        // cols, has_d, ids, out)`; every id was checked below a bound of at most the weight's rows
-        // (write_ids, checked), out holds len · cols values.
+        // row_begin, row_end, cols, has_d, ids, out)`; every id was checked below a bound of at
+        // most the weight's rows (write_ids, checked), out holds len · cols values.
         unsafe { l.launch(cfg) }.map_err(driver("planar_rows launch"))?;
         Ok(())
     }

@@ -255,6 +255,22 @@ fn the_runtime_is_an_error_without_a_gpu_and_matches_the_cpu_with_one() {
         }
         let mut y = vec![0f32; 2];
         assert!(matches!(rt.matmul_host(&dw, 9, &[0.0; 0], 1, &mut y), Err(CudaError::Kernel(_))));
+        // Leading rows at 5 bits, the rest at 3 (wide lm_head rows): each range as its precision.
+        let (n, split) = (3, rows / 3);
+        let x = random_x(&mut rng, n * cols);
+        let (x_dev, mut y_dev) = (rt.upload_f32(&x).unwrap(), rt.zeros_f32(n * rows).unwrap());
+        rt.matmul_rows(&dw, 0..split, 5, &x_dev, n, &mut y_dev).unwrap();
+        rt.matmul_rows(&dw, split..rows, 3, &x_dev, n, &mut y_dev).unwrap();
+        let mut gpu = vec![0f32; n * rows];
+        rt.download(&y_dev, &mut gpu).unwrap();
+        let d = device_words(&w).unwrap();
+        let (wide, narrow) = (device_matmul(&w, &d, 5, &x, n), device_matmul(&w, &d, 3, &x, n));
+        for i in 0..n * rows {
+            let want = if i % rows < split { wide[i] } else { narrow[i] };
+            assert!((gpu[i] - want).abs() <= 1e-4 * (1.0 + want.abs()), "{rows}x{cols} split [{i}]");
+        }
+        let bad = rt.matmul_rows(&dw, 1..rows + 1, 4, &x_dev, n, &mut y_dev);
+        assert!(matches!(bad, Err(CudaError::Kernel(KernelError::RowOutOfRange { .. }))), "{bad:?}");
     }
 }
 
@@ -310,29 +326,46 @@ fn the_cuda_source_run_on_the_cpu_matches_its_host_replay() {
         // Each emulated block is 256 threads: the large weight (64 blocks) at one precision, batch 1.
         let (precisions, batches): (&[u32], &[usize]) =
             if rows > 100 { (&[4], &[1]) } else { (&[2, 3, 4, 5, 6, 7, 8], &[1, 9]) };
+        // The whole weight, and (on the small shapes) a row range as wide lm_head rows launch it.
+        let ranges = [0..rows, rows / 3..rows - 1];
+        let ranges = if rows > 100 { &ranges[..1] } else { &ranges[..] };
         for &bits in precisions {
             for &n in batches {
-                let x = random_x(&mut rng, n * cols);
-                let layout = w.layout();
-                let header = [
-                    bits,
-                    rows as u32,
-                    cols as u32,
-                    d.wpr as u32,
-                    d.plane_stride as u32,
-                    layout.n_groups() as u32,
-                    layout.group.min(cols) as u32,
-                    u32::from(w.has_d_plane()),
-                    n as u32,
-                    d.words.len() as u32,
-                ];
-                let mut input: Vec<u8> = header.iter().chain(&d.words).flat_map(|v| v.to_le_bytes()).collect();
-                input.extend(w.scales_at(bits).iter().chain(&x).flat_map(|v| v.to_le_bytes()));
-                let got = f32s(&run_emulator(&exe, &input));
-                let want = device_matmul(&w, &d, bits, &x, n);
-                assert_eq!(got.len(), want.len());
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(g.to_bits(), e.to_bits(), "{rows}x{cols} {gran} bits {bits} n {n} [{i}]: {g} vs {e}");
+                for range in ranges {
+                    let x = random_x(&mut rng, n * cols);
+                    let layout = w.layout();
+                    let header = [
+                        bits,
+                        rows as u32,
+                        cols as u32,
+                        d.wpr as u32,
+                        d.plane_stride as u32,
+                        layout.n_groups() as u32,
+                        layout.group.min(cols) as u32,
+                        u32::from(w.has_d_plane()),
+                        n as u32,
+                        d.words.len() as u32,
+                        range.start as u32,
+                        range.end as u32,
+                    ];
+                    let mut input: Vec<u8> = header.iter().chain(&d.words).flat_map(|v| v.to_le_bytes()).collect();
+                    input.extend(w.scales_at(bits).iter().chain(&x).flat_map(|v| v.to_le_bytes()));
+                    let got = f32s(&run_emulator(&exe, &input));
+                    let mut want = device_matmul(&w, &d, bits, &x, n);
+                    // Rows outside the launched range are not written (the emulator's y starts at 0).
+                    for (i, v) in want.iter_mut().enumerate() {
+                        if !range.contains(&(i % rows)) {
+                            *v = 0.0;
+                        }
+                    }
+                    assert_eq!(got.len(), want.len());
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            e.to_bits(),
+                            "{rows}x{cols} {gran} bits {bits} n {n} rows {range:?} [{i}]: {g} vs {e}"
+                        );
+                    }
                 }
             }
         }
@@ -540,10 +573,8 @@ fn the_ops_source_run_on_the_cpu_matches_the_cpu_ops() {
         let w = PlanarWeight::from_quantized(&qw, TieRule::HalfEven).unwrap();
         let d = device_words(&w).unwrap();
         let ids: Vec<u32> = vec![rows as u32 - 1, 0, (rows / 2) as u32];
-        for bits in 2..=8 {
-            let mut want = vec![0f32; ids.len() * cols];
-            let idx: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-            w.dequantize_rows(bits, &idx, &mut want).unwrap();
+        let idx: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+        let lookup = |bits: u32, range: std::ops::Range<usize>, out: Vec<f32>| {
             let layout = w.layout();
             let scalars = [
                 bits,
@@ -554,19 +585,31 @@ fn the_ops_source_run_on_the_cpu_matches_the_cpu_ops() {
                 layout.group.min(cols) as u32,
                 cols as u32,
                 u32::from(w.has_d_plane()),
+                range.start as u32,
+                range.end as u32,
             ];
-            let out = emulate_op(
-                &exe,
-                9,
-                &scalars,
-                &[
-                    Arr::U(d.words.clone()),
-                    Arr::F(w.scales_at(bits).to_vec()),
-                    Arr::U(ids.clone()),
-                    Arr::F(vec![0.0; ids.len() * cols]),
-                ],
-            );
-            assert_eq!(out[3].f(), &want[..], "planar_rows {rows}x{cols} {gran} bits {bits}");
+            let arrays =
+                [Arr::U(d.words.clone()), Arr::F(w.scales_at(bits).to_vec()), Arr::U(ids.clone()), Arr::F(out)];
+            emulate_op(&exe, 9, &scalars, &arrays)[3].f().to_vec()
+        };
+        for bits in 2..=8 {
+            let mut want = vec![0f32; ids.len() * cols];
+            w.dequantize_rows(bits, &idx, &mut want).unwrap();
+            let got = lookup(bits, 0..rows, vec![0.0; ids.len() * cols]);
+            assert_eq!(got, want, "planar_rows {rows}x{cols} {gran} bits {bits}");
         }
+        // Wide leading rows: rows below `split` at 6 bits, the rest at 3, one launch each.
+        let split = rows / 2 + 1;
+        let (mut wide, mut narrow) = (vec![0f32; ids.len() * cols], vec![0f32; ids.len() * cols]);
+        w.dequantize_rows(6, &idx, &mut wide).unwrap();
+        w.dequantize_rows(3, &idx, &mut narrow).unwrap();
+        let want: Vec<f32> = idx
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &i)| if i < split { &wide[k * cols..][..cols] } else { &narrow[k * cols..][..cols] })
+            .copied()
+            .collect();
+        let got = lookup(3, split..rows, lookup(6, 0..split, vec![0.0; ids.len() * cols]));
+        assert_eq!(got, want, "planar_rows {rows}x{cols} {gran}, rows 0..{split} at 6 bits, the rest at 3");
     }
 }

@@ -15,9 +15,10 @@
 //! the rows' tokens, slots and positions are copied in before a step, and the picked tokens out.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use kernels::cuda::{CudaPlanarWeight, CudaRuntime, CudaSlice, DeviceIds, KvArena, StepGraph, StepRows};
 use kernels::ops::AttentionShape;
@@ -61,17 +62,26 @@ impl GpuResident {
 }
 
 enum GpuLinear {
-    Planar { weight: Arc<CudaPlanarWeight>, bits: u32, bias: Option<CudaSlice<f32>> },
-    Dense { weight: CudaSlice<f32>, rows: usize, cols: usize, bias: Option<CudaSlice<f32>> },
+    /// Row ranges at their bit-widths ([`LeadingRows::ranges`]: two when the leading rows are wider).
+    Planar {
+        weight: Arc<CudaPlanarWeight>,
+        ranges: Vec<(Range<usize>, u32)>,
+        bias: Option<CudaSlice<f32>>,
+    },
+    Dense {
+        weight: CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        bias: Option<CudaSlice<f32>>,
+    },
 }
 
 impl GpuLinear {
     fn new(gpu: &mut GpuResident, linear: &Linear) -> Result<Self> {
         Ok(match linear {
-            Linear::Planar { lead: Some(l), .. } => bail!("{}", no_wide_rows(l)),
-            Linear::Planar { weight, bits, bias, .. } => GpuLinear::Planar {
+            Linear::Planar { weight, bits, lead, bias, .. } => GpuLinear::Planar {
+                ranges: LeadingRows::ranges(*lead, weight.rows(), *bits),
                 weight: gpu.planar(weight)?,
-                bits: *bits,
                 bias: bias.as_deref().map(|b| gpu.rt.upload_f32(b)).transpose()?,
             },
             Linear::Dense { weight, bias, .. } => {
@@ -89,8 +99,10 @@ impl GpuLinear {
     /// `y = x · Wᵀ (+ bias)` for the first `n ≤ MAX_BATCH` rows of `x` into those of `y`.
     fn forward(&self, rt: &CudaRuntime, x: &CudaSlice<f32>, n: usize, y: &mut CudaSlice<f32>) -> Result<()> {
         let bias = match self {
-            GpuLinear::Planar { weight, bits, bias } => {
-                rt.matmul(weight, *bits, x, n, y)?;
+            GpuLinear::Planar { weight, ranges, bias } => {
+                for (rows, bits) in ranges {
+                    rt.matmul_rows(weight, rows.clone(), *bits, x, n, y)?;
+                }
                 bias
             }
             GpuLinear::Dense { weight, rows, cols, bias } => {
@@ -106,8 +118,14 @@ impl GpuLinear {
 }
 
 enum GpuEmbedding {
-    Planar { weight: Arc<CudaPlanarWeight>, bits: u32 },
-    Dense { table: CudaSlice<f32> },
+    /// Row ranges at their bit-widths, as [`GpuLinear::Planar`].
+    Planar {
+        weight: Arc<CudaPlanarWeight>,
+        ranges: Vec<(Range<usize>, u32)>,
+    },
+    Dense {
+        table: CudaSlice<f32>,
+    },
 }
 
 struct GpuBlock {
@@ -206,8 +224,10 @@ impl Transformer {
             })
         };
         let embed = match &self.embed {
-            Embedding::Planar { lead: Some(l), .. } => bail!("{}", no_wide_rows(l)),
-            Embedding::Planar { weight, bits, .. } => GpuEmbedding::Planar { weight: gpu.planar(weight)?, bits: *bits },
+            Embedding::Planar { weight, bits, lead } => GpuEmbedding::Planar {
+                ranges: LeadingRows::ranges(*lead, weight.rows(), *bits),
+                weight: gpu.planar(weight)?,
+            },
             Embedding::Dense(table) => GpuEmbedding::Dense { table: gpu.tensor(table)? },
         };
         let blocks = self.blocks.iter().map(|b| block(b, gpu)).collect::<Result<Vec<_>>>()?;
@@ -368,7 +388,11 @@ impl CudaTransformer {
             AttentionShape { heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
         let (h, m, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps as f32);
         match &self.embed {
-            GpuEmbedding::Planar { weight, bits } => rt.planar_rows(weight, *bits, &b.tokens, &mut b.x)?,
+            GpuEmbedding::Planar { weight, ranges } => {
+                for (rows, bits) in ranges {
+                    rt.planar_rows(weight, rows.clone(), *bits, &b.tokens, &mut b.x)?;
+                }
+            }
             GpuEmbedding::Dense { table } => rt.gather_rows(table, h, &b.tokens, &mut b.x)?,
         }
         for (layer, blk) in self.blocks.iter().enumerate() {
@@ -404,13 +428,4 @@ impl CudaTransformer {
 /// Errors inside a graph capture, carried out through the runtime's error type.
 fn to_shape_error(e: anyhow::Error) -> kernels::cuda::CudaError {
     kernels::cuda::CudaError::Shape(format!("{e:#}"))
-}
-
-/// Why a weight with wider leading rows cannot go to the GPU yet.
-fn no_wide_rows(lead: &LeadingRows) -> String {
-    format!(
-        "the GPU kernels do not serve wide rows yet (this checkpoint serves its first {} lm_head rows at {} bits); \
-         serve it on the CPU, or without them (`--wide-rows none`)",
-        lead.rows, lead.bits
-    )
 }
