@@ -21,7 +21,7 @@ use std::sync::Arc;
 pub use cudarc::driver::CudaSlice;
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaStream, LaunchConfig, PushKernelArg};
 
-use crate::double_rounding::{check_bits, KernelError};
+use crate::double_rounding::{check_bits, check_row_range, KernelError};
 use crate::planar::{PlanarWeight, MAX_BATCH};
 
 /// The PTX of `kernels/cuda/planar.cu` and `ops.cu` (generated; see the module docs).
@@ -273,9 +273,7 @@ impl CudaRuntime {
         y: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
         check_bits(bits)?;
-        if rows.start > rows.end || rows.end > w.rows {
-            return Err(KernelError::RowOutOfRange { row: rows.end.max(rows.start), rows: w.rows }.into());
-        }
+        check_row_range(&rows, w.rows)?;
         if !(1..=MAX_BATCH).contains(&n) {
             return Err(KernelError::InvalidBatch(n).into());
         }

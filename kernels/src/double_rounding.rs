@@ -124,6 +124,14 @@ impl fmt::Display for KernelError {
 
 impl std::error::Error for KernelError {}
 
+/// Checks that `rows` is a row range within a weight of `total` rows.
+pub fn check_row_range(rows: &std::ops::Range<usize>, total: usize) -> Result<(), KernelError> {
+    if rows.start > rows.end || rows.end > total {
+        return Err(KernelError::RowOutOfRange { row: rows.end.max(rows.start), rows: total });
+    }
+    Ok(())
+}
+
 /// Checks that `bits` is a servable bit-width.
 pub fn check_bits(bits: u32) -> Result<(), KernelError> {
     if (MIN_BITS..=STORED_BITS).contains(&bits) {

@@ -7,7 +7,7 @@ use std::ops::Range;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{driver, CudaError, CudaPlanarWeight, CudaRuntime};
-use crate::double_rounding::{check_bits, KernelError};
+use crate::double_rounding::{check_bits, check_row_range, KernelError};
 use crate::ops::AttentionShape;
 
 /// Threads per block of the element-wise kernels: `OPS_BLOCK` in `ops.cu`.
@@ -423,9 +423,7 @@ impl CudaRuntime {
         if ids.bound > w.rows {
             return Err(KernelError::RowOutOfRange { row: ids.bound - 1, rows: w.rows }.into());
         }
-        if rows.start > rows.end || rows.end > w.rows {
-            return Err(KernelError::RowOutOfRange { row: rows.end.max(rows.start), rows: w.rows }.into());
-        }
+        check_row_range(&rows, w.rows)?;
         check_len("out", out.len(), ids.len * w.cols)?;
         if ids.len == 0 {
             return Ok(());

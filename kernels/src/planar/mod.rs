@@ -732,9 +732,7 @@ impl PlanarWeight {
     /// Checks `parts` against this weight; returns each part's precision and the work of all
     /// (plane bytes read × activation rows).
     fn check_parts(&self, rows: &Range<usize>, parts: &[MatmulPart<'_>]) -> Result<(Vec<Prec>, usize), KernelError> {
-        if rows.start > rows.end || rows.end > self.rows() {
-            return Err(KernelError::RowOutOfRange { row: rows.end.max(rows.start), rows: self.rows() });
-        }
+        crate::double_rounding::check_row_range(rows, self.rows())?;
         let (rows, cols) = (rows.len(), self.cols());
         let mut precs = Vec::with_capacity(parts.len());
         let mut work = 0usize;
