@@ -428,6 +428,7 @@ pub(crate) fn batch_chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(LAUNCH_ROWS).map(move |start| (start, LAUNCH_ROWS.min(n - start)))
 }
 
+pub mod emulation;
 mod ops;
 pub use ops::{DeviceIds, KvArena, StepRows};
 

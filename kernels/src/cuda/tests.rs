@@ -274,19 +274,31 @@ fn the_runtime_is_an_error_without_a_gpu_and_matches_the_cpu_with_one() {
     }
 }
 
+/// The on-GPU test above, run again in a child process whose `libcuda.so.1` is the emulated driver
+/// ([`super::emulation`]): every upload, launch and range check of the runtime, with the kernels'
+/// source run on the CPU, where there is no GPU.
+#[test]
+fn the_runtime_on_the_emulated_driver_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = super::emulation::build_driver(dir.path()).unwrap();
+    let test = "cuda::tests::the_runtime_is_an_error_without_a_gpu_and_matches_the_cpu_with_one";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--test-threads", "1"])
+        .env("LD_LIBRARY_PATH", &lib)
+        .env("DRQ_EXPECT_GPU", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("1 passed"), "{stdout}");
+}
+
 /// Builds `kernels/cuda/emulate/{name}.cpp` (the CUDA source with `cuda_shim.h`, run on the CPU)
 /// with the host C++ compiler (`$CXX`, else `c++`) into `dir`.
 pub(crate) fn build_emulator(name: &str, dir: &std::path::Path) -> std::path::PathBuf {
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda/emulate").join(format!("{name}.cpp"));
     let exe = dir.join(name);
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-    let out = std::process::Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-o"])
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .unwrap_or_else(|e| panic!("the CUDA emulation needs a C++20 compiler ({cxx}): {e}"));
-    assert!(out.status.success(), "{cxx} {}:\n{}", src.display(), String::from_utf8_lossy(&out.stderr));
+    super::emulation::compile(&src, &exe, false).unwrap();
     exe
 }
 
