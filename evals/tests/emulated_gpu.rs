@@ -7,25 +7,17 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use drq_tests::tiny_model;
+use drq_tests::sharp_tiny_model;
 use kernels::Granularity;
 use model::checkpoint::WideRowsSpec;
 use model::source::Provenance;
 use model::Architecture;
 use quantize::{quantize_model, write_checkpoint, QuantSpec};
 
-/// A tiny checkpoint of `architecture` (tied embeddings or not) at 8, 4 and 2 bits, its first 100
-/// rows of the embedding (tied) or lm_head one bit wider. Its matrices are scaled up from the
-/// fixture's N(0, 0.02²) to N(0, 0.5²) so attention and the logits are peaked: the tokens then
-/// depend on every part of the step (positions included), not on the bias of a near-uniform model.
+/// A tiny checkpoint of `architecture` (tied embeddings or not, [`sharp_tiny_model`]) at 8, 4
+/// and 2 bits, the first 100 rows of its embedding (tied) or lm_head one bit wider.
 fn sharp_checkpoint(dir: &Path, architecture: Architecture, tied: bool) -> PathBuf {
-    let mut float = tiny_model(architecture, tied, 11);
-    let mut weights = model::Weights::new();
-    for (name, t) in float.weights.iter() {
-        let t = if t.rank() == 2 { (t * 25.0).unwrap() } else { t.clone() };
-        weights.insert(name.clone(), t).unwrap();
-    }
-    float.weights = weights;
+    let float = sharp_tiny_model(architecture, tied, 11);
     let spec = QuantSpec { granularity: Granularity::Group(32), ..QuantSpec::default() };
     let mut q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
     q.quantization.widen_rows(&WideRowsSpec::Head { rows: 100, extra_bits: 1 }, &float.config).unwrap();

@@ -100,6 +100,20 @@ pub fn tiny_model(architecture: model::Architecture, tie_word_embeddings: bool, 
     model::FloatModel { config, tokenizer: tiny_tokenizer(), add_bos: false, chat_template: None, weights }
 }
 
+/// [`tiny_model`] with its matrices scaled from N(0, 0.02²) to N(0, 0.5²): attention and the
+/// logits are peaked, so its greedy tokens depend on every part of a step (positions included)
+/// rather than on the bias of a near-uniform model. For tests that compare two runtimes.
+pub fn sharp_tiny_model(architecture: model::Architecture, tie_word_embeddings: bool, seed: u64) -> model::FloatModel {
+    let mut float = tiny_model(architecture, tie_word_embeddings, seed);
+    let mut weights = model::Weights::new();
+    for (name, t) in float.weights.iter() {
+        let t = if t.rank() == 2 { (t * 25.0).expect("scales a matrix") } else { t.clone() };
+        weights.insert(name.clone(), t).expect("same name and shape");
+    }
+    float.weights = weights;
+    float
+}
+
 /// The largest absolute element difference of two tensors of the same shape.
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "tensors of different shapes");

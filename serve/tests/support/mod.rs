@@ -23,7 +23,16 @@ pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + messag
 /// A tiny Llama (vocabulary 300, context 256) quantized per channel, with a chat template and a
 /// per-layer profile `mix` (MLPs at 6 bits, the rest at 3).
 pub fn tiny_checkpoint(dir: &Path) -> PathBuf {
-    let mut float = tiny_model(Architecture::Llama, true, 21);
+    checkpoint_of(tiny_model(Architecture::Llama, true, 21), &dir.join("tiny.safetensors"))
+}
+
+/// [`tiny_checkpoint`] of [`drq_tests::sharp_tiny_model`]: greedy tokens that depend on every
+/// part of a step, for comparing runtimes.
+pub fn sharp_checkpoint(dir: &Path) -> PathBuf {
+    checkpoint_of(drq_tests::sharp_tiny_model(Architecture::Llama, true, 21), &dir.join("sharp.safetensors"))
+}
+
+fn checkpoint_of(mut float: model::FloatModel, path: &Path) -> PathBuf {
     float.chat_template = Some(CHATML.to_string());
     let spec = QuantSpec {
         bits: vec![8, 4, 2],
@@ -35,9 +44,8 @@ pub fn tiny_checkpoint(dir: &Path) -> PathBuf {
     let mut q = quantize_model(&float, &spec, &[], |_| {}).unwrap();
     let mix = q.quantization.quantized.iter().map(|w| (w.clone(), if w.contains("mlp") { 6 } else { 3 })).collect();
     q.quantization.profiles.insert("mix".into(), mix);
-    let path = dir.join("tiny.safetensors");
-    write_checkpoint(&path, &float, &Provenance { source: "test".into(), sha256: "0".repeat(64) }, &q).unwrap();
-    path
+    write_checkpoint(path, &float, &Provenance { source: "test".into(), sha256: "0".repeat(64) }, &q).unwrap();
+    path.to_path_buf()
 }
 
 pub struct TestServer {
