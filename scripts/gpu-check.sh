@@ -16,6 +16,11 @@
 #                                                then [".gpu/model/part-ab"]: parts stay on the
 #                                                warm machine between calls)
 #           scripts/gpu-check.sh                (carry [".gpu/bin"]): the checks
+#   here, without a GPU: scripts/gpu-check.sh --emulate   (after --prepare) the same checks on this
+#                                                machine's CPU through the emulated driver
+#                                                (kernels::cuda::emulation), sizes cut so that they
+#                                                run in minutes: the script, the binaries and their
+#                                                --device cuda tried end to end before a lease
 #           scripts/gpu-check.sh --reconstruct  (carry [".gpu/bin"], model parts received): instead of
 #                                                the checks, the block-wise W4 recipe
 #                                                (configs/blockwise/w4-best.toml) trained on the GPU by
@@ -25,6 +30,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF=${GGUF:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+# The sizes of the checks (--emulate cuts them).
+GEN_TOKENS=${GEN_TOKENS:-128}
+PROMPT_TOKENS=${PROMPT_TOKENS:-32}
+REPEAT=${REPEAT:-3}
+DECODE_BATCHES=${DECODE_BATCHES:-1 16 64}
+PPL_CTX=${PPL_CTX:-512}
+PPL_WINDOWS=${PPL_WINDOWS:-20}
+LOAD_CLIENTS=${LOAD_CLIENTS:-1 16 64}
+LOAD_SECONDS=${LOAD_SECONDS:-15}
+LOAD_TOKENS=${LOAD_TOKENS:-64}
 
 case "${1:-run}" in
 --prepare)
@@ -68,9 +83,17 @@ for line in sys.stdin:
     ls -la .gpu/model
     exit 0
     ;;
+--emulate)
+    driver=$(mktemp -d)
+    cargo run -q -p kernels --example emulated-cuda-driver -- "$driver"
+    export LD_LIBRARY_PATH="$driver:${LD_LIBRARY_PATH:-}"
+    # An emulated SmolLM2 step takes ~12 s on one core: a few tokens, one batch, one short window.
+    GEN_TOKENS=2 PROMPT_TOKENS=4 REPEAT=1 DECODE_BATCHES=1 PPL_CTX=16 PPL_WINDOWS=1
+    LOAD_CLIENTS=2 LOAD_SECONDS=20 LOAD_TOKENS=2
+    ;;
 run | --reconstruct) ;;
 *)
-    echo "usage: scripts/gpu-check.sh [--prepare|--receive|--reconstruct]" >&2
+    echo "usage: scripts/gpu-check.sh [--prepare|--receive|--reconstruct|--emulate]" >&2
     exit 2
     ;;
 esac
@@ -131,18 +154,19 @@ if ls .gpu/model/part-* >/dev/null 2>&1; then
     assemble_model
     # The default recipe, wide lm_head rows included (two launches of the head and the lookup).
     drq-quantize --model /tmp/model.gguf --out /tmp/default.safetensors 2>&1 | tail -2
-    for b in 1 16 64; do
+    for b in $DECODE_BATCHES; do
         echo "== greedy decoding on the GPU, batch $b"
-        drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b "$b" --prompt-tokens 32 \
-            --gen-tokens 128 -r 3 --json "$OUT/gpu-decode-b$b.json" 2>&1 | tee "$OUT/gpu-decode-b$b.txt"
+        drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b "$b" --prompt-tokens "$PROMPT_TOKENS" \
+            --gen-tokens "$GEN_TOKENS" -r "$REPEAT" --json "$OUT/gpu-decode-b$b.json" 2>&1 | tee "$OUT/gpu-decode-b$b.txt"
     done
     echo "== greedy decoding on the GPU, batch 1, without CUDA graphs (one launch per kernel)"
-    DRQ_CUDA_GRAPHS=0 drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b 1 --prompt-tokens 32 \
-        --gen-tokens 128 -r 3 --json "$OUT/gpu-decode-b1-nographs.json" 2>&1 | tee "$OUT/gpu-decode-b1-nographs.txt"
-    echo "== perplexity through the GPU kernels against the CPU kernels (f32 activations), 20 windows"
+    DRQ_CUDA_GRAPHS=0 drq-bench -m /tmp/default.safetensors --device cuda -p 8,4,2 -b 1 --prompt-tokens "$PROMPT_TOKENS" \
+        --gen-tokens "$GEN_TOKENS" -r "$REPEAT" --json "$OUT/gpu-decode-b1-nographs.json" 2>&1 |
+        tee "$OUT/gpu-decode-b1-nographs.txt"
+    echo "== perplexity through the GPU kernels against the CPU kernels (f32 activations), $PPL_WINDOWS windows"
     for dev in cuda cpu; do
-        drq-eval perplexity -m /tmp/default.safetensors -p 8,4,2 -f .gpu/bin/wiki.test.raw --ctx 512 \
-            --max-windows 20 --activations f32 --device $dev --json "$OUT/ppl-$dev.json" 2>&1 | tail -5
+        drq-eval perplexity -m /tmp/default.safetensors -p 8,4,2 -f .gpu/bin/wiki.test.raw --ctx "$PPL_CTX" \
+            --max-windows "$PPL_WINDOWS" --activations f32 --device $dev --json "$OUT/ppl-$dev.json" 2>&1 | tail -5
     done
     echo "== drq-serve on the GPU under drq-loadgen (precisions 8/4/2 mixed, 15 s per point)"
     drq-serve --model /tmp/default.safetensors --device cuda --port 8181 --max-batch 64 >"$OUT/serve.log" 2>&1 &
@@ -151,24 +175,25 @@ if ls .gpu/model/part-* >/dev/null 2>&1; then
         python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8181/health")' 2>/dev/null && break
         sleep 1
     done
-    for c in 1 16 64; do
-        drq-loadgen --url http://127.0.0.1:8181 --clients "$c" --duration 15 --precisions 8,4,2 --max-tokens 64 \
-            --json "$OUT/serve-c$c.json" 2>&1 | tail -4
+    for c in $LOAD_CLIENTS; do
+        drq-loadgen --url http://127.0.0.1:8181 --clients "$c" --duration "$LOAD_SECONDS" --precisions 8,4,2 \
+            --max-tokens "$LOAD_TOKENS" --json "$OUT/serve-c$c.json" 2>&1 | tail -4
     done
     kill "$server" && wait "$server" || true
     if [ -x .gpu/bin/drq-bench-candle ]; then
         libdirs=$(cuda13_libdirs)
-        for b in 1 16 64; do
+        for b in $DECODE_BATCHES; do
             echo "== candle's CUDA path (its Q8_0 QMatMul, f16 Llama) against drq W8 on the GPU, same run, batch $b"
             LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}" drq-bench-candle -m /tmp/default.safetensors \
-                --reference /tmp/model.gguf --device cuda -p 8 --candle q8_0,f16 -b "$b" --prompt-tokens 32 \
-                --gen-tokens 128 -r 3 --json "$OUT/candle-b$b.json" 2>&1 | tee "$OUT/candle-b$b.txt"
+                --reference /tmp/model.gguf --device cuda -p 8 --candle q8_0,f16 -b "$b" --prompt-tokens "$PROMPT_TOKENS" \
+                --gen-tokens "$GEN_TOKENS" -r "$REPEAT" --json "$OUT/candle-b$b.json" 2>&1 | tee "$OUT/candle-b$b.txt"
         done
     else
         echo "== no drq-bench-candle in .gpu/bin: candle baseline skipped (scripts/build-cuda.sh, then --prepare)"
     fi
     echo "== the same decoding on this machine's CPU, batch 1, $(nproc) threads"
-    drq-bench -m /tmp/default.safetensors -p 8,4,2 -b 1 -t "$(nproc)" -r 3 --json "$OUT/cpu-decode-b1.json" 2>&1 |
+    drq-bench -m /tmp/default.safetensors -p 8,4,2 -b 1 -t "$(nproc)" --prompt-tokens "$PROMPT_TOKENS" \
+        --gen-tokens "$GEN_TOKENS" -r "$REPEAT" --json "$OUT/cpu-decode-b1.json" 2>&1 |
         tee "$OUT/cpu-decode-b1.txt"
 else
     echo "== no model parts in .gpu/model: decode checks skipped (see --receive)"
@@ -179,7 +204,11 @@ python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 for b in (1, 16, 64):
-    run = json.loads((out / f"gpu-kernels-b{b}.json").read_text())
+    f = out / f"gpu-kernels-b{b}.json"
+    if not f.exists():
+        print(f"kernels batch {b}: no report (see gpu-kernels-b{b}.txt)")
+        continue
+    run = json.loads(f.read_text())
     rows = {r["bits"]: r for r in run["rows"] if r["weight"].startswith("synthetic")}
     print(f"kernels 4096x4096, batch {b:>2} (copy {run['copy_gb_per_s']:.0f} GB/s): " + "  ".join(
         f"W{k} {r['us_per_call']:.1f} µs {r['gb_per_s']:.0f} GB/s ({rows[8]['us_per_call'] / r['us_per_call']:.2f}x W8)"
@@ -197,7 +226,7 @@ for b in (1, 16, 64):
         q8 = rows.get("candle q8_0")
         print(f"batch {b:>2} decode, same run: drq W8 {rows.get('8', 0):.0f} tok/s, candle q8_0 {q8 or 0:.0f}, "
               f"candle f16 {rows.get('candle f16', 0):.0f}" + (f"  (drq W8 / candle q8_0: {rows['8'] / q8:.2f}x)" if q8 and "8" in rows else ""))
-for c in (1, 16, 64):
+for c in (1, 2, 16, 64):
     f = out / f"serve-c{c}.json"
     if f.exists():
         r = json.loads(f.read_text())["all"]

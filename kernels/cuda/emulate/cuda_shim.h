@@ -163,10 +163,16 @@ template <class Kernel> void launch(dim3 grid, dim3 block, Kernel kernel) {
                 for (unsigned w = 0; w < warp_barriers.size(); w++) warp_barriers[w].expected = std::min(32u, threads - 32 * w);
                 shuffles.assign(threads, 0);
                 for (unsigned t = 0; t < threads; t++) start(t);
-                for (unsigned live = threads; live > 0;) {
+                // Threads take turns in one order, then the other (and odd blocks start reversed):
+                // a read that lacks its barrier sees the write in one of the two orders and not in
+                // the other, so it shows.
+                const bool odd_block = (x + y + z) & 1;
+                for (unsigned live = threads, round = 0; live > 0; round++) {
                     const uint64_t before = progress;
+                    const bool reversed = odd_block != (round & 1);
                     live = 0;
-                    for (unsigned t = 0; t < threads; t++) {
+                    for (unsigned i = 0; i < threads; i++) {
+                        const unsigned t = reversed ? threads - 1 - i : i;
                         if (fibers[t].done) continue;
                         current = t;
                         threadIdx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
