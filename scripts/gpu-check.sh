@@ -34,6 +34,7 @@ GGUF=${GGUF:-../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 GEN_TOKENS=${GEN_TOKENS:-128}
 PROMPT_TOKENS=${PROMPT_TOKENS:-32}
 REPEAT=${REPEAT:-3}
+KERNEL_BATCHES=${KERNEL_BATCHES:-1 16 64}
 DECODE_BATCHES=${DECODE_BATCHES:-1 16 64}
 PPL_CTX=${PPL_CTX:-512}
 PPL_WINDOWS=${PPL_WINDOWS:-20}
@@ -88,7 +89,7 @@ for line in sys.stdin:
     cargo run -q -p kernels --example emulated-cuda-driver -- "$driver"
     export LD_LIBRARY_PATH="$driver:${LD_LIBRARY_PATH:-}"
     # An emulated SmolLM2 step takes ~12 s on one core: a few tokens, one batch, one short window.
-    GEN_TOKENS=2 PROMPT_TOKENS=4 REPEAT=1 DECODE_BATCHES=1 PPL_CTX=16 PPL_WINDOWS=1
+    GEN_TOKENS=2 PROMPT_TOKENS=4 REPEAT=1 KERNEL_BATCHES=1 DECODE_BATCHES=1 PPL_CTX=16 PPL_WINDOWS=1
     LOAD_CLIENTS=2 LOAD_SECONDS=20 LOAD_TOKENS=2
     ;;
 run | --reconstruct) ;;
@@ -144,7 +145,7 @@ fi
 echo "== kernel tests on the GPU (against the CPU kernels)"
 DRQ_EXPECT_GPU=1 kernels-tests cuda::tests::the_runtime_is_an_error_without_a_gpu_and_matches_the_cpu_with_one \
     2>&1 | tee "$OUT/tests.log"
-for b in 1 16 64; do
+for b in $KERNEL_BATCHES; do
     echo "== GPU kernels, batch $b"
     drq-bench --kernels --device cuda -p 8,7,6,5,4,3,2 -b "$b" --json "$OUT/gpu-kernels-b$b.json" 2>&1 |
         tee "$OUT/gpu-kernels-b$b.txt"

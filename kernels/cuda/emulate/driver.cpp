@@ -11,8 +11,10 @@
 // - launches are checked against `.maxntid` and the 1,024-thread limit, and every pointer
 //   argument must point into a live allocation;
 // - allocations start filled with 0xFF bytes (NaN as f32), so reading what was never written
-//   shows, and carry guard bytes checked after every launch and copy (a write past the end is
-//   CUDA_ERROR_ILLEGAL_ADDRESS, sticky as on a GPU);
+//   shows; each ends against an inaccessible page (a read or write past it crashes the process),
+//   and the up to 255 bytes between its end and that page (allocations are 256-byte aligned, as
+//   on a GPU) are checked after every launch (a write there is CUDA_ERROR_ILLEGAL_ADDRESS, sticky
+//   as on a GPU; a read there gets NaN);
 // - stream capture records launches and device copies into a graph that replays them; anything
 //   that waits, allocates, frees or copies host memory while capturing invalidates the capture.
 #include "cuda_shim.h"
@@ -22,6 +24,8 @@
 
 #include <cstdio>
 #include <cctype>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <cstdlib>
 #include <functional>
 #include <map>
@@ -112,12 +116,17 @@ struct Stream {
     bool invalidated = false;
 };
 
-constexpr size_t GUARD = 256;
-constexpr unsigned char GUARD_BYTE = 0xA5;
+// What an allocation starts as, and what the bytes after its end must stay.
+constexpr unsigned char FILL = 0xFF;
 
 struct Allocation {
     size_t bytes;
+    // The mapping holding it: its pages, then one inaccessible page right after its padding.
+    void *mapping;
+    size_t mapped;
 };
+
+size_t padded(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 std::recursive_mutex lock;
 std::map<CUdeviceptr, Allocation> allocations;
@@ -138,8 +147,8 @@ const std::pair<const CUdeviceptr, Allocation> *holding(CUdeviceptr p, size_t by
 
 bool guards_intact(CUdeviceptr base, const Allocation &a) {
     const auto *g = reinterpret_cast<const unsigned char *>(base + a.bytes);
-    for (size_t i = 0; i < GUARD; i++)
-        if (g[i] != GUARD_BYTE) return false;
+    for (size_t i = 0; i < padded(a.bytes) - a.bytes; i++)
+        if (g[i] != FILL) return false;
     return true;
 }
 
@@ -429,12 +438,18 @@ CUresult cuEventQuery(void *) { return CUDA_SUCCESS; }
 CUresult cuMemAllocAsync(CUdeviceptr *p, size_t bytes, Stream *s) {
     ENTER;
     if (CUresult r = not_while_capturing(s)) return r;
-    auto *mem = static_cast<unsigned char *>(std::aligned_alloc(256, (bytes + GUARD + 255) / 256 * 256));
-    if (!mem) return CUDA_ERROR_OUT_OF_MEMORY;
-    std::memset(mem, 0xFF, bytes);
-    std::memset(mem + bytes, GUARD_BYTE, GUARD);
+    const size_t page = sysconf(_SC_PAGESIZE), data = (padded(std::max<size_t>(bytes, 1)) + page - 1) / page * page;
+    void *mapping = mmap(nullptr, data + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mapping == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    auto *end = static_cast<unsigned char *>(mapping) + data;
+    if (mprotect(end, page, PROT_NONE) != 0) {
+        munmap(mapping, data + page);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    unsigned char *mem = end - padded(std::max<size_t>(bytes, 1));
+    std::memset(mem, FILL, end - mem);
     *p = reinterpret_cast<CUdeviceptr>(mem);
-    allocations[*p] = Allocation{bytes};
+    allocations[*p] = Allocation{bytes, mapping, data + page};
     return CUDA_SUCCESS;
 }
 
@@ -446,8 +461,8 @@ CUresult cuMemFreeAsync(CUdeviceptr p, Stream *s) {
     const auto it = allocations.find(p);
     if (it == allocations.end()) return CUDA_ERROR_INVALID_VALUE;
     const bool intact = guards_intact(p, it->second);
+    munmap(it->second.mapping, it->second.mapped);
     allocations.erase(it);
-    std::free(reinterpret_cast<void *>(p));
     if (!intact) {
         note("illegal address", "a write past the end of an allocation, found when it was freed");
         return sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
