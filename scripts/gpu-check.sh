@@ -169,7 +169,7 @@ if ls .gpu/model/part-* >/dev/null 2>&1; then
         drq-eval perplexity -m /tmp/default.safetensors -p 8,4,2 -f .gpu/bin/wiki.test.raw --ctx "$PPL_CTX" \
             --max-windows "$PPL_WINDOWS" --activations f32 --device $dev --json "$OUT/ppl-$dev.json" 2>&1 | tail -5
     done
-    echo "== drq-serve on the GPU under drq-loadgen (precisions 8/4/2 mixed, 15 s per point)"
+    echo "== drq-serve on the GPU under drq-loadgen (precisions 8/4/2 mixed, $LOAD_SECONDS s per point)"
     drq-serve --model /tmp/default.safetensors --device cuda --port 8181 --max-batch 64 >"$OUT/serve.log" 2>&1 &
     server=$!
     for _ in $(seq 120); do
