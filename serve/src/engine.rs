@@ -473,16 +473,31 @@ impl GpuServing {
         Ok(GpuServing { transformers, arena, free_slots: (0..options.max_batch).rev().collect() })
     }
 
-    /// The logits after the last token of each sequence's input, running `members` (sequence,
-    /// tokens, first position) at `precision` on the GPU.
-    fn forward(&mut self, precision: &Precision, members: &[(usize, &[u32], usize)]) -> Result<Vec<Vec<f32>>> {
+    /// What comes after the last token of each sequence's input, running `members` (slot,
+    /// tokens, first position) at `precision` on the GPU: the greedy tokens picked there when
+    /// `greedy` (only ids cross to the host), else the logits.
+    fn forward(
+        &mut self,
+        precision: &Precision,
+        members: &[(usize, &[u32], usize)],
+        greedy: bool,
+    ) -> Result<Vec<StepOutput>> {
         let t = self.transformers.get(precision).with_context(|| format!("precision {precision} is not served"))?;
         let vocab = t.config().vocab_size;
         let rows: Vec<GpuRow> =
             members.iter().flat_map(|&(slot, tokens, start)| GpuRow::sequence(slot, start, tokens)).collect();
+        if greedy {
+            return Ok(t.step_greedy(&mut self.arena, &rows)?.into_iter().map(StepOutput::Token).collect());
+        }
         let logits = t.step_logits(&mut self.arena, &rows)?;
-        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        Ok(logits.chunks_exact(vocab).map(|row| StepOutput::Logits(row.to_vec())).collect())
     }
+}
+
+/// What a step gives a sequence: its logits, or (a plain greedy sequence on a GPU) its token.
+enum StepOutput {
+    Logits(Vec<f32>),
+    Token(u32),
 }
 
 struct Scheduler {
@@ -616,7 +631,7 @@ impl Scheduler {
             let SeqCache::Host(cache) = &mut seq.cache else { unreachable!("a CPU engine holds host caches") };
             steps[k].push(SequenceStep { tokens, cache });
         }
-        let mut logits: Vec<Option<Result<Vec<f32>, String>>> = (0..inputs.len()).map(|_| None).collect();
+        let mut outputs: Vec<Option<Result<StepOutput, String>>> = (0..inputs.len()).map(|_| None).collect();
         // Admission checked every precision against the transformers built at start; one that
         // is not there fails its sequences rather than leaving them waiting.
         let mut batches = Vec::with_capacity(steps.len());
@@ -629,7 +644,7 @@ impl Scheduler {
                 }
                 None => {
                     for &i in members {
-                        logits[i] = Some(Err(format!("precision {precision} is not served by this engine")));
+                        outputs[i] = Some(Err(format!("precision {precision} is not served by this engine")));
                     }
                 }
             }
@@ -641,23 +656,24 @@ impl Scheduler {
             Ok(per_batch) => {
                 for (rows, members) in per_batch.into_iter().zip(&served) {
                     for (&i, row) in members.iter().zip(rows) {
-                        logits[i] = Some(Ok(row));
+                        outputs[i] = Some(Ok(StepOutput::Logits(row)));
                     }
                 }
             }
             Err(e) => {
                 tracing::error!("{e:#}");
                 for &i in served.iter().copied().flatten() {
-                    logits[i] = Some(Err(format!("{e:#}")));
+                    outputs[i] = Some(Err(format!("{e:#}")));
                 }
             }
         }
         drop(batches);
         drop(steps);
-        self.finish_step(logits, &inputs);
+        self.finish_step(outputs, &inputs);
     }
 
-    /// [`Self::step`] on the GPU: one GPU forward per precision present.
+    /// [`Self::step`] on the GPU: one GPU forward per precision present; a precision whose
+    /// sequences are all plain greedy without logprobs gets its tokens picked on the GPU.
     fn step_gpu(&mut self) {
         let inputs = self.inputs();
         let mut by_precision: BTreeMap<Precision, Vec<usize>> = BTreeMap::new();
@@ -666,7 +682,7 @@ impl Scheduler {
                 by_precision.entry(seq.request.precision.clone()).or_default().push(i);
             }
         }
-        let mut logits: Vec<Option<Result<Vec<f32>, String>>> = (0..inputs.len()).map(|_| None).collect();
+        let mut outputs: Vec<Option<Result<StepOutput, String>>> = (0..inputs.len()).map(|_| None).collect();
         let gpu = self.gpu.as_mut().expect("a GPU engine");
         for (precision, members) in &by_precision {
             let rows: Vec<(usize, &[u32], usize)> = members
@@ -676,26 +692,30 @@ impl Scheduler {
                     _ => unreachable!("GPU sequences with an input this step"),
                 })
                 .collect();
-            match gpu.forward(precision, &rows).context("forward pass on the GPU") {
+            let greedy = members.iter().all(|&i| {
+                let seq = &self.running[i];
+                seq.sampler.is_plain_greedy() && seq.request.logprobs.is_none()
+            });
+            match gpu.forward(precision, &rows, greedy).context("forward pass on the GPU") {
                 Ok(rows) => {
                     for (&i, row) in members.iter().zip(rows) {
-                        logits[i] = Some(Ok(row));
+                        outputs[i] = Some(Ok(row));
                     }
                 }
                 Err(e) => {
                     tracing::error!("{e:#}");
                     for &i in members {
-                        logits[i] = Some(Err(format!("{e:#}")));
+                        outputs[i] = Some(Err(format!("{e:#}")));
                     }
                 }
             }
         }
-        for (seq, (row, input)) in self.running.iter_mut().zip(logits.iter().zip(&inputs)) {
+        for (seq, (row, input)) in self.running.iter_mut().zip(outputs.iter().zip(&inputs)) {
             if let (SeqCache::Gpu { len, .. }, Some(Ok(_)), Some(tokens)) = (&mut seq.cache, row, input) {
                 *len += tokens.len();
             }
         }
-        self.finish_step(logits, &inputs);
+        self.finish_step(outputs, &inputs);
     }
 
     /// Each sequence's input this step: a prompt chunk within the shared budget, or its last
@@ -718,9 +738,9 @@ impl Scheduler {
     }
 
     /// Samples (or fails) every sequence that ran this step and drops the finished ones.
-    fn finish_step(&mut self, logits: Vec<Option<Result<Vec<f32>, String>>>, inputs: &[Option<Vec<u32>>]) {
+    fn finish_step(&mut self, outputs: Vec<Option<Result<StepOutput, String>>>, inputs: &[Option<Vec<u32>>]) {
         let mut done = vec![false; self.running.len()];
-        for (i, (row, input)) in logits.into_iter().zip(inputs).enumerate() {
+        for (i, (row, input)) in outputs.into_iter().zip(inputs).enumerate() {
             let (Some(row), Some(input)) = (row, input) else { continue };
             done[i] = match row {
                 Ok(row) => self.advance(i, input.len(), row),
@@ -747,7 +767,7 @@ impl Scheduler {
 
     /// Books a forward pass of `consumed` tokens of sequence `i`; samples when its prompt is
     /// in. Returns whether the sequence is done.
-    fn advance(&mut self, i: usize, consumed: usize, mut row: Vec<f32>) -> bool {
+    fn advance(&mut self, i: usize, consumed: usize, output: StepOutput) -> bool {
         let eos = &self.config.eos_token_ids;
         let max_context = self.options.max_context;
         let tokenizer = &self.tokenizer;
@@ -760,8 +780,16 @@ impl Scheduler {
                 return false;
             }
         }
-        let logprob_of = r.logprobs.map(|k| (log_softmax(&row), k));
-        let token = seq.sampler.sample(&mut row);
+        let (token, logprob_of) = match output {
+            StepOutput::Logits(mut row) => {
+                let logprob_of = r.logprobs.map(|k| (log_softmax(&row), k));
+                (seq.sampler.sample(&mut row), logprob_of)
+            }
+            StepOutput::Token(token) => {
+                seq.sampler.accept(token);
+                (token, None)
+            }
+        };
         let now = Instant::now();
         let label = precision_label(&r.precision);
         match seq.last_token_at {

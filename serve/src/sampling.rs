@@ -42,6 +42,19 @@ impl Sampler {
         Self { params, rng, counts: HashMap::new() }
     }
 
+    /// Whether the next token is the logits' argmax whatever came before (temperature 0, no
+    /// penalties): a GPU can then pick it without copying the logits back.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.temperature == 0.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0
+    }
+
+    /// Records `token`, picked elsewhere (on a GPU) for a plain greedy sampler, as [`Self::sample`]
+    /// would have.
+    pub fn accept(&mut self, token: u32) {
+        *self.counts.entry(token).or_default() += 1;
+    }
+
     /// Picks the next token from `logits` (modified in place by the penalties and temperature)
     /// and records it for the penalties.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
@@ -54,7 +67,7 @@ impl Sampler {
             }
         }
         let token = if p.temperature == 0.0 { argmax(logits) } else { self.draw(logits) };
-        *self.counts.entry(token).or_default() += 1;
+        self.accept(token);
         token
     }
 
@@ -193,6 +206,14 @@ mod tests {
             assert_eq!(Sampler::new(params(0.0, 1.0, 0, seed)).sample(&mut logits.to_vec()), 1);
         }
         assert_eq!(argmax(&[f32::NAN, 1.0, 0.0]), 1);
+    }
+
+    #[test]
+    fn only_temperature_zero_without_penalties_is_plain_greedy() {
+        assert!(Sampler::new(params(0.0, 1.0, 0, 3)).is_plain_greedy());
+        assert!(!Sampler::new(params(0.5, 1.0, 0, 3)).is_plain_greedy());
+        let penalised = SamplingParams { presence_penalty: 0.5, ..params(0.0, 1.0, 0, 3) };
+        assert!(!Sampler::new(penalised).is_plain_greedy());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! (`kernels::cuda::emulation`: the CUDA kernels' own source run on the CPU behind a libcuda that
 //! checks every driver call as a GPU would). Concurrent requests at mixed precisions (a per-layer
 //! profile among them), more than the batch holds so that GPU cache slots are reused, streamed or
-//! not, must get the text the CPU server gives.
+//! not, greedy (tokens picked on the GPU) or sampled and with logprobs (logits copied back), must
+//! get the text the CPU server gives.
 
 mod support;
 
@@ -67,7 +68,16 @@ fn the_emulated_gpu_serves_mixed_precisions_as_the_cpu_does() {
         .enumerate()
         .map(|(i, precision)| {
             let prompt = ["the cat", "once upon a time", "rain fell", "a b c d e f"][i % 4];
-            json!({"prompt": prompt, "max_tokens": 10, "temperature": 0, "precision": precision, "stream": i % 2 == 1})
+            let mut r = json!({"prompt": prompt, "max_tokens": 10, "temperature": 0, "precision": precision, "stream": i % 2 == 1});
+            // Greedy requests get their tokens picked on the GPU; these two need the logits.
+            if i == 5 {
+                r["temperature"] = json!(0.7);
+                r["seed"] = json!(7);
+            }
+            if i == 2 {
+                r["logprobs"] = json!(2);
+            }
+            r
         })
         .collect();
     let (gpu, gpu_addr) = spawn("cuda");
