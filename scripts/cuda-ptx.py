@@ -16,6 +16,7 @@ import argparse
 import ctypes
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,11 @@ import zipfile
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = ROOT / "kernels" / "cuda"
 TOOLS = ROOT / "target" / "cuda-tools"
-# PTX ISA 8.4: loadable by every driver from R550 (CUDA 12.4) on, which covers the H100/H200.
-WHEELS = ["nvidia-cuda-nvrtc-cu12==12.4.127", "nvidia-cuda-nvcc-cu12==12.4.131"]
+# CUDA 12.0's NVRTC writes PTX ISA 8.0, which every driver from R525 (CUDA 12.0) on loads: the
+# oldest drivers that run an H100/H200 with CUDA 12, and the R535 (CUDA 12.2) drivers many cloud
+# images still ship (a newer NVRTC's ISA, e.g. 12.4's 8.4, would not load there).
+# kernels::cuda::MIN_DRIVER_VERSION states the same requirement at run time.
+WHEELS = ["nvidia-cuda-nvrtc-cu12==12.0.76", "nvidia-cuda-nvcc-cu12==12.0.76"]
 # The virtual architecture the PTX targets: Ampere (A100) and later JIT it.
 PTX_ARCH = "compute_80"
 OPTIONS = [f"--gpu-architecture={PTX_ARCH}", "--std=c++17", "-default-device"]
@@ -33,7 +37,9 @@ OPTIONS = [f"--gpu-architecture={PTX_ARCH}", "--std=c++17", "-default-device"]
 
 def tools():
     marker = TOOLS / "installed"
-    if not marker.exists():
+    pinned = "\n".join(WHEELS) + "\n"
+    if not marker.exists() or marker.read_text() != pinned:
+        shutil.rmtree(TOOLS, ignore_errors=True)
         TOOLS.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as wheels:
             subprocess.run(
@@ -46,7 +52,7 @@ def tools():
                 with zipfile.ZipFile(wheel) as z:
                     z.extractall(TOOLS)
         (TOOLS / "nvidia" / "cuda_nvcc" / "bin" / "ptxas").chmod(0o755)
-        marker.write_text("\n".join(WHEELS) + "\n")
+        marker.write_text(pinned)
     return TOOLS / "nvidia" / "cuda_nvrtc" / "lib" / "libnvrtc.so.12", TOOLS / "nvidia" / "cuda_nvcc" / "bin" / "ptxas"
 
 

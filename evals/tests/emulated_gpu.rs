@@ -107,3 +107,21 @@ fn perplexity_on_the_emulated_gpu_is_the_cpus() {
         );
     }
 }
+
+#[test]
+fn a_driver_older_than_the_kernels_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let driver = emulated_driver(dir.path());
+    let ckpt = sharp_checkpoint(dir.path(), Architecture::Llama, true);
+    let out = Command::new(env!("CARGO_BIN_EXE_drq-bench"))
+        .arg("--model")
+        .arg(&ckpt)
+        .args(["--device", "cuda", "--gen-tokens", "2"])
+        .env("LD_LIBRARY_PATH", &driver)
+        .env("DRQ_EMULATED_CUDA_VERSION", "11080")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("supports CUDA 11.8") && stderr.contains("need CUDA 12.0 or later"), "{stderr}");
+}

@@ -34,12 +34,18 @@ const WARPS: u32 = 8;
 pub(crate) const LAUNCH_ROWS: usize = 8;
 /// The driver library names tried, most specific first (Linux).
 const DRIVER_LIBRARIES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
+/// The oldest driver that loads the kernels' PTX (ISA 8.0, from CUDA 12.0's NVRTC:
+/// `scripts/cuda-ptx.py`), as `cuDriverGetVersion` reports it: CUDA 12.0, drivers R525 and later.
+/// Every driver call the runtime makes exists there (an older library would make cudarc panic).
+pub const MIN_DRIVER_VERSION: i32 = 12000;
 
 /// What can go wrong on the GPU path.
 #[derive(Debug)]
 pub enum CudaError {
     /// No NVIDIA driver library could be loaded.
     NoDriver,
+    /// The driver is older than [`MIN_DRIVER_VERSION`] (its CUDA version, e.g. 11080).
+    DriverTooOld { version: i32 },
     /// A CUDA driver call failed (no device at that ordinal, out of memory, a bad launch, …).
     Driver { what: &'static str, error: String },
     /// Shapes, lengths or precisions the kernels reject.
@@ -59,6 +65,12 @@ impl fmt::Display for CudaError {
                 f,
                 "no NVIDIA driver: none of {} could be loaded (a GPU machine needs the driver; no CUDA toolkit is needed)",
                 DRIVER_LIBRARIES.join(", ")
+            ),
+            CudaError::DriverTooOld { version } => write!(
+                f,
+                "the NVIDIA driver supports CUDA {}; the GPU kernels need CUDA {} or later (driver R525 or newer): update the driver",
+                cuda_version(*version),
+                cuda_version(MIN_DRIVER_VERSION)
             ),
             CudaError::Driver { what, error } => write!(f, "CUDA {what} failed: {error}"),
             CudaError::Kernel(e) => write!(f, "{e}"),
@@ -80,6 +92,22 @@ impl From<KernelError> for CudaError {
     fn from(e: KernelError) -> Self {
         CudaError::Kernel(e)
     }
+}
+
+/// `12040` as `12.4`.
+fn cuda_version(v: i32) -> String {
+    format!("{}.{}", v / 1000, v % 1000 / 10)
+}
+
+/// The CUDA version the loaded driver supports (`cuDriverGetVersion`).
+fn driver_version() -> Result<i32, CudaError> {
+    let mut version = 0;
+    // SAFETY: the driver library loads (checked by the caller), cuDriverGetVersion needs no
+    // initialisation, and it writes one int through a pointer valid for the call.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(driver("driver version query"))?;
+    Ok(version)
 }
 
 fn driver(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError {
@@ -132,6 +160,10 @@ impl CudaRuntime {
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
         if !driver_available() {
             return Err(CudaError::NoDriver);
+        }
+        let version = driver_version()?;
+        if version < MIN_DRIVER_VERSION {
+            return Err(CudaError::DriverTooOld { version });
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("context creation"))?;
         // SAFETY: every buffer of the runtime is used on its one stream only, so the order of

@@ -184,6 +184,11 @@ fn launches_cover_every_row_and_activation_row() {
 fn the_ptx_declares_every_kernel_the_runtime_loads() {
     for ptx in [PLANAR_PTX, OPS_PTX] {
         assert!(ptx.contains(".target sm_80"), "PTX for the virtual architecture compute_80");
+        // PTX ISA 8.x loads from CUDA 12.x's drivers on: the version the runtime checks for.
+        let isa = ptx.lines().find_map(|l| l.strip_prefix(".version ")).expect("a .version line");
+        let (major, minor) = isa.trim().split_once('.').unwrap();
+        assert_eq!(major, "8", "PTX ISA {isa}");
+        assert_eq!(MIN_DRIVER_VERSION, 12000 + 10 * minor.parse::<i32>().unwrap(), "PTX ISA {isa}");
     }
     for bits in 2..=8 {
         for kernel in ["planar_matmul_f32", "planar_rows_f32"] {
