@@ -1,6 +1,6 @@
 // Runs CUDA C kernels on the CPU, so that the kernels' own source is tested where there is no GPU
 // (kernels/src/cuda/tests.rs builds kernels/cuda/emulate/*_main.cpp with the host C++ compiler;
-// drq-tests builds driver.cpp, a CUDA driver library over the same kernels).
+// kernels::cuda::emulation builds driver.cpp, a CUDA driver library over the same kernels).
 //
 // One block at a time on the calling thread, each of its threads a fiber (its own stack, switched
 // cooperatively): `__shared__` variables become function statics (shared by the block's threads,

@@ -1,7 +1,7 @@
 // A CUDA driver library (libcuda.so.1) that runs the kernels of ops.cu and planar.cu on the CPU
 // (cuda_shim.h), so that the host side of the GPU path (kernels::cuda, model::transformer::cuda,
-// the binaries' --device cuda) runs end to end where there is no GPU. Built by drq-tests
-// (`emulated_cuda_driver`) and put first on LD_LIBRARY_PATH of the binaries under test.
+// the binaries' --device cuda) runs end to end where there is no GPU. Built by
+// kernels::cuda::emulation::build_driver; put its directory first on LD_LIBRARY_PATH.
 //
 // It implements the driver calls cudarc makes on that path, one context on one device, every
 // operation run in stream order at the call (a single in-order stream is all the runtime uses),
@@ -48,7 +48,6 @@ enum : CUresult {
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_ILLEGAL_ADDRESS = 700,
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
-    CUDA_ERROR_NOT_SUPPORTED = 801,
     CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
     CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
 };
@@ -535,6 +534,7 @@ CUresult cuModuleUnload(Module *m) {
 
 CUresult cuModuleGetFunction(const Function **f, Module *m, const char *name) {
     ENTER;
+    if (!m) return CUDA_ERROR_INVALID_HANDLE;
     const auto it = m->functions.find(name);
     if (it == m->functions.end()) return CUDA_ERROR_NOT_FOUND;
     *f = &it->second;
@@ -551,7 +551,8 @@ CUresult cuFuncSetAttribute(const Function *, int, int) { return CUDA_SUCCESS; }
 CUresult cuLaunchKernel(const Function *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared_bytes, Stream *s, void **params, void **extra) {
     ENTER;
-    if (!f || extra || !params) return CUDA_ERROR_INVALID_VALUE;
+    if (!f) return CUDA_ERROR_INVALID_HANDLE;
+    if (extra || !params) return CUDA_ERROR_INVALID_VALUE;
     const unsigned long long threads = (unsigned long long)bx * by * bz;
     if (gx == 0 || gy == 0 || gz == 0 || threads == 0 || gy > 65535 || gz > 65535 || threads > 1024 ||
         shared_bytes > 48 * 1024)
