@@ -176,10 +176,14 @@ if ls .gpu/model/part-* >/dev/null 2>&1; then
         python3 -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8181/health")' 2>/dev/null && break
         sleep 1
     done
+    # Sampled (temperature 0.7: logits copied back, sampled on the host) at every client count,
+    # then greedy (tokens picked on the GPU) at the largest: what the logits' copy costs.
     for c in $LOAD_CLIENTS; do
         drq-loadgen --url http://127.0.0.1:8181 --clients "$c" --duration "$LOAD_SECONDS" --precisions 8,4,2 \
             --max-tokens "$LOAD_TOKENS" --json "$OUT/serve-c$c.json" 2>&1 | tail -4
     done
+    drq-loadgen --url http://127.0.0.1:8181 --clients "$c" --duration "$LOAD_SECONDS" --precisions 8,4,2 \
+        --max-tokens "$LOAD_TOKENS" --temperature 0 --json "$OUT/serve-c$c-greedy.json" 2>&1 | tail -4
     kill "$server" && wait "$server" || true
     if [ -x .gpu/bin/drq-bench-candle ]; then
         libdirs=$(cuda13_libdirs)
@@ -227,11 +231,9 @@ for b in (1, 16, 64):
         q8 = rows.get("candle q8_0")
         print(f"batch {b:>2} decode, same run: drq W8 {rows.get('8', 0):.0f} tok/s, candle q8_0 {q8 or 0:.0f}, "
               f"candle f16 {rows.get('candle f16', 0):.0f}" + (f"  (drq W8 / candle q8_0: {rows['8'] / q8:.2f}x)" if q8 and "8" in rows else ""))
-for c in (1, 2, 16, 64):
-    f = out / f"serve-c{c}.json"
-    if f.exists():
-        r = json.loads(f.read_text())["all"]
-        print(f"serve {c:>2} clients: {r}")
+for f in sorted(out.glob("serve-c*.json"), key=lambda f: (len(f.name), f.name)):
+    r = json.loads(f.read_text())["all"]
+    print(f"serve {f.stem.removeprefix('serve-c')} clients: {r}")
 if (out / "ppl-cuda.json").exists() and (out / "ppl-cpu.json").exists():
     gpu, cpu = (json.loads((out / f"ppl-{d}.json").read_text())["results"] for d in ("cuda", "cpu"))
     print("perplexity GPU / CPU: " + "  ".join(
