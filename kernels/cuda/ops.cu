@@ -1,7 +1,8 @@
 // The rest of a decode step on an NVIDIA GPU, on f32 rows: RMSNorm, RoPE, the key/value cache,
 // attention, SwiGLU, residual adds, biases, dense (float) linear layers, embedding rows of a float
-// table, and the greedy pick. The same operations as kernels/src/ops.rs, equal up to f32 rounding
-// (exp, the order of sums). Compiled to PTX like planar.cu (scripts/cuda-ptx.py).
+// table, the greedy pick and a temperature draw. The same operations as kernels/src/ops.rs (and
+// serve::sampling), equal up to f32 rounding (exp, the order of sums). Compiled to PTX like
+// planar.cu (scripts/cuda-ptx.py).
 //
 // The key/value cache of one layer is an arena of `slots` sequences × `capacity` positions ×
 // kv_dim values, position-major; row r of a step is position pos[r] of the sequence in slot[r].
@@ -183,4 +184,48 @@ extern "C" __global__ void argmax_rows(const float *logits, unsigned vocab, unsi
         __syncthreads();
     }
     if (threadIdx.x == 0) out[blockIdx.x] = best_i[0] == 0xFFFFFFFFu ? 0 : best_i[0];
+}
+
+// Row r's next token drawn from softmax(logits[r] · inv_t[r]) with the uniform u[r] ∈ [0, 1), as
+// serve::sampling's plain sampler draws it on the host: weights e^((l − max) · inv_t), then the
+// first token whose running sum of weights (in f64) reaches u · total. A row with inv_t[r] = 0 is
+// greedy: argmax_rows's pick in `out` stands, as it does when rounding leaves no token reaching the
+// target (the host falls back to the argmax too). Grid: rows; block: OPS_BLOCK.
+extern "C" __global__ void sample_rows(const float *logits, unsigned vocab, const float *inv_t, const double *u,
+                                       unsigned *out) {
+    __shared__ float scratch[32];
+    __shared__ double prefix[OPS_BLOCK + 1];
+    __shared__ unsigned pick;
+    const float t = inv_t[blockIdx.x];
+    if (t == 0.0f) return;
+    const float *row = logits + (size_t)blockIdx.x * vocab;
+    float m = NEG_INFINITY;
+    for (unsigned i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, row[i]);
+    m = block_max(m, scratch);
+    // Each thread sums a contiguous chunk; chunk sums in order give every chunk's starting sum.
+    const unsigned per = (vocab + blockDim.x - 1) / blockDim.x;
+    const unsigned c0 = min(threadIdx.x * per, vocab), c1 = min(c0 + per, vocab);
+    double sum = 0.0;
+    for (unsigned i = c0; i < c1; i++) sum += (double)expf((row[i] - m) * t);
+    prefix[threadIdx.x + 1] = sum;
+    if (threadIdx.x == 0) pick = 0xFFFFFFFFu;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        prefix[0] = 0.0;
+        for (unsigned k = 1; k <= blockDim.x; k++) prefix[k] += prefix[k - 1];
+    }
+    __syncthreads();
+    const double target = u[blockIdx.x] * prefix[blockDim.x];
+    if (threadIdx.x == 0 || prefix[threadIdx.x] < target) {
+        double running = prefix[threadIdx.x];
+        for (unsigned i = c0; i < c1; i++) {
+            running += (double)expf((row[i] - m) * t);
+            if (running >= target) {
+                atomicMin(&pick, i);
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && pick != 0xFFFFFFFFu) out[blockIdx.x] = pick;
 }

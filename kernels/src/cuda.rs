@@ -147,6 +147,7 @@ struct OpsKernels {
     dense_matmul: CudaFunction,
     gather_rows: CudaFunction,
     argmax_rows: CudaFunction,
+    sample_rows: CudaFunction,
 }
 
 impl fmt::Debug for CudaRuntime {
@@ -197,6 +198,7 @@ impl CudaRuntime {
                 dense_matmul: op("dense_matmul")?,
                 gather_rows: op("gather_rows")?,
                 argmax_rows: op("argmax_rows")?,
+                sample_rows: op("sample_rows")?,
             },
             name,
         })

@@ -474,27 +474,28 @@ impl GpuServing {
     }
 
     /// What comes after the last token of each sequence's input, running `members` (slot,
-    /// tokens, first position) at `precision` on the GPU: the greedy tokens picked there when
-    /// `greedy` (only ids cross to the host), else the logits.
+    /// tokens, first position) at `precision` on the GPU: the tokens picked there when `draws`
+    /// gives each member's `(1 / temperature, uniform)` (only ids cross to the host), else the
+    /// logits.
     fn forward(
         &mut self,
         precision: &Precision,
         members: &[(usize, &[u32], usize)],
-        greedy: bool,
+        draws: Option<&[(f32, f64)]>,
     ) -> Result<Vec<StepOutput>> {
         let t = self.transformers.get(precision).with_context(|| format!("precision {precision} is not served"))?;
         let vocab = t.config().vocab_size;
         let rows: Vec<GpuRow> =
             members.iter().flat_map(|&(slot, tokens, start)| GpuRow::sequence(slot, start, tokens)).collect();
-        if greedy {
-            return Ok(t.step_greedy(&mut self.arena, &rows)?.into_iter().map(StepOutput::Token).collect());
+        if let Some(draws) = draws {
+            return Ok(t.step_sample(&mut self.arena, &rows, draws)?.into_iter().map(StepOutput::Token).collect());
         }
         let logits = t.step_logits(&mut self.arena, &rows)?;
         Ok(logits.chunks_exact(vocab).map(|row| StepOutput::Logits(row.to_vec())).collect())
     }
 }
 
-/// What a step gives a sequence: its logits, or (a plain greedy sequence on a GPU) its token.
+/// What a step gives a sequence: its logits, or (picked on a GPU) its token.
 enum StepOutput {
     Logits(Vec<f32>),
     Token(u32),
@@ -673,7 +674,8 @@ impl Scheduler {
     }
 
     /// [`Self::step`] on the GPU: one GPU forward per precision present; a precision whose
-    /// sequences are all plain greedy without logprobs gets its tokens picked on the GPU.
+    /// sequences all sample greedily or over the whole vocabulary without penalties or logprobs
+    /// gets its tokens picked on the GPU (each draw's uniform from the sequence's own generator).
     fn step_gpu(&mut self) {
         let inputs = self.inputs();
         let mut by_precision: BTreeMap<Precision, Vec<usize>> = BTreeMap::new();
@@ -692,11 +694,26 @@ impl Scheduler {
                     _ => unreachable!("GPU sequences with an input this step"),
                 })
                 .collect();
-            let greedy = members.iter().all(|&i| {
+            let on_device = members.iter().all(|&i| {
                 let seq = &self.running[i];
-                seq.sampler.is_plain_greedy() && seq.request.logprobs.is_none()
+                seq.sampler.device_inv_temperature().is_some() && seq.request.logprobs.is_none()
             });
-            match gpu.forward(precision, &rows, greedy).context("forward pass on the GPU") {
+            // A uniform is drawn only for a token that is sampled: after a prompt's last chunk.
+            let draws: Option<Vec<(f32, f64)>> = on_device.then(|| {
+                members
+                    .iter()
+                    .zip(&rows)
+                    .map(|(&i, &(_, tokens, _))| {
+                        let seq = &mut self.running[i];
+                        let samples = seq.prefilled + tokens.len() >= seq.request.prompt.len();
+                        match seq.sampler.device_inv_temperature() {
+                            Some(inv_t) if inv_t != 0.0 && samples => (inv_t, seq.sampler.next_uniform()),
+                            _ => (0.0, 0.0),
+                        }
+                    })
+                    .collect()
+            });
+            match gpu.forward(precision, &rows, draws.as_deref()).context("forward pass on the GPU") {
                 Ok(rows) => {
                     for (&i, row) in members.iter().zip(rows) {
                         outputs[i] = Some(Ok(row));

@@ -42,15 +42,28 @@ impl Sampler {
         Self { params, rng, counts: HashMap::new() }
     }
 
-    /// Whether the next token is the logits' argmax whatever came before (temperature 0, no
-    /// penalties): a GPU can then pick it without copying the logits back.
-    pub fn is_plain_greedy(&self) -> bool {
+    /// How a GPU picks this sampler's next token without the logits reaching the host: `Some(0)`
+    /// for greedy (temperature 0), `Some(1 / temperature)` for sampling over the whole vocabulary
+    /// (`kernels::cuda::CudaRuntime::sample_rows` draws as [`Self::sample`] does, with
+    /// [`Self::next_uniform`]); `None` with penalties, top-k or top-p, which need the logits here.
+    pub fn device_inv_temperature(&self) -> Option<f32> {
         let p = &self.params;
-        p.temperature == 0.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            return None;
+        }
+        if p.temperature == 0.0 {
+            return Some(0.0);
+        }
+        (p.top_k == 0 && p.top_p >= 1.0).then(|| 1.0 / p.temperature)
     }
 
-    /// Records `token`, picked elsewhere (on a GPU) for a plain greedy sampler, as [`Self::sample`]
-    /// would have.
+    /// The uniform of the next draw, taken from the generator where [`Self::sample`] would take it
+    /// (for a draw made on a GPU).
+    pub fn next_uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// Records `token`, picked elsewhere (on a GPU), as [`Self::sample`] would have.
     pub fn accept(&mut self, token: u32) {
         *self.counts.entry(token).or_default() += 1;
     }
@@ -209,11 +222,35 @@ mod tests {
     }
 
     #[test]
-    fn only_temperature_zero_without_penalties_is_plain_greedy() {
-        assert!(Sampler::new(params(0.0, 1.0, 0, 3)).is_plain_greedy());
-        assert!(!Sampler::new(params(0.5, 1.0, 0, 3)).is_plain_greedy());
+    fn a_gpu_picks_greedy_and_plain_draws_only() {
+        assert_eq!(Sampler::new(params(0.0, 1.0, 0, 3)).device_inv_temperature(), Some(0.0));
+        assert_eq!(Sampler::new(params(0.5, 1.0, 0, 3)).device_inv_temperature(), Some(2.0));
+        assert_eq!(Sampler::new(params(0.5, 0.9, 0, 3)).device_inv_temperature(), None);
+        assert_eq!(Sampler::new(params(0.5, 1.0, 40, 3)).device_inv_temperature(), None);
         let penalised = SamplingParams { presence_penalty: 0.5, ..params(0.0, 1.0, 0, 3) };
-        assert!(!Sampler::new(penalised).is_plain_greedy());
+        assert_eq!(Sampler::new(penalised).device_inv_temperature(), None);
+    }
+
+    #[test]
+    fn a_draw_takes_the_uniform_next_uniform_gives() {
+        // The plain draw's only use of the generator is one uniform: a GPU given next_uniform()
+        // stays on the host sampler's stream.
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (mut host, mut device) = (Sampler::new(params(0.8, 1.0, 0, 9)), Sampler::new(params(0.8, 1.0, 0, 9)));
+        for _ in 0..20 {
+            let token = host.sample(&mut logits.clone());
+            let u = device.next_uniform();
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f64> = logits.iter().map(|&l| f64::from(((l - max) * 1.25).exp())).collect();
+            let target = u * w.iter().sum::<f64>();
+            let mut running = 0.0;
+            let pick = w.iter().position(|&w| {
+                running += w;
+                running >= target
+            });
+            assert_eq!(pick, Some(token as usize));
+            device.accept(token);
+        }
     }
 
     #[test]

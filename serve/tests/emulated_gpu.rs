@@ -2,8 +2,8 @@
 //! (`kernels::cuda::emulation`: the CUDA kernels' own source run on the CPU behind a libcuda that
 //! checks every driver call as a GPU would). Concurrent requests at mixed precisions (a per-layer
 //! profile among them), more than the batch holds so that GPU cache slots are reused, streamed or
-//! not, greedy (tokens picked on the GPU) or sampled and with logprobs (logits copied back), must
-//! get the text the CPU server gives.
+//! not, greedy or sampled (tokens picked on the GPU, each draw's uniform from the request's own
+//! generator) or with logprobs (logits copied back), must get the text the CPU server gives.
 
 mod support;
 
@@ -69,7 +69,7 @@ fn the_emulated_gpu_serves_mixed_precisions_as_the_cpu_does() {
         .map(|(i, precision)| {
             let prompt = ["the cat", "once upon a time", "rain fell", "a b c d e f"][i % 4];
             let mut r = json!({"prompt": prompt, "max_tokens": 10, "temperature": 0, "precision": precision, "stream": i % 2 == 1});
-            // Greedy requests get their tokens picked on the GPU; these two need the logits.
+            // A sampled request (drawn on the GPU) and one with logprobs (logits copied back).
             if i == 5 {
                 r["temperature"] = json!(0.7);
                 r["seed"] = json!(7);

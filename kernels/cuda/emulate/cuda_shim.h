@@ -203,6 +203,12 @@ inline void __syncthreads() { emu::arrive_and_wait(emu::block_barrier); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int mask) { return emu::shuffle(v, (emu::flat_thread() % 32) ^ mask); }
 template <class T> T __shfl_sync(unsigned, T v, int lane) { return emu::shuffle(v, lane & 31); }
 template <class T> T __ldg(const T *p) { return *p; }
+// Fibers never preempt each other: an atomic is a plain read-modify-write.
+inline unsigned atomicMin(unsigned *p, unsigned v) {
+    const unsigned old = *p;
+    *p = std::min(old, v);
+    return old;
+}
 template <class T> T min(T a, T b) { return std::min(a, b); }
 template <class T> T max(T a, T b) { return std::max(a, b); }
 inline float __int_as_float(int v) {

@@ -74,7 +74,7 @@ const std::map<std::string, Kernel> &sources() {
 #define K(f) {#f, kernel_of(f)}
     static const std::map<std::string, Kernel> all = {
         K(rms_norm), K(add_assign), K(add_bias), K(silu_mul), K(rope), K(store_kv), K(attend), K(dense_matmul),
-        K(gather_rows), K(argmax_rows), K(planar_matmul_f32_b2), K(planar_matmul_f32_b3), K(planar_matmul_f32_b4),
+        K(gather_rows), K(argmax_rows), K(sample_rows), K(planar_matmul_f32_b2), K(planar_matmul_f32_b3), K(planar_matmul_f32_b4),
         K(planar_matmul_f32_b5), K(planar_matmul_f32_b6), K(planar_matmul_f32_b7), K(planar_matmul_f32_b8),
         K(planar_rows_f32_b2), K(planar_rows_f32_b3), K(planar_rows_f32_b4), K(planar_rows_f32_b5),
         K(planar_rows_f32_b6), K(planar_rows_f32_b7), K(planar_rows_f32_b8),

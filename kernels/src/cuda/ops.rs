@@ -473,6 +473,54 @@ impl CudaRuntime {
         unsafe { l.launch(grid(rows as u32, 1)) }.map_err(driver("argmax_rows launch"))?;
         Ok(())
     }
+
+    /// Draws each row's next token from `softmax(logits · inv_t)` with its uniform `u ∈ [0, 1)`
+    /// (weights `e^((l − max) · inv_t)`, the first token whose running sum reaches `u · total`,
+    /// as `serve::sampling`'s plain sampler on the host), over `out`, which holds
+    /// [`Self::argmax_rows`]'s picks: rows with `inv_t = 0` keep theirs (greedy). `rows` rows of
+    /// `vocab`; `inv_t` and `u` hold at least `rows` values.
+    pub fn sample_rows(
+        &self,
+        logits: &CudaSlice<f32>,
+        rows: usize,
+        vocab: usize,
+        inv_t: &CudaSlice<f32>,
+        u: &CudaSlice<f64>,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<(), CudaError> {
+        check_len("logits", logits.len(), rows * vocab)?;
+        check_len("inv_t", inv_t.len(), rows)?;
+        check_len("u", u.len(), rows)?;
+        check_len("out", out.len(), rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let v32 = vocab as u32;
+        let mut l = self.stream.launch_builder(&self.ops.sample_rows);
+        l.arg(logits).arg(&v32).arg(inv_t).arg(u).arg(out);
+        // SAFETY: `sample_rows(logits, vocab, inv_t, u, out)`; logits hold rows · vocab values,
+        // inv_t, u and out at least rows each (checked above), one block per row.
+        unsafe { l.launch(grid(rows as u32, 1)) }.map_err(driver("sample_rows launch"))?;
+        Ok(())
+    }
+
+    /// Copies `values` into the start of a device buffer (queued on the stream).
+    pub fn write_prefix<T: cudarc::driver::DeviceRepr>(
+        &self,
+        values: &[T],
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), CudaError> {
+        check_len("out", out.len(), values.len())?;
+        if !values.is_empty() {
+            self.stream.memcpy_htod(values, &mut out.slice_mut(..values.len())).map_err(driver("upload"))?;
+        }
+        Ok(())
+    }
+
+    /// A zeroed device buffer of `len` `f64` values.
+    pub fn zeros_f64(&self, len: usize) -> Result<CudaSlice<f64>, CudaError> {
+        self.stream.alloc_zeros(len).map_err(driver("allocation"))
+    }
 }
 
 fn check_arena(rows: &StepRows, arena: &KvArena, layer: usize) -> Result<(), CudaError> {

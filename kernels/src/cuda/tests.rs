@@ -277,6 +277,55 @@ fn the_runtime_is_an_error_without_a_gpu_and_matches_the_cpu_with_one() {
         let bad = rt.matmul_rows(&dw, 1..rows + 1, 4, &x_dev, n, &mut y_dev);
         assert!(matches!(bad, Err(CudaError::Kernel(KernelError::RowOutOfRange { .. }))), "{bad:?}");
     }
+    sampling_matches_the_host_draw(&rt, &mut rng);
+}
+
+/// `sample_rows` after `argmax_rows` picks what the host's plain sampler picks from the same
+/// logits and uniforms (the greedy rows, `inv_t = 0`, their argmax).
+fn sampling_matches_the_host_draw(rt: &CudaRuntime, rng: &mut Rng) {
+    let (vocab, inv_t) = (1000, [0.0f32, 0.5, 1.0, 1.0, 1.4, 3.0, 10.0]);
+    let rows = inv_t.len();
+    let logits: Vec<f32> = (0..rows * vocab).map(|_| 4.0 * (rng.f32() - 0.5)).collect();
+    // The ends of [0, 1) too: 0 takes the first token, 0.999999 one of the last.
+    let u: Vec<f64> = (0..rows).map(|r| [f64::from(rng.f32()).abs(), 0.0, 0.999_999][r % 3]).collect();
+    let argmax: Vec<u32> = logits
+        .chunks(vocab)
+        .map(|row| row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b }) as u32)
+        .collect();
+    let host: Vec<u32> = logits
+        .chunks(vocab)
+        .zip(inv_t.iter().zip(&u))
+        .zip(&argmax)
+        .map(|((row, (&t, &u)), &argmax)| {
+            if t == 0.0 {
+                return argmax;
+            }
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f32> = row.iter().map(|&l| ((l - max) * t).exp()).collect();
+            let mut target = u * w.iter().map(|&w| f64::from(w)).sum::<f64>();
+            for (i, &w) in w.iter().enumerate() {
+                target -= f64::from(w);
+                if target <= 0.0 {
+                    return i as u32;
+                }
+            }
+            argmax
+        })
+        .collect();
+    let logits_dev = rt.upload_f32(&logits).unwrap();
+    let (mut inv_t_dev, mut u_dev, mut out) =
+        (rt.zeros_f32(rows).unwrap(), rt.zeros_f64(rows).unwrap(), rt.zeros_u32(rows).unwrap());
+    rt.write_prefix(&inv_t, &mut inv_t_dev).unwrap();
+    rt.write_prefix(&u, &mut u_dev).unwrap();
+    rt.argmax_rows(&logits_dev, rows, vocab, &mut out).unwrap();
+    rt.sample_rows(&logits_dev, rows, vocab, &inv_t_dev, &u_dev, &mut out).unwrap();
+    let mut picked = vec![0u32; rows];
+    rt.download_u32_prefix(&out, &mut picked).unwrap();
+    assert_eq!(picked, host, "uniforms {u:?}");
+    // Over 1,000 logits within 4 of each other, the sampled rows are not their argmax.
+    assert!(picked.iter().zip(&argmax).filter(|(p, a)| p != a).count() >= 5, "{picked:?} {argmax:?}");
+    let short = rt.zeros_f64(rows - 1).unwrap();
+    assert!(rt.sample_rows(&logits_dev, rows, vocab, &inv_t_dev, &short, &mut out).is_err());
 }
 
 /// The on-GPU test above, run again in a child process whose `libcuda.so.1` is the emulated driver

@@ -1,5 +1,6 @@
 //! The decode step on an NVIDIA GPU (`kernels::cuda`): the forward of [`Transformer`] on device
-//! buffers, every token from the embedding lookup to the greedy pick without leaving the GPU.
+//! buffers, every token from the embedding lookup to the greedy pick or a temperature draw without
+//! leaving the GPU.
 //! Built from a transformer (its configuration, weights and precisions), so it is the same model
 //! as the CPU runtimes serve; a [`GpuResident`] uploads each resident weight once, so the
 //! transformers of every precision share one copy on the device, as on the host.
@@ -12,7 +13,8 @@
 //! A step's ~300 kernel launches would cost more than its bytes: the buffers of a step are
 //! allocated once per arena, and the launches for each (rows, picked rows, arena) are captured
 //! once into a CUDA graph and replayed (`DRQ_CUDA_GRAPHS=0` launches them one by one instead). Only
-//! the rows' tokens, slots and positions are copied in before a step, and the picked tokens out.
+//! the rows' tokens, slots and positions are copied in before a step (and the draws' temperatures
+//! and uniforms after it), and the picked tokens out.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -176,6 +178,9 @@ struct StepBuffers {
     last_normed: CudaSlice<f32>,
     logits: CudaSlice<f32>,
     ids: CudaSlice<u32>,
+    /// Per picked row: 1 / temperature (0: greedy) and the uniform of its draw.
+    inv_t: CudaSlice<f32>,
+    uniform: CudaSlice<f64>,
 }
 
 struct StepState {
@@ -268,10 +273,29 @@ impl CudaTransformer {
     /// keys and values into `arena`, and returns the greedy next token after each row with
     /// `pick`, in row order.
     pub fn step_greedy(&self, arena: &mut KvArena, rows: &[GpuRow]) -> Result<Vec<u32>> {
-        let mut out = Vec::with_capacity(rows.iter().filter(|r| r.pick).count());
+        let picked = rows.iter().filter(|r| r.pick).count();
+        self.step_sample(arena, rows, &vec![(0.0, 0.0); picked])
+    }
+
+    /// [`Self::step_greedy`] with each picked row's token drawn on the GPU: `draws` holds, per
+    /// picked row in order, `(inv_t, u)`: `1 / temperature` and a uniform in [0, 1) for a sampled
+    /// row (softmax of its logits · inv_t, drawn as `kernels::cuda::CudaRuntime::sample_rows`
+    /// says), `inv_t = 0` for a greedy one. Only the tokens cross to the host.
+    pub fn step_sample(&self, arena: &mut KvArena, rows: &[GpuRow], draws: &[(f32, f64)]) -> Result<Vec<u32>> {
+        let picked = rows.iter().filter(|r| r.pick).count();
+        ensure!(draws.len() == picked, "{} draws for {picked} picked rows", draws.len());
+        let vocab = self.config.vocab_size;
+        let mut out = Vec::with_capacity(picked);
+        let mut draws = draws.iter();
         self.steps(arena, rows, |rt, b, picked| {
+            let (inv_t, u): (Vec<f32>, Vec<f64>) = draws.by_ref().take(picked).copied().unzip();
+            if inv_t.iter().any(|&t| t != 0.0) {
+                rt.write_prefix(&inv_t, &mut b.inv_t)?;
+                rt.write_prefix(&u, &mut b.uniform)?;
+                rt.sample_rows(&b.logits, picked, vocab, &b.inv_t, &b.uniform, &mut b.ids)?;
+            }
             let mut ids = vec![0u32; picked];
-            rt.download_u32_prefix(&b.ids, &mut ids).context("the step's greedy tokens")?;
+            rt.download_u32_prefix(&b.ids, &mut ids).context("the step's tokens")?;
             out.extend(ids);
             Ok(())
         })?;
@@ -298,7 +322,7 @@ impl CudaTransformer {
         &self,
         arena: &mut KvArena,
         rows: &[GpuRow],
-        mut read: impl FnMut(&CudaRuntime, &StepBuffers, usize) -> Result<()>,
+        mut read: impl FnMut(&CudaRuntime, &mut StepBuffers, usize) -> Result<()>,
     ) -> Result<()> {
         ensure!(!rows.is_empty(), "a GPU step takes at least one row");
         for chunk in rows.chunks(MAX_BATCH) {
@@ -313,7 +337,7 @@ impl CudaTransformer {
         &self,
         arena: &mut KvArena,
         rows: &[GpuRow],
-        read: impl FnOnce(&CudaRuntime, &StepBuffers) -> Result<()>,
+        read: impl FnOnce(&CudaRuntime, &mut StepBuffers) -> Result<()>,
     ) -> Result<()> {
         let n = rows.len();
         ensure!((1..=MAX_BATCH).contains(&n), "a GPU step takes 1..={MAX_BATCH} rows, got {n}");
@@ -376,6 +400,8 @@ impl CudaTransformer {
             last_normed: f(n * h)?,
             logits: f(n * c.vocab_size)?,
             ids: rt.zeros_u32(n)?,
+            inv_t: f(n)?,
+            uniform: rt.zeros_f64(n)?,
         })
     }
 
