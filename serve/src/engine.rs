@@ -694,21 +694,28 @@ impl Scheduler {
                     _ => unreachable!("GPU sequences with an input this step"),
                 })
                 .collect();
-            let on_device = members.iter().all(|&i| {
-                let seq = &self.running[i];
-                seq.sampler.device_inv_temperature().is_some() && seq.request.logprobs.is_none()
-            });
+            // Every member's 1 / temperature first (none if one needs its logits here), so that
+            // no generator moves unless the whole precision is picked on the device.
+            let inv_t: Option<Vec<f32>> = members
+                .iter()
+                .map(|&i| {
+                    let seq = &self.running[i];
+                    seq.sampler.device_inv_temperature().filter(|_| seq.request.logprobs.is_none())
+                })
+                .collect();
             // A uniform is drawn only for a token that is sampled: after a prompt's last chunk.
-            let draws: Option<Vec<(f32, f64)>> = on_device.then(|| {
+            let draws: Option<Vec<(f32, f64)>> = inv_t.map(|inv_t| {
                 members
                     .iter()
                     .zip(&rows)
-                    .map(|(&i, &(_, tokens, _))| {
+                    .zip(inv_t)
+                    .map(|((&i, &(_, tokens, _)), inv_t)| {
                         let seq = &mut self.running[i];
                         let samples = seq.prefilled + tokens.len() >= seq.request.prompt.len();
-                        match seq.sampler.device_inv_temperature() {
-                            Some(inv_t) if inv_t != 0.0 && samples => (inv_t, seq.sampler.next_uniform()),
-                            _ => (0.0, 0.0),
+                        if inv_t != 0.0 && samples {
+                            (inv_t, seq.sampler.next_uniform())
+                        } else {
+                            (0.0, 0.0)
                         }
                     })
                     .collect()

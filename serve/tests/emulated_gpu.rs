@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::Command;
 
 use serde_json::{json, Value};
@@ -16,25 +15,18 @@ const BIN: &str = env!("CARGO_BIN_EXE_drq-serve");
 
 /// The text and finish reason of a completion (its stream concatenated when `stream` is set).
 fn complete(addr: &str, body: &Value) -> (String, String) {
-    let r = ureq::post(&format!("http://{addr}/v1/completions"))
-        .send_json(body.clone())
-        .unwrap_or_else(|e| panic!("{body}: {e}"));
+    let url = format!("http://{addr}/v1/completions");
     if body["stream"] == true {
-        let chunks: Vec<String> = BufReader::new(r.into_reader())
-            .lines()
-            .map(|l| l.unwrap())
-            .filter_map(|l| l.strip_prefix("data: ").map(String::from))
-            .collect();
-        let (text, parsed) = support::stream_text(&chunks);
+        let (text, parsed) = support::stream_text(&support::stream_at(&url, body));
         let finish = parsed.iter().rev().find_map(|c| c["choices"][0]["finish_reason"].as_str()).unwrap_or_default();
-        (text, finish.to_string())
-    } else {
-        let v: Value = r.into_json().unwrap();
-        (
-            v["choices"][0]["text"].as_str().unwrap().to_string(),
-            v["choices"][0]["finish_reason"].as_str().unwrap().to_string(),
-        )
+        return (text, finish.to_string());
     }
+    let (status, v, _) = support::response(ureq::post(&url).send_json(body.clone()));
+    assert_eq!(status, 200, "{body}: {v}");
+    (
+        v["choices"][0]["text"].as_str().unwrap().to_string(),
+        v["choices"][0]["finish_reason"].as_str().unwrap().to_string(),
+    )
 }
 
 /// A spawned server, killed when dropped (also when an assertion fails first).

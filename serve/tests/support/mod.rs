@@ -101,13 +101,7 @@ impl TestServer {
 
     /// The `data:` payloads of a streaming request, `[DONE]` included.
     pub fn stream(&self, path: &str, body: &Value) -> Vec<String> {
-        let r = ureq::post(&self.url(path)).send_json(body.clone()).unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        assert_eq!(r.header("Content-Type"), Some("text/event-stream"));
-        BufReader::new(r.into_reader())
-            .lines()
-            .map(|l| l.unwrap())
-            .filter_map(|l| l.strip_prefix("data: ").map(String::from))
-            .collect()
+        stream_at(&self.url(path), body)
     }
 
     /// The value of a metric line starting with `prefix` (labels included), 0 if absent.
@@ -142,6 +136,17 @@ impl Drop for TestServer {
             rt.shutdown_background();
         }
     }
+}
+
+/// The `data:` payloads of a streaming request to `url` (any server), `[DONE]` included.
+pub fn stream_at(url: &str, body: &Value) -> Vec<String> {
+    let r = ureq::post(url).send_json(body.clone()).unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    assert_eq!(r.header("Content-Type"), Some("text/event-stream"));
+    BufReader::new(r.into_reader())
+        .lines()
+        .map(|l| l.unwrap())
+        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+        .collect()
 }
 
 pub fn response(result: Result<ureq::Response, ureq::Error>) -> (u16, Value, Option<String>) {
